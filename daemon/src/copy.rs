@@ -1,0 +1,1019 @@
+//! The snapshot copy: the initial bulk load, exact and resumable.
+//!
+//! # The seam
+//!
+//! The publication is made (or completed) first, then the slot is created
+//! with an exported snapshot, and every copy worker imports that snapshot
+//! before the exporting session runs another command. The copy then holds
+//! exactly the transactions that committed before the slot's consistent
+//! point; the stream carries every later one (DESIGN.md invariant 4).
+//!
+//! # Resuming
+//!
+//! An exported snapshot dies with the transactions holding it, so a copy
+//! interrupted by a crash cannot continue in the same snapshot. The rule,
+//! which stays exact:
+//!
+//! - A table whose copy finished keeps its rows and its `copied_at` (the
+//!   consistent point of the snapshot it came from).
+//! - Every other table is truncated on the target and copied again from a
+//!   new snapshot, exported by a temporary slot created for the purpose;
+//!   its `copied_at` is that slot's consistent point.
+//! - The stream, which starts at the main slot's consistent point (the
+//!   oldest), skips changes to a table that committed before the table's
+//!   `copied_at`: those are already in its copy. This is how PostgreSQL's
+//!   own table synchronisation works.
+//!
+//! Chunks commit one by one on the target, so a crash loses at most the
+//! unfinished tables' work, never correctness.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use cutover_replication::catalog::{self, Table, TableName};
+use cutover_replication::client::{self, ConnectError, describe};
+use cutover_replication::error::ReplicationError;
+use cutover_replication::session::{Session, SnapshotAction};
+use cutover_replication::snapshot::{self, Chunk, ChunkError, CopyFormat};
+use cutover_replication::{Lsn, slot};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::progress::CopyProgress;
+use crate::store::{CopyRun, DroppedIndex, Store, StoreError, TableCopy, TableCopyState, now_secs};
+
+/// Whether the copy prepares streaming or stands alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// `cutover run`: the slot persists and streams after the copy.
+    BeforeStreaming,
+    /// `cutover copy`: only the load; the slot is temporary.
+    Standalone,
+}
+
+/// Why the copy stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A connection could not be opened.
+    #[error("{role}: {source}")]
+    Connect {
+        /// `source` or `target`.
+        role: &'static str,
+        /// Why.
+        #[source]
+        source: ConnectError,
+    },
+    /// The replication session failed.
+    #[error("source: {err}{}", err.hint().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Replication {
+        /// The error.
+        err: ReplicationError,
+    },
+    /// A query failed.
+    #[error("{role}: {what}: {detail}")]
+    Query {
+        /// `source` or `target`.
+        role: &'static str,
+        /// What was being done.
+        what: String,
+        /// The server's error.
+        detail: String,
+    },
+    /// A chunk failed.
+    #[error("copying {table} (chunk {index}): {detail}")]
+    Chunk {
+        /// The table.
+        table: TableName,
+        /// The chunk.
+        index: usize,
+        /// The error.
+        detail: String,
+    },
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The target cannot receive the tables as they are.
+    #[error("target: {0}")]
+    Schema(String),
+    /// A fresh copy found rows on the target.
+    #[error(
+        "target: these tables already hold rows: {0}; a fresh copy needs them empty: TRUNCATE them, or set copy.truncate_target = true to let cutover do it"
+    )]
+    NotEmpty(String),
+    /// The state refers to a slot that is gone.
+    #[error(
+        "source: the copy in progress was made for replication slot {0:?}, which no longer exists: the changes since then are lost to cutover. Start over: empty the target tables, move the state directory aside, and run again"
+    )]
+    SlotGone(String),
+    /// A slot of the configured name exists that this state knows nothing of.
+    #[error(
+        "source: replication slot {0:?} already exists but the state directory has no record of it: drop it (SELECT pg_drop_replication_slot('{0}')) or point state.dir at the directory that created it"
+    )]
+    ForeignSlot(String),
+    /// The reconciliation found a difference.
+    #[error("reconciliation failed: {0}")]
+    Variance(String),
+    /// `run` found a finished standalone copy, whose temporary slot is gone.
+    #[error(
+        "the state directory holds a finished `cutover copy` load, made from a temporary slot that is gone: streaming cannot continue from it. To migrate with streaming, empty the target tables, move the state directory aside and start with `cutover run`"
+    )]
+    StandaloneDone,
+    /// No table is in scope.
+    #[error("source: no table is in scope (replication.tables = {0:?}); run cutover check")]
+    NoTables(Vec<String>),
+}
+
+fn query(
+    role: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> CopyError {
+    let what = what.into();
+    move |err| CopyError::Query {
+        role,
+        what,
+        detail: describe(&err),
+    }
+}
+
+/// What the copy leaves for the stream.
+#[derive(Debug, Clone)]
+pub struct CopyOutcome {
+    /// The slot to stream from.
+    pub slot: String,
+    /// Where streaming starts: the slot's consistent point.
+    pub start: Lsn,
+    /// Each table's `copied_at`: changes committed before it are skipped.
+    pub copied_at: HashMap<TableName, Lsn>,
+    /// The per-table records, for the reconciliation report.
+    pub tables: Vec<TableCopy>,
+}
+
+/// The tables in scope on the source, biggest first.
+pub async fn tables_in_scope(source: &Client, config: &Config) -> Result<Vec<Table>, CopyError> {
+    let mut tables: Vec<Table> = catalog::tables(source)
+        .await
+        .map_err(query("source", "listing tables"))?
+        .into_iter()
+        .filter(|t| config.scope.contains(&t.name))
+        .collect();
+    if tables.is_empty() {
+        return Err(CopyError::NoTables(config.include_patterns.clone()));
+    }
+    tables.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes).then(a.name.cmp(&b.name)));
+    Ok(tables)
+}
+
+/// One table's copy plan: columns in order and the format.
+#[derive(Debug, Clone)]
+struct TablePlan {
+    table: Table,
+    columns: Vec<String>,
+    format: CopyFormat,
+}
+
+fn plan_tables(
+    sources: &[Table],
+    targets: &HashMap<TableName, Table>,
+) -> Result<Vec<TablePlan>, CopyError> {
+    let mut problems = Vec::new();
+    let mut plans = Vec::new();
+    for table in sources {
+        let Some(target) = targets.get(&table.name) else {
+            problems.push(format!("{} is missing", table.name));
+            continue;
+        };
+        // Generated columns are computed on the target, never copied.
+        let columns: Vec<&catalog::Column> =
+            table.columns.iter().filter(|c| !c.generated).collect();
+        let missing: Vec<&str> = columns
+            .iter()
+            .filter(|c| target.column(&c.name).is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "{} lacks column(s) {}",
+                table.name,
+                missing.join(", ")
+            ));
+            continue;
+        }
+        let source_types: Vec<String> = columns.iter().map(|c| c.type_name.clone()).collect();
+        let target_types: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                target
+                    .column(&c.name)
+                    .map(|t| t.type_name.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let typed: Vec<(String, u32)> = columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_oid))
+            .collect();
+        plans.push(TablePlan {
+            table: table.clone(),
+            columns: columns.iter().map(|c| c.name.clone()).collect(),
+            format: CopyFormat::choose(&typed, &target_types, &source_types),
+        });
+    }
+    if problems.is_empty() {
+        Ok(plans)
+    } else {
+        Err(CopyError::Schema(format!(
+            "{}; create the schema on the target first (cutover check lists the fixes)",
+            problems.join("; ")
+        )))
+    }
+}
+
+/// Runs the copy (or finishes an interrupted one) and returns where the
+/// stream must start.
+pub async fn run(
+    config: &Config,
+    store: &Store,
+    mode: CopyMode,
+    metrics: &Metrics,
+) -> Result<CopyOutcome, CopyError> {
+    let source = client::connect(&config.source.conninfo)
+        .await
+        .map_err(|source| CopyError::Connect {
+            role: "source",
+            source,
+        })?;
+    let target = client::connect(&config.target.conninfo)
+        .await
+        .map_err(|source| CopyError::Connect {
+            role: "target",
+            source,
+        })?;
+    let tables = tables_in_scope(&source, config).await?;
+    let targets: HashMap<TableName, Table> = catalog::tables(&target)
+        .await
+        .map_err(query("target", "listing tables"))?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let plans = plan_tables(&tables, &targets)?;
+    let names: Vec<TableName> = plans.iter().map(|p| p.table.name.clone()).collect();
+
+    let mut run = store.copy_run()?;
+    if let Some(existing) = &run
+        && existing.finished
+    {
+        if existing.standalone && mode == CopyMode::BeforeStreaming {
+            return Err(CopyError::StandaloneDone);
+        }
+        tracing::info!(slot = %existing.slot, "the copy is already done");
+        return outcome(store, existing);
+    }
+    if mode == CopyMode::BeforeStreaming {
+        ensure_publication(&source, &config.publication, &names).await?;
+    }
+
+    // Which tables to copy now, and from which snapshot.
+    let mut session = Session::connect(&config.source.conninfo)
+        .await
+        .map_err(|err| CopyError::Replication { err })?;
+    let (snapshot_name, copied_at, to_copy): (String, Lsn, Vec<TablePlan>) = match run.as_mut() {
+        Some(existing) if existing.consistent_point.is_some() => {
+            if !existing.standalone
+                && slot::slot_state(&source, &existing.slot)
+                    .await
+                    .map_err(query("source", "reading the slot"))?
+                    .is_none()
+            {
+                return Err(CopyError::SlotGone(existing.slot.clone()));
+            }
+            let done: Vec<TableName> = store
+                .table_copies()?
+                .into_iter()
+                .filter(|t| t.state == TableCopyState::Copied)
+                .map(|t| t.name)
+                .collect();
+            let to_copy: Vec<TablePlan> = plans
+                .into_iter()
+                .filter(|p| !done.contains(&p.table.name))
+                .collect();
+            let temp = format!("cutover_resnap_{}", std::process::id());
+            let created = session
+                .create_slot(&temp, true, SnapshotAction::Export)
+                .await
+                .map_err(|err| CopyError::Replication { err })?;
+            tracing::info!(
+                kept = done.len(),
+                again = to_copy.len(),
+                snapshot_at = %created.consistent_point,
+                "resuming the copy: finished tables are kept, the others are copied again from a new snapshot"
+            );
+            let list = to_copy
+                .iter()
+                .map(|p| p.table.name.quoted())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if !list.is_empty() {
+                target
+                    .batch_execute(&format!("TRUNCATE {list}"))
+                    .await
+                    .map_err(query("target", "emptying unfinished tables"))?;
+            }
+            (
+                created.snapshot.unwrap_or_default(),
+                created.consistent_point,
+                to_copy,
+            )
+        }
+        _ => {
+            check_empty(&target, &names, config.copy.truncate_target).await?;
+            let standalone = mode == CopyMode::Standalone;
+            let slot_name = if standalone {
+                format!("cutover_copy_{}", std::process::id())
+            } else {
+                config.slot.clone()
+            };
+            if !standalone
+                && let Some(state) = slot::slot_state(&source, &slot_name)
+                    .await
+                    .map_err(query("source", "reading the slot"))?
+            {
+                // A slot recorded but without its consistent point: an
+                // interrupted start before anything was copied; start over.
+                match &run {
+                    Some(r) if r.slot == slot_name && !state.active => {
+                        session
+                            .drop_slot(&slot_name, false)
+                            .await
+                            .map_err(|err| CopyError::Replication { err })?;
+                    }
+                    _ => return Err(CopyError::ForeignSlot(slot_name)),
+                }
+            }
+            let mut record = CopyRun {
+                slot: slot_name.clone(),
+                standalone,
+                consistent_point: None,
+                finished: false,
+                started_at: now_secs(),
+                finished_at: None,
+            };
+            store.put_copy_run(&record)?;
+            store.flush().await?;
+            let created = session
+                .create_slot(&slot_name, standalone, SnapshotAction::Export)
+                .await
+                .map_err(|err| CopyError::Replication { err })?;
+            record.consistent_point = Some(created.consistent_point);
+            store.put_copy_run(&record)?;
+            for plan in &plans {
+                store.put_table_copy(&TableCopy::pending(
+                    plan.table.name.clone(),
+                    created.consistent_point,
+                ))?;
+            }
+            store.flush().await?;
+            tracing::info!(slot = %slot_name, consistent_point = %created.consistent_point, tables = plans.len(), "slot created; copying its snapshot");
+            run = Some(record);
+            (
+                created.snapshot.unwrap_or_default(),
+                created.consistent_point,
+                plans,
+            )
+        }
+    };
+    let run = run.expect("the run is recorded above");
+
+    // Import the snapshot on every worker before the session does anything else.
+    let worker_count = config.copy.workers.max(1);
+    let mut sources = Vec::with_capacity(worker_count);
+    let mut sinks = Vec::with_capacity(worker_count);
+    for _ in 0..worker_count {
+        let s = client::connect(&config.source.conninfo)
+            .await
+            .map_err(|source| CopyError::Connect {
+                role: "source",
+                source,
+            })?;
+        snapshot::open_snapshot(&s, &snapshot_name)
+            .await
+            .map_err(query("source", "importing the snapshot"))?;
+        sources.push(s);
+        let t = client::connect(&config.target.conninfo)
+            .await
+            .map_err(|source| CopyError::Connect {
+                role: "target",
+                source,
+            })?;
+        t.batch_execute("SET session_replication_role = replica")
+            .await
+            .map_err(query("target", "setting session_replication_role = replica (needs superuser or GRANT SET ON PARAMETER)"))?;
+        sinks.push(t);
+    }
+    // Every worker holds the snapshot now: the session may go. A temporary
+    // slot disappears with it; the main slot stays.
+    drop(session);
+
+    copy_tables(
+        config, store, &source, &target, to_copy, copied_at, sources, sinks, metrics,
+    )
+    .await?;
+
+    let mut finished = run.clone();
+    finished.finished = true;
+    finished.finished_at = Some(now_secs());
+    store.put_copy_run(&finished)?;
+    store.flush().await?;
+    let result = outcome(store, &finished)?;
+    let failures: Vec<String> = result
+        .tables
+        .iter()
+        .filter(|t| t.variance() != Some(0) || t.source_count != Some(t.rows_copied as i64))
+        .map(|t| {
+            format!(
+                "{}: source {} rows, copied {}, target {}",
+                t.name,
+                t.source_count.map(|c| c.to_string()).unwrap_or("?".into()),
+                t.rows_copied,
+                t.target_count.map(|c| c.to_string()).unwrap_or("?".into())
+            )
+        })
+        .collect();
+    if !failures.is_empty() {
+        let mut unfinished = finished;
+        unfinished.finished = false;
+        store.put_copy_run(&unfinished)?;
+        store.flush().await?;
+        return Err(CopyError::Variance(failures.join("; ")));
+    }
+    Ok(result)
+}
+
+fn outcome(store: &Store, run: &CopyRun) -> Result<CopyOutcome, CopyError> {
+    let tables = store.table_copies()?;
+    Ok(CopyOutcome {
+        slot: run.slot.clone(),
+        start: run.consistent_point.unwrap_or(Lsn::ZERO),
+        copied_at: tables
+            .iter()
+            .map(|t| (t.name.clone(), t.copied_at))
+            .collect(),
+        tables,
+    })
+}
+
+async fn ensure_publication(
+    source: &Client,
+    name: &str,
+    tables: &[TableName],
+) -> Result<(), CopyError> {
+    if slot::publication_exists(source, name)
+        .await
+        .map_err(query("source", "reading publications"))?
+    {
+        let added = slot::add_publication_tables(source, name, tables)
+            .await
+            .map_err(query(
+                "source",
+                format!("adding tables to publication {name}"),
+            ))?;
+        if !added.is_empty() {
+            tracing::info!(
+                publication = name,
+                added = added.len(),
+                "publication extended to the tables in scope"
+            );
+        }
+    } else {
+        slot::create_publication(source, name, tables)
+            .await
+            .map_err(query(
+                "source",
+                format!(
+                    "creating publication {name} (needs ownership of the tables, or superuser)"
+                ),
+            ))?;
+        tracing::info!(
+            publication = name,
+            tables = tables.len(),
+            "publication created"
+        );
+    }
+    Ok(())
+}
+
+async fn check_empty(
+    target: &Client,
+    tables: &[TableName],
+    truncate: bool,
+) -> Result<(), CopyError> {
+    let mut non_empty = Vec::new();
+    for table in tables {
+        let has_rows: bool = target
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {})", table.quoted()),
+                &[],
+            )
+            .await
+            .map_err(query("target", format!("reading {table}")))?
+            .get(0);
+        if has_rows {
+            non_empty.push(table.clone());
+        }
+    }
+    if non_empty.is_empty() {
+        return Ok(());
+    }
+    if !truncate {
+        return Err(CopyError::NotEmpty(
+            non_empty
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    let list = non_empty
+        .iter()
+        .map(TableName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::warn!(tables = %list, "copy.truncate_target: emptying target tables before the copy");
+    target
+        .batch_execute(&format!("TRUNCATE {list}"))
+        .await
+        .map_err(query("target", "emptying tables"))
+}
+
+/// A unit of work for a copy worker.
+#[derive(Debug)]
+enum Task {
+    Chunk { plan: usize, chunk: Chunk },
+    Count { plan: usize },
+}
+
+/// What a worker reports.
+#[derive(Debug)]
+enum Report {
+    ChunkDone { plan: usize, rows: u64, bytes: u64 },
+    Counted { plan: usize, rows: i64 },
+    Bytes { plan: usize, bytes: u64 },
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_tables(
+    config: &Config,
+    store: &Store,
+    source: &Client,
+    target: &Client,
+    plans: Vec<TablePlan>,
+    copied_at: Lsn,
+    sources: Vec<Client>,
+    sinks: Vec<Client>,
+    metrics: &Metrics,
+) -> Result<(), CopyError> {
+    let mut queue = VecDeque::new();
+    let mut records: Vec<TableCopy> = Vec::with_capacity(plans.len());
+    let mut remaining: Vec<u64> = Vec::with_capacity(plans.len());
+    for (i, plan) in plans.iter().enumerate() {
+        let chunks = snapshot::plan_chunks(
+            source,
+            &plan.table.name,
+            plan.table.partitioned,
+            config.copy.pages_per_chunk,
+        )
+        .await
+        .map_err(query("source", format!("sizing {}", plan.table.name)))?;
+        let mut record = store
+            .table_copy(&plan.table.name)?
+            .unwrap_or_else(|| TableCopy::pending(plan.table.name.clone(), copied_at));
+        record.state = TableCopyState::Copying;
+        record.copied_at = copied_at;
+        record.chunks_total = chunks.len() as u64;
+        record.chunks_done = 0;
+        record.rows_copied = 0;
+        record.bytes_copied = 0;
+        record.source_count = None;
+        record.target_count = None;
+        record.format = Some(plan.format);
+        if config.copy.drop_indexes {
+            drop_secondary_indexes(target, &mut record, store).await?;
+        }
+        store.put_table_copy(&record)?;
+        remaining.push(chunks.len() as u64);
+        records.push(record);
+        queue.extend(
+            chunks
+                .into_iter()
+                .map(|chunk| Task::Chunk { plan: i, chunk }),
+        );
+    }
+    // Counts in the snapshot come last, so big chunks start first.
+    queue.extend((0..plans.len()).map(|plan| Task::Count { plan }));
+    store.flush().await?;
+
+    let progress = CopyProgress::new(
+        plans
+            .iter()
+            .map(|p| {
+                (
+                    p.table.name.to_string(),
+                    p.table.row_estimate.unwrap_or(0).max(0) as u64,
+                )
+            })
+            .collect(),
+        sources.len(),
+    );
+    let queue = Arc::new(Mutex::new(queue));
+    let plans = Arc::new(plans);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
+    let mut workers = JoinSet::new();
+    for (id, (source, target)) in sources.into_iter().zip(sinks).enumerate() {
+        let queue = Arc::clone(&queue);
+        let plans = Arc::clone(&plans);
+        let tx = tx.clone();
+        let progress = progress.clone();
+        workers.spawn(async move { worker(id, source, target, queue, plans, tx, progress).await });
+    }
+    drop(tx);
+
+    let mut counted: Vec<Option<i64>> = vec![None; plans.len()];
+    let mut validate_at_end: Vec<String> = Vec::new();
+    let mut finished = 0;
+    let mut failure: Option<CopyError> = None;
+    loop {
+        tokio::select! {
+            report = rx.recv() => {
+                let Some(report) = report else { break };
+                let plan = match report {
+                    Report::Bytes { plan, bytes } => {
+                        progress.bytes(plan, bytes);
+                        metrics
+                            .copy_bytes
+                            .with_label_values(&[&records[plan].name.to_string()])
+                            .inc_by(bytes);
+                        continue;
+                    }
+                    Report::ChunkDone { plan, rows, bytes } => {
+                        let record = &mut records[plan];
+                        record.chunks_done += 1;
+                        record.rows_copied += rows;
+                        record.bytes_copied += bytes;
+                        remaining[plan] -= 1;
+                        progress.rows(plan, rows);
+                        metrics
+                            .copy_rows
+                            .with_label_values(&[&record.name.to_string()])
+                            .inc_by(rows);
+                        store.put_table_copy(record)?;
+                        plan
+                    }
+                    Report::Counted { plan, rows } => {
+                        counted[plan] = Some(rows);
+                        plan
+                    }
+                };
+                if remaining[plan] == 0 && let Some(count) = counted[plan] {
+                    let record = &mut records[plan];
+                    record.source_count = Some(count);
+                    validate_at_end.extend(finish_table(config, store, target, record).await?);
+                    progress.table_done(plan);
+                    finished += 1;
+                }
+            }
+            Some(joined) = workers.join_next() => {
+                match joined {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => { failure = Some(err); break; }
+                    Err(join) => {
+                        failure = Some(CopyError::Schema(format!("a copy worker stopped unexpectedly: {join}")));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    progress.finish();
+    if let Some(err) = failure {
+        workers.abort_all();
+        return Err(err);
+    }
+    while let Some(joined) = workers.join_next().await {
+        if let Ok(Err(err)) = joined {
+            return Err(err);
+        }
+    }
+    debug_assert_eq!(finished, plans.len());
+    validate_later(target, &validate_at_end).await;
+    Ok(())
+}
+
+async fn worker(
+    id: usize,
+    source: Client,
+    mut target: Client,
+    queue: Arc<Mutex<VecDeque<Task>>>,
+    plans: Arc<Vec<TablePlan>>,
+    tx: mpsc::UnboundedSender<Report>,
+    progress: CopyProgress,
+) -> Result<(), CopyError> {
+    loop {
+        let task = queue
+            .lock()
+            .expect("the queue lock is never poisoned")
+            .pop_front();
+        let Some(task) = task else { break };
+        match task {
+            Task::Chunk { plan, chunk } => {
+                let p = &plans[plan];
+                progress.worker(id, &format!("{} chunk {}", p.table.name, chunk.index + 1));
+                let bytes_tx = tx.clone();
+                let stats =
+                    snapshot::copy_chunk(&source, &mut target, &chunk, &p.columns, p.format, |n| {
+                        let _ = bytes_tx.send(Report::Bytes { plan, bytes: n });
+                    })
+                    .await
+                    .map_err(|err| CopyError::Chunk {
+                        table: p.table.name.clone(),
+                        index: chunk.index,
+                        detail: match &err {
+                            ChunkError::Source { source, .. }
+                            | ChunkError::Target { source, .. } => {
+                                format!(
+                                    "{}: {}",
+                                    if matches!(err, ChunkError::Source { .. }) {
+                                        "source"
+                                    } else {
+                                        "target"
+                                    },
+                                    describe(source)
+                                )
+                            }
+                        },
+                    })?;
+                let _ = tx.send(Report::ChunkDone {
+                    plan,
+                    rows: stats.rows,
+                    bytes: stats.bytes,
+                });
+            }
+            Task::Count { plan } => {
+                let p = &plans[plan];
+                progress.worker(id, &format!("{} counting", p.table.name));
+                let rows = catalog::count_rows(&source, &p.table.name)
+                    .await
+                    .map_err(query(
+                        "source",
+                        format!("counting {} in the snapshot", p.table.name),
+                    ))?;
+                let _ = tx.send(Report::Counted { plan, rows });
+            }
+        }
+    }
+    progress.worker(id, "done");
+    // Leave the snapshot transaction cleanly.
+    let _ = source.batch_execute("COMMIT").await;
+    Ok(())
+}
+
+/// CHECK and FOREIGN KEY constraints: checked row by row during a load,
+/// cheaper to validate once after it.
+const LOAD_CONSTRAINTS_SQL: &str = "
+SELECT conname::text, pg_get_constraintdef(oid)
+  FROM pg_constraint
+ WHERE conrelid = $1::text::regclass AND contype IN ('c', 'f')
+ ORDER BY 1";
+
+const SECONDARY_INDEXES_SQL: &str = "
+SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
+  FROM pg_index i
+ WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary
+   AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+ ORDER BY 1";
+
+/// Drops the target table's secondary indexes (not the primary key, not
+/// those backing constraints) and its CHECK and FOREIGN KEY constraints,
+/// recording their definitions first so that a crash can never lose one.
+async fn drop_secondary_indexes(
+    target: &Client,
+    record: &mut TableCopy,
+    store: &Store,
+) -> Result<(), CopyError> {
+    let rows = target
+        .query(SECONDARY_INDEXES_SQL, &[&record.name.quoted()])
+        .await
+        .map_err(query(
+            "target",
+            format!("listing indexes of {}", record.name),
+        ))?;
+    for row in rows {
+        let name: String = row.get(0);
+        if !record.dropped_indexes.iter().any(|d| d.name == name) {
+            record.dropped_indexes.push(DroppedIndex {
+                name,
+                definition: row.get(1),
+            });
+        }
+    }
+    store.put_table_copy(record)?;
+    store.flush().await?;
+    for index in &record.dropped_indexes {
+        target
+            .batch_execute(&format!("DROP INDEX IF EXISTS {}", index.name))
+            .await
+            .map_err(query("target", format!("dropping index {}", index.name)))?;
+    }
+    let rows = target
+        .query(LOAD_CONSTRAINTS_SQL, &[&record.name.quoted()])
+        .await
+        .map_err(query(
+            "target",
+            format!("listing constraints of {}", record.name),
+        ))?;
+    for row in rows {
+        let name: String = row.get(0);
+        if !record.dropped_constraints.iter().any(|d| d.name == name) {
+            record.dropped_constraints.push(DroppedIndex {
+                name,
+                definition: row.get(1),
+            });
+        }
+    }
+    store.put_table_copy(record)?;
+    store.flush().await?;
+    for constraint in &record.dropped_constraints {
+        target
+            .batch_execute(&format!(
+                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                record.name.quoted(),
+                quote_ident(&constraint.name)
+            ))
+            .await
+            .map_err(query(
+                "target",
+                format!("dropping constraint {}", constraint.name),
+            ))?;
+    }
+    if !record.dropped_constraints.is_empty() {
+        tracing::info!(table = %record.name, constraints = record.dropped_constraints.len(), "CHECK and FOREIGN KEY constraints dropped for the load");
+    }
+    if !record.dropped_indexes.is_empty() {
+        tracing::info!(table = %record.name, indexes = record.dropped_indexes.len(), "secondary indexes dropped for the load");
+    }
+    Ok(())
+}
+
+/// After a table's last chunk: rebuild indexes, ANALYZE, count, mark done.
+async fn finish_table(
+    config: &Config,
+    store: &Store,
+    target: &Client,
+    record: &mut TableCopy,
+) -> Result<Vec<String>, CopyError> {
+    for index in std::mem::take(&mut record.dropped_indexes) {
+        // The definition comes from pg_get_indexdef on the same server;
+        // IF NOT EXISTS makes a rebuild after a crash idempotent.
+        let sql = index
+            .definition
+            .replacen("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1)
+            .replacen(
+                "CREATE UNIQUE INDEX ",
+                "CREATE UNIQUE INDEX IF NOT EXISTS ",
+                1,
+            );
+        target
+            .batch_execute(&sql)
+            .await
+            .map_err(query("target", format!("rebuilding index {}", index.name)))?;
+    }
+    let mut unvalidated = Vec::new();
+    for constraint in std::mem::take(&mut record.dropped_constraints) {
+        unvalidated.extend(restore_constraint(target, &record.name, &constraint).await?);
+    }
+    if config.copy.analyze {
+        target
+            .batch_execute(&format!("ANALYZE {}", record.name.quoted()))
+            .await
+            .map_err(query("target", format!("analyzing {}", record.name)))?;
+    }
+    record.target_count = Some(
+        catalog::count_rows(target, &record.name)
+            .await
+            .map_err(query("target", format!("counting {}", record.name)))?,
+    );
+    record.state = TableCopyState::Copied;
+    store.put_table_copy(record)?;
+    store.flush().await?;
+    tracing::info!(
+        table = %record.name,
+        rows = record.rows_copied,
+        bytes = record.bytes_copied,
+        copied_at = %record.copied_at,
+        "table copied"
+    );
+    Ok(unvalidated)
+}
+
+/// Adds a constraint dropped for the load back: `NOT VALID` first (no
+/// scan under the strong lock), then `VALIDATE CONSTRAINT`. A foreign key
+/// whose referenced rows are not there (a parent table out of scope, or
+/// not loaded yet) stays NOT VALID with a warning giving the statement to
+/// validate it later; the rows themselves came from a snapshot where the
+/// source enforced it. A constraint that was NOT VALID before stays so.
+async fn restore_constraint(
+    target: &Client,
+    table: &TableName,
+    constraint: &DroppedIndex,
+) -> Result<Option<String>, CopyError> {
+    let exists: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
+            &[&table.quoted(), &constraint.name],
+        )
+        .await
+        .map_err(query("target", format!("looking up constraint {}", constraint.name)))?
+        .get(0);
+    let was_valid = !constraint.definition.ends_with("NOT VALID");
+    if !exists {
+        let not_valid = if was_valid { " NOT VALID" } else { "" };
+        target
+            .batch_execute(&format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {}{not_valid}",
+                table.quoted(),
+                quote_ident(&constraint.name),
+                constraint.definition
+            ))
+            .await
+            .map_err(query(
+                "target",
+                format!("adding back constraint {}", constraint.name),
+            ))?;
+    }
+    if was_valid {
+        let validate = format!(
+            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
+            table.quoted(),
+            quote_ident(&constraint.name)
+        );
+        if let Err(err) = target.batch_execute(&validate).await {
+            if constraint.definition.starts_with("FOREIGN KEY") {
+                // Validated again once every table is loaded.
+                return Ok(Some(validate));
+            }
+            return Err(query(
+                "target",
+                format!("validating constraint {}", constraint.name),
+            )(err));
+        }
+    }
+    Ok(None)
+}
+
+/// Validates the foreign keys that could not be validated when their
+/// table finished (the referenced table was still loading).
+async fn validate_later(target: &Client, statements: &[String]) {
+    for validate in statements {
+        if let Err(err) = target.batch_execute(validate).await {
+            tracing::warn!(
+                error = %describe(&err),
+                "a foreign key stays NOT VALID: its referenced rows are not all on the target (a referenced table out of scope?); once they are, run: {validate}"
+            );
+        }
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The reconciliation table, as printed at the end of the copy.
+pub fn reconciliation(tables: &[TableCopy]) -> String {
+    let mut rows: BTreeMap<String, &TableCopy> = BTreeMap::new();
+    for t in tables {
+        rows.insert(t.name.to_string(), t);
+    }
+    let width = rows.keys().map(String::len).max().unwrap_or(5).max(5);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:>12}  {:>12}  {:>12}  {:>8}  {:>6}  {:>12}",
+        "table", "source rows", "copied", "target rows", "variance", "chunks", "snapshot"
+    );
+    for (name, t) in rows {
+        let show = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
+        let _ = writeln!(
+            out,
+            "{name:<width$}  {:>12}  {:>12}  {:>12}  {:>8}  {:>6}  {:>12}",
+            show(t.source_count),
+            t.rows_copied,
+            show(t.target_count),
+            show(t.variance()),
+            t.chunks_total,
+            t.copied_at.to_string()
+        );
+    }
+    out
+}

@@ -1,0 +1,88 @@
+//! `/metrics`, `/health` and `/ready` on `[http] listen`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::status::{DaemonState, FORWARD, Status};
+
+#[derive(Clone)]
+struct App {
+    status: Arc<Status>,
+    max_lag: Duration,
+}
+
+/// Serves until the process ends.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    status: Arc<Status>,
+    max_lag: Duration,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .with_state(App { status, max_lag });
+    axum::serve(listener, app).await
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    // Lag in seconds grows while nothing arrives: compute it at scrape time.
+    app.status
+        .metrics
+        .lag_seconds
+        .with_label_values(&[FORWARD])
+        .set(app.status.lag_seconds());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.status.metrics.render(),
+    )
+        .into_response()
+}
+
+/// 200 while streaming within the lag threshold, 503 otherwise, with the
+/// reason in `problems`.
+async fn health(State(app): State<App>) -> Response {
+    let view = app.status.view();
+    let mut problems = Vec::new();
+    if view.state != DaemonState::Streaming {
+        problems.push(format!(
+            "the daemon is {}, not streaming",
+            view.state.name()
+        ));
+    }
+    if view.lag.seconds > app.max_lag.as_secs_f64() {
+        problems.push(format!(
+            "lag {:.1} s exceeds http.max_lag_seconds = {}",
+            view.lag.seconds,
+            app.max_lag.as_secs()
+        ));
+    }
+    let code = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body = serde_json::to_value(&view).unwrap_or_default();
+    body["healthy"] = serde_json::Value::Bool(problems.is_empty());
+    body["problems"] = serde_json::json!(problems);
+    (code, axum::Json(body)).into_response()
+}
+
+/// 200 once the copy is done and changes stream (paused counts: the
+/// daemon is up and holds its position).
+async fn ready(State(app): State<App>) -> Response {
+    match app.status.state() {
+        DaemonState::Streaming | DaemonState::Paused => (StatusCode::OK, "ready\n").into_response(),
+        other => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", other.name()),
+        )
+            .into_response(),
+    }
+}

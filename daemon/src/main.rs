@@ -1,0 +1,277 @@
+//! `cutover`: move a live PostgreSQL database to a new server with
+//! near-zero downtime and a safe way back.
+//!
+//! Exit codes: 0 success, 1 the operation failed (or `check` found
+//! something blocking), 2 bad usage or configuration.
+
+mod check;
+mod config;
+mod copy;
+mod http;
+mod metrics;
+mod progress;
+mod run;
+mod serve;
+mod status;
+mod store;
+mod tail;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code: the operation failed, or `check` found a blocking problem.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code: bad usage or configuration.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cutover",
+    version,
+    about = "Move a live PostgreSQL database to a new server with near-zero downtime and a safe way back"
+)]
+struct Cli {
+    /// Config file (TOML). Every key can also be set as CUTOVER__SECTION__KEY.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "CUTOVER_CONFIG",
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter;
+    /// RUST_LOG is used when this is not given.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Preflight both servers before anything changes; exit 1 if anything blocks.
+    Check {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        format: OutputFormat,
+        /// Count rows exactly on both servers (scans every table in scope).
+        #[arg(long)]
+        count: bool,
+    },
+    /// The daemon: copy the snapshot if not done, then stream changes to the
+    /// target until stopped (SIGTERM or SIGINT finish the batch in flight).
+    Run,
+    /// Copy the snapshot of the tables in scope to the target, and only that
+    /// (`cutover run` copies and then streams).
+    Copy,
+    /// Print the decoded change stream of the source as JSON lines.
+    Tail {
+        /// Read this existing slot instead of a temporary one; it is not
+        /// advanced unless --advance is given.
+        #[arg(long, value_name = "NAME")]
+        slot: Option<String>,
+        /// Confirm the transactions printed, so the slot moves past them.
+        #[arg(long, requires = "slot")]
+        advance: bool,
+        /// Publication to stream (default: replication.publication; created
+        /// for the tables in scope when missing).
+        #[arg(long, value_name = "NAME")]
+        publication: Option<String>,
+        /// Stop after this many changes.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Check { .. } | Command::Tail { .. } => "warn",
+        _ => "info",
+    };
+    if let Err(message) = init_logging(cli.log_format, cli.log_level.as_deref(), default_level) {
+        eprintln!("error: --log-level: {message}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let config = match config::load(cli.config.as_deref()).and_then(config::RawConfig::validate) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Check { format, count } => {
+                let report = check::run(
+                    &config,
+                    check::CheckOptions {
+                        exact_counts: count,
+                    },
+                )
+                .await;
+                match format {
+                    OutputFormat::Human => print!("{}", report.to_human()),
+                    OutputFormat::Json => println!("{}", report.to_json()),
+                }
+                if report.blocking > 0 {
+                    ExitCode::from(EXIT_FAILURE)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Command::Run => {
+                let store = match store::Store::open(&config.state_dir) {
+                    Ok(store) => store,
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                };
+                let status = std::sync::Arc::new(status::Status::new(&config.slot));
+                if let Err(err) = serve::start(&config, &store, &status).await {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(EXIT_FAILURE);
+                }
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    tracing::info!("shutdown requested: finishing the batch in flight");
+                    let _ = stop_tx.send(true);
+                });
+                let result = run::run(&config, &store, stop_rx, status).await;
+                serve::stopped(&store);
+                match result {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => {
+                        if let run::RunError::Copy(copy::CopyError::Variance(_)) = &err
+                            && let Ok(tables) = store.table_copies()
+                        {
+                            print!("{}", copy::reconciliation(&tables));
+                        }
+                        tracing::error!(error = %err, "stopped");
+                        eprintln!("error: {err}");
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+            }
+            Command::Copy => {
+                let store = match store::Store::open(&config.state_dir) {
+                    Ok(store) => store,
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                };
+                let metrics = metrics::Metrics::new();
+                let result = tokio::select! {
+                    result = copy::run(&config, &store, copy::CopyMode::Standalone, &metrics) => result,
+                    () = shutdown_signal() => {
+                        eprintln!("interrupted: the copy resumes where it can when run again");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                };
+                match result {
+                    Ok(outcome) => {
+                        print!("{}", copy::reconciliation(&outcome.tables));
+                        ExitCode::SUCCESS
+                    }
+                    Err(err) => {
+                        if let Ok(tables) = store.table_copies()
+                            && !tables.is_empty()
+                        {
+                            print!("{}", copy::reconciliation(&tables));
+                        }
+                        eprintln!("error: {err}");
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+            }
+            Command::Tail {
+                slot,
+                advance,
+                publication,
+                limit,
+            } => {
+                let options = tail::TailOptions {
+                    slot,
+                    advance,
+                    publication,
+                    limit,
+                };
+                match tail::run(&config, options).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) -> Result<(), String> {
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level).map_err(|e| e.to_string())?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    }
+    .map_err(|e| e.to_string())
+}

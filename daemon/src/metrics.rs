@@ -1,0 +1,144 @@
+//! Prometheus metrics: every family name and label in one place.
+//!
+//! Names carry the `cutover_` prefix and the `_total`, `_seconds`,
+//! `_bytes` suffixes; label values come from small fixed sets (direction,
+//! table, op, kind, state), never from error messages.
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Replication lag in bytes of WAL, by direction.
+pub const LAG_BYTES: &str = "cutover_lag_bytes";
+/// Replication lag in seconds, by direction.
+pub const LAG_SECONDS: &str = "cutover_lag_seconds";
+/// Changes applied to the target, by direction, table and op.
+pub const APPLIED_CHANGES: &str = "cutover_applied_changes_total";
+/// Source transactions applied, by direction.
+pub const APPLIED_TRANSACTIONS: &str = "cutover_applied_transactions_total";
+/// WAL the source retains for the slot, by slot.
+pub const SLOT_RETAINED_BYTES: &str = "cutover_slot_retained_bytes";
+/// Rows copied by the snapshot copy, by table.
+pub const COPY_ROWS: &str = "cutover_copy_rows_total";
+/// Bytes of COPY data moved by the snapshot copy, by table.
+pub const COPY_BYTES: &str = "cutover_copy_bytes_total";
+/// Errors by kind.
+pub const ERRORS: &str = "cutover_errors_total";
+/// The daemon's state: 1 for the current one.
+pub const STATE: &str = "cutover_state";
+
+/// Label: `forward` or `reverse`.
+pub const LABEL_DIRECTION: &str = "direction";
+/// Label: `schema.table`.
+pub const LABEL_TABLE: &str = "table";
+/// Label: `insert`, `update`, `delete`, `truncate`.
+pub const LABEL_OP: &str = "op";
+/// Label: the slot name.
+pub const LABEL_SLOT: &str = "slot";
+/// Label: an error kind (see [`crate::status::ErrorKind`]).
+pub const LABEL_KIND: &str = "kind";
+/// Label: a daemon state.
+pub const LABEL_STATE: &str = "state";
+
+/// The registered families.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// [`LAG_BYTES`].
+    pub lag_bytes: IntGaugeVec,
+    /// [`LAG_SECONDS`] (whole milliseconds would need a float; seconds as
+    /// a float gauge).
+    pub lag_seconds: prometheus::GaugeVec,
+    /// [`APPLIED_CHANGES`].
+    pub applied_changes: IntCounterVec,
+    /// [`APPLIED_TRANSACTIONS`].
+    pub applied_transactions: IntCounterVec,
+    /// [`SLOT_RETAINED_BYTES`].
+    pub slot_retained_bytes: IntGaugeVec,
+    /// [`COPY_ROWS`].
+    pub copy_rows: IntCounterVec,
+    /// [`COPY_BYTES`].
+    pub copy_bytes: IntCounterVec,
+    /// [`ERRORS`].
+    pub errors: IntCounterVec,
+    /// [`STATE`].
+    pub state: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique constants");
+            c
+        }
+        let int_gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        Metrics {
+            lag_bytes: int_gauge(
+                LAG_BYTES,
+                "Source WAL position minus the last applied commit LSN",
+                &[LABEL_DIRECTION],
+            ),
+            lag_seconds: reg(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        LAG_SECONDS,
+                        "Seconds since the commit of the oldest change not yet applied (0 when none is pending)",
+                    ),
+                    &[LABEL_DIRECTION],
+                )
+                .expect("valid metric"),
+            ),
+            applied_changes: counter(
+                APPLIED_CHANGES,
+                "Changes applied to the target",
+                &[LABEL_DIRECTION, LABEL_TABLE, LABEL_OP],
+            ),
+            applied_transactions: counter(
+                APPLIED_TRANSACTIONS,
+                "Source transactions applied to the target",
+                &[LABEL_DIRECTION],
+            ),
+            slot_retained_bytes: int_gauge(
+                SLOT_RETAINED_BYTES,
+                "WAL the source retains for the replication slot",
+                &[LABEL_SLOT],
+            ),
+            copy_rows: counter(COPY_ROWS, "Rows copied by the snapshot copy", &[LABEL_TABLE]),
+            copy_bytes: counter(
+                COPY_BYTES,
+                "Bytes of COPY data moved by the snapshot copy",
+                &[LABEL_TABLE],
+            ),
+            errors: counter(ERRORS, "Errors by kind", &[LABEL_KIND]),
+            state: int_gauge(STATE, "1 for the daemon's current state", &[LABEL_STATE]),
+            registry,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,733 @@
+//! `cutover run`: copy the snapshot if it is not copied, then stream
+//! changes to the target until stopped.
+//!
+//! ```text
+//! stream (reader task) ──decode──> transactions ──bounded queue──> applier
+//!        ^                          (items + bytes)                   │
+//!        └──────────── durable LSN (watch) <── target COMMIT ─────────┘
+//! ```
+//!
+//! The reader owns the replication stream and the decoder. It buffers each
+//! transaction until its commit, spills streamed transactions to disk, and
+//! hands committed transactions to the applier through a queue bounded in
+//! transactions and in bytes: a slow or paused target shows as lag, never
+//! as memory growth. The flush position reported to the source is only
+//! ever what the applier reports as committed on the target.
+//!
+//! Transient failures (either server restarting, a network cut) end the
+//! session; it is started again with exponential backoff and resumes from
+//! the position recorded on the target. Definite failures stop the daemon
+//! with the error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_replication::Lsn;
+use cutover_replication::apply::{Applier, ApplyError, SourceTransaction};
+use cutover_replication::error::ReplicationError;
+use cutover_replication::pgoutput::{Commit, Decoder, Event};
+use cutover_replication::session::{PgOutputOptions, Session};
+use cutover_replication::slot;
+use cutover_replication::spill::SpillWriter;
+use cutover_replication::stream::{ReplicationStream, StreamMessage};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+
+use crate::config::{ApplySettings, Config};
+use crate::copy::{self, CopyError, CopyMode, CopyOutcome};
+use crate::status::{DaemonState, ErrorKind, Status};
+use crate::store::{DeadLetter, LagSample, RunStatus, Store, now_millis, now_secs};
+
+/// Why `run` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The copy failed.
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    /// The source stream failed.
+    #[error("source: {err}{}", err.hint().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Source {
+        /// The error.
+        err: ReplicationError,
+    },
+    /// Applying failed.
+    #[error("{0}")]
+    Apply(Box<ApplyError>),
+    /// A streamed transaction could not be written to disk.
+    #[error("{0}")]
+    Spill(String),
+}
+
+impl RunError {
+    fn is_transient(&self) -> bool {
+        match self {
+            RunError::Copy(_) | RunError::Spill(_) => false,
+            RunError::Source { err } => err.is_transient(),
+            RunError::Apply(err) => err.is_transient(),
+        }
+    }
+}
+
+impl From<ApplyError> for RunError {
+    fn from(err: ApplyError) -> Self {
+        RunError::Apply(Box::new(err))
+    }
+}
+
+impl From<ReplicationError> for RunError {
+    fn from(err: ReplicationError) -> RunError {
+        RunError::Source { err }
+    }
+}
+
+/// First wait after a transient failure; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Copies if needed, then streams until `shutdown` turns true.
+pub async fn run(
+    config: &Config,
+    store: &Store,
+    shutdown: watch::Receiver<bool>,
+    status: Arc<Status>,
+) -> Result<(), RunError> {
+    let result = run_inner(config, store, shutdown, &status).await;
+    let (state, last_error) = match &result {
+        Ok(()) => (DaemonState::Stopped, None),
+        Err(err) => {
+            status.error(ErrorKind::Definite, &err.to_string());
+            if let RunError::Apply(apply) = err
+                && let ApplyError::Refused {
+                    op,
+                    table,
+                    key,
+                    lsn,
+                    detail,
+                    sqlstate,
+                } = apply.as_ref()
+            {
+                let letter = DeadLetter {
+                    at_ms: now_millis(),
+                    op: (*op).to_owned(),
+                    table: table.to_string(),
+                    key: key.clone(),
+                    lsn: *lsn,
+                    sqlstate: sqlstate.clone(),
+                    detail: detail.clone(),
+                };
+                if let Err(e) = store.put_dead_letter(&letter) {
+                    tracing::warn!(error = %e, "could not record the refused change");
+                }
+            }
+            (DaemonState::Failed, Some(err.to_string()))
+        }
+    };
+    status.set_state(state);
+    let record = RunStatus {
+        state: state.name().to_owned(),
+        applied_lsn: status.applied_lsn(),
+        at: now_secs(),
+        last_error,
+    };
+    if store.put_run_status(&record).is_ok() {
+        let _ = store.flush().await;
+    }
+    result
+}
+
+async fn run_inner(
+    config: &Config,
+    store: &Store,
+    shutdown: watch::Receiver<bool>,
+    status: &Arc<Status>,
+) -> Result<(), RunError> {
+    status.set_state(DaemonState::Copying);
+    let outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics).await?;
+    tracing::info!(slot = %outcome.slot, start = %outcome.start, "snapshot copied; streaming changes");
+    let sampler = tokio::spawn(sample_lag(
+        config.clone(),
+        store.clone(),
+        Arc::clone(status),
+        outcome.slot.clone(),
+        outcome.start,
+    ));
+    let _sampler = AbortOnDrop(sampler);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        match stream_once(config, store, &outcome, shutdown.clone(), status).await {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_transient() => {
+                if started.elapsed() > MAX_BACKOFF {
+                    backoff = FIRST_BACKOFF;
+                }
+                let kind = match err {
+                    RunError::Apply(_) => ErrorKind::TargetTransient,
+                    _ => ErrorKind::SourceTransient,
+                };
+                status.error(kind, &err.to_string());
+                status.set_state(DaemonState::Reconnecting);
+                tracing::warn!(error = %err, retry_in = ?backoff, "transient failure; reconnecting");
+                let mut shutdown = shutdown.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stopped(&mut shutdown) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Samples lag every `state.lag_sample_seconds`: bytes from the source's
+/// WAL position against the last applied commit, seconds from the oldest
+/// pending commit, and the slot's retained WAL. Stored (a week of samples)
+/// and exported. A source that cannot be asked leaves `bytes` unknown.
+async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: String, start: Lsn) {
+    let keep = (7 * 24 * 3600 / config.lag_sample_interval.as_secs().max(1)) as usize;
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut ticker = tokio::time::interval(config.lag_sample_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = cutover_replication::client::connect(&config.source.conninfo)
+                .await
+                .ok();
+        }
+        let mut lag = crate::status::Lag {
+            seconds: status.lag_seconds(),
+            sampled_at: Some(now_secs()),
+            ..Default::default()
+        };
+        if let Some(c) = &client {
+            if let Ok(current) = slot::current_wal_lsn(c).await {
+                let applied = status.applied_lsn().unwrap_or(start).max(start);
+                lag.bytes = Some(current.bytes_since(applied));
+                lag.source_lsn = Some(current.to_string());
+            }
+            if let Ok(Some(state)) = slot::slot_state(c, &slot).await {
+                lag.slot_retained_bytes = state.retained_bytes.map(|b| b.max(0) as u64);
+                lag.wal_status = state.wal_status;
+            }
+        }
+        let sample = LagSample {
+            at_ms: now_millis(),
+            bytes: lag.bytes,
+            seconds: lag.seconds,
+        };
+        status.set_lag(lag);
+        if let Err(err) = store.put_lag_sample(&sample, keep) {
+            tracing::warn!(error = %err, "could not store a lag sample");
+        }
+        let record = RunStatus {
+            state: status.state().name().to_owned(),
+            applied_lsn: status.applied_lsn(),
+            at: now_secs(),
+            last_error: status.view().last_error.map(|e| e.message),
+        };
+        let _ = store.put_run_status(&record);
+    }
+}
+
+/// Work for the applier.
+enum Work {
+    /// A transaction held in memory, with its share of the byte budget.
+    Memory(SourceTransaction, OwnedSemaphorePermit),
+    /// A streamed (or very large) transaction on disk.
+    Spilled(PathBuf, Commit),
+}
+
+/// One session: connect both sides, stream and apply until a failure or
+/// the shutdown.
+async fn stream_once(
+    config: &Config,
+    store: &Store,
+    outcome: &CopyOutcome,
+    shutdown: watch::Receiver<bool>,
+    status: &Arc<Status>,
+) -> Result<(), RunError> {
+    let origin = format!("cutover_{}", outcome.slot);
+    let applier = Applier::connect(
+        &config.target.conninfo,
+        &origin,
+        outcome.copied_at.clone(),
+        vec![format!("{origin}_reverse")],
+    )
+    .await?;
+    let start = applier.progress().max(outcome.start);
+    let session = Session::connect(&config.source.conninfo).await?;
+    let options = PgOutputOptions::for_server(
+        session.server_version_num(),
+        vec![config.publication.clone()],
+    );
+    let stream = session
+        .start_replication(&outcome.slot, start, &options)
+        .await?;
+    tracing::info!(slot = %outcome.slot, %start, origin, "streaming");
+
+    let settings = config.apply.clone();
+    let (work_tx, work_rx) = mpsc::channel::<Work>(settings.queue_transactions);
+    let budget = Arc::new(Semaphore::new(settings.queue_bytes));
+    let (durable_tx, durable_rx) = watch::channel(start);
+    let spill_dir = store.dir().join("spill");
+    let queue = Queue {
+        work: work_tx,
+        budget,
+        budget_bytes: settings.queue_bytes,
+        status: Arc::clone(status),
+    };
+    status.reset_pending();
+    status.set_state(if status.paused() {
+        DaemonState::Paused
+    } else {
+        DaemonState::Streaming
+    });
+    let reader = tokio::spawn(read_stream(
+        stream,
+        spill_dir,
+        settings.clone(),
+        queue,
+        durable_rx,
+        shutdown.clone(),
+    ));
+    let applied = apply_work(
+        applier,
+        work_rx,
+        durable_tx,
+        settings,
+        shutdown,
+        Arc::clone(status),
+    )
+    .await;
+    match applied {
+        Ok(()) => reader
+            .await
+            .unwrap_or_else(|e| Err(RunError::Spill(format!("the stream reader stopped: {e}")))),
+        Err(err) => {
+            reader.abort();
+            Err(err)
+        }
+    }
+}
+
+/// The reader: stream → decoder → committed transactions on the queue.
+async fn read_stream(
+    mut stream: ReplicationStream,
+    spill_dir: PathBuf,
+    settings: ApplySettings,
+    queue: Queue,
+    mut durable: watch::Receiver<Lsn>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let mut decoder = Decoder::new();
+    let mut current: Option<(SourceTransaction, usize)> = None;
+    let mut big: Option<SpillWriter> = None;
+    let mut streamed: HashMap<u32, SpillWriter> = HashMap::new();
+    let mut forwarded = *durable.borrow();
+    loop {
+        let message = tokio::select! {
+            biased;
+            // Stop reading; the applier finishes its batch and reports.
+            () = stopped(&mut shutdown) => break,
+            // Durable on the target: acknowledge at once (invariant 1).
+            changed = durable.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let lsn = *durable.borrow_and_update();
+                stream.set_flushed(lsn);
+                stream.send_status().await?;
+                continue;
+            }
+            message = stream.next() => message?,
+        };
+        let Some(message) = message else {
+            // The server ended the stream (shutting down): reconnect.
+            if !*shutdown.borrow() {
+                return Err(stream.ended_by_server().into());
+            }
+            break;
+        };
+        let (lsn, data) = match message {
+            StreamMessage::XLogData {
+                wal_start, data, ..
+            } => (wal_start, data),
+            StreamMessage::Keepalive { wal_end, .. } => {
+                // Nothing in flight and everything forwarded is durable:
+                // the source may forget up to here (as PostgreSQL's own
+                // apply does), or an idle database would retain WAL.
+                let idle = current.is_none()
+                    && big.is_none()
+                    && streamed.is_empty()
+                    && !decoder.in_transaction();
+                if idle && *durable.borrow() >= forwarded {
+                    stream.set_flushed(wal_end);
+                }
+                continue;
+            }
+        };
+        let event = decoder
+            .decode(lsn, data)
+            .map_err(|source| ReplicationError::Decode {
+                endpoint: stream.endpoint().to_owned(),
+                lsn,
+                source,
+            })?;
+        match event {
+            Event::Begin {
+                xid,
+                final_lsn,
+                commit_time,
+            } => {
+                current = Some((
+                    SourceTransaction {
+                        xid,
+                        commit_lsn: final_lsn,
+                        end_lsn: final_lsn,
+                        commit_time,
+                        changes: Vec::new(),
+                    },
+                    0,
+                ));
+            }
+            Event::Change(change) if change.commit_lsn.is_none() => {
+                // Part of a streamed transaction: to disk until it commits.
+                let writer = match streamed.entry(change.xid) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        SpillWriter::create(&spill_dir, change.xid)
+                            .map_err(|e| RunError::Spill(e.to_string()))?,
+                    ),
+                };
+                writer
+                    .push(&change)
+                    .map_err(|e| RunError::Spill(e.to_string()))?;
+            }
+            Event::Change(change) => {
+                if let Some(writer) = big.as_mut() {
+                    writer
+                        .push(&change)
+                        .map_err(|e| RunError::Spill(e.to_string()))?;
+                } else if let Some((tx, size)) = current.as_mut() {
+                    *size += approximate_size(&change);
+                    tx.changes.push(change);
+                    if *size > settings.spill_bytes {
+                        // Too big for memory (no server-side streaming):
+                        // move it to disk.
+                        let mut writer = SpillWriter::create(&spill_dir, tx.xid)
+                            .map_err(|e| RunError::Spill(e.to_string()))?;
+                        for change in tx.changes.drain(..) {
+                            writer
+                                .push(&change)
+                                .map_err(|e| RunError::Spill(e.to_string()))?;
+                        }
+                        big = Some(writer);
+                    }
+                }
+            }
+            Event::Commit(commit) => {
+                let Some((mut tx, size)) = current.take() else {
+                    continue;
+                };
+                forwarded = commit.end_lsn;
+                let item = if let Some(writer) = big.take() {
+                    let path = writer
+                        .finish()
+                        .map_err(|e| RunError::Spill(e.to_string()))?;
+                    Pending::Spilled(path, commit)
+                } else {
+                    tx.end_lsn = commit.end_lsn;
+                    tx.commit_time = commit.commit_time;
+                    Pending::Memory(tx, size)
+                };
+                queue.push(&mut stream, &durable, item).await?;
+            }
+            Event::StreamCommit(commit) => {
+                forwarded = commit.end_lsn;
+                match streamed.remove(&commit.xid) {
+                    Some(writer) => {
+                        let path = writer
+                            .finish()
+                            .map_err(|e| RunError::Spill(e.to_string()))?;
+                        queue
+                            .push(&mut stream, &durable, Pending::Spilled(path, commit))
+                            .await?;
+                    }
+                    None => {
+                        // A streamed transaction without rows in scope:
+                        // still record its position.
+                        let tx = SourceTransaction {
+                            xid: commit.xid,
+                            commit_lsn: commit.commit_lsn,
+                            end_lsn: commit.end_lsn,
+                            commit_time: commit.commit_time,
+                            changes: Vec::new(),
+                        };
+                        queue
+                            .push(&mut stream, &durable, Pending::Memory(tx, 1))
+                            .await?;
+                    }
+                }
+            }
+            Event::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    if let Some(writer) = streamed.remove(&xid) {
+                        writer.discard();
+                    }
+                } else if let Some(writer) = streamed.get_mut(&xid) {
+                    writer
+                        .abort_subtransaction(subxid)
+                        .map_err(|e| RunError::Spill(e.to_string()))?;
+                }
+            }
+            Event::Origin { .. }
+            | Event::Relation(_)
+            | Event::Type(_)
+            | Event::Message(_)
+            | Event::StreamStart { .. }
+            | Event::StreamStop { .. } => {}
+        }
+    }
+    // Shutdown: wait for the applier's last word, report it, stop cleanly.
+    drop(queue);
+    while durable.changed().await.is_ok() {}
+    let last = *durable.borrow();
+    stream.set_flushed(last);
+    stream.stop().await?;
+    for (_, writer) in streamed {
+        writer.discard();
+    }
+    tracing::info!(flushed = %last, "stream stopped");
+    Ok(())
+}
+
+/// Resolves once shutdown is requested (never holds the watch lock).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// A committed transaction on its way to the applier.
+enum Pending {
+    /// In memory, with its approximate size.
+    Memory(SourceTransaction, usize),
+    /// On disk.
+    Spilled(PathBuf, Commit),
+}
+
+/// The reader's end of the bounded queue to the applier.
+struct Queue {
+    work: mpsc::Sender<Work>,
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+    status: Arc<Status>,
+}
+
+/// While the queue is full (a slow or paused applier), the reader still
+/// reports to the source this often, so that `wal_sender_timeout` never
+/// cuts a connection that is merely waiting.
+const WAITING_STATUS_EVERY: Duration = Duration::from_secs(5);
+
+impl Queue {
+    /// Queues `item`, waiting for room (items and bytes) while keeping the
+    /// stream alive with status updates.
+    async fn push(
+        &self,
+        stream: &mut ReplicationStream,
+        durable: &watch::Receiver<Lsn>,
+        item: Pending,
+    ) -> Result<(), RunError> {
+        let (end_lsn, commit_time) = match &item {
+            Pending::Memory(tx, _) => (tx.end_lsn, tx.commit_time),
+            Pending::Spilled(_, commit) => (commit.end_lsn, commit.commit_time),
+        };
+        self.status.received(end_lsn, commit_time.to_system_time());
+        let permits = match &item {
+            Pending::Memory(_, size) => (*size).clamp(1, self.budget_bytes),
+            Pending::Spilled(..) => 1,
+        } as u32;
+        let permit = loop {
+            tokio::select! {
+                permit = Arc::clone(&self.budget).acquire_many_owned(permits) => {
+                    break permit.map_err(|_| RunError::Spill("the byte budget closed".into()))?;
+                }
+                () = tokio::time::sleep(WAITING_STATUS_EVERY) => {
+                    stream.set_flushed(*durable.borrow());
+                    stream.send_status().await?;
+                }
+            }
+        };
+        let slot = loop {
+            tokio::select! {
+                slot = self.work.reserve() => {
+                    break slot.map_err(|_| RunError::Spill("the applier stopped".into()))?;
+                }
+                () = tokio::time::sleep(WAITING_STATUS_EVERY) => {
+                    stream.set_flushed(*durable.borrow());
+                    stream.send_status().await?;
+                }
+            }
+        };
+        slot.send(match item {
+            Pending::Memory(tx, _) => Work::Memory(tx, permit),
+            Pending::Spilled(path, commit) => {
+                drop(permit);
+                Work::Spilled(path, commit)
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Changes of a batch by (table, op), for the metrics.
+fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str), u64> {
+    use cutover_replication::pgoutput::ChangeKind;
+    let mut counts = BTreeMap::new();
+    for change in batch.iter().flat_map(|tx| &tx.changes) {
+        let op = change.kind.op();
+        match &change.kind {
+            ChangeKind::Insert { relation, .. }
+            | ChangeKind::Update { relation, .. }
+            | ChangeKind::Delete { relation, .. } => {
+                *counts.entry((relation.name.to_string(), op)).or_insert(0) += 1;
+            }
+            ChangeKind::Truncate { relations, .. } => {
+                for relation in relations {
+                    *counts.entry((relation.name.to_string(), op)).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// Rough in-memory size of a change, for the byte budget.
+fn approximate_size(change: &cutover_replication::pgoutput::Change) -> usize {
+    use cutover_replication::pgoutput::{ChangeKind, Datum, Tuple};
+    let tuple = |t: &Tuple| -> usize {
+        t.0.iter()
+            .map(|d| match d {
+                Datum::Text(b) | Datum::Binary(b) => b.len() + 16,
+                _ => 16,
+            })
+            .sum()
+    };
+    64 + match &change.kind {
+        ChangeKind::Insert { new, .. } => tuple(new),
+        ChangeKind::Update { old, new, .. } => {
+            tuple(new) + old.as_ref().map(|o| tuple(o.tuple())).unwrap_or(0)
+        }
+        ChangeKind::Delete { old, .. } => tuple(old.tuple()),
+        ChangeKind::Truncate { relations, .. } => relations.len() * 8,
+    }
+}
+
+/// The applier: batches what is queued, applies, reports durability.
+async fn apply_work(
+    mut applier: Applier,
+    mut work: mpsc::Receiver<Work>,
+    durable: watch::Sender<Lsn>,
+    settings: ApplySettings,
+    shutdown: watch::Receiver<bool>,
+    status: Arc<Status>,
+) -> Result<(), RunError> {
+    let mut held: Option<Work> = None;
+    let mut pause = status.pause_watch();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        if *pause.borrow_and_update() {
+            // Paused by an operator: take nothing; the queue fills and the
+            // reader holds the stream's position.
+            tracing::info!(position = %applier.progress(), "applier paused");
+            let mut stop = shutdown.clone();
+            tokio::select! {
+                () = stopped(&mut stop) => break,
+                _ = pause.wait_for(|paused| !*paused) => {}
+            }
+            tracing::info!("applier resumed");
+            continue;
+        }
+        let first = match held.take() {
+            Some(item) => item,
+            None => {
+                let mut stop = shutdown.clone();
+                tokio::select! {
+                    biased;
+                    () = stopped(&mut stop) => break,
+                    item = work.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                }
+            }
+        };
+        match first {
+            Work::Spilled(path, commit) => {
+                applier
+                    .apply_spilled(&path, &commit, settings.batch_rows)
+                    .await?;
+                let _ = std::fs::remove_file(&path);
+                status.applied(applier.progress(), 1, &BTreeMap::new());
+            }
+            Work::Memory(tx, permit) => {
+                // Take what is already waiting, up to the batch bounds:
+                // low latency when idle, big batches under load.
+                let mut rows = tx.changes.len();
+                let mut batch = vec![tx];
+                let mut permits = vec![permit];
+                while rows < settings.batch_rows
+                    && permits.iter().map(|p| p.num_permits()).sum::<usize>() < settings.batch_bytes
+                {
+                    match work.try_recv() {
+                        Ok(Work::Memory(tx, permit)) => {
+                            rows += tx.changes.len();
+                            batch.push(tx);
+                            permits.push(permit);
+                        }
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let started = std::time::Instant::now();
+                applier.apply_batch(&batch).await?;
+                status.applied(
+                    applier.progress(),
+                    batch.len() as u64,
+                    &count_changes(&batch),
+                );
+                tracing::debug!(
+                    transactions = batch.len(),
+                    rows,
+                    ms = started.elapsed().as_millis() as u64,
+                    position = %applier.progress(),
+                    "batch applied"
+                );
+                drop(permits);
+            }
+        }
+        let _ = durable.send(applier.progress());
+    }
+    // Dropping the sender tells the reader the last durable position.
+    let _ = durable.send(applier.progress());
+    Ok(())
+}

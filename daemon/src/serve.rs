@@ -1,0 +1,60 @@
+//! The daemon's listeners: `/metrics` and `/health` over HTTP, and the
+//! admin console. Their bound addresses go to `<state.dir>/listen.json` so
+//! that `cutover status` (and tests, with port 0) can find them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::status::Status;
+use crate::store::Store;
+
+/// Where the running daemon listens.
+pub const LISTEN_FILE: &str = "listen.json";
+
+/// Why a listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: cannot listen on {addr}: {source} (is another process using it? change {key})")]
+pub struct ListenError {
+    key: &'static str,
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds the listeners and serves them in the background.
+pub async fn start(
+    config: &Config,
+    store: &Store,
+    status: &Arc<Status>,
+) -> Result<(), ListenError> {
+    let http = bind("http.listen", config.http_listen).await?;
+    let http_addr = http.local_addr().unwrap_or(config.http_listen);
+    let status_http = Arc::clone(status);
+    let max_lag = config.max_lag;
+    tokio::spawn(async move {
+        if let Err(err) = crate::http::serve(http, status_http, max_lag).await {
+            tracing::error!(error = %err, "the HTTP server stopped");
+        }
+    });
+    tracing::info!(addr = %http_addr, "http listening (/metrics, /health, /ready)");
+    let record = serde_json::json!({
+        "http": http_addr.to_string(),
+        "pid": std::process::id(),
+    });
+    let path = store.dir().join(LISTEN_FILE);
+    if let Err(err) = std::fs::write(&path, record.to_string()) {
+        tracing::warn!(file = %path.display(), error = %err, "could not record the listen addresses");
+    }
+    Ok(())
+}
+
+/// Removes the listen record when the daemon stops.
+pub fn stopped(store: &Store) {
+    let _ = std::fs::remove_file(store.dir().join(LISTEN_FILE));
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, ListenError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenError { key, addr, source })
+}

@@ -1,0 +1,374 @@
+//! What the running daemon is doing, shared by the pipeline (which writes
+//! it), `/metrics`, `/health` and the admin console (which read it), and
+//! the pause switch of the applier.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use cutover_replication::Lsn;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::store::now_secs;
+
+/// The replication direction this daemon runs.
+pub const FORWARD: &str = "forward";
+
+/// The daemon's lifecycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonState {
+    /// Connecting, checking.
+    Starting,
+    /// The snapshot copy runs.
+    Copying,
+    /// Changes stream and are applied.
+    Streaming,
+    /// The applier is paused by an operator; the stream holds its position.
+    Paused,
+    /// A transient failure: waiting to reconnect.
+    Reconnecting,
+    /// Stopped by a definite error.
+    Failed,
+    /// Stopped on request.
+    Stopped,
+}
+
+impl DaemonState {
+    /// Every state, for the state gauge.
+    pub const ALL: [DaemonState; 7] = [
+        DaemonState::Starting,
+        DaemonState::Copying,
+        DaemonState::Streaming,
+        DaemonState::Paused,
+        DaemonState::Reconnecting,
+        DaemonState::Failed,
+        DaemonState::Stopped,
+    ];
+
+    /// The lowercase name used in metrics, JSON and the console.
+    pub fn name(self) -> &'static str {
+        match self {
+            DaemonState::Starting => "starting",
+            DaemonState::Copying => "copying",
+            DaemonState::Streaming => "streaming",
+            DaemonState::Paused => "paused",
+            DaemonState::Reconnecting => "reconnecting",
+            DaemonState::Failed => "failed",
+            DaemonState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Error kinds for `cutover_errors_total` (a fixed set, never messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The source connection or stream failed (transient).
+    SourceTransient,
+    /// The target connection failed (transient).
+    TargetTransient,
+    /// A definite failure: the daemon stopped.
+    Definite,
+}
+
+impl ErrorKind {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::SourceTransient => "source_transient",
+            ErrorKind::TargetTransient => "target_transient",
+            ErrorKind::Definite => "definite",
+        }
+    }
+}
+
+/// The last error, with when it happened.
+#[derive(Clone, Debug, Serialize)]
+pub struct LastError {
+    /// The message (never holds a secret: connection errors name the
+    /// endpoint, not the connection string).
+    pub message: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// The latest lag figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Lag {
+    /// Source WAL position minus the last applied commit LSN; `None` until
+    /// the source was asked.
+    pub bytes: Option<u64>,
+    /// Seconds since the commit of the oldest change not yet applied.
+    pub seconds: f64,
+    /// WAL retained by the slot on the source.
+    pub slot_retained_bytes: Option<u64>,
+    /// The slot's `wal_status`.
+    pub wal_status: Option<String>,
+    /// The source's WAL position at the last sample.
+    pub source_lsn: Option<String>,
+    /// When it was sampled (unix seconds).
+    pub sampled_at: Option<u64>,
+}
+
+/// Changes applied to one table since the daemon started.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TableCounts {
+    /// Inserts applied.
+    pub inserts: u64,
+    /// Updates applied.
+    pub updates: u64,
+    /// Deletes applied.
+    pub deletes: u64,
+    /// Truncates applied.
+    pub truncates: u64,
+}
+
+/// A point-in-time view, as `/health`, the console and `status` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusView {
+    /// Lifecycle state.
+    pub state: DaemonState,
+    /// `forward` (the reverse direction comes with the switch).
+    pub direction: &'static str,
+    /// Which server takes writes: `source` until the switch.
+    pub primary: &'static str,
+    /// The replication slot on the source.
+    pub slot: String,
+    /// The last source commit applied on the target.
+    pub applied_lsn: Option<String>,
+    /// Lag.
+    pub lag: Lag,
+    /// Source transactions applied since start.
+    pub transactions_applied: u64,
+    /// Applied changes per table since start.
+    pub tables: BTreeMap<String, TableCounts>,
+    /// The last error.
+    pub last_error: Option<LastError>,
+    /// When the daemon started (unix seconds).
+    pub started_at: u64,
+    /// Process id.
+    pub pid: u32,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: DaemonState,
+    applied: Option<Lsn>,
+    lag: Lag,
+    last_error: Option<LastError>,
+    /// Committed transactions received and not yet applied: end LSN and
+    /// commit time, in commit order.
+    pending: VecDeque<(Lsn, SystemTime)>,
+    transactions: u64,
+    tables: BTreeMap<String, TableCounts>,
+}
+
+/// The shared status of a running daemon.
+#[derive(Debug)]
+pub struct Status {
+    inner: Mutex<Inner>,
+    /// The Prometheus families.
+    pub metrics: Metrics,
+    pause: watch::Sender<bool>,
+    slot: String,
+    started_at: u64,
+}
+
+impl Status {
+    /// A daemon starting with `slot`.
+    pub fn new(slot: &str) -> Status {
+        let status = Status {
+            inner: Mutex::new(Inner {
+                state: DaemonState::Starting,
+                applied: None,
+                lag: Lag::default(),
+                last_error: None,
+                pending: VecDeque::new(),
+                transactions: 0,
+                tables: BTreeMap::new(),
+            }),
+            metrics: Metrics::new(),
+            pause: watch::channel(false).0,
+            slot: slot.to_owned(),
+            started_at: now_secs(),
+        };
+        status.set_state(DaemonState::Starting);
+        status
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves plain data behind.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Moves to `state`, logging the change once.
+    pub fn set_state(&self, state: DaemonState) {
+        let previous = {
+            let mut inner = self.lock();
+            std::mem::replace(&mut inner.state, state)
+        };
+        for s in DaemonState::ALL {
+            self.metrics
+                .state
+                .with_label_values(&[s.name()])
+                .set(i64::from(s == state));
+        }
+        if previous != state {
+            tracing::info!(from = previous.name(), to = state.name(), "state changed");
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> DaemonState {
+        self.lock().state
+    }
+
+    /// Records an error of `kind`.
+    pub fn error(&self, kind: ErrorKind, message: &str) {
+        self.metrics.errors.with_label_values(&[kind.name()]).inc();
+        self.lock().last_error = Some(LastError {
+            message: message.to_owned(),
+            at: now_secs(),
+        });
+    }
+
+    /// A committed transaction was queued for the applier.
+    pub fn received(&self, end_lsn: Lsn, commit_time: SystemTime) {
+        self.lock().pending.push_back((end_lsn, commit_time));
+    }
+
+    /// The stream restarts from the durable position: nothing is pending.
+    pub fn reset_pending(&self) {
+        self.lock().pending.clear();
+    }
+
+    /// Transactions up to `position` are applied; `counts` are the changes
+    /// of the batch by (table, op).
+    pub fn applied(
+        &self,
+        position: Lsn,
+        transactions: u64,
+        counts: &BTreeMap<(String, &str), u64>,
+    ) {
+        self.metrics
+            .applied_transactions
+            .with_label_values(&[FORWARD])
+            .inc_by(transactions);
+        for ((table, op), n) in counts {
+            self.metrics
+                .applied_changes
+                .with_label_values(&[FORWARD, table, op])
+                .inc_by(*n);
+        }
+        let mut inner = self.lock();
+        inner.applied = Some(position);
+        inner.transactions += transactions;
+        while inner
+            .pending
+            .front()
+            .is_some_and(|(end, _)| *end <= position)
+        {
+            inner.pending.pop_front();
+        }
+        for ((table, op), n) in counts {
+            let entry = inner.tables.entry(table.clone()).or_default();
+            match *op {
+                "insert" => entry.inserts += n,
+                "update" => entry.updates += n,
+                "delete" => entry.deletes += n,
+                _ => entry.truncates += n,
+            }
+        }
+    }
+
+    /// The last applied position.
+    pub fn applied_lsn(&self) -> Option<Lsn> {
+        self.lock().applied
+    }
+
+    /// Seconds since the commit of the oldest pending transaction.
+    pub fn lag_seconds(&self) -> f64 {
+        let inner = self.lock();
+        inner
+            .pending
+            .front()
+            .and_then(|(_, at)| SystemTime::now().duration_since(*at).ok())
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    }
+
+    /// Stores a lag sample and exports it.
+    pub fn set_lag(&self, lag: Lag) {
+        self.metrics
+            .lag_seconds
+            .with_label_values(&[FORWARD])
+            .set(lag.seconds);
+        if let Some(bytes) = lag.bytes {
+            self.metrics
+                .lag_bytes
+                .with_label_values(&[FORWARD])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        if let Some(bytes) = lag.slot_retained_bytes {
+            self.metrics
+                .slot_retained_bytes
+                .with_label_values(&[&self.slot])
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        self.lock().lag = lag;
+    }
+
+    /// A view for `/health`, the console and `status`.
+    pub fn view(&self) -> StatusView {
+        let seconds = self.lag_seconds();
+        let inner = self.lock();
+        let mut lag = inner.lag.clone();
+        lag.seconds = seconds;
+        StatusView {
+            state: inner.state,
+            direction: FORWARD,
+            primary: "source",
+            slot: self.slot.clone(),
+            applied_lsn: inner.applied.map(|l| l.to_string()),
+            lag,
+            transactions_applied: inner.transactions,
+            tables: inner.tables.clone(),
+            last_error: inner.last_error.clone(),
+            started_at: self.started_at,
+            pid: std::process::id(),
+        }
+    }
+
+    /// Pauses (`true`) or resumes (`false`) the applier. Returns whether
+    /// anything changed.
+    #[expect(
+        dead_code,
+        reason = "read by the admin console and `cutover status` (issue 6)"
+    )]
+    pub fn set_paused(&self, paused: bool) -> bool {
+        let changed = self.pause.send_replace(paused) != paused;
+        if changed {
+            let state = self.state();
+            match (paused, state) {
+                (true, DaemonState::Streaming) => self.set_state(DaemonState::Paused),
+                (false, DaemonState::Paused) => self.set_state(DaemonState::Streaming),
+                _ => {}
+            }
+        }
+        changed
+    }
+
+    /// Whether the applier is paused.
+    pub fn paused(&self) -> bool {
+        *self.pause.borrow()
+    }
+
+    /// Follows the pause switch.
+    pub fn pause_watch(&self) -> watch::Receiver<bool> {
+        self.pause.subscribe()
+    }
+}

@@ -1,0 +1,580 @@
+//! cutover's own state, in a sled store under `[state] dir`.
+//!
+//! Rules for whoever changes this file:
+//!
+//! - The store is the daemon's memory across restarts, never the truth
+//!   about the target: the applied position lives on the target, in the
+//!   replication origin written in the same transaction as the rows
+//!   (DESIGN.md invariant 2). The store records plans and progress.
+//! - A table's copy is `Copied` only after its last chunk committed on the
+//!   target, and that mark is flushed before anything depends on it.
+//! - `copied_at` of a table never changes once the table is `Copied`: the
+//!   stream skips changes to the table that committed before it.
+//! - Values are JSON, so an operator can read them with any sled tool; the
+//!   format version is checked on open and a mismatch is an error, never a
+//!   silent rewrite.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cutover_replication::Lsn;
+use cutover_replication::catalog::TableName;
+use cutover_replication::snapshot::CopyFormat;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The layout version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+const KEY_FORMAT: &str = "format_version";
+const KEY_COPY_RUN: &str = "copy/run";
+const PREFIX_COPY_TABLE: &str = "copy/table/";
+const PID_FILE: &str = "cutover.pid";
+/// Written beside the database when the store is created: a store whose
+/// records vanish while this file exists is damaged.
+const MARKER_FILE: &str = "store.json";
+/// Lag samples: the key is `lag/` and the sample time in big-endian
+/// milliseconds, so that a scan returns them in time order.
+const PREFIX_LAG: &str = "lag/";
+
+/// The last known run state and position.
+const KEY_RUN_STATUS: &str = "run/forward/status";
+
+/// Refused changes: `dead/` and big-endian unix milliseconds.
+const PREFIX_DEAD: &str = "dead/";
+
+/// A change the target refused. The stream stopped on it (nothing is
+/// skipped); the record stays for the operator after the fix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// insert, update, delete, truncate.
+    pub op: String,
+    /// The table.
+    pub table: String,
+    /// The key, as `col=value` pairs.
+    pub key: String,
+    /// The change's source LSN.
+    pub lsn: Lsn,
+    /// The target's SQLSTATE.
+    pub sqlstate: String,
+    /// The target's message.
+    pub detail: String,
+}
+
+/// One lag sample.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LagSample {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// Lag in bytes (`None` when the source could not be asked).
+    pub bytes: Option<u64>,
+    /// Lag in seconds.
+    pub seconds: f64,
+}
+
+/// What the daemon last recorded about the stream, for `cutover status`
+/// when no daemon runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    /// The state name when it was recorded.
+    pub state: String,
+    /// The last applied source commit.
+    pub applied_lsn: Option<Lsn>,
+    /// Unix seconds.
+    pub at: u64,
+    /// The last error, if the daemon stopped on one.
+    pub last_error: Option<String>,
+}
+
+/// A store problem, naming the directory and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the store.
+    #[error("the state directory {dir} is in use by another cutover process{}: stop it first, or give this one another state.dir", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The holder, from its pid file.
+        pid: Option<u32>,
+    },
+    /// The directory cannot be created or opened.
+    #[error("cannot open the state directory {dir}: {reason}")]
+    Open {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Written by another version of cutover.
+    #[error(
+        "the state in {dir} has format version {found}, this cutover reads version {FORMAT_VERSION}: use the cutover version that wrote it"
+    )]
+    Version {
+        /// The directory.
+        dir: PathBuf,
+        /// The version found.
+        found: String,
+    },
+    /// A value that does not decode: the store is damaged.
+    #[error(
+        "the state in {dir} is damaged at key {key}: {reason}; it is left as it is (move it aside to start over)"
+    )]
+    Corrupt {
+        /// The directory.
+        dir: PathBuf,
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// sled failed.
+    #[error("the state store in {dir} failed: {reason}")]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where the snapshot copy stands as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyRun {
+    /// The slot whose snapshot was copied (and which streams afterwards,
+    /// unless `standalone`).
+    pub slot: String,
+    /// `cutover copy`: a load without a slot kept for streaming.
+    pub standalone: bool,
+    /// The slot's consistent point; `None` until the slot exists.
+    pub consistent_point: Option<Lsn>,
+    /// Every table in scope is copied.
+    pub finished: bool,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
+    /// Seconds since the Unix epoch.
+    pub finished_at: Option<u64>,
+}
+
+/// A table's copy state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableCopyState {
+    /// Not started, or to be copied again from scratch.
+    Pending,
+    /// Chunks are being copied from the snapshot at `copied_at`.
+    Copying,
+    /// All rows of the snapshot at `copied_at` are on the target.
+    Copied,
+}
+
+/// An index dropped for the load, to be rebuilt after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedIndex {
+    /// Schema-qualified index name.
+    pub name: String,
+    /// `pg_get_indexdef()`, the statement that rebuilds it.
+    pub definition: String,
+}
+
+/// One table's copy: state, position and reconciliation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableCopy {
+    /// The table.
+    pub name: TableName,
+    /// Where it stands.
+    pub state: TableCopyState,
+    /// The snapshot it was (or is being) copied from: changes that
+    /// committed before this LSN are in the copy.
+    pub copied_at: Lsn,
+    /// Chunks planned.
+    pub chunks_total: u64,
+    /// Chunks committed on the target.
+    pub chunks_done: u64,
+    /// Rows written by COPY.
+    pub rows_copied: u64,
+    /// Bytes of COPY data moved.
+    pub bytes_copied: u64,
+    /// Rows in the source snapshot (`count(*)` in the snapshot).
+    pub source_count: Option<i64>,
+    /// Rows on the target after the load.
+    pub target_count: Option<i64>,
+    /// The COPY format used.
+    pub format: Option<CopyFormat>,
+    /// Indexes dropped for the load and not yet rebuilt.
+    pub dropped_indexes: Vec<DroppedIndex>,
+    /// CHECK and FOREIGN KEY constraints dropped for the load and not yet
+    /// added back (name and `pg_get_constraintdef()`).
+    #[serde(default)]
+    pub dropped_constraints: Vec<DroppedIndex>,
+}
+
+impl TableCopy {
+    /// A table waiting for its copy from the snapshot at `copied_at`.
+    pub fn pending(name: TableName, copied_at: Lsn) -> TableCopy {
+        TableCopy {
+            name,
+            state: TableCopyState::Pending,
+            copied_at,
+            chunks_total: 0,
+            chunks_done: 0,
+            rows_copied: 0,
+            bytes_copied: 0,
+            source_count: None,
+            target_count: None,
+            format: None,
+            dropped_indexes: Vec::new(),
+            dropped_constraints: Vec::new(),
+        }
+    }
+
+    /// Target minus source rows; `None` until both are counted.
+    pub fn variance(&self) -> Option<i64> {
+        Some(self.target_count? - self.source_count?)
+    }
+}
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: sled::Db,
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating) the store in `dir`; refuses a store in use, of
+    /// another format, or damaged.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            dir: dir.to_owned(),
+            reason: format!(
+                "{e} (create it, writable by the user running cutover, or set state.dir)"
+            ),
+        })?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .open()
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("lock")
+                    || text.contains("WouldBlock")
+                    || text.contains("Resource temporarily unavailable")
+                {
+                    StoreError::Locked {
+                        dir: dir.to_owned(),
+                        pid: std::fs::read_to_string(dir.join(PID_FILE))
+                            .ok()
+                            .and_then(|p| p.trim().parse().ok()),
+                    }
+                } else {
+                    StoreError::Open {
+                        dir: dir.to_owned(),
+                        reason: text,
+                    }
+                }
+            })?;
+        let store = Store {
+            db,
+            dir: dir.to_owned(),
+        };
+        let marker = dir.join(MARKER_FILE);
+        match store.db.get(KEY_FORMAT).map_err(|e| store.io(e))? {
+            None if marker.exists() => {
+                // sled drops a damaged log tail and opens what is left: a
+                // store that once existed and lost even its format key is
+                // damaged, never to be reset silently.
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_owned(),
+                    key: KEY_FORMAT.to_owned(),
+                    reason: format!(
+                        "the records are missing although {} says this store was created; restore state.dir from a backup",
+                        marker.display()
+                    ),
+                });
+            }
+            None => {
+                store
+                    .db
+                    .insert(KEY_FORMAT, FORMAT_VERSION.to_string().as_bytes())
+                    .map_err(|e| store.io(e))?;
+                store.db.flush().map_err(|e| store.io(e))?;
+                std::fs::write(
+                    &marker,
+                    format!(
+                        "{{\"format_version\": {FORMAT_VERSION}, \"created_at\": {}}}\n",
+                        now_secs()
+                    ),
+                )
+                .map_err(|e| StoreError::Open {
+                    dir: dir.to_owned(),
+                    reason: format!("cannot write {}: {e}", marker.display()),
+                })?;
+            }
+            Some(found) if found.as_ref() == FORMAT_VERSION.to_string().as_bytes() => {}
+            Some(found) => {
+                return Err(StoreError::Version {
+                    dir: dir.to_owned(),
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                });
+            }
+        }
+        // Best effort: lets a second process name the one holding the lock.
+        let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
+        Ok(store)
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The copy run, if one was started.
+    pub fn copy_run(&self) -> Result<Option<CopyRun>, StoreError> {
+        self.get(KEY_COPY_RUN)
+    }
+
+    /// Records the copy run.
+    pub fn put_copy_run(&self, run: &CopyRun) -> Result<(), StoreError> {
+        self.put(KEY_COPY_RUN, run)
+    }
+
+    /// One table's copy record.
+    pub fn table_copy(&self, name: &TableName) -> Result<Option<TableCopy>, StoreError> {
+        self.get(&format!("{PREFIX_COPY_TABLE}{name}"))
+    }
+
+    /// Records a table's copy.
+    pub fn put_table_copy(&self, table: &TableCopy) -> Result<(), StoreError> {
+        self.put(&format!("{PREFIX_COPY_TABLE}{}", table.name), table)
+    }
+
+    /// Every table's copy record, by name.
+    pub fn table_copies(&self) -> Result<Vec<TableCopy>, StoreError> {
+        self.db
+            .scan_prefix(PREFIX_COPY_TABLE)
+            .map(|entry| {
+                let (key, value) = entry.map_err(|e| self.io(e))?;
+                self.decode(&String::from_utf8_lossy(&key), &value)
+            })
+            .collect()
+    }
+
+    /// Appends a lag sample, keeping the newest `keep` samples.
+    pub fn put_lag_sample(&self, sample: &LagSample, keep: usize) -> Result<(), StoreError> {
+        let mut key = PREFIX_LAG.as_bytes().to_vec();
+        key.extend_from_slice(&sample.at_ms.to_be_bytes());
+        let bytes = serde_json::to_vec(sample).expect("lag samples serialize to JSON");
+        self.db.insert(key, bytes).map_err(|e| self.io(e))?;
+        // Trim the oldest beyond `keep` (one or two per insert in steady state).
+        let count = self.db.scan_prefix(PREFIX_LAG).keys().count();
+        for key in self
+            .db
+            .scan_prefix(PREFIX_LAG)
+            .keys()
+            .take(count.saturating_sub(keep))
+        {
+            let key = key.map_err(|e| self.io(e))?;
+            self.db.remove(key).map_err(|e| self.io(e))?;
+        }
+        Ok(())
+    }
+
+    /// The newest `limit` lag samples, oldest first.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "read by the admin console (issue 6)")
+    )]
+    pub fn lag_history(&self, limit: usize) -> Result<Vec<LagSample>, StoreError> {
+        let mut samples = self
+            .db
+            .scan_prefix(PREFIX_LAG)
+            .values()
+            .rev()
+            .take(limit)
+            .map(|value| {
+                let value = value.map_err(|e| self.io(e))?;
+                self.decode(PREFIX_LAG, &value)
+            })
+            .collect::<Result<Vec<LagSample>, StoreError>>()?;
+        samples.reverse();
+        Ok(samples)
+    }
+
+    /// Records a refused change.
+    pub fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        let mut key = PREFIX_DEAD.as_bytes().to_vec();
+        key.extend_from_slice(&letter.at_ms.to_be_bytes());
+        let bytes = serde_json::to_vec(letter).expect("dead letters serialize to JSON");
+        self.db
+            .insert(key, bytes)
+            .map(|_| ())
+            .map_err(|e| self.io(e))
+    }
+
+    /// Every refused change recorded, oldest first.
+    #[expect(
+        dead_code,
+        reason = "read by the admin console and `cutover status` (issue 6)"
+    )]
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.db
+            .scan_prefix(PREFIX_DEAD)
+            .values()
+            .map(|value| {
+                let value = value.map_err(|e| self.io(e))?;
+                self.decode(PREFIX_DEAD, &value)
+            })
+            .collect()
+    }
+
+    /// Records the stream's state and position.
+    pub fn put_run_status(&self, status: &RunStatus) -> Result<(), StoreError> {
+        self.put(KEY_RUN_STATUS, status)
+    }
+
+    /// The stream's last recorded state and position.
+    #[expect(
+        dead_code,
+        reason = "read by the admin console and `cutover status` (issue 6)"
+    )]
+    pub fn run_status(&self) -> Result<Option<RunStatus>, StoreError> {
+        self.get(KEY_RUN_STATUS)
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.io(e))
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.db.get(key).map_err(|e| self.io(e))? {
+            None => Ok(None),
+            Some(bytes) => self.decode(key, &bytes).map(Some),
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            dir: self.dir.clone(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).expect("state records serialize to JSON");
+        self.db
+            .insert(key, bytes)
+            .map(|_| ())
+            .map_err(|e| self.io(e))
+    }
+
+    fn io(&self, e: sled::Error) -> StoreError {
+        StoreError::Io {
+            dir: self.dir.clone(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_survive_reopening_and_versions_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut table =
+                TableCopy::pending(TableName::new("public", "t"), "0/10".parse().unwrap());
+            table.state = TableCopyState::Copied;
+            store.put_table_copy(&table).unwrap();
+            store
+                .put_copy_run(&CopyRun {
+                    slot: "cutover".into(),
+                    standalone: false,
+                    consistent_point: Some("0/10".parse().unwrap()),
+                    finished: true,
+                    started_at: 1,
+                    finished_at: Some(2),
+                })
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.copy_run().unwrap().unwrap().finished);
+        let tables = store.table_copies().unwrap();
+        assert_eq!(tables.len(), 1);
+        assert_eq!(tables[0].state, TableCopyState::Copied);
+        store.db.insert(KEY_FORMAT, b"99".as_slice()).unwrap();
+        store.flush().await.unwrap();
+        drop(store);
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("format version 99"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_lost_its_records_is_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        // What sled leaves after dropping a damaged log: an empty database.
+        std::fs::remove_dir_all(dir.path().join("db")).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("damaged") && err.to_string().contains("backup"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lag_history_keeps_the_newest_samples_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for at_ms in 1..=10 {
+            let sample = LagSample {
+                at_ms,
+                bytes: Some(at_ms * 100),
+                seconds: at_ms as f64,
+            };
+            store.put_lag_sample(&sample, 4).unwrap();
+        }
+        let history = store.lag_history(100).unwrap();
+        let times: Vec<u64> = history.iter().map(|s| s.at_ms).collect();
+        assert_eq!(times, vec![7, 8, 9, 10]);
+        assert_eq!(store.lag_history(2).unwrap()[0].at_ms, 9);
+    }
+
+    #[tokio::test]
+    async fn damaged_values_are_errors_not_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .db
+            .insert(KEY_COPY_RUN, b"{not json".as_slice())
+            .unwrap();
+        let err = store.copy_run().unwrap_err();
+        assert!(err.to_string().contains("damaged at key copy/run"), "{err}");
+    }
+}

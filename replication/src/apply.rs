@@ -1,0 +1,1210 @@
+//! Applying source transactions to the target.
+//!
+//! Progress rules (DESIGN.md invariants 1 to 3), which everything here
+//! serves:
+//!
+//! - **Written with the rows.** Each target transaction ends with
+//!   `pg_replication_origin_xact_setup(end_lsn, commit_time)` of the last
+//!   source transaction it contains, so the applied position commits
+//!   atomically with the rows. On start, [`Applier::progress`] is read from
+//!   the origin, and transactions ending at or before it are skipped.
+//! - **Commit order.** Source transactions are applied in the order given.
+//!   Several consecutive transactions may share one target transaction;
+//!   their changes are coalesced per row key, which gives the same end
+//!   state as applying them one by one (the last write of a key wins; a
+//!   delete then insert of a key ends inserted).
+//! - **Nothing skipped.** A change the target refuses stops with an error
+//!   naming the table, the key, the LSN and the SQLSTATE. When a set-based
+//!   statement fails, the batch is rolled back and replayed one change at a
+//!   time, in order, to find the culprit (or to succeed, when only the
+//!   order of rows within a statement mattered, as with a swapped unique
+//!   value).
+//! - **Unchanged TOAST** columns are never written: such rows are updated
+//!   with only the columns that were sent.
+//! - **Per-table seam.** A change to a table that committed before the
+//!   table's `copied_at` is already in its copy and is skipped.
+//!
+//! The session runs with `session_replication_role = replica`, so user
+//! triggers and foreign keys do not fire on replicated rows, and with the
+//! same `DateStyle`, `TimeZone` and `extra_float_digits` as the source's
+//! walsender, so text values compare and convert exactly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Statement};
+
+use crate::catalog::{TableName, quote_ident};
+use crate::client::{ConnectError, describe};
+use crate::conninfo::ConnInfo;
+use crate::lsn::Lsn;
+use crate::pgoutput::{Change, ChangeKind, Datum, PgTimestamp, Relation, Tuple};
+
+/// A committed source transaction, ready to apply.
+#[derive(Debug, Clone)]
+pub struct SourceTransaction {
+    /// Transaction id on the source.
+    pub xid: u32,
+    /// Its commit record's LSN.
+    pub commit_lsn: Lsn,
+    /// The end of its commit record: the position recorded once applied.
+    pub end_lsn: Lsn,
+    /// When it committed on the source.
+    pub commit_time: PgTimestamp,
+    /// Its changes, in order.
+    pub changes: Vec<Change>,
+}
+
+/// Why applying stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Could not connect to the target.
+    #[error("target: {0}")]
+    Connect(#[from] ConnectError),
+    /// The target refused a change.
+    #[error(
+        "target refused {op} on {table} key {key} at source LSN {lsn}: {detail} (SQLSTATE {sqlstate})"
+    )]
+    Refused {
+        /// insert, update, delete, truncate.
+        op: &'static str,
+        /// The table.
+        table: TableName,
+        /// The row's key (or whole old row), as `col=value` pairs.
+        key: String,
+        /// The change's position on the source.
+        lsn: Lsn,
+        /// The server's message.
+        detail: String,
+        /// The SQLSTATE.
+        sqlstate: String,
+    },
+    /// A row to update was not on the target: it diverged.
+    #[error(
+        "target: {op} on {table} found no row for key {key} (source LSN {lsn}): the target diverged from the source; run cutover verify"
+    )]
+    RowMissing {
+        /// update or delete.
+        op: &'static str,
+        /// The table.
+        table: TableName,
+        /// The key.
+        key: String,
+        /// The change's position.
+        lsn: Lsn,
+    },
+    /// The target lacks a table or column the source sends.
+    #[error("target: {0}")]
+    Schema(String),
+    /// A statement outside a specific change failed.
+    #[error("target: {what}: {detail}")]
+    Session {
+        /// What was being done.
+        what: String,
+        /// The error.
+        detail: String,
+        /// Whether retrying may help (connection lost, server restarting).
+        transient: bool,
+    },
+}
+
+impl ApplyError {
+    /// Whether reconnecting and retrying may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Connect(err) => err.failure.is_transient(),
+            ApplyError::Session { transient, .. } => *transient,
+            ApplyError::Refused { sqlstate, .. } => is_transient_sqlstate(sqlstate),
+            ApplyError::RowMissing { .. } | ApplyError::Schema(_) => false,
+        }
+    }
+
+    /// A short stable name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApplyError::Connect(_) => "target_connect",
+            ApplyError::Refused { .. } => "apply_refused",
+            ApplyError::RowMissing { .. } => "row_missing",
+            ApplyError::Schema(_) => "target_schema",
+            ApplyError::Session { .. } => "target_session",
+        }
+    }
+}
+
+fn is_transient_sqlstate(code: &str) -> bool {
+    // Connection exceptions, operator intervention, lock/serialization.
+    code.starts_with("08")
+        || code.starts_with("57")
+        || code == "40001"
+        || code == "40P01"
+        || code == "55006"
+}
+
+fn session_error(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+    let what = what.into();
+    move |err| {
+        let transient = err.is_closed()
+            || err.as_db_error().is_none()
+            || err.code().is_some_and(|c| is_transient_sqlstate(c.code()));
+        ApplyError::Session {
+            what,
+            detail: describe(&err),
+            transient,
+        }
+    }
+}
+
+/// A target table as the applier needs it.
+#[derive(Debug, Clone)]
+struct TargetTable {
+    /// Column name → `format_type()`.
+    types: HashMap<String, String>,
+    /// Primary key columns on the target.
+    primary_key: Vec<String>,
+}
+
+/// How rows of a relation are identified: the indexes of its key columns,
+/// or `None` for a keyless table (matched on the whole old row).
+type KeySpec = Option<Vec<usize>>;
+
+/// The key of a relation: its replica identity key; for REPLICA IDENTITY
+/// FULL (where pgoutput flags every column) the target's primary key.
+fn key_spec(relation: &Relation, target: &TargetTable) -> KeySpec {
+    if relation.replica_identity == 'f' {
+        if target.primary_key.is_empty() {
+            return None;
+        }
+        let indexes: Option<Vec<usize>> = target
+            .primary_key
+            .iter()
+            .map(|k| relation.columns.iter().position(|c| &c.name == k))
+            .collect();
+        return indexes;
+    }
+    let indexes: Vec<usize> = relation.key_indexes().collect();
+    (!indexes.is_empty()).then_some(indexes)
+}
+
+/// What to do with one row key at the end of a batch.
+#[derive(Debug, Clone)]
+enum RowOp {
+    /// Write the whole row (insert or replace).
+    Upsert(Vec<Datum>),
+    /// Update only the columns sent (some were unchanged TOAST).
+    Patch(Vec<Datum>),
+    /// Remove the row.
+    Delete,
+}
+
+/// Coalesced changes of one table, in the order keys first appeared.
+#[derive(Debug)]
+struct TableBatch {
+    relation: Arc<Relation>,
+    key: Vec<usize>,
+    order: Vec<Vec<Option<String>>>,
+    rows: HashMap<Vec<Option<String>>, (RowOp, Lsn)>,
+}
+
+/// Applies source transactions on one target connection.
+#[derive(Debug)]
+pub struct Applier {
+    client: Client,
+    origin: String,
+    progress: Lsn,
+    tables: HashMap<TableName, TargetTable>,
+    statements: HashMap<String, Statement>,
+    copied_at: HashMap<TableName, Lsn>,
+    skip_origins: Vec<String>,
+}
+
+impl Applier {
+    /// Connects, prepares the session, and reads the applied position from
+    /// the replication origin `origin` (created when missing).
+    pub async fn connect(
+        target: &ConnInfo,
+        origin: &str,
+        copied_at: HashMap<TableName, Lsn>,
+        skip_origins: Vec<String>,
+    ) -> Result<Applier, ApplyError> {
+        let client = crate::client::connect(target).await?;
+        client
+            .batch_execute(
+                "SET session_replication_role = replica;
+                 SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
+                 SET TimeZone = 'UTC'; SET extra_float_digits = 3;
+                 SET synchronous_commit = on",
+            )
+            .await
+            .map_err(session_error("preparing the apply session (session_replication_role = replica needs superuser or GRANT SET ON PARAMETER)"))?;
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(session_error("reading replication origins"))?
+            .is_some();
+        if !exists {
+            client
+                .execute("SELECT pg_replication_origin_create($1)", &[&origin])
+                .await
+                .map_err(session_error(format!(
+                    "creating replication origin {origin}"
+                )))?;
+        }
+        client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(session_error(format!("using replication origin {origin}")))?;
+        let progress: Option<String> = client
+            .query_one(
+                "SELECT pg_replication_origin_progress($1, true)::text",
+                &[&origin],
+            )
+            .await
+            .map_err(session_error("reading the applied position"))?
+            .get(0);
+        let progress = progress.and_then(|p| p.parse().ok()).unwrap_or(Lsn::ZERO);
+        tracing::info!(origin, %progress, "apply session ready");
+        Ok(Applier {
+            client,
+            origin: origin.to_owned(),
+            progress,
+            tables: HashMap::new(),
+            statements: HashMap::new(),
+            copied_at,
+            skip_origins,
+        })
+    }
+
+    /// The end LSN of the last source transaction durably applied.
+    pub fn progress(&self) -> Lsn {
+        self.progress
+    }
+
+    /// The replication origin tagging applied transactions.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Applies consecutive source transactions in one target transaction
+    /// and returns the new durable position. Transactions at or before
+    /// the current position are skipped (already applied).
+    pub async fn apply_batch(
+        &mut self,
+        transactions: &[SourceTransaction],
+    ) -> Result<Lsn, ApplyError> {
+        let pending: Vec<&SourceTransaction> = transactions
+            .iter()
+            .filter(|t| t.end_lsn > self.progress)
+            .collect();
+        let Some(last) = pending.last() else {
+            return Ok(self.progress);
+        };
+        let (end_lsn, commit_time) = (last.end_lsn, last.commit_time);
+        let changes: Vec<(&Change, Lsn)> = pending
+            .iter()
+            .flat_map(|t| t.changes.iter().map(move |c| (c, t.commit_lsn)))
+            .collect();
+        self.apply_changes(&changes, end_lsn, commit_time).await?;
+        Ok(self.progress)
+    }
+
+    /// Applies changes as one target transaction ending at `end_lsn`.
+    /// The fast path coalesces and runs set-based statements; if it fails,
+    /// the transaction is replayed change by change.
+    pub async fn apply_changes(
+        &mut self,
+        changes: &[(&Change, Lsn)],
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), ApplyError> {
+        let wanted: Vec<(&Change, Lsn)> = changes
+            .iter()
+            .copied()
+            .filter(|(c, commit)| self.wanted(c, *commit))
+            .collect();
+        self.begin().await?;
+        match self.apply_fast(&wanted).await {
+            Ok(()) => {}
+            Err(fast) => {
+                tracing::debug!(error = %fast, "set-based apply failed; replaying change by change");
+                self.rollback().await?;
+                self.begin().await?;
+                if let Err(err) = self.apply_slow(&wanted).await {
+                    let _ = self.rollback().await;
+                    return Err(err);
+                }
+            }
+        }
+        self.commit(end_lsn, commit_time).await
+    }
+
+    /// Applies a streamed transaction from its spill file, in one target
+    /// transaction, `batch` changes at a time (memory stays bounded).
+    pub async fn apply_spilled(
+        &mut self,
+        path: &std::path::Path,
+        commit: &crate::pgoutput::Commit,
+        batch: usize,
+    ) -> Result<(), ApplyError> {
+        if commit.end_lsn <= self.progress {
+            return Ok(());
+        }
+        let spill = |e: crate::spill::SpillError| ApplyError::Session {
+            what: "reading a streamed transaction from disk".into(),
+            detail: e.to_string(),
+            transient: false,
+        };
+        self.begin().await?;
+        let fast: Result<(), ApplyError> = async {
+            let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
+            loop {
+                let changes = reader.next_batch(batch).map_err(spill)?;
+                if changes.is_empty() {
+                    return Ok(());
+                }
+                let wanted: Vec<(&Change, Lsn)> = changes
+                    .iter()
+                    .map(|c| (c, commit.commit_lsn))
+                    .filter(|(c, lsn)| self.wanted(c, *lsn))
+                    .collect();
+                self.apply_fast(&wanted).await?;
+            }
+        }
+        .await;
+        if let Err(fast) = fast {
+            tracing::debug!(error = %fast, "set-based apply of a streamed transaction failed; replaying change by change");
+            self.rollback().await?;
+            self.begin().await?;
+            let slow: Result<(), ApplyError> = async {
+                let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
+                loop {
+                    let changes = reader.next_batch(batch).map_err(spill)?;
+                    if changes.is_empty() {
+                        return Ok(());
+                    }
+                    for change in &changes {
+                        if self.wanted(change, commit.commit_lsn) {
+                            self.apply_one(change).await?;
+                        }
+                    }
+                }
+            }
+            .await;
+            if let Err(err) = slow {
+                let _ = self.rollback().await;
+                return Err(err);
+            }
+        }
+        self.commit(commit.end_lsn, commit.commit_time).await
+    }
+
+    fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {
+        if let Some(origin) = &change.origin
+            && self.skip_origins.iter().any(|o| o.as_str() == &**origin)
+        {
+            return false;
+        }
+        let first = match &change.kind {
+            ChangeKind::Insert { relation, .. }
+            | ChangeKind::Update { relation, .. }
+            | ChangeKind::Delete { relation, .. } => &relation.name,
+            // A truncate is applied when any of its tables wants it; the
+            // tables copied later are empty on the source at their snapshot
+            // only if the truncate came before, so honour it per table.
+            ChangeKind::Truncate { relations, .. } => {
+                return relations.iter().any(|r| {
+                    self.copied_at
+                        .get(&r.name)
+                        .is_none_or(|at| commit_lsn >= *at)
+                });
+            }
+        };
+        self.copied_at.get(first).is_none_or(|at| commit_lsn >= *at)
+    }
+
+    async fn begin(&self) -> Result<(), ApplyError> {
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(session_error("BEGIN"))
+    }
+
+    async fn rollback(&self) -> Result<(), ApplyError> {
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(session_error("ROLLBACK"))
+    }
+
+    async fn commit(&mut self, end_lsn: Lsn, commit_time: PgTimestamp) -> Result<(), ApplyError> {
+        let lsn = end_lsn.to_string();
+        let time = commit_time.to_system_time();
+        self.client
+            .execute(
+                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)",
+                &[&lsn, &time],
+            )
+            .await
+            .map_err(session_error("recording the applied position"))?;
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(session_error("COMMIT"))?;
+        self.progress = self.progress.max(end_lsn);
+        Ok(())
+    }
+
+    /// Coalesce per key, then one statement per (table, operation, column
+    /// set). Barriers (truncate, keyless tables, key-changing updates with
+    /// unchanged TOAST) flush what is pending and run on their own, in order.
+    async fn apply_fast(&mut self, changes: &[(&Change, Lsn)]) -> Result<(), ApplyError> {
+        let mut pending: Vec<TableBatch> = Vec::new();
+        for (change, _) in changes {
+            let relation = match &change.kind {
+                ChangeKind::Truncate { .. } => {
+                    self.flush(&mut pending).await?;
+                    self.apply_one(change).await?;
+                    continue;
+                }
+                ChangeKind::Insert { relation, .. }
+                | ChangeKind::Update { relation, .. }
+                | ChangeKind::Delete { relation, .. } => relation,
+            };
+            let target = self.target_table(relation).await?;
+            let Some(key) = key_spec(relation, &target) else {
+                self.flush(&mut pending).await?;
+                self.apply_one(change).await?;
+                continue;
+            };
+            if let ChangeKind::Update {
+                old: Some(old),
+                new,
+                ..
+            } = &change.kind
+                && key_of(&key, old.tuple()) != key_of(&key, new)
+                && new.0.contains(&Datum::UnchangedToast)
+            {
+                // A key change that keeps a TOASTed value: move the row in
+                // place, the value cannot be rewritten from the change.
+                self.flush(&mut pending).await?;
+                self.apply_one(change).await?;
+                continue;
+            }
+            coalesce(&mut pending, change, relation, &key);
+        }
+        self.flush(&mut pending).await
+    }
+
+    async fn apply_slow(&mut self, changes: &[(&Change, Lsn)]) -> Result<(), ApplyError> {
+        for (change, _) in changes {
+            self.apply_one(change).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, pending: &mut Vec<TableBatch>) -> Result<(), ApplyError> {
+        for batch in pending.drain(..) {
+            self.flush_table(batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_table(&mut self, batch: TableBatch) -> Result<(), ApplyError> {
+        let relation = batch.relation.clone();
+        let target = self.target_table(&relation).await?;
+        let key_cols: Vec<usize> = batch.key.clone();
+        // Deletes first, then full rows, then partial rows: keys are
+        // distinct within a batch, so this order cannot change the result.
+        let mut deletes: Vec<Vec<Option<String>>> = Vec::new();
+        let mut upserts: Vec<&Vec<Datum>> = Vec::new();
+        let mut patches: HashMap<Vec<bool>, Vec<&Vec<Datum>>> = HashMap::new();
+        for key in &batch.order {
+            match &batch.rows[key].0 {
+                RowOp::Delete => deletes.push(key.clone()),
+                RowOp::Upsert(row) => upserts.push(row),
+                RowOp::Patch(row) => {
+                    let present: Vec<bool> =
+                        row.iter().map(|d| *d != Datum::UnchangedToast).collect();
+                    patches.entry(present).or_default().push(row);
+                }
+            }
+        }
+        if !deletes.is_empty() {
+            let names: Vec<&str> = key_cols
+                .iter()
+                .map(|i| relation.columns[*i].name.as_str())
+                .collect();
+            let sql = delete_sql(&relation.name, &names, &target);
+            let statement = self.statement(&sql).await?;
+            let columns = transpose(&deletes, names.len());
+            let params: Vec<&(dyn ToSql + Sync)> =
+                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            self.client
+                .execute(&statement, &params)
+                .await
+                .map_err(session_error(format!("deleting from {}", relation.name)))?;
+        }
+        if !upserts.is_empty() {
+            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+            let keys: Vec<&str> = key_cols
+                .iter()
+                .map(|i| relation.columns[*i].name.as_str())
+                .collect();
+            let sql = upsert_sql(&relation.name, &names, &keys, &target);
+            let statement = self.statement(&sql).await?;
+            let rows: Vec<Vec<Option<String>>> = upserts
+                .iter()
+                .map(|r| r.iter().map(datum_text).collect())
+                .collect();
+            let columns = transpose(&rows, names.len());
+            let params: Vec<&(dyn ToSql + Sync)> =
+                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            self.client
+                .execute(&statement, &params)
+                .await
+                .map_err(session_error(format!("writing rows of {}", relation.name)))?;
+        }
+        for (present, rows) in patches {
+            let set_cols: Vec<usize> = (0..relation.columns.len())
+                .filter(|i| present[*i] && !key_cols.contains(i))
+                .collect();
+            let set: Vec<&str> = set_cols
+                .iter()
+                .map(|i| relation.columns[*i].name.as_str())
+                .collect();
+            let keys: Vec<&str> = key_cols
+                .iter()
+                .map(|i| relation.columns[*i].name.as_str())
+                .collect();
+            let mut order: Vec<usize> = key_cols.clone();
+            order.extend(set_cols.iter().copied());
+            let sql = patch_sql(&relation.name, &keys, &set, &target);
+            let statement = self.statement(&sql).await?;
+            let values: Vec<Vec<Option<String>>> = rows
+                .iter()
+                .map(|r| order.iter().map(|i| datum_text(&r[*i])).collect())
+                .collect();
+            let columns = transpose(&values, order.len());
+            let params: Vec<&(dyn ToSql + Sync)> =
+                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            let updated = self
+                .client
+                .execute(&statement, &params)
+                .await
+                .map_err(session_error(format!("updating {}", relation.name)))?;
+            if updated as usize != rows.len() {
+                // Let the slow path name the missing row.
+                return Err(ApplyError::Session {
+                    what: format!("updating {}", relation.name),
+                    detail: format!("{} of {} rows found", updated, rows.len()),
+                    transient: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One change, one statement: the slow path, and barriers.
+    async fn apply_one(&mut self, change: &Change) -> Result<(), ApplyError> {
+        let refused = |relation: &Relation, key: String| {
+            let table = relation.name.clone();
+            let op = change.kind.op();
+            let lsn = change.lsn;
+            move |err: tokio_postgres::Error| match err.as_db_error() {
+                Some(db) => ApplyError::Refused {
+                    op,
+                    table,
+                    key,
+                    lsn,
+                    detail: db.message().to_owned(),
+                    sqlstate: db.code().code().to_owned(),
+                },
+                None => session_error(format!("applying {op} on {table}"))(err),
+            }
+        };
+        match &change.kind {
+            ChangeKind::Truncate {
+                relations,
+                restart_identity,
+                ..
+            } => {
+                let names: Vec<String> = relations
+                    .iter()
+                    .filter(|r| {
+                        self.copied_at
+                            .get(&r.name)
+                            .is_none_or(|at| change.commit_lsn.is_none_or(|c| c >= *at))
+                    })
+                    .map(|r| r.name.quoted())
+                    .collect();
+                if names.is_empty() {
+                    return Ok(());
+                }
+                // Without CASCADE: like PostgreSQL's own apply, only the
+                // published tables listed are emptied on the target.
+                let sql = format!(
+                    "TRUNCATE {}{}",
+                    names.join(", "),
+                    if *restart_identity {
+                        " RESTART IDENTITY"
+                    } else {
+                        ""
+                    }
+                );
+                self.client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(refused(&relations[0], format!("({})", names.join(", "))))?;
+            }
+            ChangeKind::Insert { relation, new } => {
+                let target = self.target_table(relation).await?;
+                let spec = key_spec(relation, &target);
+                let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+                let sql = match &spec {
+                    Some(key) => {
+                        let keys: Vec<&str> = key
+                            .iter()
+                            .map(|i| relation.columns[*i].name.as_str())
+                            .collect();
+                        upsert_sql(&relation.name, &names, &keys, &target)
+                    }
+                    None => insert_sql(&relation.name, &names, &target),
+                };
+                let statement = self.statement(&sql).await?;
+                let columns: Vec<Vec<Option<String>>> =
+                    new.0.iter().map(|d| vec![datum_text(d)]).collect();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                self.client
+                    .execute(&statement, &params)
+                    .await
+                    .map_err(refused(relation, show_key(relation, &spec, new)))?;
+            }
+            ChangeKind::Update { relation, old, new } => {
+                let target = self.target_table(relation).await?;
+                let spec = key_spec(relation, &target);
+                let located = match old {
+                    Some(old) => old.tuple(),
+                    None => new,
+                };
+                if let Some(key) = &spec
+                    && !new.0.contains(&Datum::UnchangedToast)
+                    && key_of(key, located) == key_of(key, new)
+                {
+                    // A full row under an unchanged key: upsert.
+                    let names: Vec<&str> =
+                        relation.columns.iter().map(|c| c.name.as_str()).collect();
+                    let keys: Vec<&str> = key
+                        .iter()
+                        .map(|i| relation.columns[*i].name.as_str())
+                        .collect();
+                    let statement = self
+                        .statement(&upsert_sql(&relation.name, &names, &keys, &target))
+                        .await?;
+                    let columns: Vec<Vec<Option<String>>> =
+                        new.0.iter().map(|d| vec![datum_text(d)]).collect();
+                    let params: Vec<&(dyn ToSql + Sync)> =
+                        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                    self.client
+                        .execute(&statement, &params)
+                        .await
+                        .map_err(refused(relation, show_key(relation, &spec, new)))?;
+                    return Ok(());
+                }
+                // Locate the old row (by key, or by the whole old row) and
+                // set the columns sent.
+                let (match_cols, match_values) = locator(relation, &spec, located);
+                let set: Vec<usize> = (0..relation.columns.len())
+                    .filter(|i| new.0[*i] != Datum::UnchangedToast)
+                    .collect();
+                let sql = update_one_sql(
+                    &relation.name,
+                    relation,
+                    &match_cols,
+                    &set,
+                    &target,
+                    spec.is_some(),
+                );
+                let statement = self.statement(&sql).await?;
+                let mut values: Vec<Option<String>> =
+                    set.iter().map(|i| datum_text(&new.0[*i])).collect();
+                values.extend(match_values);
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                let key = show_key(relation, &spec, located);
+                let updated = self
+                    .client
+                    .execute(&statement, &params)
+                    .await
+                    .map_err(refused(relation, key.clone()))?;
+                if updated == 0 {
+                    return Err(ApplyError::RowMissing {
+                        op: "update",
+                        table: relation.name.clone(),
+                        key,
+                        lsn: change.lsn,
+                    });
+                }
+            }
+            ChangeKind::Delete { relation, old } => {
+                let target = self.target_table(relation).await?;
+                let spec = key_spec(relation, &target);
+                let (match_cols, match_values) = locator(relation, &spec, old.tuple());
+                let sql = delete_one_sql(
+                    &relation.name,
+                    relation,
+                    &match_cols,
+                    &target,
+                    spec.is_some(),
+                );
+                let statement = self.statement(&sql).await?;
+                let params: Vec<&(dyn ToSql + Sync)> = match_values
+                    .iter()
+                    .map(|v| v as &(dyn ToSql + Sync))
+                    .collect();
+                let key = show_key(relation, &spec, old.tuple());
+                let deleted = self
+                    .client
+                    .execute(&statement, &params)
+                    .await
+                    .map_err(refused(relation, key.clone()))?;
+                if deleted == 0 && spec.is_none() {
+                    // Keyless rows are matched on their whole value: a
+                    // missing one means the target diverged.
+                    return Err(ApplyError::RowMissing {
+                        op: "delete",
+                        table: relation.name.clone(),
+                        key,
+                        lsn: change.lsn,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn statement(&mut self, sql: &str) -> Result<Statement, ApplyError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self
+            .client
+            .prepare(sql)
+            .await
+            .map_err(|err| match err.as_db_error() {
+                Some(db) => ApplyError::Schema(format!("{} (preparing: {sql})", db.message())),
+                None => session_error("preparing a statement")(err),
+            })?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    async fn target_table(&mut self, relation: &Relation) -> Result<TargetTable, ApplyError> {
+        if let Some(table) = self.tables.get(&relation.name)
+            && relation
+                .columns
+                .iter()
+                .all(|c| table.types.contains_key(&c.name))
+        {
+            return Ok(table.clone());
+        }
+        // First use, or the relation gained a column: read the target again.
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                   FROM pg_attribute a
+                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&relation.name.quoted()],
+            )
+            .await
+            .map_err(|err| match err.as_db_error() {
+                Some(db) => ApplyError::Schema(format!(
+                    "table {} is missing on the target ({}): create it with the source's definition",
+                    relation.name,
+                    db.message()
+                )),
+                None => session_error(format!("reading the columns of {}", relation.name))(err),
+            })?;
+        let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let primary_key: Vec<String> = self
+            .client
+            .query(
+                "SELECT a.attname::text
+                   FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.ord",
+                &[&relation.name.quoted()],
+            )
+            .await
+            .map_err(session_error(format!("reading the primary key of {}", relation.name)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let missing: Vec<&str> = relation
+            .columns
+            .iter()
+            .filter(|c| !types.contains_key(&c.name))
+            .map(|c| c.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ApplyError::Schema(format!(
+                "table {} on the target lacks column(s) {} that the source sends: add them (ALTER TABLE ... ADD COLUMN) and restart",
+                relation.name,
+                missing.join(", ")
+            )));
+        }
+        let table = TargetTable { types, primary_key };
+        self.tables.insert(relation.name.clone(), table.clone());
+        Ok(table)
+    }
+}
+
+fn key_of(key: &[usize], tuple: &Tuple) -> Vec<Option<String>> {
+    key.iter()
+        .map(|i| tuple.0.get(*i).and_then(datum_text))
+        .collect()
+}
+
+fn datum_text(datum: &Datum) -> Option<String> {
+    match datum {
+        Datum::Text(bytes) | Datum::Binary(bytes) => {
+            Some(String::from_utf8_lossy(bytes).into_owned())
+        }
+        Datum::Null | Datum::UnchangedToast => None,
+    }
+}
+
+fn show_key(relation: &Relation, spec: &KeySpec, tuple: &Tuple) -> String {
+    let pairs: Vec<String> = relation
+        .columns
+        .iter()
+        .enumerate()
+        .zip(&tuple.0)
+        .filter(|((i, _), _)| spec.as_ref().is_none_or(|k| k.contains(i)))
+        .map(|((_, c), d)| {
+            let value = match d {
+                Datum::Null => "NULL".to_owned(),
+                Datum::UnchangedToast => "(unchanged)".to_owned(),
+                other => {
+                    let text = datum_text(other).unwrap_or_default();
+                    if text.len() > 64 {
+                        format!("{}...", &text[..text.floor_char_boundary(64)])
+                    } else {
+                        text
+                    }
+                }
+            };
+            format!("{}={value}", c.name)
+        })
+        .collect();
+    format!("({})", pairs.join(", "))
+}
+
+/// Merges a change into the pending batch of its table.
+fn coalesce(
+    pending: &mut Vec<TableBatch>,
+    change: &Change,
+    relation: &Arc<Relation>,
+    key_cols: &[usize],
+) {
+    let (key, op, old_key) = match &change.kind {
+        ChangeKind::Insert { new, .. } => {
+            (key_of(key_cols, new), RowOp::Upsert(new.0.clone()), None)
+        }
+        ChangeKind::Update { old, new, .. } => {
+            let key = key_of(key_cols, new);
+            let old_key = old
+                .as_ref()
+                .map(|o| key_of(key_cols, o.tuple()))
+                .filter(|k| *k != key);
+            let op = if new.0.contains(&Datum::UnchangedToast) {
+                RowOp::Patch(new.0.clone())
+            } else {
+                RowOp::Upsert(new.0.clone())
+            };
+            (key, op, old_key)
+        }
+        ChangeKind::Delete { old, .. } => (key_of(key_cols, old.tuple()), RowOp::Delete, None),
+        ChangeKind::Truncate { .. } => unreachable!("truncates are barriers"),
+    };
+    let index = match pending
+        .iter()
+        .position(|b| Arc::ptr_eq(&b.relation, relation))
+    {
+        Some(i) => i,
+        None => {
+            pending.push(TableBatch {
+                relation: relation.clone(),
+                key: key_cols.to_vec(),
+                order: Vec::new(),
+                rows: HashMap::new(),
+            });
+            pending.len() - 1
+        }
+    };
+    let batch = &mut pending[index];
+    if let Some(old_key) = old_key {
+        // A key change: the old key is deleted, the new one written.
+        put(batch, old_key, RowOp::Delete, change.lsn);
+    }
+    put(batch, key, op, change.lsn);
+}
+
+fn put(batch: &mut TableBatch, key: Vec<Option<String>>, op: RowOp, lsn: Lsn) {
+    let merged = match (batch.rows.remove(&key), op) {
+        (None, op) => {
+            batch.order.push(key.clone());
+            op
+        }
+        // A partial update on top of a full row in this batch: fill the
+        // unchanged columns from that row.
+        (Some((RowOp::Upsert(before), _)), RowOp::Patch(after)) => {
+            RowOp::Upsert(merge(&before, &after))
+        }
+        (Some((RowOp::Patch(before), _)), RowOp::Patch(after)) => {
+            RowOp::Patch(merge(&before, &after))
+        }
+        // A partial update of a row deleted earlier in the batch cannot
+        // happen on a consistent source; keep the patch so the row-missing
+        // check reports it.
+        (Some(_), op) => op,
+    };
+    batch.rows.insert(key, (merged, lsn));
+}
+
+fn merge(before: &[Datum], after: &[Datum]) -> Vec<Datum> {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| {
+            if *a == Datum::UnchangedToast {
+                b.clone()
+            } else {
+                a.clone()
+            }
+        })
+        .collect()
+}
+
+/// Rows to columns: the shape `unnest($1, $2, ...)` takes.
+fn transpose(rows: &[Vec<Option<String>>], width: usize) -> Vec<Vec<Option<String>>> {
+    let mut columns = vec![Vec::with_capacity(rows.len()); width];
+    for row in rows {
+        for (i, value) in row.iter().enumerate().take(width) {
+            columns[i].push(value.clone());
+        }
+    }
+    columns
+}
+
+fn cast(target: &TargetTable, column: &str) -> String {
+    target
+        .types
+        .get(column)
+        .cloned()
+        .unwrap_or_else(|| "text".to_owned())
+}
+
+/// `SELECT u.a::type_a, ... FROM unnest($1::text[], ...) AS u(a, ...)`.
+fn unnest_select(names: &[&str], target: &TargetTable, first_param: usize) -> String {
+    let casts: Vec<String> = names
+        .iter()
+        .map(|n| format!("u.{}::{}", quote_ident(n), cast(target, n)))
+        .collect();
+    let params: Vec<String> = (0..names.len())
+        .map(|i| format!("${}::text[]", first_param + i))
+        .collect();
+    let aliases: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+    format!(
+        "SELECT {} FROM unnest({}) AS u({})",
+        casts.join(", "),
+        params.join(", "),
+        aliases.join(", ")
+    )
+}
+
+fn upsert_sql(table: &TableName, names: &[&str], keys: &[&str], target: &TargetTable) -> String {
+    let cols: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+    let key_cols: Vec<String> = keys.iter().map(|n| quote_ident(n)).collect();
+    let updates: Vec<String> = names
+        .iter()
+        .filter(|n| !keys.contains(n))
+        .map(|n| format!("{0} = EXCLUDED.{0}", quote_ident(n)))
+        .collect();
+    let action = if updates.is_empty() {
+        "DO NOTHING".to_owned()
+    } else {
+        format!("DO UPDATE SET {}", updates.join(", "))
+    };
+    format!(
+        "INSERT INTO {} ({}) {} ON CONFLICT ({}) {action}",
+        table.quoted(),
+        cols.join(", "),
+        unnest_select(names, target, 1),
+        key_cols.join(", ")
+    )
+}
+
+fn insert_sql(table: &TableName, names: &[&str], target: &TargetTable) -> String {
+    let cols: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+    format!(
+        "INSERT INTO {} ({}) {}",
+        table.quoted(),
+        cols.join(", "),
+        unnest_select(names, target, 1)
+    )
+}
+
+fn delete_sql(table: &TableName, keys: &[&str], target: &TargetTable) -> String {
+    let cols: Vec<String> = keys.iter().map(|n| quote_ident(n)).collect();
+    format!(
+        "DELETE FROM {} WHERE ({}) IN ({})",
+        table.quoted(),
+        cols.join(", "),
+        unnest_select(keys, target, 1)
+    )
+}
+
+fn patch_sql(table: &TableName, keys: &[&str], set: &[&str], target: &TargetTable) -> String {
+    let mut names: Vec<&str> = keys.to_vec();
+    names.extend_from_slice(set);
+    let select: Vec<String> = names
+        .iter()
+        .map(|n| format!("u.{0}::{1} AS {0}", quote_ident(n), cast(target, n)))
+        .collect();
+    let params: Vec<String> = (0..names.len())
+        .map(|i| format!("${}::text[]", i + 1))
+        .collect();
+    let aliases: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+    let sets: Vec<String> = set
+        .iter()
+        .map(|n| format!("{0} = s.{0}", quote_ident(n)))
+        .collect();
+    let matches: Vec<String> = keys
+        .iter()
+        .map(|n| format!("t.{0} = s.{0}", quote_ident(n)))
+        .collect();
+    format!(
+        "UPDATE {} AS t SET {} FROM (SELECT {} FROM unnest({}) AS u({})) AS s WHERE {}",
+        table.quoted(),
+        sets.join(", "),
+        select.join(", "),
+        params.join(", "),
+        aliases.join(", "),
+        matches.join(" AND ")
+    )
+}
+
+/// The columns and values that find the old row: its key, or for keyless
+/// tables the whole old row (columns sent as unchanged are left out).
+fn locator(
+    relation: &Relation,
+    spec: &KeySpec,
+    tuple: &Tuple,
+) -> (Vec<usize>, Vec<Option<String>>) {
+    let cols: Vec<usize> = match spec {
+        Some(key) => key.clone(),
+        None => (0..relation.columns.len())
+            .filter(|i| tuple.0[*i] != Datum::UnchangedToast)
+            .collect(),
+    };
+    let values = cols.iter().map(|i| datum_text(&tuple.0[*i])).collect();
+    (cols, values)
+}
+
+/// `UPDATE t SET a = $1::ta, ... WHERE <match>` for one row. Keyless tables
+/// match one row whose every column's text equals the old row's (text
+/// comparison works for every type, json included).
+fn update_one_sql(
+    table: &TableName,
+    relation: &Relation,
+    match_cols: &[usize],
+    set: &[usize],
+    target: &TargetTable,
+    keyed: bool,
+) -> String {
+    let sets: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(p, i)| {
+            let name = &relation.columns[*i].name;
+            format!(
+                "{} = ${}::text::{}",
+                quote_ident(name),
+                p + 1,
+                cast(target, name)
+            )
+        })
+        .collect();
+    let condition = match_condition(relation, match_cols, target, set.len() + 1, keyed);
+    if keyed {
+        format!(
+            "UPDATE {} SET {} WHERE {condition}",
+            table.quoted(),
+            sets.join(", ")
+        )
+    } else {
+        format!(
+            "UPDATE {0} SET {1} WHERE ctid = (SELECT ctid FROM {0} WHERE {condition} LIMIT 1)",
+            table.quoted(),
+            sets.join(", ")
+        )
+    }
+}
+
+fn delete_one_sql(
+    table: &TableName,
+    relation: &Relation,
+    match_cols: &[usize],
+    target: &TargetTable,
+    keyed: bool,
+) -> String {
+    let condition = match_condition(relation, match_cols, target, 1, keyed);
+    if keyed {
+        format!("DELETE FROM {} WHERE {condition}", table.quoted())
+    } else {
+        format!(
+            "DELETE FROM {0} WHERE ctid = (SELECT ctid FROM {0} WHERE {condition} LIMIT 1)",
+            table.quoted()
+        )
+    }
+}
+
+fn match_condition(
+    relation: &Relation,
+    match_cols: &[usize],
+    target: &TargetTable,
+    first: usize,
+    keyed: bool,
+) -> String {
+    let parts: Vec<String> = match_cols
+        .iter()
+        .enumerate()
+        .map(|(p, i)| {
+            let name = &relation.columns[*i].name;
+            if keyed {
+                format!(
+                    "{} = ${}::text::{}",
+                    quote_ident(name),
+                    first + p,
+                    cast(target, name)
+                )
+            } else {
+                format!(
+                    "{}::text IS NOT DISTINCT FROM ${}::text",
+                    quote_ident(name),
+                    first + p
+                )
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        "true".to_owned()
+    } else {
+        parts.join(" AND ")
+    }
+}

@@ -1,0 +1,418 @@
+//! The replication stream: CopyBoth after `START_REPLICATION`.
+//!
+//! The stream owns the wire. It hands out XLogData and keepalives, answers
+//! keepalives that ask for a reply at once, and sends a standby status
+//! update at least every `wal_sender_timeout / 3` otherwise, so the server
+//! never drops an idle consumer.
+//!
+//! Progress rules (DESIGN.md invariant 1):
+//!
+//! - The flush position reported to the server is set only by the
+//!   consumer, through [`ReplicationStream::set_flushed`], once the changes
+//!   up to it are durably applied. The reader never advances it: the
+//!   server may recycle WAL up to the flush position, so reporting more
+//!   than is durable would lose changes on a crash.
+//! - Write, flush and apply positions never move backward ([`Feedback`]).
+//!
+//! [`ReplicationStream::next`] is cancel-safe: bytes read stay in the
+//! session's buffer and a status update written partly is finished on the
+//! next call, so it can sit in a `tokio::select!`.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::time::Instant;
+
+use crate::error::ReplicationError;
+use crate::lsn::Lsn;
+use crate::pgoutput::PgTimestamp;
+use crate::session::{Backend, Session};
+
+/// Status interval when the server disables `wal_sender_timeout`.
+const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Never send unsolicited status updates more often than this.
+const MIN_STATUS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What the server sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamMessage {
+    /// WAL data: one pgoutput message.
+    XLogData {
+        /// The WAL position of the data.
+        wal_start: Lsn,
+        /// The server's current end of WAL.
+        wal_end: Lsn,
+        /// When the server sent it.
+        server_time: PgTimestamp,
+        /// The pgoutput message.
+        data: Bytes,
+    },
+    /// A primary keepalive.
+    Keepalive {
+        /// The server's current end of WAL.
+        wal_end: Lsn,
+        /// When the server sent it.
+        server_time: PgTimestamp,
+        /// The server asked for an immediate reply (already sent).
+        reply_requested: bool,
+    },
+}
+
+/// The positions reported to the server. None of them ever moves
+/// backward, whatever the callers pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Feedback {
+    write: Lsn,
+    flush: Lsn,
+    apply: Lsn,
+}
+
+impl Feedback {
+    /// Starts from a durable position (the slot's, or the target's).
+    pub fn starting_at(flushed: Lsn) -> Feedback {
+        Feedback {
+            write: flushed,
+            flush: flushed,
+            apply: flushed,
+        }
+    }
+
+    /// Data up to `lsn` was received.
+    pub fn received(&mut self, lsn: Lsn) {
+        self.write = self.write.max(lsn);
+    }
+
+    /// Changes up to `lsn` are durably applied.
+    pub fn flushed(&mut self, lsn: Lsn) {
+        self.flush = self.flush.max(lsn);
+        self.apply = self.apply.max(lsn);
+        self.write = self.write.max(self.flush);
+    }
+
+    /// The write position.
+    pub fn write(&self) -> Lsn {
+        self.write
+    }
+
+    /// The flush position: what the server may forget.
+    pub fn flush(&self) -> Lsn {
+        self.flush
+    }
+
+    /// The apply position.
+    pub fn apply(&self) -> Lsn {
+        self.apply
+    }
+}
+
+/// A running replication stream.
+#[derive(Debug)]
+pub struct ReplicationStream {
+    session: Session,
+    feedback: Feedback,
+    status_interval: Duration,
+    next_status_at: Instant,
+    /// Bytes queued for the server, written across calls (cancel safety).
+    out: BytesMut,
+    /// Status updates sent, for tests and metrics.
+    statuses_sent: u64,
+    last_sent: Option<Feedback>,
+}
+
+impl ReplicationStream {
+    pub(crate) fn new(
+        session: Session,
+        start: Lsn,
+        wal_sender_timeout: Option<Duration>,
+    ) -> ReplicationStream {
+        let status_interval = wal_sender_timeout
+            .map(|t| (t / 3).max(MIN_STATUS_INTERVAL))
+            .unwrap_or(DEFAULT_STATUS_INTERVAL)
+            .min(DEFAULT_STATUS_INTERVAL);
+        ReplicationStream {
+            session,
+            // The server starts at max(start, confirmed flush); reporting
+            // `start` as flushed before anything was applied would be wrong
+            // only if it were beyond the durable position, and callers pass
+            // exactly that position.
+            feedback: Feedback::starting_at(start),
+            status_interval,
+            next_status_at: Instant::now() + status_interval,
+            out: BytesMut::new(),
+            statuses_sent: 0,
+            last_sent: None,
+        }
+    }
+
+    /// `host:port/dbname` of the server.
+    pub fn endpoint(&self) -> &str {
+        self.session.endpoint()
+    }
+
+    /// The positions reported so far.
+    pub fn feedback(&self) -> Feedback {
+        self.feedback
+    }
+
+    /// How many status updates were sent.
+    pub fn statuses_sent(&self) -> u64 {
+        self.statuses_sent
+    }
+
+    /// The interval between unsolicited status updates.
+    pub fn status_interval(&self) -> Duration {
+        self.status_interval
+    }
+
+    /// Records that changes up to `lsn` are durably applied; reported with
+    /// the next status update. Lower values than before are ignored.
+    pub fn set_flushed(&mut self, lsn: Lsn) {
+        self.feedback.flushed(lsn);
+    }
+
+    /// Sends a status update now (e.g. right after a durable commit, or
+    /// before shutting down).
+    pub async fn send_status(&mut self) -> Result<(), ReplicationError> {
+        self.queue_status();
+        self.flush_out().await
+    }
+
+    /// The next message, or `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<StreamMessage>, ReplicationError> {
+        loop {
+            self.flush_out().await?;
+            if let Some(backend) = self.session.try_parse()? {
+                match backend {
+                    Backend::Message(Message::CopyData(body)) => {
+                        let message = self.parse_copy_data(body.into_bytes())?;
+                        match &message {
+                            StreamMessage::XLogData { wal_start, .. } => {
+                                self.feedback.received(*wal_start)
+                            }
+                            StreamMessage::Keepalive {
+                                reply_requested: true,
+                                ..
+                            } => {
+                                self.queue_status();
+                                self.flush_out().await?;
+                            }
+                            StreamMessage::Keepalive { .. } => {}
+                        }
+                        return Ok(Some(message));
+                    }
+                    Backend::Message(Message::CopyDone) => {
+                        // The server ended the stream: acknowledge.
+                        let mut buf = BytesMut::new();
+                        frontend::copy_done(&mut buf);
+                        self.out.extend_from_slice(&buf);
+                        self.flush_out().await?;
+                        return Ok(None);
+                    }
+                    Backend::Message(Message::CommandComplete(_)) => {
+                        // A walsender that stops (server shutdown) ends the
+                        // COPY with CommandComplete and exits, without a
+                        // CopyDone of its own (walsender.c, WalSndDone).
+                        return Ok(None);
+                    }
+                    Backend::Message(Message::ErrorResponse(body)) => {
+                        return Err(self.session.server_error(&body));
+                    }
+                    Backend::Message(Message::NoticeResponse(_) | Message::ParameterStatus(_)) => {
+                        continue;
+                    }
+                    Backend::Message(other) => {
+                        return Err(self.session.protocol(&format!(
+                            "unexpected {} message in the replication stream",
+                            message_name(&other)
+                        )));
+                    }
+                    Backend::CopyBothResponse => {
+                        return Err(self
+                            .session
+                            .protocol("unexpected CopyBothResponse in the replication stream"));
+                    }
+                }
+            }
+            if Instant::now() >= self.next_status_at {
+                self.queue_status();
+                continue;
+            }
+            let deadline = self.next_status_at;
+            tokio::select! {
+                biased;
+                // Data first: a busy stream must not starve on timers.
+                filled = self.session.fill() => filled?,
+                // An idle stream still reports in time.
+                () = tokio::time::sleep_until(deadline) => self.queue_status(),
+            }
+        }
+    }
+
+    /// Ends the stream cleanly: reports the final positions, sends
+    /// CopyDone, and drains what the server still sends until it is ready
+    /// for commands again. Returns the session for further commands.
+    pub async fn stop(mut self) -> Result<Session, ReplicationError> {
+        self.queue_status();
+        let mut buf = BytesMut::new();
+        frontend::copy_done(&mut buf);
+        self.out.extend_from_slice(&buf);
+        self.flush_out().await?;
+        loop {
+            match self.session.read_backend().await? {
+                Backend::Message(Message::ReadyForQuery(_)) => return Ok(self.session),
+                Backend::Message(Message::ErrorResponse(body)) => {
+                    return Err(self.session.server_error(&body));
+                }
+                // Remaining CopyData, the server's CopyDone, CommandComplete.
+                _ => continue,
+            }
+        }
+    }
+
+    /// The error for a stream the server ended by itself (it sends
+    /// CopyDone when shutting down): transient, the caller reconnects.
+    pub fn ended_by_server(&self) -> ReplicationError {
+        self.session.io_error(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the server ended the replication stream (shutting down?)",
+        ))
+    }
+
+    fn parse_copy_data(&self, mut data: Bytes) -> Result<StreamMessage, ReplicationError> {
+        let tag = if data.is_empty() { 0 } else { data.get_u8() };
+        match tag {
+            b'w' if data.len() >= 24 => {
+                let wal_start = Lsn::from_u64(data.get_u64());
+                let wal_end = Lsn::from_u64(data.get_u64());
+                let server_time = PgTimestamp::from_micros(data.get_i64());
+                Ok(StreamMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    server_time,
+                    data,
+                })
+            }
+            b'k' if data.len() >= 17 => {
+                let wal_end = Lsn::from_u64(data.get_u64());
+                let server_time = PgTimestamp::from_micros(data.get_i64());
+                let reply_requested = data.get_u8() == 1;
+                Ok(StreamMessage::Keepalive {
+                    wal_end,
+                    server_time,
+                    reply_requested,
+                })
+            }
+            other => Err(self.session.protocol(&format!(
+                "malformed CopyData in the replication stream (tag 0x{other:02x}, {} bytes)",
+                data.len()
+            ))),
+        }
+    }
+
+    /// Queues a standby status update with the current positions.
+    fn queue_status(&mut self) {
+        let mut body = BytesMut::with_capacity(34);
+        body.extend_from_slice(b"r");
+        body.extend_from_slice(&self.feedback.write().as_u64().to_be_bytes());
+        body.extend_from_slice(&self.feedback.flush().as_u64().to_be_bytes());
+        body.extend_from_slice(&self.feedback.apply().as_u64().to_be_bytes());
+        body.extend_from_slice(&PgTimestamp::now().micros().to_be_bytes());
+        body.extend_from_slice(&[0]);
+        match frontend::CopyData::new(&body[..]) {
+            Ok(copy) => copy.write(&mut self.out),
+            // A 34-byte body always fits a CopyData message.
+            Err(_) => unreachable!("a status update always fits a CopyData message"),
+        }
+        if let Some(previous) = self.last_sent {
+            debug_assert!(
+                previous.flush() <= self.feedback.flush(),
+                "flush positions never go backward"
+            );
+        }
+        self.last_sent = Some(self.feedback);
+        self.statuses_sent += 1;
+        self.next_status_at = Instant::now() + self.status_interval;
+        tracing::trace!(
+            write = %self.feedback.write(),
+            flush = %self.feedback.flush(),
+            "standby status update"
+        );
+    }
+
+    async fn flush_out(&mut self) -> Result<(), ReplicationError> {
+        while !self.out.is_empty() {
+            let n = self.session.write_some(&self.out).await?;
+            self.out.advance(n);
+        }
+        Ok(())
+    }
+}
+
+/// The protocol name of a backend message, for errors.
+fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::AuthenticationOk | Message::AuthenticationSasl(_) => "Authentication",
+        Message::BackendKeyData(_) => "BackendKeyData",
+        Message::BindComplete => "BindComplete",
+        Message::CloseComplete => "CloseComplete",
+        Message::CommandComplete(_) => "CommandComplete",
+        Message::CopyData(_) => "CopyData",
+        Message::CopyDone => "CopyDone",
+        Message::CopyInResponse(_) => "CopyInResponse",
+        Message::CopyOutResponse(_) => "CopyOutResponse",
+        Message::DataRow(_) => "DataRow",
+        Message::EmptyQueryResponse => "EmptyQueryResponse",
+        Message::ErrorResponse(_) => "ErrorResponse",
+        Message::NoData => "NoData",
+        Message::NoticeResponse(_) => "NoticeResponse",
+        Message::NotificationResponse(_) => "NotificationResponse",
+        Message::ParameterDescription(_) => "ParameterDescription",
+        Message::ParameterStatus(_) => "ParameterStatus",
+        Message::ParseComplete => "ParseComplete",
+        Message::PortalSuspended => "PortalSuspended",
+        Message::ReadyForQuery(_) => "ReadyForQuery",
+        Message::RowDescription(_) => "RowDescription",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feedback_never_moves_backward() {
+        let mut f = Feedback::starting_at(Lsn::from_u64(100));
+        f.flushed(Lsn::from_u64(50));
+        assert_eq!(f.flush(), Lsn::from_u64(100));
+        f.received(Lsn::from_u64(300));
+        f.flushed(Lsn::from_u64(200));
+        f.received(Lsn::from_u64(150));
+        assert_eq!(
+            (f.write(), f.flush(), f.apply()),
+            (Lsn::from_u64(300), Lsn::from_u64(200), Lsn::from_u64(200))
+        );
+        // A flush beyond what was received pulls the write position along.
+        f.flushed(Lsn::from_u64(400));
+        assert_eq!(f.write(), Lsn::from_u64(400));
+        // Any sequence of calls keeps all three monotonic.
+        let mut previous = f;
+        for i in 0..1000u64 {
+            let v = Lsn::from_u64((i * 7919) % 1000);
+            if i % 2 == 0 {
+                f.received(v)
+            } else {
+                f.flushed(v)
+            }
+            assert!(
+                f.write() >= previous.write()
+                    && f.flush() >= previous.flush()
+                    && f.apply() >= previous.apply()
+            );
+            assert!(f.flush() <= f.write());
+            previous = f;
+        }
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what `make test` needs and a fresh Debian machine lacks:
+# PostgreSQL server binaries (initdb, pg_ctl, postgres) and the
+# toolchain's clippy and rustfmt. As root it installs them with apt-get;
+# otherwise it says exactly what to install.
+set -euo pipefail
+
+have_server_binaries() {
+    if [[ -n "${CUTOVER_PG_BINDIR:-}" && -x "${CUTOVER_PG_BINDIR}/initdb" ]]; then
+        return 0
+    fi
+    if command -v pg_config >/dev/null 2>&1 && [[ -x "$(pg_config --bindir)/initdb" ]]; then
+        return 0
+    fi
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+
+if ! have_server_binaries; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "install-deps: PostgreSQL server binaries missing; installing the Debian package postgresql"
+        # The tests start their own clusters: do not create or start a default one.
+        mkdir -p /etc/postgresql-common
+        if ! grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf; then
+            echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf
+        fi
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends postgresql postgresql-contrib >/dev/null
+    else
+        cat >&2 <<'MSG'
+install-deps: PostgreSQL server binaries (initdb, pg_ctl, postgres) not found.
+  Debian/Ubuntu: sudo apt-get install postgresql
+  Other systems: install the PostgreSQL server package, then either put
+  pg_config on PATH or set CUTOVER_PG_BINDIR=/path/to/postgresql/bin
+MSG
+        exit 1
+    fi
+fi
+
+if [[ "$(id -u)" == 0 ]] && ! id postgres >/dev/null 2>&1; then
+    echo "install-deps: tests run as root start PostgreSQL as the 'postgres' user; creating it"
+    useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+for component in clippy rustfmt; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            rustup component add "$component"
+        else
+            echo "install-deps: cargo $component is missing: install the $component component of your Rust toolchain" >&2
+            exit 1
+        fi
+    fi
+done

@@ -1,0 +1,132 @@
+//! The `cutover` daemon as a child process the test controls: started,
+//! killed with SIGKILL, stopped with SIGTERM, its log printed when a test
+//! fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::cli::cutover_bin;
+
+/// A running `cutover` process.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+    starts: usize,
+    config: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts `cutover --config <config> <args>`, output to a log file next
+    /// to the config.
+    pub fn start(config: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(config, args, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables (such as
+    /// `CUTOVER__SECTION__KEY` overrides).
+    pub fn start_with_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut daemon = Daemon {
+            child: None,
+            log: config.with_extension("log"),
+            starts: 0,
+            config: config.to_owned(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the daemon log");
+        self.starts += 1;
+        let child = Command::new(cutover_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::from(log.try_clone().expect("clone the log handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start cutover");
+        self.child = Some(child);
+    }
+
+    /// Starts it again with the same arguments.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn();
+    }
+
+    /// SIGKILL: no cleanup of any kind, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_ref()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        self.wait(timeout)
+    }
+
+    /// Waits for the process to exit by itself; `None` on timeout.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Everything it logged, over all its starts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- cutover log ({} starts) ---\n{}--- end of cutover log ---",
+                self.starts,
+                self.log()
+            );
+        }
+    }
+}

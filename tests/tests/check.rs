@@ -1,0 +1,458 @@
+//! `cutover check` against real servers: it names what blocks a migration,
+//! says how to fix it, exits 1 until it is fixed and 0 after, and never
+//! shows a password.
+
+use cutover_tests::{Cluster, ClusterOptions, Outcome, Pair, run_cutover, write_config};
+use serde_json::Value;
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        Setup {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    /// A config whose servers are given as written; state and listeners
+    /// are kept out of the way.
+    fn config(&self, source_url: &str, target_url: &str, extra: &str) -> String {
+        let state = self.dir.path().join("state");
+        let text = format!(
+            "[source]\nurl = \"{source_url}\"\n[target]\nurl = \"{target_url}\"\n[state]\ndir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[console]\nlisten = \"127.0.0.1:0\"\n{extra}",
+            state.display()
+        );
+        write_config(self.dir.path(), &text).display().to_string()
+    }
+
+    fn check(&self, config: &str, args: &[&str], env: &[(&str, &str)]) -> Outcome {
+        let mut all = vec!["--config", config, "check"];
+        all.extend_from_slice(args);
+        run_cutover(&all, env)
+    }
+}
+
+fn json(outcome: &Outcome) -> Value {
+    serde_json::from_str(&outcome.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check --format json printed no JSON ({e}):\n{}\n{}",
+            outcome.stdout, outcome.stderr
+        )
+    })
+}
+
+fn finding<'a>(report: &'a Value, code: &str, subject: &str) -> Option<&'a Value> {
+    report["findings"]
+        .as_array()
+        .expect("findings is a list")
+        .iter()
+        .find(|f| f["code"] == code && f["subject"] == subject)
+}
+
+#[tokio::test]
+async fn check_names_a_keyless_table_and_a_missing_column_then_passes_after_the_fixes() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.source
+        .execute(
+            "app",
+            "CREATE TABLE orders (id bigint PRIMARY KEY, note text, amount numeric(10,2));
+             CREATE TABLE audit (at timestamptz, msg text);
+             INSERT INTO orders SELECT g, 'n', g FROM generate_series(1, 100) g;
+             CREATE SEQUENCE invoice_no;",
+        )
+        .await;
+    pair.target
+        .execute(
+            "app",
+            "CREATE TABLE orders (id bigint PRIMARY KEY, note text);
+             CREATE TABLE audit (at timestamptz, msg text);
+             CREATE SEQUENCE invoice_no;",
+        )
+        .await;
+    let setup = Setup::new();
+    let config = setup.config(
+        &pair.source.url("app", "postgres", None),
+        &pair.target.url("app", "postgres", None),
+        "",
+    );
+
+    let human = setup.check(&config, &[], &[]);
+    assert_eq!(
+        human.code, 1,
+        "blocking findings exit 1:\n{}{}",
+        human.stdout, human.stderr
+    );
+    assert!(
+        human
+            .stdout
+            .contains("public.audit: no primary key and REPLICA IDENTITY DEFAULT"),
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human.stdout.contains("REPLICA IDENTITY FULL;"),
+        "the fix is given:\n{}",
+        human.stdout
+    );
+    assert!(
+        human.stdout.contains(
+            "public.orders.amount: the column amount (numeric(10,2)) is missing on the target"
+        ),
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human
+            .stdout
+            .contains("ALTER TABLE \"public\".\"orders\" ADD COLUMN \"amount\" numeric(10,2);"),
+        "{}",
+        human.stdout
+    );
+    assert!(human.stdout.contains("2 blocking"), "{}", human.stdout);
+
+    let report = json(&setup.check(&config, &["--format", "json"], &[]));
+    assert_eq!(report["blocking"], 2, "{report:#}");
+    assert!(
+        finding(&report, "no_replica_identity", "public.audit").is_some(),
+        "{report:#}"
+    );
+    assert!(
+        finding(&report, "missing_column", "public.orders.amount").is_some(),
+        "{report:#}"
+    );
+    assert_eq!(report["source"]["wal_level"], "logical");
+    let tables: Vec<&str> = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, ["audit", "orders"]);
+    let sequences: Vec<&str> = report["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(sequences, ["invoice_no"]);
+
+    pair.source
+        .execute("app", "ALTER TABLE audit REPLICA IDENTITY FULL")
+        .await;
+    pair.target
+        .execute("app", "ALTER TABLE orders ADD COLUMN amount numeric(10,2)")
+        .await;
+    let fixed = setup.check(&config, &["--count"], &[]);
+    assert_eq!(
+        fixed.code, 0,
+        "nothing blocks after the fixes:\n{}{}",
+        fixed.stdout, fixed.stderr
+    );
+    assert!(fixed.stdout.contains("0 blocking"), "{}", fixed.stdout);
+    assert!(
+        fixed.stdout.contains("100 rows"),
+        "--count counts exactly:\n{}",
+        fixed.stdout
+    );
+    assert!(
+        fixed.stdout.contains("replica identity FULL"),
+        "{}",
+        fixed.stdout
+    );
+}
+
+#[tokio::test]
+async fn check_flags_type_key_and_server_setting_problems() {
+    let source = Cluster::start_with(ClusterOptions::default().wal_level("replica"));
+    let target = Cluster::start();
+    source.create_database("app").await;
+    target.create_database("app").await;
+    source
+        .execute(
+            "app",
+            "CREATE TABLE items (id int PRIMARY KEY, code varchar(40), qty bigint)",
+        )
+        .await;
+    target
+        .execute("app", "CREATE TABLE items (id int, code varchar(10), qty bigint); INSERT INTO items VALUES (1, 'x', 1)")
+        .await;
+    let setup = Setup::new();
+    let config = setup.config(
+        &source.url("app", "postgres", None),
+        &target.url("app", "postgres", None),
+        "[replication]\ntables = [\"public.*\", \"sales.*\"]\n",
+    );
+    let outcome = setup.check(&config, &["--format", "json"], &[]);
+    assert_eq!(outcome.code, 1);
+    let report = json(&outcome);
+    let wal = finding(&report, "wal_level", "wal_level").expect("wal_level finding");
+    assert_eq!(wal["severity"], "blocking");
+    assert!(
+        wal["fix"]
+            .as_str()
+            .unwrap()
+            .contains("ALTER SYSTEM SET wal_level = logical")
+    );
+    assert!(
+        finding(&report, "incompatible_type", "public.items.code").is_some(),
+        "{report:#}"
+    );
+    assert!(
+        finding(&report, "target_key_mismatch", "public.items").is_some(),
+        "{report:#}"
+    );
+    assert!(
+        finding(&report, "target_not_empty", "public.items").is_some(),
+        "{report:#}"
+    );
+    let unmatched = finding(&report, "pattern_matches_nothing", "replication.tables")
+        .expect("unmatched pattern");
+    assert!(
+        unmatched["problem"]
+            .as_str()
+            .unwrap()
+            .contains("\"sales.*\""),
+        "{unmatched}"
+    );
+}
+
+#[tokio::test]
+async fn check_reports_unreachable_servers_and_missing_databases_in_one_line_each() {
+    let source = Cluster::start();
+    let setup = Setup::new();
+    // A port nobody listens on: bind, note, release.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = setup.config(
+        &source.url("nosuchdb", "postgres", None),
+        &format!("postgres://postgres@127.0.0.1:{closed}/app?sslmode=disable"),
+        "",
+    );
+    let outcome = setup.check(&config, &[], &[]);
+    assert_eq!(outcome.code, 1);
+    let line = |needle: &str| {
+        outcome
+            .stdout
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}:\n{}", outcome.stdout))
+            .to_owned()
+    };
+    let missing_db = line("source source.url");
+    assert!(
+        missing_db.contains("database \"nosuchdb\" does not exist"),
+        "{missing_db}"
+    );
+    assert!(
+        outcome.stdout.contains("create database \"nosuchdb\""),
+        "{}",
+        outcome.stdout
+    );
+    let unreachable = line("target target.url");
+    assert!(
+        unreachable.contains(&format!("127.0.0.1:{closed}/app")),
+        "{unreachable}"
+    );
+    assert!(
+        outcome.stdout.contains("is the server running"),
+        "{}",
+        outcome.stdout
+    );
+    assert!(!outcome.stderr.contains("panicked"), "{}", outcome.stderr);
+}
+
+#[tokio::test]
+async fn config_mistakes_give_one_line_errors_naming_the_key() {
+    let setup = Setup::new();
+    let good = "postgres://u@127.0.0.1:1/app";
+
+    let misspelled = setup.config(
+        good,
+        "postgres://u@127.0.0.1:2/app",
+        "[replication]\nslott = \"x\"\n",
+    );
+    let outcome = setup.check(&misspelled, &[], &[]);
+    assert_eq!(outcome.code, 2, "{outcome:?}");
+    assert_eq!(
+        outcome.stderr.trim().lines().count(),
+        1,
+        "one line: {}",
+        outcome.stderr
+    );
+    assert!(
+        outcome
+            .stderr
+            .contains("unknown config key replication.slott"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("did you mean replication.slot?"),
+        "{}",
+        outcome.stderr
+    );
+
+    let env_typo = setup.config(good, "postgres://u@127.0.0.1:2/app", "");
+    let outcome = setup.check(&env_typo, &[], &[("CUTOVER__TARGET__URLL", "x")]);
+    assert_eq!(outcome.code, 2, "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("CUTOVER__TARGET__URLL"),
+        "{}",
+        outcome.stderr
+    );
+
+    let malformed = setup.config("postgres://u:hunter2@127.0.0.1:notaport/app", good, "");
+    let outcome = setup.check(&malformed, &[], &[]);
+    assert_eq!(outcome.code, 2, "{outcome:?}");
+    assert_eq!(
+        outcome.stderr.trim().lines().count(),
+        1,
+        "one line: {}",
+        outcome.stderr
+    );
+    assert!(outcome.stderr.contains("source.url"), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("invalid port"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!outcome.stderr.contains("hunter2"), "{}", outcome.stderr);
+
+    let outcome = run_cutover(&["--config", "/nonexistent/cutover.toml", "check"], &[]);
+    assert_eq!(outcome.code, 2);
+    assert!(
+        outcome.stderr.contains("/nonexistent/cutover.toml"),
+        "{}",
+        outcome.stderr
+    );
+}
+
+#[tokio::test]
+async fn passwords_from_the_url_the_environment_and_a_file_never_appear_in_any_output() {
+    const URL_PASSWORD: &str = "Url-Secret-4471";
+    const ENV_PASSWORD: &str = "Env-Secret-5582";
+    const FILE_PASSWORD: &str = "File-Secret-6693";
+    const WRONG_PASSWORD: &str = "Wrong-Secret-7704";
+    let pair = Pair::start(ClusterOptions::default().password_auth()).await;
+    pair.source
+        .execute(
+            "app",
+            &format!("CREATE ROLE migrator LOGIN REPLICATION PASSWORD '{URL_PASSWORD}'; CREATE TABLE t (id int PRIMARY KEY)"),
+        )
+        .await;
+    pair.target
+        .execute(
+            "app",
+            &format!("CREATE ROLE migrator LOGIN PASSWORD '{ENV_PASSWORD}'; CREATE TABLE t (id int PRIMARY KEY)"),
+        )
+        .await;
+    let setup = Setup::new();
+    let secret_file = setup.dir.path().join("target-password");
+    std::fs::write(&secret_file, format!("{FILE_PASSWORD}\n")).unwrap();
+
+    let source_url = pair.source.url("app", "migrator", Some(URL_PASSWORD));
+    let target_url = pair.target.url("app", "migrator", None);
+    let via_env = setup.config(&source_url, &target_url, "");
+    let env = [("CUTOVER__TARGET__PASSWORD", ENV_PASSWORD)];
+    let mut outputs = Vec::new();
+    for format in ["human", "json"] {
+        let outcome = setup.check(&via_env, &["--format", format], &env);
+        outputs.push(run_cutover(
+            &[
+                "--config",
+                &via_env,
+                "--log-level",
+                "trace",
+                "check",
+                "--format",
+                format,
+            ],
+            &env,
+        ));
+        outputs.push(run_cutover(
+            &[
+                "--config",
+                &via_env,
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "check",
+            ],
+            &env,
+        ));
+        if format == "json" {
+            let report = json(&outcome);
+            assert_eq!(
+                report["source"]["connected"], true,
+                "the URL password authenticated: {report:#}"
+            );
+            assert_eq!(
+                report["target"]["connected"], true,
+                "the environment password authenticated: {report:#}"
+            );
+        }
+        outputs.push(outcome);
+    }
+
+    // The target's password from a file: set the role's password to it first.
+    pair.target
+        .execute(
+            "app",
+            &format!("ALTER ROLE migrator PASSWORD '{FILE_PASSWORD}'"),
+        )
+        .await;
+    let via_file = setup.config(&source_url, &target_url, "");
+    let text = std::fs::read_to_string(&via_file).unwrap().replace(
+        &format!("url = \"{target_url}\""),
+        &format!(
+            "url = \"{target_url}\"\npassword_file = \"{}\"",
+            secret_file.display()
+        ),
+    );
+    std::fs::write(&via_file, text).unwrap();
+    let outcome = setup.check(&via_file, &["--format", "json"], &[]);
+    assert_eq!(
+        json(&outcome)["target"]["connected"],
+        true,
+        "the file password authenticated"
+    );
+    outputs.push(outcome);
+    outputs.push(run_cutover(
+        &["--config", &via_file, "--log-level", "trace", "check"],
+        &[],
+    ));
+
+    // A wrong password: an error naming the failure, not the password.
+    let wrong = setup.config(
+        &pair.source.url("app", "migrator", Some(WRONG_PASSWORD)),
+        &target_url,
+        "",
+    );
+    let outcome = run_cutover(
+        &["--config", &wrong, "--log-level", "trace", "check"],
+        &[("CUTOVER__TARGET__PASSWORD", WRONG_PASSWORD)],
+    );
+    assert_eq!(outcome.code, 1);
+    assert!(
+        outcome.stdout.contains("password authentication failed"),
+        "{}",
+        outcome.stdout
+    );
+    outputs.push(outcome);
+
+    for outcome in &outputs {
+        let all = outcome.all_output();
+        for secret in [URL_PASSWORD, ENV_PASSWORD, FILE_PASSWORD, WRONG_PASSWORD] {
+            assert!(
+                !all.contains(secret),
+                "a password leaked into the output:\n{all}"
+            );
+        }
+    }
+}

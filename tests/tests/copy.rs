@@ -1,0 +1,429 @@
+//! The snapshot copy: exact for every type, split across workers, meeting
+//! the stream without losing or doubling a write, and resumable after a
+//! crash without duplicates or holes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover, wait_for};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Every column type the copy supports, with edge values, NULLs, and a
+/// column whose type differs on the target (forcing the text format).
+const TYPES_SCHEMA: &str = "
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TYPE pair AS (a int, b text);
+CREATE TABLE everything (
+    id bigint PRIMARY KEY,
+    i2 smallint, i4 int, i8 bigint,
+    f4 real, f8 double precision,
+    num numeric, num_fixed numeric(12, 4),
+    b bool,
+    t text, vc varchar(20), ch char(5),
+    by bytea,
+    d date, tm time, ttz timetz, ts timestamp, tstz timestamptz, iv interval,
+    u uuid,
+    j json, jb jsonb,
+    ints int[], texts text[], grid int[][],
+    m mood, moods mood[],
+    addr inet, net cidr, mac macaddr,
+    bits bit varying(16),
+    r int4range, tsr tstzrange,
+    money_col money,
+    p point,
+    composite pair,
+    xml_col xml,
+    tsv tsvector
+);
+CREATE TABLE nothing (id int PRIMARY KEY, v text);";
+
+const TYPES_ROWS: &str = r#"
+INSERT INTO everything VALUES
+ (1, -32768, -2147483648, -9223372036854775808,
+  'NaN', '-Infinity', 'NaN', -99999999.9999, false,
+  '', '', '', '\x',
+  '-infinity', '00:00', '00:00+14', '4713-01-01 BC 00:00', 'infinity', '-178000000 years',
+  '00000000-0000-0000-0000-000000000000',
+  '{ "spaced" :  [1, 2] , "dup": 1, "dup": 2 }', '{"a": {"b": [null, true, 1.50]}}',
+  '{}', '{}', '{{1,2},{3,4}}',
+  'sad', '{}', '::1', '10.0.0.0/8', '08:00:2b:01:02:03',
+  B'', 'empty', '[,)', -92233720368547758.08, '(0,0)', '(,)',
+  '<a/>', ''),
+ (2, 32767, 2147483647, 9223372036854775807,
+  3.4028235e38, 1.7976931348623157e308, 123456789012345678901234567890.123456789012345678901234567890, 0.0001, true,
+  E'tab\there\nnewline \\ backslash "quote'' é 日本 🎉', 'x', 'ab', '\x00ff0d0a5c',
+  '5874897-12-31', '24:00:00', '23:59:59.999999-12', '294276-12-31 23:59:59.999999', '2024-02-29 12:34:56.789012+05:30', '1 year 2 mons 3 days 04:05:06.789',
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+  '"just a string"', '[]',
+  '{1,NULL,3}', '{"a,b","c\"d",NULL,"NULL",""}', '{{NULL,2},{3,NULL}}',
+  'happy', '{sad,happy}', '2001:db8::ff00:42:8329/64', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff',
+  B'1010101010101010', '[1,10)', '["2020-01-01 00:00+00","2021-01-01 00:00+00")', 92233720368547758.07, '(-1.5,1e300)', '(7,"with ""quotes"" and , comma")',
+  '<doc><x a="1">text &amp; more</x></doc>', 'a fat:1A cat:2B sat'),
+ (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+ (4, 0, 0, 0, '-0', 5e-324, '-0.000', 0, true,
+  repeat('long text that will be toasted ', 5000), 'y', 'z', decode(repeat('deadbeef', 10000), 'hex'),
+  '2000-01-01', '12:00', '12:00-00', '2000-01-01', '2000-01-01 00:00:00+00', '0',
+  gen_random_uuid(), NULL, jsonb_build_object('big', repeat('j', 10000)),
+  ARRAY(SELECT generate_series(1, 1000)), NULL, NULL,
+  'ok', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+"#;
+
+#[tokio::test]
+async fn every_type_survives_the_copy_exactly_and_the_reconciliation_is_printed() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(TYPES_SCHEMA).await;
+    // A type that differs on the target: the copy uses the text format.
+    pair.source
+        .execute(
+            "app",
+            "CREATE TABLE widened (id int PRIMARY KEY, n int, s varchar(10));",
+        )
+        .await;
+    pair.target
+        .execute(
+            "app",
+            "CREATE TABLE widened (id bigint PRIMARY KEY, n bigint, s text);",
+        )
+        .await;
+    pair.source.execute("app", TYPES_ROWS).await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO widened SELECT g, g * 7, 'w' || g FROM generate_series(1, 500) g",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "[copy]\nworkers = 2\n");
+
+    let out = run_cutover(&["--config", config.to_str().unwrap(), "copy"], &[]);
+    assert_eq!(out.code, 0, "cutover copy failed:\n{}", out.all_output());
+
+    for table in ["everything", "nothing", "widened"] {
+        let (source, target) = pair.rows(table).await;
+        assert_eq!(source, target, "{table} differs after the copy");
+    }
+    assert_eq!(pair.rows("everything").await.1.len(), 4);
+    // Bit-exact beyond the text form: binary images of the values.
+    let digest = "SELECT md5(string_agg(textsend(t::text)::text || coalesce(encode(by, 'hex'), '-') || coalesce(float8send(f8)::text, '-') || coalesce(float4send(f4)::text, '-'), ',' ORDER BY id)) FROM everything t";
+    let s: String = pair.source.query_value("app", digest).await;
+    let t: String = pair.target.query_value("app", digest).await;
+    assert_eq!(s, t, "binary images differ");
+
+    // The reconciliation: a header and one line per table with equal counts.
+    let header = out
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no reconciliation printed:\n{}", out.all_output()));
+    for column in [
+        "table",
+        "source rows",
+        "copied",
+        "target rows",
+        "variance",
+        "chunks",
+    ] {
+        assert!(header.contains(column), "header lacks {column}: {header}");
+    }
+    for (table, rows) in [
+        ("public.everything", 4),
+        ("public.nothing", 0),
+        ("public.widened", 500),
+    ] {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(table))
+            .unwrap_or_else(|| panic!("no line for {table}:\n{}", out.stdout));
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            &fields[1..5],
+            &[&rows.to_string(), &rows.to_string(), &rows.to_string(), "0"],
+            "{line}"
+        );
+    }
+    // The standalone copy leaves no slot behind on the source.
+    let slots: i64 = pair
+        .source
+        .query_value("app", "SELECT count(*) FROM pg_replication_slots")
+        .await;
+    assert_eq!(slots, 0, "cutover copy left a replication slot");
+
+    // A second copy onto the loaded target refuses to double the rows.
+    let again_dir = tempfile::tempdir().unwrap();
+    let again = pair.config(again_dir.path(), "");
+    let out = run_cutover(&["--config", again.to_str().unwrap(), "copy"], &[]);
+    assert_eq!(out.code, 1, "{}", out.all_output());
+    assert!(
+        out.stderr.contains("already hold rows") && out.stderr.contains("truncate_target"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(pair.rows("widened").await.1.len(), 500);
+}
+
+#[tokio::test]
+async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE big (id bigint PRIMARY KEY, pad text);
+         CREATE INDEX big_pad ON big (pad);
+         ALTER TABLE big ADD CONSTRAINT big_id_positive CHECK (id > 0);
+         CREATE TABLE child (id int PRIMARY KEY, big_id bigint CONSTRAINT child_big REFERENCES big (id));
+         CREATE TABLE small_a (id int PRIMARY KEY);
+         CREATE TABLE small_b (id int PRIMARY KEY);",
+    )
+    .await;
+    // A constraint the target holds NOT VALID stays so.
+    pair.target
+        .execute(
+            "app",
+            "ALTER TABLE small_a ADD CONSTRAINT small_a_lt CHECK (id < 100) NOT VALID",
+        )
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO big SELECT g, md5(g::text) || repeat('x', 100) FROM generate_series(1, 60000) g;
+             INSERT INTO small_a SELECT generate_series(1, 10);
+             INSERT INTO child SELECT g, g * 3 FROM generate_series(1, 1000) g;
+             INSERT INTO small_b SELECT generate_series(1, 3);",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        "[copy]\nworkers = 3\nchunk_mb = 1\ndrop_indexes = true\nanalyze = true\n",
+    );
+    let out = run_cutover(&["--config", config.to_str().unwrap(), "copy"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all_output());
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("public.big "))
+        .unwrap_or_else(|| panic!("{}", out.stdout));
+    let chunks: u64 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+    assert!(chunks >= 5, "a ~10 MB table in 1 MB chunks: {line}");
+    for table in ["big", "child", "small_a", "small_b"] {
+        let (source, target) = pair.rows(table).await;
+        assert_eq!(source, target, "{table}");
+    }
+    // CHECK and FOREIGN KEY constraints dropped for the load are back and
+    // validated; the one that was NOT VALID is back as it was.
+    let constraints: Vec<(String, bool)> = pair
+        .target
+        .client("app")
+        .await
+        .query(
+            "SELECT conname::text, convalidated FROM pg_constraint WHERE contype IN ('c', 'f') AND conrelid <> 0 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        constraints,
+        vec![
+            ("big_id_positive".to_string(), true),
+            ("child_big".to_string(), true),
+            ("small_a_lt".to_string(), false)
+        ]
+    );
+    // The secondary index dropped for the load is back, and ANALYZE ran.
+    let index: i64 = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'big_pad'",
+        )
+        .await;
+    assert_eq!(index, 1, "the secondary index was not rebuilt");
+    let analyzed: i64 = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'big' AND last_analyze IS NOT NULL",
+        )
+        .await;
+    assert_eq!(analyzed, 1, "ANALYZE did not run");
+}
+
+/// Writes on the source while `cutover run` copies: after catch-up both
+/// sides are equal, with no write lost and none applied twice (the keyless
+/// REPLICA IDENTITY FULL table would show a doubled row).
+#[tokio::test]
+async fn writes_made_during_the_copy_arrive_through_the_stream_exactly_once() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, balance bigint, note text);
+         CREATE TABLE ledger (account bigint, amount bigint, at timestamptz);
+         ALTER TABLE ledger REPLICA IDENTITY FULL;",
+    )
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO accounts SELECT g, 1000, repeat('n', 50) FROM generate_series(1, 200000) g;
+             INSERT INTO ledger SELECT g % 1000, 1, '2024-01-01' FROM generate_series(1, 100000) g;",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "[copy]\nworkers = 2\nchunk_mb = 2\n");
+
+    // The writer runs from before the slot exists until well after the
+    // first chunk landed on the target, so its writes straddle the snapshot.
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let client = pair.source.client("app").await;
+        let (done, stop) = (Arc::clone(&done), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let id = (i * 7919) % 200000 + 1;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN;
+                         UPDATE accounts SET balance = balance - 1 WHERE id = {id};
+                         INSERT INTO ledger VALUES ({id}, -1, now());
+                         DELETE FROM accounts WHERE id = {} ;
+                         INSERT INTO accounts VALUES ({}, {i}, 'new') ON CONFLICT (id) DO UPDATE SET note = 'again';
+                         DELETE FROM ledger WHERE ctid = (SELECT ctid FROM ledger WHERE account = {} LIMIT 1);
+                         COMMIT;",
+                        200000 - i,
+                        300000 + i % 50,
+                        i % 1000
+                    ))
+                    .await
+                    .expect("the writer's transaction");
+                i += 1;
+                done.store(i as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    wait_for("the writer to start", WAIT, || async {
+        (done.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
+    let mut daemon = Daemon::start(&config, &["run"]);
+    wait_for("the first copied rows on the target", WAIT, || async {
+        let rows: i64 = pair
+            .target
+            .query_value("app", "SELECT count(*) FROM accounts")
+            .await;
+        (rows > 0).then_some(())
+    })
+    .await;
+    let seen = done.load(Ordering::Relaxed);
+    wait_for("200 more writes", WAIT, || async {
+        (done.load(Ordering::Relaxed) > seen + 200).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    pair.wait_equal(&["accounts", "ledger"], WAIT).await;
+    assert!(daemon.running(), "the daemon stopped:\n{}", daemon.log());
+    assert_eq!(daemon.terminate(WAIT), Some(0), "SIGTERM must exit 0");
+}
+
+/// SIGKILL in the middle of a large table, restart: the unfinished table is
+/// emptied and copied again from a new snapshot, finished ones keep their
+/// rows, and the stream fills the rest; no duplicates, no holes.
+#[tokio::test]
+async fn a_copy_killed_midway_resumes_without_duplicates_or_holes() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE events (kind int, payload text);
+         ALTER TABLE events REPLICA IDENTITY FULL;
+         CREATE TABLE tiny (id int PRIMARY KEY, v int);",
+    )
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO events SELECT g % 10, repeat(md5(g::text), 4) FROM generate_series(1, 400000) g;
+             INSERT INTO tiny SELECT generate_series(1, 100), 0;",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "[copy]\nworkers = 1\nchunk_mb = 4\n");
+    let mut daemon = Daemon::start(&config, &["run"]);
+    // Some chunks of events committed on the target, not all of them.
+    wait_for("part of the events table on the target", WAIT, || async {
+        let rows: i64 = pair
+            .target
+            .query_value("app", "SELECT count(*) FROM events")
+            .await;
+        (rows > 0).then_some(())
+    })
+    .await;
+    // Writes between the first snapshot and the restart, to both tables.
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO events SELECT 99, 'during' FROM generate_series(1, 50);
+             DELETE FROM events WHERE kind = 3 AND payload < '1';
+             UPDATE tiny SET v = v + 1 WHERE id <= 10;",
+        )
+        .await;
+    daemon.kill();
+    let partial: i64 = pair
+        .target
+        .query_value("app", "SELECT count(*) FROM events")
+        .await;
+    assert!(
+        partial < 400_000,
+        "the copy finished before the kill; make events bigger"
+    );
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO events SELECT 100, 'while down' FROM generate_series(1, 50);
+             UPDATE tiny SET v = v + 1 WHERE id > 90;",
+        )
+        .await;
+    daemon.restart();
+    pair.source
+        .execute("app", "INSERT INTO events VALUES (101, 'after restart')")
+        .await;
+    pair.wait_equal(&["events", "tiny"], WAIT).await;
+    assert!(
+        daemon.log().contains("resuming the copy"),
+        "the restart did not resume:\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+    // Only the daemon's own slot is left; the resume's temporary one is gone.
+    let slots: Vec<String> = pair
+        .source
+        .client("app")
+        .await
+        .query("SELECT slot_name::text FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, vec!["cutover".to_string()]);
+}
+
+/// A finished standalone load cannot be streamed from: `run` says so.
+#[tokio::test]
+async fn run_after_a_standalone_copy_explains_why_it_cannot_stream() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE t (id int PRIMARY KEY);").await;
+    pair.source.execute("app", "INSERT INTO t VALUES (1)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let out = run_cutover(&["--config", config.to_str().unwrap(), "copy"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all_output());
+    let out = run_cutover(&["--config", config.to_str().unwrap(), "run"], &[]);
+    assert_eq!(out.code, 1, "{}", out.all_output());
+    assert!(out.stderr.contains("cutover copy"), "{}", out.stderr);
+}

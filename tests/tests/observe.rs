@@ -1,0 +1,235 @@
+//! What an operator watches: `/metrics`, `/health`, `/ready` and the lag
+//! history, while `cutover run` streams.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `GET path` over HTTP/1.0: (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The HTTP address the daemon recorded in its state directory.
+async fn http_addr(state: &Path) -> String {
+    wait_for("the daemon's listen.json", WAIT, || async {
+        let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["http"].as_str().map(str::to_owned)
+    })
+    .await
+}
+
+/// The value of the metric line starting with `series` (name and labels).
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE items (id int PRIMARY KEY, v text);")
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, 'seed' FROM generate_series(1, 250) g",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    // A password the trust-authenticated servers ignore; it must show up
+    // nowhere.
+    let secret = "sup3r-s3cret-pw";
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &["run"],
+        &[
+            ("CUTOVER__STATE__LAG_SAMPLE_SECONDS", "1"),
+            ("CUTOVER__SOURCE__PASSWORD", secret),
+            ("CUTOVER__TARGET__PASSWORD", secret),
+        ],
+    );
+    let state = dir.path().join("state");
+    let addr = http_addr(&state).await;
+    wait_for("the daemon to stream", WAIT, || async {
+        (get(&addr, "/ready").0 == 200).then_some(())
+    })
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, 'new' FROM generate_series(1001, 1040) g;
+             UPDATE items SET v = 'changed' WHERE id <= 10;
+             DELETE FROM items WHERE id > 1030;",
+        )
+        .await;
+    pair.wait_equal(&["items"], WAIT).await;
+
+    let body = wait_for("the applied changes in /metrics", WAIT, || async {
+        let (code, body) = get(&addr, "/metrics");
+        assert_eq!(code, 200);
+        let deletes = metric(
+            &body,
+            "cutover_applied_changes_total{direction=\"forward\",op=\"delete\",table=\"public.items\"}",
+        );
+        let sampled = metric(&body, "cutover_lag_bytes{direction=\"forward\"}").is_some()
+            && metric(&body, "cutover_slot_retained_bytes{slot=\"cutover\"}").is_some();
+        (deletes == Some(10.0) && sampled).then_some(body)
+    })
+    .await;
+    for (series, value) in [
+        (
+            "cutover_applied_changes_total{direction=\"forward\",op=\"insert\",table=\"public.items\"}",
+            40.0,
+        ),
+        (
+            "cutover_applied_changes_total{direction=\"forward\",op=\"update\",table=\"public.items\"}",
+            10.0,
+        ),
+        ("cutover_copy_rows_total{table=\"public.items\"}", 250.0),
+        ("cutover_state{state=\"streaming\"}", 1.0),
+        ("cutover_state{state=\"copying\"}", 0.0),
+    ] {
+        assert_eq!(metric(&body, series), Some(value), "{series} in\n{body}");
+    }
+    assert!(
+        metric(
+            &body,
+            "cutover_applied_transactions_total{direction=\"forward\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(body.contains("# TYPE cutover_lag_seconds gauge"), "{body}");
+
+    let (code, health) = get(&addr, "/health");
+    assert_eq!(code, 200, "{health}");
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["state"], "streaming");
+    assert_eq!(health["direction"], "forward");
+    assert_eq!(health["primary"], "source");
+    assert_eq!(health["healthy"], true);
+    assert!(health["lag"]["bytes"].is_u64(), "{health}");
+    assert!(health["applied_lsn"].is_string(), "{health}");
+
+    // The target goes away: /health turns 503 and says why; it recovers.
+    let mut pair = pair;
+    pair.target.stop();
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items VALUES (5000, 'while the target is down')",
+        )
+        .await;
+    let down = wait_for("/health to report the outage", WAIT, || async {
+        let (code, body) = get(&addr, "/health");
+        (code == 503).then_some(body)
+    })
+    .await;
+    let down: serde_json::Value = serde_json::from_str(&down).unwrap();
+    assert_eq!(down["healthy"], false);
+    assert!(down["last_error"]["message"].is_string(), "{down}");
+    assert!(
+        down["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("not streaming"),
+        "{down}"
+    );
+    pair.target.start_again();
+    pair.wait_equal(&["items"], WAIT).await;
+    wait_for("/health to recover", WAIT, || async {
+        (get(&addr, "/health").0 == 200).then_some(())
+    })
+    .await;
+    let (_, metrics) = get(&addr, "/metrics");
+    assert!(
+        metric(&metrics, "cutover_errors_total{kind=\"target_transient\"}").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+
+    // No secret in anything the daemon exposed or logged.
+    for text in [&metrics, &get(&addr, "/health").1, &daemon.log()] {
+        assert!(!text.contains(secret), "the password leaked:\n{text}");
+    }
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+    assert!(
+        !state.join("listen.json").exists(),
+        "listen.json must go with the daemon"
+    );
+}
+
+#[tokio::test]
+async fn a_busy_listen_address_is_a_clear_error() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let out = cutover_tests::run_cutover(
+        &["--config", config.to_str().unwrap(), "run"],
+        &[(
+            "CUTOVER__HTTP__LISTEN",
+            &taken.local_addr().unwrap().to_string(),
+        )],
+    );
+    assert_eq!(out.code, 1, "{}", out.all_output());
+    assert!(
+        out.stderr.contains("http.listen") && out.stderr.contains("cannot listen"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_state_is_refused_naming_the_first() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut first = Daemon::start(&config, &["run"]);
+    let state = dir.path().join("state");
+    let addr = http_addr(&state).await;
+    wait_for("the first daemon to stream", WAIT, || async {
+        (get(&addr, "/ready").0 == 200).then_some(())
+    })
+    .await;
+    let pid: String = std::fs::read_to_string(state.join("cutover.pid")).unwrap();
+    let second = cutover_tests::run_cutover(
+        &["--config", config.to_str().unwrap(), "run"],
+        &[("CUTOVER__HTTP__LISTEN", "127.0.0.1:0")],
+    );
+    assert_eq!(second.code, 1, "{}", second.all_output());
+    assert!(
+        second.stderr.contains("in use by another cutover process")
+            && second.stderr.contains(&format!("pid {}", pid.trim())),
+        "{}",
+        second.stderr
+    );
+    assert!(first.running(), "the first daemon must be untouched");
+    assert_eq!(first.terminate(WAIT), Some(0));
+}

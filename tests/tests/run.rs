@@ -1,0 +1,340 @@
+//! `cutover run`: every change on the source reaches the target once, in
+//! order, across crashes of the daemon and restarts of either server.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Clusters that stream large transactions early (protocol v2 streaming
+/// kicks in past 64 kB of decoded changes).
+fn options() -> ClusterOptions {
+    ClusterOptions::default().setting("logical_decoding_work_mem", "64kB")
+}
+
+const SCHEMA: &str = "
+CREATE TABLE items (id bigint PRIMARY KEY, name text, qty int, body text);
+ALTER TABLE items ALTER COLUMN body SET STORAGE EXTERNAL;
+CREATE TABLE log (at bigint, what text);
+ALTER TABLE log REPLICA IDENTITY FULL;
+CREATE TABLE scratch (id serial PRIMARY KEY, v text);";
+
+/// Starts `cutover run` and waits until it streams.
+async fn start_streaming(config: &Path) -> Daemon {
+    let daemon = Daemon::start(config, &["run"]);
+    wait_for("the daemon to stream", WAIT, || async {
+        let log = daemon.log();
+        assert!(!log.contains("error:"), "the daemon failed:\n{log}");
+        log.contains("streaming").then_some(())
+    })
+    .await;
+    daemon
+}
+
+/// A background writer of mixed transactions on `items` and `log`, each
+/// transaction counted once committed.
+struct Writer {
+    done: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    async fn start(pair: &Pair, seed: u64) -> Writer {
+        let client = pair.source.client("app").await;
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (Arc::clone(&done), Arc::clone(&stop));
+        let task = tokio::spawn(async move {
+            let mut n = seed * 1_000_000;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let id = 10_000 + n % 500;
+                let sql = match n % 6 {
+                    0 => format!(
+                        "INSERT INTO items VALUES ({id}, 'n{n}', {n}, NULL) ON CONFLICT (id) DO UPDATE SET qty = excluded.qty"
+                    ),
+                    1 => format!("UPDATE items SET qty = qty + 1, name = 'u{n}' WHERE id = {id}"),
+                    2 => format!("DELETE FROM items WHERE id = {id}"),
+                    3 => format!(
+                        "BEGIN; INSERT INTO log VALUES ({n}, 'x'); INSERT INTO log VALUES ({n}, 'x'); UPDATE items SET qty = -qty WHERE id BETWEEN {id} AND {id} + 20; COMMIT;"
+                    ),
+                    4 => format!(
+                        "DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE at % 7 = {} LIMIT 1)",
+                        n % 7
+                    ),
+                    _ => format!(
+                        "BEGIN; UPDATE items SET id = id + 100000 WHERE id = {id}; DELETE FROM items WHERE id > 110000; COMMIT;"
+                    ),
+                };
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Writer { done, stop, task }
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more transactions committed.
+    async fn advance(&self, n: u64) {
+        let target = self.done() + n;
+        wait_for("the writer to advance", WAIT, || async {
+            (self.done() >= target).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("the writer panicked");
+    }
+}
+
+#[tokio::test]
+async fn every_kind_of_change_is_applied_with_its_exact_effect() {
+    let pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, 'seed', g, CASE WHEN g <= 5 THEN repeat('toast' || g, 3000) END FROM generate_series(1, 50) g;",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    let writer = Writer::start(&pair, 1).await;
+
+    let big = pair.source.client("app").await;
+    for sql in [
+        // Plain changes and a key change.
+        "INSERT INTO items VALUES (1000, 'new', 1, 'short')",
+        "UPDATE items SET name = 'renamed' WHERE id = 10",
+        "DELETE FROM items WHERE id = 11",
+        "UPDATE items SET id = 1011 WHERE id = 12",
+        // TOASTed body left unchanged: by a plain update and by a key change.
+        "UPDATE items SET qty = 999 WHERE id = 1",
+        "UPDATE items SET id = 1002, name = 'moved' WHERE id = 2",
+        // Delete and re-insert of a key in one transaction, twice changed.
+        "BEGIN; DELETE FROM items WHERE id = 3; INSERT INTO items VALUES (3, 'reborn', 3, NULL); UPDATE items SET qty = 33 WHERE id = 3; COMMIT;",
+        // A savepoint rolled back: its insert never reaches the target.
+        "BEGIN; INSERT INTO items VALUES (2000, 'kept', 0, NULL); SAVEPOINT s; INSERT INTO items VALUES (2001, 'rolled back', 0, NULL); UPDATE items SET name = 'rolled back' WHERE id = 4; ROLLBACK TO SAVEPOINT s; INSERT INTO items VALUES (2002, 'kept too', 0, NULL); COMMIT;",
+        // TRUNCATE, then rows again.
+        "INSERT INTO scratch (v) SELECT 'x' FROM generate_series(1, 100)",
+        "TRUNCATE scratch RESTART IDENTITY",
+        "INSERT INTO scratch (v) VALUES ('after truncate')",
+        // A large transaction streamed while in progress, with a rolled
+        // back subtransaction inside, that commits.
+        "BEGIN; INSERT INTO log SELECT g, repeat('big', 20) FROM generate_series(1, 20000) g; SAVEPOINT a; INSERT INTO log SELECT -g, 'aborted sub' FROM generate_series(1, 5000) g; ROLLBACK TO SAVEPOINT a; UPDATE items SET name = 'in big txn' WHERE id BETWEEN 20 AND 30; COMMIT;",
+    ] {
+        big.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // A large streamed transaction that aborts.
+    big.batch_execute(
+        "BEGIN; INSERT INTO log SELECT g, 'never' FROM generate_series(1, 20000) g; DELETE FROM items WHERE id < 40;",
+    )
+    .await
+    .unwrap();
+    big.batch_execute("ROLLBACK").await.unwrap();
+    writer.advance(300).await;
+    writer.finish().await;
+    big.batch_execute("INSERT INTO items VALUES (3000, 'last', 0, NULL)")
+        .await
+        .unwrap();
+    let last_commit: String = pair
+        .source
+        .query_value("app", "SELECT pg_current_wal_lsn()::text")
+        .await;
+
+    pair.wait_equal(&["items", "log", "scratch"], WAIT).await;
+    // The TOASTed bodies were never overwritten with NULL.
+    let body: String = pair
+        .target
+        .query_value("app", "SELECT md5(body) FROM items WHERE id = 1")
+        .await;
+    let expected: String = pair
+        .source
+        .query_value("app", "SELECT md5(repeat('toast1', 3000))")
+        .await;
+    assert_eq!(body, expected);
+    let never: i64 = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT count(*) FROM log WHERE what IN ('never', 'aborted sub')",
+        )
+        .await;
+    assert_eq!(never, 0);
+    // The large transactions went through the streamed path.
+    assert!(
+        std::fs::read_dir(dir.path().join("state/spill")).is_ok(),
+        "no streamed transaction was spilled:\n{}",
+        daemon.log()
+    );
+    // The origin on the target records what was applied.
+    let origin: i64 = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_replication_origin_status s JOIN pg_replication_origin o ON o.roident = s.local_id WHERE o.roname = 'cutover_cutover' AND s.remote_lsn > '0/0'",
+        )
+        .await;
+    assert_eq!(origin, 1, "no origin progress recorded on the target");
+    assert_eq!(daemon.terminate(WAIT), Some(0), "SIGTERM must exit 0");
+    // The final status update reached the source: the slot's confirmed
+    // position covers the last commit.
+    let confirmed_behind: bool = pair
+        .source
+        .query_value(
+            "app",
+            &format!("SELECT confirmed_flush_lsn < '{last_commit}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cutover'"),
+        )
+        .await;
+    assert!(
+        !confirmed_behind,
+        "the slot was not told about {last_commit}"
+    );
+}
+
+#[tokio::test]
+async fn ten_sigkills_during_a_workload_lose_and_double_nothing() {
+    let pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Small batches and queues so that kills land in every phase.
+    let config = pair.config(
+        dir.path(),
+        "[apply]\nbatch_rows = 50\nqueue_transactions = 20\n",
+    );
+    let mut daemon = start_streaming(&config).await;
+    let writer = Writer::start(&pair, 2).await;
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    for round in 0..10 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // A different point in the workload each round.
+        writer.advance(20 + rng % 200).await;
+        if round % 3 == 0 {
+            // Sometimes a big transaction in flight.
+            pair.source
+                .execute(
+                    "app",
+                    &format!(
+                        "INSERT INTO log SELECT {round}, 'bulk' FROM generate_series(1, 3000)"
+                    ),
+                )
+                .await;
+        }
+        daemon.kill();
+        writer.advance(10).await;
+        daemon.restart();
+    }
+    writer.advance(100).await;
+    writer.finish().await;
+    pair.wait_equal(&["items", "log"], WAIT).await;
+    assert!(daemon.running(), "{}", daemon.log());
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
+
+#[tokio::test]
+async fn the_stream_survives_restarts_of_the_source_and_the_target() {
+    let mut pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    let round = |n: i64| {
+        format!(
+            "INSERT INTO items SELECT g, 'r{n}', g, NULL FROM generate_series({0}, {0} + 99) g;
+             UPDATE items SET qty = qty + 1 WHERE id % 3 = 0;
+             INSERT INTO log VALUES ({n}, 'round');",
+            n * 1000
+        )
+    };
+    pair.source.execute("app", &round(1)).await;
+    pair.wait_equal(&["items", "log"], WAIT).await;
+
+    pair.source.restart();
+    pair.source.execute("app", &round(2)).await;
+    pair.wait_equal(&["items", "log"], WAIT).await;
+
+    // Changes queued on the source while the target is down.
+    pair.target.stop();
+    pair.source.execute("app", &round(3)).await;
+    pair.target.start_again();
+    pair.source.execute("app", &round(4)).await;
+    pair.wait_equal(&["items", "log"], WAIT).await;
+
+    assert!(daemon.running(), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("reconnecting"),
+        "no reconnect was logged:\n{log}"
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
+
+#[tokio::test]
+async fn a_change_the_target_rejects_stops_the_stream_and_nothing_is_skipped() {
+    let pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    pair.target
+        .execute(
+            "app",
+            "ALTER TABLE items ADD CONSTRAINT qty_small CHECK (qty < 1000)",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items VALUES (1, 'fine', 1, NULL);
+             INSERT INTO items VALUES (2, 'fine', 2, NULL), (7, 'too big', 5000, NULL), (8, 'fine', 8, NULL);
+             INSERT INTO items VALUES (9, 'after', 9, NULL);",
+        )
+        .await;
+    let code = daemon.wait(WAIT);
+    assert_eq!(code, Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    for part in ["items", "7", "23514", "LSN", "qty_small"] {
+        assert!(log.contains(part), "the error does not name {part}:\n{log}");
+    }
+    // Nothing after (or beside, in the same transaction) the rejected row
+    // was applied; the transaction before it was.
+    let ids: Vec<i64> = pair
+        .target
+        .client("app")
+        .await
+        .query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        ids == vec![1] || ids.is_empty(),
+        "rows beyond the refused change were applied: {ids:?}"
+    );
+    // Fixed on the target, a restart resumes at the refused transaction.
+    pair.target
+        .execute("app", "ALTER TABLE items DROP CONSTRAINT qty_small")
+        .await;
+    daemon.restart();
+    pair.wait_equal(&["items"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
