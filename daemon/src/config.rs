@@ -300,7 +300,7 @@ pub struct CopySettings {
 #[derive(Clone, Debug)]
 pub enum ConsoleAuth {
     /// SCRAM-SHA-256 with this password, any user name.
-    Password(#[expect(dead_code, reason = "read by the admin console (issue 6)")] Secret),
+    Password(Secret),
     /// No password: only on a loopback address, and only when the config
     /// says so (`console.allow_no_password = true`).
     Open,
@@ -344,10 +344,6 @@ pub struct Config {
     /// Admin console.
     pub console_listen: SocketAddr,
     /// How the console authenticates.
-    #[expect(
-        dead_code,
-        reason = "read by the admin console and `cutover status` (issue 6)"
-    )]
     pub console_auth: ConsoleAuth,
     /// The snapshot copy.
     pub copy: CopySettings,

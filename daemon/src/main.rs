@@ -6,6 +6,7 @@
 
 mod check;
 mod config;
+mod console;
 mod copy;
 mod http;
 mod metrics;
@@ -14,6 +15,7 @@ mod run;
 mod serve;
 mod status;
 mod store;
+mod summary;
 mod tail;
 
 use std::path::PathBuf;
@@ -74,6 +76,14 @@ enum Command {
     /// Copy the snapshot of the tables in scope to the target, and only that
     /// (`cutover run` copies and then streams).
     Copy,
+    /// What the migration is doing: state, lag, tables, last error. Asks the
+    /// running daemon through its admin console, or reads the state store
+    /// when no daemon runs.
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        format: OutputFormat,
+    },
     /// Print the decoded change stream of the source as JSON lines.
     Tail {
         /// Read this existing slot instead of a temporary one; it is not
@@ -108,7 +118,7 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Check { .. } | Command::Tail { .. } => "warn",
+        Command::Check { .. } | Command::Tail { .. } | Command::Status { .. } => "warn",
         _ => "info",
     };
     if let Err(message) = init_logging(cli.log_format, cli.log_level.as_deref(), default_level) {
@@ -219,6 +229,25 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            Command::Status { format } => match summary::run(&config).await {
+                Ok(summary) => {
+                    match format {
+                        OutputFormat::Human => print!("{}", summary.to_human()),
+                        OutputFormat::Json => match serde_json::to_string_pretty(&summary) {
+                            Ok(json) => println!("{json}"),
+                            Err(err) => {
+                                eprintln!("error: cannot encode the status: {err}");
+                                return ExitCode::from(EXIT_FAILURE);
+                            }
+                        },
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
             Command::Tail {
                 slot,
                 advance,

@@ -224,6 +224,7 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
             if let Ok(Some(state)) = slot::slot_state(c, &slot).await {
                 lag.slot_retained_bytes = state.retained_bytes.map(|b| b.max(0) as u64);
                 lag.wal_status = state.wal_status;
+                lag.slot_safe_wal_bytes = state.safe_wal_size;
             }
         }
         let sample = LagSample {
@@ -280,6 +281,7 @@ async fn stream_once(
         .start_replication(&outcome.slot, start, &options)
         .await?;
     tracing::info!(slot = %outcome.slot, %start, origin, "streaming");
+    status.start_at(start);
 
     let settings = config.apply.clone();
     let (work_tx, work_rx) = mpsc::channel::<Work>(settings.queue_transactions);
@@ -671,6 +673,8 @@ async fn apply_work(
                 tokio::select! {
                     biased;
                     () = stopped(&mut stop) => break,
+                    // PAUSE while idle: look again before taking anything.
+                    Ok(()) = pause.changed() => continue,
                     item = work.recv() => match item {
                         Some(item) => item,
                         None => break,

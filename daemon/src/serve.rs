@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, ConsoleAuth};
 use crate::status::Status;
 use crate::store::Store;
 
@@ -37,10 +37,32 @@ pub async fn start(
         }
     });
     tracing::info!(addr = %http_addr, "http listening (/metrics, /health, /ready)");
-    let record = serde_json::json!({
+    let mut record = serde_json::json!({
         "http": http_addr.to_string(),
         "pid": std::process::id(),
     });
+    match &config.console_auth {
+        ConsoleAuth::Disabled => tracing::warn!(
+            "the admin console is off: set console.password (or console.password_file) to use it and `cutover status` while the daemon runs"
+        ),
+        auth => {
+            let console = bind("console.listen", config.console_listen).await?;
+            let console_addr = console.local_addr().unwrap_or(config.console_listen);
+            let open = matches!(auth, ConsoleAuth::Open);
+            tokio::spawn(crate::console::serve(
+                console,
+                Arc::clone(status),
+                store.clone(),
+                auth.clone(),
+            ));
+            if open {
+                tracing::warn!(addr = %console_addr, "admin console listening WITHOUT a password (console.allow_no_password = true)");
+            } else {
+                tracing::info!(addr = %console_addr, "admin console listening (psql, SCRAM password)");
+            }
+            record["console"] = serde_json::Value::String(console_addr.to_string());
+        }
+    }
     let path = store.dir().join(LISTEN_FILE);
     if let Err(err) = std::fs::write(&path, record.to_string()) {
         tracing::warn!(file = %path.display(), error = %err, "could not record the listen addresses");

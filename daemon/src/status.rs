@@ -106,6 +106,8 @@ pub struct Lag {
     pub slot_retained_bytes: Option<u64>,
     /// The slot's `wal_status`.
     pub wal_status: Option<String>,
+    /// WAL left before `max_slot_wal_keep_size` invalidates the slot.
+    pub slot_safe_wal_bytes: Option<i64>,
     /// The source's WAL position at the last sample.
     pub source_lsn: Option<String>,
     /// When it was sampled (unix seconds).
@@ -285,6 +287,15 @@ impl Status {
         }
     }
 
+    /// The stream starts at `position`: everything before it is on the
+    /// target (from the snapshot copy or applied earlier).
+    pub fn start_at(&self, position: Lsn) {
+        let mut inner = self.lock();
+        if inner.applied.is_none_or(|applied| applied < position) {
+            inner.applied = Some(position);
+        }
+    }
+
     /// The last applied position.
     pub fn applied_lsn(&self) -> Option<Lsn> {
         self.lock().applied
@@ -345,10 +356,6 @@ impl Status {
 
     /// Pauses (`true`) or resumes (`false`) the applier. Returns whether
     /// anything changed.
-    #[expect(
-        dead_code,
-        reason = "read by the admin console and `cutover status` (issue 6)"
-    )]
     pub fn set_paused(&self, paused: bool) -> bool {
         let changed = self.pause.send_replace(paused) != paused;
         if changed {

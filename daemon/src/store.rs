@@ -381,10 +381,6 @@ impl Store {
     }
 
     /// The newest `limit` lag samples, oldest first.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "read by the admin console (issue 6)")
-    )]
     pub fn lag_history(&self, limit: usize) -> Result<Vec<LagSample>, StoreError> {
         let mut samples = self
             .db
@@ -413,10 +409,6 @@ impl Store {
     }
 
     /// Every refused change recorded, oldest first.
-    #[expect(
-        dead_code,
-        reason = "read by the admin console and `cutover status` (issue 6)"
-    )]
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         self.db
             .scan_prefix(PREFIX_DEAD)
@@ -434,10 +426,6 @@ impl Store {
     }
 
     /// The stream's last recorded state and position.
-    #[expect(
-        dead_code,
-        reason = "read by the admin console and `cutover status` (issue 6)"
-    )]
     pub fn run_status(&self) -> Result<Option<RunStatus>, StoreError> {
         self.get(KEY_RUN_STATUS)
     }

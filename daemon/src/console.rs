@@ -1,0 +1,509 @@
+//! The admin console: a PostgreSQL-protocol endpoint on `[console] listen`
+//! that `psql` (or any driver, through the simple query protocol) talks to.
+//!
+//! ```text
+//! SHOW STATUS | SHOW TABLES | SHOW LAG | SHOW HISTORY [n | ALL] | PAUSE | RESUME
+//! ```
+//!
+//! Commands are case-insensitive, the trailing semicolon is optional, and
+//! several may be sent at once separated by semicolons. Authentication is
+//! SCRAM-SHA-256 with `console.password` (any user name), or none on a
+//! loopback address when `console.allow_no_password = true`.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cutover_replication::secret::Secret;
+use futures_util::Sink;
+use futures_util::stream;
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::auth::sasl::SASLAuthStartupHandler;
+use pgwire::api::auth::sasl::scram::{ScramAuth, gen_salted_password, random_nonce};
+use pgwire::api::auth::{
+    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
+use pgwire::api::query::SimpleQueryHandler;
+use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::data::DataRow;
+use tokio::net::TcpListener;
+
+use crate::config::ConsoleAuth;
+use crate::status::Status;
+use crate::store::{Store, TableCopyState};
+
+/// SCRAM iteration count (PostgreSQL's default).
+const SCRAM_ITERATIONS: usize = 4096;
+
+/// Samples `SHOW HISTORY` returns without a count.
+const DEFAULT_HISTORY: usize = 100;
+
+/// Every command, for the help text of an unknown one.
+pub const COMMANDS: &str =
+    "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], PAUSE, RESUME";
+
+/// A parsed console command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Status,
+    Tables,
+    Lag,
+    History(Option<usize>),
+    Pause,
+    Resume,
+}
+
+/// Parses one command (no semicolons), case-insensitively.
+fn parse(text: &str) -> Result<Command, String> {
+    let words: Vec<String> = text.split_whitespace().map(str::to_uppercase).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["SHOW", "STATUS"] => Ok(Command::Status),
+        ["SHOW", "TABLES"] => Ok(Command::Tables),
+        ["SHOW", "LAG"] => Ok(Command::Lag),
+        ["SHOW", "HISTORY"] => Ok(Command::History(Some(DEFAULT_HISTORY))),
+        ["SHOW", "HISTORY", "ALL"] => Ok(Command::History(None)),
+        ["SHOW", "HISTORY", n] => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Command::History(Some(n))),
+            _ => Err(format!(
+                "SHOW HISTORY takes a positive number of samples or ALL, not {n:?}"
+            )),
+        },
+        ["PAUSE"] => Ok(Command::Pause),
+        ["RESUME"] => Ok(Command::Resume),
+        _ => Err(format!(
+            "unknown console command {:?}; the commands are: {COMMANDS}",
+            text.trim()
+        )),
+    }
+}
+
+/// Splits a query string into its commands (empty statements dropped).
+fn commands(query: &str) -> Vec<&str> {
+    query
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Serves the console until the process ends.
+pub async fn serve(listener: TcpListener, status: Arc<Status>, store: Store, auth: ConsoleAuth) {
+    let queries = Arc::new(Queries { status, store });
+    match auth {
+        ConsoleAuth::Password(password) => {
+            let source = Arc::new(ConsolePassword(password));
+            let startup = move || {
+                let mut scram = ScramAuth::new(Arc::clone(&source) as Arc<dyn AuthSource>);
+                scram.set_iterations(SCRAM_ITERATIONS);
+                SASLAuthStartupHandler::new(Arc::new(parameters())).with_scram(scram)
+            };
+            accept(listener, Handlers { queries, startup }).await;
+        }
+        ConsoleAuth::Open => {
+            let startup = || OpenStartup;
+            accept(listener, Handlers { queries, startup }).await;
+        }
+        ConsoleAuth::Disabled => {}
+    }
+}
+
+async fn accept<S, F>(listener: TcpListener, handlers: Handlers<F>)
+where
+    S: StartupHandler + 'static,
+    F: Fn() -> S + Send + Sync + 'static,
+{
+    let handlers = Arc::new(handlers);
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => {
+                let handlers = Arc::clone(&handlers);
+                tokio::spawn(async move {
+                    if let Err(err) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                        tracing::debug!(%peer, error = %err, "console connection ended");
+                    }
+                });
+            }
+            Err(err) => {
+                // Out of file descriptors and the like: wait, keep serving.
+                tracing::warn!(error = %err, "console: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+fn parameters() -> DefaultServerParameterProvider {
+    let mut parameters = DefaultServerParameterProvider::default();
+    parameters.server_version = format!("cutover {}", env!("CARGO_PKG_VERSION"));
+    parameters.is_superuser = false;
+    parameters
+}
+
+/// The handlers of one console: the queries, and a fresh login handler per
+/// connection (the SCRAM exchange keeps per-connection state).
+struct Handlers<F> {
+    queries: Arc<Queries>,
+    startup: F,
+}
+
+impl<S, F> PgWireServerHandlers for Handlers<F>
+where
+    S: StartupHandler + 'static,
+    F: Fn() -> S + Send + Sync,
+{
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::clone(&self.queries)
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::new((self.startup)())
+    }
+}
+
+/// Loopback without a password, as the config explicitly allows.
+struct OpenStartup;
+
+impl NoopStartupHandler for OpenStartup {}
+
+/// The console password for SCRAM (any user name).
+#[derive(Debug)]
+struct ConsolePassword(Secret);
+
+#[async_trait]
+impl AuthSource for ConsolePassword {
+    async fn get_password(&self, _login: &LoginInfo) -> PgWireResult<Password> {
+        // A fresh salt per login; the salted password is derived on demand
+        // so that only the configured secret is kept in memory.
+        let salt = random_nonce().into_bytes();
+        let salted = gen_salted_password(self.0.expose(), &salt, SCRAM_ITERATIONS);
+        Ok(Password::new(Some(salt), salted))
+    }
+}
+
+/// Answers the console's commands from the daemon's status and store.
+struct Queries {
+    status: Arc<Status>,
+    store: Store,
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Queries {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let peer = client.socket_addr();
+        let mut responses = Vec::new();
+        for text in commands(query) {
+            let command = match parse(text) {
+                Ok(command) => command,
+                Err(message) => {
+                    // Like PostgreSQL, the first error ends the query string.
+                    responses.push(error("42601", message));
+                    break;
+                }
+            };
+            match self.answer(command, &peer.to_string()) {
+                Ok(response) => responses.push(response),
+                Err(message) => {
+                    responses.push(error("XX000", message));
+                    break;
+                }
+            }
+        }
+        Ok(responses)
+    }
+}
+
+fn error(code: &str, message: String) -> Response {
+    Response::Error(Box::new(ErrorInfo::new(
+        "ERROR".to_owned(),
+        code.to_owned(),
+        message,
+    )))
+}
+
+impl Queries {
+    fn answer(&self, command: Command, peer: &str) -> Result<Response, String> {
+        match command {
+            Command::Status => Ok(self.show_status()),
+            Command::Tables => self.show_tables(),
+            Command::Lag => Ok(self.show_lag()),
+            Command::History(limit) => self.show_history(limit),
+            Command::Pause => {
+                let changed = self.status.set_paused(true);
+                tracing::info!(%peer, changed, "console: PAUSE (the applier holds; the stream keeps its position)");
+                Ok(Response::Execution(Tag::new("PAUSE")))
+            }
+            Command::Resume => {
+                let changed = self.status.set_paused(false);
+                tracing::info!(%peer, changed, "console: RESUME");
+                Ok(Response::Execution(Tag::new("RESUME")))
+            }
+        }
+    }
+
+    fn show_status(&self) -> Response {
+        let view = self.status.view();
+        let mut table = Table::new(&[
+            ("state", Type::TEXT),
+            ("paused", Type::BOOL),
+            ("direction", Type::TEXT),
+            ("primary_server", Type::TEXT),
+            ("slot", Type::TEXT),
+            ("applied_lsn", Type::PG_LSN),
+            ("lag_bytes", Type::INT8),
+            ("lag_seconds", Type::FLOAT8),
+            ("transactions_applied", Type::INT8),
+            ("last_error", Type::TEXT),
+            ("last_error_at", Type::TIMESTAMPTZ),
+            ("started_at", Type::TIMESTAMPTZ),
+            ("pid", Type::INT4),
+        ]);
+        let row = vec![
+            Cell::Text(Some(view.state.name().to_owned())),
+            Cell::Bool(self.status.paused()),
+            Cell::Text(Some(view.direction.to_owned())),
+            Cell::Text(Some(view.primary.to_owned())),
+            Cell::Text(Some(view.slot)),
+            Cell::Text(view.applied_lsn),
+            Cell::Int(view.lag.bytes.map(saturating_i64)),
+            Cell::Float(Some(view.lag.seconds)),
+            Cell::Int(Some(saturating_i64(view.transactions_applied))),
+            Cell::Text(view.last_error.as_ref().map(|e| e.message.clone())),
+            Cell::Text(view.last_error.as_ref().map(|e| timestamp(e.at))),
+            Cell::Text(Some(timestamp(view.started_at))),
+            Cell::Int4(i32::try_from(view.pid).ok()),
+        ];
+        table.push(row);
+        table.response()
+    }
+
+    fn show_tables(&self) -> Result<Response, String> {
+        let copies = self
+            .store
+            .table_copies()
+            .map_err(|e| format!("reading the state store: {e}"))?;
+        let applied = self.status.view().tables;
+        let mut names: Vec<String> = copies.iter().map(|c| c.name.to_string()).collect();
+        for name in applied.keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names.sort();
+        let mut table = Table::new(&[
+            ("table_name", Type::TEXT),
+            ("copy_state", Type::TEXT),
+            ("rows_copied", Type::INT8),
+            ("source_rows", Type::INT8),
+            ("target_rows", Type::INT8),
+            ("inserts", Type::INT8),
+            ("updates", Type::INT8),
+            ("deletes", Type::INT8),
+            ("truncates", Type::INT8),
+        ]);
+        for name in names {
+            let copy = copies.iter().find(|c| c.name.to_string() == name);
+            let counts = applied.get(&name).cloned().unwrap_or_default();
+            table.push(vec![
+                Cell::Text(Some(name.clone())),
+                Cell::Text(Some(
+                    copy.map(|c| copy_state_name(c.state))
+                        .unwrap_or("not copied")
+                        .to_owned(),
+                )),
+                Cell::Int(copy.map(|c| saturating_i64(c.rows_copied))),
+                Cell::Int(copy.and_then(|c| c.source_count)),
+                Cell::Int(copy.and_then(|c| c.target_count)),
+                Cell::Int(Some(saturating_i64(counts.inserts))),
+                Cell::Int(Some(saturating_i64(counts.updates))),
+                Cell::Int(Some(saturating_i64(counts.deletes))),
+                Cell::Int(Some(saturating_i64(counts.truncates))),
+            ]);
+        }
+        Ok(table.response())
+    }
+
+    fn show_lag(&self) -> Response {
+        let view = self.status.view();
+        let mut table = Table::new(&[
+            ("lag_bytes", Type::INT8),
+            ("lag_seconds", Type::FLOAT8),
+            ("applied_lsn", Type::PG_LSN),
+            ("source_lsn", Type::PG_LSN),
+            ("slot_retained_bytes", Type::INT8),
+            ("wal_status", Type::TEXT),
+            ("slot_safe_wal_bytes", Type::INT8),
+            ("sampled_at", Type::TIMESTAMPTZ),
+        ]);
+        table.push(vec![
+            Cell::Int(view.lag.bytes.map(saturating_i64)),
+            Cell::Float(Some(view.lag.seconds)),
+            Cell::Text(view.applied_lsn),
+            Cell::Text(view.lag.source_lsn),
+            Cell::Int(view.lag.slot_retained_bytes.map(saturating_i64)),
+            Cell::Text(view.lag.wal_status),
+            Cell::Int(view.lag.slot_safe_wal_bytes),
+            Cell::Text(view.lag.sampled_at.map(timestamp)),
+        ]);
+        table.response()
+    }
+
+    fn show_history(&self, limit: Option<usize>) -> Result<Response, String> {
+        let samples = self
+            .store
+            .lag_history(limit.unwrap_or(usize::MAX))
+            .map_err(|e| format!("reading the state store: {e}"))?;
+        let mut table = Table::new(&[
+            ("sampled_at", Type::TIMESTAMPTZ),
+            ("lag_bytes", Type::INT8),
+            ("lag_seconds", Type::FLOAT8),
+        ]);
+        for sample in samples {
+            table.push(vec![
+                Cell::Text(Some(timestamp_millis(sample.at_ms))),
+                Cell::Int(sample.bytes.map(saturating_i64)),
+                Cell::Float(Some(sample.seconds)),
+            ]);
+        }
+        Ok(table.response())
+    }
+}
+
+/// The name a table's copy state has in the console and `cutover status`.
+pub fn copy_state_name(state: TableCopyState) -> &'static str {
+    match state {
+        TableCopyState::Pending => "pending",
+        TableCopyState::Copying => "copying",
+        TableCopyState::Copied => "copied",
+    }
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Unix seconds as PostgreSQL prints a `timestamptz` in UTC.
+pub fn timestamp(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S+00").to_string())
+        .unwrap_or_else(|| format!("{secs} s after the epoch"))
+}
+
+/// Unix milliseconds as PostgreSQL prints a `timestamptz` in UTC.
+pub fn timestamp_millis(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
+        .unwrap_or_else(|| format!("{ms} ms after the epoch"))
+}
+
+/// One value of a result row.
+enum Cell {
+    Text(Option<String>),
+    Int(Option<i64>),
+    Int4(Option<i32>),
+    Float(Option<f64>),
+    Bool(bool),
+}
+
+/// A typed result set under construction.
+struct Table {
+    schema: Arc<Vec<FieldInfo>>,
+    rows: Vec<Vec<Cell>>,
+}
+
+impl Table {
+    fn new(columns: &[(&str, Type)]) -> Table {
+        let schema = columns
+            .iter()
+            .map(|(name, ty)| {
+                FieldInfo::new(
+                    (*name).to_owned(),
+                    None,
+                    None,
+                    ty.clone(),
+                    FieldFormat::Text,
+                )
+            })
+            .collect();
+        Table {
+            schema: Arc::new(schema),
+            rows: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: Vec<Cell>) {
+        self.rows.push(row);
+    }
+
+    fn response(self) -> Response {
+        let schema = Arc::clone(&self.schema);
+        let mut encoder = DataRowEncoder::new(Arc::clone(&schema));
+        let rows: Vec<PgWireResult<DataRow>> = self
+            .rows
+            .into_iter()
+            .map(|row| {
+                for cell in row {
+                    match cell {
+                        Cell::Text(v) => encoder.encode_field(&v)?,
+                        Cell::Int(v) => encoder.encode_field(&v)?,
+                        Cell::Int4(v) => encoder.encode_field(&v)?,
+                        Cell::Float(v) => encoder.encode_field(&v)?,
+                        Cell::Bool(v) => encoder.encode_field(&v)?,
+                    }
+                }
+                Ok(encoder.take_row())
+            })
+            .collect();
+        Response::Query(QueryResponse::new(schema, stream::iter(rows)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_case_insensitive_and_semicolons_optional() {
+        assert_eq!(parse("show status"), Ok(Command::Status));
+        assert_eq!(parse("  Show   Tables "), Ok(Command::Tables));
+        assert_eq!(parse("pause"), Ok(Command::Pause));
+        assert_eq!(parse("SHOW HISTORY 5"), Ok(Command::History(Some(5))));
+        assert_eq!(parse("show history all"), Ok(Command::History(None)));
+        assert_eq!(
+            parse("SHOW HISTORY"),
+            Ok(Command::History(Some(DEFAULT_HISTORY)))
+        );
+        assert_eq!(commands("SHOW LAG;"), vec!["SHOW LAG"]);
+        assert_eq!(commands("pause ; resume;;"), vec!["pause", "resume"]);
+    }
+
+    #[test]
+    fn an_unknown_command_lists_the_commands() {
+        let err = parse("SELECT 1").unwrap_err();
+        assert!(err.contains("SELECT 1"), "{err}");
+        assert!(err.contains(COMMANDS), "{err}");
+        assert!(parse("SHOW HISTORY -3").is_err());
+        assert!(parse("SHOW HISTORY 0").is_err());
+    }
+
+    #[test]
+    fn timestamps_print_as_postgres_does() {
+        assert_eq!(timestamp(0), "1970-01-01 00:00:00+00");
+        assert_eq!(
+            timestamp_millis(1_764_000_000_123),
+            "2025-11-24 16:00:00.123+00"
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! The admin console (psql and a driver against `[console] listen`) and
+//! `cutover status`, while the daemon runs and after it stopped.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use cutover_tests::cluster::bindir;
+use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover, wait_for};
+use tokio_postgres::SimpleQueryMessage;
+
+const WAIT: Duration = Duration::from_secs(120);
+const PASSWORD: &str = "console-pw-9f3";
+
+/// The console address the daemon recorded in its state directory.
+async fn console_addr(state: &Path) -> String {
+    wait_for("the console address in listen.json", WAIT, || async {
+        let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["console"].as_str().map(str::to_owned)
+    })
+    .await
+}
+
+/// `psql -c command` against the console: (success, stdout, stderr).
+fn psql(addr: &str, password: Option<&str>, command: &str) -> (bool, String, String) {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let mut cmd = Command::new(bindir().join("psql"));
+    cmd.args([
+        "-X", "-h", host, "-p", port, "-U", "ops", "-d", "cutover", "-c", command,
+    ])
+    .env_remove("PGPASSWORD")
+    .env("PGCONNECT_TIMEOUT", "10");
+    match password {
+        Some(p) => cmd.env("PGPASSWORD", p),
+        None => cmd.arg("-w"),
+    };
+    let out = cmd.output().expect("run psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn console(addr: &str, password: &str) -> tokio_postgres::Client {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let (client, connection) = tokio_postgres::Config::new()
+        .host(host)
+        .port(port.parse().unwrap())
+        .user("ops")
+        .dbname("cutover")
+        .password(password)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the console with the password");
+    tokio::spawn(connection);
+    client
+}
+
+/// The first row of `command`, as (column, value) pairs.
+async fn first_row(
+    client: &tokio_postgres::Client,
+    command: &str,
+) -> Vec<(String, Option<String>)> {
+    all_rows(client, command)
+        .await
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("{command} returned no row"))
+}
+
+async fn all_rows(
+    client: &tokio_postgres::Client,
+    command: &str,
+) -> Vec<Vec<(String, Option<String>)>> {
+    client
+        .simple_query(command)
+        .await
+        .unwrap_or_else(|e| panic!("{command}: {e}"))
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                row.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), row.get(i).map(str::to_owned)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn value(row: &[(String, Option<String>)], column: &str) -> Option<String> {
+    row.iter()
+        .find(|(c, _)| c == column)
+        .unwrap_or_else(|| panic!("no column {column} in {row:?}"))
+        .1
+        .clone()
+}
+
+async fn target_count(pair: &Pair) -> i64 {
+    pair.target
+        .query_value("app", "SELECT count(*) FROM items")
+        .await
+}
+
+#[tokio::test]
+async fn psql_reads_the_console_and_pause_holds_the_applier_until_resume() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE items (id int PRIMARY KEY, v text);")
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, 'seed' FROM generate_series(1, 100) g",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let env = [
+        ("CUTOVER__CONSOLE__PASSWORD", PASSWORD),
+        ("CUTOVER__STATE__LAG_SAMPLE_SECONDS", "1"),
+    ];
+    let mut daemon = Daemon::start_with_env(&config, &["run"], &env);
+    let state = dir.path().join("state");
+    let addr = console_addr(&state).await;
+    pair.wait_equal(&["items"], WAIT).await;
+
+    // psql shows typed row sets as tables; case and semicolon do not matter.
+    let (ok, out, err) = psql(&addr, Some(PASSWORD), "show status");
+    assert!(ok, "psql SHOW STATUS failed: {err}");
+    assert!(
+        out.contains("state") && out.contains("lag_seconds"),
+        "{out}"
+    );
+    assert!(out.contains("streaming"), "{out}");
+    assert!(out.contains("(1 row)"), "{out}");
+    let (ok, out, err) = psql(&addr, Some(PASSWORD), "SHOW TABLES;");
+    assert!(ok, "psql SHOW TABLES failed: {err}");
+    assert!(
+        out.contains("public.items") && out.contains("copied"),
+        "{out}"
+    );
+    assert!(!out.contains(PASSWORD) && !err.contains(PASSWORD));
+
+    // A wrong password and no password are refused.
+    let (ok, _, err) = psql(&addr, Some("wrong"), "SHOW STATUS");
+    assert!(!ok, "a wrong password was accepted");
+    assert!(err.to_lowercase().contains("password"), "{err}");
+    let (ok, _, _) = psql(&addr, None, "SHOW STATUS");
+    assert!(!ok, "no password was accepted");
+
+    // An unknown command answers with the list of commands.
+    let (ok, _, err) = psql(&addr, Some(PASSWORD), "SELECT 1");
+    assert!(!ok);
+    assert!(
+        err.contains("unknown console command")
+            && err.contains("SHOW HISTORY")
+            && err.contains("RESUME"),
+        "{err}"
+    );
+
+    // Typed columns, read through a driver.
+    let client = console(&addr, PASSWORD).await;
+    let status = client.simple_query("SHOW STATUS").await.unwrap();
+    let SimpleQueryMessage::RowDescription(columns) = &status[0] else {
+        panic!("no row description: {status:?}");
+    };
+    let names: Vec<&str> = columns.iter().map(|c| c.name()).collect();
+    assert!(
+        names.contains(&"applied_lsn") && names.contains(&"pid"),
+        "{names:?}"
+    );
+
+    // PAUSE: a source change is received but not applied, and lag grows.
+    client.simple_query("pause;").await.expect("PAUSE");
+    let row = first_row(&client, "SHOW STATUS").await;
+    assert_eq!(value(&row, "state").as_deref(), Some("paused"));
+    assert_eq!(value(&row, "paused").as_deref(), Some("t"));
+    assert!(value(&row, "applied_lsn").is_some(), "{row:?}");
+    pair.source
+        .execute("app", "INSERT INTO items VALUES (1001, 'while paused')")
+        .await;
+    wait_for("lag to grow while paused", WAIT, || async {
+        let row = first_row(&client, "SHOW LAG").await;
+        let seconds: f64 = value(&row, "lag_seconds")?.parse().ok()?;
+        (seconds >= 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        target_count(&pair).await,
+        100,
+        "a change was applied while paused"
+    );
+
+    // `cutover status` asks the running daemon through the console.
+    let config_arg = config.to_str().unwrap();
+    let human = run_cutover(&["--config", config_arg, "status"], &env);
+    assert_eq!(human.code, 0, "{}", human.all_output());
+    assert!(human.stdout.contains("cutover: paused"), "{}", human.stdout);
+    assert!(human.stdout.contains("public.items"), "{}", human.stdout);
+    assert!(!human.all_output().contains(PASSWORD));
+    let json = run_cutover(
+        &["--config", config_arg, "status", "--format", "json"],
+        &env,
+    );
+    assert_eq!(json.code, 0, "{}", json.all_output());
+    let json: serde_json::Value = serde_json::from_str(&json.stdout).expect("status JSON");
+    assert_eq!(json["running"], true);
+    assert_eq!(json["source"], "daemon");
+    assert_eq!(json["state"], "paused");
+    assert!(json["lag"]["seconds"].as_f64().unwrap() >= 2.0, "{json}");
+    assert_eq!(json["tables"][0]["table"], "public.items");
+    assert_eq!(json["tables"][0]["rows_copied"], 100);
+
+    // RESUME: the held change arrives.
+    client.simple_query("Resume").await.expect("RESUME");
+    pair.wait_equal(&["items"], WAIT).await;
+    assert_eq!(target_count(&pair).await, 101);
+    let row = first_row(&client, "show status").await;
+    assert_eq!(value(&row, "state").as_deref(), Some("streaming"));
+    let tables = all_rows(&client, "SHOW TABLES").await;
+    assert_eq!(value(&tables[0], "inserts").as_deref(), Some("1"));
+
+    // The lag history holds samples, oldest first, and honours a count.
+    let history = wait_for("two lag samples", WAIT, || async {
+        let rows = all_rows(&client, "SHOW HISTORY ALL").await;
+        (rows.len() >= 2).then_some(rows)
+    })
+    .await;
+    let times: Vec<String> = history
+        .iter()
+        .map(|r| value(r, "sampled_at").unwrap())
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "history is not oldest first");
+    assert_eq!(all_rows(&client, "SHOW HISTORY 1").await.len(), 1);
+    let error = client.simple_query("SHOW HISTORY zero").await.unwrap_err();
+    let db = error.as_db_error().expect("an error from the console");
+    assert_eq!(db.code().code(), "42601");
+    assert!(db.message().contains("positive number"), "{db:?}");
+
+    // Stopped: `status` reads the store.
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    let stopped = run_cutover(
+        &["--config", config_arg, "status", "--format", "json"],
+        &env,
+    );
+    assert_eq!(stopped.code, 0, "{}", stopped.all_output());
+    let json: serde_json::Value = serde_json::from_str(&stopped.stdout).expect("status JSON");
+    assert_eq!(json["running"], false);
+    assert_eq!(json["source"], "state store");
+    assert_eq!(json["state"], "stopped");
+    assert!(json["applied_lsn"].is_string(), "{json}");
+    // With no daemon, the slot still holds WAL: status asks the source.
+    assert!(json["lag"]["slot_retained_bytes"].as_i64().is_some(), "{json}");
+    assert_eq!(json["lag"]["wal_status"], "reserved", "{json}");
+    assert!(json["lag"]["bytes"].as_i64().is_some(), "{json}");
+    assert_eq!(json["tables"][0]["copy_state"], "copied");
+    assert_eq!(json["tables"][0]["source_rows"], 100);
+    let human = run_cutover(&["--config", config_arg, "status"], &env);
+    assert!(
+        human
+            .stdout
+            .contains("no daemon running; last recorded state: stopped"),
+        "{}",
+        human.stdout
+    );
+}
+
+#[tokio::test]
+async fn without_a_password_the_console_is_off_unless_explicitly_opened_on_loopback() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE items (id int PRIMARY KEY, v text);")
+        .await;
+
+    // No password: no console, a warning, and `status` says how to fix it.
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = Daemon::start(&config, &["run"]);
+    let state = dir.path().join("state");
+    wait_for("the daemon to stream", WAIT, || async {
+        daemon.log().contains("to=\"streaming\"").then_some(())
+    })
+    .await;
+    assert!(
+        daemon.log().contains("the admin console is off"),
+        "{}",
+        daemon.log()
+    );
+    let listen = std::fs::read_to_string(state.join("listen.json")).unwrap();
+    assert!(!listen.contains("console"), "{listen}");
+    let status = run_cutover(&["--config", config.to_str().unwrap(), "status"], &[]);
+    assert_eq!(status.code, 1, "{}", status.all_output());
+    assert!(
+        status.stderr.contains("console is off") && status.stderr.contains("console.password"),
+        "{}",
+        status.stderr
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+
+    // Open on loopback when the config says so.
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &["run"],
+        &[("CUTOVER__CONSOLE__ALLOW_NO_PASSWORD", "true")],
+    );
+    let addr = console_addr(&state).await;
+    let (ok, out, err) = wait_for("psql without a password", WAIT, || async {
+        let (ok, out, err) = psql(&addr, None, "SHOW LAG");
+        ok.then_some((ok, out, err))
+    })
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("lag_bytes") && out.contains("wal_status"),
+        "{out}"
+    );
+    assert!(
+        daemon.log().contains("WITHOUT a password"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
