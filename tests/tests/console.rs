@@ -256,7 +256,10 @@ async fn psql_reads_the_console_and_pause_holds_the_applier_until_resume() {
     assert_eq!(json["state"], "stopped");
     assert!(json["applied_lsn"].is_string(), "{json}");
     // With no daemon, the slot still holds WAL: status asks the source.
-    assert!(json["lag"]["slot_retained_bytes"].as_i64().is_some(), "{json}");
+    assert!(
+        json["lag"]["slot_retained_bytes"].as_i64().is_some(),
+        "{json}"
+    );
     assert_eq!(json["lag"]["wal_status"], "reserved", "{json}");
     assert!(json["lag"]["bytes"].as_i64().is_some(), "{json}");
     assert_eq!(json["tables"][0]["copy_state"], "copied");
