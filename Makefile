@@ -1,9 +1,12 @@
 # The commands a newcomer types:
 #   make test    install what is missing, run every test against real
 #                PostgreSQL clusters, then clippy and rustfmt checks
+#   make bench   cutover against native logical replication, pg_dump and
+#                pgcopydb on two throwaway clusters (docs/benchmarks.md);
+#                make bench SCENARIO=copy ROWS=100000 for one, smaller
 CARGO ?= cargo
 
-.PHONY: test deps build unit-and-integration lint
+.PHONY: test deps build unit-and-integration lint bench
 
 test: deps build unit-and-integration lint
 
@@ -26,3 +29,15 @@ unit-and-integration:
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) fmt --all --check
+
+SCENARIO ?= all
+ROWS ?= 1000000
+BENCH_ARGS ?=
+
+# Not part of `make test`: prints figures, asserts no timing.
+bench: deps
+	@command -v pgcopydb >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		(apt-get install -y pgcopydb >/dev/null 2>&1 || (apt-get update >/dev/null && apt-get install -y pgcopydb >/dev/null)) || \
+		echo "pgcopydb could not be installed: its figures will be missing"
+	$(CARGO) build --release -p cutover -p cutover-tests --bin cutover --bin bench
+	target/release/bench --scenario $(SCENARIO) --rows $(ROWS) --json target/bench/results.json $(BENCH_ARGS)

@@ -14,13 +14,17 @@ pub fn cutover_bin() -> PathBuf {
     if let Some(path) = std::env::var_os(BIN_ENV) {
         return PathBuf::from(path);
     }
-    // target/<profile>/deps/<test-binary> → target/<profile>/cutover
+    // target/<profile>/deps/<test-binary> → target/<profile>/cutover, or
+    // target/<profile>/bench → target/<profile>/cutover.
     let exe = std::env::current_exe().expect("the test executable's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("the test executable lives in target/<profile>/deps");
-    let bin = profile_dir.join("cutover");
+    let dir = exe.parent().expect("the executable's directory");
+    let bin = if dir.join("cutover").is_file() {
+        dir.join("cutover")
+    } else {
+        dir.parent()
+            .expect("the test executable lives in target/<profile>/deps")
+            .join("cutover")
+    };
     assert!(
         bin.exists(),
         "{} does not exist: build it with `cargo build -p cutover` (make test does) or set {BIN_ENV}",

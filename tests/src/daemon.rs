@@ -104,6 +104,11 @@ impl Daemon {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         match self.child.as_mut() {

@@ -5,6 +5,7 @@
 //! No database is mocked. Tests wait on conditions ([`cluster::wait_for`]),
 //! never on fixed sleeps, and never assert a timing.
 
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;

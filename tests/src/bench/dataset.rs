@@ -7,9 +7,9 @@
 /// The tables the snapshot copy moves.
 pub const COPY_TABLES: &[&str] = &["beneficiaries", "documents", "payments"];
 
-/// The tables of the apply and lag scenarios: the written table and the
-/// marker table that times catch-up and lag.
-pub const STREAM_TABLES: &[&str] = &["beneficiaries", "bench_marker"];
+/// The tables of the apply and lag scenarios: the written table (shaped
+/// like `beneficiaries`) and the marker table that times catch-up.
+pub const STREAM_TABLES: &[&str] = &["bench_stream", "bench_marker"];
 
 /// The tables of the large-transaction scenario.
 pub const BULK_TABLES: &[&str] = &["bench_bulk", "bench_marker"];
@@ -21,6 +21,7 @@ pub const ALL_TABLES: &[&str] = &[
     "beneficiaries",
     "bench_marker",
     "bench_bulk",
+    "bench_stream",
 ];
 
 /// The schema, identical on both servers. `documents.body` is stored out
@@ -51,6 +52,7 @@ CREATE TABLE payments (
 CREATE INDEX payments_beneficiary_id ON payments (beneficiary_id);
 CREATE TABLE bench_marker (id bigint PRIMARY KEY, sent_at timestamptz NOT NULL);
 CREATE TABLE bench_bulk (id bigint PRIMARY KEY, payload text NOT NULL);
+CREATE TABLE bench_stream (LIKE beneficiaries INCLUDING ALL);
 ";
 
 /// Drops every benchmark table (the target's schema is recreated before
@@ -145,17 +147,21 @@ pub fn generate(sizes: Sizes, seed: i64) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Fills `bench_stream` on the source with the first `rows` beneficiaries:
+/// the rows the backlog updates and deletes.
+pub fn stream_seed(rows: i64) -> String {
+    format!("INSERT INTO bench_stream SELECT * FROM beneficiaries WHERE id <= {rows}")
+}
+
 /// The backlog generator on the source: `changes` single-row changes of
-/// `beneficiaries`, a third each inserts, updates and deletes, interleaved,
-/// committed every `per_txn` changes. Each statement must touch exactly
-/// one row, so the backlog holds exactly `changes` changes.
-///
-/// Inserts take fresh ids from `insert_from`; updates walk up from id 1
-/// (distinct keys within one backlog); deletes walk down from
-/// `delete_from`, above every id that `payments` references.
+/// `bench_stream`, a third each inserts, updates and deletes, interleaved,
+/// committed every `per_txn` changes. `bench_stream` holds ids
+/// `1..=seeded` with `seeded >= changes`: inserts take fresh ids above,
+/// updates walk up from 1 and deletes walk down from `seeded`, so no
+/// statement meets a row another one removed. Each statement must touch
+/// exactly one row, so the backlog holds exactly `changes` changes.
 pub const BACKLOG_PROCEDURE: &str = "
-CREATE OR REPLACE PROCEDURE bench_backlog(changes bigint, per_txn int, insert_from bigint,
-                                          update_span bigint, delete_from bigint, seed bigint)
+CREATE OR REPLACE PROCEDURE bench_backlog(changes bigint, per_txn int, seeded bigint, seed bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     i bigint := 0;
@@ -168,17 +174,17 @@ BEGIN
         h := hashint8extended(i, seed) & 9223372036854775807;
         CASE i % 3
             WHEN 0 THEN
-                INSERT INTO beneficiaries VALUES (
-                    insert_from + k, 'Backlog ' || to_hex(h), date '2024-01-01' + (h % 365)::int,
+                INSERT INTO bench_stream VALUES (
+                    seeded + 1 + k, 'Backlog ' || to_hex(h), date '2024-01-01' + (h % 365)::int,
                     'LOC-' || lpad((h % 5000)::text, 4, '0'), 1 + (h % 200)::int, now(), now());
             WHEN 1 THEN
-                UPDATE beneficiaries
+                UPDATE bench_stream
                    SET programme_id = 1 + (h % 200)::int,
                        location_code = 'LOC-' || lpad(((h >> 13) % 5000)::text, 4, '0'),
                        updated_at = now()
-                 WHERE id = 1 + (k % update_span);
+                 WHERE id = 1 + k;
             ELSE
-                DELETE FROM beneficiaries WHERE id = delete_from - k;
+                DELETE FROM bench_stream WHERE id = seeded - k;
         END CASE;
         GET DIAGNOSTICS touched = ROW_COUNT;
         IF touched <> 1 THEN
@@ -193,31 +199,16 @@ BEGIN
 END $$;
 ";
 
-/// The largest backlog that four rounds (apply-1 and apply-100, each for
-/// cutover and native) can delete from the upper half of `rows` without
-/// running out: 4 × changes/3 ≤ rows/2.
-pub fn max_changes(rows: i64) -> i64 {
-    (rows * 3 / 8).max(3)
-}
-
-/// The arguments of `CALL bench_backlog(...)` for backlog number `round`.
-pub fn backlog_call(rows: i64, changes: i64, per_txn: i64, round: i64, seed: i64) -> String {
-    let per_kind = changes.div_ceil(3);
-    let insert_from = rows + 1 + round * per_kind;
-    let delete_from = rows - round * per_kind;
-    let update_span = (rows / 2).max(1);
-    format!(
-        "CALL bench_backlog({changes}, {per_txn}, {insert_from}, {update_span}, {delete_from}, {})",
-        seed + 100 + round
-    )
+/// `CALL bench_backlog(...)`.
+pub fn backlog_call(changes: i64, per_txn: i64, seeded: i64, seed: i64) -> String {
+    format!("CALL bench_backlog({changes}, {per_txn}, {seeded}, {seed})")
 }
 
 /// The `pgbench` script of the lag scenario: single-row updates of the
-/// lower half of `beneficiaries`.
-pub fn pgbench_script(rows: i64) -> String {
+/// `seeded` rows of `bench_stream`.
+pub fn pgbench_script(seeded: i64) -> String {
     format!(
-        "\\set id random(1, {})\nUPDATE beneficiaries SET updated_at = now(), programme_id = 1 + :id % 200 WHERE id = :id;\n",
-        (rows / 2).max(1)
+        "\\set id random(1, {seeded})\nUPDATE bench_stream SET updated_at = now(), programme_id = 1 + :id % 200 WHERE id = :id;\n"
     )
 }
 

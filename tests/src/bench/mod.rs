@@ -8,6 +8,5 @@
 
 pub mod context;
 pub mod dataset;
-pub mod procs;
 pub mod report;
 pub mod scenarios;
