@@ -37,6 +37,33 @@ MSG
     fi
 fi
 
+# Client tools the tests drive as an operator would: psql against the admin
+# console, promtool to check the /metrics exposition format.
+need=()
+psql_found() {
+    command -v psql >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/psql' >/dev/null ||
+        [[ -n "${CUTOVER_PG_BINDIR:-}" && -x "${CUTOVER_PG_BINDIR}/psql" ]]
+}
+psql_found || need+=(postgresql-client)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+if (( ${#need[@]} > 0 )); then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "install-deps: installing ${need[*]} (psql, promtool)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 || {
+            apt-get update -qq
+            apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+        }
+        # The prometheus package may start a server of its own: not ours.
+        if command -v systemctl >/dev/null 2>&1; then
+            systemctl disable --now prometheus >/dev/null 2>&1 || true
+        fi
+    else
+        echo "install-deps: missing ${need[*]}: sudo apt-get install ${need[*]}" >&2
+        exit 1
+    fi
+fi
+
 if [[ "$(id -u)" == 0 ]] && ! id postgres >/dev/null 2>&1; then
     echo "install-deps: tests run as root start PostgreSQL as the 'postgres' user; creating it"
     useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres

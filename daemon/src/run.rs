@@ -217,7 +217,7 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
         };
         if let Some(c) = &client {
             if let Ok(current) = slot::current_wal_lsn(c).await {
-                let applied = status.applied_lsn().unwrap_or(start).max(start);
+                let applied = status.caught_up_lsn().unwrap_or(start).max(start);
                 lag.bytes = Some(current.bytes_since(applied));
                 lag.source_lsn = Some(current.to_string());
             }
@@ -380,6 +380,7 @@ async fn read_stream(
                     && !decoder.in_transaction();
                 if idle && *durable.borrow() >= forwarded {
                     stream.set_flushed(wal_end);
+                    queue.status.caught_up(wal_end);
                 }
                 continue;
             }

@@ -158,6 +158,9 @@ pub struct StatusView {
 struct Inner {
     state: DaemonState,
     applied: Option<Lsn>,
+    /// The server's WAL end from a keepalive received while nothing was
+    /// pending: everything before it is applied or not ours to apply.
+    idle_at: Option<Lsn>,
     lag: Lag,
     last_error: Option<LastError>,
     /// Committed transactions received and not yet applied: end LSN and
@@ -185,6 +188,7 @@ impl Status {
             inner: Mutex::new(Inner {
                 state: DaemonState::Starting,
                 applied: None,
+                idle_at: None,
                 lag: Lag::default(),
                 last_error: None,
                 pending: VecDeque::new(),
@@ -293,6 +297,25 @@ impl Status {
         let mut inner = self.lock();
         if inner.applied.is_none_or(|applied| applied < position) {
             inner.applied = Some(position);
+        }
+    }
+
+    /// A keepalive reported the server's WAL end while the stream was idle
+    /// and everything received was applied: the target is caught up to it.
+    pub fn caught_up(&self, wal_end: Lsn) {
+        let mut inner = self.lock();
+        if inner.pending.is_empty() && inner.idle_at.is_none_or(|at| at < wal_end) {
+            inner.idle_at = Some(wal_end);
+        }
+    }
+
+    /// How far the target is caught up, for lag in bytes: the last applied
+    /// commit, or a later idle keepalive position.
+    pub fn caught_up_lsn(&self) -> Option<Lsn> {
+        let inner = self.lock();
+        match (inner.applied, inner.idle_at) {
+            (Some(a), Some(i)) => Some(a.max(i)),
+            (a, i) => a.or(i),
         }
     }
 

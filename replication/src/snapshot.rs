@@ -100,21 +100,31 @@ pub async fn open_snapshot(client: &Client, snapshot: &str) -> Result<(), tokio_
         .await
 }
 
-/// Splits a table into chunks of about `pages_per_chunk` heap pages.
+/// Splits a table into chunks of about `pages_per_chunk` pages of data.
+///
+/// Chunks are ranges of heap pages (`ctid`), but the data of a page is not
+/// only on the page: TOASTed values live in the TOAST table. A table of
+/// large text values has few heap pages and most of its bytes out of line,
+/// so the step is scaled by the table's total size (heap and TOAST, from
+/// `pg_table_size`) over its heap size: every chunk carries about the same
+/// number of bytes, and a TOAST-heavy table is shared by several workers.
 pub async fn plan_chunks(
     client: &Client,
     table: &TableName,
     partitioned: bool,
     pages_per_chunk: u32,
 ) -> Result<Vec<Chunk>, tokio_postgres::Error> {
-    let sources: Vec<(TableName, i64)> = if partitioned {
+    const SIZES: &str = "pg_relation_size(c.oid) / current_setting('block_size')::int8,
+                         pg_table_size(c.oid) / current_setting('block_size')::int8";
+    let sources: Vec<(TableName, i64, i64)> = if partitioned {
         client
             .query(
-                "SELECT n.nspname::text, c.relname::text,
-                        pg_relation_size(c.oid) / current_setting('block_size')::int8
-                   FROM pg_partition_tree($1::text::regclass) t
-                   JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE t.isleaf ORDER BY 1, 2",
+                &format!(
+                    "SELECT n.nspname::text, c.relname::text, {SIZES}
+                       FROM pg_partition_tree($1::text::regclass) t
+                       JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE t.isleaf ORDER BY 1, 2"
+                ),
                 &[&table.quoted()],
             )
             .await?
@@ -123,23 +133,23 @@ pub async fn plan_chunks(
                 (
                     TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
                     r.get(2),
+                    r.get(3),
                 )
             })
             .collect()
     } else {
-        let pages: i64 = client
+        let row = client
             .query_one(
-                "SELECT pg_relation_size($1::text::regclass) / current_setting('block_size')::int8",
+                &format!("SELECT {SIZES} FROM pg_class c WHERE c.oid = $1::text::regclass"),
                 &[&table.quoted()],
             )
-            .await?
-            .get(0);
-        vec![(table.clone(), pages)]
+            .await?;
+        vec![(table.clone(), row.get(0), row.get(1))]
     };
-    let step = u64::from(pages_per_chunk.max(1));
     let mut chunks = Vec::new();
-    for (source, pages) in sources {
+    for (source, pages, total_pages) in sources {
         let pages = pages.max(0) as u64;
+        let step = chunk_step(pages, total_pages.max(0) as u64, pages_per_chunk);
         let mut first = 0;
         loop {
             let end = first + step;
@@ -158,6 +168,20 @@ pub async fn plan_chunks(
         }
     }
     Ok(chunks)
+}
+
+/// Heap pages per chunk so that a chunk holds about `pages_per_chunk`
+/// pages of data, TOAST included: `heap_pages` of the table's
+/// `total_pages` are on the heap.
+fn chunk_step(heap_pages: u64, total_pages: u64, pages_per_chunk: u32) -> u64 {
+    let per_chunk = u64::from(pages_per_chunk.max(1));
+    if total_pages <= heap_pages || heap_pages == 0 {
+        return per_chunk;
+    }
+    // per_chunk × heap / total, rounded up, at least one page.
+    (per_chunk.saturating_mul(heap_pages))
+        .div_ceil(total_pages)
+        .max(1)
 }
 
 /// The source query of a chunk.
@@ -277,6 +301,20 @@ mod tests {
             end_page: end,
             index: 0,
         }
+    }
+
+    #[test]
+    fn toast_heavy_tables_get_more_chunks() {
+        // Plain table: the step is the configured pages.
+        assert_eq!(chunk_step(10_000, 10_000, 8192), 8192);
+        // 700 heap pages carrying 27,000 pages of TOASTed data: about
+        // 27,000 / 8192 = 4 chunks of 213 heap pages each.
+        let step = chunk_step(700, 27_000, 8192);
+        assert_eq!(step, 213);
+        assert_eq!(700_u64.div_ceil(step), 4);
+        // Never zero, whatever the ratio.
+        assert_eq!(chunk_step(1, 1_000_000, 8), 1);
+        assert_eq!(chunk_step(0, 5, 8192), 8192);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;
+pub mod http;
 
 pub use cli::{Outcome, run_cutover, write_config};
 pub use cluster::{Cluster, ClusterOptions, wait_for};

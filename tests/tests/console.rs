@@ -3,9 +3,12 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cutover_tests::cluster::bindir;
+use cutover_tests::http::{get, metric};
 use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover, wait_for};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -18,6 +21,16 @@ async fn console_addr(state: &Path) -> String {
         let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
         let json: serde_json::Value = serde_json::from_str(&text).ok()?;
         json["console"].as_str().map(str::to_owned)
+    })
+    .await
+}
+
+/// The HTTP address the daemon recorded in its state directory.
+async fn http_addr(state: &Path) -> String {
+    wait_for("the HTTP address in listen.json", WAIT, || async {
+        let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["http"].as_str().map(str::to_owned)
     })
     .await
 }
@@ -174,20 +187,45 @@ async fn psql_reads_the_console_and_pause_holds_the_applier_until_resume() {
         "{names:?}"
     );
 
-    // PAUSE: a source change is received but not applied, and lag grows.
+    // PAUSE under a write workload: changes are received, not applied, and
+    // lag in bytes and seconds rises in SHOW LAG and /metrics alike.
     client.simple_query("pause;").await.expect("PAUSE");
     let row = first_row(&client, "SHOW STATUS").await;
     assert_eq!(value(&row, "state").as_deref(), Some("paused"));
     assert_eq!(value(&row, "paused").as_deref(), Some("t"));
     assert!(value(&row, "applied_lsn").is_some(), "{row:?}");
-    pair.source
-        .execute("app", "INSERT INTO items VALUES (1001, 'while paused')")
-        .await;
-    wait_for("lag to grow while paused", WAIT, || async {
-        let row = first_row(&client, "SHOW LAG").await;
-        let seconds: f64 = value(&row, "lag_seconds")?.parse().ok()?;
-        (seconds >= 2.0).then_some(())
-    })
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let source = pair.source.client("app").await;
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut id: i32 = 1000;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                source
+                    .execute("INSERT INTO items VALUES ($1, 'while paused')", &[&id])
+                    .await
+                    .expect("write on the source");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            i64::from(id - 1000)
+        })
+    };
+    let http = http_addr(&state).await;
+    wait_for(
+        "lag to rise in SHOW LAG and /metrics while paused",
+        WAIT,
+        || async {
+            let row = first_row(&client, "SHOW LAG").await;
+            let seconds: f64 = value(&row, "lag_seconds")?.parse().ok()?;
+            let bytes: i64 = value(&row, "lag_bytes")?.parse().ok()?;
+            let (_, body) = get(&http, "/metrics");
+            let metric_seconds = metric(&body, "cutover_lag_seconds{direction=\"forward\"}")?;
+            let metric_bytes = metric(&body, "cutover_lag_bytes{direction=\"forward\"}")?;
+            (seconds >= 2.0 && bytes > 0 && metric_seconds >= 2.0 && metric_bytes > 0.0)
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(
         target_count(&pair).await,
@@ -215,14 +253,26 @@ async fn psql_reads_the_console_and_pause_holds_the_applier_until_resume() {
     assert_eq!(json["tables"][0]["table"], "public.items");
     assert_eq!(json["tables"][0]["rows_copied"], 100);
 
-    // RESUME: the held change arrives.
+    // RESUME: the held changes arrive and lag returns to 0 everywhere.
     client.simple_query("Resume").await.expect("RESUME");
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.expect("the writer");
     pair.wait_equal(&["items"], WAIT).await;
-    assert_eq!(target_count(&pair).await, 101);
+    assert_eq!(target_count(&pair).await, 100 + written);
     let row = first_row(&client, "show status").await;
     assert_eq!(value(&row, "state").as_deref(), Some("streaming"));
     let tables = all_rows(&client, "SHOW TABLES").await;
-    assert_eq!(value(&tables[0], "inserts").as_deref(), Some("1"));
+    assert_eq!(value(&tables[0], "inserts"), Some(written.to_string()));
+    wait_for("lag back to 0 in SHOW LAG and /metrics", WAIT, || async {
+        let row = first_row(&client, "SHOW LAG").await;
+        let (_, body) = get(&http, "/metrics");
+        let zero = value(&row, "lag_seconds").as_deref() == Some("0")
+            && value(&row, "lag_bytes").as_deref() == Some("0")
+            && metric(&body, "cutover_lag_seconds{direction=\"forward\"}") == Some(0.0)
+            && metric(&body, "cutover_lag_bytes{direction=\"forward\"}") == Some(0.0);
+        zero.then_some(())
+    })
+    .await;
 
     // The lag history holds samples, oldest first, and honours a count.
     let history = wait_for("two lag samples", WAIT, || async {

@@ -1,34 +1,14 @@
 //! What an operator watches: `/metrics`, `/health`, `/ready` and the lag
 //! history, while `cutover run` streams.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use cutover_tests::http::{get, metric};
 use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// `GET path` over HTTP/1.0: (status code, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
-}
 
 /// The HTTP address the daemon recorded in its state directory.
 async fn http_addr(state: &Path) -> String {
@@ -40,12 +20,29 @@ async fn http_addr(state: &Path) -> String {
     .await
 }
 
-/// The value of the metric line starting with `series` (name and labels).
-fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+/// `promtool check metrics` accepts the exposition (format and naming
+/// lint); `make test` installs promtool (Debian package `prometheus`).
+fn promtool_check(body: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (make test installs it: apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -125,6 +122,7 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
             >= 1.0
     );
     assert!(body.contains("# TYPE cutover_lag_seconds gauge"), "{body}");
+    promtool_check(&body);
 
     let (code, health) = get(&addr, "/health");
     assert_eq!(code, 200, "{health}");
@@ -166,11 +164,37 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
         (get(&addr, "/health").0 == 200).then_some(())
     })
     .await;
+    // The source goes away: the same, and the stream resumes.
+    pair.source.stop();
+    wait_for("/health to report the source outage", WAIT, || async {
+        let (code, body) = get(&addr, "/health");
+        (code == 503 && body.contains("not streaming")).then_some(())
+    })
+    .await;
+    pair.source.start_again();
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items VALUES (5001, 'after the source came back')",
+        )
+        .await;
+    pair.wait_equal(&["items"], WAIT).await;
+    wait_for(
+        "/health to recover from the source outage",
+        WAIT,
+        || async { (get(&addr, "/health").0 == 200).then_some(()) },
+    )
+    .await;
     let (_, metrics) = get(&addr, "/metrics");
     assert!(
         metric(&metrics, "cutover_errors_total{kind=\"target_transient\"}").unwrap_or(0.0) >= 1.0,
         "{metrics}"
     );
+    assert!(
+        metric(&metrics, "cutover_errors_total{kind=\"source_transient\"}").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    promtool_check(&metrics);
 
     // No secret in anything the daemon exposed or logged.
     for text in [&metrics, &get(&addr, "/health").1, &daemon.log()] {
