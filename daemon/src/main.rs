@@ -133,6 +133,7 @@ fn main() -> ExitCode {
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads())
         .enable_all()
         .build()
     {
@@ -270,6 +271,20 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Threads of the async runtime: `TOKIO_WORKER_THREADS`, else one.
+///
+/// cutover's work between the servers is light (decode, batch, forward
+/// bytes) and waits on the network; the servers it sits between need the
+/// cores. Measured with `make bench SCENARIO=apply-1` on 2 cores, a second
+/// runtime thread halved the apply rate by the wake-ups it costs.
+fn worker_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1)
 }
 
 /// SIGINT or SIGTERM.

@@ -342,19 +342,34 @@ async fn read_stream(
     let mut big: Option<SpillWriter> = None;
     let mut streamed: HashMap<u32, SpillWriter> = HashMap::new();
     let mut forwarded = *durable.borrow();
+    // Acknowledgements are sent at most every FEEDBACK_EVERY: each one that
+    // moves the slot makes the walsender save (and fsync) the slot's state
+    // file, and one per applied batch would stall the stream it feeds.
+    let mut feedback = tokio::time::interval(FEEDBACK_EVERY);
+    feedback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acknowledged = forwarded;
     loop {
         let message = tokio::select! {
             biased;
             // Stop reading; the applier finishes its batch and reports.
             () = stopped(&mut shutdown) => break,
-            // Durable on the target: acknowledge at once (invariant 1).
+            // Durable on the target: the flush position may move up to
+            // here (invariant 1), reported with the next tick.
             changed = durable.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 let lsn = *durable.borrow_and_update();
                 stream.set_flushed(lsn);
-                stream.send_status().await?;
+                continue;
+            }
+            _ = feedback.tick() => {
+                let lsn = *durable.borrow();
+                if lsn > acknowledged {
+                    stream.set_flushed(lsn);
+                    stream.send_status().await?;
+                    acknowledged = lsn;
+                }
                 continue;
             }
             message = stream.next() => message?,
@@ -540,6 +555,9 @@ struct Queue {
     budget_bytes: usize,
     status: Arc<Status>,
 }
+
+/// How often the durable position is acknowledged to the source.
+const FEEDBACK_EVERY: Duration = Duration::from_millis(200);
 
 /// While the queue is full (a slow or paused applier), the reader still
 /// reports to the source this often, so that `wal_sender_timeout` never

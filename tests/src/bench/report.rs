@@ -104,7 +104,7 @@ impl Report {
 
     /// The comparison of cutover with the peer of `figure`, in words.
     pub fn verdict(&self, figure: &Figure) -> String {
-        if figure.contestant == "cutover" {
+        if figure.contestant.starts_with("cutover") {
             return String::new();
         }
         let Some(ours) = self.cutover_of(figure) else {
@@ -178,7 +178,7 @@ impl Report {
                     "rounds": f.rounds,
                     "verified": f.verified,
                     "cutover_over_peer": self.cutover_of(f)
-                        .filter(|_| f.contestant != "cutover" && f.value > 0.0)
+                        .filter(|_| !f.contestant.starts_with("cutover") && f.value > 0.0)
                         .map(|ours| ours.value / f.value),
                     "note": f.note,
                 })
