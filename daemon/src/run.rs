@@ -556,6 +556,10 @@ struct Queue {
     status: Arc<Status>,
 }
 
+/// How often an idle applier asks the target whether its asynchronous
+/// commits are flushed.
+const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(20);
+
 /// How often the durable position is acknowledged to the source.
 const FEEDBACK_EVERY: Duration = Duration::from_millis(200);
 
@@ -676,6 +680,7 @@ async fn apply_work(
         if *pause.borrow_and_update() {
             // Paused by an operator: take nothing; the queue fills and the
             // reader holds the stream's position.
+            let _ = durable.send(applier.wait_durable().await?);
             tracing::info!(position = %applier.progress(), "applier paused");
             let mut stop = shutdown.clone();
             tokio::select! {
@@ -694,6 +699,12 @@ async fn apply_work(
                     () = stopped(&mut stop) => break,
                     // PAUSE while idle: look again before taking anything.
                     Ok(()) = pause.changed() => continue,
+                    // Batches committed asynchronously: report them durable
+                    // once the target flushed them.
+                    () = tokio::time::sleep(FLUSH_CHECK_EVERY), if applier.flush_pending() => {
+                        let _ = durable.send(applier.refresh_durable().await?);
+                        continue;
+                    }
                     item = work.recv() => match item {
                         Some(item) => item,
                         None => break,
@@ -748,9 +759,10 @@ async fn apply_work(
                 drop(permits);
             }
         }
-        let _ = durable.send(applier.progress());
+        let _ = durable.send(applier.durable());
     }
-    // Dropping the sender tells the reader the last durable position.
-    let _ = durable.send(applier.progress());
+    // Everything applied is flushed before the last acknowledgement;
+    // dropping the sender tells the reader the last durable position.
+    let _ = durable.send(applier.wait_durable().await?);
     Ok(())
 }

@@ -13,6 +13,13 @@
 //!   their changes are coalesced per row key, which gives the same end
 //!   state as applying them one by one (the last write of a key wins; a
 //!   delete then insert of a key ends inserted).
+//! - **Durable before acknowledged.** Target transactions commit with
+//!   `synchronous_commit = off` (as PostgreSQL's own apply workers do): a
+//!   batch does not wait for its WAL flush. [`Applier::durable`] is the
+//!   position of the last batch whose commit record the target has
+//!   flushed (`pg_current_wal_flush_lsn()`), and only that is acknowledged
+//!   to the source. A target crash loses the unflushed tail and the
+//!   origin's progress with it, atomically; the source still holds it.
 //! - **Nothing skipped.** A change the target refuses stops with an error
 //!   naming the table, the key, the LSN and the SQLSTATE. When a set-based
 //!   statement fails, the batch is rolled back and replayed one change at a
@@ -29,7 +36,7 @@
 //! same `DateStyle`, `TimeZone` and `extra_float_digits` as the source's
 //! walsender, so text values compare and convert exactly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio_postgres::types::ToSql;
@@ -216,6 +223,11 @@ pub struct Applier {
     statements: HashMap<String, Statement>,
     copied_at: HashMap<TableName, Lsn>,
     skip_origins: Vec<String>,
+    /// Committed batches whose commit record may not be flushed yet: the
+    /// target's WAL position after the commit, and the source position.
+    unflushed: VecDeque<(Lsn, Lsn)>,
+    /// The source position of the last batch known flushed on the target.
+    durable: Lsn,
 }
 
 impl Applier {
@@ -233,7 +245,7 @@ impl Applier {
                 "SET session_replication_role = replica;
                  SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
                  SET TimeZone = 'UTC'; SET extra_float_digits = 3;
-                 SET synchronous_commit = on",
+                 SET synchronous_commit = off",
             )
             .await
             .map_err(session_error("preparing the apply session (session_replication_role = replica needs superuser or GRANT SET ON PARAMETER)"))?;
@@ -267,7 +279,7 @@ impl Applier {
             .get(0);
         let progress = progress.and_then(|p| p.parse().ok()).unwrap_or(Lsn::ZERO);
         tracing::info!(origin, %progress, "apply session ready");
-        Ok(Applier {
+        let applier = Applier {
             client,
             origin: origin.to_owned(),
             progress,
@@ -275,10 +287,81 @@ impl Applier {
             statements: HashMap::new(),
             copied_at,
             skip_origins,
-        })
+            // The progress just read may be an asynchronous commit of an
+            // earlier run, not flushed yet: durable only once it is.
+            unflushed: VecDeque::from([(Lsn::from_u64(u64::MAX), progress)]),
+            durable: Lsn::default(),
+        };
+        applier.settled().await
     }
 
-    /// The end LSN of the last source transaction durably applied.
+    /// Waits until the target flushed its WAL up to where it is now, so
+    /// that the progress read at connect is durable.
+    async fn settled(mut self) -> Result<Applier, ApplyError> {
+        let insert: String = self
+            .client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(session_error("reading the target's WAL position"))?
+            .get(0);
+        if let Some(first) = self.unflushed.front_mut() {
+            first.0 = insert.parse().unwrap_or_default();
+        }
+        self.wait_durable().await?;
+        Ok(self)
+    }
+
+    /// The end LSN of the last source transaction applied and flushed on
+    /// the target: the most that may be acknowledged to the source.
+    pub fn durable(&self) -> Lsn {
+        self.durable
+    }
+
+    /// Whether committed batches wait for the target's WAL flush.
+    pub fn flush_pending(&self) -> bool {
+        !self.unflushed.is_empty()
+    }
+
+    /// Asks the target how far its WAL is flushed and moves
+    /// [`Applier::durable`] accordingly.
+    pub async fn refresh_durable(&mut self) -> Result<Lsn, ApplyError> {
+        if self.unflushed.is_empty() {
+            return Ok(self.durable);
+        }
+        let flushed: String = self
+            .client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .map_err(session_error("reading the target's WAL flush position"))?
+            .get(0);
+        self.flushed_up_to(flushed.parse().unwrap_or_default());
+        Ok(self.durable)
+    }
+
+    fn flushed_up_to(&mut self, flushed: Lsn) {
+        while let Some(&(local, source)) = self.unflushed.front() {
+            if local > flushed {
+                break;
+            }
+            self.durable = self.durable.max(source);
+            self.unflushed.pop_front();
+        }
+    }
+
+    /// Waits until every committed batch is flushed on the target (the WAL
+    /// writer flushes asynchronous commits within `wal_writer_delay`).
+    pub async fn wait_durable(&mut self) -> Result<Lsn, ApplyError> {
+        while self.flush_pending() {
+            self.refresh_durable().await?;
+            if self.flush_pending() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        Ok(self.durable)
+    }
+
+    /// The end LSN of the last source transaction applied (committed on
+    /// the target, perhaps not flushed yet: see [`Applier::durable`]).
     pub fn progress(&self) -> Lsn {
         self.progress
     }
@@ -454,6 +537,20 @@ impl Applier {
             .await
             .map_err(session_error("COMMIT"))?;
         self.progress = self.progress.max(end_lsn);
+        // The WAL insert position after COMMIT is at or past the commit
+        // record: once the flush position passes it, the batch is durable.
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
+                &[],
+            )
+            .await
+            .map_err(session_error("reading the target's WAL positions"))?;
+        let local: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
+        let flushed: Lsn = row.get::<_, String>(1).parse().unwrap_or_default();
+        self.unflushed.push_back((local, self.progress));
+        self.flushed_up_to(flushed);
         Ok(())
     }
 

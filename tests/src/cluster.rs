@@ -225,6 +225,21 @@ impl Cluster {
         }
     }
 
+    /// Stops the server as a crash would (`pg_ctl stop -m immediate`): no
+    /// shutdown checkpoint, WAL not yet written from the buffers is lost,
+    /// and the next start runs crash recovery.
+    pub fn crash(&mut self) {
+        if self.running {
+            let out = self.pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "60"]);
+            assert!(
+                out.status.success(),
+                "pg_ctl stop -m immediate failed:\n{}",
+                self.log()
+            );
+            self.running = false;
+        }
+    }
+
     /// Starts a stopped server on the same port.
     pub fn start_again(&mut self) {
         if !self.running {

@@ -140,6 +140,12 @@ async fn psql_reads_the_console_and_pause_holds_the_applier_until_resume() {
     let state = dir.path().join("state");
     let addr = console_addr(&state).await;
     pair.wait_equal(&["items"], WAIT).await;
+    let client = console(&addr, PASSWORD).await;
+    wait_for("the daemon to stream", WAIT, || async {
+        let row = first_row(&client, "SHOW STATUS").await;
+        (value(&row, "state").as_deref() == Some("streaming")).then_some(())
+    })
+    .await;
 
     // psql shows typed row sets as tables; case and semicolon do not matter.
     let (ok, out, err) = psql(&addr, Some(PASSWORD), "show status");
@@ -176,7 +182,6 @@ async fn psql_reads_the_console_and_pause_holds_the_applier_until_resume() {
     );
 
     // Typed columns, read through a driver.
-    let client = console(&addr, PASSWORD).await;
     let status = client.simple_query("SHOW STATUS").await.unwrap();
     let SimpleQueryMessage::RowDescription(columns) = &status[0] else {
         panic!("no row description: {status:?}");

@@ -288,6 +288,38 @@ async fn the_stream_survives_restarts_of_the_source_and_the_target() {
 }
 
 #[tokio::test]
+async fn a_target_crash_under_load_loses_no_acknowledged_change() {
+    // The apply commits asynchronously: what the target had not flushed
+    // when it crashed is gone from it, so it must not have been
+    // acknowledged to the source either, or the source would never send
+    // it again and the tables would differ for good.
+    let mut pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    for round in 0..3 {
+        let writer = Writer::start(&pair, 100 + round).await;
+        writer.advance(300).await;
+        wait_for("the target to apply under load", WAIT, || async {
+            let applied: i64 = pair
+                .target
+                .query_value("app", "SELECT count(*) FROM log")
+                .await;
+            (applied > 0).then_some(())
+        })
+        .await;
+        writer.advance(100).await;
+        pair.target.crash();
+        pair.target.start_again();
+        writer.finish().await;
+        pair.wait_equal(&["items", "log"], WAIT).await;
+    }
+    assert!(daemon.running(), "{}", daemon.log());
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
+
+#[tokio::test]
 async fn a_change_the_target_rejects_stops_the_stream_and_nothing_is_skipped() {
     let pair = Pair::start(options()).await;
     pair.both(SCHEMA).await;
