@@ -359,6 +359,24 @@ pub fn load(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
     load_from(file, &env)
 }
 
+/// A TOML parse error on one line, without the quoted source line: the
+/// parser shows the offending line with a caret under it, and that line
+/// may hold a password (an unterminated `password = "...`). Keeps where
+/// (line and column) and what.
+fn toml_error_summary(error: &str) -> String {
+    error
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            !line.is_empty()
+                && !line
+                    .trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ')
+                    .starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 /// [`load`] with the environment given explicitly (for tests).
 pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<RawConfig, ConfigError> {
     let mut builder = config::Config::builder();
@@ -373,7 +391,7 @@ pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<RawCon
             .build()
             .map_err(|e| ConfigError::File {
                 path: path.to_owned(),
-                reason: format!("not valid TOML: {e}"),
+                reason: format!("not valid TOML: {}", toml_error_summary(&e.to_string())),
             })?;
         let tree: serde_json::Value =
             file_only.try_deserialize().map_err(|e| ConfigError::File {
@@ -903,5 +921,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("keep one"), "{err}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_line_but_never_shows_it() {
+        let f = file(
+            "[source]\nurl = \"postgres://u@a/app\"\npassword = \"unterminated-secret\n[target]\nurl = \"postgres://u@b/app\"\n",
+        );
+        let err = load_from(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(!err.contains("unterminated-secret"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
 }

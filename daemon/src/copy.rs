@@ -398,6 +398,12 @@ pub async fn run(
                 role: "source",
                 source,
             })?;
+        s.batch_execute(client::TEXT_VALUE_SETTINGS)
+            .await
+            .map_err(query(
+                "source",
+                "setting the session's date and number formats",
+            ))?;
         snapshot::open_snapshot(&s, &snapshot_name)
             .await
             .map_err(query("source", "importing the snapshot"))?;
@@ -408,7 +414,10 @@ pub async fn run(
                 role: "target",
                 source,
             })?;
-        t.batch_execute("SET session_replication_role = replica")
+        t.batch_execute(&format!(
+            "SET session_replication_role = replica; {}",
+            client::TEXT_VALUE_SETTINGS
+        ))
             .await
             .map_err(query("target", "setting session_replication_role = replica (needs superuser or GRANT SET ON PARAMETER)"))?;
         sinks.push(t);

@@ -144,7 +144,17 @@ async fn run_inner(
     status: &Arc<Status>,
 ) -> Result<(), RunError> {
     status.set_state(DaemonState::Copying);
-    let outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics).await?;
+    // SIGTERM during the copy stops it at once: the chunks in flight roll
+    // back with their connections, and the next start resumes by the copy's
+    // rule (finished tables kept, the others copied again).
+    let mut stop = shutdown.clone();
+    let outcome = tokio::select! {
+        outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics) => outcome?,
+        () = stopped(&mut stop) => {
+            tracing::info!("shutdown during the copy: it resumes on the next start");
+            return Ok(());
+        }
+    };
     tracing::info!(slot = %outcome.slot, start = %outcome.start, "snapshot copied; streaming changes");
     let sampler = tokio::spawn(sample_lag(
         config.clone(),
@@ -474,7 +484,12 @@ async fn read_stream(
                     tx.commit_time = commit.commit_time;
                     Pending::Memory(tx, size)
                 };
-                queue.push(&mut stream, &durable, item).await?;
+                if !queue
+                    .push(&mut stream, &durable, &mut shutdown, item)
+                    .await?
+                {
+                    break;
+                }
             }
             Event::StreamCommit(commit) => {
                 forwarded = commit.end_lsn;
@@ -483,9 +498,17 @@ async fn read_stream(
                         let path = writer
                             .finish()
                             .map_err(|e| RunError::Spill(e.to_string()))?;
-                        queue
-                            .push(&mut stream, &durable, Pending::Spilled(path, commit))
-                            .await?;
+                        if !queue
+                            .push(
+                                &mut stream,
+                                &durable,
+                                &mut shutdown,
+                                Pending::Spilled(path, commit),
+                            )
+                            .await?
+                        {
+                            break;
+                        }
                     }
                     None => {
                         // A streamed transaction without rows in scope:
@@ -497,9 +520,12 @@ async fn read_stream(
                             commit_time: commit.commit_time,
                             changes: Vec::new(),
                         };
-                        queue
-                            .push(&mut stream, &durable, Pending::Memory(tx, 1))
-                            .await?;
+                        if !queue
+                            .push(&mut stream, &durable, &mut shutdown, Pending::Memory(tx, 1))
+                            .await?
+                        {
+                            break;
+                        }
                     }
                 }
             }
@@ -563,20 +589,24 @@ const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// How often the durable position is acknowledged to the source.
 const FEEDBACK_EVERY: Duration = Duration::from_millis(200);
 
-/// While the queue is full (a slow or paused applier), the reader still
-/// reports to the source this often, so that `wal_sender_timeout` never
-/// cuts a connection that is merely waiting.
-const WAITING_STATUS_EVERY: Duration = Duration::from_secs(5);
-
 impl Queue {
     /// Queues `item`, waiting for room (items and bytes) while keeping the
-    /// stream alive with status updates.
+    /// stream alive with status updates: while the queue is full (a slow
+    /// or paused applier) the reader still reports to the source at the
+    /// stream's status interval (`wal_sender_timeout / 3`), so that the
+    /// server never cuts a connection that is merely waiting.
+    ///
+    /// Returns `false`, without queueing, when shutdown is requested while
+    /// waiting: the item was never acknowledged, so the source sends it
+    /// again on the next start.
     async fn push(
         &self,
         stream: &mut ReplicationStream,
         durable: &watch::Receiver<Lsn>,
+        shutdown: &mut watch::Receiver<bool>,
         item: Pending,
-    ) -> Result<(), RunError> {
+    ) -> Result<bool, RunError> {
+        let waiting_status_every = stream.status_interval();
         let (end_lsn, commit_time) = match &item {
             Pending::Memory(tx, _) => (tx.end_lsn, tx.commit_time),
             Pending::Spilled(_, commit) => (commit.end_lsn, commit.commit_time),
@@ -588,10 +618,12 @@ impl Queue {
         } as u32;
         let permit = loop {
             tokio::select! {
+                biased;
+                () = stopped(shutdown) => return Ok(false),
                 permit = Arc::clone(&self.budget).acquire_many_owned(permits) => {
                     break permit.map_err(|_| RunError::Spill("the byte budget closed".into()))?;
                 }
-                () = tokio::time::sleep(WAITING_STATUS_EVERY) => {
+                () = tokio::time::sleep(waiting_status_every) => {
                     stream.set_flushed(*durable.borrow());
                     stream.send_status().await?;
                 }
@@ -599,10 +631,12 @@ impl Queue {
         };
         let slot = loop {
             tokio::select! {
+                biased;
+                () = stopped(shutdown) => return Ok(false),
                 slot = self.work.reserve() => {
                     break slot.map_err(|_| RunError::Spill("the applier stopped".into()))?;
                 }
-                () = tokio::time::sleep(WAITING_STATUS_EVERY) => {
+                () = tokio::time::sleep(waiting_status_every) => {
                     stream.set_flushed(*durable.borrow());
                     stream.send_status().await?;
                 }
@@ -615,7 +649,7 @@ impl Queue {
                 Work::Spilled(path, commit)
             }
         });
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -39,7 +39,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use tokio_postgres::types::ToSql;
+use bytes::{BufMut, Bytes, BytesMut};
+use postgres_protocol::types::ArrayDimension;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Statement};
 
 use crate::catalog::{TableName, quote_ident};
@@ -209,8 +211,62 @@ enum RowOp {
 struct TableBatch {
     relation: Arc<Relation>,
     key: Vec<usize>,
-    order: Vec<Vec<Option<String>>>,
-    rows: HashMap<Vec<Option<String>>, (RowOp, Lsn)>,
+    order: Vec<RowKey>,
+    rows: HashMap<RowKey, (RowOp, Lsn)>,
+}
+
+/// A row's key values as the source sent them (text form). `Bytes` share
+/// the decoded message's buffer: keying a batch copies no value.
+type RowKey = Vec<Option<Bytes>>;
+
+/// One column of a set-based statement: the values of many rows, sent as
+/// a single `text[]` parameter and cast to the column's type by the
+/// statement. Written straight from the decoded values into the array's
+/// binary form: no per-value allocation, and bytes that are not valid in
+/// the target's encoding are refused by the server instead of being
+/// replaced on the way.
+#[derive(Debug)]
+struct TextColumn<'a>(Vec<Option<&'a [u8]>>);
+
+impl ToSql for TextColumn<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let dimension = ArrayDimension {
+            len: i32::try_from(self.0.len())?,
+            lower_bound: 1,
+        };
+        postgres_protocol::types::array_to_sql(
+            Some(dimension),
+            Type::TEXT.oid(),
+            self.0.iter(),
+            |value, buf| match value {
+                Some(bytes) => {
+                    buf.put_slice(bytes);
+                    Ok(postgres_protocol::IsNull::No)
+                }
+                None => Ok(postgres_protocol::IsNull::Yes),
+            },
+            out,
+        )?;
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT_ARRAY
+    }
+
+    to_sql_checked!();
+}
+
+/// The bytes of a value, `None` for NULL and unchanged TOAST.
+fn datum_bytes(datum: &Datum) -> Option<&[u8]> {
+    match datum {
+        Datum::Text(bytes) | Datum::Binary(bytes) => Some(bytes),
+        Datum::Null | Datum::UnchangedToast => None,
+    }
 }
 
 /// Applies source transactions on one target connection.
@@ -241,12 +297,10 @@ impl Applier {
     ) -> Result<Applier, ApplyError> {
         let client = crate::client::connect(target).await?;
         client
-            .batch_execute(
-                "SET session_replication_role = replica;
-                 SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
-                 SET TimeZone = 'UTC'; SET extra_float_digits = 3;
-                 SET synchronous_commit = off",
-            )
+            .batch_execute(&format!(
+                "SET session_replication_role = replica; SET synchronous_commit = off; {}",
+                crate::client::TEXT_VALUE_SETTINGS
+            ))
             .await
             .map_err(session_error("preparing the apply session (session_replication_role = replica needs superuser or GRANT SET ON PARAMETER)"))?;
         let exists = client
@@ -470,7 +524,7 @@ impl Applier {
                     }
                     for change in &changes {
                         if self.wanted(change, commit.commit_lsn) {
-                            self.apply_one(change).await?;
+                            self.apply_one(change, commit.commit_lsn).await?;
                         }
                     }
                 }
@@ -525,28 +579,30 @@ impl Applier {
     async fn commit(&mut self, end_lsn: Lsn, commit_time: PgTimestamp) -> Result<(), ApplyError> {
         let lsn = end_lsn.to_string();
         let time = commit_time.to_system_time();
-        self.client
-            .execute(
-                "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)",
-                &[&lsn, &time],
-            )
-            .await
-            .map_err(session_error("recording the applied position"))?;
-        self.client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(session_error("COMMIT"))?;
-        self.progress = self.progress.max(end_lsn);
+        let setup = self
+            .statement("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)")
+            .await?;
         // The WAL insert position after COMMIT is at or past the commit
         // record: once the flush position passes it, the batch is durable.
-        let row = self
-            .client
-            .query_one(
-                "SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text",
-                &[],
-            )
-            .await
-            .map_err(session_error("reading the target's WAL positions"))?;
+        let positions = self
+            .statement("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
+            .await?;
+        // The three requests are pipelined: each sends its whole request
+        // when first polled (the statements are prepared, so nothing waits
+        // for a reply first) and `join3` polls them in order, so the server
+        // runs them in this order, in one round trip. Should the setup
+        // fail, the transaction is aborted and COMMIT rolls it back; its
+        // error is reported first.
+        let (setup, commit, positions) = futures_util::future::join3(
+            self.client.execute(&setup, &[&lsn, &time]),
+            self.client.batch_execute("COMMIT"),
+            self.client.query_one(&positions, &[]),
+        )
+        .await;
+        setup.map_err(session_error("recording the applied position"))?;
+        commit.map_err(session_error("COMMIT"))?;
+        self.progress = self.progress.max(end_lsn);
+        let row = positions.map_err(session_error("reading the target's WAL positions"))?;
         let local: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
         let flushed: Lsn = row.get::<_, String>(1).parse().unwrap_or_default();
         self.unflushed.push_back((local, self.progress));
@@ -559,11 +615,11 @@ impl Applier {
     /// unchanged TOAST) flush what is pending and run on their own, in order.
     async fn apply_fast(&mut self, changes: &[(&Change, Lsn)]) -> Result<(), ApplyError> {
         let mut pending: Vec<TableBatch> = Vec::new();
-        for (change, _) in changes {
+        for (change, commit_lsn) in changes {
             let relation = match &change.kind {
                 ChangeKind::Truncate { .. } => {
                     self.flush(&mut pending).await?;
-                    self.apply_one(change).await?;
+                    self.apply_one(change, *commit_lsn).await?;
                     continue;
                 }
                 ChangeKind::Insert { relation, .. }
@@ -573,7 +629,7 @@ impl Applier {
             let target = self.target_table(relation).await?;
             let Some(key) = key_spec(relation, &target) else {
                 self.flush(&mut pending).await?;
-                self.apply_one(change).await?;
+                self.apply_one(change, *commit_lsn).await?;
                 continue;
             };
             if let ChangeKind::Update {
@@ -587,7 +643,7 @@ impl Applier {
                 // A key change that keeps a TOASTed value: move the row in
                 // place, the value cannot be rewritten from the change.
                 self.flush(&mut pending).await?;
-                self.apply_one(change).await?;
+                self.apply_one(change, *commit_lsn).await?;
                 continue;
             }
             coalesce(&mut pending, change, relation, &key);
@@ -596,8 +652,8 @@ impl Applier {
     }
 
     async fn apply_slow(&mut self, changes: &[(&Change, Lsn)]) -> Result<(), ApplyError> {
-        for (change, _) in changes {
-            self.apply_one(change).await?;
+        for (change, commit_lsn) in changes {
+            self.apply_one(change, *commit_lsn).await?;
         }
         Ok(())
     }
@@ -615,12 +671,12 @@ impl Applier {
         let key_cols: Vec<usize> = batch.key.clone();
         // Deletes first, then full rows, then partial rows: keys are
         // distinct within a batch, so this order cannot change the result.
-        let mut deletes: Vec<Vec<Option<String>>> = Vec::new();
+        let mut deletes: Vec<&RowKey> = Vec::new();
         let mut upserts: Vec<&Vec<Datum>> = Vec::new();
         let mut patches: HashMap<Vec<bool>, Vec<&Vec<Datum>>> = HashMap::new();
         for key in &batch.order {
             match &batch.rows[key].0 {
-                RowOp::Delete => deletes.push(key.clone()),
+                RowOp::Delete => deletes.push(key),
                 RowOp::Upsert(row) => upserts.push(row),
                 RowOp::Patch(row) => {
                     let present: Vec<bool> =
@@ -636,7 +692,9 @@ impl Applier {
                 .collect();
             let sql = delete_sql(&relation.name, &names, &target);
             let statement = self.statement(&sql).await?;
-            let columns = transpose(&deletes, names.len());
+            let columns: Vec<TextColumn> = (0..names.len())
+                .map(|j| TextColumn(deletes.iter().map(|k| k[j].as_deref()).collect()))
+                .collect();
             let params: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             self.client
@@ -652,11 +710,16 @@ impl Applier {
                 .collect();
             let sql = upsert_sql(&relation.name, &names, &keys, &target);
             let statement = self.statement(&sql).await?;
-            let rows: Vec<Vec<Option<String>>> = upserts
-                .iter()
-                .map(|r| r.iter().map(datum_text).collect())
+            let columns: Vec<TextColumn> = (0..names.len())
+                .map(|j| {
+                    TextColumn(
+                        upserts
+                            .iter()
+                            .map(|r| r.get(j).and_then(datum_bytes))
+                            .collect(),
+                    )
+                })
                 .collect();
-            let columns = transpose(&rows, names.len());
             let params: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             self.client
@@ -680,11 +743,16 @@ impl Applier {
             order.extend(set_cols.iter().copied());
             let sql = patch_sql(&relation.name, &keys, &set, &target);
             let statement = self.statement(&sql).await?;
-            let values: Vec<Vec<Option<String>>> = rows
+            let columns: Vec<TextColumn> = order
                 .iter()
-                .map(|r| order.iter().map(|i| datum_text(&r[*i])).collect())
+                .map(|i| {
+                    TextColumn(
+                        rows.iter()
+                            .map(|r| r.get(*i).and_then(datum_bytes))
+                            .collect(),
+                    )
+                })
                 .collect();
-            let columns = transpose(&values, order.len());
             let params: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             let updated = self
@@ -705,7 +773,9 @@ impl Applier {
     }
 
     /// One change, one statement: the slow path, and barriers.
-    async fn apply_one(&mut self, change: &Change) -> Result<(), ApplyError> {
+    /// `commit_lsn` is the commit of the change's transaction (a change
+    /// read back from disk does not carry it).
+    async fn apply_one(&mut self, change: &Change, commit_lsn: Lsn) -> Result<(), ApplyError> {
         let refused = |relation: &Relation, key: String| {
             let table = relation.name.clone();
             let op = change.kind.op();
@@ -733,7 +803,7 @@ impl Applier {
                     .filter(|r| {
                         self.copied_at
                             .get(&r.name)
-                            .is_none_or(|at| change.commit_lsn.is_none_or(|c| c >= *at))
+                            .is_none_or(|at| commit_lsn >= *at)
                     })
                     .map(|r| r.name.quoted())
                     .collect();
@@ -892,8 +962,12 @@ impl Applier {
             .prepare(sql)
             .await
             .map_err(|err| match err.as_db_error() {
-                Some(db) => ApplyError::Schema(format!("{} (preparing: {sql})", db.message())),
-                None => session_error("preparing a statement")(err),
+                // A server going away (57P01 and the like) is not the
+                // statement's fault: retry.
+                Some(db) if !is_transient_sqlstate(db.code().code()) => {
+                    ApplyError::Schema(format!("{} (preparing: {sql})", db.message()))
+                }
+                _ => session_error("preparing a statement")(err),
             })?;
         self.statements.insert(sql.to_owned(), statement.clone());
         Ok(statement)
@@ -919,12 +993,12 @@ impl Applier {
             )
             .await
             .map_err(|err| match err.as_db_error() {
-                Some(db) => ApplyError::Schema(format!(
+                Some(db) if !is_transient_sqlstate(db.code().code()) => ApplyError::Schema(format!(
                     "table {} is missing on the target ({}): create it with the source's definition",
                     relation.name,
                     db.message()
                 )),
-                None => session_error(format!("reading the columns of {}", relation.name))(err),
+                _ => session_error(format!("reading the columns of {}", relation.name))(err),
             })?;
         let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let primary_key: Vec<String> = self
@@ -960,9 +1034,12 @@ impl Applier {
     }
 }
 
-fn key_of(key: &[usize], tuple: &Tuple) -> Vec<Option<String>> {
+fn key_of(key: &[usize], tuple: &Tuple) -> RowKey {
     key.iter()
-        .map(|i| tuple.0.get(*i).and_then(datum_text))
+        .map(|i| match tuple.0.get(*i) {
+            Some(Datum::Text(bytes) | Datum::Binary(bytes)) => Some(bytes.clone()),
+            _ => None,
+        })
         .collect()
 }
 
@@ -1051,7 +1128,7 @@ fn coalesce(
     put(batch, key, op, change.lsn);
 }
 
-fn put(batch: &mut TableBatch, key: Vec<Option<String>>, op: RowOp, lsn: Lsn) {
+fn put(batch: &mut TableBatch, key: RowKey, op: RowOp, lsn: Lsn) {
     let merged = match (batch.rows.remove(&key), op) {
         (None, op) => {
             batch.order.push(key.clone());
@@ -1085,17 +1162,6 @@ fn merge(before: &[Datum], after: &[Datum]) -> Vec<Datum> {
             }
         })
         .collect()
-}
-
-/// Rows to columns: the shape `unnest($1, $2, ...)` takes.
-fn transpose(rows: &[Vec<Option<String>>], width: usize) -> Vec<Vec<Option<String>>> {
-    let mut columns = vec![Vec::with_capacity(rows.len()); width];
-    for row in rows {
-        for (i, value) in row.iter().enumerate().take(width) {
-            columns[i].push(value.clone());
-        }
-    }
-    columns
 }
 
 fn cast(target: &TargetTable, column: &str) -> String {

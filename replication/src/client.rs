@@ -69,6 +69,15 @@ impl From<(&ConnInfo, TlsError)> for ConnectError {
     }
 }
 
+/// Session settings under which values in text form read back exactly on
+/// the other server: the same as the replication session's (ISO dates, UTC
+/// offsets, exact floats, hex bytea). Set on every connection that moves
+/// values as text (the copy in text format, the apply), so that servers or
+/// databases configured differently (`DateStyle = 'SQL, DMY'`, say) can
+/// never turn `01/02` into another date on the way.
+pub const TEXT_VALUE_SETTINGS: &str = "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
+ SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
+
 /// Opens a regular connection; the connection task runs until the client
 /// is dropped.
 pub async fn connect(info: &ConnInfo) -> Result<Client, ConnectError> {

@@ -199,9 +199,11 @@ impl ConnInfo {
                     if !value.is_empty() {
                         port = Some(value.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(
                             || {
-                                ConnInfoError::new(format!(
-                                    "invalid port {value:?}: expected a number from 1 to 65535"
-                                ))
+                                // The value is not echoed: in a URL whose password
+                                // holds an unencoded '/', the "port" is a piece of it.
+                                ConnInfoError::new(
+                                    "invalid port: expected a number from 1 to 65535 (in a URL, percent-encode '/', '?', '@' and '#' in the password)",
+                                )
                             },
                         )?);
                     }
@@ -517,10 +519,9 @@ fn parse_url(rest: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
             ));
         }
         if host.contains(['@', ' ', '/']) {
-            return Err(ConnInfoError::new(format!(
-                "malformed URL: {:?} is not a host name (percent-encode a socket directory, like %2Frun%2Fpostgresql)",
-                host.chars().take(40).collect::<String>()
-            )));
+            return Err(ConnInfoError::new(
+                "malformed URL: the host part is not a host name (percent-encode a socket directory, like %2Frun%2Fpostgresql, and '/', '?', '@' and '#' in the password)",
+            ));
         }
         pairs.push(("host".to_owned(), decode(host, "host")?));
         if let Some(port) = port {
@@ -531,19 +532,22 @@ fn parse_url(rest: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
         && !path.is_empty()
     {
         if path.contains('/') {
-            return Err(ConnInfoError::new(format!(
-                "malformed URL: the database name {path:?} contains '/': percent-encode it as %2F"
-            )));
+            // Not echoed: with an unencoded '/' in the password, this
+            // "database name" holds the rest of the password.
+            return Err(ConnInfoError::new(
+                "malformed URL: the database name contains '/': percent-encode it as %2F (and '/', '?', '@' and '#' in the password)",
+            ));
         }
         pairs.push(("dbname".to_owned(), decode(path, "database name")?));
     }
     if let Some(query) = query {
         for param in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = param.split_once('=').ok_or_else(|| {
-                ConnInfoError::new(format!(
-                    "malformed URL: the query parameter {:?} has no '=value'",
-                    param.chars().take(40).collect::<String>()
-                ))
+                // Not echoed: with an unencoded '?' in the password, this
+                // "parameter" is the rest of the password.
+                ConnInfoError::new(
+                    "malformed URL: a query parameter has no '=value' (percent-encode '/', '?', '@' and '#' in the password)",
+                )
             })?;
             let key = decode(key, "parameter name")?;
             let value = decode(value, &format!("value of {key}"))?;
@@ -552,6 +556,24 @@ fn parse_url(rest: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     }
     Ok(pairs)
 }
+
+/// Parameter names libpq knows that may appear before an `=`: safe to
+/// name in an error, unlike any other word of the string.
+const KNOWN_KEYS: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "sslmode",
+    "sslrootcert",
+    "channel_binding",
+    "application_name",
+    "fallback_application_name",
+    "connect_timeout",
+    "options",
+];
 
 /// `key=value key2='quoted value' key3=with\ escape`.
 fn parse_key_values(text: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
@@ -568,8 +590,15 @@ fn parse_key_values(text: &str) -> Result<Vec<(String, String)>, ConnInfoError> 
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
+            // The word is named only when it is a parameter name: otherwise
+            // it may be the second half of an unquoted password.
+            let after = if KNOWN_KEYS.contains(&key.as_str()) {
+                format!("after {key:?}")
+            } else {
+                "after a word that is not a parameter name (quote values with spaces: password='two words')".to_owned()
+            };
             return Err(ConnInfoError::new(format!(
-                "malformed connection string: expected '=' after {key:?}; write key=value pairs like 'host=db1 port=5432 dbname=app' or a postgres:// URL"
+                "malformed connection string: expected '=' {after}; write key=value pairs like 'host=db1 port=5432 dbname=app' or a postgres:// URL"
             )));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
@@ -678,6 +707,13 @@ mod tests {
             ("postgres://u:topsecret@[::1/db", "no closing"),
             ("mysql://u:topsecret@h/db", "scheme"),
             ("host=h password=topsecret dbname", "expected '='"),
+            ("host=h password=top topsecret dbname=x", "expected '='"),
+            (
+                "postgres://u:top/topsecret@h/db",
+                "database name contains '/'",
+            ),
+            ("postgres://u:top?topsecret@h/db", "query parameter has no"),
+            ("postgres://u:topsecret", "invalid port"),
             ("host=h password='topsecret", "no closing quote"),
             ("host=a,b password=topsecret", "several servers"),
             ("   ", "empty"),

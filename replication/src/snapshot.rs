@@ -19,11 +19,18 @@
 //!   Binary when every column has the same built-in type on both sides,
 //!   text otherwise (text converts, for example `integer` into `bigint`).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use crate::catalog::{TableName, quote_ident, quote_literal};
+
+/// COPY data is forwarded to the target in messages of about this size.
+/// The source sends one CopyData message per row; forwarding each on its
+/// own costs a wake-up and a socket write per row, which on a small
+/// machine takes the CPU the servers need. Batching bounds memory at one
+/// buffer per worker.
+const FORWARD_BYTES: usize = 256 * 1024;
 
 /// User-defined types start at this OID; their binary form may embed OIDs
 /// that differ between servers (arrays of enums), so they copy as text.
@@ -278,11 +285,20 @@ pub async fn copy_chunk(
     futures_util::pin_mut!(sink);
     futures_util::pin_mut!(stream);
     let mut bytes = 0u64;
+    let mut buffer = BytesMut::with_capacity(FORWARD_BYTES);
     while let Some(data) = stream.next().await {
         let data = data.map_err(source_err)?;
         bytes += data.len() as u64;
-        on_bytes(data.len() as u64);
-        sink.send(data).await.map_err(target_err)?;
+        buffer.extend_from_slice(&data);
+        if buffer.len() >= FORWARD_BYTES {
+            on_bytes(buffer.len() as u64);
+            let full = std::mem::replace(&mut buffer, BytesMut::with_capacity(FORWARD_BYTES));
+            sink.send(full.freeze()).await.map_err(target_err)?;
+        }
+    }
+    if !buffer.is_empty() {
+        on_bytes(buffer.len() as u64);
+        sink.send(buffer.freeze()).await.map_err(target_err)?;
     }
     let rows = sink.finish().await.map_err(target_err)?;
     transaction.commit().await.map_err(target_err)?;
