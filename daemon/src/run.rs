@@ -549,11 +549,21 @@ async fn read_stream(
         }
     }
     // Shutdown: wait for the applier's last word, report it, stop cleanly.
+    tracing::debug!("stream reader stopping: waiting for the applier's last durable position");
     drop(queue);
     while durable.changed().await.is_ok() {}
+    tracing::debug!(flushed = %*durable.borrow(), "stopping the stream");
     let last = *durable.borrow();
     stream.set_flushed(last);
-    stream.stop().await?;
+    match stream.stop().await {
+        Ok(_) => {}
+        // The final position went out before CopyDone: closing the
+        // connection without the server's answer loses nothing.
+        Err(ReplicationError::Timeout { .. }) => {
+            tracing::warn!(flushed = %last, "the source did not confirm the end of the stream in time; closing the connection");
+        }
+        Err(err) => return Err(err.into()),
+    }
     for (_, writer) in streamed {
         writer.discard();
     }
@@ -585,6 +595,10 @@ struct Queue {
 /// How often an idle applier asks the target whether its asynchronous
 /// commits are flushed.
 const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(20);
+
+/// How long a stopping applier waits for the target to flush what it
+/// committed before it reports only what is known durable.
+const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(10);
 
 /// How often the durable position is acknowledged to the source.
 const FEEDBACK_EVERY: Duration = Duration::from_millis(200);
@@ -797,6 +811,21 @@ async fn apply_work(
     }
     // Everything applied is flushed before the last acknowledgement;
     // dropping the sender tells the reader the last durable position.
-    let _ = durable.send(applier.wait_durable().await?);
+    tracing::debug!(applied = %applier.progress(), "applier stopping: waiting for the target to flush");
+    let last = match tokio::time::timeout(SHUTDOWN_FLUSH_WAIT, applier.wait_durable()).await {
+        Ok(result) => result?,
+        Err(_) => {
+            // Acknowledging less than was applied is always safe: the
+            // source sends the rest again and the origin skips it.
+            tracing::warn!(
+                applied = %applier.progress(),
+                durable = %applier.durable(),
+                "the target did not confirm its WAL flush in time; acknowledging only what it confirmed"
+            );
+            applier.durable()
+        }
+    };
+    let _ = durable.send(last);
+    tracing::debug!(durable = %last, "applier stopped");
     Ok(())
 }

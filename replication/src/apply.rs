@@ -164,6 +164,10 @@ fn session_error(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) 
     }
 }
 
+/// How long the target's flush position may stand still below a committed
+/// batch before the applier makes it flush (a few `wal_writer_delay`s).
+const FORCE_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(600);
+
 /// A target table as the applier needs it.
 #[derive(Debug, Clone)]
 struct TargetTable {
@@ -282,6 +286,8 @@ pub struct Applier {
     /// Committed batches whose commit record may not be flushed yet: the
     /// target's WAL position after the commit, and the source position.
     unflushed: VecDeque<(Lsn, Lsn)>,
+    /// Since when the flush position has not moved while batches wait.
+    stalled_since: Option<std::time::Instant>,
     /// The source position of the last batch known flushed on the target.
     durable: Lsn,
 }
@@ -344,6 +350,7 @@ impl Applier {
             // The progress just read may be an asynchronous commit of an
             // earlier run, not flushed yet: durable only once it is.
             unflushed: VecDeque::from([(Lsn::from_u64(u64::MAX), progress)]),
+            stalled_since: None,
             durable: Lsn::default(),
         };
         applier.settled().await
@@ -388,8 +395,40 @@ impl Applier {
             .await
             .map_err(session_error("reading the target's WAL flush position"))?
             .get(0);
+        let before = self.unflushed.len();
+        tracing::trace!(flushed, waiting = ?self.unflushed.front(), "target flush position");
         self.flushed_up_to(flushed.parse().unwrap_or_default());
+        if self.unflushed.is_empty() || self.unflushed.len() < before {
+            self.stalled_since = None;
+        } else {
+            let since = *self
+                .stalled_since
+                .get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= FORCE_FLUSH_AFTER {
+                self.force_flush().await?;
+                self.stalled_since = None;
+            }
+        }
         Ok(self.durable)
+    }
+
+    /// Makes the target flush its WAL up to its current end.
+    ///
+    /// The WAL writer flushes asynchronous commits, but WAL written after
+    /// the last of them by something else (page pruning by a read query,
+    /// a running-transactions record) waits for a full page or a
+    /// checkpoint; a batch whose recorded position lies past such a record
+    /// (an empty batch, whose COMMIT writes nothing, or a record inserted
+    /// between COMMIT and the position query) would then wait minutes to
+    /// be acknowledged, and a shutdown with it. A synchronous commit of a
+    /// transaction that has an xid flushes everything before it.
+    async fn force_flush(&self) -> Result<(), ApplyError> {
+        self.client
+            .batch_execute(
+                "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT",
+            )
+            .await
+            .map_err(session_error("flushing the target's WAL"))
     }
 
     fn flushed_up_to(&mut self, flushed: Lsn) {

@@ -241,8 +241,9 @@ impl ConnInfo {
                         (seconds > 0).then(|| Duration::from_secs(seconds.max(2)));
                 }
                 "options" => info.options = non_empty(value),
-                // Accepted for compatibility; cutover has its own keepalive
-                // and session handling, these do not change its behaviour.
+                // Accepted for compatibility; cutover sets its own keepalives
+                // (TCP_KEEPALIVE_*) and session handling, these do not
+                // change its behaviour.
                 "keepalives"
                 | "keepalives_idle"
                 | "keepalives_interval"
@@ -380,6 +381,12 @@ impl ConnInfo {
         if let Some(timeout) = self.connect_timeout {
             config.connect_timeout(timeout);
         }
+        config
+            .keepalives(true)
+            .keepalives_idle(TCP_KEEPALIVE_IDLE)
+            .keepalives_interval(TCP_KEEPALIVE_INTERVAL)
+            .keepalives_retries(TCP_KEEPALIVE_RETRIES)
+            .tcp_user_timeout(TCP_USER_TIMEOUT);
         if let Some(options) = &self.options {
             config.options(options);
         }
@@ -556,6 +563,19 @@ fn parse_url(rest: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     }
     Ok(pairs)
 }
+
+/// A peer that vanished without closing the connection (a network cut, a
+/// host that lost power) is noticed by TCP itself: keepalive probes after
+/// this much silence...
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// ...repeated this often...
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// ...this many times before the connection is declared dead.
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// Data sent but not acknowledged for this long closes the connection:
+/// a stream that sends status updates, or an apply waiting on a reply,
+/// fails (and is retried) instead of hanging on a dead peer.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Parameter names libpq knows that may appear before an `=`: safe to
 /// name in an error, unlike any other word of the string.

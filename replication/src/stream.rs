@@ -30,6 +30,9 @@ use crate::lsn::Lsn;
 use crate::pgoutput::PgTimestamp;
 use crate::session::{Backend, Session};
 
+/// How long [`ReplicationStream::stop`] waits for the server to end the
+/// stream after CopyDone.
+pub const STOP_DRAIN: Duration = Duration::from_secs(10);
 /// Status interval when the server disables `wal_sender_timeout`.
 const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// Never send unsolicited status updates more often than this.
@@ -253,21 +256,37 @@ impl ReplicationStream {
     /// Ends the stream cleanly: reports the final positions, sends
     /// CopyDone, and drains what the server still sends until it is ready
     /// for commands again. Returns the session for further commands.
+    ///
+    /// The final positions are on the wire before CopyDone, so the server
+    /// knows them whatever follows. A walsender in the middle of decoding
+    /// a large transaction may answer CopyDone only once it is through;
+    /// after `STOP_DRAIN` the wait ends with [`ReplicationError::Timeout`]
+    /// and the caller may simply close the connection.
     pub async fn stop(mut self) -> Result<Session, ReplicationError> {
         self.queue_status();
         let mut buf = BytesMut::new();
         frontend::copy_done(&mut buf);
         self.out.extend_from_slice(&buf);
         self.flush_out().await?;
-        loop {
-            match self.session.read_backend().await? {
-                Backend::Message(Message::ReadyForQuery(_)) => return Ok(self.session),
-                Backend::Message(Message::ErrorResponse(body)) => {
-                    return Err(self.session.server_error(&body));
+        let endpoint = self.endpoint().to_owned();
+        let drain = async {
+            loop {
+                match self.session.read_backend().await? {
+                    Backend::Message(Message::ReadyForQuery(_)) => return Ok(()),
+                    Backend::Message(Message::ErrorResponse(body)) => {
+                        return Err(self.session.server_error(&body));
+                    }
+                    // Remaining CopyData, the server's CopyDone, CommandComplete.
+                    _ => continue,
                 }
-                // Remaining CopyData, the server's CopyDone, CommandComplete.
-                _ => continue,
             }
+        };
+        match tokio::time::timeout(STOP_DRAIN, drain).await {
+            Ok(result) => result.map(|()| self.session),
+            Err(_) => Err(ReplicationError::Timeout {
+                endpoint,
+                seconds: STOP_DRAIN.as_secs(),
+            }),
         }
     }
 

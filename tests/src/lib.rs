@@ -10,10 +10,12 @@ pub mod cli;
 pub mod cluster;
 pub mod daemon;
 pub mod http;
+pub mod proxy;
 
 pub use cli::{Outcome, run_cutover, write_config};
 pub use cluster::{Cluster, ClusterOptions, wait_for};
 pub use daemon::Daemon;
+pub use proxy::Proxy;
 
 /// A source and a target cluster, started in parallel, each with a fresh
 /// database named `app`.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
+use cutover_tests::{ClusterOptions, Daemon, Pair, Proxy, wait_for, write_config};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -369,4 +369,123 @@ async fn a_change_the_target_rejects_stops_the_stream_and_nothing_is_skipped() {
     daemon.restart();
     pair.wait_equal(&["items"], WAIT).await;
     assert_eq!(daemon.terminate(WAIT), Some(0));
+}
+
+#[tokio::test]
+async fn network_cuts_on_either_side_lose_and_double_nothing() {
+    let pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    // Every connection of the daemon, the replication stream included,
+    // goes through a proxy that the test cuts.
+    let source_proxy = Proxy::start(pair.source.port());
+    let target_proxy = Proxy::start(pair.target.port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[source]\nurl = \"postgres://postgres@127.0.0.1:{}/app?sslmode=disable\"\n\
+             [target]\nurl = \"postgres://postgres@127.0.0.1:{}/app?sslmode=disable\"\n\
+             [state]\ndir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[console]\nlisten = \"127.0.0.1:0\"\n",
+            source_proxy.port(),
+            target_proxy.port(),
+            dir.path().join("state").display()
+        ),
+    );
+    let mut daemon = start_streaming(&config).await;
+    let writer = Writer::start(&pair, 3).await;
+    for round in 0..4 {
+        writer.advance(150).await;
+        let (side, proxy) = if round % 2 == 0 {
+            ("source", &source_proxy)
+        } else {
+            ("target", &target_proxy)
+        };
+        wait_for("the daemon to be connected again", WAIT, || async {
+            (source_proxy.open() > 0 && target_proxy.open() > 0).then_some(())
+        })
+        .await;
+        assert!(
+            proxy.cut() > 0,
+            "round {round}: nothing to cut on the {side}"
+        );
+    }
+    writer.advance(150).await;
+    writer.finish().await;
+    pair.wait_equal(&["items", "log"], WAIT).await;
+    assert!(daemon.running(), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("reconnecting"),
+        "no reconnect was logged:\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    // With both networks healthy again, the stop is clean on both sides.
+    assert!(
+        !daemon.log().contains("did not confirm"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_with_a_full_queue_exits_cleanly_and_loses_nothing() {
+    let pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A queue of two transactions, so that a paused applier fills it.
+    let config = pair.config(dir.path(), "[apply]\nqueue_transactions = 2\n");
+    let env = [("CUTOVER__CONSOLE__ALLOW_NO_PASSWORD", "true")];
+    let mut daemon = Daemon::start_with_env(&config, &["run"], &env);
+    wait_for("the daemon to stream", WAIT, || async {
+        daemon.log().contains("streaming").then_some(())
+    })
+    .await;
+    let console = wait_for("the console address", WAIT, || async {
+        let text = std::fs::read_to_string(dir.path().join("state/listen.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["console"].as_str().map(str::to_owned)
+    })
+    .await;
+    let (host, port) = console.rsplit_once(':').unwrap();
+    let (client, connection) = tokio_postgres::Config::new()
+        .host(host)
+        .port(port.parse().unwrap())
+        .user("ops")
+        .dbname("cutover")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the console");
+    tokio::spawn(connection);
+    client.simple_query("PAUSE").await.expect("PAUSE");
+
+    let source = pair.source.client("app").await;
+    for id in 0..200i64 {
+        source
+            .execute("INSERT INTO items VALUES ($1, 'queued', 0, NULL)", &[&id])
+            .await
+            .unwrap();
+    }
+    // The reader takes two, then waits for room; lag seconds only grow
+    // once it has read all it can.
+    wait_for("the reader to wait on the full queue", WAIT, || async {
+        let rows = client.simple_query("SHOW LAG").await.ok()?;
+        let seconds: f64 = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("lag_seconds")?.parse().ok(),
+            _ => None,
+        })?;
+        (seconds >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon.terminate(WAIT),
+        Some(0),
+        "SIGTERM with a full queue must exit 0:\n{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains("stream stopped"), "{}", daemon.log());
+
+    // Nothing that was queued or waiting is lost: the next run applies it.
+    daemon.restart();
+    pair.wait_equal(&["items"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
