@@ -122,6 +122,17 @@ pub enum CopyError {
         "the state directory holds a finished `cutover copy` load, made from a temporary slot that is gone: streaming cannot continue from it. To migrate with streaming, empty the target tables, move the state directory aside and start with `cutover run`"
     )]
     StandaloneDone,
+    /// An existing publication of the configured name would not send
+    /// every change.
+    #[error(
+        "source: publication {name:?} exists but would not send every change ({gaps}): make it publish everything (ALTER PUBLICATION \"{name}\" SET (publish = 'insert, update, delete, truncate'), and SET TABLE without WHERE or column lists) or drop it (DROP PUBLICATION \"{name}\") and let cutover create its own"
+    )]
+    PublicationGaps {
+        /// The publication.
+        name: String,
+        /// What it leaves out.
+        gaps: String,
+    },
     /// No table is in scope.
     #[error("source: no table is in scope (replication.tables = {0:?}); run cutover check")]
     NoTables(Vec<String>),
@@ -483,6 +494,17 @@ async fn ensure_publication(
         .await
         .map_err(query("source", "reading publications"))?
     {
+        // Reused only if it sends every change: a filtered publication
+        // would leave the target silently behind.
+        let gaps = slot::publication_gaps(source, name)
+            .await
+            .map_err(query("source", format!("reading publication {name}")))?;
+        if !gaps.is_empty() {
+            return Err(CopyError::PublicationGaps {
+                name: name.to_owned(),
+                gaps: gaps.join("; "),
+            });
+        }
         let added = slot::add_publication_tables(source, name, tables)
             .await
             .map_err(query(

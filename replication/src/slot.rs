@@ -92,6 +92,63 @@ pub async fn publication_exists(
         .is_some())
 }
 
+/// What keeps an existing publication from sending every change of its
+/// tables: operations it does not publish, row filters and column lists
+/// (15+). Empty when it sends everything.
+pub async fn publication_gaps(
+    client: &Client,
+    name: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut gaps = Vec::new();
+    let Some(row) = client
+        .query_opt(
+            "SELECT pubinsert, pubupdate, pubdelete, pubtruncate,
+                    current_setting('server_version_num')::int4
+               FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await?
+    else {
+        return Ok(gaps);
+    };
+    let missing: Vec<&str> = ["insert", "update", "delete", "truncate"]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !row.get::<_, bool>(*i))
+        .map(|(_, op)| *op)
+        .collect();
+    if !missing.is_empty() {
+        gaps.push(format!("it does not publish {}", missing.join(", ")));
+    }
+    if row.get::<_, i32>(4) >= 150000 {
+        let filtered: Vec<String> = client
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname),
+                        pr.prqual IS NOT NULL, pr.prattrs IS NOT NULL
+                   FROM pg_publication_rel pr
+                   JOIN pg_publication p ON p.oid = pr.prpubid
+                   JOIN pg_class c ON c.oid = pr.prrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE p.pubname = $1 AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL)
+                  ORDER BY 1",
+                &[&name],
+            )
+            .await?
+            .iter()
+            .map(|r| {
+                let what = match (r.get::<_, bool>(1), r.get::<_, bool>(2)) {
+                    (true, true) => "a row filter and a column list",
+                    (true, false) => "a row filter",
+                    _ => "a column list",
+                };
+                format!("{} has {what}", r.get::<_, String>(0))
+            })
+            .collect();
+        gaps.extend(filtered);
+    }
+    Ok(gaps)
+}
+
 /// The tables a publication publishes (partition roots as published).
 pub async fn publication_tables(
     client: &Client,

@@ -456,3 +456,57 @@ async fn passwords_from_the_url_the_environment_and_a_file_never_appear_in_any_o
         }
     }
 }
+
+#[tokio::test]
+async fn a_filtered_publication_of_the_configured_name_blocks_check_and_run() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE orders (id bigint PRIMARY KEY, status text);")
+        .await;
+    // Someone else's publication under cutover's name: inserts only, and
+    // only the open orders. Reusing it would drop every other change.
+    pair.source
+        .execute(
+            "app",
+            "CREATE PUBLICATION cutover FOR TABLE orders WHERE (status = 'open') WITH (publish = 'insert')",
+        )
+        .await;
+    let setup = Setup::new();
+    let config = setup.config(
+        &pair.source.url("app", "postgres", None),
+        &pair.target.url("app", "postgres", None),
+        "",
+    );
+    let outcome = setup.check(&config, &["--format", "json"], &[]);
+    assert_eq!(outcome.code, 1, "{}", outcome.all_output());
+    let report = json(&outcome);
+    let found = finding(&report, "publication_filtered", "publication cutover")
+        .unwrap_or_else(|| panic!("no publication_filtered finding: {report}"));
+    let problem = found["problem"].as_str().unwrap();
+    assert!(problem.contains("update, delete, truncate"), "{problem}");
+    assert!(problem.contains("row filter"), "{problem}");
+
+    let run = run_cutover(&["--config", &config, "run"], &[]);
+    assert_eq!(run.code, 1, "{}", run.all_output());
+    assert!(
+        run.stderr
+            .contains("publication \"cutover\" exists but would not send every change"),
+        "{}",
+        run.stderr
+    );
+    // Nothing was copied from a stream that would have been incomplete.
+    let copied: i64 = pair
+        .source
+        .query_value("app", "SELECT count(*) FROM pg_replication_slots")
+        .await;
+    assert_eq!(copied, 0, "a slot was created for a refused publication");
+
+    // Fixed as the finding says, both pass.
+    pair.source
+        .execute(
+            "app",
+            "ALTER PUBLICATION cutover SET TABLE orders; ALTER PUBLICATION cutover SET (publish = 'insert, update, delete, truncate')",
+        )
+        .await;
+    let outcome = setup.check(&config, &[], &[]);
+    assert_eq!(outcome.code, 0, "{}", outcome.all_output());
+}

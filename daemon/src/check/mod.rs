@@ -10,6 +10,7 @@ mod tables;
 
 use cutover_replication::catalog::{self, Table};
 use cutover_replication::client::{self, describe};
+use cutover_replication::slot;
 use tokio_postgres::Client;
 
 use crate::config::{Config, Server};
@@ -594,14 +595,32 @@ async fn slot_and_publication(
                     abbreviate(&missing)
                 )
             };
-            report.add(Finding {
-                severity: Severity::Info,
-                code: "publication_exists",
-                server: "source",
-                subject,
-                problem,
-                fix: None,
-            });
+            let gaps = slot::publication_gaps(client, &config.publication).await?;
+            if gaps.is_empty() {
+                report.add(Finding {
+                    severity: Severity::Info,
+                    code: "publication_exists",
+                    server: "source",
+                    subject,
+                    problem,
+                    fix: None,
+                });
+            } else {
+                let name = catalog::quote_ident(&config.publication);
+                report.add(Finding {
+                    severity: Severity::Blocking,
+                    code: "publication_filtered",
+                    server: "source",
+                    subject,
+                    problem: format!(
+                        "the publication exists but would not send every change ({}): cutover run refuses to use it",
+                        gaps.join("; ")
+                    ),
+                    fix: Some(format!(
+                        "ALTER PUBLICATION {name} SET (publish = 'insert, update, delete, truncate');  -- and SET TABLE without WHERE or column lists\nor: DROP PUBLICATION {name};  -- cutover run creates its own"
+                    )),
+                });
+            }
         }
         None => {
             let row = client

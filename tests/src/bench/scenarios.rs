@@ -301,6 +301,7 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
     let scenario = format!("apply-{per_txn}");
     let seeded = changes.max(1000);
     println!("{scenario} round {round}: {changes} changes in transactions of {per_txn}");
+    decode_ceiling(b, report, &scenario, changes, per_txn).await;
     let order: [&str; 2] = if round.is_multiple_of(2) {
         ["cutover", "native"]
     } else {
@@ -373,6 +374,69 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
             );
         }
     }
+}
+
+/// The ceiling of any logical-decoding consumer on this machine: the same
+/// backlog decoded by the source's walsender into `pg_recvlogical`, which
+/// writes it to /dev/null. No consumer can apply faster than the source
+/// decodes; cutover's throughput over this figure says how much of the
+/// ceiling it reaches.
+async fn decode_ceiling(
+    b: &Bench,
+    report: &mut Report,
+    scenario: &str,
+    changes: i64,
+    per_txn: i64,
+) {
+    let seeded = changes.max(1000);
+    reset_stream(b, seeded).await;
+    let tables = STREAM_TABLES.join(", ");
+    b.on_source(&format!(
+        "DROP PUBLICATION IF EXISTS bench_decode; CREATE PUBLICATION bench_decode FOR TABLE {tables}"
+    ))
+    .await;
+    b.on_source("SELECT pg_create_logical_replication_slot('bench_decode', 'pgoutput')")
+        .await;
+    write_backlog(b, changes, per_txn, seeded).await;
+    let end = {
+        let source = b.src().await;
+        let row = source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("the source's WAL position");
+        row.get::<_, String>(0)
+    };
+    let started = Instant::now();
+    let out = Command::new(bindir().join("pg_recvlogical"))
+        .args(["-d", &b.source.url(DB, "postgres", None)])
+        .args(["-S", "bench_decode", "--start", "-E", &end, "--no-loop"])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench_decode",
+        ])
+        .args(["-f", "/dev/null"])
+        .output()
+        .expect("run pg_recvlogical");
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "pg_recvlogical failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.on_source("SELECT pg_drop_replication_slot('bench_decode'); DROP PUBLICATION bench_decode")
+        .await;
+    report.record(
+        scenario,
+        "decode only",
+        "throughput",
+        changes as f64 / seconds,
+        "changes/s",
+        Better::Higher,
+        true,
+        "pg_recvlogical to /dev/null: the source's decoding alone, the ceiling of any consumer",
+    );
 }
 
 /// The target's replication origin progress (0 before any).
