@@ -307,6 +307,7 @@ pub async fn run(
                 .filter(|t| t.state == TableCopyState::Copied)
                 .map(|t| t.name)
                 .collect();
+            let done = keep_unreferenced(&target, done, &plans).await?;
             let to_copy: Vec<TablePlan> = plans
                 .into_iter()
                 .filter(|p| !done.contains(&p.table.name))
@@ -470,6 +471,53 @@ pub async fn run(
         return Err(CopyError::Variance(failures.join("; ")));
     }
     Ok(result)
+}
+
+/// The finished tables that may keep their rows when the others are
+/// emptied and copied again: not those that reference (by a foreign key
+/// on the target) a table copied again, directly or through others.
+/// `TRUNCATE` refuses to empty a referenced table while a referencing one
+/// keeps rows, and `CASCADE` would empty tables without recording it; so
+/// such tables are copied again as well, from the same new snapshot.
+async fn keep_unreferenced(
+    target: &Client,
+    mut done: Vec<TableName>,
+    plans: &[TablePlan],
+) -> Result<Vec<TableName>, CopyError> {
+    let mut again: Vec<String> = plans
+        .iter()
+        .filter(|p| !done.contains(&p.table.name))
+        .map(|p| p.table.name.quoted())
+        .collect();
+    loop {
+        if again.is_empty() || done.is_empty() {
+            return Ok(done);
+        }
+        let referencing: Vec<TableName> = target
+            .query(
+                "SELECT DISTINCT n.nspname::text, c.relname::text
+                   FROM pg_constraint k
+                   JOIN pg_class c ON c.oid = k.conrelid
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE k.contype = 'f' AND k.confrelid = ANY($1::text[]::regclass[])",
+                &[&again],
+            )
+            .await
+            .map_err(query("target", "reading foreign keys"))?
+            .iter()
+            .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        let (moved, kept): (Vec<TableName>, Vec<TableName>) =
+            done.into_iter().partition(|t| referencing.contains(t));
+        done = kept;
+        if moved.is_empty() {
+            return Ok(done);
+        }
+        for table in &moved {
+            tracing::info!(%table, "copied again: it references a table that is copied again");
+        }
+        again = moved.iter().map(TableName::quoted).collect();
+    }
 }
 
 fn outcome(store: &Store, run: &CopyRun) -> Result<CopyOutcome, CopyError> {
@@ -641,9 +689,11 @@ async fn copy_tables(
                 .into_iter()
                 .map(|chunk| Task::Chunk { plan: i, chunk }),
         );
+        // Its count in the snapshot right after its chunks: a table is
+        // finished (and kept by a resume) as soon as it can be, not at
+        // the end of the whole copy.
+        queue.push_back(Task::Count { plan: i });
     }
-    // Counts in the snapshot come last, so big chunks start first.
-    queue.extend((0..plans.len()).map(|plan| Task::Count { plan }));
     store.flush().await?;
 
     let progress = CopyProgress::new(

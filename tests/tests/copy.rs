@@ -413,6 +413,60 @@ async fn a_copy_killed_midway_resumes_without_duplicates_or_holes() {
     assert_eq!(slots, vec!["cutover".to_string()]);
 }
 
+/// A table finished before the kill that references (by a foreign key on
+/// the target) a table still unfinished is copied again with it: the
+/// unfinished one cannot be emptied while the other keeps its rows.
+#[tokio::test]
+async fn a_resumed_copy_recopies_finished_tables_that_reference_unfinished_ones() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text);
+         CREATE TABLE entries (id bigint PRIMARY KEY, account bigint REFERENCES accounts, memo text);",
+    )
+    .await;
+    // entries is the bigger table, so it is copied (and finished) first.
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO accounts SELECT g, repeat(md5(g::text), 2) FROM generate_series(1, 300000) g;
+             INSERT INTO entries SELECT g, 1 + g % 300000, repeat(md5(g::text), 3) FROM generate_series(1, 400000) g;",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "[copy]\nworkers = 1\nchunk_mb = 4\n");
+    let mut daemon = Daemon::start(&config, &["run"]);
+    wait_for("entries copied and accounts begun", WAIT, || async {
+        let accounts: i64 = pair
+            .target
+            .query_value("app", "SELECT count(*) FROM accounts")
+            .await;
+        (accounts > 0).then_some(())
+    })
+    .await;
+    daemon.kill();
+    let (entries, accounts): (i64, i64) = (
+        pair.target
+            .query_value("app", "SELECT count(*) FROM entries")
+            .await,
+        pair.target
+            .query_value("app", "SELECT count(*) FROM accounts")
+            .await,
+    );
+    assert_eq!(entries, 400_000, "entries was not finished before the kill");
+    assert!(accounts < 300_000, "accounts finished before the kill");
+    pair.source
+        .execute("app", "UPDATE entries SET memo = 'moved' WHERE id <= 10")
+        .await;
+    daemon.restart();
+    pair.wait_equal(&["accounts", "entries"], WAIT).await;
+    let log = daemon.log();
+    assert!(
+        log.contains("copied again: it references a table that is copied again"),
+        "{log}"
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{log}");
+}
+
 /// A finished standalone load cannot be streamed from: `run` says so.
 #[tokio::test]
 async fn run_after_a_standalone_copy_explains_why_it_cannot_stream() {
