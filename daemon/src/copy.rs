@@ -993,6 +993,7 @@ async fn finish_table(
         rows = record.rows_copied,
         bytes = record.bytes_copied,
         copied_at = %record.copied_at,
+        format = record.format.map(|f| f.name()).unwrap_or("?"),
         "table copied"
     );
     Ok(unvalidated)

@@ -63,6 +63,14 @@ impl CopyFormat {
         }
     }
 
+    /// `binary` or `text`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyFormat::Binary => "binary",
+            CopyFormat::Text => "text",
+        }
+    }
+
     fn option(self) -> &'static str {
         match self {
             CopyFormat::Binary => "(FORMAT binary)",

@@ -376,11 +376,11 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
     }
 }
 
-/// The ceiling of any logical-decoding consumer on this machine: the same
-/// backlog decoded by the source's walsender into `pg_recvlogical`, which
-/// writes it to /dev/null. No consumer can apply faster than the source
-/// decodes; cutover's throughput over this figure says how much of the
-/// ceiling it reaches.
+/// The same backlog decoded by the source's walsender into
+/// `pg_recvlogical`, which writes it to /dev/null: the rate at which the
+/// source hands out changes to a client that applies nothing. When cutover
+/// and native replication both apply at about this rate, the source's
+/// decoding (and not the apply) is what bounds them on this machine.
 async fn decode_ceiling(
     b: &Bench,
     report: &mut Report,
@@ -435,7 +435,7 @@ async fn decode_ceiling(
         "changes/s",
         Better::Higher,
         true,
-        "pg_recvlogical to /dev/null: the source's decoding alone, the ceiling of any consumer",
+        "pg_recvlogical to /dev/null: the source's decoding with a client that applies nothing",
     );
 }
 
