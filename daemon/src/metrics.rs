@@ -24,6 +24,8 @@ pub const COPY_BYTES: &str = "cutover_copy_bytes_total";
 pub const ERRORS: &str = "cutover_errors_total";
 /// The daemon's state: 1 for the current one.
 pub const STATE: &str = "cutover_state";
+/// 1 for the slot's current `wal_status` on the source, 0 for the others.
+pub const SLOT_WAL_STATUS: &str = "cutover_slot_wal_status";
 
 /// Label: `forward` or `reverse`.
 pub const LABEL_DIRECTION: &str = "direction";
@@ -37,6 +39,13 @@ pub const LABEL_SLOT: &str = "slot";
 pub const LABEL_KIND: &str = "kind";
 /// Label: a daemon state.
 pub const LABEL_STATE: &str = "state";
+/// Label key: a slot's `wal_status`, one of [`WAL_STATUSES`].
+pub const LABEL_WAL_STATUS: &str = "wal_status";
+
+/// The values of `pg_replication_slots.wal_status` (PostgreSQL 13+):
+/// `extended` and `unreserved` warn that the slot is past
+/// `max_wal_size` or about to lose WAL; `lost` means it was invalidated.
+pub const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
 
 /// The registered families.
 #[derive(Clone, Debug)]
@@ -61,6 +70,8 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// [`STATE`].
     pub state: IntGaugeVec,
+    /// [`SLOT_WAL_STATUS`].
+    pub slot_wal_status: IntGaugeVec,
 }
 
 impl Metrics {
@@ -124,6 +135,11 @@ impl Metrics {
             ),
             errors: counter(ERRORS, "Errors by kind", &[LABEL_KIND]),
             state: int_gauge(STATE, "1 for the daemon's current state", &[LABEL_STATE]),
+            slot_wal_status: int_gauge(
+                SLOT_WAL_STATUS,
+                "1 for the replication slot's current wal_status on the source (lost: invalidated)",
+                &[LABEL_SLOT, LABEL_WAL_STATUS],
+            ),
             registry,
         }
     }

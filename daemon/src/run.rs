@@ -241,6 +241,8 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
             at_ms: now_millis(),
             bytes: lag.bytes,
             seconds: lag.seconds,
+            retained_bytes: lag.slot_retained_bytes,
+            wal_status: lag.wal_status.clone(),
         };
         status.set_lag(lag);
         if let Err(err) = store.put_lag_sample(&sample, keep) {

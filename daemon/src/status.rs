@@ -353,6 +353,16 @@ impl Status {
                 .with_label_values(&[&self.slot])
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
+        if let Some(current) = lag.wal_status.as_deref() {
+            // Label values from the fixed set only; anything else the
+            // server may say leaves every series at 0.
+            for status in crate::metrics::WAL_STATUSES {
+                self.metrics
+                    .slot_wal_status
+                    .with_label_values(&[self.slot.as_str(), status])
+                    .set(i64::from(*status == current));
+            }
+        }
         self.lock().lag = lag;
     }
 

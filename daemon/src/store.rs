@@ -72,6 +72,12 @@ pub struct LagSample {
     pub bytes: Option<u64>,
     /// Lag in seconds.
     pub seconds: f64,
+    /// WAL the source retained for the slot (absent in older samples).
+    #[serde(default)]
+    pub retained_bytes: Option<u64>,
+    /// The slot's `wal_status` (absent in older samples).
+    #[serde(default)]
+    pub wal_status: Option<String>,
 }
 
 /// What the daemon last recorded about the stream, for `cutover status`
@@ -545,6 +551,8 @@ mod tests {
                 at_ms,
                 bytes: Some(at_ms * 100),
                 seconds: at_ms as f64,
+                retained_bytes: Some(at_ms * 1000),
+                wal_status: Some("reserved".to_owned()),
             };
             store.put_lag_sample(&sample, 4).unwrap();
         }
@@ -552,6 +560,8 @@ mod tests {
         let times: Vec<u64> = history.iter().map(|s| s.at_ms).collect();
         assert_eq!(times, vec![7, 8, 9, 10]);
         assert_eq!(store.lag_history(2).unwrap()[0].at_ms, 9);
+        assert_eq!(history[0].retained_bytes, Some(7000));
+        assert_eq!(history[0].wal_status.as_deref(), Some("reserved"));
     }
 
     #[tokio::test]

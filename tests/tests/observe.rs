@@ -110,6 +110,14 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
         ("cutover_copy_rows_total{table=\"public.items\"}", 250.0),
         ("cutover_state{state=\"streaming\"}", 1.0),
         ("cutover_state{state=\"copying\"}", 0.0),
+        (
+            "cutover_slot_wal_status{slot=\"cutover\",wal_status=\"reserved\"}",
+            1.0,
+        ),
+        (
+            "cutover_slot_wal_status{slot=\"cutover\",wal_status=\"lost\"}",
+            0.0,
+        ),
     ] {
         assert_eq!(metric(&body, series), Some(value), "{series} in\n{body}");
     }
