@@ -125,7 +125,7 @@ pub enum CopyError {
     /// An existing publication of the configured name would not send
     /// every change.
     #[error(
-        "source: publication {name:?} exists but would not send every change ({gaps}): make it publish everything (ALTER PUBLICATION \"{name}\" SET (publish = 'insert, update, delete, truncate'), and SET TABLE without WHERE or column lists) or drop it (DROP PUBLICATION \"{name}\") and let cutover create its own"
+        "source: publication {name:?} exists but would not send every change ({gaps}); fix: {}", slot::publication_gaps_fix(name).replace('\n', " ")
     )]
     PublicationGaps {
         /// The publication.
@@ -410,7 +410,7 @@ pub async fn run(
                 role: "source",
                 source,
             })?;
-        s.batch_execute(client::TEXT_VALUE_SETTINGS)
+        s.batch_execute(&client::text_value_settings())
             .await
             .map_err(query(
                 "source",
@@ -428,7 +428,7 @@ pub async fn run(
             })?;
         t.batch_execute(&format!(
             "SET session_replication_role = replica; {}",
-            client::TEXT_VALUE_SETTINGS
+            client::text_value_settings()
         ))
             .await
             .map_err(query("target", "setting session_replication_role = replica (needs superuser or GRANT SET ON PARAMETER)"))?;

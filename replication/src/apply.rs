@@ -266,11 +266,28 @@ impl ToSql for TextColumn<'_> {
 }
 
 /// The bytes of a value, `None` for NULL and unchanged TOAST.
-fn datum_bytes(datum: &Datum) -> Option<&[u8]> {
+fn datum_bytes(datum: &Datum) -> Option<&Bytes> {
     match datum {
         Datum::Text(bytes) | Datum::Binary(bytes) => Some(bytes),
         Datum::Null | Datum::UnchangedToast => None,
     }
+}
+
+/// The columns `columns` of `rows`, one [`TextColumn`] each.
+fn text_columns<'a>(
+    rows: &[&'a Vec<Datum>],
+    columns: impl IntoIterator<Item = usize>,
+) -> Vec<TextColumn<'a>> {
+    columns
+        .into_iter()
+        .map(|i| {
+            TextColumn(
+                rows.iter()
+                    .map(|r| r.get(i).and_then(datum_bytes).map(|b| &b[..]))
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 /// Applies source transactions on one target connection.
@@ -305,7 +322,7 @@ impl Applier {
         client
             .batch_execute(&format!(
                 "SET session_replication_role = replica; SET synchronous_commit = off; {}",
-                crate::client::TEXT_VALUE_SETTINGS
+                crate::client::text_value_settings()
             ))
             .await
             .map_err(session_error("preparing the apply session (session_replication_role = replica needs superuser or GRANT SET ON PARAMETER)"))?;
@@ -749,16 +766,7 @@ impl Applier {
                 .collect();
             let sql = upsert_sql(&relation.name, &names, &keys, &target);
             let statement = self.statement(&sql).await?;
-            let columns: Vec<TextColumn> = (0..names.len())
-                .map(|j| {
-                    TextColumn(
-                        upserts
-                            .iter()
-                            .map(|r| r.get(j).and_then(datum_bytes))
-                            .collect(),
-                    )
-                })
-                .collect();
+            let columns = text_columns(&upserts, 0..names.len());
             let params: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             self.client
@@ -782,16 +790,7 @@ impl Applier {
             order.extend(set_cols.iter().copied());
             let sql = patch_sql(&relation.name, &keys, &set, &target);
             let statement = self.statement(&sql).await?;
-            let columns: Vec<TextColumn> = order
-                .iter()
-                .map(|i| {
-                    TextColumn(
-                        rows.iter()
-                            .map(|r| r.get(*i).and_then(datum_bytes))
-                            .collect(),
-                    )
-                })
-                .collect();
+            let columns = text_columns(&rows, order.iter().copied());
             let params: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
             let updated = self
@@ -1075,10 +1074,7 @@ impl Applier {
 
 fn key_of(key: &[usize], tuple: &Tuple) -> RowKey {
     key.iter()
-        .map(|i| match tuple.0.get(*i) {
-            Some(Datum::Text(bytes) | Datum::Binary(bytes)) => Some(bytes.clone()),
-            _ => None,
-        })
+        .map(|i| tuple.0.get(*i).and_then(datum_bytes).cloned())
         .collect()
 }
 

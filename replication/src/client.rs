@@ -70,13 +70,28 @@ impl From<(&ConnInfo, TlsError)> for ConnectError {
 }
 
 /// Session settings under which values in text form read back exactly on
-/// the other server: the same as the replication session's (ISO dates, UTC
-/// offsets, exact floats, hex bytea). Set on every connection that moves
-/// values as text (the copy in text format, the apply), so that servers or
-/// databases configured differently (`DateStyle = 'SQL, DMY'`, say) can
-/// never turn `01/02` into another date on the way.
-pub const TEXT_VALUE_SETTINGS: &str = "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
- SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
+/// the other server: ISO dates, UTC offsets, exact floats, hex bytea. The
+/// replication session sends them at startup (the walsender's output
+/// functions follow them); every connection that moves values as text (the
+/// copy in text format, the apply) sets them too ([`text_value_settings`]),
+/// so that servers or databases configured differently (`DateStyle = 'SQL,
+/// DMY'`, say) can never turn `01/02` into another date on the way.
+pub const TEXT_VALUE_PARAMETERS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
+/// [`TEXT_VALUE_PARAMETERS`] as `SET` statements for a regular session.
+pub fn text_value_settings() -> String {
+    TEXT_VALUE_PARAMETERS
+        .iter()
+        .map(|(name, value)| format!("SET {name} = '{value}';"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// Opens a regular connection; the connection task runs until the client
 /// is dropped.

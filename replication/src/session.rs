@@ -296,13 +296,10 @@ impl Session {
             ("database", &db),
             ("replication", "database"),
             ("client_encoding", "UTF8"),
-            // Output functions in the walsender follow these: ISO dates,
-            // UTC offsets and exact floats give text that reads back the same.
-            ("DateStyle", "ISO, YMD"),
-            ("IntervalStyle", "postgres"),
-            ("TimeZone", "UTC"),
-            ("extra_float_digits", "3"),
         ];
+        // Output functions in the walsender follow these: text that reads
+        // back the same on the target.
+        params.extend_from_slice(crate::client::TEXT_VALUE_PARAMETERS);
         if let Some(name) = info.application_name() {
             params.push(("application_name", name));
         }

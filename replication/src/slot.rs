@@ -149,6 +149,16 @@ pub async fn publication_gaps(
     Ok(gaps)
 }
 
+/// The statements that make publication `name` send every change of its
+/// tables again, for messages that tell an operator how to fix one that
+/// [`publication_gaps`] found wanting.
+pub fn publication_gaps_fix(name: &str) -> String {
+    let name = quote_ident(name);
+    format!(
+        "ALTER PUBLICATION {name} SET (publish = 'insert, update, delete, truncate');  -- and SET TABLE without WHERE or column lists\nor: DROP PUBLICATION {name};  -- cutover run creates its own"
+    )
+}
+
 /// The tables a publication publishes (partition roots as published).
 pub async fn publication_tables(
     client: &Client,

@@ -27,6 +27,15 @@ impl Setup {
         write_config(self.dir.path(), &text).display().to_string()
     }
 
+    /// [`Setup::config`] for both servers of `pair`, as superuser over TCP.
+    fn pair_config(&self, pair: &Pair) -> String {
+        self.config(
+            &pair.source.url("app", "postgres", None),
+            &pair.target.url("app", "postgres", None),
+            "",
+        )
+    }
+
     fn check(&self, config: &str, args: &[&str], env: &[(&str, &str)]) -> Outcome {
         let mut all = vec!["--config", config, "check"];
         all.extend_from_slice(args);
@@ -72,11 +81,7 @@ async fn check_names_a_keyless_table_and_a_missing_column_then_passes_after_the_
         )
         .await;
     let setup = Setup::new();
-    let config = setup.config(
-        &pair.source.url("app", "postgres", None),
-        &pair.target.url("app", "postgres", None),
-        "",
-    );
+    let config = setup.pair_config(&pair);
 
     let human = setup.check(&config, &[], &[]);
     assert_eq!(
@@ -471,11 +476,7 @@ async fn a_filtered_publication_of_the_configured_name_blocks_check_and_run() {
         )
         .await;
     let setup = Setup::new();
-    let config = setup.config(
-        &pair.source.url("app", "postgres", None),
-        &pair.target.url("app", "postgres", None),
-        "",
-    );
+    let config = setup.pair_config(&pair);
     let outcome = setup.check(&config, &["--format", "json"], &[]);
     assert_eq!(outcome.code, 1, "{}", outcome.all_output());
     let report = json(&outcome);

@@ -10,6 +10,13 @@ use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover, wait_for};
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// Rows of `table` on the target.
+async fn target_rows(pair: &Pair, table: &str) -> i64 {
+    pair.target
+        .query_value("app", &format!("SELECT count(*) FROM {table}"))
+        .await
+}
+
 /// Every column type the copy supports, with edge values, NULLs, and a
 /// column whose type differs on the target (forcing the text format).
 const TYPES_SCHEMA: &str = "
@@ -386,11 +393,7 @@ async fn a_copy_killed_midway_resumes_without_duplicates_or_holes() {
     let mut daemon = Daemon::start(&config, &["run"]);
     // Some chunks of events committed on the target, not all of them.
     wait_for("part of the events table on the target", WAIT, || async {
-        let rows: i64 = pair
-            .target
-            .query_value("app", "SELECT count(*) FROM events")
-            .await;
-        (rows > 0).then_some(())
+        (target_rows(&pair, "events").await > 0).then_some(())
     })
     .await;
     // Writes between the first snapshot and the restart, to both tables.
@@ -403,10 +406,7 @@ async fn a_copy_killed_midway_resumes_without_duplicates_or_holes() {
         )
         .await;
     daemon.kill();
-    let partial: i64 = pair
-        .target
-        .query_value("app", "SELECT count(*) FROM events")
-        .await;
+    let partial = target_rows(&pair, "events").await;
     assert!(
         partial < 400_000,
         "the copy finished before the kill; make events bigger"
@@ -466,21 +466,13 @@ async fn a_resumed_copy_recopies_finished_tables_that_reference_unfinished_ones(
     let config = pair.config(dir.path(), "[copy]\nworkers = 1\nchunk_mb = 4\n");
     let mut daemon = Daemon::start(&config, &["run"]);
     wait_for("entries copied and accounts begun", WAIT, || async {
-        let accounts: i64 = pair
-            .target
-            .query_value("app", "SELECT count(*) FROM accounts")
-            .await;
-        (accounts > 0).then_some(())
+        (target_rows(&pair, "accounts").await > 0).then_some(())
     })
     .await;
     daemon.kill();
-    let (entries, accounts): (i64, i64) = (
-        pair.target
-            .query_value("app", "SELECT count(*) FROM entries")
-            .await,
-        pair.target
-            .query_value("app", "SELECT count(*) FROM accounts")
-            .await,
+    let (entries, accounts) = (
+        target_rows(&pair, "entries").await,
+        target_rows(&pair, "accounts").await,
     );
     assert_eq!(entries, 400_000, "entries was not finished before the kill");
     assert!(accounts < 300_000, "accounts finished before the kill");

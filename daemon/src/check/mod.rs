@@ -606,7 +606,6 @@ async fn slot_and_publication(
                     fix: None,
                 });
             } else {
-                let name = catalog::quote_ident(&config.publication);
                 report.add(Finding {
                     severity: Severity::Blocking,
                     code: "publication_filtered",
@@ -616,9 +615,7 @@ async fn slot_and_publication(
                         "the publication exists but would not send every change ({}): cutover run refuses to use it",
                         gaps.join("; ")
                     ),
-                    fix: Some(format!(
-                        "ALTER PUBLICATION {name} SET (publish = 'insert, update, delete, truncate');  -- and SET TABLE without WHERE or column lists\nor: DROP PUBLICATION {name};  -- cutover run creates its own"
-                    )),
+                    fix: Some(slot::publication_gaps_fix(&config.publication)),
                 });
             }
         }

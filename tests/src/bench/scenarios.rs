@@ -191,6 +191,22 @@ async fn copy_native(b: &Bench) -> (Option<f64>, String, Option<f64>) {
     )
 }
 
+/// Runs a peer's command to its end: the wall clock around it, in seconds.
+/// A failed run stops the benchmark with the command's stderr.
+fn run_timed(command: &mut Command, what: &str) -> f64 {
+    let started = Instant::now();
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    seconds
+}
+
 fn copy_pg_dump(b: &Bench) -> (Option<f64>, String, Option<f64>) {
     let tables: String = COPY_TABLES
         .iter()
@@ -203,16 +219,9 @@ fn copy_pg_dump(b: &Bench) -> (Option<f64>, String, Option<f64>) {
         bindir().join("pg_restore").display(),
         b.target.url(DB, "postgres", None),
     );
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .args(["-c", &script])
-        .output()
-        .expect("run pg_dump | pg_restore");
-    let seconds = started.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "pg_dump | pg_restore failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let seconds = run_timed(
+        Command::new("bash").args(["-c", &script]),
+        "pg_dump | pg_restore",
     );
     (
         Some(seconds),
@@ -236,25 +245,19 @@ fn copy_pgcopydb(b: &Bench) -> (Option<f64>, String, Option<f64>) {
         .map(|t| format!("public.{t}\n"))
         .collect();
     std::fs::write(&filters, format!("[include-only-table]\n{include}")).expect("write filters");
-    let started = Instant::now();
-    let out = Command::new("pgcopydb")
-        .args(["copy", "table-data", "--source"])
-        .arg(b.source.url(DB, "postgres", None))
-        .arg("--target")
-        .arg(b.target.url(DB, "postgres", None))
-        .arg("--dir")
-        .arg(dir.join("work"))
-        .arg("--table-jobs")
-        .arg(b.workers.to_string())
-        .arg("--filters")
-        .arg(&filters)
-        .output()
-        .expect("run pgcopydb");
-    let seconds = started.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "pgcopydb failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let seconds = run_timed(
+        Command::new("pgcopydb")
+            .args(["copy", "table-data", "--source"])
+            .arg(b.source.url(DB, "postgres", None))
+            .arg("--target")
+            .arg(b.target.url(DB, "postgres", None))
+            .arg("--dir")
+            .arg(dir.join("work"))
+            .arg("--table-jobs")
+            .arg(b.workers.to_string())
+            .arg("--filters")
+            .arg(&filters),
+        "pgcopydb",
     );
     (
         Some(seconds),
@@ -398,32 +401,25 @@ async fn decode_ceiling(
     b.on_source("SELECT pg_create_logical_replication_slot('bench_decode', 'pgoutput')")
         .await;
     write_backlog(b, changes, per_txn, seeded).await;
-    let end = {
-        let source = b.src().await;
-        let row = source
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .expect("the source's WAL position");
-        row.get::<_, String>(0)
-    };
-    let started = Instant::now();
-    let out = Command::new(bindir().join("pg_recvlogical"))
-        .args(["-d", &b.source.url(DB, "postgres", None)])
-        .args(["-S", "bench_decode", "--start", "-E", &end, "--no-loop"])
-        .args([
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=bench_decode",
-        ])
-        .args(["-f", "/dev/null"])
-        .output()
-        .expect("run pg_recvlogical");
-    let seconds = started.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "pg_recvlogical failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let end: String = b
+        .src()
+        .await
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("the source's WAL position")
+        .get(0);
+    let seconds = run_timed(
+        Command::new(bindir().join("pg_recvlogical"))
+            .args(["-d", &b.source.url(DB, "postgres", None)])
+            .args(["-S", "bench_decode", "--start", "-E", &end, "--no-loop"])
+            .args([
+                "-o",
+                "proto_version=1",
+                "-o",
+                "publication_names=bench_decode",
+            ])
+            .args(["-f", "/dev/null"]),
+        "pg_recvlogical",
     );
     b.on_source("SELECT pg_drop_replication_slot('bench_decode'); DROP PUBLICATION bench_decode")
         .await;
