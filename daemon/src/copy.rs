@@ -679,7 +679,7 @@ async fn copy_tables(
         record.target_count = None;
         record.format = Some(plan.format);
         if config.copy.drop_indexes {
-            drop_secondary_indexes(target, &mut record, store).await?;
+            drop_load_constraints(target, &mut record, store).await?;
         }
         store.put_table_copy(&record)?;
         remaining.push(chunks.len() as u64);
@@ -693,6 +693,13 @@ async fn copy_tables(
         // finished (and kept by a resume) as soon as it can be, not at
         // the end of the whole copy.
         queue.push_back(Task::Count { plan: i });
+    }
+    if config.copy.drop_indexes {
+        // Every foreign key in scope is gone now: the keys they referenced
+        // may go too.
+        for record in &mut records {
+            drop_indexes_and_keys(target, record, store).await?;
+        }
     }
     store.flush().await?;
 
@@ -722,7 +729,6 @@ async fn copy_tables(
     drop(tx);
 
     let mut counted: Vec<Option<i64>> = vec![None; plans.len()];
-    let mut validate_at_end: Vec<String> = Vec::new();
     let mut finished = 0;
     let mut failure: Option<CopyError> = None;
     loop {
@@ -760,7 +766,7 @@ async fn copy_tables(
                 if remaining[plan] == 0 && let Some(count) = counted[plan] {
                     let record = &mut records[plan];
                     record.source_count = Some(count);
-                    validate_at_end.extend(finish_table(config, store, target, record).await?);
+                    finish_table(config, store, target, record).await?;
                     progress.table_done(plan);
                     finished += 1;
                 }
@@ -788,8 +794,7 @@ async fn copy_tables(
         }
     }
     debug_assert_eq!(finished, plans.len());
-    validate_later(target, &validate_at_end).await;
-    Ok(())
+    restore_foreign_keys(store, target).await
 }
 
 async fn worker(
@@ -865,64 +870,74 @@ async fn worker(
 const LOAD_CONSTRAINTS_SQL: &str = "
 SELECT conname::text, pg_get_constraintdef(oid)
   FROM pg_constraint
- WHERE conrelid = $1::text::regclass AND contype IN ('c', 'f')
+ WHERE conrelid = $1::text::regclass AND contype IN ('c', 'f') AND conparentid = 0
  ORDER BY 1";
 
+/// PRIMARY KEY and UNIQUE constraints: a B-tree built once by a sort after
+/// the load costs a fraction of a million inserts into it. Kept: those a
+/// foreign key still depends on (one from a table out of scope: the
+/// in-scope ones are dropped first), the replica identity index (dropping
+/// it would change what the table logs), and those inherited from a
+/// partitioned parent (they go with the parent's).
+const KEY_CONSTRAINTS_SQL: &str = "
+SELECT c.conname::text, pg_get_constraintdef(c.oid)
+  FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
+ WHERE c.conrelid = $1::text::regclass AND c.contype IN ('p', 'u') AND c.conparentid = 0
+   AND NOT i.indisreplident
+   AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = c.conindid)
+ ORDER BY 1";
+
+/// Indexes not backing a constraint, other than the replica identity index
+/// and the partitions of a partitioned index (dropped with their parent).
 const SECONDARY_INDEXES_SQL: &str = "
 SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
   FROM pg_index i
- WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary
+ WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary AND NOT i.indisreplident
    AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+   AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
  ORDER BY 1";
 
-/// Drops the target table's secondary indexes (not the primary key, not
-/// those backing constraints) and its CHECK and FOREIGN KEY constraints,
-/// recording their definitions first so that a crash can never lose one.
-async fn drop_secondary_indexes(
+/// Adds the rows of `sql` (name, definition) not yet in `list`.
+async fn record_definitions(
+    target: &Client,
+    sql: &str,
+    table: &TableName,
+    what: &str,
+    list: &mut Vec<DroppedIndex>,
+) -> Result<(), CopyError> {
+    let rows = target
+        .query(sql, &[&table.quoted()])
+        .await
+        .map_err(query("target", format!("listing {what} of {table}")))?;
+    for row in rows {
+        let name: String = row.get(0);
+        if !list.iter().any(|d| d.name == name) {
+            list.push(DroppedIndex {
+                name,
+                definition: row.get(1),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// First step of `copy.drop_indexes`, for every table before any index:
+/// drops the target table's CHECK and FOREIGN KEY constraints, recording
+/// their definitions first so that a crash can never lose one. The foreign
+/// keys go first so that the keys they reference can go too.
+async fn drop_load_constraints(
     target: &Client,
     record: &mut TableCopy,
     store: &Store,
 ) -> Result<(), CopyError> {
-    let rows = target
-        .query(SECONDARY_INDEXES_SQL, &[&record.name.quoted()])
-        .await
-        .map_err(query(
-            "target",
-            format!("listing indexes of {}", record.name),
-        ))?;
-    for row in rows {
-        let name: String = row.get(0);
-        if !record.dropped_indexes.iter().any(|d| d.name == name) {
-            record.dropped_indexes.push(DroppedIndex {
-                name,
-                definition: row.get(1),
-            });
-        }
-    }
-    store.put_table_copy(record)?;
-    store.flush().await?;
-    for index in &record.dropped_indexes {
-        target
-            .batch_execute(&format!("DROP INDEX IF EXISTS {}", index.name))
-            .await
-            .map_err(query("target", format!("dropping index {}", index.name)))?;
-    }
-    let rows = target
-        .query(LOAD_CONSTRAINTS_SQL, &[&record.name.quoted()])
-        .await
-        .map_err(query(
-            "target",
-            format!("listing constraints of {}", record.name),
-        ))?;
-    for row in rows {
-        let name: String = row.get(0);
-        if !record.dropped_constraints.iter().any(|d| d.name == name) {
-            record.dropped_constraints.push(DroppedIndex {
-                name,
-                definition: row.get(1),
-            });
-        }
-    }
+    record_definitions(
+        target,
+        LOAD_CONSTRAINTS_SQL,
+        &record.name,
+        "constraints",
+        &mut record.dropped_constraints,
+    )
+    .await?;
     store.put_table_copy(record)?;
     store.flush().await?;
     for constraint in &record.dropped_constraints {
@@ -941,19 +956,65 @@ async fn drop_secondary_indexes(
     if !record.dropped_constraints.is_empty() {
         tracing::info!(table = %record.name, constraints = record.dropped_constraints.len(), "CHECK and FOREIGN KEY constraints dropped for the load");
     }
-    if !record.dropped_indexes.is_empty() {
-        tracing::info!(table = %record.name, indexes = record.dropped_indexes.len(), "secondary indexes dropped for the load");
+    Ok(())
+}
+
+/// Second step of `copy.drop_indexes`: drops the table's secondary indexes
+/// and the primary key and unique constraints nothing else needs,
+/// recorded first like the constraints.
+async fn drop_indexes_and_keys(
+    target: &Client,
+    record: &mut TableCopy,
+    store: &Store,
+) -> Result<(), CopyError> {
+    record_definitions(
+        target,
+        SECONDARY_INDEXES_SQL,
+        &record.name,
+        "indexes",
+        &mut record.dropped_indexes,
+    )
+    .await?;
+    record_definitions(
+        target,
+        KEY_CONSTRAINTS_SQL,
+        &record.name,
+        "keys",
+        &mut record.dropped_keys,
+    )
+    .await?;
+    store.put_table_copy(record)?;
+    store.flush().await?;
+    for index in &record.dropped_indexes {
+        target
+            .batch_execute(&format!("DROP INDEX IF EXISTS {}", index.name))
+            .await
+            .map_err(query("target", format!("dropping index {}", index.name)))?;
+    }
+    for key in &record.dropped_keys {
+        target
+            .batch_execute(&format!(
+                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+                record.name.quoted(),
+                quote_ident(&key.name)
+            ))
+            .await
+            .map_err(query("target", format!("dropping key {}", key.name)))?;
+    }
+    if !record.dropped_indexes.is_empty() || !record.dropped_keys.is_empty() {
+        tracing::info!(table = %record.name, indexes = record.dropped_indexes.len(), keys = record.dropped_keys.len(), "indexes and keys dropped for the load");
     }
     Ok(())
 }
 
-/// After a table's last chunk: rebuild indexes, ANALYZE, count, mark done.
-async fn finish_table(
-    config: &Config,
-    store: &Store,
-    target: &Client,
-    record: &mut TableCopy,
-) -> Result<Vec<String>, CopyError> {
+/// Rebuilds what `copy.drop_indexes` dropped from a table, but for its
+/// foreign keys: keys first (a foreign key of another table may need
+/// them), then indexes, then CHECK constraints. Each step is idempotent,
+/// so a rebuild interrupted by a crash is simply done again.
+async fn rebuild_indexes(target: &Client, record: &mut TableCopy) -> Result<(), CopyError> {
+    for key in std::mem::take(&mut record.dropped_keys) {
+        restore_constraint(target, &record.name, &key).await?;
+    }
     for index in std::mem::take(&mut record.dropped_indexes) {
         // The definition comes from pg_get_indexdef on the same server;
         // IF NOT EXISTS makes a rebuild after a crash idempotent.
@@ -970,10 +1031,60 @@ async fn finish_table(
             .await
             .map_err(query("target", format!("rebuilding index {}", index.name)))?;
     }
-    let mut unvalidated = Vec::new();
-    for constraint in std::mem::take(&mut record.dropped_constraints) {
-        unvalidated.extend(restore_constraint(target, &record.name, &constraint).await?);
+    let (foreign, checks): (Vec<DroppedIndex>, Vec<DroppedIndex>) =
+        std::mem::take(&mut record.dropped_constraints)
+            .into_iter()
+            .partition(|c| c.definition.starts_with("FOREIGN KEY"));
+    for check in checks {
+        // A CHECK constraint that fails is an error (never `Some`).
+        restore_constraint(target, &record.name, &check).await?;
     }
+    record.dropped_constraints = foreign;
+    Ok(())
+}
+
+/// Once every table is loaded: adds back the foreign keys dropped for the
+/// load, on every table of the store (a table finished before a crash
+/// keeps its pending ones until here), and anything else a crash left
+/// dropped. A foreign key that cannot be validated stays `NOT VALID`
+/// with a warning.
+async fn restore_foreign_keys(store: &Store, target: &Client) -> Result<(), CopyError> {
+    let mut records = store.table_copies()?;
+    for record in &mut records {
+        if !record.dropped_keys.is_empty() || !record.dropped_indexes.is_empty() {
+            rebuild_indexes(target, record).await?;
+            store.put_table_copy(record)?;
+        }
+    }
+    for record in &mut records {
+        if record.dropped_constraints.is_empty() {
+            continue;
+        }
+        for constraint in std::mem::take(&mut record.dropped_constraints) {
+            if let Some(left) = restore_constraint(target, &record.name, &constraint).await? {
+                tracing::warn!(
+                    table = %record.name,
+                    constraint = %constraint.name,
+                    error = %left.error,
+                    "a foreign key stays NOT VALID: its referenced rows are not all on the target (a referenced table out of scope?); once they are, run: {}",
+                    left.statement
+                );
+            }
+        }
+        store.put_table_copy(record)?;
+    }
+    store.flush().await?;
+    Ok(())
+}
+
+/// After a table's last chunk: rebuild indexes, ANALYZE, count, mark done.
+async fn finish_table(
+    config: &Config,
+    store: &Store,
+    target: &Client,
+    record: &mut TableCopy,
+) -> Result<(), CopyError> {
+    rebuild_indexes(target, record).await?;
     if config.copy.analyze {
         target
             .batch_execute(&format!("ANALYZE {}", record.name.quoted()))
@@ -996,20 +1107,21 @@ async fn finish_table(
         format = record.format.map(|f| f.name()).unwrap_or("?"),
         "table copied"
     );
-    Ok(unvalidated)
+    Ok(())
 }
 
-/// Adds a constraint dropped for the load back: `NOT VALID` first (no
-/// scan under the strong lock), then `VALIDATE CONSTRAINT`. A foreign key
-/// whose referenced rows are not there (a parent table out of scope, or
-/// not loaded yet) stays NOT VALID with a warning giving the statement to
-/// validate it later; the rows themselves came from a snapshot where the
-/// source enforced it. A constraint that was NOT VALID before stays so.
+/// Adds a constraint dropped for the load back. A key is added as it was
+/// (its index built by one sort). A CHECK or FOREIGN KEY constraint is
+/// added `NOT VALID` first (no scan under the strong lock), then
+/// validated; one that was NOT VALID before stays so. A foreign key whose
+/// referenced rows are not there (a referenced table out of scope) stays
+/// NOT VALID: the validation failure is returned, for a warning; the rows
+/// themselves came from a snapshot where the source enforced it.
 async fn restore_constraint(
     target: &Client,
     table: &TableName,
     constraint: &DroppedIndex,
-) -> Result<Option<String>, CopyError> {
+) -> Result<Option<Unvalidated>, CopyError> {
     let exists: bool = target
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
@@ -1018,9 +1130,15 @@ async fn restore_constraint(
         .await
         .map_err(query("target", format!("looking up constraint {}", constraint.name)))?
         .get(0);
+    let validated = constraint.definition.starts_with("CHECK")
+        || constraint.definition.starts_with("FOREIGN KEY");
     let was_valid = !constraint.definition.ends_with("NOT VALID");
     if !exists {
-        let not_valid = if was_valid { " NOT VALID" } else { "" };
+        let not_valid = if validated && was_valid {
+            " NOT VALID"
+        } else {
+            ""
+        };
         target
             .batch_execute(&format!(
                 "ALTER TABLE {} ADD CONSTRAINT {} {}{not_valid}",
@@ -1034,7 +1152,7 @@ async fn restore_constraint(
                 format!("adding back constraint {}", constraint.name),
             ))?;
     }
-    if was_valid {
+    if validated && was_valid {
         let validate = format!(
             "ALTER TABLE {} VALIDATE CONSTRAINT {}",
             table.quoted(),
@@ -1042,8 +1160,10 @@ async fn restore_constraint(
         );
         if let Err(err) = target.batch_execute(&validate).await {
             if constraint.definition.starts_with("FOREIGN KEY") {
-                // Validated again once every table is loaded.
-                return Ok(Some(validate));
+                return Ok(Some(Unvalidated {
+                    statement: validate,
+                    error: describe(&err),
+                }));
             }
             return Err(query(
                 "target",
@@ -1054,17 +1174,11 @@ async fn restore_constraint(
     Ok(None)
 }
 
-/// Validates the foreign keys that could not be validated when their
-/// table finished (the referenced table was still loading).
-async fn validate_later(target: &Client, statements: &[String]) {
-    for validate in statements {
-        if let Err(err) = target.batch_execute(validate).await {
-            tracing::warn!(
-                error = %describe(&err),
-                "a foreign key stays NOT VALID: its referenced rows are not all on the target (a referenced table out of scope?); once they are, run: {validate}"
-            );
-        }
-    }
+/// A foreign key left `NOT VALID`: the statement that validates it, and
+/// why it failed now.
+struct Unvalidated {
+    statement: String,
+    error: String,
 }
 
 fn quote_ident(name: &str) -> String {

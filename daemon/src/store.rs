@@ -214,6 +214,10 @@ pub struct TableCopy {
     /// added back (name and `pg_get_constraintdef()`).
     #[serde(default)]
     pub dropped_constraints: Vec<DroppedIndex>,
+    /// PRIMARY KEY and UNIQUE constraints dropped for the load and not yet
+    /// added back (name and `pg_get_constraintdef()`).
+    #[serde(default)]
+    pub dropped_keys: Vec<DroppedIndex>,
 }
 
 impl TableCopy {
@@ -232,6 +236,7 @@ impl TableCopy {
             format: None,
             dropped_indexes: Vec::new(),
             dropped_constraints: Vec::new(),
+            dropped_keys: Vec::new(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover, wait_for};
+use cutover_tests::{Cluster, ClusterOptions, Daemon, Pair, run_cutover, wait_for};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -203,6 +203,27 @@ async fn every_type_survives_the_copy_exactly_and_the_reconciliation_is_printed(
     assert_eq!(pair.rows("widened").await.1.len(), 500);
 }
 
+/// Every index of the public schema on `cluster`, with its definition and
+/// whether it is the table's replica identity.
+async fn index_definitions(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .client("app")
+        .await
+        .query(
+            "SELECT x.indexname::text || ': ' || x.indexdef
+                    || CASE WHEN i.indisreplident THEN ' (replica identity)' ELSE '' END
+               FROM pg_indexes x
+               JOIN pg_index i ON i.indexrelid = (quote_ident(x.schemaname) || '.' || quote_ident(x.indexname))::regclass
+              WHERE x.schemaname = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 #[tokio::test]
 async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
     let pair = Pair::start(ClusterOptions::default()).await;
@@ -212,9 +233,13 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
          ALTER TABLE big ADD CONSTRAINT big_id_positive CHECK (id > 0);
          CREATE TABLE child (id int PRIMARY KEY, big_id bigint CONSTRAINT child_big REFERENCES big (id));
          CREATE TABLE small_a (id int PRIMARY KEY);
-         CREATE TABLE small_b (id int PRIMARY KEY);",
+         CREATE TABLE small_b (id int PRIMARY KEY);
+         CREATE TABLE ident (id int NOT NULL, code text NOT NULL CONSTRAINT ident_code UNIQUE);
+         CREATE UNIQUE INDEX ident_id ON ident (id);
+         ALTER TABLE ident REPLICA IDENTITY USING INDEX ident_id;",
     )
     .await;
+    let indexes_before = index_definitions(&pair.target).await;
     // A constraint the target holds NOT VALID stays so.
     pair.target
         .execute(
@@ -228,7 +253,8 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
             "INSERT INTO big SELECT g, md5(g::text) || repeat('x', 100) FROM generate_series(1, 60000) g;
              INSERT INTO small_a SELECT generate_series(1, 10);
              INSERT INTO child SELECT g, g * 3 FROM generate_series(1, 1000) g;
-             INSERT INTO small_b SELECT generate_series(1, 3);",
+             INSERT INTO small_b SELECT generate_series(1, 3);
+             INSERT INTO ident SELECT g, 'c' || g FROM generate_series(1, 50) g;",
         )
         .await;
     let dir = tempfile::tempdir().unwrap();
@@ -245,10 +271,34 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
         .unwrap_or_else(|| panic!("{}", out.stdout));
     let chunks: u64 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
     assert!(chunks >= 5, "a ~10 MB table in 1 MB chunks: {line}");
-    for table in ["big", "child", "small_a", "small_b"] {
+    for table in ["big", "child", "small_a", "small_b", "ident"] {
         let (source, target) = pair.rows(table).await;
         assert_eq!(source, target, "{table}");
     }
+    // The keys were dropped for the load too (big's, referenced by child's
+    // foreign key, dropped first); the replica identity index was kept.
+    let dropped = |table: &str| {
+        out.stderr
+            .lines()
+            .find(|l| {
+                l.contains("indexes and keys dropped")
+                    && l.contains(&format!("table=public.{table} "))
+            })
+            .unwrap_or_else(|| panic!("no drop logged for {table}:\n{}", out.stderr))
+            .to_owned()
+    };
+    assert!(
+        dropped("big").contains("indexes=1 keys=1"),
+        "{}",
+        dropped("big")
+    );
+    assert!(
+        dropped("ident").contains("indexes=0 keys=1"),
+        "{}",
+        dropped("ident")
+    );
+    // Every index, key and the replica identity are back as they were.
+    assert_eq!(index_definitions(&pair.target).await, indexes_before);
     // CHECK and FOREIGN KEY constraints dropped for the load are back and
     // validated; the one that was NOT VALID is back as it was.
     let constraints: Vec<(String, bool)> = pair
@@ -441,6 +491,81 @@ async fn a_copy_killed_midway_resumes_without_duplicates_or_holes() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(slots, vec!["cutover".to_string()]);
+}
+
+/// `copy.drop_indexes`: killed while a table loads without its keys and
+/// indexes, the restarted daemon copies it again and puts every one back
+/// before it streams (the upserts need the key).
+#[tokio::test]
+async fn a_copy_killed_with_its_indexes_dropped_rebuilds_them_on_resume() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE parent (id bigint PRIMARY KEY, pad text);
+         CREATE INDEX parent_pad ON parent (pad);
+         CREATE TABLE kid (id int PRIMARY KEY, parent_id bigint CONSTRAINT kid_parent REFERENCES parent (id),
+                           CONSTRAINT kid_positive CHECK (id > 0));",
+    )
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO parent SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 300000) g;
+             INSERT INTO kid SELECT g, g FROM generate_series(1, 1000) g;",
+        )
+        .await;
+    let before = index_definitions(&pair.target).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        "[copy]\nworkers = 1\nchunk_mb = 4\ndrop_indexes = true\n",
+    );
+    let mut daemon = Daemon::start(&config, &["run"]);
+    wait_for("part of the parent table on the target", WAIT, || async {
+        (target_rows(&pair, "parent").await > 0).then_some(())
+    })
+    .await;
+    daemon.kill();
+    assert!(
+        target_rows(&pair, "parent").await < 300_000,
+        "the copy finished before the kill; make parent bigger"
+    );
+    let during = index_definitions(&pair.target).await;
+    assert!(
+        !during.iter().any(|i| i.starts_with("parent_pkey:")),
+        "the key was not dropped for the load: {during:?}"
+    );
+    pair.source
+        .execute(
+            "app",
+            "UPDATE parent SET pad = 'changed' WHERE id <= 10;
+             INSERT INTO kid VALUES (1001, 5);",
+        )
+        .await;
+    daemon.restart();
+    pair.wait_equal(&["parent", "kid"], WAIT).await;
+    assert_eq!(index_definitions(&pair.target).await, before);
+    let constraints: Vec<(String, bool)> = pair
+        .target
+        .client("app")
+        .await
+        .query(
+            "SELECT conname::text, convalidated FROM pg_constraint WHERE conrelid = 'kid'::regclass ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        constraints,
+        vec![
+            ("kid_parent".to_string(), true),
+            ("kid_pkey".to_string(), true),
+            ("kid_positive".to_string(), true)
+        ]
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0));
 }
 
 /// A table finished before the kill that references (by a foreign key on
