@@ -627,11 +627,23 @@ async fn check_empty(
         .map_err(query("target", "emptying tables"))
 }
 
+/// A table is small when it fits in one chunk of at most this part of
+/// `copy.chunk_mb`.
+const SMALL_TABLE_PART: u64 = 8;
+
+/// At most this many small tables share a target transaction.
+const BUNDLE_TABLES: usize = 256;
+
 /// A unit of work for a copy worker.
 #[derive(Debug)]
 enum Task {
+    /// One chunk of a table, in its own target transaction.
     Chunk { plan: usize, chunk: Chunk },
+    /// A table's count in the snapshot, after its chunks.
     Count { plan: usize },
+    /// Small tables, each in one chunk, copied and counted in one target
+    /// transaction.
+    Bundle(Vec<(usize, Chunk)>),
 }
 
 /// What a worker reports.
@@ -654,10 +666,10 @@ async fn copy_tables(
     sinks: Vec<Client>,
     metrics: &Metrics,
 ) -> Result<(), CopyError> {
-    let mut queue = VecDeque::new();
     let mut records: Vec<TableCopy> = Vec::with_capacity(plans.len());
     let mut remaining: Vec<u64> = Vec::with_capacity(plans.len());
-    for (i, plan) in plans.iter().enumerate() {
+    let mut chunks_of: Vec<Vec<Chunk>> = Vec::with_capacity(plans.len());
+    for plan in &plans {
         let chunks = snapshot::plan_chunks(
             source,
             &plan.table.name,
@@ -684,24 +696,56 @@ async fn copy_tables(
         store.put_table_copy(&record)?;
         remaining.push(chunks.len() as u64);
         records.push(record);
+        chunks_of.push(chunks);
+    }
+    let small = |chunks: &[Chunk]| {
+        chunks.len() == 1
+            && chunks[0].pages <= u64::from(config.copy.pages_per_chunk) / SMALL_TABLE_PART
+    };
+    if config.copy.drop_indexes {
+        // Every foreign key in scope is gone now: the keys they referenced
+        // may go too. A small table keeps its own: rebuilding them would
+        // cost more than the load saves.
+        for (record, chunks) in records.iter_mut().zip(&chunks_of) {
+            if !small(chunks) {
+                drop_indexes_and_keys(target, record, store).await?;
+            }
+        }
+    }
+    store.flush().await?;
+
+    // Each table's chunks, then its count in the snapshot: a table is
+    // finished (and kept by a resume) as soon as it can be, not at the end
+    // of the whole copy. Small tables (one chunk of at most 1/8 of
+    // `copy.chunk_mb`) go several to a task, copied and counted in one
+    // target transaction: a commit, a flush and a round of the queue per
+    // table would cost more than their rows.
+    let mut queue = VecDeque::new();
+    let mut bundle: Vec<(usize, Chunk)> = Vec::new();
+    let mut bundle_pages = 0;
+    for (i, chunks) in chunks_of.into_iter().enumerate() {
+        if small(&chunks) {
+            let chunk = chunks.into_iter().next().expect("one chunk");
+            bundle_pages += chunk.pages;
+            bundle.push((i, chunk));
+            if bundle_pages >= u64::from(config.copy.pages_per_chunk)
+                || bundle.len() >= BUNDLE_TABLES
+            {
+                queue.push_back(Task::Bundle(std::mem::take(&mut bundle)));
+                bundle_pages = 0;
+            }
+            continue;
+        }
         queue.extend(
             chunks
                 .into_iter()
                 .map(|chunk| Task::Chunk { plan: i, chunk }),
         );
-        // Its count in the snapshot right after its chunks: a table is
-        // finished (and kept by a resume) as soon as it can be, not at
-        // the end of the whole copy.
         queue.push_back(Task::Count { plan: i });
     }
-    if config.copy.drop_indexes {
-        // Every foreign key in scope is gone now: the keys they referenced
-        // may go too.
-        for record in &mut records {
-            drop_indexes_and_keys(target, record, store).await?;
-        }
+    if !bundle.is_empty() {
+        queue.push_back(Task::Bundle(bundle));
     }
-    store.flush().await?;
 
     let progress = CopyProgress::new(
         plans
@@ -822,24 +866,7 @@ async fn worker(
                         let _ = bytes_tx.send(Report::Bytes { plan, bytes: n });
                     })
                     .await
-                    .map_err(|err| CopyError::Chunk {
-                        table: p.table.name.clone(),
-                        index: chunk.index,
-                        detail: match &err {
-                            ChunkError::Source { source, .. }
-                            | ChunkError::Target { source, .. } => {
-                                format!(
-                                    "{}: {}",
-                                    if matches!(err, ChunkError::Source { .. }) {
-                                        "source"
-                                    } else {
-                                        "target"
-                                    },
-                                    describe(source)
-                                )
-                            }
-                        },
-                    })?;
+                    .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
                 let _ = tx.send(Report::ChunkDone {
                     plan,
                     rows: stats.rows,
@@ -849,13 +876,46 @@ async fn worker(
             Task::Count { plan } => {
                 let p = &plans[plan];
                 progress.worker(id, &format!("{} counting", p.table.name));
-                let rows = catalog::count_rows(&source, &p.table.name)
-                    .await
-                    .map_err(query(
-                        "source",
-                        format!("counting {} in the snapshot", p.table.name),
-                    ))?;
+                let rows = count_in_snapshot(&source, &p.table.name).await?;
                 let _ = tx.send(Report::Counted { plan, rows });
+            }
+            Task::Bundle(items) => {
+                progress.worker(id, &format!("{} small tables", items.len()));
+                let transaction = target
+                    .transaction()
+                    .await
+                    .map_err(query("target", "opening a transaction for small tables"))?;
+                let mut done = Vec::with_capacity(items.len());
+                for (plan, chunk) in &items {
+                    let (plan, p) = (*plan, &plans[*plan]);
+                    let bytes_tx = tx.clone();
+                    let stats = snapshot::copy_chunk_in(
+                        &source,
+                        &transaction,
+                        chunk,
+                        &p.columns,
+                        p.format,
+                        |n| {
+                            let _ = bytes_tx.send(Report::Bytes { plan, bytes: n });
+                        },
+                    )
+                    .await
+                    .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
+                    let rows = count_in_snapshot(&source, &p.table.name).await?;
+                    done.push((plan, stats, rows));
+                }
+                transaction.commit().await.map_err(query(
+                    "target",
+                    format!("committing {} small tables", items.len()),
+                ))?;
+                for (plan, stats, rows) in done {
+                    let _ = tx.send(Report::ChunkDone {
+                        plan,
+                        rows: stats.rows,
+                        bytes: stats.bytes,
+                    });
+                    let _ = tx.send(Report::Counted { plan, rows });
+                }
             }
         }
     }
@@ -863,6 +923,25 @@ async fn worker(
     // Leave the snapshot transaction cleanly.
     let _ = source.batch_execute("COMMIT").await;
     Ok(())
+}
+
+fn chunk_error(table: &TableName, index: usize, err: &ChunkError) -> CopyError {
+    let (side, source) = match err {
+        ChunkError::Source { source, .. } => ("source", source),
+        ChunkError::Target { source, .. } => ("target", source),
+    };
+    CopyError::Chunk {
+        table: table.clone(),
+        index,
+        detail: format!("{side}: {}", describe(source)),
+    }
+}
+
+/// A table's rows in the snapshot the worker's source connection holds.
+async fn count_in_snapshot(source: &Client, table: &TableName) -> Result<i64, CopyError> {
+    catalog::count_rows(source, table)
+        .await
+        .map_err(query("source", format!("counting {table} in the snapshot")))
 }
 
 /// CHECK and FOREIGN KEY constraints: checked row by row during a load,

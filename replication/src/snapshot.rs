@@ -21,7 +21,7 @@
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use crate::catalog::{TableName, quote_ident, quote_literal};
 
@@ -92,6 +92,10 @@ pub struct Chunk {
     pub end_page: Option<u64>,
     /// Position among the table's chunks, from 0.
     pub index: usize,
+    /// Pages of data (heap and TOAST) it is expected to read, for
+    /// scheduling.
+    #[serde(default)]
+    pub pages: u64,
 }
 
 /// How much a chunk moved.
@@ -165,16 +169,19 @@ pub async fn plan_chunks(
     for (source, pages, total_pages) in sources {
         let pages = pages.max(0) as u64;
         let step = chunk_step(pages, total_pages.max(0) as u64, pages_per_chunk);
+        let total_pages = (total_pages.max(0) as u64).max(pages);
         let mut first = 0;
         loop {
             let end = first + step;
             let last = end >= pages;
+            let heap = end.min(pages).saturating_sub(first);
             chunks.push(Chunk {
                 table: table.clone(),
                 source: source.clone(),
                 first_page: first,
                 end_page: (!last).then_some(end),
                 index: chunks.len(),
+                pages: (heap * total_pages).checked_div(pages).unwrap_or(0),
             });
             if last {
                 break;
@@ -271,6 +278,26 @@ pub async fn copy_chunk(
     chunk: &Chunk,
     columns: &[String],
     format: CopyFormat,
+    on_bytes: impl FnMut(u64),
+) -> Result<CopyStats, ChunkError> {
+    let target_err = |source| ChunkError::Target {
+        table: chunk.table.clone(),
+        source,
+    };
+    let transaction = target.transaction().await.map_err(target_err)?;
+    let stats = copy_chunk_in(source, &transaction, chunk, columns, format, on_bytes).await?;
+    transaction.commit().await.map_err(target_err)?;
+    Ok(stats)
+}
+
+/// Moves one chunk inside the caller's target transaction, which commits
+/// it (with others: small tables are copied several to a transaction).
+pub async fn copy_chunk_in(
+    source: &Client,
+    transaction: &Transaction<'_>,
+    chunk: &Chunk,
+    columns: &[String],
+    format: CopyFormat,
     mut on_bytes: impl FnMut(u64),
 ) -> Result<CopyStats, ChunkError> {
     let source_err = |source| ChunkError::Source {
@@ -281,7 +308,6 @@ pub async fn copy_chunk(
         table: chunk.table.clone(),
         source,
     };
-    let transaction = target.transaction().await.map_err(target_err)?;
     let sink = transaction
         .copy_in::<_, Bytes>(&target_sql(chunk, columns, format))
         .await
@@ -309,7 +335,6 @@ pub async fn copy_chunk(
         sink.send(buffer.freeze()).await.map_err(target_err)?;
     }
     let rows = sink.finish().await.map_err(target_err)?;
-    transaction.commit().await.map_err(target_err)?;
     Ok(CopyStats { rows, bytes })
 }
 
@@ -324,6 +349,7 @@ mod tests {
             first_page: first,
             end_page: end,
             index: 0,
+            pages: 0,
         }
     }
 

@@ -254,7 +254,7 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
              INSERT INTO small_a SELECT generate_series(1, 10);
              INSERT INTO child SELECT g, g * 3 FROM generate_series(1, 1000) g;
              INSERT INTO small_b SELECT generate_series(1, 3);
-             INSERT INTO ident SELECT g, 'c' || g FROM generate_series(1, 50) g;",
+             INSERT INTO ident SELECT g, 'c' || g || repeat('-', 50) FROM generate_series(1, 20000) g;",
         )
         .await;
     let dir = tempfile::tempdir().unwrap();
@@ -299,6 +299,24 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
     );
     // Every index, key and the replica identity are back as they were.
     assert_eq!(index_definitions(&pair.target).await, indexes_before);
+    // The small tables were copied together, in one target transaction,
+    // and kept their keys (nothing logged for them).
+    assert!(
+        !out.stderr
+            .lines()
+            .any(|l| l.contains("indexes and keys dropped") && l.contains("table=public.small_a ")),
+        "a small table's keys were dropped:\n{}",
+        out.stderr
+    );
+    let transactions: i64 = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT count(DISTINCT x) FROM (SELECT xmin::text AS x FROM small_a UNION ALL SELECT xmin::text FROM small_b
+                UNION ALL SELECT xmin::text FROM child) t",
+        )
+        .await;
+    assert_eq!(transactions, 1, "the small tables were not copied together");
     // CHECK and FOREIGN KEY constraints dropped for the load are back and
     // validated; the one that was NOT VALID is back as it was.
     let constraints: Vec<(String, bool)> = pair
@@ -339,6 +357,57 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
         )
         .await;
     assert_eq!(analyzed, 1, "ANALYZE did not run");
+}
+
+/// Hundreds of small tables: copied many to a target transaction (at most
+/// 256), each reconciled on its own.
+#[tokio::test]
+async fn many_small_tables_are_copied_many_to_a_transaction() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let tables: Vec<String> = (0..300).map(|i| format!("s{i:03}")).collect();
+    let schema: String = tables
+        .iter()
+        .map(|t| format!("CREATE TABLE {t} (id int PRIMARY KEY, v text);"))
+        .collect();
+    pair.both(&schema).await;
+    let rows: String = tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "INSERT INTO {t} SELECT g, '{t}' FROM generate_series(1, {}) g;",
+                i % 7
+            )
+        })
+        .collect();
+    pair.source.execute("app", &rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "[copy]\nworkers = 1\n");
+    let out = run_cutover(&["--config", config.to_str().unwrap(), "copy"], &[]);
+    assert_eq!(out.code, 0, "{}", out.all_output());
+    let union = tables
+        .iter()
+        .map(|t| format!("SELECT xmin::text AS x, '{t}' AS t, id, v FROM {t}"))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let transactions: i64 = pair
+        .target
+        .query_value("app", &format!("SELECT count(DISTINCT x) FROM ({union}) u"))
+        .await;
+    assert_eq!(
+        transactions, 2,
+        "300 small tables, at most 256 to a transaction"
+    );
+    for table in &tables {
+        let (source, target) = pair.rows(table).await;
+        assert_eq!(source, target, "{table}");
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("public.{table} ")))
+            .unwrap_or_else(|| panic!("{table} is not reconciled:\n{}", out.stdout));
+        assert_eq!(line.split_whitespace().nth(4), Some("0"), "{line}");
+    }
 }
 
 /// Writes on the source while `cutover run` copies: after catch-up both
