@@ -72,6 +72,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &[
             "batch_rows",
             "batch_mb",
+            "batch_ms",
             "queue_transactions",
             "queue_mb",
             "spill_mb",
@@ -182,6 +183,8 @@ pub struct RawApply {
     pub batch_rows: Option<u32>,
     /// Most MB of changes in one target transaction.
     pub batch_mb: Option<u32>,
+    /// Most milliseconds a batch waits for more transactions.
+    pub batch_ms: Option<u32>,
     /// Most committed transactions waiting for the applier.
     pub queue_transactions: Option<u32>,
     /// Most MB of committed transactions waiting for the applier.
@@ -254,6 +257,9 @@ pub const DEFAULT_LAG_SAMPLE_SECONDS: u32 = 10;
 pub const DEFAULT_BATCH_ROWS: u32 = 10_000;
 /// Default most MB per target transaction.
 pub const DEFAULT_BATCH_MB: u32 = 32;
+/// Default most milliseconds a batch waits for more transactions: none,
+/// what is queued is applied at once.
+pub const DEFAULT_BATCH_MS: u32 = 0;
 /// Default most transactions queued for the applier.
 pub const DEFAULT_QUEUE_TRANSACTIONS: u32 = 10_000;
 /// Default most MB queued for the applier.
@@ -268,6 +274,9 @@ pub struct ApplySettings {
     pub batch_rows: usize,
     /// Most bytes in one target transaction.
     pub batch_bytes: usize,
+    /// How long a batch that is not full waits for more transactions
+    /// before it is applied; zero applies what is queued at once.
+    pub batch_wait: std::time::Duration,
     /// Most committed transactions queued.
     pub queue_transactions: usize,
     /// Most bytes queued.
@@ -616,6 +625,16 @@ fn apply_settings(raw: RawApply) -> Result<ApplySettings, ConfigError> {
             1_000_000,
         )?,
         batch_bytes: bounded("apply.batch_mb", raw.batch_mb, DEFAULT_BATCH_MB, 4096)? * MB,
+        batch_wait: {
+            let ms = raw.batch_ms.unwrap_or(DEFAULT_BATCH_MS);
+            if ms > 60_000 {
+                return Err(ConfigError::invalid(
+                    "apply.batch_ms",
+                    format!("{ms} is out of range: use 0 to 60000"),
+                ));
+            }
+            std::time::Duration::from_millis(u64::from(ms))
+        },
         queue_transactions: bounded(
             "apply.queue_transactions",
             raw.queue_transactions,

@@ -771,25 +771,39 @@ async fn apply_work(
                 status.applied(applier.progress(), 1, &BTreeMap::new());
             }
             Work::Memory(tx, permit) => {
-                // Take what is already waiting, up to the batch bounds:
-                // low latency when idle, big batches under load.
+                // Take what is already waiting, up to the batch bounds, and
+                // for at most `batch_ms` what arrives next: low latency
+                // when idle, big batches under load.
                 let mut rows = tx.changes.len();
+                let mut bytes = permit.num_permits();
                 let mut batch = vec![tx];
                 let mut permits = vec![permit];
-                while rows < settings.batch_rows
-                    && permits.iter().map(|p| p.num_permits()).sum::<usize>() < settings.batch_bytes
-                {
-                    match work.try_recv() {
-                        Ok(Work::Memory(tx, permit)) => {
+                let deadline = tokio::time::Instant::now() + settings.batch_wait;
+                let mut stop = shutdown.clone();
+                while rows < settings.batch_rows && bytes < settings.batch_bytes {
+                    let next = match work.try_recv() {
+                        Ok(item) => Some(item),
+                        Err(_) if settings.batch_wait.is_zero() => None,
+                        Err(_) => tokio::select! {
+                            biased;
+                            // Stopping: apply what the batch holds.
+                            () = stopped(&mut stop) => None,
+                            () = tokio::time::sleep_until(deadline) => None,
+                            item = work.recv() => item,
+                        },
+                    };
+                    match next {
+                        Some(Work::Memory(tx, permit)) => {
                             rows += tx.changes.len();
+                            bytes += permit.num_permits();
                             batch.push(tx);
                             permits.push(permit);
                         }
-                        Ok(other) => {
+                        Some(other) => {
                             held = Some(other);
                             break;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 let started = std::time::Instant::now();

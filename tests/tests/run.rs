@@ -489,3 +489,61 @@ async fn sigterm_with_a_full_queue_exits_cleanly_and_loses_nothing() {
     pair.wait_equal(&["items"], WAIT).await;
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
+
+/// Target transactions that applied rows of `phase` in `ticks`.
+async fn ticks_transactions(pair: &Pair, phase: &str) -> i64 {
+    pair.target
+        .query_value(
+            "app",
+            &format!("SELECT count(DISTINCT xmin::text) FROM ticks WHERE phase = '{phase}'"),
+        )
+        .await
+}
+
+/// `apply.batch_ms`: by default a transaction is applied as soon as it
+/// arrives, in its own target transaction; with a wait, transactions that
+/// arrive within it share one.
+#[tokio::test]
+async fn apply_batch_ms_groups_transactions_that_arrive_within_it() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE ticks (id int PRIMARY KEY, phase text);")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    for id in 1..=5 {
+        pair.source
+            .execute(
+                "app",
+                &format!("INSERT INTO ticks VALUES ({id}, 'at once')"),
+            )
+            .await;
+        wait_for("the tick on the target", WAIT, || async {
+            (pair
+                .target
+                .query_value::<i64>(
+                    "app",
+                    &format!("SELECT count(*) FROM ticks WHERE id = {id}"),
+                )
+                .await
+                == 1)
+                .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(ticks_transactions(&pair, "at once").await, 5);
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+
+    let config = pair.config(dir.path(), "[apply]\nbatch_ms = 5000\n");
+    let mut daemon = start_streaming(&config).await;
+    // Five transactions over about a second: one batch.
+    for id in 6..=10 {
+        pair.source
+            .execute("app", &format!("INSERT INTO ticks VALUES ({id}, 'waited')"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    pair.wait_equal(&["ticks"], WAIT).await;
+    assert_eq!(ticks_transactions(&pair, "waited").await, 1);
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
