@@ -58,7 +58,11 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .args(&self.args)
-            .env("RUST_LOG", "info")
+            // CUTOVER_TEST_LOG=debug shows more of the daemon in a failing test.
+            .env(
+                "RUST_LOG",
+                std::env::var("CUTOVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("clone the log handle")))
             .stderr(Stdio::from(log))
