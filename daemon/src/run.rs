@@ -144,6 +144,17 @@ async fn run_inner(
     status: &Arc<Status>,
 ) -> Result<(), RunError> {
     status.set_state(DaemonState::Copying);
+    // Lag and the slot's retained WAL are sampled from the start: during a
+    // long copy the slot holds back WAL, which an operator must see.
+    let sampler = |slot: &str| {
+        AbortOnDrop(tokio::spawn(sample_lag(
+            config.clone(),
+            store.clone(),
+            Arc::clone(status),
+            slot.to_owned(),
+        )))
+    };
+    let mut _sampler = sampler(&config.slot);
     // SIGTERM during the copy stops it at once: the chunks in flight roll
     // back with their connections, and the next start resumes by the copy's
     // rule (finished tables kept, the others copied again).
@@ -156,14 +167,10 @@ async fn run_inner(
         }
     };
     tracing::info!(slot = %outcome.slot, start = %outcome.start, "snapshot copied; streaming changes");
-    let sampler = tokio::spawn(sample_lag(
-        config.clone(),
-        store.clone(),
-        Arc::clone(status),
-        outcome.slot.clone(),
-        outcome.start,
-    ));
-    let _sampler = AbortOnDrop(sampler);
+    if outcome.slot != config.slot {
+        // A copy begun under another slot name streams from that slot.
+        _sampler = sampler(&outcome.slot);
+    }
     let mut backoff = FIRST_BACKOFF;
     loop {
         if *shutdown.borrow() {
@@ -205,10 +212,12 @@ impl Drop for AbortOnDrop {
 }
 
 /// Samples lag every `state.lag_sample_seconds`: bytes from the source's
-/// WAL position against the last applied commit, seconds from the oldest
-/// pending commit, and the slot's retained WAL. Stored (a week of samples)
-/// and exported. A source that cannot be asked leaves `bytes` unknown.
-async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: String, start: Lsn) {
+/// WAL position against the last applied commit (before the first, during
+/// the copy, against the slot's confirmed position), seconds from the
+/// oldest pending commit, and the slot's retained WAL. Stored (a week of
+/// samples) and exported. A source that cannot be asked, or a slot not yet
+/// created, leaves `bytes` unknown.
+async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: String) {
     let keep = (7 * 24 * 3600 / config.lag_sample_interval.as_secs().max(1)) as usize;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut ticker = tokio::time::interval(config.lag_sample_interval);
@@ -226,12 +235,21 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
             ..Default::default()
         };
         if let Some(c) = &client {
+            let state = slot::slot_state(c, &slot).await.ok().flatten();
             if let Ok(current) = slot::current_wal_lsn(c).await {
-                let applied = status.caught_up_lsn().unwrap_or(start).max(start);
-                lag.bytes = Some(current.bytes_since(applied));
                 lag.source_lsn = Some(current.to_string());
+                let applied = match (
+                    status.caught_up_lsn(),
+                    state.as_ref().and_then(|s| s.confirmed_flush),
+                ) {
+                    (Some(applied), confirmed) => {
+                        Some(confirmed.map_or(applied, |c| applied.max(c)))
+                    }
+                    (None, confirmed) => confirmed,
+                };
+                lag.bytes = applied.map(|applied| current.bytes_since(applied));
             }
-            if let Ok(Some(state)) = slot::slot_state(c, &slot).await {
+            if let Some(state) = state {
                 lag.slot_retained_bytes = state.retained_bytes.map(|b| b.max(0) as u64);
                 lag.wal_status = state.wal_status;
                 lag.slot_safe_wal_bytes = state.safe_wal_size;

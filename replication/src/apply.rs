@@ -1406,3 +1406,186 @@ fn match_condition(
         parts.join(" AND ")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{OldRow, RelationColumn, Tuple};
+
+    fn relation() -> Arc<Relation> {
+        let column = |name: &str, key: bool| RelationColumn {
+            name: name.to_owned(),
+            type_oid: 25,
+            type_modifier: -1,
+            key,
+        };
+        Arc::new(Relation {
+            oid: 16_400,
+            name: TableName::new("public", "t"),
+            replica_identity: 'd',
+            columns: vec![
+                column("id", true),
+                column("v", false),
+                column("body", false),
+            ],
+        })
+    }
+
+    fn text(value: &str) -> Datum {
+        Datum::Text(Bytes::copy_from_slice(value.as_bytes()))
+    }
+
+    /// A row; `body: None` is an unchanged TOAST value.
+    fn row(id: &str, v: &str, body: Option<&str>) -> Tuple {
+        Tuple(vec![
+            text(id),
+            text(v),
+            body.map_or(Datum::UnchangedToast, text),
+        ])
+    }
+
+    fn key(id: &str) -> Tuple {
+        Tuple(vec![text(id), Datum::Null, Datum::Null])
+    }
+
+    fn change(lsn: u64, kind: ChangeKind) -> Change {
+        Change {
+            xid: 1,
+            subxid: 1,
+            commit_lsn: None,
+            lsn: Lsn::from_u64(lsn),
+            ordinal: lsn,
+            origin: None,
+            kind,
+        }
+    }
+
+    fn insert(r: &Arc<Relation>, lsn: u64, new: Tuple) -> Change {
+        change(
+            lsn,
+            ChangeKind::Insert {
+                relation: r.clone(),
+                new,
+            },
+        )
+    }
+
+    fn update(r: &Arc<Relation>, lsn: u64, old: Option<Tuple>, new: Tuple) -> Change {
+        change(
+            lsn,
+            ChangeKind::Update {
+                relation: r.clone(),
+                old: old.map(OldRow::Key),
+                new,
+            },
+        )
+    }
+
+    fn delete(r: &Arc<Relation>, lsn: u64, old: Tuple) -> Change {
+        change(
+            lsn,
+            ChangeKind::Delete {
+                relation: r.clone(),
+                old: OldRow::Key(old),
+            },
+        )
+    }
+
+    /// The batch as (key, final operation) in first-seen key order.
+    fn coalesced(changes: &[Change]) -> Vec<(String, String)> {
+        let mut pending = Vec::new();
+        for c in changes {
+            let relation = match &c.kind {
+                ChangeKind::Insert { relation, .. }
+                | ChangeKind::Update { relation, .. }
+                | ChangeKind::Delete { relation, .. } => relation,
+                ChangeKind::Truncate { .. } => unreachable!(),
+            };
+            coalesce(&mut pending, c, relation, &[0]);
+        }
+        let show = |d: &Datum| match d {
+            Datum::Text(b) => String::from_utf8_lossy(b).into_owned(),
+            Datum::UnchangedToast => "(unchanged)".to_owned(),
+            Datum::Null => "NULL".to_owned(),
+            Datum::Binary(_) => "(binary)".to_owned(),
+        };
+        let batch = &pending[0];
+        batch
+            .order
+            .iter()
+            .filter_map(|k| {
+                let (op, _) = batch.rows.get(k)?;
+                let id = String::from_utf8_lossy(k[0].as_ref().unwrap()).into_owned();
+                let op = match op {
+                    RowOp::Upsert(d) => format!(
+                        "upsert {}",
+                        d.iter().map(show).collect::<Vec<_>>().join(",")
+                    ),
+                    RowOp::Patch(d) => {
+                        format!("patch {}", d.iter().map(show).collect::<Vec<_>>().join(","))
+                    }
+                    RowOp::Delete => "delete".to_owned(),
+                };
+                Some((id, op))
+            })
+            .collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected
+            .iter()
+            .map(|(k, o)| ((*k).to_owned(), (*o).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_key_changed_twice_ends_with_its_last_value() {
+        let r = relation();
+        let got = coalesced(&[
+            insert(&r, 1, row("1", "a", Some("x"))),
+            update(&r, 2, None, row("1", "b", Some("x"))),
+            update(&r, 3, None, row("1", "c", Some("y"))),
+        ]);
+        assert_eq!(got, pairs(&[("1", "upsert 1,c,y")]));
+    }
+
+    #[test]
+    fn a_key_deleted_and_inserted_again_ends_inserted_and_the_reverse_ends_deleted() {
+        let r = relation();
+        let got = coalesced(&[
+            delete(&r, 1, key("1")),
+            insert(&r, 2, row("1", "again", Some("x"))),
+            insert(&r, 3, row("2", "short-lived", Some("x"))),
+            delete(&r, 4, key("2")),
+        ]);
+        assert_eq!(got, pairs(&[("1", "upsert 1,again,x"), ("2", "delete")]));
+    }
+
+    #[test]
+    fn a_key_update_deletes_the_old_key_and_writes_the_new() {
+        let r = relation();
+        let got = coalesced(&[
+            insert(&r, 1, row("1", "a", Some("x"))),
+            update(&r, 2, Some(key("1")), row("5", "a", Some("x"))),
+        ]);
+        assert_eq!(got, pairs(&[("1", "delete"), ("5", "upsert 5,a,x")]));
+    }
+
+    #[test]
+    fn an_unchanged_toast_value_is_filled_from_the_batch_or_left_alone() {
+        let r = relation();
+        // After a full row in the same batch: the value is known.
+        let got = coalesced(&[
+            insert(&r, 1, row("1", "a", Some("big"))),
+            update(&r, 2, None, row("1", "b", None)),
+        ]);
+        assert_eq!(got, pairs(&[("1", "upsert 1,b,big")]));
+        // Without one: a patch that leaves the column as it is on the target,
+        // two patches merged.
+        let got = coalesced(&[
+            update(&r, 1, None, row("2", "b", None)),
+            update(&r, 2, None, row("2", "c", None)),
+        ]);
+        assert_eq!(got, pairs(&[("2", "patch 2,c,(unchanged)")]));
+    }
+}

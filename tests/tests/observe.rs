@@ -215,6 +215,69 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
     );
 }
 
+/// During the copy the slot already holds back WAL: lag in bytes and the
+/// retained WAL are sampled and exported from the start, not only once
+/// streaming begins. The copy is held by a lock on the target table that
+/// lets it read (the emptiness check) but not write.
+#[tokio::test]
+async fn lag_and_retained_wal_are_sampled_while_the_copy_runs() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE items (id int PRIMARY KEY, v text);")
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, 'seed' FROM generate_series(1, 100) g",
+        )
+        .await;
+    let mut lock = pair.target.client("app").await;
+    let held = lock.transaction().await.unwrap();
+    held.batch_execute("LOCK TABLE items IN SHARE MODE")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &["run"],
+        &[("CUTOVER__STATE__LAG_SAMPLE_SECONDS", "1")],
+    );
+    let addr = http_addr(&dir.path().join("state")).await;
+    // WAL written on the source after the slot's snapshot.
+    wait_for("the slot", WAIT, || async {
+        let slots: i64 = pair
+            .source
+            .query_value(
+                "app",
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cutover'",
+            )
+            .await;
+        (slots == 1).then_some(())
+    })
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, repeat('w', 200) FROM generate_series(1001, 3000) g",
+        )
+        .await;
+    let body = wait_for("lag samples during the copy", WAIT, || async {
+        let (_, body) = get(&addr, "/metrics");
+        let lag = metric(&body, "cutover_lag_bytes{direction=\"forward\"}")?;
+        let retained = metric(&body, "cutover_slot_retained_bytes{slot=\"cutover\"}")?;
+        (lag > 100_000.0 && retained > 100_000.0).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        metric(&body, "cutover_state{state=\"copying\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    held.rollback().await.unwrap();
+    pair.wait_equal(&["items"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
+
 #[tokio::test]
 async fn a_busy_listen_address_is_a_clear_error() {
     let pair = Pair::start(ClusterOptions::default()).await;
