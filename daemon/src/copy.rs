@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cutover_replication::catalog::{self, Table, TableName};
@@ -37,7 +38,7 @@ use cutover_replication::error::ReplicationError;
 use cutover_replication::session::{Session, SnapshotAction};
 use cutover_replication::snapshot::{self, Chunk, ChunkError, CopyFormat};
 use cutover_replication::{Lsn, slot};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
@@ -644,14 +645,111 @@ enum Task {
     /// Small tables, each in one chunk, copied and counted in one target
     /// transaction.
     Bundle(Vec<(usize, Chunk)>),
+    /// A key, index or CHECK constraint dropped for the load, put back
+    /// once the table is loaded.
+    Rebuild { plan: usize, item: Rebuild },
+    /// ANALYZE (when configured) and the count on the target, once the
+    /// table is loaded and rebuilt.
+    Finalize { plan: usize },
+    /// A foreign key dropped for the load, added back and validated once
+    /// every table is loaded.
+    ForeignKey {
+        table: TableName,
+        constraint: DroppedIndex,
+    },
+}
+
+/// What `copy.drop_indexes` dropped from a table, one piece.
+#[derive(Debug, Clone)]
+enum Rebuild {
+    Key(DroppedIndex),
+    Index(DroppedIndex),
+    Check(DroppedIndex),
 }
 
 /// What a worker reports.
 #[derive(Debug)]
 enum Report {
-    ChunkDone { plan: usize, rows: u64, bytes: u64 },
-    Counted { plan: usize, rows: i64 },
-    Bytes { plan: usize, bytes: u64 },
+    ChunkDone {
+        plan: usize,
+        rows: u64,
+        bytes: u64,
+    },
+    Counted {
+        plan: usize,
+        rows: i64,
+    },
+    Bytes {
+        plan: usize,
+        bytes: u64,
+    },
+    Rebuilt {
+        plan: usize,
+        item: Rebuild,
+    },
+    Finalized {
+        plan: usize,
+        target_rows: i64,
+    },
+    ForeignKeyRestored {
+        table: TableName,
+        name: String,
+        left: Option<Unvalidated>,
+    },
+}
+
+/// The workers' queue. Tasks are added while the copy runs (a loaded
+/// table's rebuilds go to the front, so that it finishes soon), so an
+/// idle worker waits for more until the queue is closed.
+struct WorkQueue {
+    tasks: Mutex<VecDeque<Task>>,
+    more: Notify,
+    closed: AtomicBool,
+}
+
+impl WorkQueue {
+    fn new(tasks: VecDeque<Task>) -> WorkQueue {
+        WorkQueue {
+            tasks: Mutex::new(tasks),
+            more: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Task>> {
+        self.tasks.lock().expect("the queue lock is never poisoned")
+    }
+
+    /// Adds tasks ahead of those waiting.
+    fn push_front(&self, tasks: Vec<Task>) {
+        let mut queue = self.lock();
+        for task in tasks.into_iter().rev() {
+            queue.push_front(task);
+        }
+        drop(queue);
+        self.more.notify_waiters();
+    }
+
+    /// No task will be added: idle workers stop.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.more.notify_waiters();
+    }
+
+    async fn next(&self) -> Option<Task> {
+        loop {
+            let more = self.more.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
+            if let Some(task) = self.lock().pop_front() {
+                return Some(task);
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return None;
+            }
+            more.await;
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -759,7 +857,7 @@ async fn copy_tables(
             .collect(),
         sources.len(),
     );
-    let queue = Arc::new(Mutex::new(queue));
+    let queue = Arc::new(WorkQueue::new(queue));
     let plans = Arc::new(plans);
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let mut workers = JoinSet::new();
@@ -768,12 +866,21 @@ async fn copy_tables(
         let plans = Arc::clone(&plans);
         let tx = tx.clone();
         let progress = progress.clone();
-        workers.spawn(async move { worker(id, source, target, queue, plans, tx, progress).await });
+        let analyze = config.copy.analyze;
+        workers.spawn(async move {
+            worker(id, source, target, &queue, plans, tx, progress, analyze).await
+        });
     }
     drop(tx);
 
     let mut counted: Vec<Option<i64>> = vec![None; plans.len()];
+    // Rebuild steps still running per table; `None` until they are queued.
+    let mut rebuilding: Vec<Option<usize>> = vec![None; plans.len()];
     let mut finished = 0;
+    let mut foreign_keys: Option<usize> = None;
+    if plans.is_empty() {
+        foreign_keys = Some(queue_foreign_keys(store, target, &queue).await?);
+    }
     let mut failure: Option<CopyError> = None;
     loop {
         tokio::select! {
@@ -806,13 +913,77 @@ async fn copy_tables(
                         counted[plan] = Some(rows);
                         plan
                     }
+                    Report::Rebuilt { plan, item } => {
+                        let record = &mut records[plan];
+                        let (list, name) = match &item {
+                            Rebuild::Key(d) => (&mut record.dropped_keys, &d.name),
+                            Rebuild::Index(d) => (&mut record.dropped_indexes, &d.name),
+                            Rebuild::Check(d) => (&mut record.dropped_constraints, &d.name),
+                        };
+                        list.retain(|d| &d.name != name);
+                        store.put_table_copy(record)?;
+                        let left = rebuilding[plan].as_mut().expect("rebuilds are queued first");
+                        *left -= 1;
+                        if *left == 0 {
+                            queue.push_front(vec![Task::Finalize { plan }]);
+                        }
+                        continue;
+                    }
+                    Report::Finalized { plan, target_rows } => {
+                        let record = &mut records[plan];
+                        record.target_count = Some(target_rows);
+                        record.state = TableCopyState::Copied;
+                        store.put_table_copy(record)?;
+                        store.flush().await?;
+                        tracing::info!(
+                            table = %record.name,
+                            rows = record.rows_copied,
+                            bytes = record.bytes_copied,
+                            copied_at = %record.copied_at,
+                            format = record.format.map(|f| f.name()).unwrap_or("?"),
+                            "table copied"
+                        );
+                        progress.table_done(plan);
+                        finished += 1;
+                        if finished == plans.len() {
+                            foreign_keys = Some(queue_foreign_keys(store, target, &queue).await?);
+                        }
+                        continue;
+                    }
+                    Report::ForeignKeyRestored { table, name, left } => {
+                        if let Some(left) = left {
+                            tracing::warn!(
+                                %table,
+                                constraint = %name,
+                                error = %left.error,
+                                "a foreign key stays NOT VALID: its referenced rows are not all on the target (a referenced table out of scope?); once they are, run: {}",
+                                left.statement
+                            );
+                        }
+                        if let Some(mut record) = store.table_copy(&table)? {
+                            record.dropped_constraints.retain(|d| d.name != name);
+                            store.put_table_copy(&record)?;
+                        }
+                        let left = foreign_keys.as_mut().expect("foreign keys are queued first");
+                        *left -= 1;
+                        if *left == 0 {
+                            store.flush().await?;
+                            queue.close();
+                        }
+                        continue;
+                    }
                 };
-                if remaining[plan] == 0 && let Some(count) = counted[plan] {
+                if remaining[plan] == 0 && rebuilding[plan].is_none() && let Some(count) = counted[plan] {
                     let record = &mut records[plan];
                     record.source_count = Some(count);
-                    finish_table(config, store, target, record).await?;
-                    progress.table_done(plan);
-                    finished += 1;
+                    store.put_table_copy(record)?;
+                    let steps = rebuild_steps(record, plan);
+                    rebuilding[plan] = Some(steps.len());
+                    queue.push_front(if steps.is_empty() {
+                        vec![Task::Finalize { plan }]
+                    } else {
+                        steps
+                    });
                 }
             }
             Some(joined) = workers.join_next() => {
@@ -829,6 +1000,7 @@ async fn copy_tables(
     }
     progress.finish();
     if let Some(err) = failure {
+        queue.close();
         workers.abort_all();
         return Err(err);
     }
@@ -838,25 +1010,116 @@ async fn copy_tables(
         }
     }
     debug_assert_eq!(finished, plans.len());
-    restore_foreign_keys(store, target).await
+    Ok(())
 }
 
+/// The steps that put back what `copy.drop_indexes` dropped from a loaded
+/// table, but for its foreign keys (those wait for every table): its keys,
+/// indexes and CHECK constraints, each its own task so that several
+/// workers build them at once.
+fn rebuild_steps(record: &TableCopy, plan: usize) -> Vec<Task> {
+    let keys = record.dropped_keys.iter().cloned().map(Rebuild::Key);
+    let indexes = record.dropped_indexes.iter().cloned().map(Rebuild::Index);
+    let checks = record
+        .dropped_constraints
+        .iter()
+        .filter(|c| !c.definition.starts_with("FOREIGN KEY"))
+        .cloned()
+        .map(Rebuild::Check);
+    keys.chain(indexes)
+        .chain(checks)
+        .map(|item| Task::Rebuild { plan, item })
+        .collect()
+}
+
+/// Once every table is loaded: queues the foreign keys dropped for the
+/// load, on every table of the store (a table finished before a crash
+/// keeps its pending ones until here), after putting back anything else a
+/// crash left dropped on a table not copied now. Closes the queue when
+/// there is none. Returns how many were queued.
+async fn queue_foreign_keys(
+    store: &Store,
+    target: &Client,
+    queue: &WorkQueue,
+) -> Result<usize, CopyError> {
+    let mut tasks = Vec::new();
+    for mut record in store.table_copies()? {
+        if !record.dropped_keys.is_empty() || !record.dropped_indexes.is_empty() {
+            rebuild_indexes(target, &mut record).await?;
+            store.put_table_copy(&record)?;
+        }
+        for constraint in &record.dropped_constraints {
+            tasks.push(Task::ForeignKey {
+                table: record.name.clone(),
+                constraint: constraint.clone(),
+            });
+        }
+    }
+    store.flush().await?;
+    let count = tasks.len();
+    if count == 0 {
+        queue.close();
+    } else {
+        queue.push_front(tasks);
+    }
+    Ok(count)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn worker(
     id: usize,
     source: Client,
     mut target: Client,
-    queue: Arc<Mutex<VecDeque<Task>>>,
+    queue: &WorkQueue,
     plans: Arc<Vec<TablePlan>>,
     tx: mpsc::UnboundedSender<Report>,
     progress: CopyProgress,
+    analyze: bool,
 ) -> Result<(), CopyError> {
     loop {
-        let task = queue
-            .lock()
-            .expect("the queue lock is never poisoned")
-            .pop_front();
-        let Some(task) = task else { break };
+        let Some(task) = queue.next().await else {
+            break;
+        };
         match task {
+            Task::Rebuild { plan, item } => {
+                let p = &plans[plan];
+                let piece = match &item {
+                    Rebuild::Key(d) | Rebuild::Index(d) | Rebuild::Check(d) => &d.name,
+                };
+                progress.worker(id, &format!("{} rebuilding {piece}", p.table.name));
+                match &item {
+                    Rebuild::Key(key) => rebuild_key(&target, &p.table.name, key).await?,
+                    Rebuild::Index(index) => rebuild_index(&target, index).await?,
+                    Rebuild::Check(check) => {
+                        // A CHECK constraint that fails is an error (never `Some`).
+                        restore_constraint(&target, &p.table.name, check).await?;
+                    }
+                }
+                let _ = tx.send(Report::Rebuilt { plan, item });
+            }
+            Task::Finalize { plan } => {
+                let name = &plans[plan].table.name;
+                progress.worker(id, &format!("{name} counting on the target"));
+                if analyze {
+                    target
+                        .batch_execute(&format!("ANALYZE {}", name.quoted()))
+                        .await
+                        .map_err(query("target", format!("analyzing {name}")))?;
+                }
+                let target_rows = catalog::count_rows(&target, name)
+                    .await
+                    .map_err(query("target", format!("counting {name}")))?;
+                let _ = tx.send(Report::Finalized { plan, target_rows });
+            }
+            Task::ForeignKey { table, constraint } => {
+                progress.worker(id, &format!("{table} validating {}", constraint.name));
+                let left = restore_constraint(&target, &table, &constraint).await?;
+                let _ = tx.send(Report::ForeignKeyRestored {
+                    table,
+                    name: constraint.name,
+                    left,
+                });
+            }
             Task::Chunk { plan, chunk } => {
                 let p = &plans[plan];
                 progress.worker(id, &format!("{} chunk {}", p.table.name, chunk.index + 1));
@@ -959,8 +1222,11 @@ SELECT conname::text, pg_get_constraintdef(oid)
 /// it would change what the table logs), and those inherited from a
 /// partitioned parent (they go with the parent's).
 const KEY_CONSTRAINTS_SQL: &str = "
-SELECT c.conname::text, pg_get_constraintdef(c.oid)
+SELECT c.conname::text, pg_get_constraintdef(c.oid),
+       CASE WHEN t.relkind <> 'p' THEN pg_get_indexdef(c.conindid) END,
+       CASE WHEN t.relkind <> 'p' THEN x.relname::text END
   FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
+  JOIN pg_class t ON t.oid = c.conrelid JOIN pg_class x ON x.oid = c.conindid
  WHERE c.conrelid = $1::text::regclass AND c.contype IN ('p', 'u') AND c.conparentid = 0
    AND NOT i.indisreplident
    AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = c.conindid)
@@ -991,9 +1257,16 @@ async fn record_definitions(
     for row in rows {
         let name: String = row.get(0);
         if !list.iter().any(|d| d.name == name) {
+            let index = if row.len() > 3 {
+                row.get::<_, Option<String>>(2)
+                    .zip(row.get::<_, Option<String>>(3))
+            } else {
+                None
+            };
             list.push(DroppedIndex {
                 name,
                 definition: row.get(1),
+                index,
             });
         }
     }
@@ -1086,29 +1359,98 @@ async fn drop_indexes_and_keys(
     Ok(())
 }
 
-/// Rebuilds what `copy.drop_indexes` dropped from a table, but for its
-/// foreign keys: keys first (a foreign key of another table may need
-/// them), then indexes, then CHECK constraints. Each step is idempotent,
-/// so a rebuild interrupted by a crash is simply done again.
+/// Builds a key dropped for the load: its unique index first (a SHARE
+/// lock, so the table's other indexes build at the same time), then the
+/// constraint on it (`USING INDEX`, no second build). Where that cannot be
+/// done (a partitioned table, an index `USING INDEX` refuses) the
+/// constraint is added as it was defined. Idempotent.
+async fn rebuild_key(
+    target: &Client,
+    table: &TableName,
+    key: &DroppedIndex,
+) -> Result<(), CopyError> {
+    if constraint_exists(target, table, &key.name).await? {
+        return Ok(());
+    }
+    if let Some((definition, index)) = &key.index {
+        let build = definition.replacen(
+            "CREATE UNIQUE INDEX ",
+            "CREATE UNIQUE INDEX IF NOT EXISTS ",
+            1,
+        );
+        target.batch_execute(&build).await.map_err(query(
+            "target",
+            format!("building the index of key {}", key.name),
+        ))?;
+        let kind = if key.definition.starts_with("PRIMARY KEY") {
+            "PRIMARY KEY"
+        } else {
+            "UNIQUE"
+        };
+        let deferral = if key.definition.contains("INITIALLY DEFERRED") {
+            " DEFERRABLE INITIALLY DEFERRED"
+        } else if key.definition.contains("DEFERRABLE") {
+            " DEFERRABLE"
+        } else {
+            ""
+        };
+        let attach = format!(
+            "ALTER TABLE {} ADD CONSTRAINT {} {kind} USING INDEX {}{deferral}",
+            table.quoted(),
+            quote_ident(&key.name),
+            quote_ident(index)
+        );
+        match target.batch_execute(&attach).await {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                tracing::debug!(key = %key.name, error = %describe(&err), "USING INDEX refused; adding the key as defined");
+                target
+                    .batch_execute(&format!(
+                        "DROP INDEX IF EXISTS {}.{}",
+                        quote_ident(&table.schema),
+                        quote_ident(index)
+                    ))
+                    .await
+                    .map_err(query(
+                        "target",
+                        format!("dropping the index of key {}", key.name),
+                    ))?;
+            }
+        }
+    }
+    restore_constraint(target, table, key).await.map(|_| ())
+}
+
+/// Rebuilds an index dropped for the load. The definition comes from
+/// pg_get_indexdef on the same server; IF NOT EXISTS makes a rebuild after
+/// a crash idempotent. The index of a partitioned table is defined `ON
+/// ONLY` the parent (its partitions' indexes were attached one by one):
+/// rebuilt without `ONLY`, it builds them again too.
+async fn rebuild_index(target: &Client, index: &DroppedIndex) -> Result<(), CopyError> {
+    let sql = index
+        .definition
+        .replacen(" ON ONLY ", " ON ", 1)
+        .replacen("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1)
+        .replacen(
+            "CREATE UNIQUE INDEX ",
+            "CREATE UNIQUE INDEX IF NOT EXISTS ",
+            1,
+        );
+    target
+        .batch_execute(&sql)
+        .await
+        .map_err(query("target", format!("rebuilding index {}", index.name)))
+}
+
+/// Puts back, one after another, the keys, indexes and CHECK constraints
+/// a crash left dropped on a table that is not copied again (the copy
+/// itself rebuilds them as worker tasks).
 async fn rebuild_indexes(target: &Client, record: &mut TableCopy) -> Result<(), CopyError> {
     for key in std::mem::take(&mut record.dropped_keys) {
-        restore_constraint(target, &record.name, &key).await?;
+        rebuild_key(target, &record.name, &key).await?;
     }
     for index in std::mem::take(&mut record.dropped_indexes) {
-        // The definition comes from pg_get_indexdef on the same server;
-        // IF NOT EXISTS makes a rebuild after a crash idempotent.
-        let sql = index
-            .definition
-            .replacen("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1)
-            .replacen(
-                "CREATE UNIQUE INDEX ",
-                "CREATE UNIQUE INDEX IF NOT EXISTS ",
-                1,
-            );
-        target
-            .batch_execute(&sql)
-            .await
-            .map_err(query("target", format!("rebuilding index {}", index.name)))?;
+        rebuild_index(target, &index).await?;
     }
     let (foreign, checks): (Vec<DroppedIndex>, Vec<DroppedIndex>) =
         std::mem::take(&mut record.dropped_constraints)
@@ -1122,71 +1464,19 @@ async fn rebuild_indexes(target: &Client, record: &mut TableCopy) -> Result<(), 
     Ok(())
 }
 
-/// Once every table is loaded: adds back the foreign keys dropped for the
-/// load, on every table of the store (a table finished before a crash
-/// keeps its pending ones until here), and anything else a crash left
-/// dropped. A foreign key that cannot be validated stays `NOT VALID`
-/// with a warning.
-async fn restore_foreign_keys(store: &Store, target: &Client) -> Result<(), CopyError> {
-    let mut records = store.table_copies()?;
-    for record in &mut records {
-        if !record.dropped_keys.is_empty() || !record.dropped_indexes.is_empty() {
-            rebuild_indexes(target, record).await?;
-            store.put_table_copy(record)?;
-        }
-    }
-    for record in &mut records {
-        if record.dropped_constraints.is_empty() {
-            continue;
-        }
-        for constraint in std::mem::take(&mut record.dropped_constraints) {
-            if let Some(left) = restore_constraint(target, &record.name, &constraint).await? {
-                tracing::warn!(
-                    table = %record.name,
-                    constraint = %constraint.name,
-                    error = %left.error,
-                    "a foreign key stays NOT VALID: its referenced rows are not all on the target (a referenced table out of scope?); once they are, run: {}",
-                    left.statement
-                );
-            }
-        }
-        store.put_table_copy(record)?;
-    }
-    store.flush().await?;
-    Ok(())
-}
-
-/// After a table's last chunk: rebuild indexes, ANALYZE, count, mark done.
-async fn finish_table(
-    config: &Config,
-    store: &Store,
+async fn constraint_exists(
     target: &Client,
-    record: &mut TableCopy,
-) -> Result<(), CopyError> {
-    rebuild_indexes(target, record).await?;
-    if config.copy.analyze {
-        target
-            .batch_execute(&format!("ANALYZE {}", record.name.quoted()))
-            .await
-            .map_err(query("target", format!("analyzing {}", record.name)))?;
-    }
-    record.target_count = Some(
-        catalog::count_rows(target, &record.name)
-            .await
-            .map_err(query("target", format!("counting {}", record.name)))?,
-    );
-    record.state = TableCopyState::Copied;
-    store.put_table_copy(record)?;
-    store.flush().await?;
-    tracing::info!(
-        table = %record.name,
-        rows = record.rows_copied,
-        bytes = record.bytes_copied,
-        copied_at = %record.copied_at,
-        format = record.format.map(|f| f.name()).unwrap_or("?"),
-        "table copied"
-    );
-    Ok(())
+    table: &TableName,
+    name: &str,
+) -> Result<bool, CopyError> {
+    Ok(target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
+            &[&table.quoted(), &name],
+        )
+        .await
+        .map_err(query("target", format!("looking up constraint {name}")))?
+        .get(0))
 }
 
 /// Adds a constraint dropped for the load back. A key is added as it was
@@ -1201,14 +1491,7 @@ async fn restore_constraint(
     table: &TableName,
     constraint: &DroppedIndex,
 ) -> Result<Option<Unvalidated>, CopyError> {
-    let exists: bool = target
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = $1::text::regclass AND conname = $2)",
-            &[&table.quoted(), &constraint.name],
-        )
-        .await
-        .map_err(query("target", format!("looking up constraint {}", constraint.name)))?
-        .get(0);
+    let exists = constraint_exists(target, table, &constraint.name).await?;
     let validated = constraint.definition.starts_with("CHECK")
         || constraint.definition.starts_with("FOREIGN KEY");
     let was_valid = !constraint.definition.ends_with("NOT VALID");
@@ -1255,6 +1538,7 @@ async fn restore_constraint(
 
 /// A foreign key left `NOT VALID`: the statement that validates it, and
 /// why it failed now.
+#[derive(Debug)]
 struct Unvalidated {
     statement: String,
     error: String,

@@ -180,8 +180,15 @@ pub enum TableCopyState {
 pub struct DroppedIndex {
     /// Schema-qualified index name.
     pub name: String,
-    /// `pg_get_indexdef()`, the statement that rebuilds it.
+    /// `pg_get_indexdef()`, the statement that rebuilds it (for a
+    /// constraint, `pg_get_constraintdef()`).
     pub definition: String,
+    /// For a key: `pg_get_indexdef()` of its index and the index's name,
+    /// so that the index is built on its own (beside the table's other
+    /// builds) and then attached with `USING INDEX`. `None` on a
+    /// partitioned table, where only `ADD CONSTRAINT` works.
+    #[serde(default)]
+    pub index: Option<(String, String)>,
 }
 
 /// One table's copy: state, position and reconciliation.

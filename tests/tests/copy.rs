@@ -236,7 +236,11 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
          CREATE TABLE small_b (id int PRIMARY KEY);
          CREATE TABLE ident (id int NOT NULL, code text NOT NULL CONSTRAINT ident_code UNIQUE);
          CREATE UNIQUE INDEX ident_id ON ident (id);
-         ALTER TABLE ident REPLICA IDENTITY USING INDEX ident_id;",
+         ALTER TABLE ident REPLICA IDENTITY USING INDEX ident_id;
+         CREATE TABLE parted (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE parted_low PARTITION OF parted FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE parted_high PARTITION OF parted FOR VALUES FROM (1000) TO (3000);
+         CREATE INDEX parted_v ON parted (v);",
     )
     .await;
     let indexes_before = index_definitions(&pair.target).await;
@@ -254,7 +258,8 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
              INSERT INTO small_a SELECT generate_series(1, 10);
              INSERT INTO child SELECT g, g * 3 FROM generate_series(1, 1000) g;
              INSERT INTO small_b SELECT generate_series(1, 3);
-             INSERT INTO ident SELECT g, 'c' || g || repeat('-', 50) FROM generate_series(1, 20000) g;",
+             INSERT INTO ident SELECT g, 'c' || g || repeat('-', 50) FROM generate_series(1, 20000) g;
+             INSERT INTO parted SELECT g, md5(g::text) FROM generate_series(1, 2999) g;",
         )
         .await;
     let dir = tempfile::tempdir().unwrap();
@@ -271,7 +276,7 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
         .unwrap_or_else(|| panic!("{}", out.stdout));
     let chunks: u64 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
     assert!(chunks >= 5, "a ~10 MB table in 1 MB chunks: {line}");
-    for table in ["big", "child", "small_a", "small_b", "ident"] {
+    for table in ["big", "child", "small_a", "small_b", "ident", "parted"] {
         let (source, target) = pair.rows(table).await;
         assert_eq!(source, target, "{table}");
     }

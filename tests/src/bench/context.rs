@@ -97,6 +97,31 @@ impl Bench {
         self.target.execute(DB, sql).await;
     }
 
+    /// Before each contestant: both servers checkpointed and no autovacuum
+    /// worker running (the previous contestant's bulk load sets them off),
+    /// so that no contestant pays for another's leftovers.
+    pub async fn settle(&self) {
+        for cluster in [&self.source, &self.target] {
+            cluster.execute(DB, "CHECKPOINT").await;
+            let client = cluster.client(DB).await;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while Instant::now() < deadline {
+                let busy: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'",
+                        &[],
+                    )
+                    .await
+                    .expect("ask for autovacuum workers")
+                    .get(0);
+                if busy == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     /// A fresh directory under the work directory.
     pub fn fresh_dir(&self, name: &str) -> PathBuf {
         let dir = self.work.join(name);

@@ -89,6 +89,7 @@ pub async fn copy(b: &Bench, report: &mut Report, round: usize) {
     }
     for contestant in contestants {
         empty_copy_tables(b).await;
+        b.settle().await;
         let (result, note, rss) = match contestant {
             "cutover" => copy_cutover(b, false).await,
             "cutover drop_indexes" => copy_cutover(b, true).await,
@@ -275,6 +276,7 @@ async fn reset_stream(b: &Bench, seeded: i64) {
         dataset::stream_seed(seeded)
     ))
     .await;
+    b.settle().await;
 }
 
 /// The backlog and then the marker, on the source.
