@@ -679,8 +679,11 @@ async fn a_resumed_copy_recopies_finished_tables_that_reference_unfinished_ones(
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "[copy]\nworkers = 1\nchunk_mb = 4\n");
     let mut daemon = Daemon::start(&config, &["run"]);
+    // Finished means counted and marked in the state, which the log says.
     wait_for("entries copied and accounts begun", WAIT, || async {
-        (target_rows(&pair, "accounts").await > 0).then_some(())
+        (daemon.log().contains("table copied table=public.entries ")
+            && target_rows(&pair, "accounts").await > 0)
+            .then_some(())
     })
     .await;
     daemon.kill();
