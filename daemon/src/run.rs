@@ -502,6 +502,9 @@ async fn read_stream(
                 } else {
                     tx.end_lsn = commit.end_lsn;
                     tx.commit_time = commit.commit_time;
+                    // A vector grown by doubling holds up to twice its
+                    // changes' slots (four for a one-row transaction).
+                    tx.changes.shrink_to_fit();
                     Pending::Memory(tx, size)
                 };
                 if !queue
@@ -709,25 +712,36 @@ fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str)
     counts
 }
 
-/// Rough in-memory size of a change, for the byte budget.
+/// Approximate memory a change holds while it waits for the applier, for
+/// the byte budget: its own struct, its tuples' datum slots, and the
+/// message its values point into (the values, about 5 bytes of framing
+/// per column, and the message and allocation headers). Counting only the
+/// values undercounts a narrow row several times over, and the queue would
+/// hold several times its budget.
 fn approximate_size(change: &cutover_replication::pgoutput::Change) -> usize {
-    use cutover_replication::pgoutput::{ChangeKind, Datum, Tuple};
+    use cutover_replication::pgoutput::{Change, ChangeKind, Datum, Tuple};
+    use std::mem::size_of;
+    const MESSAGE_OVERHEAD: usize = 64;
     let tuple = |t: &Tuple| -> usize {
-        t.0.iter()
-            .map(|d| match d {
-                Datum::Text(b) | Datum::Binary(b) => b.len() + 16,
-                _ => 16,
-            })
-            .sum()
+        t.0.capacity() * size_of::<Datum>()
+            + t.0
+                .iter()
+                .map(|d| match d {
+                    Datum::Text(b) | Datum::Binary(b) => b.len() + 5,
+                    _ => 5,
+                })
+                .sum::<usize>()
     };
-    64 + match &change.kind {
-        ChangeKind::Insert { new, .. } => tuple(new),
-        ChangeKind::Update { old, new, .. } => {
-            tuple(new) + old.as_ref().map(|o| tuple(o.tuple())).unwrap_or(0)
+    size_of::<Change>()
+        + MESSAGE_OVERHEAD
+        + match &change.kind {
+            ChangeKind::Insert { new, .. } => tuple(new),
+            ChangeKind::Update { old, new, .. } => {
+                tuple(new) + old.as_ref().map(|o| tuple(o.tuple())).unwrap_or(0)
+            }
+            ChangeKind::Delete { old, .. } => tuple(old.tuple()),
+            ChangeKind::Truncate { relations, .. } => relations.len() * 8,
         }
-        ChangeKind::Delete { old, .. } => tuple(old.tuple()),
-        ChangeKind::Truncate { relations, .. } => relations.len() * 8,
-    }
 }
 
 /// The applier: batches what is queued, applies, reports durability.
