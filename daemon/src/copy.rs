@@ -1293,22 +1293,23 @@ async fn drop_load_constraints(
     store.put_table_copy(record)?;
     store.flush().await?;
     for constraint in &record.dropped_constraints {
-        target
-            .batch_execute(&format!(
-                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
-                record.name.quoted(),
-                quote_ident(&constraint.name)
-            ))
-            .await
-            .map_err(query(
-                "target",
-                format!("dropping constraint {}", constraint.name),
-            ))?;
+        drop_constraint(target, &record.name, &constraint.name).await?;
     }
     if !record.dropped_constraints.is_empty() {
         tracing::info!(table = %record.name, constraints = record.dropped_constraints.len(), "CHECK and FOREIGN KEY constraints dropped for the load");
     }
     Ok(())
+}
+
+async fn drop_constraint(target: &Client, table: &TableName, name: &str) -> Result<(), CopyError> {
+    target
+        .batch_execute(&format!(
+            "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
+            table.quoted(),
+            quote_ident(name)
+        ))
+        .await
+        .map_err(query("target", format!("dropping constraint {name}")))
 }
 
 /// Second step of `copy.drop_indexes`: drops the table's secondary indexes
@@ -1344,14 +1345,7 @@ async fn drop_indexes_and_keys(
             .map_err(query("target", format!("dropping index {}", index.name)))?;
     }
     for key in &record.dropped_keys {
-        target
-            .batch_execute(&format!(
-                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
-                record.name.quoted(),
-                quote_ident(&key.name)
-            ))
-            .await
-            .map_err(query("target", format!("dropping key {}", key.name)))?;
+        drop_constraint(target, &record.name, &key.name).await?;
     }
     if !record.dropped_indexes.is_empty() || !record.dropped_keys.is_empty() {
         tracing::info!(table = %record.name, indexes = record.dropped_indexes.len(), keys = record.dropped_keys.len(), "indexes and keys dropped for the load");

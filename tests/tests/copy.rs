@@ -203,6 +203,25 @@ async fn every_type_survives_the_copy_exactly_and_the_reconciliation_is_printed(
     assert_eq!(pair.rows("widened").await.1.len(), 500);
 }
 
+/// The target's constraints matching `filter` (SQL on pg_constraint):
+/// name and whether it is validated.
+async fn target_constraints(pair: &Pair, filter: &str) -> Vec<(String, bool)> {
+    pair.target
+        .client("app")
+        .await
+        .query(
+            &format!(
+                "SELECT conname::text, convalidated FROM pg_constraint WHERE {filter} ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// Every index of the public schema on `cluster`, with its definition and
 /// whether it is the table's replica identity.
 async fn index_definitions(cluster: &Cluster) -> Vec<String> {
@@ -324,19 +343,7 @@ async fn a_large_table_is_split_into_chunks_that_several_workers_share() {
     assert_eq!(transactions, 1, "the small tables were not copied together");
     // CHECK and FOREIGN KEY constraints dropped for the load are back and
     // validated; the one that was NOT VALID is back as it was.
-    let constraints: Vec<(String, bool)> = pair
-        .target
-        .client("app")
-        .await
-        .query(
-            "SELECT conname::text, convalidated FROM pg_constraint WHERE contype IN ('c', 'f') AND conrelid <> 0 ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let constraints = target_constraints(&pair, "contype IN ('c', 'f') AND conrelid <> 0").await;
     assert_eq!(
         constraints,
         vec![
@@ -633,19 +640,7 @@ async fn a_copy_killed_with_its_indexes_dropped_rebuilds_them_on_resume() {
     daemon.restart();
     pair.wait_equal(&["parent", "kid"], WAIT).await;
     assert_eq!(index_definitions(&pair.target).await, before);
-    let constraints: Vec<(String, bool)> = pair
-        .target
-        .client("app")
-        .await
-        .query(
-            "SELECT conname::text, convalidated FROM pg_constraint WHERE conrelid = 'kid'::regclass ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let constraints = target_constraints(&pair, "conrelid = 'kid'::regclass").await;
     assert_eq!(
         constraints,
         vec![
