@@ -306,11 +306,17 @@ impl ReplicationStream {
                 let wal_start = Lsn::from_u64(data.get_u64());
                 let wal_end = Lsn::from_u64(data.get_u64());
                 let server_time = PgTimestamp::from_micros(data.get_i64());
+                // The message gets its own allocation: a slice of the read
+                // buffer would keep the whole buffer (64 KiB or more) alive
+                // for as long as any value decoded from it waits in the
+                // queue, so every read would need fresh memory, and fresh
+                // pages are costly to fault in. Copied, the read buffer is
+                // reused in place and the queue holds only what it counts.
                 Ok(StreamMessage::XLogData {
                     wal_start,
                     wal_end,
                     server_time,
-                    data,
+                    data: Bytes::copy_from_slice(&data),
                 })
             }
             b'k' if data.len() >= 17 => {

@@ -58,6 +58,10 @@ struct Args {
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
+    /// Keep the work directory (the daemons' configs and logs; run with
+    /// `CUTOVER_TEST_LOG=debug` for per-batch timings) instead of removing it.
+    #[arg(long)]
+    keep: bool,
 }
 
 fn main() {
@@ -83,8 +87,17 @@ async fn run(args: Args) {
         .prefix("cutover-bench-")
         .tempdir_in("/tmp")
         .expect("a work directory");
+    // Removed when dropped at the end, unless kept.
+    let (_work, work_dir) = if args.keep {
+        let kept = work.keep();
+        println!("work directory kept: {}", kept.display());
+        (None, kept)
+    } else {
+        let dir = work.path().to_owned();
+        (Some(work), dir)
+    };
     println!("cutover benchmark: {:?}", args);
-    let bench = Bench::start(work.path().to_owned(), args.workers, args.rows, args.seed).await;
+    let bench = Bench::start(work_dir, args.workers, args.rows, args.seed).await;
     let mut report = Report::default();
     let memory_total = std::fs::read_to_string("/proc/meminfo")
         .ok()
