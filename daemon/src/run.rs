@@ -690,24 +690,40 @@ impl Queue {
     }
 }
 
-/// Changes of a batch by (table, op), for the metrics.
+/// Changes of a batch by (table, op), for the metrics. Counted per
+/// relation first (a pointer comparison per change), named once per table.
 fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str), u64> {
-    use cutover_replication::pgoutput::ChangeKind;
-    let mut counts = BTreeMap::new();
+    use cutover_replication::pgoutput::{ChangeKind, Relation};
+    fn count<'a>(
+        tally: &mut Vec<(&'a Arc<Relation>, &'static str, u64)>,
+        relation: &'a Arc<Relation>,
+        op: &'static str,
+    ) {
+        match tally
+            .iter_mut()
+            .find(|(r, o, _)| *o == op && Arc::ptr_eq(r, relation))
+        {
+            Some((_, _, n)) => *n += 1,
+            None => tally.push((relation, op, 1)),
+        }
+    }
+    let mut tally = Vec::new();
     for change in batch.iter().flat_map(|tx| &tx.changes) {
         let op = change.kind.op();
         match &change.kind {
             ChangeKind::Insert { relation, .. }
             | ChangeKind::Update { relation, .. }
-            | ChangeKind::Delete { relation, .. } => {
-                *counts.entry((relation.name.to_string(), op)).or_insert(0) += 1;
-            }
+            | ChangeKind::Delete { relation, .. } => count(&mut tally, relation, op),
             ChangeKind::Truncate { relations, .. } => {
                 for relation in relations {
-                    *counts.entry((relation.name.to_string(), op)).or_insert(0) += 1;
+                    count(&mut tally, relation, op);
                 }
             }
         }
+    }
+    let mut counts = BTreeMap::new();
+    for (relation, op, n) in tally {
+        *counts.entry((relation.name.to_string(), op)).or_insert(0) += n;
     }
     counts
 }

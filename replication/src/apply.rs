@@ -36,6 +36,8 @@
 //! same `DateStyle`, `TimeZone` and `extra_float_digits` as the source's
 //! walsender, so text values compare and convert exactly.
 
+use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -199,29 +201,48 @@ fn key_spec(relation: &Relation, target: &TargetTable) -> KeySpec {
     (!indexes.is_empty()).then_some(indexes)
 }
 
-/// What to do with one row key at the end of a batch.
+/// What to do with one row key at the end of a batch. Rows borrow the
+/// batch's changes; only a merge of two partial rows makes a new one.
 #[derive(Debug, Clone)]
-enum RowOp {
+enum RowOp<'a> {
     /// Write the whole row (insert or replace).
-    Upsert(Vec<Datum>),
+    Upsert(Cow<'a, [Datum]>),
     /// Update only the columns sent (some were unchanged TOAST).
-    Patch(Vec<Datum>),
+    Patch(Cow<'a, [Datum]>),
     /// Remove the row.
     Delete,
 }
 
-/// Coalesced changes of one table, in the order keys first appeared.
+/// The final operation on one key of a batch.
 #[derive(Debug)]
-struct TableBatch {
-    relation: Arc<Relation>,
-    key: Vec<usize>,
-    order: Vec<RowKey>,
-    rows: HashMap<RowKey, (RowOp, Lsn)>,
+struct RowEntry<'a> {
+    /// The key's values, borrowed from the change that first named it.
+    key: RowKey<'a>,
+    op: RowOp<'a>,
+    lsn: Lsn,
 }
 
-/// A row's key values as the source sent them (text form). `Bytes` share
-/// the decoded message's buffer: keying a batch copies no value.
-type RowKey = Vec<Option<Bytes>>;
+/// Coalesced changes of one table, in the order keys first appeared:
+/// `rows` in that order, `index` from each key to its entry, so a change
+/// costs one hash lookup and copies no value.
+#[derive(Debug)]
+struct TableBatch<'a> {
+    relation: Arc<Relation>,
+    key: Vec<usize>,
+    rows: Vec<RowEntry<'a>>,
+    index: HashMap<RowKey<'a>, usize>,
+}
+
+/// A row's key values as the source sent them, borrowed from the change.
+type RowKey<'a> = Vec<Option<&'a [u8]>>;
+
+/// What the fast path needs of a relation, looked up once per batch and
+/// relation instead of once per change.
+#[derive(Debug)]
+struct KnownTable {
+    relation: Arc<Relation>,
+    key: KeySpec,
+}
 
 /// One column of a set-based statement: the values of many rows, sent as
 /// a single `text[]` parameter and cast to the column's type by the
@@ -275,7 +296,7 @@ fn datum_bytes(datum: &Datum) -> Option<&Bytes> {
 
 /// The columns `columns` of `rows`, one [`TextColumn`] each.
 fn text_columns<'a>(
-    rows: &[&'a Vec<Datum>],
+    rows: &[&'a [Datum]],
     columns: impl IntoIterator<Item = usize>,
 ) -> Vec<TextColumn<'a>> {
     columns
@@ -296,7 +317,7 @@ pub struct Applier {
     client: Client,
     origin: String,
     progress: Lsn,
-    tables: HashMap<TableName, TargetTable>,
+    tables: HashMap<TableName, Arc<TargetTable>>,
     statements: HashMap<String, Statement>,
     copied_at: HashMap<TableName, Lsn>,
     skip_origins: Vec<String>,
@@ -669,23 +690,36 @@ impl Applier {
     /// Coalesce per key, then one statement per (table, operation, column
     /// set). Barriers (truncate, keyless tables, key-changing updates with
     /// unchanged TOAST) flush what is pending and run on their own, in order.
-    async fn apply_fast(&mut self, changes: &[(&Change, Lsn)]) -> Result<(), ApplyError> {
-        let mut pending: Vec<TableBatch> = Vec::new();
-        for (change, commit_lsn) in changes {
+    async fn apply_fast<'a>(&mut self, changes: &[(&'a Change, Lsn)]) -> Result<(), ApplyError> {
+        let mut pending: Vec<TableBatch<'a>> = Vec::new();
+        let mut known: Vec<KnownTable> = Vec::new();
+        for &(change, commit_lsn) in changes {
             let relation = match &change.kind {
                 ChangeKind::Truncate { .. } => {
                     self.flush(&mut pending).await?;
-                    self.apply_one(change, *commit_lsn).await?;
+                    self.apply_one(change, commit_lsn).await?;
                     continue;
                 }
                 ChangeKind::Insert { relation, .. }
                 | ChangeKind::Update { relation, .. }
                 | ChangeKind::Delete { relation, .. } => relation,
             };
-            let target = self.target_table(relation).await?;
-            let Some(key) = key_spec(relation, &target) else {
+            // A relation is one `Arc` until the source describes it again.
+            let spec = match known.iter().find(|k| Arc::ptr_eq(&k.relation, relation)) {
+                Some(k) => k.key.clone(),
+                None => {
+                    let target = self.target_table(relation).await?;
+                    let key = key_spec(relation, &target);
+                    known.push(KnownTable {
+                        relation: Arc::clone(relation),
+                        key: key.clone(),
+                    });
+                    key
+                }
+            };
+            let Some(key) = spec else {
                 self.flush(&mut pending).await?;
-                self.apply_one(change, *commit_lsn).await?;
+                self.apply_one(change, commit_lsn).await?;
                 continue;
             };
             if let ChangeKind::Update {
@@ -699,7 +733,7 @@ impl Applier {
                 // A key change that keeps a TOASTed value: move the row in
                 // place, the value cannot be rewritten from the change.
                 self.flush(&mut pending).await?;
-                self.apply_one(change, *commit_lsn).await?;
+                self.apply_one(change, commit_lsn).await?;
                 continue;
             }
             coalesce(&mut pending, change, relation, &key);
@@ -714,25 +748,25 @@ impl Applier {
         Ok(())
     }
 
-    async fn flush(&mut self, pending: &mut Vec<TableBatch>) -> Result<(), ApplyError> {
+    async fn flush(&mut self, pending: &mut Vec<TableBatch<'_>>) -> Result<(), ApplyError> {
         for batch in pending.drain(..) {
             self.flush_table(batch).await?;
         }
         Ok(())
     }
 
-    async fn flush_table(&mut self, batch: TableBatch) -> Result<(), ApplyError> {
+    async fn flush_table(&mut self, batch: TableBatch<'_>) -> Result<(), ApplyError> {
         let relation = batch.relation.clone();
         let target = self.target_table(&relation).await?;
         let key_cols: Vec<usize> = batch.key.clone();
         // Deletes first, then full rows, then partial rows: keys are
         // distinct within a batch, so this order cannot change the result.
         let mut deletes: Vec<&RowKey> = Vec::new();
-        let mut upserts: Vec<&Vec<Datum>> = Vec::new();
-        let mut patches: HashMap<Vec<bool>, Vec<&Vec<Datum>>> = HashMap::new();
-        for key in &batch.order {
-            match &batch.rows[key].0 {
-                RowOp::Delete => deletes.push(key),
+        let mut upserts: Vec<&[Datum]> = Vec::new();
+        let mut patches: HashMap<Vec<bool>, Vec<&[Datum]>> = HashMap::new();
+        for entry in &batch.rows {
+            match &entry.op {
+                RowOp::Delete => deletes.push(&entry.key),
                 RowOp::Upsert(row) => upserts.push(row),
                 RowOp::Patch(row) => {
                     let present: Vec<bool> =
@@ -749,7 +783,7 @@ impl Applier {
             let sql = delete_sql(&relation.name, &names, &target);
             let statement = self.statement(&sql).await?;
             let columns: Vec<TextColumn> = (0..names.len())
-                .map(|j| TextColumn(deletes.iter().map(|k| k[j].as_deref()).collect()))
+                .map(|j| TextColumn(deletes.iter().map(|k| k[j]).collect()))
                 .collect();
             let params: Vec<&(dyn ToSql + Sync)> =
                 columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
@@ -1011,14 +1045,14 @@ impl Applier {
         Ok(statement)
     }
 
-    async fn target_table(&mut self, relation: &Relation) -> Result<TargetTable, ApplyError> {
+    async fn target_table(&mut self, relation: &Relation) -> Result<Arc<TargetTable>, ApplyError> {
         if let Some(table) = self.tables.get(&relation.name)
             && relation
                 .columns
                 .iter()
                 .all(|c| table.types.contains_key(&c.name))
         {
-            return Ok(table.clone());
+            return Ok(Arc::clone(table));
         }
         // First use, or the relation gained a column: read the target again.
         let rows = self
@@ -1066,15 +1100,16 @@ impl Applier {
                 missing.join(", ")
             )));
         }
-        let table = TargetTable { types, primary_key };
-        self.tables.insert(relation.name.clone(), table.clone());
+        let table = Arc::new(TargetTable { types, primary_key });
+        self.tables
+            .insert(relation.name.clone(), Arc::clone(&table));
         Ok(table)
     }
 }
 
-fn key_of(key: &[usize], tuple: &Tuple) -> RowKey {
+fn key_of<'a>(key: &[usize], tuple: &'a Tuple) -> RowKey<'a> {
     key.iter()
-        .map(|i| tuple.0.get(*i).and_then(datum_bytes).cloned())
+        .map(|i| tuple.0.get(*i).and_then(datum_bytes).map(|b| &b[..]))
         .collect()
 }
 
@@ -1114,16 +1149,18 @@ fn show_key(relation: &Relation, spec: &KeySpec, tuple: &Tuple) -> String {
 }
 
 /// Merges a change into the pending batch of its table.
-fn coalesce(
-    pending: &mut Vec<TableBatch>,
-    change: &Change,
+fn coalesce<'a>(
+    pending: &mut Vec<TableBatch<'a>>,
+    change: &'a Change,
     relation: &Arc<Relation>,
     key_cols: &[usize],
 ) {
     let (key, op, old_key) = match &change.kind {
-        ChangeKind::Insert { new, .. } => {
-            (key_of(key_cols, new), RowOp::Upsert(new.0.clone()), None)
-        }
+        ChangeKind::Insert { new, .. } => (
+            key_of(key_cols, new),
+            RowOp::Upsert(Cow::Borrowed(&new.0[..])),
+            None,
+        ),
         ChangeKind::Update { old, new, .. } => {
             let key = key_of(key_cols, new);
             let old_key = old
@@ -1131,9 +1168,9 @@ fn coalesce(
                 .map(|o| key_of(key_cols, o.tuple()))
                 .filter(|k| *k != key);
             let op = if new.0.contains(&Datum::UnchangedToast) {
-                RowOp::Patch(new.0.clone())
+                RowOp::Patch(Cow::Borrowed(&new.0[..]))
             } else {
-                RowOp::Upsert(new.0.clone())
+                RowOp::Upsert(Cow::Borrowed(&new.0[..]))
             };
             (key, op, old_key)
         }
@@ -1149,8 +1186,8 @@ fn coalesce(
             pending.push(TableBatch {
                 relation: relation.clone(),
                 key: key_cols.to_vec(),
-                order: Vec::new(),
-                rows: HashMap::new(),
+                rows: Vec::new(),
+                index: HashMap::new(),
             });
             pending.len() - 1
         }
@@ -1163,29 +1200,32 @@ fn coalesce(
     put(batch, key, op, change.lsn);
 }
 
-fn put(batch: &mut TableBatch, key: RowKey, op: RowOp, lsn: Lsn) {
-    let merged = match (batch.rows.remove(&key), op) {
-        (None, op) => {
-            batch.order.push(key.clone());
-            op
+fn put<'a>(batch: &mut TableBatch<'a>, key: RowKey<'a>, op: RowOp<'a>, lsn: Lsn) {
+    let at = match batch.index.entry(key) {
+        Entry::Vacant(vacant) => {
+            let key = vacant.key().clone();
+            vacant.insert(batch.rows.len());
+            batch.rows.push(RowEntry { key, op, lsn });
+            return;
         }
+        Entry::Occupied(occupied) => *occupied.get(),
+    };
+    let entry = &mut batch.rows[at];
+    let before = std::mem::replace(&mut entry.op, RowOp::Delete);
+    entry.op = match (before, op) {
         // A partial update on top of a full row in this batch: fill the
         // unchanged columns from that row.
-        (Some((RowOp::Upsert(before), _)), RowOp::Patch(after)) => {
-            RowOp::Upsert(merge(&before, &after))
-        }
-        (Some((RowOp::Patch(before), _)), RowOp::Patch(after)) => {
-            RowOp::Patch(merge(&before, &after))
-        }
+        (RowOp::Upsert(before), RowOp::Patch(after)) => RowOp::Upsert(merge(&before, &after)),
+        (RowOp::Patch(before), RowOp::Patch(after)) => RowOp::Patch(merge(&before, &after)),
         // A partial update of a row deleted earlier in the batch cannot
         // happen on a consistent source; keep the patch so the row-missing
         // check reports it.
-        (Some(_), op) => op,
+        (_, op) => op,
     };
-    batch.rows.insert(key, (merged, lsn));
+    entry.lsn = lsn;
 }
 
-fn merge(before: &[Datum], after: &[Datum]) -> Vec<Datum> {
+fn merge<'a>(before: &[Datum], after: &[Datum]) -> Cow<'a, [Datum]> {
     after
         .iter()
         .zip(before)
@@ -1196,7 +1236,8 @@ fn merge(before: &[Datum], after: &[Datum]) -> Vec<Datum> {
                 a.clone()
             }
         })
-        .collect()
+        .collect::<Vec<Datum>>()
+        .into()
 }
 
 fn cast(target: &TargetTable, column: &str) -> String {
@@ -1511,12 +1552,11 @@ mod tests {
         };
         let batch = &pending[0];
         batch
-            .order
+            .rows
             .iter()
-            .filter_map(|k| {
-                let (op, _) = batch.rows.get(k)?;
-                let id = String::from_utf8_lossy(k[0].as_ref().unwrap()).into_owned();
-                let op = match op {
+            .filter_map(|entry| {
+                let id = String::from_utf8_lossy(entry.key[0]?).into_owned();
+                let op = match &entry.op {
                     RowOp::Upsert(d) => format!(
                         "upsert {}",
                         d.iter().map(show).collect::<Vec<_>>().join(",")
