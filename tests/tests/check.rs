@@ -511,3 +511,52 @@ async fn a_filtered_publication_of_the_configured_name_blocks_check_and_run() {
     let outcome = setup.check(&config, &[], &[]);
     assert_eq!(outcome.code, 0, "{}", outcome.all_output());
 }
+
+#[tokio::test]
+async fn a_full_slot_table_blocks_only_when_the_configured_slot_must_be_created() {
+    let pair = Pair::start(ClusterOptions::default().setting("max_replication_slots", "3")).await;
+    pair.both("CREATE TABLE orders (id bigint PRIMARY KEY, status text);")
+        .await;
+    // Every slot taken, one of them cutover's own (an earlier run's): it
+    // is reused, so nothing blocks.
+    pair.source
+        .execute(
+            "app",
+            "SELECT pg_create_physical_replication_slot('filler_1');
+             SELECT pg_create_physical_replication_slot('filler_2');
+             SELECT pg_create_logical_replication_slot('cutover', 'pgoutput');",
+        )
+        .await;
+    let setup = Setup::new();
+    let config = setup.pair_config(&pair);
+    let outcome = setup.check(&config, &["--format", "json"], &[]);
+    let report = json(&outcome);
+    assert!(
+        finding(&report, "no_free_slot", "max_replication_slots").is_none(),
+        "the configured slot exists, yet: {report}"
+    );
+    assert_eq!(outcome.code, 0, "{}", outcome.all_output());
+
+    // The same count without cutover's slot: a new one has no place.
+    pair.source
+        .execute(
+            "app",
+            "SELECT pg_drop_replication_slot('cutover');
+             SELECT pg_create_physical_replication_slot('filler_3');",
+        )
+        .await;
+    let outcome = setup.check(&config, &["--format", "json"], &[]);
+    assert_eq!(outcome.code, 1, "{}", outcome.all_output());
+    let report = json(&outcome);
+    let found = finding(&report, "no_free_slot", "max_replication_slots")
+        .unwrap_or_else(|| panic!("no no_free_slot finding: {report}"));
+    let problem = found["problem"].as_str().unwrap();
+    assert!(problem.contains("all 3 replication slots"), "{problem}");
+    assert!(
+        found["fix"]
+            .as_str()
+            .unwrap()
+            .contains("max_replication_slots = 5"),
+        "{found}"
+    );
+}

@@ -345,21 +345,6 @@ fn source_checks(report: &mut Report, facts: &ServerFacts, config: &Config) {
             ),
         });
     }
-    if let Some(slots) = r.replication_slots
-        && slots.free() < 1
-    {
-        report.add(Finding {
-            severity: Severity::Blocking,
-            code: "no_free_slot",
-            server,
-            subject: Some("max_replication_slots".into()),
-            problem: format!("all {} replication slots are taken", slots.max),
-            fix: Some(format!(
-                "ALTER SYSTEM SET max_replication_slots = {};\nthen restart the source server (or drop an unused slot)",
-                slots.max + 2
-            )),
-        });
-    }
     if let Some(senders) = r.wal_senders
         && senders.free() < 1
     {
@@ -490,6 +475,26 @@ async fn slot_and_publication(
             &[&config.slot],
         )
         .await?;
+    // A slot of our name is reused: only a new one needs a free place.
+    if slot.is_none()
+        && let Some(slots) = report.source.replication_slots
+        && slots.free() < 1
+    {
+        report.add(Finding {
+            severity: Severity::Blocking,
+            code: "no_free_slot",
+            server: "source",
+            subject: Some("max_replication_slots".into()),
+            problem: format!(
+                "all {} replication slots are taken and the slot {:?} does not exist yet",
+                slots.max, config.slot
+            ),
+            fix: Some(format!(
+                "ALTER SYSTEM SET max_replication_slots = {};\nthen restart the source server (or drop an unused slot)",
+                slots.max + 2
+            )),
+        });
+    }
     let our_db: String = client
         .query_one("SELECT current_database()::text", &[])
         .await?
