@@ -529,7 +529,7 @@ mod tests {
                 .unwrap();
             store.flush().await.unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         assert!(store.copy_run().unwrap().unwrap().finished);
         let tables = store.table_copies().unwrap();
         assert_eq!(tables.len(), 1);
@@ -537,8 +537,25 @@ mod tests {
         store.db.insert(KEY_FORMAT, b"99".as_slice()).unwrap();
         store.flush().await.unwrap();
         drop(store);
-        let err = Store::open(dir.path()).unwrap_err();
+        let err = reopen(dir.path()).unwrap_err();
         assert!(err.to_string().contains("format version 99"), "{err}");
+    }
+
+    /// Opens a store that this process had open: sled's background
+    /// flusher may hold the dropped database's file lock for a moment
+    /// longer, which a new process (a restarted daemon) never sees.
+    fn reopen(dir: &Path) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Err(StoreError::Locked { pid, .. })
+                    if pid == Some(std::process::id()) && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     #[tokio::test]
@@ -547,7 +564,7 @@ mod tests {
         drop(Store::open(dir.path()).unwrap());
         // What sled leaves after dropping a damaged log: an empty database.
         std::fs::remove_dir_all(dir.path().join("db")).unwrap();
-        let err = Store::open(dir.path()).unwrap_err();
+        let err = reopen(dir.path()).unwrap_err();
         assert!(
             err.to_string().contains("damaged") && err.to_string().contains("backup"),
             "{err}"
