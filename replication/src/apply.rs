@@ -311,6 +311,58 @@ fn text_columns<'a>(
         .collect()
 }
 
+/// One set-based statement of a batch, prepared, with its parameters.
+struct TableOp<'a> {
+    statement: Statement,
+    params: Vec<TextColumn<'a>>,
+    /// What it does, for errors.
+    what: String,
+    /// Rows it must find (partial rows update rows that must exist).
+    expect: Option<usize>,
+}
+
+/// The answer to one request of a pipeline.
+enum Reply {
+    Done,
+    Count(u64),
+    Row(tokio_postgres::Row),
+}
+
+/// A request of a pipeline.
+type Request<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Reply, tokio_postgres::Error>> + Send + 'a>,
+>;
+
+/// Runs `requests` as one pipeline and returns their results in order.
+///
+/// tokio-postgres sends a request when its future is first polled and
+/// answers requests in the order sent; this polls every future in order,
+/// so the server receives them in that order (`join_all` does not
+/// promise an order when there are many).
+async fn in_order<T>(
+    mut requests: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + '_>>>,
+) -> Vec<T> {
+    let mut results: Vec<Option<T>> = requests.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (request, result) in requests.iter_mut().zip(results.iter_mut()) {
+            if result.is_none() {
+                match request.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *result = Some(value),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
 /// Applies source transactions on one target connection.
 #[derive(Debug)]
 pub struct Applier {
@@ -328,6 +380,9 @@ pub struct Applier {
     stalled_since: Option<std::time::Instant>,
     /// The source position of the last batch known flushed on the target.
     durable: Lsn,
+    /// A transaction is opened but its BEGIN not sent yet: it goes out in
+    /// the same round trip as the batch's first statements.
+    begin_pending: bool,
 }
 
 impl Applier {
@@ -390,6 +445,7 @@ impl Applier {
             unflushed: VecDeque::from([(Lsn::from_u64(u64::MAX), progress)]),
             stalled_since: None,
             durable: Lsn::default(),
+            begin_pending: false,
         };
         applier.settled().await
     }
@@ -539,9 +595,16 @@ impl Applier {
             .copied()
             .filter(|(c, commit)| self.wanted(c, *commit))
             .collect();
-        self.begin().await?;
-        match self.apply_fast(&wanted).await {
-            Ok(()) => {}
+        // BEGIN, the statements and the commit go out together: a batch
+        // without barriers (truncates, keyless tables) or partial rows
+        // costs one round trip.
+        self.begin_pending = true;
+        match self.apply_fast(&wanted, Some((end_lsn, commit_time))).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // Committed, then the WAL positions could not be read: never
+            // replay what is committed.
+            Err(err) if self.progress >= end_lsn => return Err(err),
             Err(fast) => {
                 tracing::debug!(error = %fast, "set-based apply failed; replaying change by change");
                 self.rollback().await?;
@@ -584,7 +647,7 @@ impl Applier {
                     .map(|c| (c, commit.commit_lsn))
                     .filter(|(c, lsn)| self.wanted(c, *lsn))
                     .collect();
-                self.apply_fast(&wanted).await?;
+                self.apply_fast(&wanted, None).await?;
             }
         }
         .await;
@@ -639,14 +702,26 @@ impl Applier {
         self.copied_at.get(first).is_none_or(|at| commit_lsn >= *at)
     }
 
-    async fn begin(&self) -> Result<(), ApplyError> {
+    async fn begin(&mut self) -> Result<(), ApplyError> {
+        self.begin_pending = false;
         self.client
             .batch_execute("BEGIN")
             .await
             .map_err(session_error("BEGIN"))
     }
 
-    async fn rollback(&self) -> Result<(), ApplyError> {
+    /// Sends the BEGIN of the open transaction if it is still pending.
+    async fn begun(&mut self) -> Result<(), ApplyError> {
+        if self.begin_pending {
+            self.begin().await?;
+        }
+        Ok(())
+    }
+
+    async fn rollback(&mut self) -> Result<(), ApplyError> {
+        // A pipeline that failed may have ended the transaction already
+        // (its COMMIT rolled back): ROLLBACK then only warns.
+        self.begin_pending = false;
         self.client
             .batch_execute("ROLLBACK")
             .await
@@ -654,8 +729,14 @@ impl Applier {
     }
 
     async fn commit(&mut self, end_lsn: Lsn, commit_time: PgTimestamp) -> Result<(), ApplyError> {
-        let lsn = end_lsn.to_string();
-        let time = commit_time.to_system_time();
+        self.flush(&mut Vec::new(), Some((end_lsn, commit_time)))
+            .await
+            .map(|_| ())
+    }
+
+    /// The statements that end a batch: the origin's position, COMMIT, and
+    /// the target's WAL positions after it.
+    async fn commit_statements(&mut self) -> Result<(Statement, Statement), ApplyError> {
         let setup = self
             .statement("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)")
             .await?;
@@ -664,39 +745,35 @@ impl Applier {
         let positions = self
             .statement("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
             .await?;
-        // The three requests are pipelined: each sends its whole request
-        // when first polled (the statements are prepared, so nothing waits
-        // for a reply first) and `join3` polls them in order, so the server
-        // runs them in this order, in one round trip. Should the setup
-        // fail, the transaction is aborted and COMMIT rolls it back; its
-        // error is reported first.
-        let (setup, commit, positions) = futures_util::future::join3(
-            self.client.execute(&setup, &[&lsn, &time]),
-            self.client.batch_execute("COMMIT"),
-            self.client.query_one(&positions, &[]),
-        )
-        .await;
-        setup.map_err(session_error("recording the applied position"))?;
-        commit.map_err(session_error("COMMIT"))?;
+        Ok((setup, positions))
+    }
+
+    /// Records a committed batch: applied, and durable once the target's
+    /// flush position passes `local`.
+    fn committed(&mut self, end_lsn: Lsn, local: Lsn, flushed: Lsn) {
         self.progress = self.progress.max(end_lsn);
-        let row = positions.map_err(session_error("reading the target's WAL positions"))?;
-        let local: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
-        let flushed: Lsn = row.get::<_, String>(1).parse().unwrap_or_default();
         self.unflushed.push_back((local, self.progress));
         self.flushed_up_to(flushed);
-        Ok(())
     }
 
     /// Coalesce per key, then one statement per (table, operation, column
     /// set). Barriers (truncate, keyless tables, key-changing updates with
     /// unchanged TOAST) flush what is pending and run on their own, in order.
-    async fn apply_fast<'a>(&mut self, changes: &[(&'a Change, Lsn)]) -> Result<(), ApplyError> {
+    ///
+    /// With `commit`, the last statements and the commit share one round
+    /// trip; returns whether the batch is committed (not when partial rows
+    /// must first be counted).
+    async fn apply_fast<'a>(
+        &mut self,
+        changes: &[(&'a Change, Lsn)],
+        commit: Option<(Lsn, PgTimestamp)>,
+    ) -> Result<bool, ApplyError> {
         let mut pending: Vec<TableBatch<'a>> = Vec::new();
         let mut known: Vec<KnownTable> = Vec::new();
         for &(change, commit_lsn) in changes {
             let relation = match &change.kind {
                 ChangeKind::Truncate { .. } => {
-                    self.flush(&mut pending).await?;
+                    self.flush(&mut pending, None).await?;
                     self.apply_one(change, commit_lsn).await?;
                     continue;
                 }
@@ -718,7 +795,7 @@ impl Applier {
                 }
             };
             let Some(key) = spec else {
-                self.flush(&mut pending).await?;
+                self.flush(&mut pending, None).await?;
                 self.apply_one(change, commit_lsn).await?;
                 continue;
             };
@@ -732,13 +809,13 @@ impl Applier {
             {
                 // A key change that keeps a TOASTed value: move the row in
                 // place, the value cannot be rewritten from the change.
-                self.flush(&mut pending).await?;
+                self.flush(&mut pending, None).await?;
                 self.apply_one(change, commit_lsn).await?;
                 continue;
             }
             coalesce(&mut pending, change, relation, &key);
         }
-        self.flush(&mut pending).await
+        self.flush(&mut pending, commit).await
     }
 
     async fn apply_slow(&mut self, changes: &[(&Change, Lsn)]) -> Result<(), ApplyError> {
@@ -748,19 +825,137 @@ impl Applier {
         Ok(())
     }
 
-    async fn flush(&mut self, pending: &mut Vec<TableBatch<'_>>) -> Result<(), ApplyError> {
-        for batch in pending.drain(..) {
-            self.flush_table(batch).await?;
+    /// Runs the statements of `pending` (and the pending BEGIN, and with
+    /// `commit` the commit) pipelined: sent together, answered in order, in
+    /// one round trip. Returns whether it committed: not when a statement
+    /// updates partial rows, whose count must be checked before COMMIT.
+    ///
+    /// On a statement's failure the transaction is aborted (and a
+    /// pipelined COMMIT rolled it back); the first error is returned.
+    async fn flush(
+        &mut self,
+        pending: &mut Vec<TableBatch<'_>>,
+        commit: Option<(Lsn, PgTimestamp)>,
+    ) -> Result<bool, ApplyError> {
+        let batches = std::mem::take(pending);
+        let mut ops: Vec<TableOp> = Vec::new();
+        for batch in &batches {
+            self.table_ops(batch, &mut ops).await?;
         }
-        Ok(())
+        let commit = commit.filter(|_| ops.iter().all(|op| op.expect.is_none()));
+        if ops.is_empty() && commit.is_none() {
+            return Ok(false);
+        }
+        let ends = match commit {
+            Some((end_lsn, time)) => Some((self.commit_statements().await?, end_lsn, time)),
+            None => None,
+        };
+        let begin = std::mem::take(&mut self.begin_pending);
+        let client = &self.client;
+        let mut requests: Vec<Request> = Vec::new();
+        if begin {
+            requests.push(Box::pin(async move {
+                client.batch_execute("BEGIN").await.map(|()| Reply::Done)
+            }));
+        }
+        for op in &ops {
+            requests.push(Box::pin(async move {
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    op.params.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                client
+                    .execute(&op.statement, &params)
+                    .await
+                    .map(Reply::Count)
+            }));
+        }
+        if let Some(((setup, positions), end_lsn, time)) = &ends {
+            let lsn = end_lsn.to_string();
+            let time = time.to_system_time();
+            requests.push(Box::pin(async move {
+                client
+                    .execute(setup, &[&lsn, &time])
+                    .await
+                    .map(|_| Reply::Done)
+            }));
+            requests.push(Box::pin(async move {
+                client.batch_execute("COMMIT").await.map(|()| Reply::Done)
+            }));
+            requests.push(Box::pin(async move {
+                client.query_one(positions, &[]).await.map(Reply::Row)
+            }));
+        }
+        let mut replies = in_order(requests).await.into_iter();
+        // BEGIN fails only with its session; the statements behind it then
+        // fail too (and keyed writes are idempotent anyway).
+        if begin && let Some(Err(err)) = replies.next() {
+            return Err(session_error("BEGIN")(err));
+        }
+        for op in &ops {
+            let Some(reply) = replies.next() else {
+                break;
+            };
+            let count = match reply.map_err(session_error(op.what.clone()))? {
+                Reply::Count(n) => n,
+                _ => 0,
+            };
+            if let Some(expected) = op.expect
+                && count as usize != expected
+            {
+                // Let the slow path name the missing row.
+                return Err(ApplyError::Session {
+                    what: op.what.clone(),
+                    detail: format!("{count} of {expected} rows found"),
+                    transient: false,
+                });
+            }
+        }
+        let Some((_, end_lsn, _)) = ends else {
+            return Ok(false);
+        };
+        let mut row = None;
+        for what in [
+            "recording the applied position",
+            "COMMIT",
+            "reading the target's WAL positions",
+        ] {
+            match replies.next() {
+                Some(Ok(reply)) => {
+                    if what == "COMMIT" {
+                        // Committed: from here on nothing may be replayed.
+                        self.progress = self.progress.max(end_lsn);
+                    }
+                    if let Reply::Row(r) = reply {
+                        row = Some(r);
+                    }
+                }
+                Some(Err(err)) => return Err(session_error(what)(err)),
+                None => break,
+            }
+        }
+        let Some(row) = row else {
+            return Err(ApplyError::Session {
+                what: "reading the target's WAL positions".into(),
+                detail: "no row".into(),
+                transient: true,
+            });
+        };
+        let local: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
+        let flushed: Lsn = row.get::<_, String>(1).parse().unwrap_or_default();
+        self.committed(end_lsn, local, flushed);
+        Ok(true)
     }
 
-    async fn flush_table(&mut self, batch: TableBatch<'_>) -> Result<(), ApplyError> {
-        let relation = batch.relation.clone();
-        let target = self.target_table(&relation).await?;
-        let key_cols: Vec<usize> = batch.key.clone();
-        // Deletes first, then full rows, then partial rows: keys are
-        // distinct within a batch, so this order cannot change the result.
+    /// The statements for one table of a batch, prepared: deletes first,
+    /// then full rows, then partial rows. Keys are distinct within a
+    /// batch, so this order cannot change the result.
+    async fn table_ops<'b>(
+        &mut self,
+        batch: &'b TableBatch<'_>,
+        ops: &mut Vec<TableOp<'b>>,
+    ) -> Result<(), ApplyError> {
+        let relation = &batch.relation;
+        let target = self.target_table(relation).await?;
+        let key_cols: &[usize] = &batch.key;
         let mut deletes: Vec<&RowKey> = Vec::new();
         let mut upserts: Vec<&[Datum]> = Vec::new();
         let mut patches: HashMap<Vec<bool>, Vec<&[Datum]>> = HashMap::new();
@@ -775,38 +970,30 @@ impl Applier {
                 }
             }
         }
+        let keys: Vec<&str> = key_cols
+            .iter()
+            .map(|i| relation.columns[*i].name.as_str())
+            .collect();
         if !deletes.is_empty() {
-            let names: Vec<&str> = key_cols
-                .iter()
-                .map(|i| relation.columns[*i].name.as_str())
-                .collect();
-            let sql = delete_sql(&relation.name, &names, &target);
-            let statement = self.statement(&sql).await?;
-            let columns: Vec<TextColumn> = (0..names.len())
-                .map(|j| TextColumn(deletes.iter().map(|k| k[j]).collect()))
-                .collect();
-            let params: Vec<&(dyn ToSql + Sync)> =
-                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            self.client
-                .execute(&statement, &params)
-                .await
-                .map_err(session_error(format!("deleting from {}", relation.name)))?;
+            let sql = delete_sql(&relation.name, &keys, &target);
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: (0..keys.len())
+                    .map(|j| TextColumn(deletes.iter().map(|k| k[j]).collect()))
+                    .collect(),
+                what: format!("deleting from {}", relation.name),
+                expect: None,
+            });
         }
         if !upserts.is_empty() {
             let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
-            let keys: Vec<&str> = key_cols
-                .iter()
-                .map(|i| relation.columns[*i].name.as_str())
-                .collect();
             let sql = upsert_sql(&relation.name, &names, &keys, &target);
-            let statement = self.statement(&sql).await?;
-            let columns = text_columns(&upserts, 0..names.len());
-            let params: Vec<&(dyn ToSql + Sync)> =
-                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            self.client
-                .execute(&statement, &params)
-                .await
-                .map_err(session_error(format!("writing rows of {}", relation.name)))?;
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: text_columns(&upserts, 0..names.len()),
+                what: format!("writing rows of {}", relation.name),
+                expect: None,
+            });
         }
         for (present, rows) in patches {
             let set_cols: Vec<usize> = (0..relation.columns.len())
@@ -816,30 +1003,15 @@ impl Applier {
                 .iter()
                 .map(|i| relation.columns[*i].name.as_str())
                 .collect();
-            let keys: Vec<&str> = key_cols
-                .iter()
-                .map(|i| relation.columns[*i].name.as_str())
-                .collect();
-            let mut order: Vec<usize> = key_cols.clone();
+            let mut order: Vec<usize> = key_cols.to_vec();
             order.extend(set_cols.iter().copied());
             let sql = patch_sql(&relation.name, &keys, &set, &target);
-            let statement = self.statement(&sql).await?;
-            let columns = text_columns(&rows, order.iter().copied());
-            let params: Vec<&(dyn ToSql + Sync)> =
-                columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            let updated = self
-                .client
-                .execute(&statement, &params)
-                .await
-                .map_err(session_error(format!("updating {}", relation.name)))?;
-            if updated as usize != rows.len() {
-                // Let the slow path name the missing row.
-                return Err(ApplyError::Session {
-                    what: format!("updating {}", relation.name),
-                    detail: format!("{} of {} rows found", updated, rows.len()),
-                    transient: false,
-                });
-            }
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: text_columns(&rows, order.iter().copied()),
+                what: format!("updating {}", relation.name),
+                expect: Some(rows.len()),
+            });
         }
         Ok(())
     }
@@ -848,6 +1020,7 @@ impl Applier {
     /// `commit_lsn` is the commit of the change's transaction (a change
     /// read back from disk does not carry it).
     async fn apply_one(&mut self, change: &Change, commit_lsn: Lsn) -> Result<(), ApplyError> {
+        self.begun().await?;
         let refused = |relation: &Relation, key: String| {
             let table = relation.name.clone();
             let op = change.kind.op();

@@ -42,6 +42,10 @@ impl Proxy {
                     let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
                     };
+                    // As network proxies do (and PostgreSQL and its
+                    // clients): no Nagle delay on small writes.
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 });
                 open.lock()
