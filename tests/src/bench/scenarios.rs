@@ -138,7 +138,13 @@ pub async fn copy(b: &Bench, report: &mut Report, round: usize) {
 }
 
 async fn copy_cutover(b: &Bench, drop_indexes: bool) -> (Option<f64>, String, Option<f64>) {
-    let config = b.cutover_config("copy-cutover", "bench_copy", COPY_TABLES);
+    // Each variant in a directory of its own, so `--keep` keeps both logs.
+    let name = if drop_indexes {
+        "copy-cutover-drop-indexes"
+    } else {
+        "copy-cutover"
+    };
+    let config = b.cutover_config(name, "bench_copy", COPY_TABLES);
     if drop_indexes {
         let text = std::fs::read_to_string(&config).expect("read the config");
         std::fs::write(&config, format!("{text}drop_indexes = true\n")).expect("write the config");
@@ -149,7 +155,10 @@ async fn copy_cutover(b: &Bench, drop_indexes: bool) -> (Option<f64>, String, Op
         .arg("--config")
         .arg(&config)
         .arg("copy")
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("CUTOVER_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("create the copy log"))
         .spawn()
