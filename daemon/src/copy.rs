@@ -660,12 +660,12 @@ enum Task {
 }
 
 impl Task {
-    /// What the task does, for the log.
+    /// What the task does, for the progress display and the log.
     fn describe(&self, plans: &[TablePlan]) -> String {
         let name = |plan: &usize| plans[*plan].table.name.to_string();
         match self {
             Task::Chunk { plan, chunk } => format!("{} chunk {}", name(plan), chunk.index + 1),
-            Task::Count { plan } => format!("{} count in the snapshot", name(plan)),
+            Task::Count { plan } => format!("{} counting", name(plan)),
             Task::Bundle(items) => format!("{} small tables", items.len()),
             Task::Rebuild { plan, item } => {
                 let piece = match item {
@@ -673,7 +673,7 @@ impl Task {
                 };
                 format!("{} rebuilding {piece}", name(plan))
             }
-            Task::Finalize { plan } => format!("{} finalizing", name(plan)),
+            Task::Finalize { plan } => format!("{} counting on the target", name(plan)),
             Task::ForeignKey { table, constraint } => {
                 format!("{table} validating {}", constraint.name)
             }
@@ -1145,13 +1145,10 @@ async fn worker(
         };
         let started = std::time::Instant::now();
         let what = task.describe(&plans);
+        progress.worker(id, &what);
         match task {
             Task::Rebuild { plan, item } => {
                 let p = &plans[plan];
-                let piece = match &item {
-                    Rebuild::Key(d) | Rebuild::Index(d) | Rebuild::Check(d) => &d.name,
-                };
-                progress.worker(id, &format!("{} rebuilding {piece}", p.table.name));
                 match &item {
                     Rebuild::Key(key) => rebuild_key(&target, &p.table.name, key).await?,
                     Rebuild::Index(index) => rebuild_index(&target, index).await?,
@@ -1164,7 +1161,6 @@ async fn worker(
             }
             Task::Finalize { plan } => {
                 let name = &plans[plan].table.name;
-                progress.worker(id, &format!("{name} counting on the target"));
                 if analyze {
                     target
                         .batch_execute(&format!("ANALYZE {}", name.quoted()))
@@ -1177,7 +1173,6 @@ async fn worker(
                 let _ = tx.send(Report::Finalized { plan, target_rows });
             }
             Task::ForeignKey { table, constraint } => {
-                progress.worker(id, &format!("{table} validating {}", constraint.name));
                 let left = restore_constraint(&target, &table, &constraint).await?;
                 let _ = tx.send(Report::ForeignKeyRestored {
                     table,
@@ -1187,7 +1182,6 @@ async fn worker(
             }
             Task::Chunk { plan, chunk } => {
                 let p = &plans[plan];
-                progress.worker(id, &format!("{} chunk {}", p.table.name, chunk.index + 1));
                 let bytes_tx = tx.clone();
                 let stats =
                     snapshot::copy_chunk(&source, &mut target, &chunk, &p.columns, p.format, |n| {
@@ -1204,12 +1198,10 @@ async fn worker(
             }
             Task::Count { plan } => {
                 let p = &plans[plan];
-                progress.worker(id, &format!("{} counting", p.table.name));
                 let rows = count_in_snapshot(&source, &p.table.name).await?;
                 let _ = tx.send(Report::Counted { plan, rows });
             }
             Task::Bundle(items) => {
-                progress.worker(id, &format!("{} small tables", items.len()));
                 let transaction = target
                     .transaction()
                     .await

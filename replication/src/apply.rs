@@ -315,8 +315,9 @@ fn text_columns<'a>(
 struct TableOp<'a> {
     statement: Statement,
     params: Vec<TextColumn<'a>>,
-    /// What it does, for errors.
-    what: String,
+    /// What it does to `table`, for errors.
+    what: &'static str,
+    table: &'a TableName,
     /// Rows it must find (partial rows update rows that must exist).
     expect: Option<usize>,
 }
@@ -326,6 +327,15 @@ enum Reply {
     Done,
     Count(u64),
     Row(tokio_postgres::Row),
+}
+
+/// A pipeline ended before the reply to `what`.
+fn missing_reply(what: &str) -> ApplyError {
+    ApplyError::Session {
+        what: what.into(),
+        detail: "no reply".into(),
+        transient: true,
+    }
 }
 
 /// A request of a pipeline.
@@ -894,7 +904,8 @@ impl Applier {
             let Some(reply) = replies.next() else {
                 break;
             };
-            let count = match reply.map_err(session_error(op.what.clone()))? {
+            let what = || format!("{} {}", op.what, op.table);
+            let count = match reply.map_err(|err| session_error(what())(err))? {
                 Reply::Count(n) => n,
                 _ => 0,
             };
@@ -903,7 +914,7 @@ impl Applier {
             {
                 // Let the slow path name the missing row.
                 return Err(ApplyError::Session {
-                    what: op.what.clone(),
+                    what: what(),
                     detail: format!("{count} of {expected} rows found"),
                     transient: false,
                 });
@@ -912,32 +923,24 @@ impl Applier {
         let Some((_, end_lsn, _)) = ends else {
             return Ok(false);
         };
-        let mut row = None;
-        for what in [
-            "recording the applied position",
-            "COMMIT",
-            "reading the target's WAL positions",
-        ] {
-            match replies.next() {
-                Some(Ok(reply)) => {
-                    if what == "COMMIT" {
-                        // Committed: from here on nothing may be replayed.
-                        self.progress = self.progress.max(end_lsn);
-                    }
-                    if let Reply::Row(r) = reply {
-                        row = Some(r);
-                    }
-                }
-                Some(Err(err)) => return Err(session_error(what)(err)),
-                None => break,
-            }
+        const SETUP: &str = "recording the applied position";
+        const POSITIONS: &str = "reading the target's WAL positions";
+        match replies.next() {
+            Some(Ok(_)) => {}
+            Some(Err(err)) => return Err(session_error(SETUP)(err)),
+            None => return Err(missing_reply(SETUP)),
         }
-        let Some(row) = row else {
-            return Err(ApplyError::Session {
-                what: "reading the target's WAL positions".into(),
-                detail: "no row".into(),
-                transient: true,
-            });
+        match replies.next() {
+            Some(Ok(_)) => {}
+            Some(Err(err)) => return Err(session_error("COMMIT")(err)),
+            None => return Err(missing_reply("COMMIT")),
+        }
+        // Committed: from here on nothing may be replayed.
+        self.progress = self.progress.max(end_lsn);
+        let row = match replies.next() {
+            Some(Ok(Reply::Row(row))) => row,
+            Some(Err(err)) => return Err(session_error(POSITIONS)(err)),
+            _ => return Err(missing_reply(POSITIONS)),
         };
         let local: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
         let flushed: Lsn = row.get::<_, String>(1).parse().unwrap_or_default();
@@ -981,7 +984,8 @@ impl Applier {
                 params: (0..keys.len())
                     .map(|j| TextColumn(deletes.iter().map(|k| k[j]).collect()))
                     .collect(),
-                what: format!("deleting from {}", relation.name),
+                what: "deleting from",
+                table: &relation.name,
                 expect: None,
             });
         }
@@ -991,7 +995,8 @@ impl Applier {
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: text_columns(&upserts, 0..names.len()),
-                what: format!("writing rows of {}", relation.name),
+                what: "writing rows of",
+                table: &relation.name,
                 expect: None,
             });
         }
@@ -1009,7 +1014,8 @@ impl Applier {
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: text_columns(&rows, order.iter().copied()),
-                what: format!("updating {}", relation.name),
+                what: "updating",
+                table: &relation.name,
                 expect: Some(rows.len()),
             });
         }
