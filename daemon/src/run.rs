@@ -379,7 +379,14 @@ async fn read_stream(
     feedback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acknowledged = forwarded;
     loop {
-        let message = tokio::select! {
+        // What one read brought is decoded in one go; the duties below
+        // (shutdown, durability, acknowledgements) are looked at between
+        // reads, not per message: polling them costs more than decoding.
+        let buffered = stream.next_buffered()?;
+        let message = if buffered.is_some() {
+            buffered
+        } else {
+            tokio::select! {
             biased;
             // Stop reading; the applier finishes its batch and reports.
             () = stopped(&mut shutdown) => break,
@@ -403,6 +410,7 @@ async fn read_stream(
                 continue;
             }
             message = stream.next() => message?,
+            }
         };
         let Some(message) = message else {
             // The server ended the stream (shutting down): reconnect.

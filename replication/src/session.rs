@@ -98,6 +98,16 @@ pub(crate) enum Backend {
     CopyBothResponse,
 }
 
+// `postgres-protocol`'s messages are not `Debug`.
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Message(_) => f.write_str("Backend::Message(..)"),
+            Backend::CopyBothResponse => f.write_str("Backend::CopyBothResponse"),
+        }
+    }
+}
+
 /// Result rows of a simple query, as text.
 #[derive(Debug, Clone, Default)]
 pub struct QueryResult {

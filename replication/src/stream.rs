@@ -122,6 +122,9 @@ pub struct ReplicationStream {
     /// Status updates sent, for tests and metrics.
     statuses_sent: u64,
     last_sent: Option<Feedback>,
+    /// A message parsed by [`next_buffered`](Self::next_buffered) that it
+    /// leaves to [`next`](Self::next).
+    stashed: Option<Backend>,
 }
 
 impl ReplicationStream {
@@ -146,6 +149,7 @@ impl ReplicationStream {
             out: BytesMut::new(),
             statuses_sent: 0,
             last_sent: None,
+            stashed: None,
         }
     }
 
@@ -186,23 +190,16 @@ impl ReplicationStream {
     pub async fn next(&mut self) -> Result<Option<StreamMessage>, ReplicationError> {
         loop {
             self.flush_out().await?;
-            if let Some(backend) = self.session.try_parse()? {
+            let parsed = match self.stashed.take() {
+                Some(backend) => Some(backend),
+                None => self.session.try_parse()?,
+            };
+            if let Some(backend) = parsed {
                 match backend {
                     Backend::Message(Message::CopyData(body)) => {
-                        let message = self.parse_copy_data(body.into_bytes())?;
-                        match &message {
-                            StreamMessage::XLogData { wal_start, .. } => {
-                                self.feedback.received(*wal_start)
-                            }
-                            StreamMessage::Keepalive {
-                                reply_requested: true,
-                                ..
-                            } => {
-                                self.queue_status();
-                                self.flush_out().await?;
-                            }
-                            StreamMessage::Keepalive { .. } => {}
-                        }
+                        let message = self.copy_data(body.into_bytes())?;
+                        // A keepalive that asks for an answer gets it now.
+                        self.flush_out().await?;
                         return Ok(Some(message));
                     }
                     Backend::Message(Message::CopyDone) => {
@@ -253,6 +250,43 @@ impl ReplicationStream {
         }
     }
 
+    /// The next message if the last read already brought it whole, without
+    /// touching the socket: a reader that is busy can take every message of
+    /// one read before it looks at its other duties (timers, shutdown,
+    /// acknowledgements) again, instead of once per message. `None` means
+    /// nothing usable is buffered, or what is needs [`next`](Self::next)
+    /// (a status update to send, or anything but CopyData).
+    pub fn next_buffered(&mut self) -> Result<Option<StreamMessage>, ReplicationError> {
+        if !self.out.is_empty() || self.stashed.is_some() {
+            return Ok(None);
+        }
+        match self.session.try_parse()? {
+            Some(Backend::Message(Message::CopyData(body))) => {
+                self.copy_data(body.into_bytes()).map(Some)
+            }
+            Some(other) => {
+                self.stashed = Some(other);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A CopyData message of the stream: positions noted, and a status
+    /// update queued when the server asks for one.
+    fn copy_data(&mut self, data: Bytes) -> Result<StreamMessage, ReplicationError> {
+        let message = self.parse_copy_data(data)?;
+        match &message {
+            StreamMessage::XLogData { wal_start, .. } => self.feedback.received(*wal_start),
+            StreamMessage::Keepalive {
+                reply_requested: true,
+                ..
+            } => self.queue_status(),
+            StreamMessage::Keepalive { .. } => {}
+        }
+        Ok(message)
+    }
+
     /// Ends the stream cleanly: reports the final positions, sends
     /// CopyDone, and drains what the server still sends until it is ready
     /// for commands again. Returns the session for further commands.
@@ -271,7 +305,11 @@ impl ReplicationStream {
         let endpoint = self.endpoint().to_owned();
         let drain = async {
             loop {
-                match self.session.read_backend().await? {
+                let backend = match self.stashed.take() {
+                    Some(backend) => backend,
+                    None => self.session.read_backend().await?,
+                };
+                match backend {
                     Backend::Message(Message::ReadyForQuery(_)) => return Ok(()),
                     Backend::Message(Message::ErrorResponse(body)) => {
                         return Err(self.session.server_error(&body));
