@@ -690,20 +690,37 @@ enum Rebuild {
 }
 
 /// What a worker reports.
+/// A chunk's progress callback: its bytes and rows go to the coordinator
+/// as they flow, and `streamed` keeps the rows reported.
+fn streaming<'a>(
+    tx: &'a mpsc::UnboundedSender<Report>,
+    plan: usize,
+    streamed: &'a mut u64,
+) -> impl FnMut(u64, u64) + 'a {
+    move |bytes, rows| {
+        *streamed += rows;
+        let _ = tx.send(Report::Bytes { plan, bytes, rows });
+    }
+}
+
 #[derive(Debug)]
 enum Report {
     ChunkDone {
         plan: usize,
         rows: u64,
         bytes: u64,
+        /// Rows already shown by `Bytes` reports while the chunk flowed.
+        streamed: u64,
     },
     Counted {
         plan: usize,
         rows: i64,
     },
+    /// Data on its way, with the rows it holds (for progress only).
     Bytes {
         plan: usize,
         bytes: u64,
+        rows: u64,
     },
     Rebuilt {
         plan: usize,
@@ -950,21 +967,24 @@ async fn copy_tables(
             report = rx.recv() => {
                 let Some(report) = report else { break };
                 let plan = match report {
-                    Report::Bytes { plan, bytes } => {
+                    Report::Bytes { plan, bytes, rows } => {
                         progress.bytes(plan, bytes);
+                        progress.rows(plan, rows);
                         metrics
                             .copy_bytes
                             .with_label_values(&[&records[plan].name.to_string()])
                             .inc_by(bytes);
                         continue;
                     }
-                    Report::ChunkDone { plan, rows, bytes } => {
+                    Report::ChunkDone { plan, rows, bytes, streamed } => {
                         let record = &mut records[plan];
                         record.chunks_done += 1;
                         record.rows_copied += rows;
                         record.bytes_copied += bytes;
                         remaining[plan] -= 1;
-                        progress.rows(plan, rows);
+                        // The exact count from the target settles the
+                        // estimate shown while the chunk flowed.
+                        progress.rows(plan, rows.saturating_sub(streamed));
                         metrics
                             .copy_rows
                             .with_label_values(&[&record.name.to_string()])
@@ -1182,18 +1202,23 @@ async fn worker(
             }
             Task::Chunk { plan, chunk } => {
                 let p = &plans[plan];
-                let bytes_tx = tx.clone();
-                let stats =
-                    snapshot::copy_chunk(&source, &mut target, &chunk, &p.columns, p.format, |n| {
-                        let _ = bytes_tx.send(Report::Bytes { plan, bytes: n });
-                    })
-                    .await
-                    .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
+                let mut streamed = 0;
+                let stats = snapshot::copy_chunk(
+                    &source,
+                    &mut target,
+                    &chunk,
+                    &p.columns,
+                    p.format,
+                    streaming(&tx, plan, &mut streamed),
+                )
+                .await
+                .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
                 queue.loaded(plan);
                 let _ = tx.send(Report::ChunkDone {
                     plan,
                     rows: stats.rows,
                     bytes: stats.bytes,
+                    streamed,
                 });
             }
             Task::Count { plan } => {
@@ -1209,31 +1234,30 @@ async fn worker(
                 let mut done = Vec::with_capacity(items.len());
                 for (plan, chunk) in &items {
                     let (plan, p) = (*plan, &plans[*plan]);
-                    let bytes_tx = tx.clone();
+                    let mut streamed = 0;
                     let stats = snapshot::copy_chunk_in(
                         &source,
                         &transaction,
                         chunk,
                         &p.columns,
                         p.format,
-                        |n| {
-                            let _ = bytes_tx.send(Report::Bytes { plan, bytes: n });
-                        },
+                        streaming(&tx, plan, &mut streamed),
                     )
                     .await
                     .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
                     let rows = count_in_snapshot(&source, &p.table.name).await?;
-                    done.push((plan, stats, rows));
+                    done.push((plan, stats, rows, streamed));
                 }
                 transaction.commit().await.map_err(query(
                     "target",
                     format!("committing {} small tables", items.len()),
                 ))?;
-                for (plan, stats, rows) in done {
+                for (plan, stats, rows, streamed) in done {
                     let _ = tx.send(Report::ChunkDone {
                         plan,
                         rows: stats.rows,
                         bytes: stats.bytes,
+                        streamed,
                     });
                     let _ = tx.send(Report::Counted { plan, rows });
                 }

@@ -271,21 +271,23 @@ pub enum ChunkError {
 
 /// Moves one chunk in one target transaction: either all its rows are
 /// committed, or none. The source connection must be inside the snapshot
-/// ([`open_snapshot`]); `on_bytes` is called as data flows, for progress.
+/// ([`open_snapshot`]); `on_progress(bytes, rows)` is called as data
+/// flows, for progress (rows as counted by [`rows_in_message`]: exact
+/// only in the returned [`CopyStats`]).
 pub async fn copy_chunk(
     source: &Client,
     target: &mut Client,
     chunk: &Chunk,
     columns: &[String],
     format: CopyFormat,
-    on_bytes: impl FnMut(u64),
+    on_progress: impl FnMut(u64, u64),
 ) -> Result<CopyStats, ChunkError> {
     let target_err = |source| ChunkError::Target {
         table: chunk.table.clone(),
         source,
     };
     let transaction = target.transaction().await.map_err(target_err)?;
-    let stats = copy_chunk_in(source, &transaction, chunk, columns, format, on_bytes).await?;
+    let stats = copy_chunk_in(source, &transaction, chunk, columns, format, on_progress).await?;
     transaction.commit().await.map_err(target_err)?;
     Ok(stats)
 }
@@ -298,7 +300,7 @@ pub async fn copy_chunk_in(
     chunk: &Chunk,
     columns: &[String],
     format: CopyFormat,
-    mut on_bytes: impl FnMut(u64),
+    mut on_progress: impl FnMut(u64, u64),
 ) -> Result<CopyStats, ChunkError> {
     let source_err = |source| ChunkError::Source {
         table: chunk.source.clone(),
@@ -319,23 +321,51 @@ pub async fn copy_chunk_in(
     futures_util::pin_mut!(sink);
     futures_util::pin_mut!(stream);
     let mut bytes = 0u64;
+    let mut rows = 0u64;
     let mut buffer = BytesMut::with_capacity(FORWARD_BYTES);
     while let Some(data) = stream.next().await {
         let data = data.map_err(source_err)?;
         bytes += data.len() as u64;
+        rows += rows_in_message(format, &data);
         buffer.extend_from_slice(&data);
         if buffer.len() >= FORWARD_BYTES {
-            on_bytes(buffer.len() as u64);
+            on_progress(buffer.len() as u64, std::mem::take(&mut rows));
             let full = std::mem::replace(&mut buffer, BytesMut::with_capacity(FORWARD_BYTES));
             sink.send(full.freeze()).await.map_err(target_err)?;
         }
     }
     if !buffer.is_empty() {
-        on_bytes(buffer.len() as u64);
+        on_progress(buffer.len() as u64, rows);
         sink.send(buffer.freeze()).await.map_err(target_err)?;
     }
     let rows = sink.finish().await.map_err(target_err)?;
     Ok(CopyStats { rows, bytes })
+}
+
+/// The signature, flags and header extension length that open binary
+/// COPY data.
+const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// Rows in one CopyData message of `COPY ... TO STDOUT`, for progress while
+/// a chunk flows: the server sends "always one per row" (the protocol's
+/// description of copy-out). In binary format the header travels with the
+/// first row, and the trailer (a field count of -1) comes alone, or with
+/// the header when there are no rows. The count the target returns at the
+/// end stays the exact one.
+pub fn rows_in_message(format: CopyFormat, data: &[u8]) -> u64 {
+    const TRAILER: &[u8] = &[0xff, 0xff];
+    match format {
+        CopyFormat::Text => 1,
+        CopyFormat::Binary if data == TRAILER => 0,
+        CopyFormat::Binary
+            if data.len() == BINARY_HEADER.len() + TRAILER.len()
+                && data.starts_with(BINARY_HEADER)
+                && data.ends_with(TRAILER) =>
+        {
+            0
+        }
+        CopyFormat::Binary => 1,
+    }
 }
 
 #[cfg(test)]
@@ -351,6 +381,29 @@ mod tests {
             index: 0,
             pages: 0,
         }
+    }
+
+    #[test]
+    fn rows_are_counted_per_message_without_the_binary_header_and_trailer() {
+        let mut first = BINARY_HEADER.to_vec();
+        first.extend_from_slice(&[0, 1, 0, 0, 0, 1, b'x']);
+        assert_eq!(rows_in_message(CopyFormat::Binary, &first), 1);
+        assert_eq!(
+            rows_in_message(CopyFormat::Binary, &[0, 1, 0, 0, 0, 1, b'y']),
+            1
+        );
+        // A row of a table without columns is a field count of zero.
+        assert_eq!(rows_in_message(CopyFormat::Binary, &[0, 0]), 1);
+        assert_eq!(rows_in_message(CopyFormat::Binary, &[0xff, 0xff]), 0);
+        let mut empty = BINARY_HEADER.to_vec();
+        empty.extend_from_slice(&[0xff, 0xff]);
+        assert_eq!(rows_in_message(CopyFormat::Binary, &empty), 0);
+        // A row whose last value ends in 0xffff is still a row.
+        assert_eq!(
+            rows_in_message(CopyFormat::Binary, &[0, 1, 0, 0, 0, 2, 0xff, 0xff]),
+            1
+        );
+        assert_eq!(rows_in_message(CopyFormat::Text, b"1\tx\n"), 1);
     }
 
     #[test]

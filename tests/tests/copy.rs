@@ -715,3 +715,68 @@ async fn run_after_a_standalone_copy_explains_why_it_cannot_stream() {
     assert_eq!(out.code, 1, "{}", out.all_output());
     assert!(out.stderr.contains("cutover copy"), "{}", out.stderr);
 }
+
+/// The rows a chunk reports while it flows add up to the exact count the
+/// target returns, in both formats and for an empty table, and they come
+/// before the end: a watched copy does not sit at 0 rows for a whole chunk.
+#[tokio::test]
+async fn a_chunk_reports_its_rows_while_it_flows_and_they_add_up() {
+    use cutover_replication::catalog::TableName;
+    use cutover_replication::snapshot::{Chunk, CopyFormat, copy_chunk};
+    let cluster = Cluster::start_with(ClusterOptions::default());
+    for db in ["src", "dst"] {
+        cluster.create_database(db).await;
+        cluster
+            .execute(
+                db,
+                "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE e (id int PRIMARY KEY, v text);",
+            )
+            .await;
+    }
+    // About 3 MB: a dozen forwarded messages of 256 KiB.
+    cluster
+        .execute(
+            "src",
+            "INSERT INTO t SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 30000) g",
+        )
+        .await;
+    let source = cluster.client("src").await;
+    let mut target = cluster.client("dst").await;
+    let columns = vec!["id".to_owned(), "v".to_owned()];
+    for format in [CopyFormat::Binary, CopyFormat::Text] {
+        for (table, expected) in [("t", 30_000u64), ("e", 0)] {
+            target
+                .batch_execute(&format!("TRUNCATE {table}"))
+                .await
+                .unwrap();
+            let name = TableName::new("public", table);
+            let chunk = Chunk {
+                table: name.clone(),
+                source: name,
+                first_page: 0,
+                end_page: None,
+                index: 0,
+                pages: 0,
+            };
+            let mut reports: Vec<u64> = Vec::new();
+            let stats = copy_chunk(&source, &mut target, &chunk, &columns, format, |_, rows| {
+                reports.push(rows)
+            })
+            .await
+            .unwrap();
+            assert_eq!(stats.rows, expected, "{table} in {}", format.name());
+            assert_eq!(
+                reports.iter().sum::<u64>(),
+                expected,
+                "rows reported while {table} flowed in {}: {reports:?}",
+                format.name()
+            );
+            if expected > 0 {
+                assert!(
+                    reports.len() > 5 && reports[0] > 0 && reports[0] < expected,
+                    "rows come as the data flows, not at the end: {reports:?}"
+                );
+            }
+        }
+    }
+}
