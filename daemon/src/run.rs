@@ -382,35 +382,33 @@ async fn read_stream(
         // What one read brought is decoded in one go; the duties below
         // (shutdown, durability, acknowledgements) are looked at between
         // reads, not per message: polling them costs more than decoding.
-        let buffered = stream.next_buffered()?;
-        let message = if buffered.is_some() {
-            buffered
-        } else {
-            tokio::select! {
-            biased;
-            // Stop reading; the applier finishes its batch and reports.
-            () = stopped(&mut shutdown) => break,
-            // Durable on the target: the flush position may move up to
-            // here (invariant 1), reported with the next tick.
-            changed = durable.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let lsn = *durable.borrow_and_update();
-                stream.set_flushed(lsn);
-                continue;
-            }
-            _ = feedback.tick() => {
-                let lsn = *durable.borrow();
-                if lsn > acknowledged {
+        let message = match stream.next_buffered()? {
+            Some(message) => Some(message),
+            None => tokio::select! {
+                biased;
+                // Stop reading; the applier finishes its batch and reports.
+                () = stopped(&mut shutdown) => break,
+                // Durable on the target: the flush position may move up to
+                // here (invariant 1), reported with the next tick.
+                changed = durable.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let lsn = *durable.borrow_and_update();
                     stream.set_flushed(lsn);
-                    stream.send_status().await?;
-                    acknowledged = lsn;
+                    continue;
                 }
-                continue;
-            }
-            message = stream.next() => message?,
-            }
+                _ = feedback.tick() => {
+                    let lsn = *durable.borrow();
+                    if lsn > acknowledged {
+                        stream.set_flushed(lsn);
+                        stream.send_status().await?;
+                        acknowledged = lsn;
+                    }
+                    continue;
+                }
+                message = stream.next() => message?,
+            },
         };
         let Some(message) = message else {
             // The server ended the stream (shutting down): reconnect.
