@@ -547,3 +547,91 @@ async fn apply_batch_ms_groups_transactions_that_arrive_within_it() {
     assert_eq!(ticks_transactions(&pair, "waited").await, 1);
     assert_eq!(daemon.terminate(WAIT), Some(0));
 }
+
+/// A batch whose COMMIT succeeded is never applied again, even when the
+/// query right after it (the target's WAL positions) fails on a session
+/// that is still alive: the change-by-change replay that follows a failed
+/// batch must not run then. The target role is not a superuser, so that
+/// revoking `pg_current_wal_insert_lsn` from PUBLIC makes exactly that
+/// query fail. The keyless `log` table (REPLICA IDENTITY FULL) would show
+/// a batch applied twice.
+#[tokio::test]
+async fn a_batch_committed_before_a_failing_query_is_never_applied_again() {
+    let pair = Pair::start(options()).await;
+    pair.both(SCHEMA).await;
+    pair.target
+        .execute(
+            "app",
+            "CREATE ROLE applier LOGIN;
+             GRANT SET ON PARAMETER session_replication_role TO applier;
+             GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text),
+                 pg_replication_origin_session_setup(text),
+                 pg_replication_origin_xact_setup(pg_lsn, timestamptz),
+                 pg_replication_origin_progress(text, boolean) TO applier;
+             GRANT CREATE ON DATABASE app TO applier;
+             GRANT ALL ON SCHEMA public TO applier;
+             ALTER TABLE items OWNER TO applier;
+             ALTER TABLE log OWNER TO applier;
+             ALTER TABLE scratch OWNER TO applier;",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[console]\nlisten = \"127.0.0.1:0\"\n",
+            pair.source.url("app", "postgres", None),
+            pair.target.url("app", "applier", None),
+            dir.path().join("state").display()
+        ),
+    );
+    let mut daemon = start_streaming(&config).await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO log SELECT g, 'before' FROM generate_series(1, 50) g",
+        )
+        .await;
+    pair.wait_equal(&["log"], WAIT).await;
+
+    pair.target
+        .execute(
+            "app",
+            "REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC",
+        )
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO log SELECT g, 'during' FROM generate_series(1, 50) g",
+        )
+        .await;
+    // The batch commits, the query after it is refused: a definite error.
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("42501") || log.contains("permission denied"),
+        "the error names the refusal:\n{log}"
+    );
+    let applied: i64 = pair
+        .target
+        .query_value("app", "SELECT count(*) FROM log WHERE what = 'during'")
+        .await;
+    assert_eq!(applied, 50, "the batch committed once before the error");
+
+    pair.target
+        .execute(
+            "app",
+            "GRANT EXECUTE ON FUNCTION pg_current_wal_insert_lsn() TO PUBLIC",
+        )
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO log SELECT g, 'after' FROM generate_series(1, 50) g",
+        )
+        .await;
+    daemon.restart();
+    pair.wait_equal(&["log"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
