@@ -526,12 +526,21 @@ impl Applier {
     /// checkpoint; a batch whose recorded position lies past such a record
     /// (an empty batch, whose COMMIT writes nothing, or a record inserted
     /// between COMMIT and the position query) would then wait minutes to
-    /// be acknowledged, and a shutdown with it. A synchronous commit of a
-    /// transaction that has an xid flushes everything before it.
+    /// be acknowledged, and a shutdown with it.
+    ///
+    /// A synchronous commit flushes everything before it, but only a
+    /// transaction that wrote WAL commits synchronously (`xact.c`,
+    /// `RecordTransactionCommit`): an xid alone (`txid_current()`) is not
+    /// enough, as a test with `wal_writer_delay = 10s` showed. A
+    /// transactional logical message is the smallest WAL record any role
+    /// may write (it carries our origin like every transaction of this
+    /// session, and cutover's applier ignores logical messages).
     async fn force_flush(&self) -> Result<(), ApplyError> {
+        tracing::debug!("the target's WAL flush is stalled: forcing it");
         self.client
             .batch_execute(
-                "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT",
+                "BEGIN; SET LOCAL synchronous_commit = on; \
+                 SELECT pg_logical_emit_message(true, 'cutover.flush', ''); COMMIT",
             )
             .await
             .map_err(session_error("flushing the target's WAL"))

@@ -635,3 +635,50 @@ async fn a_batch_committed_before_a_failing_query_is_never_applied_again() {
     pair.wait_equal(&["log"], WAIT).await;
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
+
+/// The target's WAL writer may leave an applied batch unflushed for
+/// `wal_writer_delay` (here its maximum, 10 s); the applier then forces a
+/// flush instead of holding the source's slot back for that long.
+#[tokio::test]
+async fn a_slow_wal_writer_on_the_target_does_not_hold_the_acknowledgement_back() {
+    let pair = Pair::start(options().setting("wal_writer_delay", "10000ms")).await;
+    pair.both(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    let mut slowest = Duration::ZERO;
+    for round in 0..4 {
+        pair.source
+            .execute("app", &format!("INSERT INTO log VALUES ({round}, 'flush')"))
+            .await;
+        pair.wait_equal(&["log"], WAIT).await;
+        // Applied: the origin holds the transaction's end, which is what
+        // the slot must be told once the target has it on disk.
+        let started = std::time::Instant::now();
+        let end: String = pair
+            .target
+            .query_value(
+                "app",
+                "SELECT pg_replication_origin_progress('cutover_cutover', false)::text",
+            )
+            .await;
+        wait_for("the slot to confirm the commit", WAIT, || async {
+            pair.source
+                .query_value::<bool>(
+                    "app",
+                    &format!("SELECT confirmed_flush_lsn >= '{end}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cutover'"),
+                )
+                .await
+                .then_some(())
+        })
+        .await;
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a commit waited {slowest:?} for its acknowledgement:\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
