@@ -689,7 +689,6 @@ enum Rebuild {
     Check(DroppedIndex),
 }
 
-/// What a worker reports.
 /// A chunk's progress callback: its bytes and rows go to the coordinator
 /// as they flow, and `streamed` keeps the rows reported.
 fn streaming<'a>(
@@ -703,6 +702,7 @@ fn streaming<'a>(
     }
 }
 
+/// What a worker reports.
 #[derive(Debug)]
 enum Report {
     ChunkDone {

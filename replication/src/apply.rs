@@ -230,8 +230,8 @@ struct TableBatch<'a> {
     relation: Arc<Relation>,
     key: Vec<usize>,
     rows: Vec<RowEntry<'a>>,
-    /// Hashed with foldhash, seeded per batch: the default SipHash was a
-    /// tenth of the daemon's CPU in a catch-up (`perf`, apply-100 bench).
+    /// Hashed with foldhash, seeded per batch: the default SipHash was about
+    /// a sixth of the daemon's samples in a catch-up (`perf`, apply-100).
     index: HashMap<RowKey<'a>, usize, foldhash::fast::RandomState>,
 }
 
