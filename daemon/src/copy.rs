@@ -648,11 +648,15 @@ enum Task {
     /// A key, index or CHECK constraint dropped for the load, put back
     /// once the table is loaded.
     Rebuild { plan: usize, item: Rebuild },
-    /// ANALYZE (when configured) and the count on the target, once the
-    /// table is loaded and rebuilt.
-    Finalize { plan: usize },
+    /// Once the table is loaded and its indexes built: its keys attached
+    /// to their indexes, ANALYZE (when configured) and the count on the
+    /// target.
+    Finalize {
+        plan: usize,
+        keys: Vec<DroppedIndex>,
+    },
     /// A foreign key dropped for the load, added back and validated once
-    /// every table is loaded.
+    /// both its tables are copied ([`ForeignKeys`]).
     ForeignKey {
         table: TableName,
         constraint: DroppedIndex,
@@ -673,7 +677,12 @@ impl Task {
                 };
                 format!("{} rebuilding {piece}", name(plan))
             }
-            Task::Finalize { plan } => format!("{} counting on the target", name(plan)),
+            Task::Finalize { plan, keys } if keys.is_empty() => {
+                format!("{} counting on the target", name(plan))
+            }
+            Task::Finalize { plan, .. } => {
+                format!("{} attaching keys, counting on the target", name(plan))
+            }
             Task::ForeignKey { table, constraint } => {
                 format!("{table} validating {}", constraint.name)
             }
@@ -847,7 +856,9 @@ async fn copy_tables(
     let mut records: Vec<TableCopy> = Vec::with_capacity(plans.len());
     let mut remaining: Vec<u64> = Vec::with_capacity(plans.len());
     let mut chunks_of: Vec<Vec<Chunk>> = Vec::with_capacity(plans.len());
+    let mut index_work: Vec<u64> = Vec::with_capacity(plans.len());
     for plan in &plans {
+        index_work.push(index_work_of(target, &plan.table).await?);
         let chunks = snapshot::plan_chunks(
             source,
             &plan.table.name,
@@ -901,7 +912,10 @@ async fn copy_tables(
     let mut queue = VecDeque::new();
     let mut bundle: Vec<(usize, Chunk)> = Vec::new();
     let mut bundle_pages = 0;
-    for (i, chunks) in chunks_of.into_iter().enumerate() {
+    let order = load_order(&index_work);
+    let mut chunks_of: Vec<Option<Vec<Chunk>>> = chunks_of.into_iter().map(Some).collect();
+    for i in order {
+        let chunks = chunks_of[i].take().expect("each table once");
         if small(&chunks) {
             let chunk = chunks.into_iter().next().expect("one chunk");
             bundle_pages += chunk.pages;
@@ -957,9 +971,9 @@ async fn copy_tables(
     // Rebuild steps still running per table; `None` until they are queued.
     let mut rebuilding: Vec<Option<usize>> = vec![None; plans.len()];
     let mut finished = 0;
-    let mut foreign_keys: Option<usize> = None;
+    let mut foreign_keys = ForeignKeys::default();
     if plans.is_empty() {
-        foreign_keys = Some(queue_foreign_keys(store, target, &queue).await?);
+        foreign_keys.queue_rest(store, target, &queue).await?;
     }
     let mut failure: Option<CopyError> = None;
     loop {
@@ -998,22 +1012,24 @@ async fn copy_tables(
                     }
                     Report::Rebuilt { plan, item } => {
                         let record = &mut records[plan];
-                        let (list, name) = match &item {
-                            Rebuild::Key(d) => (&mut record.dropped_keys, &d.name),
-                            Rebuild::Index(d) => (&mut record.dropped_indexes, &d.name),
-                            Rebuild::Check(d) => (&mut record.dropped_constraints, &d.name),
-                        };
-                        list.retain(|d| &d.name != name);
+                        match &item {
+                            // Its index only: the key is attached by Finalize.
+                            Rebuild::Key(_) => {}
+                            Rebuild::Index(d) => record.dropped_indexes.retain(|x| x.name != d.name),
+                            Rebuild::Check(d) => record.dropped_constraints.retain(|x| x.name != d.name),
+                        }
                         store.put_table_copy(record)?;
                         let left = rebuilding[plan].as_mut().expect("rebuilds are queued first");
                         *left -= 1;
                         if *left == 0 {
-                            queue.push_front(vec![Task::Finalize { plan }]);
+                            queue.push_front(vec![finalize(record, plan)]);
                         }
                         continue;
                     }
                     Report::Finalized { plan, target_rows } => {
                         let record = &mut records[plan];
+                        // Finalize attached them.
+                        record.dropped_keys.clear();
                         record.target_count = Some(target_rows);
                         record.state = TableCopyState::Copied;
                         store.put_table_copy(record)?;
@@ -1028,8 +1044,9 @@ async fn copy_tables(
                         );
                         progress.table_done(plan);
                         finished += 1;
+                        queue.push_front(foreign_keys.ready(&records));
                         if finished == plans.len() {
-                            foreign_keys = Some(queue_foreign_keys(store, target, &queue).await?);
+                            foreign_keys.queue_rest(store, target, &queue).await?;
                         }
                         continue;
                     }
@@ -1043,13 +1060,19 @@ async fn copy_tables(
                                 left.statement
                             );
                         }
-                        if let Some(mut record) = store.table_copy(&table)? {
-                            record.dropped_constraints.retain(|d| d.name != name);
-                            store.put_table_copy(&record)?;
+                        match records.iter_mut().find(|r| r.name == table) {
+                            Some(record) => {
+                                record.dropped_constraints.retain(|d| d.name != name);
+                                store.put_table_copy(record)?;
+                            }
+                            None => {
+                                if let Some(mut record) = store.table_copy(&table)? {
+                                    record.dropped_constraints.retain(|d| d.name != name);
+                                    store.put_table_copy(&record)?;
+                                }
+                            }
                         }
-                        let left = foreign_keys.as_mut().expect("foreign keys are queued first");
-                        *left -= 1;
-                        if *left == 0 {
+                        if foreign_keys.restored() {
                             store.flush().await?;
                             queue.close();
                         }
@@ -1063,7 +1086,7 @@ async fn copy_tables(
                     let steps = rebuild_steps(record, plan);
                     rebuilding[plan] = Some(steps.len());
                     queue.push_front(if steps.is_empty() {
-                        vec![Task::Finalize { plan }]
+                        vec![finalize(record, plan)]
                     } else {
                         steps
                     });
@@ -1115,37 +1138,152 @@ fn rebuild_steps(record: &TableCopy, plan: usize) -> Vec<Task> {
         .collect()
 }
 
-/// Once every table is loaded: queues the foreign keys dropped for the
-/// load, on every table of the store (a table finished before a crash
-/// keeps its pending ones until here), after putting back anything else a
-/// crash left dropped on a table not copied now. Closes the queue when
-/// there is none. Returns how many were queued.
-async fn queue_foreign_keys(
-    store: &Store,
-    target: &Client,
-    queue: &WorkQueue,
-) -> Result<usize, CopyError> {
-    let mut tasks = Vec::new();
-    for mut record in store.table_copies()? {
-        if !record.dropped_keys.is_empty() || !record.dropped_indexes.is_empty() {
-            rebuild_indexes(target, &mut record).await?;
-            store.put_table_copy(&record)?;
-        }
-        for constraint in &record.dropped_constraints {
-            tasks.push(Task::ForeignKey {
-                table: record.name.clone(),
-                constraint: constraint.clone(),
-            });
-        }
+/// How much index work loading a table costs on the target, for the load
+/// order: its rows times its indexes and CHECK and FOREIGN KEY
+/// constraints, maintained row by row during the load or (with
+/// `copy.drop_indexes`) built and validated after it. Rows from the
+/// source's statistics, or from its size where it has none (never
+/// analyzed).
+async fn index_work_of(target: &Client, table: &Table) -> Result<u64, CopyError> {
+    let pieces: i64 = target
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_index WHERE indrelid = $1::text::regclass)
+                  + (SELECT count(*) FROM pg_constraint
+                      WHERE conrelid = $1::text::regclass AND contype IN ('c', 'f'))",
+            &[&table.name.quoted()],
+        )
+        .await
+        .map_err(query(
+            "target",
+            format!("counting the indexes of {}", table.name),
+        ))?
+        .get(0);
+    let rows = match table.row_estimate {
+        Some(rows) if rows >= 0 => rows as u64,
+        _ => table.total_bytes.max(0) as u64 / 128,
+    };
+    Ok(rows * pieces.max(0) as u64)
+}
+
+/// The order in which tables are loaded: most index work first
+/// ([`index_work_of`]), then biggest first. Where the target maintains
+/// indexes during the load, a table's cost follows its rows and indexes
+/// far more than its bytes (in `bench --scenario copy`, 25 MB with two
+/// random-order indexes took 3.7 s where 42 MB of TOASTed text with one
+/// took 1.5 s), and such a table in one chunk, left for last, is a tail
+/// no other worker can share. With `copy.drop_indexes`, the same tables
+/// leave the most to rebuild and validate: loaded first, their builds run
+/// beside the loads of the others instead of alone at the end (1.2 s of
+/// rebuilds and validation with one worker idle, before). Tables with
+/// little index work, split in chunks, fill the gaps at the end.
+fn load_order(index_work: &[u64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..index_work.len()).collect();
+    // Stable: ties keep the biggest-first order of the plans.
+    order.sort_by_key(|&i| std::cmp::Reverse(index_work[i]));
+    order
+}
+
+/// The last step of a loaded table: its keys attached (their indexes are
+/// built), then its count.
+fn finalize(record: &TableCopy, plan: usize) -> Task {
+    Task::Finalize {
+        plan,
+        keys: record.dropped_keys.clone(),
     }
-    store.flush().await?;
-    let count = tasks.len();
-    if count == 0 {
-        queue.close();
-    } else {
-        queue.push_front(tasks);
+}
+
+/// The foreign keys dropped for the load, on their way back. One is added
+/// back and validated as soon as both its tables are copied (loaded, their
+/// keys and indexes back), beside the loads of the others: validation
+/// reads both tables whole, and waiting for every table would leave it
+/// alone at the end of the copy. The rest (those of tables not copied now,
+/// those referencing a table not copied now, and any recorded before their
+/// referenced table was) go once every table is copied.
+#[derive(Debug, Default)]
+struct ForeignKeys {
+    /// (table, constraint) of those queued.
+    queued: std::collections::HashSet<(TableName, String)>,
+    /// Queued and not yet back.
+    outstanding: usize,
+    /// Every one is queued: the queue closes when the last is back.
+    all_queued: bool,
+}
+
+impl ForeignKeys {
+    /// The tasks of the foreign keys whose two tables are now copied.
+    fn ready(&mut self, records: &[TableCopy]) -> Vec<Task> {
+        let copied = |name: &TableName| {
+            records
+                .iter()
+                .any(|r| &r.name == name && r.state == TableCopyState::Copied)
+        };
+        let mut tasks = Vec::new();
+        for record in records.iter().filter(|r| r.state == TableCopyState::Copied) {
+            for constraint in &record.dropped_constraints {
+                let Some(referenced) = &constraint.references else {
+                    continue;
+                };
+                if copied(referenced)
+                    && self
+                        .queued
+                        .insert((record.name.clone(), constraint.name.clone()))
+                {
+                    tasks.push(Task::ForeignKey {
+                        table: record.name.clone(),
+                        constraint: constraint.clone(),
+                    });
+                }
+            }
+        }
+        self.outstanding += tasks.len();
+        tasks
     }
-    Ok(count)
+
+    /// Once every table is copied: queues the foreign keys not queued yet,
+    /// on every table of the store (a table finished before a crash keeps
+    /// its pending ones until here), after putting back anything else a
+    /// crash left dropped on a table not copied now. Closes the queue when
+    /// nothing is left to wait for.
+    async fn queue_rest(
+        &mut self,
+        store: &Store,
+        target: &Client,
+        queue: &WorkQueue,
+    ) -> Result<(), CopyError> {
+        let mut tasks = Vec::new();
+        for mut record in store.table_copies()? {
+            if !record.dropped_keys.is_empty() || !record.dropped_indexes.is_empty() {
+                rebuild_indexes(target, &mut record).await?;
+                store.put_table_copy(&record)?;
+            }
+            for constraint in &record.dropped_constraints {
+                if self
+                    .queued
+                    .insert((record.name.clone(), constraint.name.clone()))
+                {
+                    tasks.push(Task::ForeignKey {
+                        table: record.name.clone(),
+                        constraint: constraint.clone(),
+                    });
+                }
+            }
+        }
+        store.flush().await?;
+        self.outstanding += tasks.len();
+        self.all_queued = true;
+        if self.outstanding == 0 {
+            queue.close();
+        } else {
+            queue.push_front(tasks);
+        }
+        Ok(())
+    }
+
+    /// One is back; true when it was the last.
+    fn restored(&mut self) -> bool {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.all_queued && self.outstanding == 0
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1170,7 +1308,7 @@ async fn worker(
             Task::Rebuild { plan, item } => {
                 let p = &plans[plan];
                 match &item {
-                    Rebuild::Key(key) => rebuild_key(&target, &p.table.name, key).await?,
+                    Rebuild::Key(key) => build_key_index(&target, &p.table.name, key).await?,
                     Rebuild::Index(index) => rebuild_index(&target, index).await?,
                     Rebuild::Check(check) => {
                         // A CHECK constraint that fails is an error (never `Some`).
@@ -1179,8 +1317,11 @@ async fn worker(
                 }
                 let _ = tx.send(Report::Rebuilt { plan, item });
             }
-            Task::Finalize { plan } => {
+            Task::Finalize { plan, keys } => {
                 let name = &plans[plan].table.name;
+                for key in &keys {
+                    rebuild_key(&target, name, key).await?;
+                }
                 if analyze {
                     target
                         .batch_execute(&format!("ANALYZE {}", name.quoted()))
@@ -1293,9 +1434,12 @@ async fn count_in_snapshot(source: &Client, table: &TableName) -> Result<i64, Co
 /// CHECK and FOREIGN KEY constraints: checked row by row during a load,
 /// cheaper to validate once after it.
 const LOAD_CONSTRAINTS_SQL: &str = "
-SELECT conname::text, pg_get_constraintdef(oid)
-  FROM pg_constraint
- WHERE conrelid = $1::text::regclass AND contype IN ('c', 'f') AND conparentid = 0
+SELECT c.conname::text, pg_get_constraintdef(c.oid), NULL::text, NULL::text,
+       rn.nspname::text, r.relname::text
+  FROM pg_constraint c
+  LEFT JOIN pg_class r ON r.oid = c.confrelid
+  LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace
+ WHERE c.conrelid = $1::text::regclass AND c.contype IN ('c', 'f') AND c.conparentid = 0
  ORDER BY 1";
 
 /// PRIMARY KEY and UNIQUE constraints: a B-tree built once by a sort after
@@ -1307,7 +1451,8 @@ SELECT conname::text, pg_get_constraintdef(oid)
 const KEY_CONSTRAINTS_SQL: &str = "
 SELECT c.conname::text, pg_get_constraintdef(c.oid),
        CASE WHEN t.relkind <> 'p' THEN pg_get_indexdef(c.conindid) END,
-       CASE WHEN t.relkind <> 'p' THEN x.relname::text END
+       CASE WHEN t.relkind <> 'p' THEN x.relname::text END,
+       NULL::text, NULL::text
   FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
   JOIN pg_class t ON t.oid = c.conrelid JOIN pg_class x ON x.oid = c.conindid
  WHERE c.conrelid = $1::text::regclass AND c.contype IN ('p', 'u') AND c.conparentid = 0
@@ -1315,41 +1460,47 @@ SELECT c.conname::text, pg_get_constraintdef(c.oid),
    AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = c.conindid)
  ORDER BY 1";
 
-/// Indexes not backing a constraint, other than the replica identity index
-/// and the partitions of a partitioned index (dropped with their parent).
+/// Indexes not backing a constraint, other than the replica identity index,
+/// the partitions of a partitioned index (dropped with their parent) and
+/// the indexes of keys already recorded as dropped (`$2`: a key's index
+/// built but not yet attached when the daemon stopped; dropped as such).
 const SECONDARY_INDEXES_SQL: &str = "
-SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid)
-  FROM pg_index i
+SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid), NULL::text, NULL::text,
+       NULL::text, NULL::text
+  FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
  WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary AND NOT i.indisreplident
    AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
    AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
+   AND NOT x.relname = ANY($2::text[])
  ORDER BY 1";
 
-/// Adds the rows of `sql` (name, definition) not yet in `list`.
+/// Adds the rows of `sql` not yet in `list`. Every query above returns
+/// the same columns: name, definition, a key's index definition and index
+/// name, and a foreign key's referenced table (schema, name).
 async fn record_definitions(
     target: &Client,
     sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     table: &TableName,
     what: &str,
     list: &mut Vec<DroppedIndex>,
 ) -> Result<(), CopyError> {
     let rows = target
-        .query(sql, &[&table.quoted()])
+        .query(sql, params)
         .await
         .map_err(query("target", format!("listing {what} of {table}")))?;
     for row in rows {
         let name: String = row.get(0);
         if !list.iter().any(|d| d.name == name) {
-            let index = if row.len() > 3 {
-                row.get::<_, Option<String>>(2)
-                    .zip(row.get::<_, Option<String>>(3))
-            } else {
-                None
+            let pair = |a: usize, b: usize| {
+                row.get::<_, Option<String>>(a)
+                    .zip(row.get::<_, Option<String>>(b))
             };
             list.push(DroppedIndex {
                 name,
                 definition: row.get(1),
-                index,
+                index: pair(2, 3),
+                references: pair(4, 5).map(|(schema, name)| TableName::new(schema, name)),
             });
         }
     }
@@ -1368,6 +1519,7 @@ async fn drop_load_constraints(
     record_definitions(
         target,
         LOAD_CONSTRAINTS_SQL,
+        &[&record.name.quoted()],
         &record.name,
         "constraints",
         &mut record.dropped_constraints,
@@ -1397,26 +1549,36 @@ async fn drop_constraint(target: &Client, table: &TableName, name: &str) -> Resu
 
 /// Second step of `copy.drop_indexes`: drops the table's secondary indexes
 /// and the primary key and unique constraints nothing else needs,
-/// recorded first like the constraints.
+/// recorded first like the constraints. A key recorded by an earlier,
+/// interrupted load whose index was built but not yet attached loses that
+/// index again (it is rebuilt with the key, not as an index of its own).
 async fn drop_indexes_and_keys(
     target: &Client,
     record: &mut TableCopy,
     store: &Store,
 ) -> Result<(), CopyError> {
-    record_definitions(
-        target,
-        SECONDARY_INDEXES_SQL,
-        &record.name,
-        "indexes",
-        &mut record.dropped_indexes,
-    )
-    .await?;
+    let table = record.name.quoted();
     record_definitions(
         target,
         KEY_CONSTRAINTS_SQL,
+        &[&table],
         &record.name,
         "keys",
         &mut record.dropped_keys,
+    )
+    .await?;
+    let key_indexes: Vec<String> = record
+        .dropped_keys
+        .iter()
+        .filter_map(|k| k.index.as_ref().map(|(_, name)| name.clone()))
+        .collect();
+    record_definitions(
+        target,
+        SECONDARY_INDEXES_SQL,
+        &[&table, &key_indexes],
+        &record.name,
+        "indexes",
+        &mut record.dropped_indexes,
     )
     .await?;
     store.put_table_copy(record)?;
@@ -1429,6 +1591,16 @@ async fn drop_indexes_and_keys(
     }
     for key in &record.dropped_keys {
         drop_constraint(target, &record.name, &key.name).await?;
+        if let Some((_, index)) = &key.index {
+            target
+                .batch_execute(&format!(
+                    "DROP INDEX IF EXISTS {}.{}",
+                    quote_ident(&record.name.schema),
+                    quote_ident(index)
+                ))
+                .await
+                .map_err(query("target", format!("dropping index {index}")))?;
+        }
     }
     if !record.dropped_indexes.is_empty() || !record.dropped_keys.is_empty() {
         tracing::info!(table = %record.name, indexes = record.dropped_indexes.len(), keys = record.dropped_keys.len(), "indexes and keys dropped for the load");
@@ -1436,11 +1608,47 @@ async fn drop_indexes_and_keys(
     Ok(())
 }
 
-/// Builds a key dropped for the load: its unique index first (a SHARE
-/// lock, so the table's other indexes build at the same time), then the
-/// constraint on it (`USING INDEX`, no second build). Where that cannot be
-/// done (a partitioned table, an index `USING INDEX` refuses) the
-/// constraint is added as it was defined. Idempotent.
+/// The first half of putting a key back: its unique index, built on its
+/// own (a SHARE lock, so the table's other indexes build at the same
+/// time). The key is attached to it by [`rebuild_key`] once every build of
+/// the table is done: attaching takes an ACCESS EXCLUSIVE lock, which
+/// would wait for the other builds and hold a worker idle meanwhile.
+/// Idempotent; nothing to do for a key without a separate index (on a
+/// partitioned table) or one already in place.
+async fn build_key_index(
+    target: &Client,
+    table: &TableName,
+    key: &DroppedIndex,
+) -> Result<(), CopyError> {
+    match &key.index {
+        Some((definition, _)) if !constraint_exists(target, table, &key.name).await? => {
+            create_key_index(target, key, definition).await
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn create_key_index(
+    target: &Client,
+    key: &DroppedIndex,
+    definition: &str,
+) -> Result<(), CopyError> {
+    let build = definition.replacen(
+        "CREATE UNIQUE INDEX ",
+        "CREATE UNIQUE INDEX IF NOT EXISTS ",
+        1,
+    );
+    target.batch_execute(&build).await.map_err(query(
+        "target",
+        format!("building the index of key {}", key.name),
+    ))
+}
+
+/// Puts a key dropped for the load back: its unique index (unless
+/// [`build_key_index`] built it already), then the constraint on it
+/// (`USING INDEX`, no second build). Where that cannot be done (a
+/// partitioned table, an index `USING INDEX` refuses) the constraint is
+/// added as it was defined. Idempotent.
 async fn rebuild_key(
     target: &Client,
     table: &TableName,
@@ -1450,15 +1658,7 @@ async fn rebuild_key(
         return Ok(());
     }
     if let Some((definition, index)) = &key.index {
-        let build = definition.replacen(
-            "CREATE UNIQUE INDEX ",
-            "CREATE UNIQUE INDEX IF NOT EXISTS ",
-            1,
-        );
-        target.batch_execute(&build).await.map_err(query(
-            "target",
-            format!("building the index of key {}", key.name),
-        ))?;
+        create_key_index(target, key, definition).await?;
         let kind = if key.definition.starts_with("PRIMARY KEY") {
             "PRIMARY KEY"
         } else {

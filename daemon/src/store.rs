@@ -189,6 +189,11 @@ pub struct DroppedIndex {
     /// partitioned table, where only `ADD CONSTRAINT` works.
     #[serde(default)]
     pub index: Option<(String, String)>,
+    /// For a foreign key: the table it references, so that it is put back
+    /// as soon as both its tables are copied. `None` otherwise (and in a
+    /// record written before this was kept: put back at the end).
+    #[serde(default)]
+    pub references: Option<TableName>,
 }
 
 /// One table's copy: state, position and reconciliation.

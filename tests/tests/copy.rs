@@ -652,6 +652,151 @@ async fn a_copy_killed_with_its_indexes_dropped_rebuilds_them_on_resume() {
     assert_eq!(daemon.terminate(WAIT), Some(0));
 }
 
+/// `copy.drop_indexes`: a foreign key is added back and validated as soon
+/// as its two tables are copied, while other tables still load (here one
+/// held by a lock on the target), not once every table is.
+#[tokio::test]
+async fn a_foreign_key_is_validated_as_soon_as_both_its_tables_are_copied() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE parent (id bigint PRIMARY KEY, pad text);
+         CREATE TABLE kid (id bigint PRIMARY KEY,
+                           parent_id bigint CONSTRAINT kid_parent REFERENCES parent (id), pad text);
+         CREATE TABLE held (n int, body text);
+         ALTER TABLE held REPLICA IDENTITY FULL;
+         ALTER TABLE held ALTER COLUMN body SET STORAGE EXTERNAL;",
+    )
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO parent SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+             INSERT INTO kid SELECT g, 1 + g % 20000, md5(g::text) FROM generate_series(1, 20000) g;
+             INSERT INTO held SELECT g, repeat(md5(g::text), 300) FROM generate_series(1, 100) g;",
+        )
+        .await;
+    // The load of `held` (no index: loaded last) waits for this lock,
+    // which lets the copy read the table but not write it.
+    let mut lock = pair.target.client("app").await;
+    let holding = lock.transaction().await.unwrap();
+    holding
+        .batch_execute("LOCK TABLE held IN SHARE MODE")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        "[copy]\nworkers = 2\nchunk_mb = 1\ndrop_indexes = true\n",
+    );
+    let mut daemon = Daemon::start(&config, &["copy"]);
+    wait_for("kid_parent dropped for the load", WAIT, || async {
+        daemon
+            .log()
+            .contains("CHECK and FOREIGN KEY constraints dropped for the load")
+            .then_some(())
+    })
+    .await;
+    wait_for("kid_parent validated while held waits", WAIT, || async {
+        let constraints = target_constraints(&pair, "conname = 'kid_parent'").await;
+        (constraints == vec![("kid_parent".to_string(), true)]).then_some(())
+    })
+    .await;
+    assert_eq!(target_rows(&pair, "held").await, 0);
+    assert!(daemon.running(), "{}", daemon.log());
+    holding.rollback().await.unwrap();
+    assert_eq!(daemon.wait(WAIT), Some(0), "{}", daemon.log());
+    pair.wait_equal(&["parent", "kid", "held"], WAIT).await;
+    assert_eq!(
+        target_constraints(&pair, "conrelid IN ('kid'::regclass, 'parent'::regclass)").await,
+        vec![
+            ("kid_parent".to_string(), true),
+            ("kid_pkey".to_string(), true),
+            ("parent_pkey".to_string(), true)
+        ]
+    );
+}
+
+/// `copy.drop_indexes`: killed after a key's index was built but before
+/// the key was attached to it (the attach waits for a reader's lock), the
+/// restarted daemon drops that index for the new load like the key, and
+/// ends with the key and indexes exactly as they were.
+#[tokio::test]
+async fn a_key_index_built_but_not_attached_before_a_kill_is_rebuilt_as_the_key() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE parent (id bigint PRIMARY KEY, pad text);
+         CREATE INDEX parent_pad ON parent (pad);",
+    )
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO parent SELECT g, repeat(md5(g::text), 2) FROM generate_series(1, 200000) g",
+        )
+        .await;
+    let before = index_definitions(&pair.target).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        "[copy]\nworkers = 2\nchunk_mb = 4\ndrop_indexes = true\n",
+    );
+    let mut daemon = Daemon::start(&config, &["run"]);
+    wait_for("the key dropped for the load", WAIT, || async {
+        daemon
+            .log()
+            .contains("indexes and keys dropped for the load")
+            .then_some(())
+    })
+    .await;
+    // A reader's lock: the load and the index builds go on, attaching
+    // the key (ACCESS EXCLUSIVE) waits.
+    let mut reader = pair.target.client("app").await;
+    let reading = reader.transaction().await.unwrap();
+    reading
+        .batch_execute("LOCK TABLE parent IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    wait_for(
+        "the key's index built, the key not attached",
+        WAIT,
+        || async {
+            let built: i64 = pair
+                .target
+                .query_value(
+                    "app",
+                    "SELECT count(*) FROM pg_class WHERE relname = 'parent_pkey'",
+                )
+                .await;
+            let attached = target_constraints(&pair, "conname = 'parent_pkey'").await;
+            (built == 1 && attached.is_empty()).then_some(())
+        },
+    )
+    .await;
+    daemon.kill();
+    reading.rollback().await.unwrap();
+    pair.source
+        .execute("app", "UPDATE parent SET pad = 'changed' WHERE id <= 10")
+        .await;
+    daemon.restart();
+    pair.wait_equal(&["parent"], WAIT).await;
+    assert_eq!(index_definitions(&pair.target).await, before);
+    assert_eq!(
+        target_constraints(&pair, "conrelid = 'parent'::regclass").await,
+        vec![("parent_pkey".to_string(), true)]
+    );
+    let log = daemon.log();
+    assert!(log.contains("resuming the copy"), "{log}");
+    // Both starts dropped (and recorded) one index and one key: the
+    // second did not take the key's index for an index of its own.
+    assert_eq!(
+        log.matches("indexes and keys dropped for the load table=public.parent indexes=1 keys=1")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{log}");
+}
+
 /// A table finished before the kill that references (by a foreign key on
 /// the target) a table still unfinished is copied again with it: the
 /// unfinished one cannot be emptied while the other keeps its rows.
