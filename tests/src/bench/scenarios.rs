@@ -25,6 +25,12 @@ pub async fn prepare(b: &Bench) {
             started.elapsed().as_secs_f64()
         );
     }
+    let started = Instant::now();
+    b.on_target(dataset::WAL_WARMUP).await;
+    println!(
+        "  target WAL warm-up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The bytes of the copied tables on the source (heap, TOAST, no indexes).
