@@ -545,16 +545,24 @@ async fn buffered_messages_come_whole_and_in_order_and_the_stream_stops_cleanly(
     tokio::time::timeout(WAIT, async {
         loop {
             // The reader's pattern: what is buffered first, else wait.
+            // A reader that is busy elsewhere (the daemon's is, applying)
+            // finds data piled up when it reads again; this one sleeps
+            // instead, or on a fast machine it would keep up with the
+            // walsender and get one message per read (seen: 8,721 of
+            // 20,400 from the buffer).
             let message = match stream.next_buffered().expect("buffered messages parse") {
                 Some(message) => {
                     from_buffer += 1;
                     message
                 }
-                None => stream
-                    .next()
-                    .await
-                    .expect("the stream keeps going")
-                    .expect("the stream is open"),
+                None => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    stream
+                        .next()
+                        .await
+                        .expect("the stream keeps going")
+                        .expect("the stream is open")
+                }
             };
             let StreamMessage::XLogData {
                 wal_start, data, ..
