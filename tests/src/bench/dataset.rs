@@ -153,12 +153,13 @@ pub fn generate(sizes: Sizes, seed: i64) -> Vec<(&'static str, String)> {
 /// whoever loads the target first pays for about 30 new segments (seen:
 /// `cutover copy` 6.5 to 8.4 s in that place, 3.6 to 3.9 s in any other).
 /// About 800 MB of WAL, more than any contestant writes between two
-/// checkpoints, so that every one of them finds its segments recycled.
+/// checkpoints; the checkpoint before the first contestant
+/// (`Bench::settle`) recycles it,
+/// so that every contestant finds its segments ready.
 pub const WAL_WARMUP: &str = "
 CREATE TABLE bench_wal_warmup AS
     SELECT repeat('w', 1000) AS filler FROM generate_series(1, 750000);
-DROP TABLE bench_wal_warmup;
-CHECKPOINT;";
+DROP TABLE bench_wal_warmup;";
 
 /// Fills `bench_stream` on the source with the first `rows` beneficiaries:
 /// the rows the backlog updates and deletes.
