@@ -359,3 +359,195 @@ fn vm_hwm_kb(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Clock ticks per second of `/proc/<pid>/stat` times: the kernel's
+/// USER_HZ, 100 on every Linux architecture this runs on (reading it
+/// through `sysconf` would need `unsafe`, which the workspace denies).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time (user and system, seconds) used by each side of a contestant:
+/// every process of the source cluster, of the target cluster, and the
+/// tool's own processes (the benchmark's children that exited meanwhile).
+///
+/// A cluster's figure is its postmaster's own time, the time of the
+/// children it has reaped (`cutime`, `cstime`: backends, parallel and
+/// replication workers that came and went) and the time of its live
+/// children, so nothing short-lived is missed whatever the timing. Wall
+/// clocks on a shared two-core machine move by tens of percent from round
+/// to round; CPU time moves much less, and says what each contestant
+/// costs the servers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuUse {
+    /// Every process of the source cluster.
+    pub source: f64,
+    /// Every process of the target cluster.
+    pub target: f64,
+    /// The tool's processes (`cutover`, `pg_dump`, `pg_restore`,
+    /// `pgcopydb`; none for native replication, which runs in the target).
+    pub tool: f64,
+}
+
+impl CpuUse {
+    /// The three together.
+    pub fn total(&self) -> f64 {
+        self.source + self.target + self.tool
+    }
+
+    /// What was used since `earlier`.
+    pub fn since(&self, earlier: &CpuUse) -> CpuUse {
+        CpuUse {
+            source: self.source - earlier.source,
+            target: self.target - earlier.target,
+            tool: self.tool - earlier.tool,
+        }
+    }
+
+    /// `source 1.20 + target 2.40 + tool 0.50 CPU-s`.
+    pub fn describe(&self) -> String {
+        format!(
+            "source {:.2} + target {:.2} + tool {:.2} CPU-s",
+            self.source, self.target, self.tool
+        )
+    }
+}
+
+impl Bench {
+    /// The CPU time used so far by both clusters and by the benchmark's
+    /// reaped children; subtract two readings ([`CpuUse::since`]).
+    pub fn cpu_now(&self) -> CpuUse {
+        let own = proc_stat("self");
+        CpuUse {
+            source: cluster_cpu(&self.source.data_dir()),
+            target: cluster_cpu(&self.target.data_dir()),
+            tool: own
+                .map(|s| s.children_ticks as f64 / TICKS_PER_SECOND)
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` the CPU meter uses.
+#[derive(Debug, Clone, Copy)]
+struct ProcStat {
+    ppid: u32,
+    /// utime + stime.
+    own_ticks: u64,
+    /// cutime + cstime: reaped children.
+    children_ticks: u64,
+}
+
+fn proc_stat(pid: &str) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields resume
+    // after the last ')'. Then: state ppid ... utime(14) stime cutime cstime.
+    let rest: Vec<&str> = text
+        .get(text.rfind(')')? + 2..)?
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        ppid: u32::try_from(field(4)?).ok()?,
+        own_ticks: field(14)? + field(15)?,
+        children_ticks: field(16)? + field(17)?,
+    })
+}
+
+/// CPU seconds of a cluster: its postmaster (whose pid is the first line
+/// of `postmaster.pid`), what it reaped, and its live children.
+fn cluster_cpu(data_dir: &Path) -> f64 {
+    let Some(postmaster) = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+    else {
+        return 0.0;
+    };
+    let mut ticks = 0;
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if let Some(stat) = proc_stat(pid).filter(|s| s.ppid == postmaster) {
+                ticks += stat.own_ticks;
+            }
+        }
+    }
+    // Read last: a child reaped after the scan above counts here, once
+    // more at worst (one child's time, never a lost one).
+    if let Some(stat) = proc_stat(&postmaster.to_string()) {
+        ticks += stat.own_ticks + stat.children_ticks;
+    }
+    ticks as f64 / TICKS_PER_SECOND
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn burn(until: Duration) {
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < until {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
+
+    #[test]
+    fn proc_stat_reads_the_parent_and_counts_own_and_reaped_children_time() {
+        let before = proc_stat("self").expect("read /proc/self/stat");
+        assert_eq!(before.ppid, std::os::unix::process::parent_id());
+        burn(Duration::from_millis(300));
+        // A child that burns CPU, waited for: its time moves to ours.
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("run sh");
+        assert!(status.success());
+        let after = proc_stat("self").expect("read /proc/self/stat");
+        // 300 ms of CPU is 30 ticks; allow for a loaded machine.
+        assert!(
+            after.own_ticks >= before.own_ticks + 15,
+            "own {} -> {}",
+            before.own_ticks,
+            after.own_ticks
+        );
+        assert!(
+            after.children_ticks >= before.children_ticks + 10,
+            "children {} -> {}",
+            before.children_ticks,
+            after.children_ticks
+        );
+    }
+
+    #[test]
+    fn cpu_use_subtracts_and_adds_per_side() {
+        let earlier = CpuUse {
+            source: 1.0,
+            target: 2.0,
+            tool: 0.5,
+        };
+        let later = CpuUse {
+            source: 1.5,
+            target: 4.0,
+            tool: 1.25,
+        };
+        let used = later.since(&earlier);
+        assert_eq!(
+            used,
+            CpuUse {
+                source: 0.5,
+                target: 2.0,
+                tool: 0.75
+            }
+        );
+        assert_eq!(used.total(), 3.25);
+        assert_eq!(
+            used.describe(),
+            "source 0.50 + target 2.00 + tool 0.75 CPU-s"
+        );
+    }
+}

@@ -119,8 +119,8 @@ impl Report {
             Better::Higher => ratio,
         };
         let word = match (figure.better, factor >= 1.0) {
-            (Better::Lower, true) if figure.metric == "peak RSS" => "less",
-            (Better::Lower, false) if figure.metric == "peak RSS" => "more",
+            (Better::Lower, true) if figure.unit == "MB" || figure.unit == "CPU-s" => "less",
+            (Better::Lower, false) if figure.unit == "MB" || figure.unit == "CPU-s" => "more",
             (Better::Lower, true) if figure.unit == "ms" => "lower",
             (Better::Lower, false) if figure.unit == "ms" => "higher",
             (_, true) => "faster",

@@ -96,6 +96,7 @@ pub async fn copy(b: &Bench, report: &mut Report, round: usize) {
     for contestant in contestants {
         empty_copy_tables(b).await;
         b.settle().await;
+        let cpu_before = b.cpu_now();
         let (result, note, rss) = match contestant {
             "cutover" => copy_cutover(b, false).await,
             "cutover drop_indexes" => copy_cutover(b, true).await,
@@ -103,6 +104,8 @@ pub async fn copy(b: &Bench, report: &mut Report, round: usize) {
             "pg_dump|pg_restore" => copy_pg_dump(b),
             _ => copy_pgcopydb(b),
         };
+        let cpu = b.cpu_now().since(&cpu_before);
+        println!("  {contestant}: {}", cpu.describe());
         let Some(seconds) = result else {
             println!("  {contestant}: skipped ({note})");
             continue;
@@ -127,6 +130,16 @@ pub async fn copy(b: &Bench, report: &mut Report, round: usize) {
             Better::Higher,
             verified,
             "",
+        );
+        report.record(
+            "copy",
+            contestant,
+            "CPU time",
+            cpu.total(),
+            "CPU-s",
+            Better::Lower,
+            verified,
+            &cpu.describe(),
         );
         if let Some(rss) = rss {
             report.record(
@@ -329,7 +342,7 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
     };
     for contestant in order {
         reset_stream(b, seeded).await;
-        let ((seconds, applying), rss) = if contestant == "cutover" {
+        let ((seconds, applying), rss, cpu) = if contestant == "cutover" {
             let config =
                 b.cutover_config(&format!("{scenario}-cutover"), "bench_apply", STREAM_TABLES);
             let mut daemon = b.start_cutover(&config).await;
@@ -337,14 +350,16 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
             let written = write_backlog(b, changes, per_txn, seeded).await;
             println!("  backlog written in {written:.1} s");
             let before = origin_progress(b, "cutover_bench_apply").await;
+            let cpu_before = b.cpu_now();
             let started = Instant::now();
             daemon.restart();
             let rss = PeakRss::watch(daemon.pid().expect("running"));
             let timing = catch_up(b, "cutover_bench_apply", before, started).await;
             let rss = rss.finish();
             assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+            let cpu = b.cpu_now().since(&cpu_before);
             b.drop_cutover("bench_apply").await;
-            (timing, Some(rss))
+            (timing, Some(rss), cpu)
         } else {
             b.create_subscription("native_apply", STREAM_TABLES, true)
                 .await;
@@ -354,12 +369,15 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
             println!("  backlog written in {written:.1} s");
             let origin = b.subscription_origin("native_apply").await;
             let before = origin_progress(b, &origin).await;
+            let cpu_before = b.cpu_now();
             let started = Instant::now();
             b.on_target("ALTER SUBSCRIPTION native_apply ENABLE").await;
             let timing = catch_up(b, &origin, before, started).await;
+            let cpu = b.cpu_now().since(&cpu_before);
             b.drop_subscription("native_apply").await;
-            (timing, None)
+            (timing, None, cpu)
         };
+        println!("  {contestant}: {}", cpu.describe());
         let verified = b.equal("bench_stream").await;
         report.record(
             &scenario,
@@ -380,6 +398,16 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
             Better::Lower,
             verified,
             "from start, connection and startup included",
+        );
+        report.record(
+            &scenario,
+            contestant,
+            "CPU time",
+            cpu.total(),
+            "CPU-s",
+            Better::Lower,
+            verified,
+            &format!("catch-up, {}", cpu.describe()),
         );
         if let Some(rss) = rss {
             report.record(
