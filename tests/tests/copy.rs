@@ -714,6 +714,31 @@ async fn a_foreign_key_is_validated_as_soon_as_both_its_tables_are_copied() {
             ("parent_pkey".to_string(), true)
         ]
     );
+    // The two tables of the foreign key were vacuumed and analyzed before
+    // it was validated (so that the check reads their indexes); `held`,
+    // in no foreign key, was not (`analyze` is off).
+    let maintained: Vec<(String, bool, bool)> = pair
+        .target
+        .client("app")
+        .await
+        .query(
+            "SELECT relname::text, last_vacuum IS NOT NULL, last_analyze IS NOT NULL
+               FROM pg_stat_user_tables ORDER BY relname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        maintained,
+        vec![
+            ("held".to_string(), false, false),
+            ("kid".to_string(), true, true),
+            ("parent".to_string(), true, true)
+        ]
+    );
 }
 
 /// `copy.drop_indexes`: killed after a key's index was built but before
