@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use super::context::CpuUse;
+
 /// Whether a smaller or a larger value is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {
@@ -88,6 +90,28 @@ impl Report {
             verified,
             note: note.to_owned(),
         });
+    }
+
+    /// Records one round's CPU time (`CPU-s`, lower is better), its split
+    /// per server and tool in the note after `prefix`.
+    pub fn record_cpu(
+        &mut self,
+        scenario: &str,
+        contestant: &str,
+        cpu: &CpuUse,
+        verified: bool,
+        prefix: &str,
+    ) {
+        self.record(
+            scenario,
+            contestant,
+            "CPU time",
+            cpu.total(),
+            "CPU-s",
+            Better::Lower,
+            verified,
+            &format!("{prefix}{}", cpu.describe()),
+        );
     }
 
     /// The figures.

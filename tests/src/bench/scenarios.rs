@@ -131,16 +131,7 @@ pub async fn copy(b: &Bench, report: &mut Report, round: usize) {
             verified,
             "",
         );
-        report.record(
-            "copy",
-            contestant,
-            "CPU time",
-            cpu.total(),
-            "CPU-s",
-            Better::Lower,
-            verified,
-            &cpu.describe(),
-        );
+        report.record_cpu("copy", contestant, &cpu, verified, "");
         if let Some(rss) = rss {
             report.record(
                 "memory",
@@ -399,16 +390,7 @@ pub async fn apply(b: &Bench, report: &mut Report, changes: i64, per_txn: i64, r
             verified,
             "from start, connection and startup included",
         );
-        report.record(
-            &scenario,
-            contestant,
-            "CPU time",
-            cpu.total(),
-            "CPU-s",
-            Better::Lower,
-            verified,
-            &format!("catch-up, {}", cpu.describe()),
-        );
+        report.record_cpu(&scenario, contestant, &cpu, verified, "catch-up, ");
         if let Some(rss) = rss {
             report.record(
                 "memory",
