@@ -326,7 +326,7 @@ pub async fn run(
             );
             let list = to_copy
                 .iter()
-                .map(|p| p.table.name.quoted())
+                .map(|p| own_rows_on(&targets, &p.table.name))
                 .collect::<Vec<_>>()
                 .join(", ");
             if !list.is_empty() {
@@ -342,7 +342,7 @@ pub async fn run(
             )
         }
         _ => {
-            check_empty(&target, &names, config.copy.truncate_target).await?;
+            check_empty(&target, &targets, &names, config.copy.truncate_target).await?;
             let standalone = mode == CopyMode::Standalone;
             let slot_name = if standalone {
                 format!("cutover_copy_{}", std::process::id())
@@ -585,8 +585,15 @@ async fn ensure_publication(
     Ok(())
 }
 
+/// `ONLY "s"."t"`, or the table itself if it is partitioned on the target:
+/// the table's own rows, without those of tables inheriting from it.
+fn own_rows_on(targets: &HashMap<TableName, Table>, table: &TableName) -> String {
+    catalog::own_rows(table, targets.get(table).is_some_and(|t| t.partitioned))
+}
+
 async fn check_empty(
     target: &Client,
+    targets: &HashMap<TableName, Table>,
     tables: &[TableName],
     truncate: bool,
 ) -> Result<(), CopyError> {
@@ -594,7 +601,7 @@ async fn check_empty(
     for table in tables {
         let has_rows: bool = target
             .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM {})", table.quoted()),
+                &format!("SELECT EXISTS (SELECT 1 FROM {})", own_rows_on(targets, table)),
                 &[],
             )
             .await
@@ -618,7 +625,7 @@ async fn check_empty(
     }
     let list = non_empty
         .iter()
-        .map(TableName::quoted)
+        .map(|t| own_rows_on(targets, t))
         .collect::<Vec<_>>()
         .join(", ");
     tracing::warn!(tables = %list, "copy.truncate_target: emptying target tables before the copy");

@@ -105,6 +105,22 @@ pub enum ApplyError {
         /// The change's position.
         lsn: Lsn,
     },
+    /// After a batch, the target holds two rows under one `DEFERRABLE`
+    /// key: it had a row the source does not.
+    #[error(
+        "target: {table} holds more than one row with {key} after the source's changes up to LSN {lsn}: \
+         the target has a row the source does not (it diverged); PostgreSQL does not check a DEFERRABLE key \
+         for cutover's apply session, so cutover checked it and rolled the batch back: run cutover verify \
+         to find the difference, repair it on the target, and restart"
+    )]
+    DuplicateKey {
+        /// The table.
+        table: TableName,
+        /// The key's columns and values, `(a, b)=(1, x)`.
+        key: String,
+        /// The last change of the batch.
+        lsn: Lsn,
+    },
     /// The target lacks a table or column the source sends.
     #[error("target: {0}")]
     Schema(String),
@@ -127,7 +143,9 @@ impl ApplyError {
             ApplyError::Connect(err) => err.failure.is_transient(),
             ApplyError::Session { transient, .. } => *transient,
             ApplyError::Refused { sqlstate, .. } => is_transient_sqlstate(sqlstate),
-            ApplyError::RowMissing { .. } | ApplyError::Schema(_) => false,
+            ApplyError::RowMissing { .. }
+            | ApplyError::DuplicateKey { .. }
+            | ApplyError::Schema(_) => false,
         }
     }
 
@@ -137,6 +155,7 @@ impl ApplyError {
             ApplyError::Connect(_) => "target_connect",
             ApplyError::Refused { .. } => "apply_refused",
             ApplyError::RowMissing { .. } => "row_missing",
+            ApplyError::DuplicateKey { .. } => "duplicate_key",
             ApplyError::Schema(_) => "target_schema",
             ApplyError::Session { .. } => "target_session",
         }
@@ -177,6 +196,43 @@ struct TargetTable {
     types: HashMap<String, String>,
     /// Primary key columns on the target.
     primary_key: Vec<String>,
+    /// The primary key is `DEFERRABLE`: it cannot arbitrate `ON CONFLICT`,
+    /// and a source transaction may have permuted its values, so rows of a
+    /// `REPLICA IDENTITY FULL` table are located by their whole old value.
+    key_deferrable: bool,
+    /// `GENERATED ALWAYS AS IDENTITY` columns: written with `OVERRIDING
+    /// SYSTEM VALUE`, and never by an UPDATE (PostgreSQL refuses it), so a
+    /// row whose such column changes is replaced.
+    identity_always: Vec<String>,
+    /// `DEFERRABLE` unique and primary keys, by columns. Under
+    /// `session_replication_role = replica` PostgreSQL never checks them
+    /// (the recheck is a trigger), so the applier does (invariant 12).
+    deferrable_keys: Vec<Vec<String>>,
+    /// A partitioned table: `TRUNCATE` cannot take `ONLY`.
+    partitioned: bool,
+}
+
+impl TargetTable {
+    /// ` OVERRIDING SYSTEM VALUE` when an INSERT of `names` writes a
+    /// `GENERATED ALWAYS` identity column.
+    fn overriding(&self, names: &[&str]) -> &'static str {
+        if names
+            .iter()
+            .any(|n| self.identity_always.iter().any(|a| a == n))
+        {
+            " OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        }
+    }
+
+    /// Whether writing `names` under `keys` would UPDATE a `GENERATED
+    /// ALWAYS` identity column: such rows are deleted and inserted again.
+    fn replaces(&self, names: &[&str], keys: &[&str]) -> bool {
+        names
+            .iter()
+            .any(|n| !keys.contains(n) && self.identity_always.iter().any(|a| a == n))
+    }
 }
 
 /// How rows of a relation are identified: the indexes of its key columns,
@@ -187,7 +243,9 @@ type KeySpec = Option<Vec<usize>>;
 /// FULL (where pgoutput flags every column) the target's primary key.
 fn key_spec(relation: &Relation, target: &TargetTable) -> KeySpec {
     if relation.replica_identity == 'f' {
-        if target.primary_key.is_empty() {
+        // A deferrable key may hold duplicates inside a source transaction
+        // (a swap, a shift): only the whole old row says which row moved.
+        if target.primary_key.is_empty() || target.key_deferrable {
             return None;
         }
         let indexes: Option<Vec<usize>> = target
@@ -237,6 +295,31 @@ struct TableBatch<'a> {
 
 /// A row's key values as the source sent them, borrowed from the change.
 type RowKey<'a> = Vec<Option<&'a [u8]>>;
+
+/// Rows a batch wrote to a table with `DEFERRABLE` keys, to check that
+/// they hold no key twice: PostgreSQL does not under the apply session's
+/// `session_replication_role = replica` (invariant 12).
+#[derive(Debug)]
+struct KeyCheck<'a> {
+    relation: Arc<Relation>,
+    target: Arc<TargetTable>,
+    /// The rows written; `None`: check the whole table.
+    rows: Option<Vec<&'a Tuple>>,
+    /// The last change that wrote one.
+    lsn: Lsn,
+}
+
+impl KeyCheck<'_> {
+    /// The same check over the whole table.
+    fn whole(self) -> KeyCheck<'static> {
+        KeyCheck {
+            relation: self.relation,
+            target: self.target,
+            rows: None,
+            lsn: self.lsn,
+        }
+    }
+}
 
 /// What the fast path needs of a relation, looked up once per batch and
 /// relation instead of once per change.
@@ -656,12 +739,15 @@ impl Applier {
             transient: false,
         };
         self.begin().await?;
+        // Tables with DEFERRABLE keys that the transaction wrote: checked
+        // whole at its end (keys may stand duplicated until then).
+        let mut touched: Vec<KeyCheck<'static>> = Vec::new();
         let fast: Result<(), ApplyError> = async {
             let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
             loop {
                 let changes = reader.next_batch(batch).map_err(spill)?;
                 if changes.is_empty() {
-                    return Ok(());
+                    return self.check_keys(&touched).await;
                 }
                 let wanted: Vec<(&Change, Lsn)> = changes
                     .iter()
@@ -669,6 +755,11 @@ impl Applier {
                     .filter(|(c, lsn)| self.wanted(c, *lsn))
                     .collect();
                 self.apply_fast(&wanted, None).await?;
+                for check in self.key_checks(&wanted) {
+                    if !touched.iter().any(|t| t.relation.name == check.relation.name) {
+                        touched.push(check.whole());
+                    }
+                }
             }
         }
         .await;
@@ -681,11 +772,18 @@ impl Applier {
                 loop {
                     let changes = reader.next_batch(batch).map_err(spill)?;
                     if changes.is_empty() {
-                        return Ok(());
+                        return self.check_keys(&touched).await;
                     }
                     for change in &changes {
                         if self.wanted(change, commit.commit_lsn) {
                             self.apply_one(change, commit.commit_lsn).await?;
+                        }
+                    }
+                    let applied: Vec<(&Change, Lsn)> =
+                        changes.iter().map(|c| (c, commit.commit_lsn)).collect();
+                    for check in self.key_checks(&applied) {
+                        if !touched.iter().any(|t| t.relation.name == check.relation.name) {
+                            touched.push(check.whole());
                         }
                     }
                 }
@@ -836,12 +934,114 @@ impl Applier {
             }
             coalesce(&mut pending, change, relation, &key);
         }
-        self.flush(&mut pending, commit).await
+        // Inside a spilled transaction (no commit here) keys may stand
+        // duplicated until its end: checked then, by the caller.
+        let checks = self.key_checks(changes);
+        if checks.is_empty() || commit.is_none() {
+            return self.flush(&mut pending, commit).await;
+        }
+        self.flush(&mut pending, None).await?;
+        self.check_keys(&checks).await?;
+        self.flush(&mut Vec::new(), commit).await
     }
 
     async fn apply_slow(&mut self, changes: &[(&Change, Lsn)]) -> Result<(), ApplyError> {
         for (change, commit_lsn) in changes {
             self.apply_one(change, *commit_lsn).await?;
+        }
+        let checks = self.key_checks(changes);
+        self.check_keys(&checks).await
+    }
+
+    /// The rows `changes` wrote to tables with `DEFERRABLE` keys, by table.
+    fn key_checks<'a>(&self, changes: &[(&'a Change, Lsn)]) -> Vec<KeyCheck<'a>> {
+        let mut checks: Vec<KeyCheck<'a>> = Vec::new();
+        if self.tables.values().all(|t| t.deferrable_keys.is_empty()) {
+            return checks;
+        }
+        for (change, _) in changes {
+            let (relation, row) = match &change.kind {
+                ChangeKind::Insert { relation, new } | ChangeKind::Update { relation, new, .. } => {
+                    (relation, new)
+                }
+                ChangeKind::Delete { .. } | ChangeKind::Truncate { .. } => continue,
+            };
+            if let Some(check) = checks.iter_mut().find(|c| c.relation.name == relation.name) {
+                if let Some(rows) = &mut check.rows {
+                    rows.push(row);
+                }
+                check.lsn = check.lsn.max(change.lsn);
+                continue;
+            }
+            if let Some(target) = self.tables.get(&relation.name)
+                && !target.deferrable_keys.is_empty()
+            {
+                checks.push(KeyCheck {
+                    relation: Arc::clone(relation),
+                    target: Arc::clone(target),
+                    rows: Some(vec![row]),
+                    lsn: change.lsn,
+                });
+            }
+        }
+        checks
+    }
+
+    /// Fails when a table of `checks` holds a `DEFERRABLE` key twice among
+    /// the rows written (or anywhere, for a check without rows). Runs at a
+    /// source commit, where the source's own check has passed.
+    async fn check_keys(&mut self, checks: &[KeyCheck<'_>]) -> Result<(), ApplyError> {
+        for check in checks {
+            let relation = &check.relation;
+            for key in &check.target.deferrable_keys {
+                let positions: Option<Vec<usize>> = key
+                    .iter()
+                    .map(|k| relation.columns.iter().position(|c| &c.name == k))
+                    .collect();
+                let cols: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+                let names: Vec<&str> = key.iter().map(String::as_str).collect();
+                let not_null: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
+                let (filter, params) = match (&check.rows, positions) {
+                    (Some(rows), Some(positions)) => {
+                        let tuples: Vec<&[Datum]> = rows.iter().map(|t| &t.0[..]).collect();
+                        (
+                            format!(
+                                "({}) IN ({})",
+                                cols.join(", "),
+                                unnest_select(&names, &check.target, 1)
+                            ),
+                            text_columns(&tuples, positions),
+                        )
+                    }
+                    // A column the source does not send, or no rows: the
+                    // whole table.
+                    _ => (not_null.join(" AND "), Vec::new()),
+                };
+                let sql = format!(
+                    "SELECT ROW({cols})::text FROM {} WHERE {filter} GROUP BY {cols} HAVING count(*) > 1 LIMIT 1",
+                    relation.name.quoted(),
+                    cols = cols.join(", "),
+                );
+                let statement = self.statement(&sql).await?;
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    params.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                let duplicate = self
+                    .client
+                    .query_opt(&statement, &params)
+                    .await
+                    .map_err(session_error(format!(
+                        "checking the DEFERRABLE key ({}) of {}",
+                        key.join(", "),
+                        relation.name
+                    )))?;
+                if let Some(row) = duplicate {
+                    return Err(ApplyError::DuplicateKey {
+                        table: relation.name.clone(),
+                        key: format!("({})={}", key.join(", "), row.get::<_, String>(0)),
+                        lsn: check.lsn,
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -988,12 +1188,29 @@ impl Applier {
             .iter()
             .map(|i| relation.columns[*i].name.as_str())
             .collect();
-        if !deletes.is_empty() {
+        let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+        // An UPDATE cannot write a GENERATED ALWAYS identity column: rows
+        // are deleted by key and inserted again instead.
+        let replace = target.replaces(&names, &keys);
+        let replaced: Vec<RowKey> = if replace {
+            upserts.iter().map(|row| key_of_row(key_cols, row)).collect()
+        } else {
+            Vec::new()
+        };
+        if !deletes.is_empty() || !replaced.is_empty() {
             let sql = delete_sql(&relation.name, &keys, &target);
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: (0..keys.len())
-                    .map(|j| TextColumn(deletes.iter().map(|k| k[j]).collect()))
+                    .map(|j| {
+                        TextColumn(
+                            deletes
+                                .iter()
+                                .map(|k| k[j])
+                                .chain(replaced.iter().map(|k| k[j]))
+                                .collect(),
+                        )
+                    })
                     .collect(),
                 what: "deleting from",
                 table: &relation.name,
@@ -1001,8 +1218,11 @@ impl Applier {
             });
         }
         if !upserts.is_empty() {
-            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
-            let sql = upsert_sql(&relation.name, &names, &keys, &target);
+            let sql = if replace {
+                insert_sql(&relation.name, &names, &target)
+            } else {
+                upsert_sql(&relation.name, &names, &keys, &target)
+            };
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: text_columns(&upserts, 0..names.len()),
@@ -1021,7 +1241,11 @@ impl Applier {
                 .collect();
             let mut order: Vec<usize> = key_cols.to_vec();
             order.extend(set_cols.iter().copied());
-            let sql = patch_sql(&relation.name, &keys, &set, &target);
+            let sql = if replace {
+                move_sql(&relation.name, relation, &keys, &set, &target)
+            } else {
+                patch_sql(&relation.name, &keys, &set, &target)
+            };
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: text_columns(&rows, order.iter().copied()),
@@ -1060,20 +1284,29 @@ impl Applier {
                 restart_identity,
                 ..
             } => {
-                let names: Vec<String> = relations
-                    .iter()
-                    .filter(|r| {
-                        self.copied_at
-                            .get(&r.name)
-                            .is_none_or(|at| commit_lsn >= *at)
-                    })
-                    .map(|r| r.name.quoted())
-                    .collect();
+                let mut names: Vec<String> = Vec::new();
+                for relation in relations {
+                    if self
+                        .copied_at
+                        .get(&relation.name)
+                        .is_some_and(|at| commit_lsn < *at)
+                    {
+                        continue;
+                    }
+                    let target = self.target_table(relation).await?;
+                    names.push(crate::catalog::own_rows(
+                        &relation.name,
+                        target.partitioned,
+                    ));
+                }
                 if names.is_empty() {
                     return Ok(());
                 }
                 // Without CASCADE: like PostgreSQL's own apply, only the
-                // published tables listed are emptied on the target.
+                // published tables listed are emptied on the target; and
+                // each with ONLY: the source lists the inheritance
+                // children its TRUNCATE reached (a TRUNCATE ONLY of a
+                // parent reaches none).
                 let sql = format!(
                     "TRUNCATE {}{}",
                     names.join(", "),
@@ -1091,24 +1324,7 @@ impl Applier {
             ChangeKind::Insert { relation, new } => {
                 let target = self.target_table(relation).await?;
                 let spec = key_spec(relation, &target);
-                let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
-                let sql = match &spec {
-                    Some(key) => {
-                        let keys: Vec<&str> = key
-                            .iter()
-                            .map(|i| relation.columns[*i].name.as_str())
-                            .collect();
-                        upsert_sql(&relation.name, &names, &keys, &target)
-                    }
-                    None => insert_sql(&relation.name, &names, &target),
-                };
-                let statement = self.statement(&sql).await?;
-                let columns: Vec<Vec<Option<String>>> =
-                    new.0.iter().map(|d| vec![datum_text(d)]).collect();
-                let params: Vec<&(dyn ToSql + Sync)> =
-                    columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-                self.client
-                    .execute(&statement, &params)
+                self.write_row(relation, &target, &spec, new, new)
                     .await
                     .map_err(refused(relation, show_key(relation, &spec, new)))?;
             }
@@ -1123,40 +1339,44 @@ impl Applier {
                     && !new.0.contains(&Datum::UnchangedToast)
                     && key_of(key, located) == key_of(key, new)
                 {
-                    // A full row under an unchanged key: upsert.
-                    let names: Vec<&str> =
-                        relation.columns.iter().map(|c| c.name.as_str()).collect();
-                    let keys: Vec<&str> = key
-                        .iter()
-                        .map(|i| relation.columns[*i].name.as_str())
-                        .collect();
-                    let statement = self
-                        .statement(&upsert_sql(&relation.name, &names, &keys, &target))
-                        .await?;
-                    let columns: Vec<Vec<Option<String>>> =
-                        new.0.iter().map(|d| vec![datum_text(d)]).collect();
-                    let params: Vec<&(dyn ToSql + Sync)> =
-                        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-                    self.client
-                        .execute(&statement, &params)
+                    // A full row under an unchanged key: written whole.
+                    self.write_row(relation, &target, &spec, located, new)
                         .await
                         .map_err(refused(relation, show_key(relation, &spec, new)))?;
                     return Ok(());
                 }
                 // Locate the old row (by key, or by the whole old row) and
-                // set the columns sent.
+                // set the columns sent; an UPDATE cannot write a GENERATED
+                // ALWAYS identity column, so such a row is moved instead.
                 let (match_cols, match_values) = locator(relation, &spec, located);
                 let set: Vec<usize> = (0..relation.columns.len())
                     .filter(|i| new.0[*i] != Datum::UnchangedToast)
                     .collect();
-                let sql = update_one_sql(
-                    &relation.name,
-                    relation,
-                    &match_cols,
-                    &set,
-                    &target,
-                    spec.is_some(),
-                );
+                let moves = set.iter().any(|i| {
+                    target
+                        .identity_always
+                        .iter()
+                        .any(|a| *a == relation.columns[*i].name)
+                });
+                let sql = if moves {
+                    move_one_sql(
+                        &relation.name,
+                        relation,
+                        &match_cols,
+                        &set,
+                        &target,
+                        spec.is_some(),
+                    )
+                } else {
+                    update_one_sql(
+                        &relation.name,
+                        relation,
+                        &match_cols,
+                        &set,
+                        &target,
+                        spec.is_some(),
+                    )
+                };
                 let statement = self.statement(&sql).await?;
                 let mut values: Vec<Option<String>> =
                     set.iter().map(|i| datum_text(&new.0[*i])).collect();
@@ -1215,6 +1435,60 @@ impl Applier {
         Ok(())
     }
 
+    /// Writes one whole row `new` that replaces the row found at `old`'s
+    /// key (an insert, or an update that keeps its key): an upsert on the
+    /// key; a plain insert for a table matched on whole rows; and where
+    /// the row holds a `GENERATED ALWAYS` identity column beside its key,
+    /// a delete of the key and an insert.
+    async fn write_row(
+        &mut self,
+        relation: &Relation,
+        target: &TargetTable,
+        spec: &KeySpec,
+        old: &Tuple,
+        new: &Tuple,
+    ) -> Result<u64, tokio_postgres::Error> {
+        let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+        let columns: Vec<Vec<Option<String>>> =
+            new.0.iter().map(|d| vec![datum_text(d)]).collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        let sql = match spec {
+            Some(key) => {
+                let keys: Vec<&str> = key
+                    .iter()
+                    .map(|i| relation.columns[*i].name.as_str())
+                    .collect();
+                if target.replaces(&names, &keys) {
+                    let sql = delete_sql(&relation.name, &keys, target);
+                    let statement = self.prepared(&sql).await?;
+                    let old_key: Vec<Vec<Option<String>>> =
+                        key.iter().map(|i| vec![datum_text(&old.0[*i])]).collect();
+                    let key_params: Vec<&(dyn ToSql + Sync)> =
+                        old_key.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+                    self.client.execute(&statement, &key_params).await?;
+                    insert_sql(&relation.name, &names, target)
+                } else {
+                    upsert_sql(&relation.name, &names, &keys, target)
+                }
+            }
+            None => insert_sql(&relation.name, &names, target),
+        };
+        let statement = self.prepared(&sql).await?;
+        self.client.execute(&statement, &params).await
+    }
+
+    /// [`Applier::statement`] for callers that report a failed statement
+    /// as the change's refusal.
+    async fn prepared(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
     async fn statement(&mut self, sql: &str) -> Result<Statement, ApplyError> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
@@ -1245,13 +1519,23 @@ impl Applier {
             return Ok(Arc::clone(table));
         }
         // First use, or the relation gained a column: read the target again.
+        let table = Arc::new(self.describe_target(relation).await?);
+        self.tables
+            .insert(relation.name.clone(), Arc::clone(&table));
+        Ok(table)
+    }
+
+    /// Reads what the applier needs of a target table.
+    async fn describe_target(&self, relation: &Relation) -> Result<TargetTable, ApplyError> {
+        let name = relation.name.quoted();
         let rows = self
             .client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attidentity = 'a',
+                        a.attgenerated <> ''
                    FROM pg_attribute a
                   WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&relation.name.quoted()],
+                &[&name],
             )
             .await
             .map_err(|err| match err.as_db_error() {
@@ -1263,20 +1547,37 @@ impl Applier {
                 _ => session_error(format!("reading the columns of {}", relation.name))(err),
             })?;
         let types: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let primary_key: Vec<String> = self
-            .client
-            .query(
-                "SELECT a.attname::text
-                   FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary ORDER BY k.ord",
-                &[&relation.name.quoted()],
-            )
-            .await
-            .map_err(session_error(format!("reading the primary key of {}", relation.name)))?
+        let identity_always: Vec<String> = rows
             .iter()
+            .filter(|r| r.get::<_, bool>(2))
             .map(|r| r.get(0))
             .collect();
+        let generated: Vec<String> = rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(3))
+            .map(|r| r.get(0))
+            .collect();
+        let row = self
+            .client
+            .query_one(
+                "SELECT c.relkind = 'p',
+                        (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                           FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                          WHERE i.indrelid = c.oid AND i.indisprimary),
+                        coalesce((SELECT NOT i.indimmediate FROM pg_index i
+                                   WHERE i.indrelid = c.oid AND i.indisprimary), false),
+                        (SELECT array_agg(array_to_string(ARRAY(
+                                  SELECT quote_ident(a.attname) FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, ord)
+                                    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum
+                                   ORDER BY u.ord), ','))
+                           FROM pg_constraint k
+                          WHERE k.conrelid = c.oid AND k.contype IN ('p', 'u') AND k.condeferrable)
+                   FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&name],
+            )
+            .await
+            .map_err(session_error(format!("reading the keys of {}", relation.name)))?;
         let missing: Vec<&str> = relation
             .columns
             .iter()
@@ -1290,16 +1591,44 @@ impl Applier {
                 missing.join(", ")
             )));
         }
-        let table = Arc::new(TargetTable { types, primary_key });
-        self.tables
-            .insert(relation.name.clone(), Arc::clone(&table));
-        Ok(table)
+        let computed: Vec<&str> = relation
+            .columns
+            .iter()
+            .filter(|c| generated.contains(&c.name))
+            .map(|c| c.name.as_str())
+            .collect();
+        if !computed.is_empty() {
+            return Err(ApplyError::Schema(format!(
+                "column(s) {} of {} are generated on the target but plain on the source, which sends their values: \
+                 make them plain columns on the target (ALTER TABLE ... ALTER COLUMN ... DROP EXPRESSION) \
+                 or generated on the source too, and restart",
+                computed.join(", "),
+                relation.name
+            )));
+        }
+        Ok(TargetTable {
+            types,
+            primary_key: row.get::<_, Option<Vec<String>>>(1).unwrap_or_default(),
+            key_deferrable: row.get(2),
+            identity_always,
+            deferrable_keys: row
+                .get::<_, Option<Vec<String>>>(3)
+                .unwrap_or_default()
+                .iter()
+                .map(|list| crate::catalog::split_quoted_list(list))
+                .collect(),
+            partitioned: row.get(0),
+        })
     }
 }
 
 fn key_of<'a>(key: &[usize], tuple: &'a Tuple) -> RowKey<'a> {
+    key_of_row(key, &tuple.0)
+}
+
+fn key_of_row<'a>(key: &[usize], row: &'a [Datum]) -> RowKey<'a> {
     key.iter()
-        .map(|i| tuple.0.get(*i).and_then(datum_bytes).map(|b| &b[..]))
+        .map(|i| row.get(*i).and_then(datum_bytes).map(|b| &b[..]))
         .collect()
 }
 
@@ -1470,9 +1799,10 @@ fn upsert_sql(table: &TableName, names: &[&str], keys: &[&str], target: &TargetT
         format!("DO UPDATE SET {}", updates.join(", "))
     };
     format!(
-        "INSERT INTO {} ({}) {} ON CONFLICT ({}) {action}",
+        "INSERT INTO {} ({}){} {} ON CONFLICT ({}) {action}",
         table.quoted(),
         cols.join(", "),
+        target.overriding(names),
         unnest_select(names, target, 1),
         key_cols.join(", ")
     )
@@ -1481,10 +1811,103 @@ fn upsert_sql(table: &TableName, names: &[&str], keys: &[&str], target: &TargetT
 fn insert_sql(table: &TableName, names: &[&str], target: &TargetTable) -> String {
     let cols: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
     format!(
-        "INSERT INTO {} ({}) {}",
+        "INSERT INTO {} ({}){} {}",
         table.quoted(),
         cols.join(", "),
+        target.overriding(names),
         unnest_select(names, target, 1)
+    )
+}
+
+/// Replaces existing rows by key with partial new rows (some columns
+/// unchanged TOAST), for tables whose UPDATE cannot write a `GENERATED
+/// ALWAYS` identity column: each old row is deleted and inserted again
+/// with the columns sent (`present`, key first as in `patch_sql`) and the
+/// others taken from the deleted row. Counts the rows written.
+fn move_sql(
+    table: &TableName,
+    relation: &Relation,
+    keys: &[&str],
+    present: &[&str],
+    target: &TargetTable,
+) -> String {
+    let mut names: Vec<&str> = keys.to_vec();
+    names.extend_from_slice(present);
+    let all: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+    let values: Vec<String> = all
+        .iter()
+        .map(|n| {
+            if names.contains(n) {
+                format!("s.{}", quote_ident(n))
+            } else {
+                format!("d.{}", quote_ident(n))
+            }
+        })
+        .collect();
+    let joins: Vec<String> = keys
+        .iter()
+        .map(|n| format!("t.{0} = s.{0}", quote_ident(n)))
+        .collect();
+    let on: Vec<String> = keys
+        .iter()
+        .map(|n| format!("d.{0} = s.{0}", quote_ident(n)))
+        .collect();
+    let select: Vec<String> = names
+        .iter()
+        .map(|n| format!("u.{0}::{1} AS {0}", quote_ident(n), cast(target, n)))
+        .collect();
+    let params: Vec<String> = (0..names.len())
+        .map(|i| format!("${}::text[]", i + 1))
+        .collect();
+    let aliases: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+    let cols: Vec<String> = all.iter().map(|n| quote_ident(n)).collect();
+    format!(
+        "WITH s AS (SELECT {} FROM unnest({}) AS u({})), \
+              d AS (DELETE FROM {table} AS t USING s WHERE {} RETURNING t.*) \
+         INSERT INTO {table} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM s JOIN d ON {}",
+        select.join(", "),
+        params.join(", "),
+        aliases.join(", "),
+        joins.join(" AND "),
+        cols.join(", "),
+        values.join(", "),
+        on.join(" AND "),
+        table = table.quoted(),
+    )
+}
+
+/// The one-row form of [`move_sql`] for the change-by-change path: the
+/// row found by `match_cols` (as in `update_one_sql`) is deleted and
+/// inserted again with the columns `set` ($1...) and the rest unchanged.
+fn move_one_sql(
+    table: &TableName,
+    relation: &Relation,
+    match_cols: &[usize],
+    set: &[usize],
+    target: &TargetTable,
+    keyed: bool,
+) -> String {
+    let values: Vec<String> = (0..relation.columns.len())
+        .map(|i| {
+            let name = &relation.columns[i].name;
+            match set.iter().position(|s| *s == i) {
+                Some(p) => format!("${}::text::{}", p + 1, cast(target, name)),
+                None => format!("d.{}", quote_ident(name)),
+            }
+        })
+        .collect();
+    let cols: Vec<String> = relation
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let condition = match_condition(relation, match_cols, target, set.len() + 1, keyed);
+    format!(
+        "WITH d AS (DELETE FROM {table} WHERE ctid = (SELECT ctid FROM {table} WHERE {condition} LIMIT 1) RETURNING *) \
+         INSERT INTO {table} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM d",
+        cols.join(", "),
+        values.join(", "),
+        table = table.quoted(),
     )
 }
 

@@ -240,6 +240,9 @@ pub struct Column {
     pub type_oid: u32,
     /// `format_type()` of the column, e.g. `character varying(20)`.
     pub type_name: String,
+    /// `GENERATED ALWAYS AS IDENTITY`: takes a given value only with
+    /// `OVERRIDING SYSTEM VALUE`, and never from an UPDATE.
+    pub identity_always: bool,
     /// `NOT NULL`.
     pub not_null: bool,
     /// Has a default expression.
@@ -263,6 +266,16 @@ pub struct Table {
     pub columns: Vec<Column>,
     /// Primary key columns, in key order.
     pub primary_key: Option<Vec<String>>,
+    /// The primary key is `DEFERRABLE`: PostgreSQL does not use it as the
+    /// replica identity, and does not check it under
+    /// `session_replication_role = replica`.
+    pub primary_key_deferrable: bool,
+    /// Unique and primary key constraints declared `DEFERRABLE`, by their
+    /// columns.
+    pub deferrable_keys: Vec<Vec<String>>,
+    /// Tables that inherit from this one (not partitions): counts and
+    /// copies of this table take `ONLY` its own rows.
+    pub has_inheritance_children: bool,
     /// The replica identity setting.
     pub replica_identity: ReplicaIdentity,
     /// The planner's row estimate; `None` when never analyzed.
@@ -275,6 +288,9 @@ impl Table {
     /// The columns that identify a row in the WAL, if any do.
     pub fn identity_columns(&self) -> Option<Vec<String>> {
         match &self.replica_identity {
+            // A deferrable key is no replica identity (relcache.c skips
+            // non-immediate indexes): such a table logs no old key.
+            ReplicaIdentity::Default if self.primary_key_deferrable => None,
             ReplicaIdentity::Default => self.primary_key.clone(),
             ReplicaIdentity::Index { columns, .. } => Some(columns.clone()),
             ReplicaIdentity::Full => Some(self.columns.iter().map(|c| c.name.clone()).collect()),
@@ -308,7 +324,13 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistenc
        (SELECT array_agg(a.attname::text ORDER BY k.ord)
           FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-         WHERE i.indrelid = c.oid AND i.indisreplident)
+         WHERE i.indrelid = c.oid AND i.indisreplident),
+       coalesce((SELECT NOT i.indimmediate FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), false),
+       (SELECT array_agg(array_to_string(ARRAY(
+                 SELECT quote_ident(a.attname) FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, ord)
+                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = u.attnum ORDER BY u.ord), ','))
+          FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype IN ('p', 'u') AND k.condeferrable),
+       EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhparent = c.oid) AND c.relkind = 'r'
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence IN ('p', 'u')
    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -317,7 +339,7 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistenc
 
 const COLUMNS_SQL: &str = "
 SELECT a.attrelid, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod),
-       a.attnotnull, a.atthasdef, a.attgenerated <> ''
+       a.attnotnull, a.atthasdef, a.attgenerated <> '', a.attidentity = 'a'
   FROM pg_attribute a
  WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attrelid, a.attnum";
@@ -340,6 +362,14 @@ pub async fn tables(client: &Client) -> Result<Vec<Table>, tokio_postgres::Error
             row_estimate: row.get(6),
             total_bytes: row.get(7),
             primary_key: row.get(8),
+            primary_key_deferrable: row.get(11),
+            deferrable_keys: row
+                .get::<_, Option<Vec<String>>>(12)
+                .unwrap_or_default()
+                .iter()
+                .map(|list| split_quoted_list(list))
+                .collect(),
+            has_inheritance_children: row.get(13),
             columns: Vec::new(),
         })
         .collect();
@@ -353,6 +383,7 @@ pub async fn tables(client: &Client) -> Result<Vec<Table>, tokio_postgres::Error
             not_null: row.get(4),
             has_default: row.get(5),
             generated: row.get(6),
+            identity_always: row.get(7),
         });
     }
     for table in &mut tables {
@@ -361,10 +392,54 @@ pub async fn tables(client: &Client) -> Result<Vec<Table>, tokio_postgres::Error
     Ok(tables)
 }
 
-/// Exact row count of a table (a full scan: use on request only).
+/// Splits `"a",b` (identifiers quoted by `quote_ident`, comma-separated)
+/// into names.
+pub(crate) fn split_quoted_list(list: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                current.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => names.push(std::mem::take(&mut current)),
+            c => current.push(c),
+        }
+    }
+    names.push(current);
+    names
+}
+
+/// The table's own rows in SQL: `ONLY "s"."t"` for a plain table (so that
+/// rows of tables inheriting from it are left out), the table itself for a
+/// partitioned one (whose rows all live in its partitions).
+pub fn own_rows(table: &TableName, partitioned: bool) -> String {
+    if partitioned {
+        table.quoted()
+    } else {
+        format!("ONLY {}", table.quoted())
+    }
+}
+
+/// Exact row count of a table, its inheritance children left out, its
+/// partitions counted (a full scan: use on request only).
 pub async fn count_rows(client: &Client, table: &TableName) -> Result<i64, tokio_postgres::Error> {
+    let partitioned: bool = client
+        .query_one(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await?
+        .get(0);
     let row = client
-        .query_one(&format!("SELECT count(*) FROM {}", table.quoted()), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM {}", own_rows(table, partitioned)),
+            &[],
+        )
         .await?;
     Ok(row.get(0))
 }
@@ -586,6 +661,12 @@ mod tests {
             type_fit("timestamp without time zone", "timestamp with time zone"),
             TypeFit::Incompatible
         );
+    }
+
+    #[test]
+    fn quoted_lists_split_into_names() {
+        assert_eq!(split_quoted_list("a,\"B,c\",\"d\"\"e\""), ["a", "B,c", "d\"e"]);
+        assert_eq!(split_quoted_list("id"), ["id"]);
     }
 
     #[test]
