@@ -51,7 +51,10 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ("source", &["url", "password", "password_file"]),
     ("target", &["url", "password", "password_file"]),
     ("state", &["dir", "lag_sample_seconds"]),
-    ("replication", &["slot", "publication", "tables", "exclude"]),
+    (
+        "replication",
+        &["slot", "publication", "tables", "exclude", "keyless"],
+    ),
     ("http", &["listen", "max_lag_seconds"]),
     (
         "console",
@@ -157,6 +160,8 @@ pub struct RawReplication {
     pub tables: Option<Vec<String>>,
     /// Exclude patterns.
     pub exclude: Option<Vec<String>>,
+    /// What tables without a key or replica identity get.
+    pub keyless: Option<String>,
 }
 
 /// `[copy]` as written.
@@ -297,6 +302,26 @@ pub const DEFAULT_COPY_WORKERS: u32 = 4;
 /// Default chunk size in MB.
 pub const DEFAULT_CHUNK_MB: u32 = 64;
 
+/// What a table gets that neither a primary key nor a replica identity
+/// identifies (`replication.keyless`). Publishing its UPDATEs and DELETEs
+/// would make them fail on the source, so cutover never does that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeylessPolicy {
+    /// Its INSERTs and TRUNCATEs stream (through a publication of their
+    /// own); its UPDATEs and DELETEs keep working on the source, are not
+    /// streamed, and are reported as rows the stream cannot carry.
+    AppendOnly,
+    /// `run` sets `REPLICA IDENTITY FULL` on the source (the operator's
+    /// choice: more WAL per UPDATE and DELETE), and every change streams.
+    ReplicaIdentityFull,
+    /// `check` blocks and `run` refuses to start while such a table is in
+    /// scope.
+    Refuse,
+}
+
+/// The default `replication.keyless`: never breaks the source.
+pub const DEFAULT_KEYLESS: KeylessPolicy = KeylessPolicy::AppendOnly;
+
 /// How the snapshot copy runs, checked.
 #[derive(Clone, Debug)]
 pub struct CopySettings {
@@ -351,6 +376,8 @@ pub struct Config {
     pub scope: Scope,
     /// The include patterns as written (for messages).
     pub include_patterns: Vec<String>,
+    /// What tables without a key or replica identity get.
+    pub keyless: KeylessPolicy,
     /// `/metrics` and `/health`.
     pub http_listen: SocketAddr,
     /// `/health` answers 503 above this lag.
@@ -561,6 +588,20 @@ impl RawConfig {
             "replication.exclude",
             &self.replication.exclude.unwrap_or_default(),
         )?;
+        let keyless = match self.replication.keyless.as_deref() {
+            None => DEFAULT_KEYLESS,
+            Some("append_only") => KeylessPolicy::AppendOnly,
+            Some("replica_identity_full") => KeylessPolicy::ReplicaIdentityFull,
+            Some("refuse") => KeylessPolicy::Refuse,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "replication.keyless",
+                    format!(
+                        "{other:?} is not a choice: use \"append_only\" (stream inserts and truncates; updates and deletes keep working on the source and are reported, not streamed), \"replica_identity_full\" (cutover sets REPLICA IDENTITY FULL on the source) or \"refuse\""
+                    ),
+                ));
+            }
+        };
         let state_dir = self
             .state
             .dir
@@ -584,6 +625,7 @@ impl RawConfig {
             publication,
             scope: Scope::new(include, exclude),
             include_patterns,
+            keyless,
             http_listen: listen("http.listen", self.http.listen.clone(), DEFAULT_HTTP_LISTEN)?,
             max_lag: std::time::Duration::from_secs(u64::from(
                 self.http.max_lag_seconds.unwrap_or(DEFAULT_MAX_LAG_SECONDS),

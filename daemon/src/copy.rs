@@ -43,6 +43,7 @@ use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::coverage;
 use crate::metrics::Metrics;
 use crate::progress::CopyProgress;
 use crate::store::{CopyRun, DroppedIndex, Store, StoreError, TableCopy, TableCopyState, now_secs};
@@ -134,6 +135,11 @@ pub enum CopyError {
         /// What it leaves out.
         gaps: String,
     },
+    /// `replication.keyless = "refuse"` and such tables are in scope.
+    #[error(
+        "source: {0}: neither a primary key nor a replica identity identifies their rows, and replication.keyless = \"refuse\". Add a primary key, or set replication.keyless = \"append_only\" (inserts stream; updates and deletes keep working on the source and are reported, not streamed) or \"replica_identity_full\" (cutover sets REPLICA IDENTITY FULL on the source), or exclude them in replication.exclude"
+    )]
+    Keyless(String),
     /// No table is in scope.
     #[error("source: no table is in scope (replication.tables = {0:?}); run cutover check")]
     NoTables(Vec<String>),
@@ -162,6 +168,9 @@ pub struct CopyOutcome {
     pub copied_at: HashMap<TableName, Lsn>,
     /// The per-table records, for the reconciliation report.
     pub tables: Vec<TableCopy>,
+    /// The publications to stream: `replication.publication`, and the one
+    /// of tables whose inserts only stream, if it exists.
+    pub publications: Vec<String>,
 }
 
 /// The tables in scope on the source, biggest first.
@@ -282,10 +291,12 @@ pub async fn run(
             return Err(CopyError::StandaloneDone);
         }
         tracing::info!(slot = %existing.slot, "the copy is already done");
-        return outcome(store, existing);
+        let mut done = outcome(store, existing)?;
+        done.publications = publications(&source, config).await?;
+        return Ok(done);
     }
     if mode == CopyMode::BeforeStreaming {
-        ensure_publication(&source, &config.publication, &names).await?;
+        ensure_publications(&source, store, config, &tables).await?;
     }
 
     // Which tables to copy now, and from which snapshot.
@@ -449,7 +460,8 @@ pub async fn run(
     finished.finished_at = Some(now_secs());
     store.put_copy_run(&finished)?;
     store.flush().await?;
-    let result = outcome(store, &finished)?;
+    let mut result = outcome(store, &finished)?;
+    result.publications = publications(&source, config).await?;
     let failures: Vec<String> = result
         .tables
         .iter()
@@ -531,23 +543,136 @@ fn outcome(store: &Store, run: &CopyRun) -> Result<CopyOutcome, CopyError> {
             .map(|t| (t.name.clone(), t.copied_at))
             .collect(),
         tables,
+        publications: Vec::new(),
     })
 }
+
+/// The publications to stream from: the configured one, and the one of
+/// tables whose inserts only stream when it exists (a migration begun
+/// before it was made has none).
+async fn publications(source: &Client, config: &Config) -> Result<Vec<String>, CopyError> {
+    let inserts = coverage::inserts_publication(&config.publication);
+    let mut names = vec![config.publication.clone()];
+    if slot::publication_exists(source, &inserts)
+        .await
+        .map_err(query("source", "reading publications"))?
+    {
+        names.push(inserts);
+    }
+    Ok(names)
+}
+
+/// Sets up what the stream needs on the source: `replication.publication`
+/// for the tables whose every change streams, its `_inserts` twin for the
+/// keyless tables whose inserts only stream (their UPDATEs and DELETEs
+/// must keep working on the source), `REPLICA IDENTITY FULL` where
+/// `replication.keyless` asks for it, and a watch on every table whose
+/// changes do not all stream (see [`coverage`]).
+async fn ensure_publications(
+    source: &Client,
+    store: &Store,
+    config: &Config,
+    tables: &[Table],
+) -> Result<(), CopyError> {
+    let plan = coverage::Plan::new(tables, config.keyless);
+    if !plan.refused.is_empty() {
+        return Err(CopyError::Keyless(
+            plan.refused
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+    }
+    coverage::make_full(source, &plan.make_full)
+        .await
+        .map_err(query(
+            "source",
+            "setting REPLICA IDENTITY FULL (replication.keyless = \"replica_identity_full\"; needs ownership of the tables)",
+        ))?;
+    ensure_publication(source, &config.publication, &plan.full, PUBLISH_ALL).await?;
+    let inserts = coverage::inserts_publication(&config.publication);
+    if !plan.inserts_only.is_empty()
+        || slot::publication_exists(source, &inserts)
+            .await
+            .map_err(query("source", "reading publications"))?
+    {
+        ensure_publication(source, &inserts, &plan.inserts_only, PUBLISH_INSERTS).await?;
+    }
+    // A table moved between the two (its key dropped or added since a
+    // previous start) must not stay where UPDATE and DELETE fail or are
+    // lost.
+    for (publication, keep) in [
+        (&config.publication, &plan.full),
+        (&inserts, &plan.inserts_only),
+    ] {
+        if !slot::publication_exists(source, publication)
+            .await
+            .map_err(query("source", "reading publications"))?
+        {
+            continue;
+        }
+        let stray: Vec<TableName> = slot::publication_tables(source, publication)
+            .await
+            .map_err(query(
+                "source",
+                format!("reading publication {publication}"),
+            ))?
+            .into_iter()
+            .filter(|t| config.scope.contains(t) && !keep.contains(t))
+            .collect();
+        slot::drop_publication_tables(source, publication, &stray)
+            .await
+            .map_err(query(
+                "source",
+                format!("taking tables out of publication {publication}"),
+            ))?;
+    }
+    let partial: Vec<(&TableName, coverage::Coverage)> = plan.partial().collect();
+    if !partial.is_empty() {
+        let names: Vec<&TableName> = partial.iter().map(|(t, _)| *t).collect();
+        let counts = coverage::write_counts(source, &names)
+            .await
+            .map_err(query("source", "reading table statistics"))?;
+        for (table, coverage) in partial {
+            tracing::warn!(%table, coverage = coverage.name(), "{}", coverage::explain(coverage));
+            if store.watch(table)?.is_none() {
+                let counted = counts.get(table).copied().unwrap_or_default();
+                store.put_watch(&coverage::Watch::new(table.clone(), coverage, counted))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `replication.publication` publishes.
+const PUBLISH_ALL: &str = "insert, update, delete, truncate";
+
+/// What the `_inserts` publication publishes.
+const PUBLISH_INSERTS: &str = "insert, truncate";
 
 async fn ensure_publication(
     source: &Client,
     name: &str,
     tables: &[TableName],
+    publish: &str,
 ) -> Result<(), CopyError> {
     if slot::publication_exists(source, name)
         .await
         .map_err(query("source", "reading publications"))?
     {
-        // Reused only if it sends every change: a filtered publication
-        // would leave the target silently behind.
+        // Reused only if it sends every change it should: a filtered
+        // publication would leave the target silently behind.
         let gaps = slot::publication_gaps(source, name)
             .await
             .map_err(query("source", format!("reading publication {name}")))?;
+        let gaps: Vec<String> = if publish == PUBLISH_INSERTS {
+            gaps.into_iter()
+                .filter(|g| g != "it does not publish update, delete")
+                .collect()
+        } else {
+            gaps
+        };
         if !gaps.is_empty() {
             return Err(CopyError::PublicationGaps {
                 name: name.to_owned(),
@@ -568,7 +693,7 @@ async fn ensure_publication(
             );
         }
     } else {
-        slot::create_publication(source, name, tables)
+        slot::create_publication(source, name, tables, publish)
             .await
             .map_err(query(
                 "source",
@@ -579,6 +704,7 @@ async fn ensure_publication(
         tracing::info!(
             publication = name,
             tables = tables.len(),
+            publish,
             "publication created"
         );
     }
@@ -601,7 +727,10 @@ async fn check_empty(
     for table in tables {
         let has_rows: bool = target
             .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM {})", own_rows_on(targets, table)),
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {})",
+                    own_rows_on(targets, table)
+                ),
                 &[],
             )
             .await

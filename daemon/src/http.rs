@@ -63,6 +63,11 @@ async fn health(State(app): State<App>) -> Response {
             app.max_lag.as_secs()
         ));
     }
+    for (table, rows) in view.unstreamed_rows.iter().filter(|(_, rows)| **rows > 0) {
+        problems.push(format!(
+            "{table}: {rows} rows changed on the source that the stream does not carry (the target differs for them; run cutover verify)"
+        ));
+    }
     let code = if problems.is_empty() {
         StatusCode::OK
     } else {

@@ -8,6 +8,7 @@ mod check;
 mod config;
 mod console;
 mod copy;
+mod coverage;
 mod http;
 mod metrics;
 mod progress;

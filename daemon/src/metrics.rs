@@ -27,6 +27,11 @@ pub const STATE: &str = "cutover_state";
 /// 1 for the slot's current `wal_status` on the source, 0 for the others.
 pub const SLOT_WAL_STATUS: &str = "cutover_slot_wal_status";
 
+/// Rows the source changed that the stream does not carry (UPDATEs and
+/// DELETEs of keyless append-only tables, every write to unlogged
+/// tables), by table.
+pub const UNSTREAMED_ROWS: &str = "cutover_unstreamed_rows";
+
 /// Label: `forward` or `reverse`.
 pub const LABEL_DIRECTION: &str = "direction";
 /// Label: `schema.table`.
@@ -72,6 +77,8 @@ pub struct Metrics {
     pub state: IntGaugeVec,
     /// [`SLOT_WAL_STATUS`].
     pub slot_wal_status: IntGaugeVec,
+    /// [`UNSTREAMED_ROWS`].
+    pub unstreamed_rows: IntGaugeVec,
 }
 
 impl Metrics {
@@ -139,6 +146,11 @@ impl Metrics {
                 SLOT_WAL_STATUS,
                 "1 for the replication slot's current wal_status on the source (lost: invalidated)",
                 &[LABEL_SLOT, LABEL_WAL_STATUS],
+            ),
+            unstreamed_rows: int_gauge(
+                UNSTREAMED_ROWS,
+                "Rows changed on the source that the stream does not carry (keyless append-only tables' updates and deletes, unlogged tables' writes), from the source's statistics",
+                &[LABEL_TABLE],
             ),
             registry,
         }

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 use cutover_replication::Lsn;
 use cutover_replication::apply::{Applier, ApplyError, SourceTransaction};
+use cutover_replication::catalog::TableName;
+use cutover_replication::client::describe;
 use cutover_replication::error::ReplicationError;
 use cutover_replication::pgoutput::{Commit, Decoder, Event};
 use cutover_replication::session::{PgOutputOptions, Session};
@@ -263,6 +265,9 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
             wal_status: lag.wal_status.clone(),
         };
         status.set_lag(lag);
+        if let Some(c) = &client {
+            watch_unstreamed(c, &store, &status).await;
+        }
         if let Err(err) = store.put_lag_sample(&sample, keep) {
             tracing::warn!(error = %err, "could not store a lag sample");
         }
@@ -273,6 +278,48 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
             last_error: status.view().last_error.map(|e| e.message),
         };
         let _ = store.put_run_status(&record);
+    }
+}
+
+/// Counts, for each table whose changes do not all stream, the rows the
+/// source changed since the watch began that the stream did not carry
+/// (see [`crate::coverage`]), and reports them. A new count is logged
+/// once as a warning.
+async fn watch_unstreamed(client: &tokio_postgres::Client, store: &Store, status: &Status) {
+    let watches = match store.watches() {
+        Ok(watches) if !watches.is_empty() => watches,
+        Ok(_) => return,
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read the watched tables");
+            return;
+        }
+    };
+    let names: Vec<&TableName> = watches.iter().map(|w| &w.table).collect();
+    let counts = match crate::coverage::write_counts(client, &names).await {
+        Ok(counts) => counts,
+        Err(err) => {
+            tracing::warn!(error = %describe(&err), "could not read the source's table statistics");
+            return;
+        }
+    };
+    for mut watch in watches {
+        let Some(now) = counts.get(&watch.table) else {
+            continue;
+        };
+        let before = watch.counted;
+        let rows = watch.observe(*now);
+        if rows > before {
+            tracing::warn!(
+                table = %watch.table,
+                rows,
+                coverage = watch.coverage.name(),
+                "rows changed on the source that the stream does not carry: the target differs from the source for them; run cutover verify"
+            );
+        }
+        status.set_unstreamed(&watch.table.to_string(), rows);
+        if let Err(err) = store.put_watch(&watch) {
+            tracing::warn!(error = %err, "could not store a watched table's count");
+        }
     }
 }
 
@@ -303,10 +350,12 @@ async fn stream_once(
     .await?;
     let start = applier.progress().max(outcome.start);
     let session = Session::connect(&config.source.conninfo).await?;
-    let options = PgOutputOptions::for_server(
-        session.server_version_num(),
-        vec![config.publication.clone()],
-    );
+    let publications = if outcome.publications.is_empty() {
+        vec![config.publication.clone()]
+    } else {
+        outcome.publications.clone()
+    };
+    let options = PgOutputOptions::for_server(session.server_version_num(), publications);
     let stream = session
         .start_replication(&outcome.slot, start, &options)
         .await?;

@@ -146,6 +146,9 @@ pub struct StatusView {
     pub transactions_applied: u64,
     /// Applied changes per table since start.
     pub tables: BTreeMap<String, TableCounts>,
+    /// Per table whose changes do not all stream (keyless append-only,
+    /// unlogged): rows the source changed that the stream did not carry.
+    pub unstreamed_rows: BTreeMap<String, i64>,
     /// The last error.
     pub last_error: Option<LastError>,
     /// When the daemon started (unix seconds).
@@ -168,6 +171,7 @@ struct Inner {
     pending: VecDeque<(Lsn, SystemTime)>,
     transactions: u64,
     tables: BTreeMap<String, TableCounts>,
+    unstreamed: BTreeMap<String, i64>,
 }
 
 /// The shared status of a running daemon.
@@ -194,6 +198,7 @@ impl Status {
                 pending: VecDeque::new(),
                 transactions: 0,
                 tables: BTreeMap::new(),
+                unstreamed: BTreeMap::new(),
             }),
             metrics: Metrics::new(),
             pause: watch::channel(false).0,
@@ -291,6 +296,16 @@ impl Status {
         }
     }
 
+    /// Rows of `table` changed on the source that the stream does not
+    /// carry (see [`crate::coverage`]).
+    pub fn set_unstreamed(&self, table: &str, rows: i64) {
+        self.metrics
+            .unstreamed_rows
+            .with_label_values(&[table])
+            .set(rows);
+        self.lock().unstreamed.insert(table.to_owned(), rows);
+    }
+
     /// The stream starts at `position`: everything before it is on the
     /// target (from the snapshot copy or applied earlier).
     pub fn start_at(&self, position: Lsn) {
@@ -381,6 +396,7 @@ impl Status {
             lag,
             transactions_applied: inner.transactions,
             tables: inner.tables.clone(),
+            unstreamed_rows: inner.unstreamed.clone(),
             last_error: inner.last_error.clone(),
             started_at: self.started_at,
             pid: std::process::id(),

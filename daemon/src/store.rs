@@ -42,6 +42,9 @@ const KEY_RUN_STATUS: &str = "run/forward/status";
 
 /// Refused changes: `dead/` and big-endian unix milliseconds.
 const PREFIX_DEAD: &str = "dead/";
+/// Tables whose changes do not all stream, with their counters
+/// ([`crate::coverage::Watch`]), by table name.
+const PREFIX_WATCH: &str = "coverage/watch/";
 
 /// A change the target refused. The stream stopped on it (nothing is
 /// skipped); the record stays for the operator after the fix.
@@ -439,6 +442,28 @@ impl Store {
             .map(|value| {
                 let value = value.map_err(|e| self.io(e))?;
                 self.decode(PREFIX_DEAD, &value)
+            })
+            .collect()
+    }
+
+    /// Records a table whose changes do not all stream.
+    pub fn put_watch(&self, watch: &crate::coverage::Watch) -> Result<(), StoreError> {
+        self.put(&format!("{PREFIX_WATCH}{}", watch.table), watch)
+    }
+
+    /// The watch of `table`, if one is recorded.
+    pub fn watch(&self, table: &TableName) -> Result<Option<crate::coverage::Watch>, StoreError> {
+        self.get(&format!("{PREFIX_WATCH}{table}"))
+    }
+
+    /// Every table whose changes do not all stream.
+    pub fn watches(&self) -> Result<Vec<crate::coverage::Watch>, StoreError> {
+        self.db
+            .scan_prefix(PREFIX_WATCH)
+            .values()
+            .map(|value| {
+                let value = value.map_err(|e| self.io(e))?;
+                self.decode(PREFIX_WATCH, &value)
             })
             .collect()
     }

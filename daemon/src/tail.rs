@@ -77,20 +77,39 @@ pub async fn run(config: &Config, options: TailOptions) -> Result<(), TailError>
         .await
         .map_err(query_error)?
     {
-        let tables: Vec<TableName> = catalog::tables(&sql)
+        // Only tables whose every change can be published: publishing
+        // UPDATE and DELETE of a keyless table would make them fail on the
+        // source, and no publication can hold an unlogged table.
+        let (tables, left_out): (Vec<catalog::Table>, Vec<catalog::Table>) = catalog::tables(&sql)
             .await
             .map_err(query_error)?
             .into_iter()
             .filter(|t| config.scope.contains(&t.name))
-            .map(|t| t.name)
-            .collect();
-        slot::create_publication(&sql, &publication, &tables)
-            .await
-            .map_err(query_error)?;
+            .partition(|t| crate::coverage::identified(t) && !t.unlogged);
+        let tables: Vec<TableName> = tables.into_iter().map(|t| t.name).collect();
+        slot::create_publication(
+            &sql,
+            &publication,
+            &tables,
+            "insert, update, delete, truncate",
+        )
+        .await
+        .map_err(query_error)?;
         eprintln!(
             "tail: created publication {publication:?} for {} table(s) in scope",
             tables.len()
         );
+        for table in left_out {
+            eprintln!(
+                "tail: {} left out: {}",
+                table.name,
+                crate::coverage::explain(if table.unlogged {
+                    crate::coverage::Coverage::SnapshotOnly
+                } else {
+                    crate::coverage::Coverage::InsertsOnly
+                })
+            );
+        }
     }
 
     let mut session = Session::connect(source).await?;

@@ -756,7 +756,10 @@ impl Applier {
                     .collect();
                 self.apply_fast(&wanted, None).await?;
                 for check in self.key_checks(&wanted) {
-                    if !touched.iter().any(|t| t.relation.name == check.relation.name) {
+                    if !touched
+                        .iter()
+                        .any(|t| t.relation.name == check.relation.name)
+                    {
                         touched.push(check.whole());
                     }
                 }
@@ -782,7 +785,10 @@ impl Applier {
                     let applied: Vec<(&Change, Lsn)> =
                         changes.iter().map(|c| (c, commit.commit_lsn)).collect();
                     for check in self.key_checks(&applied) {
-                        if !touched.iter().any(|t| t.relation.name == check.relation.name) {
+                        if !touched
+                            .iter()
+                            .any(|t| t.relation.name == check.relation.name)
+                        {
                             touched.push(check.whole());
                         }
                     }
@@ -1000,7 +1006,8 @@ impl Applier {
                     .collect();
                 let cols: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
                 let names: Vec<&str> = key.iter().map(String::as_str).collect();
-                let not_null: Vec<String> = cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
+                let not_null: Vec<String> =
+                    cols.iter().map(|c| format!("{c} IS NOT NULL")).collect();
                 let (filter, params) = match (&check.rows, positions) {
                     (Some(rows), Some(positions)) => {
                         let tuples: Vec<&[Datum]> = rows.iter().map(|t| &t.0[..]).collect();
@@ -1025,15 +1032,15 @@ impl Applier {
                 let statement = self.statement(&sql).await?;
                 let params: Vec<&(dyn ToSql + Sync)> =
                     params.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-                let duplicate = self
-                    .client
-                    .query_opt(&statement, &params)
-                    .await
-                    .map_err(session_error(format!(
-                        "checking the DEFERRABLE key ({}) of {}",
-                        key.join(", "),
-                        relation.name
-                    )))?;
+                let duplicate =
+                    self.client
+                        .query_opt(&statement, &params)
+                        .await
+                        .map_err(session_error(format!(
+                            "checking the DEFERRABLE key ({}) of {}",
+                            key.join(", "),
+                            relation.name
+                        )))?;
                 if let Some(row) = duplicate {
                     return Err(ApplyError::DuplicateKey {
                         table: relation.name.clone(),
@@ -1193,7 +1200,10 @@ impl Applier {
         // are deleted by key and inserted again instead.
         let replace = target.replaces(&names, &keys);
         let replaced: Vec<RowKey> = if replace {
-            upserts.iter().map(|row| key_of_row(key_cols, row)).collect()
+            upserts
+                .iter()
+                .map(|row| key_of_row(key_cols, row))
+                .collect()
         } else {
             Vec::new()
         };
@@ -1294,10 +1304,7 @@ impl Applier {
                         continue;
                     }
                     let target = self.target_table(relation).await?;
-                    names.push(crate::catalog::own_rows(
-                        &relation.name,
-                        target.partitioned,
-                    ));
+                    names.push(crate::catalog::own_rows(&relation.name, target.partitioned));
                 }
                 if names.is_empty() {
                     return Ok(());
@@ -1449,8 +1456,7 @@ impl Applier {
         new: &Tuple,
     ) -> Result<u64, tokio_postgres::Error> {
         let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
-        let columns: Vec<Vec<Option<String>>> =
-            new.0.iter().map(|d| vec![datum_text(d)]).collect();
+        let columns: Vec<Vec<Option<String>>> = new.0.iter().map(|d| vec![datum_text(d)]).collect();
         let params: Vec<&(dyn ToSql + Sync)> =
             columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
         let sql = match spec {

@@ -665,7 +665,10 @@ mod tests {
 
     #[test]
     fn quoted_lists_split_into_names() {
-        assert_eq!(split_quoted_list("a,\"B,c\",\"d\"\"e\""), ["a", "B,c", "d\"e"]);
+        assert_eq!(
+            split_quoted_list("a,\"B,c\",\"d\"\"e\""),
+            ["a", "B,c", "d\"e"]
+        );
         assert_eq!(split_quoted_list("id"), ["id"]);
     }
 

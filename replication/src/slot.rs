@@ -4,7 +4,7 @@
 
 use tokio_postgres::Client;
 
-use crate::catalog::{TableName, quote_ident};
+use crate::catalog::{TableName, quote_ident, quote_literal};
 use crate::lsn::Lsn;
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -175,12 +175,14 @@ pub async fn publication_tables(
         .collect())
 }
 
-/// Creates a publication for `tables`, publishing partitions through their
-/// root (13+) so a differently partitioned target receives them.
+/// Creates a publication for `tables` that publishes the operations
+/// `publish` lists (`insert, update, delete, truncate`), partitions through
+/// their root (13+) so a differently partitioned target receives them.
 pub async fn create_publication(
     client: &Client,
     name: &str,
     tables: &[TableName],
+    publish: &str,
 ) -> Result<(), tokio_postgres::Error> {
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
@@ -192,9 +194,12 @@ pub async fn create_publication(
         .collect::<Vec<_>>()
         .join(", ");
     let with = if version >= 130000 {
-        " WITH (publish_via_partition_root = true)"
+        format!(
+            " WITH (publish = {}, publish_via_partition_root = true)",
+            quote_literal(publish)
+        )
     } else {
-        ""
+        format!(" WITH (publish = {})", quote_literal(publish))
     };
     let sql = if tables.is_empty() {
         format!("CREATE PUBLICATION {}{with}", quote_ident(name))
@@ -243,6 +248,29 @@ pub async fn add_publication_tables(
             .await?;
     }
     Ok(missing)
+}
+
+/// Takes `tables` out of publication `name`.
+pub async fn drop_publication_tables(
+    client: &Client,
+    name: &str,
+    tables: &[TableName],
+) -> Result<(), tokio_postgres::Error> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let list = tables
+        .iter()
+        .map(TableName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::info!(publication = name, tables = %list, "taking tables out of the publication");
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} DROP TABLE {list}",
+            quote_ident(name)
+        ))
+        .await
 }
 
 /// Drops a publication if it exists.

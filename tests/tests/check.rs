@@ -82,8 +82,11 @@ async fn check_names_a_keyless_table_and_a_missing_column_then_passes_after_the_
         .await;
     let setup = Setup::new();
     let config = setup.pair_config(&pair);
+    // A keyless table blocks only when the config refuses keyless tables
+    // (the default streams its inserts: see the schemas tests).
+    let refuse = [("CUTOVER__REPLICATION__KEYLESS", "refuse")];
 
-    let human = setup.check(&config, &[], &[]);
+    let human = setup.check(&config, &[], &refuse);
     assert_eq!(
         human.code, 1,
         "blocking findings exit 1:\n{}{}",
@@ -117,7 +120,7 @@ async fn check_names_a_keyless_table_and_a_missing_column_then_passes_after_the_
     );
     assert!(human.stdout.contains("2 blocking"), "{}", human.stdout);
 
-    let report = json(&setup.check(&config, &["--format", "json"], &[]));
+    let report = json(&setup.check(&config, &["--format", "json"], &refuse));
     assert_eq!(report["blocking"], 2, "{report:#}");
     assert!(
         finding(&report, "no_replica_identity", "public.audit").is_some(),
@@ -149,7 +152,7 @@ async fn check_names_a_keyless_table_and_a_missing_column_then_passes_after_the_
     pair.target
         .execute("app", "ALTER TABLE orders ADD COLUMN amount numeric(10,2)")
         .await;
-    let fixed = setup.check(&config, &["--count"], &[]);
+    let fixed = setup.check(&config, &["--count"], &refuse);
     assert_eq!(
         fixed.code, 0,
         "nothing blocks after the fixes:\n{}{}",

@@ -159,8 +159,14 @@ async fn keys_permuted_under_a_deferrable_key_land_exactly_and_never_twice() {
         on_source(&pair, sql).await;
     }
     finish(&pair, &mut daemon, &["perm", "late", "codes"]).await;
-    assert_eq!(duplicate_keys(&pair, "perm", "id").await, Vec::<String>::new());
-    assert_eq!(duplicate_keys(&pair, "late", "id").await, Vec::<String>::new());
+    assert_eq!(
+        duplicate_keys(&pair, "perm", "id").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        duplicate_keys(&pair, "late", "id").await,
+        Vec::<String>::new()
+    );
     assert_eq!(
         duplicate_keys(&pair, "codes", "code").await,
         Vec::<String>::new()
@@ -203,4 +209,197 @@ async fn tables_with_inheritance_children_are_counted_copied_and_truncated_on_th
         on_source(&pair, sql).await;
     }
     finish(&pair, &mut daemon, &["ONLY animal", "dog", "cat"]).await;
+}
+
+#[tokio::test]
+async fn a_deferrable_key_the_target_would_hold_twice_stops_the_stream_instead() {
+    // PostgreSQL does not check a DEFERRABLE key for the apply session: a
+    // row the target has and the source does not would be doubled in
+    // silence. cutover checks the key itself and stops, nothing applied.
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE perm (id int PRIMARY KEY DEFERRABLE, v text);
+         ALTER TABLE perm REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    pair.target
+        .execute("app", "INSERT INTO perm VALUES (500, 'only on the target')")
+        .await;
+    on_source(
+        &pair,
+        "INSERT INTO perm VALUES (1, 'fine'), (500, 'collides')",
+    )
+    .await;
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("public.perm holds more than one row with (id)=(500)"),
+        "{log}"
+    );
+    assert_eq!(
+        cutover_tests::table_rows(&pair.target, "perm").await,
+        ["(500,\"only on the target\")"],
+        "the batch must be rolled back"
+    );
+}
+
+/// The address `/metrics` and `/health` listen on.
+async fn http_addr(state: &Path) -> String {
+    wait_for("the daemon's listen.json", WAIT, || async {
+        let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        json["http"].as_str().map(str::to_owned)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn keyless_and_unlogged_tables_never_break_the_source_and_what_does_not_stream_is_reported() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE events (at int, what text);
+         CREATE UNLOGGED TABLE cache (k int PRIMARY KEY, v text);
+         CREATE TABLE items (id int PRIMARY KEY, v text);",
+    )
+    .await;
+    on_source(
+        &pair,
+        "INSERT INTO events SELECT g, 'seed' FROM generate_series(1, 10) g;
+         INSERT INTO cache SELECT g, 'cached' FROM generate_series(1, 5) g;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    // Lag and unstreamed rows sampled every second.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[state]\n", "[state]\nlag_sample_seconds = 1\n", 1),
+    )
+    .unwrap();
+
+    // check says what each table will get, and nothing blocks.
+    let check = cutover_tests::run_cutover(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "check",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    let report: serde_json::Value = serde_json::from_str(&check.stdout)
+        .unwrap_or_else(|e| panic!("check --format json: {e}\n{}", check.all_output()));
+    let coverage = |name: &str| {
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"]["name"] == name)
+            .map(|t| t["coverage"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        coverage("events").as_deref(),
+        Some("inserts_only"),
+        "{report:#}"
+    );
+    assert_eq!(
+        coverage("cache").as_deref(),
+        Some("snapshot_only"),
+        "{report:#}"
+    );
+    assert_eq!(coverage("items").as_deref(), Some("full"), "{report:#}");
+    assert_eq!(report["blocking"], 0, "{report:#}");
+
+    let mut daemon = start_streaming(&config).await;
+    // The application's own statements keep working on the source.
+    for sql in [
+        "INSERT INTO events VALUES (11, 'streamed')",
+        "UPDATE events SET what = 'updated' WHERE at = 1",
+        "DELETE FROM events WHERE at IN (2, 3)",
+        "INSERT INTO cache VALUES (6, 'after the snapshot')",
+        "INSERT INTO items VALUES (1, 'last')",
+        "TRUNCATE events",
+        "INSERT INTO events VALUES (12, 'after truncate')",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    pair.wait_equal(&["items", "events"], WAIT).await;
+    assert_eq!(
+        cutover_tests::table_rows(&pair.target, "cache").await.len(),
+        5,
+        "the unlogged table is copied at the snapshot"
+    );
+    // What did not stream is reported: 1 updated + 2 deleted rows of
+    // events, 1 inserted row of cache.
+    let addr = http_addr(&dir.path().join("state")).await;
+    wait_for("unstreamed rows to be reported", WAIT, || async {
+        let (_, body) = cutover_tests::http::get(&addr, "/metrics");
+        let events =
+            cutover_tests::http::metric(&body, "cutover_unstreamed_rows{table=\"public.events\"}");
+        let cache =
+            cutover_tests::http::metric(&body, "cutover_unstreamed_rows{table=\"public.cache\"}");
+        (events == Some(3.0) && cache == Some(1.0)).then_some(())
+    })
+    .await;
+    let (code, health) = cutover_tests::http::get(&addr, "/health");
+    assert_eq!(code, 503, "{health}");
+    assert!(
+        health
+            .contains("public.events: 3 rows changed on the source that the stream does not carry"),
+        "{health}"
+    );
+    // Nothing of the source changed: no replica identity was set.
+    let identity: String = pair
+        .source
+        .query_value(
+            "app",
+            "SELECT relreplident::text FROM pg_class WHERE relname = 'events'",
+        )
+        .await;
+    assert_eq!(identity, "d");
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn keyless_tables_stream_every_change_when_the_config_asks_for_replica_identity_full() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE events (at int, what text);").await;
+    on_source(
+        &pair,
+        "INSERT INTO events SELECT g, 'seed' FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let refuse = pair.config(dir.path(), "");
+    let refused = cutover_tests::run_cutover(
+        &["--config", refuse.to_str().unwrap(), "run"],
+        &[("CUTOVER__REPLICATION__KEYLESS", "refuse")],
+    );
+    assert_eq!(refused.code, 1, "{}", refused.all_output());
+    assert!(
+        refused
+            .stderr
+            .contains("public.events: neither a primary key nor a replica identity"),
+        "{}",
+        refused.all_output()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        "[replication]\nkeyless = \"replica_identity_full\"\n",
+    );
+    let mut daemon = start_streaming(&config).await;
+    for sql in [
+        "UPDATE events SET what = 'updated' WHERE at = 1",
+        "DELETE FROM events WHERE at IN (2, 3)",
+        "INSERT INTO events VALUES (11, 'new')",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    finish(&pair, &mut daemon, &["events"]).await;
 }

@@ -89,6 +89,7 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
             if let Err(err) = tables::source_table_checks(
                 &mut report,
                 source_client,
+                config,
                 &in_scope,
                 facts
                     .map(|f| f.report.superuser == Some(true))

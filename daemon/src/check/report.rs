@@ -110,6 +110,9 @@ pub struct TableReport {
     pub partitioned: bool,
     /// Whether the target has a table of that name.
     pub on_target: bool,
+    /// What the stream will carry of it: `full`, `inserts_only`,
+    /// `snapshot_only`, or `refused` (`replication.keyless = "refuse"`).
+    pub coverage: &'static str,
 }
 
 /// The whole preflight.
@@ -226,6 +229,9 @@ impl Report {
             );
             if table.partitioned {
                 out.push_str("  partitioned");
+            }
+            if table.coverage != "full" {
+                let _ = write!(out, "  streams: {}", table.coverage);
             }
             if let Some(target_rows) = table.target_rows {
                 let _ = write!(out, "  target {} rows", group_digits(target_rows));

@@ -8,7 +8,8 @@ use cutover_replication::catalog::{self, ReplicaIdentity, Table, TableName, Type
 use tokio_postgres::Client;
 
 use super::report::{Finding, Report, Severity, TableReport};
-use crate::config::Config;
+use crate::config::{Config, KeylessPolicy};
+use crate::coverage::Coverage;
 
 /// Keeps the tables in scope, records them in the report, and flags
 /// include patterns that match nothing.
@@ -59,6 +60,7 @@ pub(super) fn scope_tables(report: &mut Report, config: &Config, all: Vec<Table>
             replica_identity: t.replica_identity.clone(),
             partitioned: t.partitioned,
             on_target: false,
+            coverage: crate::coverage::coverage(t, config.keyless).map_or("refused", |c| c.name()),
         })
         .collect();
     in_scope
@@ -68,6 +70,7 @@ pub(super) fn scope_tables(report: &mut Report, config: &Config, all: Vec<Table>
 pub(super) async fn source_table_checks(
     report: &mut Report,
     client: &Client,
+    config: &Config,
     in_scope: &[Table],
     superuser: bool,
 ) -> Result<(), tokio_postgres::Error> {
@@ -90,46 +93,62 @@ pub(super) async fn source_table_checks(
         let quoted = table.name.quoted();
         if table.unlogged {
             report.add(Finding {
-                severity: Severity::Blocking,
+                severity: Severity::Warning,
                 code: "unlogged_table",
                 server: "source",
                 subject: subject.clone(),
-                problem: "an UNLOGGED table: its changes never reach the WAL, so they cannot be streamed".into(),
+                problem: crate::coverage::explain(Coverage::SnapshotOnly).into(),
                 fix: Some(format!(
-                    "ALTER TABLE {quoted} SET LOGGED;  -- or exclude it: add {:?} to replication.exclude",
+                    "ALTER TABLE {quoted} SET LOGGED;  -- to stream it (rewrites the table, and its writes are then logged)\nor: add {:?} to replication.exclude",
                     table.name.to_string()
                 )),
             });
-        }
-        match (&table.replica_identity, &table.primary_key) {
-            (ReplicaIdentity::Default, None) | (ReplicaIdentity::Nothing, _) => {
-                let why = if table.replica_identity == ReplicaIdentity::Nothing {
-                    "REPLICA IDENTITY NOTHING"
-                } else {
-                    "no primary key and REPLICA IDENTITY DEFAULT"
-                };
-                report.add(Finding {
-                    severity: Severity::Blocking,
-                    code: "no_replica_identity",
-                    server: "source",
-                    subject: subject.clone(),
-                    problem: format!(
-                        "{why}: its UPDATEs and DELETEs carry no row key, so they cannot be replicated (and fail on the source once the table is published)"
+        } else if !crate::coverage::identified(table) {
+            let why = match &table.replica_identity {
+                ReplicaIdentity::Nothing => "REPLICA IDENTITY NOTHING",
+                _ if table.primary_key_deferrable => {
+                    "a DEFERRABLE primary key, which PostgreSQL does not use as replica identity"
+                }
+                _ => "no primary key and REPLICA IDENTITY DEFAULT",
+            };
+            let choices = format!(
+                "ALTER TABLE {quoted} ADD PRIMARY KEY (...);  -- if some columns identify a row\nor: ALTER TABLE {quoted} REPLICA IDENTITY FULL;  -- or replication.keyless = \"replica_identity_full\" to let cutover do it"
+            );
+            let (severity, problem) = match config.keyless {
+                KeylessPolicy::AppendOnly => (
+                    Severity::Warning,
+                    format!("{why}: {}", crate::coverage::explain(Coverage::InsertsOnly)),
+                ),
+                KeylessPolicy::ReplicaIdentityFull => (
+                    Severity::Warning,
+                    format!(
+                        "{why}: cutover run will set REPLICA IDENTITY FULL on the source (replication.keyless = \"replica_identity_full\"): its UPDATEs and DELETEs then log the whole old row, and stream"
                     ),
-                    fix: Some(format!(
-                        "ALTER TABLE {quoted} ADD PRIMARY KEY (...);  -- if some columns identify a row\nor: ALTER TABLE {quoted} REPLICA IDENTITY FULL;"
-                    )),
-                });
-            }
-            (ReplicaIdentity::Full, None) => report.add(Finding {
+                ),
+                KeylessPolicy::Refuse => (
+                    Severity::Blocking,
+                    format!(
+                        "{why}: its UPDATEs and DELETEs carry no row key, and replication.keyless = \"refuse\""
+                    ),
+                ),
+            };
+            report.add(Finding {
+                severity,
+                code: "no_replica_identity",
+                server: "source",
+                subject: subject.clone(),
+                problem,
+                fix: Some(choices),
+            });
+        } else if table.replica_identity == ReplicaIdentity::Full && table.primary_key.is_none() {
+            report.add(Finding {
                 severity: Severity::Warning,
                 code: "replica_identity_full",
                 server: "source",
                 subject: subject.clone(),
                 problem: "no primary key; REPLICA IDENTITY FULL matches UPDATEs and DELETEs on the whole old row, which is slow on large tables and ambiguous with duplicate rows".into(),
                 fix: Some(format!("ALTER TABLE {quoted} ADD PRIMARY KEY (...);  -- if some columns identify a row")),
-            }),
-            _ => {}
+            });
         }
         if !superuser && !readable.get(&table.oid).copied().unwrap_or(false) {
             report.add(Finding {
