@@ -37,7 +37,7 @@ use cutover_replication::client::{self, ConnectError, describe};
 use cutover_replication::error::ReplicationError;
 use cutover_replication::session::{Session, SnapshotAction};
 use cutover_replication::snapshot::{self, Chunk, ChunkError, CopyFormat};
-use cutover_replication::{Lsn, slot};
+use cutover_replication::{Lsn, partition, slot};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
@@ -293,6 +293,7 @@ pub async fn run(
         tracing::info!(slot = %existing.slot, "the copy is already done");
         let mut done = outcome(store, existing)?;
         done.publications = publications(&source, config).await?;
+        install_partition_triggers(&source, config).await?;
         return Ok(done);
     }
     if mode == CopyMode::BeforeStreaming {
@@ -628,6 +629,7 @@ async fn ensure_publications(
                 format!("taking tables out of publication {publication}"),
             ))?;
     }
+    install_partition_triggers(source, config).await?;
     let partial: Vec<(&TableName, coverage::Coverage)> = plan.partial().collect();
     if !partial.is_empty() {
         let names: Vec<&TableName> = partial.iter().map(|(t, _)| *t).collect();
@@ -641,6 +643,29 @@ async fn ensure_publications(
                 store.put_watch(&coverage::Watch::new(table.clone(), coverage, counted))?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Puts cutover's TRUNCATE trigger on every partition of the published
+/// partitioned tables that lacks it (see
+/// [`cutover_replication::partition`]).
+pub async fn install_partition_triggers(source: &Client, config: &Config) -> Result<(), CopyError> {
+    let names = vec![
+        config.publication.clone(),
+        coverage::inserts_publication(&config.publication),
+    ];
+    let covered = partition::install_for_publications(source, &names)
+        .await
+        .map_err(query(
+            "source",
+            "adding cutover's TRUNCATE trigger to partitions (needs the TRIGGER privilege on them, or ownership, and CREATE on the database for the cutover schema)",
+        ))?;
+    if !covered.is_empty() {
+        tracing::info!(
+            partitions = covered.len(),
+            "TRUNCATE trigger added to partitions: a TRUNCATE of one partition, which pgoutput does not send, reaches the target"
+        );
     }
     Ok(())
 }

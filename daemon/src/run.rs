@@ -29,7 +29,8 @@ use cutover_replication::apply::{Applier, ApplyError, SourceTransaction};
 use cutover_replication::catalog::TableName;
 use cutover_replication::client::describe;
 use cutover_replication::error::ReplicationError;
-use cutover_replication::pgoutput::{Commit, Decoder, Event};
+use cutover_replication::partition::{self, PartitionTruncate};
+use cutover_replication::pgoutput::{Change, ChangeKind, Commit, Decoder, Event};
 use cutover_replication::session::{PgOutputOptions, Session};
 use cutover_replication::slot;
 use cutover_replication::spill::SpillWriter;
@@ -59,12 +60,15 @@ pub enum RunError {
     /// A streamed transaction could not be written to disk.
     #[error("{0}")]
     Spill(String),
+    /// A logical message of cutover's own could not be read.
+    #[error("source: {0}")]
+    Message(String),
 }
 
 impl RunError {
     fn is_transient(&self) -> bool {
         match self {
-            RunError::Copy(_) | RunError::Spill(_) => false,
+            RunError::Copy(_) | RunError::Spill(_) | RunError::Message(_) => false,
             RunError::Source { err } => err.is_transient(),
             RunError::Apply(err) => err.is_transient(),
         }
@@ -267,6 +271,10 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
         status.set_lag(lag);
         if let Some(c) = &client {
             watch_unstreamed(c, &store, &status).await;
+            // Partitions created since the start get the TRUNCATE trigger.
+            if let Err(err) = copy::install_partition_triggers(c, &config).await {
+                tracing::warn!(error = %err, "could not add cutover's TRUNCATE trigger to new partitions");
+            }
         }
         if let Err(err) = store.put_lag_sample(&sample, keep) {
             tracing::warn!(error = %err, "could not store a lag sample");
@@ -420,6 +428,8 @@ async fn read_stream(
     let mut current: Option<(SourceTransaction, usize)> = None;
     let mut big: Option<SpillWriter> = None;
     let mut streamed: HashMap<u32, SpillWriter> = HashMap::new();
+    // The transaction of the stream block being read, if in one.
+    let mut stream_xid: Option<u32> = None;
     let mut forwarded = *durable.borrow();
     // Acknowledgements are sent at most every FEEDBACK_EVERY: each one that
     // moves the slot makes the walsender save (and fsync) the slot's state
@@ -492,6 +502,45 @@ async fn read_stream(
                 lsn,
                 source,
             })?;
+        let event = match event {
+            Event::StreamStart { xid, .. } => {
+                stream_xid = Some(xid);
+                continue;
+            }
+            Event::StreamStop { .. } => {
+                stream_xid = None;
+                continue;
+            }
+            Event::Message(message)
+                if message.transactional && message.prefix == partition::MESSAGE_PREFIX =>
+            {
+                // A partition emptied on the source: a change of its
+                // transaction, at its place (see `partition`).
+                let truncate = PartitionTruncate::from_message(&message.content, message.lsn)
+                    .map_err(|e| RunError::Message(e.to_string()))?;
+                let (xid, subxid, commit_lsn) = match (stream_xid, &current) {
+                    (Some(top), _) => (top, message.xid.unwrap_or(top), None),
+                    (None, Some((tx, _))) => (tx.xid, tx.xid, Some(tx.commit_lsn)),
+                    (None, None) => {
+                        return Err(RunError::Message(format!(
+                            "a {} message at {} outside any transaction",
+                            partition::MESSAGE_PREFIX,
+                            message.lsn
+                        )));
+                    }
+                };
+                Event::Change(Change {
+                    xid,
+                    subxid,
+                    commit_lsn,
+                    lsn: message.lsn,
+                    ordinal: 0,
+                    origin: None,
+                    kind: ChangeKind::TruncatePartition(Arc::new(truncate)),
+                })
+            }
+            other => other,
+        };
         match event {
             Event::Begin {
                 xid,
@@ -748,7 +797,7 @@ impl Queue {
 /// Changes of a batch by (table, op), for the metrics. Counted per
 /// relation first (a pointer comparison per change), named once per table.
 fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str), u64> {
-    use cutover_replication::pgoutput::{ChangeKind, Relation};
+    use cutover_replication::pgoutput::Relation;
     fn count<'a>(
         tally: &mut Vec<(&'a Arc<Relation>, &'static str, u64)>,
         relation: &'a Arc<Relation>,
@@ -763,6 +812,7 @@ fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str)
         }
     }
     let mut tally = Vec::new();
+    let mut partitions = Vec::new();
     for change in batch.iter().flat_map(|tx| &tx.changes) {
         let op = change.kind.op();
         match &change.kind {
@@ -774,9 +824,13 @@ fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str)
                     count(&mut tally, relation, op);
                 }
             }
+            ChangeKind::TruncatePartition(truncate) => partitions.push(&truncate.root),
         }
     }
     let mut counts = BTreeMap::new();
+    for root in partitions {
+        *counts.entry((root.to_string(), "truncate")).or_insert(0) += 1;
+    }
     for (relation, op, n) in tally {
         *counts.entry((relation.name.to_string(), op)).or_insert(0) += n;
     }
@@ -812,6 +866,11 @@ fn approximate_size(change: &cutover_replication::pgoutput::Change) -> usize {
             }
             ChangeKind::Delete { old, .. } => tuple(old.tuple()),
             ChangeKind::Truncate { relations, .. } => relations.len() * 8,
+            ChangeKind::TruncatePartition(truncate) => {
+                size_of::<cutover_replication::partition::PartitionTruncate>()
+                    + truncate.constraint.len()
+                    + truncate.bound.len()
+            }
         }
 }
 

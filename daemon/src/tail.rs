@@ -285,6 +285,19 @@ pub fn change_lines(change: &cutover_replication::pgoutput::Change) -> Vec<Json>
                 line
             })
             .collect(),
+        ChangeKind::TruncatePartition(truncate) => vec![json!({
+            "lsn": change.lsn,
+            "commit_lsn": change.commit_lsn,
+            "xid": change.xid,
+            "op": "truncate",
+            "schema": truncate.partition.schema,
+            "table": truncate.partition.name,
+            "partition_of": truncate.root.to_string(),
+            "origin": change.origin.as_deref(),
+            "key": Json::Null,
+            "old": Json::Null,
+            "new": Json::Null,
+        })],
     }
 }
 

@@ -823,6 +823,7 @@ impl Applier {
                         .is_none_or(|at| commit_lsn >= *at)
                 });
             }
+            ChangeKind::TruncatePartition(truncate) => &truncate.root,
         };
         self.copied_at.get(first).is_none_or(|at| commit_lsn >= *at)
     }
@@ -897,7 +898,7 @@ impl Applier {
         let mut known: Vec<KnownTable> = Vec::new();
         for &(change, commit_lsn) in changes {
             let relation = match &change.kind {
-                ChangeKind::Truncate { .. } => {
+                ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => {
                     self.flush(&mut pending, None).await?;
                     self.apply_one(change, commit_lsn).await?;
                     continue;
@@ -970,7 +971,9 @@ impl Applier {
                 ChangeKind::Insert { relation, new } | ChangeKind::Update { relation, new, .. } => {
                     (relation, new)
                 }
-                ChangeKind::Delete { .. } | ChangeKind::Truncate { .. } => continue,
+                ChangeKind::Delete { .. }
+                | ChangeKind::Truncate { .. }
+                | ChangeKind::TruncatePartition(_) => continue,
             };
             if let Some(check) = checks.iter_mut().find(|c| c.relation.name == relation.name) {
                 if let Some(rows) = &mut check.rows {
@@ -1328,6 +1331,16 @@ impl Applier {
                     .await
                     .map_err(refused(&relations[0], format!("({})", names.join(", "))))?;
             }
+            ChangeKind::TruncatePartition(truncate) => {
+                if self
+                    .copied_at
+                    .get(&truncate.root)
+                    .is_some_and(|at| commit_lsn < *at)
+                {
+                    return Ok(());
+                }
+                self.truncate_partition(truncate, change.lsn).await?;
+            }
             ChangeKind::Insert { relation, new } => {
                 let target = self.target_table(relation).await?;
                 let spec = key_spec(relation, &target);
@@ -1440,6 +1453,86 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// Empties on the target the rows of a partition the source truncated:
+    /// the same partition where the target has it (same name and bound,
+    /// under a parent and root of the same names), else the rows of the
+    /// root that the partition's constraint holds.
+    async fn truncate_partition(
+        &mut self,
+        truncate: &crate::partition::PartitionTruncate,
+        lsn: Lsn,
+    ) -> Result<(), ApplyError> {
+        let same: Option<bool> = self
+            .client
+            .query_opt(
+                "SELECT c.relkind = 'p'
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   JOIN pg_inherits i ON i.inhrelid = c.oid
+                   JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
+                   JOIN pg_class r ON r.oid = pg_partition_root(c.oid) JOIN pg_namespace rn ON rn.oid = r.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2 AND c.relispartition
+                    AND pg_get_expr(c.relpartbound, c.oid) = $3
+                    AND pn.nspname = $4 AND p.relname = $5 AND rn.nspname = $6 AND r.relname = $7",
+                &[
+                    &truncate.partition.schema,
+                    &truncate.partition.name,
+                    &truncate.bound,
+                    &truncate.parent.schema,
+                    &truncate.parent.name,
+                    &truncate.root.schema,
+                    &truncate.root.name,
+                ],
+            )
+            .await
+            .map_err(session_error(format!(
+                "looking up partition {} on the target",
+                truncate.partition
+            )))?
+            .map(|row| row.get(0));
+        let sql = match same {
+            Some(partitioned) => format!(
+                "TRUNCATE {}",
+                crate::catalog::own_rows(&truncate.partition, partitioned)
+            ),
+            None if truncate.hashed() => {
+                return Err(ApplyError::Schema(format!(
+                    "the source truncated hash partition {} ({}) of {}, and the target has no partition of that name and bound under {}: \
+                     the rows of a hash partition cannot be told apart on a table partitioned differently. \
+                     Empty them by hand on the target (they are the source's {} rows, gone from the source), \
+                     or partition the target's {} like the source's, then run cutover verify and restart",
+                    truncate.partition,
+                    truncate.bound,
+                    truncate.root,
+                    truncate.parent,
+                    truncate.partition,
+                    truncate.root
+                )));
+            }
+            // The constraint is the source's own rendering of the
+            // partition's bounds over the root's columns (no value of a
+            // row is built into it).
+            None => format!(
+                "DELETE FROM {} WHERE {}",
+                truncate.root.quoted(),
+                truncate.constraint
+            ),
+        };
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(|err| match err.as_db_error() {
+                Some(db) => ApplyError::Refused {
+                    op: "truncate",
+                    table: truncate.partition.clone(),
+                    key: format!("(partition of {})", truncate.root),
+                    lsn,
+                    detail: db.message().to_owned(),
+                    sqlstate: db.code().code().to_owned(),
+                },
+                None => session_error(format!("emptying partition {}", truncate.partition))(err),
+            })
     }
 
     /// Writes one whole row `new` that replaces the row found at `old`'s
@@ -1700,7 +1793,9 @@ fn coalesce<'a>(
             (key, op, old_key)
         }
         ChangeKind::Delete { old, .. } => (key_of(key_cols, old.tuple()), RowOp::Delete, None),
-        ChangeKind::Truncate { .. } => unreachable!("truncates are barriers"),
+        ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => {
+            unreachable!("truncates are barriers")
+        }
     };
     let index = match pending
         .iter()
@@ -2159,7 +2254,7 @@ mod tests {
                 ChangeKind::Insert { relation, .. }
                 | ChangeKind::Update { relation, .. }
                 | ChangeKind::Delete { relation, .. } => relation,
-                ChangeKind::Truncate { .. } => unreachable!(),
+                ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => unreachable!(),
             };
             coalesce(&mut pending, c, relation, &[0]);
         }

@@ -23,6 +23,7 @@ pub mod client;
 pub mod conninfo;
 pub mod error;
 pub mod lsn;
+pub mod partition;
 pub mod pgoutput;
 pub mod secret;
 pub mod session;

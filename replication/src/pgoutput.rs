@@ -251,6 +251,10 @@ pub enum ChangeKind {
         /// `RESTART IDENTITY` was given.
         restart_identity: bool,
     },
+    /// TRUNCATE of one partition of a tree published through its root,
+    /// which pgoutput does not send: cutover's trigger on the source
+    /// reports it in a logical message (see [`crate::partition`]).
+    TruncatePartition(Arc<crate::partition::PartitionTruncate>),
 }
 
 impl ChangeKind {
@@ -260,7 +264,7 @@ impl ChangeKind {
             ChangeKind::Insert { .. } => "insert",
             ChangeKind::Update { .. } => "update",
             ChangeKind::Delete { .. } => "delete",
-            ChangeKind::Truncate { .. } => "truncate",
+            ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => "truncate",
         }
     }
 }

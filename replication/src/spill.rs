@@ -108,6 +108,7 @@ impl SpillWriter {
                 vec![relation]
             }
             ChangeKind::Truncate { relations, .. } => relations.iter().collect(),
+            ChangeKind::TruncatePartition(_) => Vec::new(),
         };
         let mut ids = Vec::with_capacity(relations.len());
         for relation in relations {
@@ -331,6 +332,7 @@ fn change_json(change: &Change, relation_ids: &[u32]) -> Json {
             "T",
             json!({ "cascade": cascade, "restart": restart_identity }),
         ),
+        ChangeKind::TruncatePartition(truncate) => ("P", json!(**truncate)),
     };
     json!({ "change": {
         "xid": change.xid,
@@ -380,6 +382,7 @@ fn change_from_json(value: &Json, relations: &HashMap<u64, Arc<Relation>>) -> Op
             cascade: data["cascade"].as_bool()?,
             restart_identity: data["restart"].as_bool()?,
         },
+        "P" => ChangeKind::TruncatePartition(Arc::new(serde_json::from_value(data.clone()).ok()?)),
         _ => return None,
     };
     Some(Change {
@@ -517,5 +520,31 @@ mod tests {
             ChangeKind::Insert { relation, .. } => assert_eq!(**relation, *rel),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn a_partition_truncate_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let truncate = crate::partition::PartitionTruncate {
+            partition: crate::catalog::TableName::new("public", "p1"),
+            root: crate::catalog::TableName::new("public", "p"),
+            bound: "FOR VALUES IN ('fr')".into(),
+            parent: crate::catalog::TableName::new("public", "p"),
+            constraint: "((country IS NOT NULL) AND (country = 'fr'::text))".into(),
+        };
+        let change = Change {
+            xid: 7,
+            subxid: 7,
+            commit_lsn: None,
+            lsn: Lsn::from_u64(42),
+            ordinal: 0,
+            origin: None,
+            kind: ChangeKind::TruncatePartition(Arc::new(truncate)),
+        };
+        let mut writer = SpillWriter::create(dir.path(), 7).unwrap();
+        writer.push(&change).unwrap();
+        let path = writer.finish().unwrap();
+        let mut reader = SpillReader::open(&path).unwrap();
+        assert_eq!(reader.next_batch(10).unwrap(), vec![change]);
     }
 }

@@ -403,3 +403,120 @@ async fn keyless_tables_stream_every_change_when_the_config_asks_for_replica_ide
     }
     finish(&pair, &mut daemon, &["events"]).await;
 }
+
+#[tokio::test]
+async fn partitioned_tables_of_every_kind_reach_a_target_partitioned_differently_truncates_included()
+ {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.source
+        .execute(
+            "app",
+            "CREATE TABLE measures (id int, region text, at date, v int, PRIMARY KEY (id, at, region))
+                 PARTITION BY RANGE (at);
+             CREATE TABLE measures_2025 PARTITION OF measures
+                 FOR VALUES FROM ('2025-01-01') TO ('2026-01-01') PARTITION BY LIST (region);
+             CREATE TABLE measures_2025_eu PARTITION OF measures_2025 FOR VALUES IN ('eu');
+             CREATE TABLE measures_2025_other PARTITION OF measures_2025 DEFAULT;
+             CREATE TABLE measures_2026 PARTITION OF measures FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+             CREATE TABLE orders (id int, country text, v text, PRIMARY KEY (id, country)) PARTITION BY LIST (country);
+             CREATE TABLE orders_fr PARTITION OF orders FOR VALUES IN ('fr');
+             CREATE TABLE orders_de PARTITION OF orders FOR VALUES IN ('de');
+             CREATE TABLE orders_rest PARTITION OF orders DEFAULT;
+             CREATE TABLE orders_it (v text, country text NOT NULL, id int NOT NULL);
+             ALTER TABLE orders ATTACH PARTITION orders_it FOR VALUES IN ('it');
+             CREATE TABLE sessions (id int PRIMARY KEY, v text) PARTITION BY HASH (id);
+             CREATE TABLE sessions_0 PARTITION OF sessions FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+             CREATE TABLE sessions_1 PARTITION OF sessions FOR VALUES WITH (MODULUS 2, REMAINDER 1);",
+        )
+        .await;
+    // The target: measures not partitioned, orders hashed instead of
+    // listed, sessions as on the source.
+    pair.target
+        .execute(
+            "app",
+            "CREATE TABLE measures (id int, region text, at date, v int, PRIMARY KEY (id, at, region));
+             CREATE TABLE orders (id int, country text, v text, PRIMARY KEY (id, country)) PARTITION BY HASH (id);
+             CREATE TABLE orders_h0 PARTITION OF orders FOR VALUES WITH (MODULUS 3, REMAINDER 0);
+             CREATE TABLE orders_h1 PARTITION OF orders FOR VALUES WITH (MODULUS 3, REMAINDER 1);
+             CREATE TABLE orders_h2 PARTITION OF orders FOR VALUES WITH (MODULUS 3, REMAINDER 2);
+             CREATE TABLE sessions (id int PRIMARY KEY, v text) PARTITION BY HASH (id);
+             CREATE TABLE sessions_0 PARTITION OF sessions FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+             CREATE TABLE sessions_1 PARTITION OF sessions FOR VALUES WITH (MODULUS 2, REMAINDER 1);",
+        )
+        .await;
+    let seed = "INSERT INTO measures SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END,
+                       date '2025-01-05' + (g * 4), g FROM generate_series(1, 80) g;
+                INSERT INTO orders SELECT g, (ARRAY['fr', 'de', 'it', 'es', 'pt'])[1 + g % 5], 'o' || g
+                  FROM generate_series(1, 100) g;
+                INSERT INTO sessions SELECT g, 's' || g FROM generate_series(1, 50) g;";
+    on_source(&pair, seed).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    for sql in [
+        "INSERT INTO orders VALUES (500, 'it', 'into the attached partition'), (501, 'xx', 'default')",
+        // Rows moved across partitions by an UPDATE.
+        "UPDATE orders SET country = 'de' WHERE country = 'fr' AND id % 2 = 0",
+        "UPDATE measures SET at = at + 365 WHERE id % 3 = 0",
+        "UPDATE orders_it SET v = 'through the partition' WHERE id < 50",
+        // One partition emptied: a list, a default, a sub-partition, a
+        // hash partition of a tree the target has the same.
+        "TRUNCATE orders_fr",
+        "BEGIN; TRUNCATE orders_rest; INSERT INTO orders VALUES (502, 'es', 'after its truncate'); COMMIT;",
+        "TRUNCATE measures_2025_eu",
+        "TRUNCATE sessions_1",
+        "INSERT INTO sessions VALUES (1001, 'new'), (1002, 'new')",
+        // The whole tree, then rows again.
+        "TRUNCATE measures",
+        "INSERT INTO measures VALUES (1, 'eu', '2026-02-01', 1)",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    finish(&pair, &mut daemon, &["measures", "orders", "sessions"]).await;
+    let triggers: i64 = pair
+        .source
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'cutover_truncate_partition'",
+        )
+        .await;
+    assert_eq!(
+        triggers, 10,
+        "one TRUNCATE trigger per partition, at every level"
+    );
+}
+
+#[tokio::test]
+async fn a_hash_partition_truncated_on_the_source_stops_a_target_partitioned_otherwise() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.source
+        .execute(
+            "app",
+            "CREATE TABLE sessions (id int PRIMARY KEY, v text) PARTITION BY HASH (id);
+             CREATE TABLE sessions_0 PARTITION OF sessions FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+             CREATE TABLE sessions_1 PARTITION OF sessions FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+             INSERT INTO sessions SELECT g, 's' FROM generate_series(1, 20) g;",
+        )
+        .await;
+    pair.target
+        .execute("app", "CREATE TABLE sessions (id int PRIMARY KEY, v text);")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    on_source(&pair, "TRUNCATE sessions_1").await;
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("the source truncated hash partition public.sessions_1"),
+        "{log}"
+    );
+    // Nothing was skipped: the rows are all still there, to be emptied
+    // by the operator.
+    assert_eq!(
+        cutover_tests::table_rows(&pair.target, "sessions")
+            .await
+            .len(),
+        20
+    );
+}
