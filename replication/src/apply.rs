@@ -149,6 +149,21 @@ impl ApplyError {
         }
     }
 
+    /// Whether the target may have refused because its tables changed
+    /// since the applier described them (a column widened, added or
+    /// dropped by an operator): a data exception (class 22), a syntax or
+    /// access rule (class 42, such as a type mismatch or a missing
+    /// column), or a statement the target would not prepare.
+    pub fn may_be_stale_description(&self) -> bool {
+        match self {
+            ApplyError::Refused { sqlstate, .. } => {
+                sqlstate.starts_with("22") || sqlstate.starts_with("42")
+            }
+            ApplyError::Schema(_) => true,
+            _ => false,
+        }
+    }
+
     /// A short stable name for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -192,6 +207,9 @@ const FORCE_FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(
 /// A target table as the applier needs it.
 #[derive(Debug, Clone)]
 struct TargetTable {
+    /// The source's description it was read for: a new one (the source
+    /// changed the table) is described again.
+    relation: Arc<Relation>,
     /// Column name → `format_type()`.
     types: HashMap<String, String>,
     /// Primary key columns on the target.
@@ -210,6 +228,10 @@ struct TargetTable {
     deferrable_keys: Vec<Vec<String>>,
     /// A partitioned table: `TRUNCATE` cannot take `ONLY`.
     partitioned: bool,
+    /// Columns whose target type may not hold every value of the type the
+    /// source now sends (built-in types only): column, source type,
+    /// target type. Named in the error when the target refuses a value.
+    narrower: Vec<(String, String, String)>,
 }
 
 impl TargetTable {
@@ -694,6 +716,85 @@ impl Applier {
         end_lsn: Lsn,
         commit_time: PgTimestamp,
     ) -> Result<(), ApplyError> {
+        match self.apply_changes_once(changes, end_lsn, commit_time).await {
+            Err(err) if self.progress < end_lsn && err.may_be_stale_description() => {
+                tracing::info!(error = %err, "the target refused a change: describing its tables again and retrying the batch once");
+                self.forget_descriptions();
+                self.apply_changes_once(changes, end_lsn, commit_time)
+                    .await
+                    .map_err(|err| self.explained(err))
+            }
+            other => other,
+        }
+    }
+
+    /// A refused value, with the columns of its table whose target type is
+    /// narrower than the source's and the statement that widens them.
+    fn explained(&self, err: ApplyError) -> ApplyError {
+        let ApplyError::Refused {
+            op,
+            table,
+            key,
+            lsn,
+            detail,
+            sqlstate,
+        } = err
+        else {
+            return err;
+        };
+        let narrower = self
+            .tables
+            .get(&table)
+            .map(|t| t.narrower.clone())
+            .unwrap_or_default();
+        let detail = if narrower.is_empty() || !sqlstate.starts_with("22") {
+            detail
+        } else {
+            let columns: Vec<String> = narrower
+                .iter()
+                .map(|(c, source, target)| {
+                    format!("{c} is {target} on the target but {source} on the source")
+                })
+                .collect();
+            let fixes: Vec<String> = narrower
+                .iter()
+                .map(|(c, source, _)| {
+                    format!(
+                        "ALTER TABLE {} ALTER COLUMN {} TYPE {source};",
+                        table.quoted(),
+                        quote_ident(c)
+                    )
+                })
+                .collect();
+            format!(
+                "{detail}; {}: widen on the target ({}) and restart",
+                columns.join(", "),
+                fixes.join(" ")
+            )
+        };
+        ApplyError::Refused {
+            op,
+            table,
+            key,
+            lsn,
+            detail,
+            sqlstate,
+        }
+    }
+
+    /// Forgets what the applier knows of the target's tables (an operator
+    /// may have changed them): they are described again on next use.
+    fn forget_descriptions(&mut self) {
+        self.tables.clear();
+        self.statements.clear();
+    }
+
+    async fn apply_changes_once(
+        &mut self,
+        changes: &[(&Change, Lsn)],
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), ApplyError> {
         let wanted: Vec<(&Change, Lsn)> = changes
             .iter()
             .copied()
@@ -725,6 +826,24 @@ impl Applier {
     /// Applies a streamed transaction from its spill file, in one target
     /// transaction, `batch` changes at a time (memory stays bounded).
     pub async fn apply_spilled(
+        &mut self,
+        path: &std::path::Path,
+        commit: &crate::pgoutput::Commit,
+        batch: usize,
+    ) -> Result<(), ApplyError> {
+        match self.apply_spilled_once(path, commit, batch).await {
+            Err(err) if self.progress < commit.end_lsn && err.may_be_stale_description() => {
+                tracing::info!(error = %err, "the target refused a change: describing its tables again and retrying the transaction once");
+                self.forget_descriptions();
+                self.apply_spilled_once(path, commit, batch)
+                    .await
+                    .map_err(|err| self.explained(err))
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_spilled_once(
         &mut self,
         path: &std::path::Path,
         commit: &crate::pgoutput::Commit,
@@ -1608,17 +1727,29 @@ impl Applier {
         Ok(statement)
     }
 
-    async fn target_table(&mut self, relation: &Relation) -> Result<Arc<TargetTable>, ApplyError> {
-        if let Some(table) = self.tables.get(&relation.name)
-            && relation
-                .columns
-                .iter()
-                .all(|c| table.types.contains_key(&c.name))
-        {
-            return Ok(Arc::clone(table));
+    async fn target_table(
+        &mut self,
+        relation: &Arc<Relation>,
+    ) -> Result<Arc<TargetTable>, ApplyError> {
+        if let Some(table) = self.tables.get(&relation.name) {
+            if Arc::ptr_eq(&table.relation, relation) {
+                return Ok(Arc::clone(table));
+            }
+            if *table.relation == **relation {
+                // The same description read again (a spilled transaction):
+                // remember this copy, compared by pointer from now on.
+                let mut same = (**table).clone();
+                same.relation = Arc::clone(relation);
+                let same = Arc::new(same);
+                self.tables.insert(relation.name.clone(), Arc::clone(&same));
+                return Ok(same);
+            }
         }
-        // First use, or the relation gained a column: read the target again.
-        let table = Arc::new(self.describe_target(relation).await?);
+        // First use, or the source described the table again (a column
+        // added, dropped or of another type): read the target again.
+        let mut described = self.describe_target(relation).await?;
+        described.relation = Arc::clone(relation);
+        let table = Arc::new(described);
         self.tables
             .insert(relation.name.clone(), Arc::clone(&table));
         Ok(table)
@@ -1705,7 +1836,36 @@ impl Applier {
                 relation.name
             )));
         }
+        // Built-in types have the same OIDs everywhere: the target spells
+        // the source's types, and they are compared with its own.
+        let oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
+        let mods: Vec<i32> = relation.columns.iter().map(|c| c.type_modifier).collect();
+        let spelled: Vec<Option<String>> = self
+            .client
+            .query(
+                "SELECT CASE WHEN t.oid < 16384 THEN format_type(t.oid, t.typmod) END
+                   FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, n) ORDER BY t.n",
+                &[&oids, &mods],
+            )
+            .await
+            .map_err(session_error(format!("reading the types of {}", relation.name)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let narrower = relation
+            .columns
+            .iter()
+            .zip(spelled)
+            .filter_map(|(column, source)| {
+                let source = source?;
+                let target = types.get(&column.name)?;
+                (crate::catalog::type_fit(&source, target) == crate::catalog::TypeFit::Incompatible)
+                    .then(|| (column.name.clone(), source, target.clone()))
+            })
+            .collect();
         Ok(TargetTable {
+            narrower,
+            relation: Arc::new(relation.clone()),
             types,
             primary_key: row.get::<_, Option<Vec<String>>>(1).unwrap_or_default(),
             key_deferrable: row.get(2),

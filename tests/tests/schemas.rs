@@ -520,3 +520,64 @@ async fn a_hash_partition_truncated_on_the_source_stops_a_target_partitioned_oth
         20
     );
 }
+
+#[tokio::test]
+async fn columns_changed_on_both_sides_are_described_again_and_a_narrower_target_names_the_fix() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance int, note text);
+         CREATE TABLE ledger (id int PRIMARY KEY, amount int);",
+    )
+    .await;
+    on_source(
+        &pair,
+        "INSERT INTO accounts SELECT g, g, 'n' FROM generate_series(1, 10) g;
+         INSERT INTO ledger SELECT g, g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    on_source(&pair, "UPDATE accounts SET balance = balance + 1").await;
+    pair.wait_equal(&["accounts"], WAIT).await;
+    // The operator widens a column and adds one, on the target first.
+    pair.target
+        .execute(
+            "app",
+            "ALTER TABLE accounts ALTER COLUMN balance TYPE bigint; ALTER TABLE accounts ADD COLUMN region text;",
+        )
+        .await;
+    on_source(
+        &pair,
+        "ALTER TABLE accounts ALTER COLUMN balance TYPE bigint; ALTER TABLE accounts ADD COLUMN region text;",
+    )
+    .await;
+    for sql in [
+        "INSERT INTO accounts VALUES (11, 5000000000, 'wide', 'eu')",
+        "UPDATE accounts SET balance = 6000000000, region = 'us' WHERE id = 1",
+        "UPDATE accounts SET note = 'short' WHERE id = 2",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    pair.wait_equal(&["accounts"], WAIT).await;
+    // Widened on the source only: the stream stops naming the column and
+    // the statement that widens it on the target; nothing is skipped.
+    on_source(
+        &pair,
+        "ALTER TABLE ledger ALTER COLUMN amount TYPE bigint; INSERT INTO ledger VALUES (11, 7000000000);",
+    )
+    .await;
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("amount is integer on the target but bigint on the source")
+            && log
+                .contains("ALTER TABLE \"public\".\"ledger\" ALTER COLUMN \"amount\" TYPE bigint;"),
+        "{log}"
+    );
+    pair.target
+        .execute("app", "ALTER TABLE ledger ALTER COLUMN amount TYPE bigint")
+        .await;
+    daemon.restart();
+    finish(&pair, &mut daemon, &["accounts", "ledger"]).await;
+}
