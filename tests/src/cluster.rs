@@ -114,13 +114,18 @@ impl Cluster {
             running: false,
         };
         cluster.initdb(&options);
+        cluster.start_on_a_free_port();
+        cluster
+    }
+
+    fn start_on_a_free_port(&mut self) {
         for attempt in 1..=PORT_ATTEMPTS {
-            cluster.port = free_port();
-            cluster.write_port();
-            match cluster.pg_ctl_start() {
+            self.port = free_port();
+            self.write_port();
+            match self.pg_ctl_start() {
                 Ok(()) => {
-                    cluster.running = true;
-                    return cluster;
+                    self.running = true;
+                    return;
                 }
                 Err(log)
                     if log.contains("could not bind") || log.contains("Address already in use") =>
@@ -132,7 +137,47 @@ impl Cluster {
                 Err(log) => panic!("PostgreSQL did not start:\n{log}"),
             }
         }
-        unreachable!("the loop returns or panics")
+    }
+
+    /// Another server started from a copy of this one's files, as a
+    /// restored base backup or a cloned disk is: the same system
+    /// identifier and databases, on its own port. This server is stopped
+    /// while its files are copied, then started again.
+    pub fn clone_server(&mut self) -> Cluster {
+        self.stop();
+        let dir = tempfile::Builder::new()
+            .prefix("cutover-pg-clone-")
+            .tempdir_in("/tmp")
+            .expect("create a temporary directory under /tmp");
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid.as_raw()), Some(gid.as_raw()))
+                .expect("chown the clone's directory to postgres");
+        }
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(self.data_dir())
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("run cp");
+        assert!(
+            out.status.success(),
+            "copying the data directory failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.start_again();
+        let conf = dir.path().join("data/postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read the clone's postgresql.conf");
+        let _ = writeln!(text, "unix_socket_directories = '{}'", dir.path().display());
+        std::fs::write(&conf, text).expect("write the clone's postgresql.conf");
+        let mut clone = Cluster {
+            dir,
+            port: 0,
+            bindir: self.bindir.clone(),
+            run_as: self.run_as,
+            running: false,
+        };
+        clone.start_on_a_free_port();
+        clone
     }
 
     /// The TCP port on 127.0.0.1.

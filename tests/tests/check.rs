@@ -563,3 +563,48 @@ async fn a_full_slot_table_blocks_only_when_the_configured_slot_must_be_created(
         "{found}"
     );
 }
+
+#[tokio::test]
+async fn a_target_cloned_from_the_source_is_told_apart_from_the_same_database() {
+    let mut source = cutover_tests::Cluster::start();
+    source.create_database("app").await;
+    source
+        .execute(
+            "app",
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1);",
+        )
+        .await;
+    // A restored base backup: the same system identifier, another server.
+    let clone = source.clone_server();
+    let setup = Setup::new();
+    let cloned = setup.config(
+        &source.url("app", "postgres", None),
+        &clone.url("app", "postgres", None),
+        "",
+    );
+    let report = json(&setup.check(&cloned, &["--format", "json"], &[]));
+    assert!(
+        finding(&report, "same_database", "target.url").is_none(),
+        "a clone is another server: {report:#}"
+    );
+    let warning = finding(&report, "target_cloned_from_source", "target.url")
+        .unwrap_or_else(|| panic!("the clone is named: {report:#}"));
+    assert_eq!(warning["severity"], "warning", "{report:#}");
+    // The same database reached another way (its unix socket) blocks.
+    let same = setup.config(
+        &source.url("app", "postgres", None),
+        &format!(
+            "host={} port={} dbname=app user=postgres",
+            source.socket_dir().display(),
+            source.port()
+        ),
+        "",
+    );
+    let outcome = setup.check(&same, &["--format", "json"], &[]);
+    assert_eq!(outcome.code, 1, "{}", outcome.all_output());
+    let report = json(&outcome);
+    assert!(
+        finding(&report, "same_database", "target.url").is_some(),
+        "{report:#}"
+    );
+}

@@ -56,23 +56,43 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
             Err(err) => probe_failed(&mut report, "target", &err),
         }
     }
-    if let (Some(s), Some(t)) = (&source_facts, &target_facts)
+    if let (Some(s), Some(t), Some(source_client), Some(target_client)) =
+        (&source_facts, &target_facts, &source, &target)
         && s.system_identifier.is_some()
         && s.system_identifier == t.system_identifier
-        && s.database == t.database
     {
-        report.add(Finding {
-            severity: Severity::Blocking,
-            code: "same_database",
-            server: "target",
-            subject: Some("target.url".into()),
-            problem: format!(
-                "source and target are the same database ({} on server {})",
-                s.database,
-                s.system_identifier.as_deref().unwrap_or("?")
-            ),
-            fix: Some("point target.url at the new server's database".into()),
-        });
+        // A restored base backup or a cloned disk shares the system
+        // identifier of the server it was copied from: only a session seen
+        // from both sides proves they are one server.
+        let same_server = same_server(source_client, target_client).await;
+        let sysid = s.system_identifier.as_deref().unwrap_or("?");
+        match same_server {
+            Some(false) => report.add(Finding {
+                severity: Severity::Warning,
+                code: "target_cloned_from_source",
+                server: "target",
+                subject: Some("target.url".into()),
+                problem: format!(
+                    "the target shares the source's system identifier ({sysid}) but is another server: it was built from a copy of the source (a restored base backup, a cloned disk); its tables may hold the source's rows of that time"
+                ),
+                fix: Some(
+                    "cutover copies into empty tables: TRUNCATE them on the target, or set copy.truncate_target = true"
+                        .into(),
+                ),
+            }),
+            Some(true) | None if s.database == t.database => report.add(Finding {
+                severity: Severity::Blocking,
+                code: "same_database",
+                server: "target",
+                subject: Some("target.url".into()),
+                problem: format!(
+                    "source and target are the same database ({} on server {sysid})",
+                    s.database
+                ),
+                fix: Some("point target.url at the new server's database".into()),
+            }),
+            _ => {}
+        }
     }
 
     if let Some(source_client) = &source {
@@ -230,6 +250,40 @@ fn probe_failed(report: &mut Report, server: &'static str, err: &tokio_postgres:
                 .to_owned()
         }),
     });
+}
+
+/// Whether two connections reach one server: the source session takes a
+/// random advisory lock (it writes nothing and lasts a moment), and the
+/// target is asked whether it sees that lock held by that session. `None`
+/// when the probe itself fails.
+async fn same_server(source: &Client, target: &Client) -> Option<bool> {
+    let key: i64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| {
+            (d.as_nanos() as i64 ^ i64::from(std::process::id()) << 32) & 0x3fff_ffff_ffff_ffff
+        })
+        .unwrap_or(0x5eed_c0de);
+    let pid: i32 = source
+        .query_one(
+            "SELECT pg_backend_pid() FROM (SELECT pg_try_advisory_lock($1::int8)) AS l",
+            &[&key],
+        )
+        .await
+        .ok()?
+        .get(0);
+    let seen = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = $1
+                              AND classid = ($2::int8 >> 32)::oid AND objid = ($2::int8 & 4294967295)::oid)",
+            &[&pid, &key],
+        )
+        .await
+        .ok()
+        .map(|r| r.get::<_, bool>(0));
+    let _ = source
+        .execute("SELECT pg_advisory_unlock($1::int8)", &[&key])
+        .await;
+    seen
 }
 
 /// Facts about one server that later probes compare.
