@@ -207,6 +207,18 @@ fn plan_tables(
             problems.push(format!("{} is missing", table.name));
             continue;
         };
+        // A deferrable key's values may be permuted inside a source
+        // transaction: applied on a target whose key is immediate, the
+        // intermediate states would collide (or, coalesced, diverge).
+        for key in &table.deferrable_keys {
+            if !target.deferrable_keys.contains(key) {
+                problems.push(format!(
+                    "{}'s key ({}) is DEFERRABLE on the source but not on the target: declare it DEFERRABLE there too",
+                    table.name,
+                    key.join(", ")
+                ));
+            }
+        }
         // Generated columns are computed on the target, never copied.
         let columns: Vec<&catalog::Column> =
             table.columns.iter().filter(|c| !c.generated).collect();

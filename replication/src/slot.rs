@@ -188,9 +188,11 @@ pub async fn create_publication(
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
         .await?
         .get(0);
+    // ONLY: a table's inheritance children are in scope on their own
+    // (a partitioned table's partitions are published through it anyway).
     let list = tables
         .iter()
-        .map(TableName::quoted)
+        .map(|t| format!("ONLY {}", t.quoted()))
         .collect::<Vec<_>>()
         .join(", ");
     let with = if version >= 130000 {
@@ -237,7 +239,7 @@ pub async fn add_publication_tables(
     if !missing.is_empty() {
         let list = missing
             .iter()
-            .map(TableName::quoted)
+            .map(|t| format!("ONLY {}", t.quoted()))
             .collect::<Vec<_>>()
             .join(", ");
         client

@@ -581,3 +581,73 @@ async fn columns_changed_on_both_sides_are_described_again_and_a_narrower_target
     daemon.restart();
     finish(&pair, &mut daemon, &["accounts", "ledger"]).await;
 }
+
+#[tokio::test]
+async fn check_says_what_each_schema_shape_gets_before_anything_is_created() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.source
+        .execute(
+            "app",
+            "CREATE TABLE perm (id int PRIMARY KEY DEFERRABLE, v text);
+             ALTER TABLE perm REPLICA IDENTITY FULL;
+             CREATE TABLE calc (id int PRIMARY KEY, v int, twice int GENERATED ALWAYS AS (v * 2) STORED);
+             CREATE TABLE parts (id int, PRIMARY KEY (id)) PARTITION BY RANGE (id);
+             CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (100);
+             CREATE TABLE animal (id int PRIMARY KEY);
+             CREATE TABLE dog () INHERITS (animal);
+             ALTER TABLE dog ADD PRIMARY KEY (id);",
+        )
+        .await;
+    pair.target
+        .execute(
+            "app",
+            "CREATE TABLE perm (id int PRIMARY KEY, v text);
+             CREATE TABLE calc (id int PRIMARY KEY, v int, twice int);
+             CREATE TABLE parts (id int PRIMARY KEY);
+             CREATE TABLE animal (id int PRIMARY KEY);
+             CREATE TABLE dog () INHERITS (animal);
+             ALTER TABLE dog ADD PRIMARY KEY (id);",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let check = cutover_tests::run_cutover(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "check",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(check.code, 1, "{}", check.all_output());
+    let report: serde_json::Value = serde_json::from_str(&check.stdout)
+        .unwrap_or_else(|e| panic!("check --format json: {e}\n{}", check.all_output()));
+    let has = |code: &str, subject: &str| {
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["code"] == code && f["subject"] == subject)
+    };
+    assert!(has("deferrable_key_mismatch", "public.perm"), "{report:#}");
+    assert!(has("generated_column", "public.calc.twice"), "{report:#}");
+    assert!(has("partitioned_table", "public.parts"), "{report:#}");
+    assert!(has("inheritance_parent", "public.animal"), "{report:#}");
+    assert_eq!(report["blocking"], 2, "{report:#}");
+    // run refuses the deferrable mismatch too, before creating anything.
+    let run = cutover_tests::run_cutover(&["--config", config.to_str().unwrap(), "run"], &[]);
+    assert_eq!(run.code, 1, "{}", run.all_output());
+    assert!(
+        run.stderr
+            .contains("public.perm's key (id) is DEFERRABLE on the source but not on the target"),
+        "{}",
+        run.all_output()
+    );
+    let slots: i64 = pair
+        .source
+        .query_value("app", "SELECT count(*) FROM pg_replication_slots")
+        .await;
+    assert_eq!(slots, 0);
+}

@@ -255,12 +255,24 @@ pub(super) async fn target_table_checks(
                     }
                     if column.generated && !t.generated {
                         report.add(Finding {
-                            severity: Severity::Warning,
+                            severity: Severity::Blocking,
                             code: "generated_column",
                             server: "target",
                             subject: column_subject,
-                            problem: "a generated column on the source is a plain column on the target: logical decoding does not send generated values".into(),
+                            problem: "a generated column on the source is a plain column on the target: neither the copy nor logical decoding sends generated values, so it would stay NULL".into(),
                             fix: Some("define the column on the target with the same GENERATED ALWAYS AS (...) STORED expression".into()),
+                        });
+                    } else if t.generated && !column.generated {
+                        report.add(Finding {
+                            severity: Severity::Blocking,
+                            code: "generated_on_target",
+                            server: "target",
+                            subject: column_subject,
+                            problem: "a plain column on the source is generated on the target, which refuses the source's values".into(),
+                            fix: Some(format!(
+                                "ALTER TABLE {quoted} ALTER COLUMN {} DROP EXPRESSION;  -- or generate it on the source too",
+                                catalog::quote_ident(&column.name)
+                            )),
                         });
                     }
                 }
@@ -326,6 +338,56 @@ pub(super) async fn target_table_checks(
                     }),
                 });
             }
+        }
+        // A DEFERRABLE key lets a source transaction permute its values
+        // (swap, shift): the target's must be deferrable too, or the
+        // applier's intermediate states would collide with it.
+        for key in &source.deferrable_keys {
+            if !target.deferrable_keys.contains(key) {
+                report.add(Finding {
+                    severity: Severity::Blocking,
+                    code: "deferrable_key_mismatch",
+                    server: "target",
+                    subject: subject.clone(),
+                    problem: format!(
+                        "the source's key ({}) is DEFERRABLE, the target's is not: a transaction that permutes its values on the source cannot be replayed",
+                        key.join(", ")
+                    ),
+                    fix: Some(format!(
+                        "declare the target's constraint on ({}) DEFERRABLE, as on the source (ALTER TABLE {quoted} ALTER CONSTRAINT ... DEFERRABLE, or drop and add it)",
+                        key.join(", ")
+                    )),
+                });
+            }
+        }
+        if source.partitioned {
+            report.add(Finding {
+                severity: Severity::Info,
+                code: "partitioned_table",
+                server: "source",
+                subject: subject.clone(),
+                problem: format!(
+                    "published through its root; cutover run adds a TRUNCATE trigger ({}.{}) to each of its partitions, because pgoutput does not send a TRUNCATE of one partition; cutover cleanup removes them{}",
+                    cutover_replication::partition::SCHEMA,
+                    cutover_replication::partition::TRIGGER,
+                    if target.partitioned {
+                        ""
+                    } else {
+                        ". The target is not partitioned: a TRUNCATE of one hash partition could not be applied there (the stream would stop and say so)"
+                    }
+                ),
+                fix: Some("the run needs the TRIGGER privilege on the partitions (or their ownership) and CREATE on the database".into()),
+            });
+        }
+        if source.has_inheritance_children {
+            report.add(Finding {
+                severity: Severity::Info,
+                code: "inheritance_parent",
+                server: "source",
+                subject: subject.clone(),
+                problem: "tables inherit from it: it is published, counted, copied and truncated ONLY for its own rows; its children are migrated if they are in scope themselves".into(),
+                fix: None,
+            });
         }
         if !writable.get(&target.oid).copied().unwrap_or(false) {
             report.add(Finding {
