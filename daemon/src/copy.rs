@@ -27,7 +27,7 @@
 //! Chunks commit one by one on the target, so a crash loses at most the
 //! unfinished tables' work, never correctness.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,6 +135,12 @@ pub enum CopyError {
         /// What it leaves out.
         gaps: String,
     },
+    /// A table was truncated or rewritten between the snapshot and the
+    /// copy's locks: copying it under that snapshot would find it empty.
+    #[error(
+        "source: {0} was truncated or rewritten just after the copy's snapshot was taken: the copy starts again from a new snapshot"
+    )]
+    Rewritten(String),
     /// `replication.keyless = "refuse"` and such tables are in scope.
     #[error(
         "source: {0}: neither a primary key nor a replica identity identifies their rows, and replication.keyless = \"refuse\". Add a primary key, or set replication.keyless = \"append_only\" (inserts stream; updates and deletes keep working on the source and are reported, not streamed) or \"replica_identity_full\" (cutover sets REPLICA IDENTITY FULL on the source), or exclude them in replication.exclude"
@@ -463,10 +469,24 @@ pub async fn run(
     // slot disappears with it; the main slot stays.
     drop(session);
 
-    copy_tables(
+    let copying: Vec<TableName> = to_copy.iter().map(|p| p.table.name.clone()).collect();
+    match copy_tables(
         config, store, &source, &target, to_copy, copied_at, sources, sinks, metrics,
     )
-    .await?;
+    .await
+    {
+        Ok(()) => {}
+        Err(err @ CopyError::Rewritten(_)) => {
+            // Nothing of this round is trusted: copied again, from a new
+            // snapshot, by the resume rule.
+            for table in &copying {
+                store.put_table_copy(&TableCopy::pending(table.clone(), copied_at))?;
+            }
+            store.flush().await?;
+            return Err(err);
+        }
+        Err(err) => return Err(err),
+    }
 
     let mut finished = run.clone();
     finished.finished = true;
@@ -497,6 +517,39 @@ pub async fn run(
         return Err(CopyError::Variance(failures.join("; ")));
     }
     Ok(result)
+}
+
+/// Which of `tables` were rewritten (truncated, clustered, altered) after
+/// the snapshot `source` holds: their file is no longer the one the
+/// snapshot knows, and a read under the snapshot finds them empty.
+///
+/// TRUNCATE is not MVCC-safe: a TRUNCATE that committed after the copy's
+/// snapshot was taken, but before a worker's COPY locked the table, leaves
+/// the copy without the rows the snapshot had, and the changes streamed
+/// after the snapshot then miss their rows. A worker asks this at its end,
+/// while it still holds the locks of everything it read (no rewrite can
+/// commit after its reads began), so that such a copy is taken again from
+/// a new snapshot instead of being trusted.
+async fn rewritten_since_snapshot(
+    source: &Client,
+    tables: &[&TableName],
+) -> Result<Vec<String>, CopyError> {
+    let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    Ok(source
+        .query(
+            "SELECT r.name FROM unnest($1::text[]) AS r(name)
+              WHERE EXISTS (SELECT 1 FROM pg_class c
+                             WHERE (c.oid = r.name::regclass
+                                    OR c.oid IN (SELECT relid FROM pg_partition_tree(r.name::regclass)))
+                               AND c.relkind IN ('r', 'm') AND c.relfilenode <> pg_relation_filenode(c.oid))
+              ORDER BY 1",
+            &[&names],
+        )
+        .await
+        .map_err(query("source", "checking the copied tables for rewrites"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// The finished tables that may keep their rows when the others are
@@ -1286,10 +1339,17 @@ async fn copy_tables(
         workers.abort_all();
         return Err(err);
     }
+    let mut failure = None;
     while let Some(joined) = workers.join_next().await {
         if let Ok(Err(err)) = joined {
-            return Err(err);
+            // A rewrite found by any worker wins: the round is copied again.
+            if failure.is_none() || matches!(err, CopyError::Rewritten(_)) {
+                failure = Some(err);
+            }
         }
+    }
+    if let Some(err) = failure {
+        return Err(err);
     }
     debug_assert_eq!(finished, plans.len());
     Ok(())
@@ -1500,10 +1560,20 @@ async fn worker(
     progress: CopyProgress,
     analyze: bool,
 ) -> Result<(), CopyError> {
+    // The tables this worker read under the snapshot (it holds their locks
+    // until it ends).
+    let mut read: BTreeSet<usize> = BTreeSet::new();
     loop {
         let Some(task) = queue.next().await else {
             break;
         };
+        match &task {
+            Task::Chunk { plan, .. } | Task::Count { plan } => {
+                read.insert(*plan);
+            }
+            Task::Bundle(items) => read.extend(items.iter().map(|(plan, _)| *plan)),
+            _ => {}
+        }
         let started = std::time::Instant::now();
         let what = task.describe(&plans);
         progress.worker(id, &what);
@@ -1615,6 +1685,13 @@ async fn worker(
         tracing::debug!(worker = id, task = %what, ms = started.elapsed().as_millis() as u64, "copy task done");
     }
     progress.worker(id, "done");
+    if !read.is_empty() {
+        let tables: Vec<&TableName> = read.iter().map(|plan| &plans[*plan].table.name).collect();
+        let rewritten = rewritten_since_snapshot(&source, &tables).await?;
+        if !rewritten.is_empty() {
+            return Err(CopyError::Rewritten(rewritten.join(", ")));
+        }
+    }
     // Leave the snapshot transaction cleanly.
     let _ = source.batch_execute("COMMIT").await;
     Ok(())

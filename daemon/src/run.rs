@@ -87,6 +87,10 @@ impl From<ReplicationError> for RunError {
     }
 }
 
+/// How many times the copy starts again when a table is truncated just
+/// after its snapshot.
+const COPY_ATTEMPTS: u32 = 10;
+
 /// First wait after a transient failure; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait between attempts.
@@ -165,11 +169,22 @@ async fn run_inner(
     // back with their connections, and the next start resumes by the copy's
     // rule (finished tables kept, the others copied again).
     let mut stop = shutdown.clone();
-    let outcome = tokio::select! {
-        outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics) => outcome?,
-        () = stopped(&mut stop) => {
-            tracing::info!("shutdown during the copy: it resumes on the next start");
-            return Ok(());
+    let mut attempts = 0;
+    let outcome = loop {
+        let copied = tokio::select! {
+            outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics) => outcome,
+            () = stopped(&mut stop) => {
+                tracing::info!("shutdown during the copy: it resumes on the next start");
+                return Ok(());
+            }
+        };
+        match copied {
+            // The resume rule takes a new snapshot for what is not copied.
+            Err(CopyError::Rewritten(tables)) if attempts < COPY_ATTEMPTS => {
+                attempts += 1;
+                tracing::warn!(%tables, attempt = attempts, "a table was truncated or rewritten just after the copy's snapshot: copying it again from a new snapshot");
+            }
+            other => break other?,
         }
     };
     tracing::info!(slot = %outcome.slot, start = %outcome.start, "snapshot copied; streaming changes");
