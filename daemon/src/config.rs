@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use cutover_replication::catalog::{Scope, TablePattern};
 use cutover_replication::conninfo::ConnInfo;
+use cutover_replication::ddl::DdlPolicy;
 use cutover_replication::secret::Secret;
 use serde::Deserialize;
 
@@ -81,6 +82,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "spill_mb",
         ],
     ),
+    ("ddl", &["policy"]),
 ];
 
 /// Keys that hold lists; in the environment they are comma-separated.
@@ -251,6 +253,17 @@ pub struct RawConfig {
     /// `[apply]`.
     #[serde(default)]
     pub apply: RawApply,
+    /// `[ddl]`.
+    #[serde(default)]
+    pub ddl: RawDdl,
+}
+
+/// `[ddl]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDdl {
+    /// `stop` or `additive`.
+    pub policy: Option<String>,
 }
 
 /// Default lag above which `/health` answers 503.
@@ -392,6 +405,8 @@ pub struct Config {
     pub copy: CopySettings,
     /// The streaming apply.
     pub apply: ApplySettings,
+    /// What the apply does with DDL on the source.
+    pub ddl: DdlPolicy,
 }
 
 /// Reads the file (if any) and the environment, refusing unknown keys.
@@ -649,6 +664,18 @@ impl RawConfig {
             console_listen,
             copy: copy_settings(self.copy)?,
             apply: apply_settings(self.apply)?,
+            ddl: match self.ddl.policy.as_deref() {
+                None | Some("stop") => DdlPolicy::Stop,
+                Some("additive") => DdlPolicy::Additive,
+                Some(other) => {
+                    return Err(ConfigError::invalid(
+                        "ddl.policy",
+                        format!(
+                            "{other:?} is not a choice: use \"stop\" (DDL on the source that the target lacks stops the stream with the fix) or \"additive\" (new columns and widened types are made on the target)"
+                        ),
+                    ));
+                }
+            },
         })
     }
 }

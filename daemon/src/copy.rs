@@ -37,7 +37,7 @@ use cutover_replication::client::{self, ConnectError, describe};
 use cutover_replication::error::ReplicationError;
 use cutover_replication::session::{Session, SnapshotAction};
 use cutover_replication::snapshot::{self, Chunk, ChunkError, CopyFormat};
-use cutover_replication::{Lsn, partition, slot};
+use cutover_replication::{Lsn, ddl, partition, slot};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_postgres::Client;
@@ -312,6 +312,7 @@ pub async fn run(
         let mut done = outcome(store, existing)?;
         done.publications = publications(&source, config).await?;
         install_partition_triggers(&source, config).await?;
+        install_ddl_capture(&source).await?;
         return Ok(done);
     }
     if mode == CopyMode::BeforeStreaming {
@@ -695,6 +696,7 @@ async fn ensure_publications(
             ))?;
     }
     install_partition_triggers(source, config).await?;
+    install_ddl_capture(source).await?;
     let partial: Vec<(&TableName, coverage::Coverage)> = plan.partial().collect();
     if !partial.is_empty() {
         let names: Vec<&TableName> = partial.iter().map(|(t, _)| *t).collect();
@@ -730,6 +732,21 @@ pub async fn install_partition_triggers(source: &Client, config: &Config) -> Res
         tracing::info!(
             partitions = covered.len(),
             "TRUNCATE trigger added to partitions: a TRUNCATE of one partition, which pgoutput does not send, reaches the target"
+        );
+    }
+    Ok(())
+}
+
+/// Installs the event triggers that report DDL on the source in the stream
+/// (see [`cutover_replication::ddl`]); without superuser, says what is not
+/// captured.
+async fn install_ddl_capture(source: &Client) -> Result<(), CopyError> {
+    let installed = ddl::install(source)
+        .await
+        .map_err(query("source", "installing cutover's DDL event triggers"))?;
+    if !installed {
+        tracing::warn!(
+            "the source role is not a superuser: DDL on the source is not captured in the stream (event triggers need superuser); a column added or widened on the source is followed once its rows arrive, when the target has it, and anything else stops the stream when a change does not fit"
         );
     }
     Ok(())

@@ -28,6 +28,7 @@ use cutover_replication::Lsn;
 use cutover_replication::apply::{Applier, ApplyError, SourceTransaction};
 use cutover_replication::catalog::TableName;
 use cutover_replication::client::describe;
+use cutover_replication::ddl::{self, DdlChange};
 use cutover_replication::error::ReplicationError;
 use cutover_replication::partition::{self, PartitionTruncate};
 use cutover_replication::pgoutput::{Change, ChangeKind, Commit, Decoder, Event};
@@ -364,13 +365,14 @@ async fn stream_once(
     status: &Arc<Status>,
 ) -> Result<(), RunError> {
     let origin = format!("cutover_{}", outcome.slot);
-    let applier = Applier::connect(
+    let mut applier = Applier::connect(
         &config.target.conninfo,
         &origin,
         outcome.copied_at.clone(),
         vec![format!("{origin}_reverse")],
     )
     .await?;
+    applier.set_ddl_policy(config.ddl);
     let start = applier.progress().max(outcome.start);
     let session = Session::connect(&config.source.conninfo).await?;
     let publications = if outcome.publications.is_empty() {
@@ -527,20 +529,30 @@ async fn read_stream(
                 continue;
             }
             Event::Message(message)
-                if message.transactional && message.prefix == partition::MESSAGE_PREFIX =>
+                if message.transactional
+                    && (message.prefix == partition::MESSAGE_PREFIX
+                        || message.prefix == ddl::MESSAGE_PREFIX) =>
             {
-                // A partition emptied on the source: a change of its
-                // transaction, at its place (see `partition`).
-                let truncate = PartitionTruncate::from_message(&message.content, message.lsn)
-                    .map_err(|e| RunError::Message(e.to_string()))?;
+                // A partition emptied, or DDL, on the source: a change of
+                // its transaction, at its place (see `partition`, `ddl`).
+                let kind = if message.prefix == ddl::MESSAGE_PREFIX {
+                    ChangeKind::Ddl(Arc::new(
+                        DdlChange::from_message(&message.content, message.lsn)
+                            .map_err(|e| RunError::Message(e.to_string()))?,
+                    ))
+                } else {
+                    ChangeKind::TruncatePartition(Arc::new(
+                        PartitionTruncate::from_message(&message.content, message.lsn)
+                            .map_err(|e| RunError::Message(e.to_string()))?,
+                    ))
+                };
                 let (xid, subxid, commit_lsn) = match (stream_xid, &current) {
                     (Some(top), _) => (top, message.xid.unwrap_or(top), None),
                     (None, Some((tx, _))) => (tx.xid, tx.xid, Some(tx.commit_lsn)),
                     (None, None) => {
                         return Err(RunError::Message(format!(
                             "a {} message at {} outside any transaction",
-                            partition::MESSAGE_PREFIX,
-                            message.lsn
+                            message.prefix, message.lsn
                         )));
                     }
                 };
@@ -551,7 +563,7 @@ async fn read_stream(
                     lsn: message.lsn,
                     ordinal: 0,
                     origin: None,
-                    kind: ChangeKind::TruncatePartition(Arc::new(truncate)),
+                    kind,
                 })
             }
             other => other,
@@ -840,6 +852,7 @@ fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str)
                 }
             }
             ChangeKind::TruncatePartition(truncate) => partitions.push(&truncate.root),
+            ChangeKind::Ddl(_) => {}
         }
     }
     let mut counts = BTreeMap::new();
@@ -885,6 +898,11 @@ fn approximate_size(change: &cutover_replication::pgoutput::Change) -> usize {
                 size_of::<cutover_replication::partition::PartitionTruncate>()
                     + truncate.constraint.len()
                     + truncate.bound.len()
+            }
+            ChangeKind::Ddl(ddl) => {
+                size_of::<cutover_replication::ddl::DdlChange>()
+                    + ddl.statement.len()
+                    + ddl.columns.as_ref().map_or(0, |c| c.len() * 128)
             }
         }
 }

@@ -298,6 +298,16 @@ pub fn change_lines(change: &cutover_replication::pgoutput::Change) -> Vec<Json>
             "old": Json::Null,
             "new": Json::Null,
         })],
+        ChangeKind::Ddl(ddl) => vec![json!({
+            "lsn": change.lsn,
+            "commit_lsn": change.commit_lsn,
+            "xid": change.xid,
+            "op": "ddl",
+            "schema": ddl.table.schema,
+            "table": ddl.table.name,
+            "origin": change.origin.as_deref(),
+            "statement": ddl.statement,
+        })],
     }
 }
 

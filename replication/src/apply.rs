@@ -121,6 +121,21 @@ pub enum ApplyError {
         /// The last change of the batch.
         lsn: Lsn,
     },
+    /// DDL on the source that the target does not follow (see
+    /// [`crate::ddl`]).
+    #[error("source DDL at LSN {lsn} on {table} ({statement}): {problem}; fix: {fix}")]
+    Ddl {
+        /// The table.
+        table: TableName,
+        /// Where the statement is in the stream.
+        lsn: Lsn,
+        /// The statement as the source's client sent it.
+        statement: String,
+        /// What the target lacks, or what was destroyed.
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
     /// The target lacks a table or column the source sends.
     #[error("target: {0}")]
     Schema(String),
@@ -145,6 +160,7 @@ impl ApplyError {
             ApplyError::Refused { sqlstate, .. } => is_transient_sqlstate(sqlstate),
             ApplyError::RowMissing { .. }
             | ApplyError::DuplicateKey { .. }
+            | ApplyError::Ddl { .. }
             | ApplyError::Schema(_) => false,
         }
     }
@@ -171,6 +187,7 @@ impl ApplyError {
             ApplyError::Refused { .. } => "apply_refused",
             ApplyError::RowMissing { .. } => "row_missing",
             ApplyError::DuplicateKey { .. } => "duplicate_key",
+            ApplyError::Ddl { .. } => "source_ddl",
             ApplyError::Schema(_) => "target_schema",
             ApplyError::Session { .. } => "target_session",
         }
@@ -500,6 +517,8 @@ pub struct Applier {
     /// A transaction is opened but its BEGIN not sent yet: it goes out in
     /// the same round trip as the batch's first statements.
     begin_pending: bool,
+    /// What to do with DDL on the source.
+    ddl: crate::ddl::DdlPolicy,
 }
 
 impl Applier {
@@ -563,6 +582,7 @@ impl Applier {
             stalled_since: None,
             durable: Lsn::default(),
             begin_pending: false,
+            ddl: crate::ddl::DdlPolicy::default(),
         };
         applier.settled().await
     }
@@ -677,6 +697,11 @@ impl Applier {
     /// the target, perhaps not flushed yet: see [`Applier::durable`]).
     pub fn progress(&self) -> Lsn {
         self.progress
+    }
+
+    /// Sets what the applier does with DDL on the source (`[ddl] policy`).
+    pub fn set_ddl_policy(&mut self, policy: crate::ddl::DdlPolicy) {
+        self.ddl = policy;
     }
 
     /// The replication origin tagging applied transactions.
@@ -943,6 +968,11 @@ impl Applier {
                 });
             }
             ChangeKind::TruncatePartition(truncate) => &truncate.root,
+            // DDL on a table out of scope is not ours.
+            ChangeKind::Ddl(ddl) => match self.copied_at.get(&ddl.table) {
+                Some(at) => return commit_lsn >= *at,
+                None => return false,
+            },
         };
         self.copied_at.get(first).is_none_or(|at| commit_lsn >= *at)
     }
@@ -1017,7 +1047,9 @@ impl Applier {
         let mut known: Vec<KnownTable> = Vec::new();
         for &(change, commit_lsn) in changes {
             let relation = match &change.kind {
-                ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => {
+                ChangeKind::Truncate { .. }
+                | ChangeKind::TruncatePartition(_)
+                | ChangeKind::Ddl(_) => {
                     self.flush(&mut pending, None).await?;
                     self.apply_one(change, commit_lsn).await?;
                     continue;
@@ -1092,7 +1124,8 @@ impl Applier {
                 }
                 ChangeKind::Delete { .. }
                 | ChangeKind::Truncate { .. }
-                | ChangeKind::TruncatePartition(_) => continue,
+                | ChangeKind::TruncatePartition(_)
+                | ChangeKind::Ddl(_) => continue,
             };
             if let Some(check) = checks.iter_mut().find(|c| c.relation.name == relation.name) {
                 if let Some(rows) = &mut check.rows {
@@ -1450,6 +1483,7 @@ impl Applier {
                     .await
                     .map_err(refused(&relations[0], format!("({})", names.join(", "))))?;
             }
+            ChangeKind::Ddl(ddl) => self.apply_ddl(ddl, change.lsn).await?,
             ChangeKind::TruncatePartition(truncate) => {
                 if self
                     .copied_at
@@ -1572,6 +1606,182 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// Follows DDL on a source table in scope at its place in the stream:
+    /// checks that the target has every column the source now has, of a
+    /// type that holds its values, and with the `additive` policy adds or
+    /// widens what it lacks, inside the apply transaction. Anything else
+    /// stops with the statement and the fix (see [`crate::ddl`]).
+    async fn apply_ddl(&mut self, ddl: &crate::ddl::DdlChange, lsn: Lsn) -> Result<(), ApplyError> {
+        use crate::catalog::{TypeFit, type_fit};
+        tracing::debug!(?ddl, "DDL on the source");
+        let quoted = ddl.table.quoted();
+        let stop = |problem: String, fix: String| ApplyError::Ddl {
+            table: ddl.table.clone(),
+            lsn,
+            statement: ddl.statement.trim().to_owned(),
+            problem,
+            fix,
+        };
+        let Some(columns) = &ddl.columns else {
+            return Err(stop(
+                "the source dropped the table; cutover never drops a table on the target".into(),
+                format!(
+                    "drop it on the target if it should go (DROP TABLE {quoted};), take it out of replication.tables, and restart"
+                ),
+            ));
+        };
+        let target: HashMap<String, String> = self
+            .client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                   FROM pg_attribute a
+                  WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&quoted],
+            )
+            .await
+            .map_err(session_error(format!(
+                "reading the columns of {}",
+                ddl.table
+            )))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        // Columns the source had before the statement (as it last described
+        // the table) and has no more: dropped on the source.
+        if let Some(known) = self.tables.get(&ddl.table) {
+            let dropped: Vec<&str> = known
+                .relation
+                .columns
+                .iter()
+                .filter(|c| !columns.iter().any(|d| d.name == c.name))
+                .map(|c| c.name.as_str())
+                .filter(|c| target.contains_key(*c))
+                .collect();
+            if !dropped.is_empty() {
+                return Err(stop(
+                    format!(
+                        "the source dropped column(s) {}; cutover never drops a column on the target",
+                        dropped.join(", ")
+                    ),
+                    format!(
+                        "drop them on the target if they should go ({}), then restart",
+                        dropped
+                            .iter()
+                            .map(|c| format!(
+                                "ALTER TABLE {quoted} DROP COLUMN {};",
+                                quote_ident(c)
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                ));
+            }
+        }
+        let mut statements: Vec<String> = Vec::new();
+        let mut lacking: Vec<String> = Vec::new();
+        for column in columns.iter().filter(|c| !c.generated) {
+            let name = quote_ident(&column.name);
+            match target.get(&column.name) {
+                Some(current) => match type_fit(&column.type_name, current) {
+                    TypeFit::Same | TypeFit::Widens => {}
+                    TypeFit::Incompatible => {
+                        let widen = format!(
+                            "ALTER TABLE {quoted} ALTER COLUMN {name} TYPE {};",
+                            column.type_name
+                        );
+                        if type_fit(current, &column.type_name) != TypeFit::Widens {
+                            return Err(stop(
+                                format!(
+                                    "column {} is now {} on the source, which the target's {current} cannot hold, and which is not a widening of it",
+                                    column.name, column.type_name
+                                ),
+                                format!(
+                                    "change it on the target ({widen}), check its values with cutover verify, and restart"
+                                ),
+                            ));
+                        }
+                        lacking.push(format!(
+                            "column {} widened to {}",
+                            column.name, column.type_name
+                        ));
+                        statements.push(widen);
+                    }
+                },
+                None => {
+                    if column.default.is_some() && column.missing.is_none() {
+                        return Err(stop(
+                            format!(
+                                "column {} was added with a default that PostgreSQL computed row by row (a volatile default): the source rewrote the table, and those values are not in the stream",
+                                column.name
+                            ),
+                            "add the column on the target and copy its values (or copy the table again), check with cutover verify, and restart".to_owned(),
+                        ));
+                    }
+                    let mut add = format!(
+                        "ALTER TABLE {quoted} ADD COLUMN {name} {}",
+                        column.type_name
+                    );
+                    if let Some(missing) = &column.missing {
+                        // The value the source's existing rows read: a
+                        // constant, so the target stores it once too.
+                        add.push_str(&format!(
+                            " DEFAULT ({}::{}[])[1]",
+                            crate::catalog::quote_literal(missing),
+                            column.type_name
+                        ));
+                        if column.not_null {
+                            add.push_str(" NOT NULL");
+                        }
+                    }
+                    add.push(';');
+                    if column.missing.is_some() {
+                        add.push_str(&format!(
+                            " ALTER TABLE {quoted} ALTER COLUMN {name} DROP DEFAULT;"
+                        ));
+                    }
+                    lacking.push(format!("column {} ({})", column.name, column.type_name));
+                    statements.push(add);
+                }
+            }
+        }
+        if statements.is_empty() {
+            self.forget_table(&ddl.table);
+            return Ok(());
+        }
+        if self.ddl != crate::ddl::DdlPolicy::Additive {
+            return Err(stop(
+                format!("the target lacks {}", lacking.join(", ")),
+                format!(
+                    "{} on the target, then restart (or set ddl.policy = \"additive\" to let cutover make additive changes)",
+                    statements.join(" ")
+                ),
+            ));
+        }
+        tracing::info!(table = %ddl.table, statement = %ddl.statement.trim(), changes = %lacking.join(", "), "following DDL on the source");
+        self.client
+            .batch_execute(&statements.join(" "))
+            .await
+            .map_err(|err| {
+                stop(
+                    format!(
+                        "the target refused {}: {}",
+                        statements.join(" "),
+                        describe(&err)
+                    ),
+                    "make the change on the target by hand, then restart".into(),
+                )
+            })?;
+        self.forget_table(&ddl.table);
+        Ok(())
+    }
+
+    /// Forgets the description of one table (its statements too).
+    fn forget_table(&mut self, table: &TableName) {
+        if self.tables.remove(table).is_some() {
+            self.statements.clear();
+        }
     }
 
     /// Empties on the target the rows of a partition the source truncated:
@@ -1953,8 +2163,8 @@ fn coalesce<'a>(
             (key, op, old_key)
         }
         ChangeKind::Delete { old, .. } => (key_of(key_cols, old.tuple()), RowOp::Delete, None),
-        ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => {
-            unreachable!("truncates are barriers")
+        ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) | ChangeKind::Ddl(_) => {
+            unreachable!("truncates and DDL are barriers")
         }
     };
     let index = match pending
@@ -2414,7 +2624,9 @@ mod tests {
                 ChangeKind::Insert { relation, .. }
                 | ChangeKind::Update { relation, .. }
                 | ChangeKind::Delete { relation, .. } => relation,
-                ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => unreachable!(),
+                ChangeKind::Truncate { .. }
+                | ChangeKind::TruncatePartition(_)
+                | ChangeKind::Ddl(_) => unreachable!(),
             };
             coalesce(&mut pending, c, relation, &[0]);
         }

@@ -21,6 +21,7 @@ pub mod apply;
 pub mod catalog;
 pub mod client;
 pub mod conninfo;
+pub mod ddl;
 pub mod error;
 pub mod lsn;
 pub mod partition;

@@ -255,6 +255,9 @@ pub enum ChangeKind {
     /// which pgoutput does not send: cutover's trigger on the source
     /// reports it in a logical message (see [`crate::partition`]).
     TruncatePartition(Arc<crate::partition::PartitionTruncate>),
+    /// DDL on a table of the source, reported by cutover's event trigger
+    /// in a logical message (see [`crate::ddl`]).
+    Ddl(Arc<crate::ddl::DdlChange>),
 }
 
 impl ChangeKind {
@@ -265,6 +268,7 @@ impl ChangeKind {
             ChangeKind::Update { .. } => "update",
             ChangeKind::Delete { .. } => "delete",
             ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => "truncate",
+            ChangeKind::Ddl(_) => "ddl",
         }
     }
 }

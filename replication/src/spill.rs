@@ -108,7 +108,7 @@ impl SpillWriter {
                 vec![relation]
             }
             ChangeKind::Truncate { relations, .. } => relations.iter().collect(),
-            ChangeKind::TruncatePartition(_) => Vec::new(),
+            ChangeKind::TruncatePartition(_) | ChangeKind::Ddl(_) => Vec::new(),
         };
         let mut ids = Vec::with_capacity(relations.len());
         for relation in relations {
@@ -333,6 +333,7 @@ fn change_json(change: &Change, relation_ids: &[u32]) -> Json {
             json!({ "cascade": cascade, "restart": restart_identity }),
         ),
         ChangeKind::TruncatePartition(truncate) => ("P", json!(**truncate)),
+        ChangeKind::Ddl(ddl) => ("L", json!(**ddl)),
     };
     json!({ "change": {
         "xid": change.xid,
@@ -383,6 +384,7 @@ fn change_from_json(value: &Json, relations: &HashMap<u64, Arc<Relation>>) -> Op
             restart_identity: data["restart"].as_bool()?,
         },
         "P" => ChangeKind::TruncatePartition(Arc::new(serde_json::from_value(data.clone()).ok()?)),
+        "L" => ChangeKind::Ddl(Arc::new(serde_json::from_value(data.clone()).ok()?)),
         _ => return None,
     };
     Some(Change {

@@ -538,6 +538,14 @@ async fn columns_changed_on_both_sides_are_described_again_and_a_narrower_target
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
     let mut daemon = start_streaming(&config).await;
+    // As on a source where cutover's role may not create event triggers:
+    // DDL reaches the applier only through the tables' new descriptions.
+    pair.source
+        .execute(
+            "app",
+            "DROP EVENT TRIGGER cutover_ddl; DROP EVENT TRIGGER cutover_ddl_drop;",
+        )
+        .await;
     on_source(&pair, "UPDATE accounts SET balance = balance + 1").await;
     pair.wait_equal(&["accounts"], WAIT).await;
     // The operator widens a column and adds one, on the target first.
@@ -580,6 +588,14 @@ async fn columns_changed_on_both_sides_are_described_again_and_a_narrower_target
         .await;
     daemon.restart();
     finish(&pair, &mut daemon, &["accounts", "ledger"]).await;
+    let triggers: i64 = pair
+        .source
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'cutover_ddl%'",
+        )
+        .await;
+    assert_eq!(triggers, 2, "a start puts missing DDL triggers back");
 }
 
 #[tokio::test]
@@ -712,4 +728,98 @@ async fn a_table_truncated_between_the_snapshot_and_its_copy_is_copied_again() {
         daemon.log()
     );
     finish(&pair, &mut daemon, &["big", "events"]).await;
+}
+
+#[tokio::test]
+async fn ddl_on_the_source_stops_the_stream_at_its_place_with_the_fix_by_default() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE accounts (id int PRIMARY KEY, balance int);")
+        .await;
+    on_source(
+        &pair,
+        "INSERT INTO accounts SELECT g, g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    // Changed on the target first: the source's DDL finds it there and
+    // the stream goes on.
+    pair.target
+        .execute("app", "ALTER TABLE accounts ADD COLUMN region text")
+        .await;
+    on_source(
+        &pair,
+        "ALTER TABLE accounts ADD COLUMN region text; UPDATE accounts SET region = 'eu' WHERE id = 1;",
+    )
+    .await;
+    pair.wait_equal(&["accounts"], WAIT).await;
+    // On the source only: the stream stops at the statement, before the
+    // rows after it, naming the statement and the fix.
+    on_source(
+        &pair,
+        "BEGIN; UPDATE accounts SET balance = -1 WHERE id = 2; ALTER TABLE accounts ADD COLUMN note text; UPDATE accounts SET note = 'n' WHERE id = 3; COMMIT;",
+    )
+    .await;
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("ALTER TABLE accounts ADD COLUMN note text")
+            && log.contains("the target lacks column note (text)")
+            && log.contains("ALTER TABLE \"public\".\"accounts\" ADD COLUMN \"note\" text;"),
+        "{log}"
+    );
+    let balance: i32 = pair
+        .target
+        .query_value("app", "SELECT balance FROM accounts WHERE id = 2")
+        .await;
+    assert_eq!(balance, 2, "nothing of the transaction is applied");
+    pair.target
+        .execute("app", "ALTER TABLE accounts ADD COLUMN note text")
+        .await;
+    daemon.restart();
+    finish(&pair, &mut daemon, &["accounts"]).await;
+}
+
+#[tokio::test]
+async fn with_the_additive_policy_new_columns_and_widened_types_follow_and_drops_stop() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE accounts (id int PRIMARY KEY, balance int);")
+        .await;
+    on_source(
+        &pair,
+        "INSERT INTO accounts SELECT g, g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "[ddl]\npolicy = \"additive\"\n");
+    let mut daemon = start_streaming(&config).await;
+    for sql in [
+        // Existing rows read the default: the target's must too.
+        "ALTER TABLE accounts ADD COLUMN status text NOT NULL DEFAULT 'open'",
+        "ALTER TABLE accounts ADD COLUMN note text",
+        "ALTER TABLE accounts ALTER COLUMN balance TYPE bigint",
+        "INSERT INTO accounts VALUES (11, 5000000000, 'closed', 'big')",
+        "UPDATE accounts SET note = 'x' WHERE id = 1",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    pair.wait_equal(&["accounts"], WAIT).await;
+    let status_type: String = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT format_type(atttypid, atttypmod) || ' ' || attnotnull FROM pg_attribute WHERE attrelid = 'accounts'::regclass AND attname = 'balance'",
+        )
+        .await;
+    assert_eq!(status_type, "bigint false");
+    // A destructive change stops with the statement and the fix.
+    on_source(&pair, "ALTER TABLE accounts DROP COLUMN note").await;
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("the source dropped column(s) note")
+            && log.contains("ALTER TABLE \"public\".\"accounts\" DROP COLUMN \"note\";"),
+        "{log}"
+    );
 }

@@ -10,6 +10,7 @@ mod tables;
 
 use cutover_replication::catalog::{self, Table};
 use cutover_replication::client::{self, describe};
+use cutover_replication::ddl::DdlPolicy;
 use cutover_replication::slot;
 use tokio_postgres::Client;
 
@@ -372,6 +373,37 @@ fn source_checks(report: &mut Report, facts: &ServerFacts, config: &Config) {
     let server = "source";
     let r = &facts.report;
     let role = r.role.clone().unwrap_or_default();
+    if r.superuser == Some(true) {
+        report.add(Finding {
+            severity: Severity::Info,
+            code: "ddl_captured",
+            server,
+            subject: Some("ddl.policy".into()),
+            problem: format!(
+                "cutover run adds event triggers (cutover_ddl, cutover_ddl_drop) that report ALTER TABLE and DROP TABLE in the stream; ddl.policy = \"{}\": {}",
+                match config.ddl {
+                    DdlPolicy::Stop => "stop",
+                    DdlPolicy::Additive => "additive",
+                },
+                match config.ddl {
+                    DdlPolicy::Stop => "a change the target does not have yet stops the stream with the statement and the fix",
+                    DdlPolicy::Additive => "new columns and widened types are made on the target; anything else stops the stream",
+                }
+            ),
+            fix: None,
+        });
+    } else {
+        report.add(Finding {
+            severity: Severity::Warning,
+            code: "ddl_not_captured",
+            server,
+            subject: Some("ddl.policy".into()),
+            problem: format!(
+                "role {role} is not a superuser and cannot create event triggers: DDL on the source is not reported in the stream; a table the source changes is described again when its rows arrive, and a change the target cannot take stops the stream then"
+            ),
+            fix: Some("make the changes on the target first, then on the source; or run cutover as a superuser on the source".into()),
+        });
+    }
     if r.version_num.is_some_and(|v| v < 100000) {
         report.add(Finding {
             severity: Severity::Blocking,

@@ -1,0 +1,206 @@
+//! DDL on the source, at its exact place in the stream.
+//!
+//! Logical decoding carries no DDL: native replication stops or diverges
+//! when the source's tables change under it. cutover installs two event
+//! triggers on the source (`ddl_command_end` for `ALTER TABLE`, `sql_drop`
+//! for `DROP TABLE`; creating them needs superuser). Each writes one
+//! transactional logical message ([`MESSAGE_PREFIX`]) naming the table, the
+//! statement, and the table's columns as they are after it, so that the
+//! applier meets the change between the transaction's changes before and
+//! after it, as [`DdlChange`].
+//!
+//! What the applier does with it is `[ddl] policy`: with `stop` (the
+//! default) a change the target does not have yet stops the stream with
+//! the statement and the fix; with `additive` the additive changes (a new
+//! column, a widened type) are made on the target in the apply transaction,
+//! at that position. A destructive change (a dropped table or column, a
+//! narrowed type, a column added with a volatile default, whose values the
+//! source wrote without logging them) stops the stream in both.
+//!
+//! The trigger functions only read the catalog and write the message. They
+//! have no EXCEPTION block on purpose: a block that catches makes a
+//! subtransaction, and PostgreSQL 15 then decodes the message after every
+//! change of the transaction instead of at its place (seen with
+//! test_decoding), which would apply the DDL too late.
+//!
+//! `cutover cleanup` removes the triggers and their functions.
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use crate::catalog::{TableName, quote_ident, quote_literal};
+
+/// The prefix of the logical messages the DDL triggers write.
+pub const MESSAGE_PREFIX: &str = "cutover.ddl";
+
+/// The event triggers' names (and their functions', in
+/// [`crate::partition::SCHEMA`]).
+pub const TRIGGERS: [&str; 2] = ["cutover_ddl", "cutover_ddl_drop"];
+
+/// What the applier does with DDL on the source (`[ddl] policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DdlPolicy {
+    /// A change the target does not have yet stops the stream with the
+    /// statement and the fix.
+    #[default]
+    Stop,
+    /// New columns and widened types are made on the target at the
+    /// statement's position; the rest stops as with `Stop`.
+    Additive,
+}
+
+/// A column as the source has it after the statement.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlColumn {
+    /// Its name.
+    pub name: String,
+    /// `format_type()`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// `NOT NULL`.
+    pub not_null: bool,
+    /// `pg_get_expr()` of its default, if any.
+    pub default: Option<String>,
+    /// The value rows that existed before the column was added read
+    /// (`attmissingval` as an array literal), if it was added with a
+    /// non-volatile default.
+    pub missing: Option<String>,
+    /// A generated column.
+    pub generated: bool,
+}
+
+/// One DDL statement on a table, as the source's trigger reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DdlChange {
+    /// `ALTER TABLE` or `DROP TABLE`.
+    pub tag: String,
+    /// The table.
+    pub table: TableName,
+    /// The statement as the client sent it.
+    pub statement: String,
+    /// The table's columns after it; `None` for a dropped table.
+    pub columns: Option<Vec<DdlColumn>>,
+}
+
+/// Why a DDL message could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a {MESSAGE_PREFIX} message at {lsn} is not what cutover's DDL trigger writes ({detail}): was its function changed?"
+)]
+pub struct MessageError {
+    /// Where the message is.
+    pub lsn: crate::lsn::Lsn,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl DdlChange {
+    /// Reads the content of a [`MESSAGE_PREFIX`] message.
+    pub fn from_message(content: &[u8], lsn: crate::lsn::Lsn) -> Result<DdlChange, MessageError> {
+        serde_json::from_slice(content).map_err(|e| MessageError {
+            lsn,
+            detail: e.to_string(),
+        })
+    }
+}
+
+fn functions_sql() -> String {
+    let schema = quote_ident(crate::partition::SCHEMA);
+    let prefix = quote_literal(MESSAGE_PREFIX);
+    format!(
+        "CREATE OR REPLACE FUNCTION {schema}.cutover_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $cutover$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
+            WHERE object_type = 'table' AND schema_name IS NOT NULL AND NOT in_extension LOOP
+    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
+      'tag', r.command_tag,
+      'table', json_build_object('schema', r.schema_name,
+                                 'name', (SELECT c.relname FROM pg_class c WHERE c.oid = r.objid)),
+      'statement', current_query(),
+      'columns', (SELECT coalesce(json_agg(json_build_object(
+                     'name', a.attname,
+                     'type', format_type(a.atttypid, a.atttypmod),
+                     'not_null', a.attnotnull,
+                     'default', pg_get_expr(d.adbin, d.adrelid),
+                     'missing', CASE WHEN a.atthasmissing THEN a.attmissingval::text END,
+                     'generated', a.attgenerated <> '') ORDER BY a.attnum), '[]'::json)
+                    FROM pg_attribute a
+                    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                   WHERE a.attrelid = r.objid AND a.attnum > 0 AND NOT a.attisdropped))::text);
+  END LOOP;
+END $cutover$;
+CREATE OR REPLACE FUNCTION {schema}.cutover_ddl_drop() RETURNS event_trigger LANGUAGE plpgsql AS $cutover$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT * FROM pg_event_trigger_dropped_objects()
+            WHERE object_type = 'table' AND NOT is_temporary AND original LOOP
+    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
+      'tag', 'DROP TABLE',
+      'table', json_build_object('schema', r.schema_name, 'name', r.object_name),
+      'statement', current_query(),
+      'columns', NULL)::text);
+  END LOOP;
+END $cutover$;"
+    )
+}
+
+/// Installs (or replaces) the DDL event triggers on the source. Needs
+/// superuser; returns `Ok(false)` when the role may not, so that the
+/// caller can say what is not captured.
+pub async fn install(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    let superuser: bool = client
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !superuser {
+        return Ok(false);
+    }
+    let present: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY($1)",
+            &[&TRIGGERS.to_vec()],
+        )
+        .await?
+        .get(0);
+    let schema = quote_ident(crate::partition::SCHEMA);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; {}",
+            functions_sql()
+        ))
+        .await?;
+    if present < TRIGGERS.len() as i64 {
+        client
+            .batch_execute(&format!(
+                "DROP EVENT TRIGGER IF EXISTS cutover_ddl; DROP EVENT TRIGGER IF EXISTS cutover_ddl_drop;
+                 CREATE EVENT TRIGGER cutover_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+                   EXECUTE FUNCTION {schema}.cutover_ddl();
+                 CREATE EVENT TRIGGER cutover_ddl_drop ON sql_drop WHEN TAG IN ('DROP TABLE')
+                   EXECUTE FUNCTION {schema}.cutover_ddl_drop();"
+            ))
+            .await?;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_reads_back() {
+        let content = br#"{"tag":"ALTER TABLE","table":{"schema":"public","name":"t"},
+            "statement":"alter table t add column c int default 5",
+            "columns":[{"name":"id","type":"integer","not_null":true,"default":null,"missing":null,"generated":false},
+                       {"name":"c","type":"integer","not_null":false,"default":"5","missing":"{5}","generated":false}]}"#;
+        let change = DdlChange::from_message(content, crate::lsn::Lsn::ZERO).unwrap();
+        assert_eq!(change.table, TableName::new("public", "t"));
+        let columns = change.columns.unwrap();
+        assert_eq!(columns[1].missing.as_deref(), Some("{5}"));
+        assert!(DdlChange::from_message(b"[]", crate::lsn::Lsn::ZERO).is_err());
+    }
+}
