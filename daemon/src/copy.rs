@@ -312,7 +312,7 @@ pub async fn run(
         let mut done = outcome(store, existing)?;
         done.publications = publications(&source, config).await?;
         install_partition_triggers(&source, config).await?;
-        install_ddl_capture(&source).await?;
+        install_ddl_capture(&source, config).await?;
         return Ok(done);
     }
     if mode == CopyMode::BeforeStreaming {
@@ -659,7 +659,10 @@ async fn ensure_publications(
         ))?;
     ensure_publication(source, &config.publication, &plan.full, PUBLISH_ALL).await?;
     let inserts = coverage::inserts_publication(&config.publication);
+    // Made even while empty under append_only: a keyless table created
+    // later joins it (see `ddl`).
     if !plan.inserts_only.is_empty()
+        || config.keyless == crate::config::KeylessPolicy::AppendOnly
         || slot::publication_exists(source, &inserts)
             .await
             .map_err(query("source", "reading publications"))?
@@ -696,7 +699,7 @@ async fn ensure_publications(
             ))?;
     }
     install_partition_triggers(source, config).await?;
-    install_ddl_capture(source).await?;
+    install_ddl_capture(source, config).await?;
     let partial: Vec<(&TableName, coverage::Coverage)> = plan.partial().collect();
     if !partial.is_empty() {
         let names: Vec<&TableName> = partial.iter().map(|(t, _)| *t).collect();
@@ -740,8 +743,14 @@ pub async fn install_partition_triggers(source: &Client, config: &Config) -> Res
 /// Installs the event triggers that report DDL on the source in the stream
 /// (see [`cutover_replication::ddl`]); without superuser, says what is not
 /// captured.
-async fn install_ddl_capture(source: &Client) -> Result<(), CopyError> {
-    let installed = ddl::install(source)
+async fn install_ddl_capture(source: &Client, config: &Config) -> Result<(), CopyError> {
+    let capture = ddl::Capture {
+        scope_condition: config.scope.sql_condition("t.s", "t.n"),
+        publication: config.publication.clone(),
+        inserts_publication: (config.keyless == crate::config::KeylessPolicy::AppendOnly)
+            .then(|| coverage::inserts_publication(&config.publication)),
+    };
+    let installed = ddl::install(source, &capture)
         .await
         .map_err(query("source", "installing cutover's DDL event triggers"))?;
     if !installed {

@@ -968,11 +968,15 @@ impl Applier {
                 });
             }
             ChangeKind::TruncatePartition(truncate) => &truncate.root,
-            // DDL on a table out of scope is not ours.
-            ChangeKind::Ddl(ddl) => match self.copied_at.get(&ddl.table) {
-                Some(at) => return commit_lsn >= *at,
-                None => return false,
-            },
+            // DDL on a table out of scope is not ours; on a table copied
+            // after it, it is in the copy.
+            ChangeKind::Ddl(ddl) => {
+                return ddl.in_scope
+                    && self
+                        .copied_at
+                        .get(&ddl.table)
+                        .is_none_or(|at| commit_lsn >= *at);
+            }
         };
         self.copied_at.get(first).is_none_or(|at| commit_lsn >= *at)
     }
@@ -1632,6 +1636,54 @@ impl Applier {
                 ),
             ));
         };
+        if ddl.tag != "ALTER TABLE" && ddl.tag != "CREATE TABLE" {
+            return Err(stop(
+                format!(
+                    "a {} in scope: the rows it wrote were written before cutover's trigger could publish the table, and are not in the stream",
+                    ddl.tag
+                ),
+                "create the table on the target and copy its rows (or copy the whole migration again), take care that the publication holds it, check with cutover verify, and restart".into(),
+            ));
+        }
+        if ddl.tag == "CREATE TABLE" {
+            if ddl.published.is_none() {
+                return Err(stop(
+                    "a new table in scope without a primary key, which replication.keyless does not let cutover publish as it is".into(),
+                    format!(
+                        "give it a primary key, or REPLICA IDENTITY FULL, on the source and add it to the publication (ALTER PUBLICATION ... ADD TABLE ONLY {quoted};), create it on the target, and restart"
+                    ),
+                ));
+            }
+            let exists: bool = self
+                .client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
+                .await
+                .map_err(session_error(format!(
+                    "looking up {} on the target",
+                    ddl.table
+                )))?
+                .get(0);
+            if !exists {
+                let create = create_table_sql(&ddl.table, columns, ddl.primary_key.as_deref());
+                if self.ddl != crate::ddl::DdlPolicy::Additive {
+                    return Err(stop(
+                        "a new table in scope that the target does not have".into(),
+                        format!(
+                            "{create} on the target, then restart (or set ddl.policy = \"additive\" to let cutover create it)"
+                        ),
+                    ));
+                }
+                tracing::info!(table = %ddl.table, "following DDL on the source: creating a new table in scope");
+                self.client.batch_execute(&create).await.map_err(|err| {
+                    stop(
+                        format!("the target refused {create}: {}", describe(&err)),
+                        "create the table on the target by hand, then restart".into(),
+                    )
+                })?;
+                self.forget_table(&ddl.table);
+                return Ok(());
+            }
+        }
         let target: HashMap<String, String> = self
             .client
             .query(
@@ -2089,6 +2141,40 @@ impl Applier {
             partitioned: row.get(0),
         })
     }
+}
+
+/// `CREATE TABLE` for a table new on the source: its columns with their
+/// types, `NOT NULL` and generation expressions, and its primary key.
+/// Defaults, other constraints and indexes are the operator's to add.
+fn create_table_sql(
+    table: &TableName,
+    columns: &[crate::ddl::DdlColumn],
+    primary_key: Option<&[String]>,
+) -> String {
+    let mut parts: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            let mut part = format!("{} {}", quote_ident(&c.name), c.type_name);
+            match (&c.default, c.generated) {
+                (Some(expression), true) => {
+                    part.push_str(&format!(" GENERATED ALWAYS AS ({expression}) STORED"))
+                }
+                _ if c.not_null => part.push_str(" NOT NULL"),
+                _ => {}
+            }
+            part
+        })
+        .collect();
+    if let Some(key) = primary_key {
+        parts.push(format!(
+            "PRIMARY KEY ({})",
+            key.iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    format!("CREATE TABLE {} ({});", table.quoted(), parts.join(", "))
 }
 
 fn key_of<'a>(key: &[usize], tuple: &'a Tuple) -> RowKey<'a> {

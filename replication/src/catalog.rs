@@ -123,6 +123,32 @@ impl TablePattern {
     pub fn matches(&self, table: &TableName) -> bool {
         glob_matches(&self.schema, &table.schema) && glob_matches(&self.name, &table.name)
     }
+
+    /// The pattern as two anchored POSIX regular expressions (schema,
+    /// name), for SQL that must decide scope on the server (`~`).
+    pub fn regexes(&self) -> (String, String) {
+        (glob_regex(&self.schema), glob_regex(&self.name))
+    }
+}
+
+fn glob_regex(tokens: &[GlobToken]) -> String {
+    let mut re = String::from("^");
+    for token in tokens {
+        match token {
+            GlobToken::AnyRun => re.push_str(".*"),
+            GlobToken::AnyOne => re.push('.'),
+            GlobToken::Literal(c) => {
+                if c.is_alphanumeric() || *c == '_' {
+                    re.push(*c);
+                } else {
+                    re.push('\\');
+                    re.push(*c);
+                }
+            }
+        }
+    }
+    re.push('$');
+    re
 }
 
 impl fmt::Display for TablePattern {
@@ -172,6 +198,34 @@ pub struct Scope {
 }
 
 impl Scope {
+    /// A SQL condition over the text expressions `schema` and `name` that
+    /// is true exactly for the tables in scope (regular expressions built
+    /// from the patterns, quoted as literals).
+    pub fn sql_condition(&self, schema: &str, name: &str) -> String {
+        let any = |patterns: &[TablePattern]| -> String {
+            if patterns.is_empty() {
+                return "false".into();
+            }
+            patterns
+                .iter()
+                .map(|p| {
+                    let (s, n) = p.regexes();
+                    format!(
+                        "({schema} ~ {} AND {name} ~ {})",
+                        quote_literal(&s),
+                        quote_literal(&n)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        };
+        format!(
+            "(({}) AND NOT ({}))",
+            any(&self.include),
+            any(&self.exclude)
+        )
+    }
+
     /// A scope from parsed patterns.
     pub fn new(include: Vec<TablePattern>, exclude: Vec<TablePattern>) -> Scope {
         Scope { include, exclude }
@@ -661,6 +715,16 @@ mod tests {
             type_fit("timestamp without time zone", "timestamp with time zone"),
             TypeFit::Incompatible
         );
+    }
+
+    #[test]
+    fn patterns_become_anchored_regexes() {
+        let p = TablePattern::parse("sales.order_?*").unwrap();
+        assert_eq!(p.regexes(), ("^sales$".into(), "^order_..*$".into()));
+        let p = TablePattern::parse("\"a.b\".t").unwrap();
+        assert_eq!(p.regexes().0, "^a\\.b$");
+        let scope = Scope::new(vec![p], vec![]);
+        assert!(scope.sql_condition("s", "n").contains("s ~ '^a\\.b$'"));
     }
 
     #[test]

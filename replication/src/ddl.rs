@@ -80,6 +80,30 @@ pub struct DdlChange {
     pub statement: String,
     /// The table's columns after it; `None` for a dropped table.
     pub columns: Option<Vec<DdlColumn>>,
+    /// Whether the table is in the migration's scope (decided on the
+    /// source from `replication.tables` and `exclude`).
+    #[serde(default)]
+    pub in_scope: bool,
+    /// For a new table: its primary key's columns, if it has one.
+    #[serde(default)]
+    pub primary_key: Option<Vec<String>>,
+    /// For a new table: the publication the trigger added it to, if any
+    /// (none: `replication.keyless = "refuse"` and it has no key).
+    #[serde(default)]
+    pub published: Option<String>,
+}
+
+/// What the source-side triggers need to know of the migration.
+#[derive(Clone, Debug)]
+pub struct Capture {
+    /// A SQL condition over `t.s` (schema) and `t.n` (table name) true for
+    /// the tables in scope ([`crate::catalog::Scope::sql_condition`]).
+    pub scope_condition: String,
+    /// The publication of tables whose every change streams.
+    pub publication: String,
+    /// The publication of keyless tables whose inserts stream, when
+    /// `replication.keyless = "append_only"`.
+    pub inserts_publication: Option<String>,
 }
 
 /// Why a DDL message could not be read.
@@ -104,20 +128,62 @@ impl DdlChange {
     }
 }
 
-fn functions_sql() -> String {
+fn functions_sql(capture: &Capture) -> String {
     let schema = quote_ident(crate::partition::SCHEMA);
     let prefix = quote_literal(MESSAGE_PREFIX);
+    let in_scope = &capture.scope_condition;
+    let keyless = match &capture.inserts_publication {
+        Some(name) => format!(
+            "IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {name}) THEN
+               EXECUTE format('ALTER PUBLICATION %I ADD TABLE ONLY %I.%I', {name}, r.schema_name, rel.relname);
+               published := {name};
+             END IF;",
+            name = quote_literal(name),
+        ),
+        None => "published := NULL;".to_owned(),
+    };
     format!(
-        "CREATE OR REPLACE FUNCTION {schema}.cutover_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $cutover$
-DECLARE r record;
+        "CREATE OR REPLACE FUNCTION {schema}.cutover_ddl() RETURNS event_trigger LANGUAGE plpgsql
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $cutover$
+DECLARE
+  r record;
+  rel record;
+  scoped boolean;
+  published text;
+  key text[];
 BEGIN
   FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
             WHERE object_type = 'table' AND schema_name IS NOT NULL AND NOT in_extension LOOP
+    SELECT c.relname::text AS relname, c.relispartition, c.relpersistence INTO rel
+      FROM pg_class c WHERE c.oid = r.objid;
+    scoped := NOT rel.relispartition AND rel.relpersistence = 'p'
+              AND (SELECT {in_scope} FROM (SELECT r.schema_name::text AS s, rel.relname AS n) AS t);
+    published := NULL;
+    key := (SELECT array_agg(a.attname::text ORDER BY k.ord)
+              FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = r.objid AND i.indisprimary AND i.indimmediate);
+    -- A new table in scope is published in its own transaction, so that
+    -- its first rows stream.
+    IF r.command_tag = 'CREATE TABLE' AND scoped THEN
+      -- A publication dropped by hand must not make the application's
+      -- CREATE TABLE fail: the table is then reported unpublished.
+      IF key IS NOT NULL THEN
+        IF EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {main_literal}) THEN
+          EXECUTE format('ALTER PUBLICATION %I ADD TABLE ONLY %I.%I', {main_literal}, r.schema_name, rel.relname);
+          published := {main_literal};
+        END IF;
+      ELSE
+        {keyless}
+      END IF;
+    END IF;
     PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
       'tag', r.command_tag,
-      'table', json_build_object('schema', r.schema_name,
-                                 'name', (SELECT c.relname FROM pg_class c WHERE c.oid = r.objid)),
+      'table', json_build_object('schema', r.schema_name, 'name', rel.relname),
       'statement', current_query(),
+      'in_scope', coalesce(scoped, false),
+      'primary_key', key,
+      'published', published,
       'columns', (SELECT coalesce(json_agg(json_build_object(
                      'name', a.attname,
                      'type', format_type(a.atttypid, a.atttypmod),
@@ -130,7 +196,8 @@ BEGIN
                    WHERE a.attrelid = r.objid AND a.attnum > 0 AND NOT a.attisdropped))::text);
   END LOOP;
 END $cutover$;
-CREATE OR REPLACE FUNCTION {schema}.cutover_ddl_drop() RETURNS event_trigger LANGUAGE plpgsql AS $cutover$
+CREATE OR REPLACE FUNCTION {schema}.cutover_ddl_drop() RETURNS event_trigger LANGUAGE plpgsql
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $cutover$
 DECLARE r record;
 BEGIN
   FOR r IN SELECT * FROM pg_event_trigger_dropped_objects()
@@ -139,16 +206,18 @@ BEGIN
       'tag', 'DROP TABLE',
       'table', json_build_object('schema', r.schema_name, 'name', r.object_name),
       'statement', current_query(),
+      'in_scope', (SELECT {in_scope} FROM (SELECT r.schema_name::text AS s, r.object_name::text AS n) AS t),
       'columns', NULL)::text);
   END LOOP;
-END $cutover$;"
+END $cutover$;",
+        main_literal = quote_literal(&capture.publication),
     )
 }
 
 /// Installs (or replaces) the DDL event triggers on the source. Needs
 /// superuser; returns `Ok(false)` when the role may not, so that the
 /// caller can say what is not captured.
-pub async fn install(client: &Client) -> Result<bool, tokio_postgres::Error> {
+pub async fn install(client: &Client, capture: &Capture) -> Result<bool, tokio_postgres::Error> {
     let superuser: bool = client
         .query_one(
             "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -159,30 +228,26 @@ pub async fn install(client: &Client) -> Result<bool, tokio_postgres::Error> {
     if !superuser {
         return Ok(false);
     }
-    let present: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_event_trigger WHERE evtname = ANY($1)",
-            &[&TRIGGERS.to_vec()],
-        )
-        .await?
-        .get(0);
     let schema = quote_ident(crate::partition::SCHEMA);
-    client
+    // Replaced whole, in one transaction: no DDL goes uncaptured between.
+    let installed = client
         .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}; {}",
-            functions_sql()
+            "BEGIN;
+             CREATE SCHEMA IF NOT EXISTS {schema};
+             {}
+             DROP EVENT TRIGGER IF EXISTS cutover_ddl; DROP EVENT TRIGGER IF EXISTS cutover_ddl_drop;
+             CREATE EVENT TRIGGER cutover_ddl ON ddl_command_end
+               WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+               EXECUTE FUNCTION {schema}.cutover_ddl();
+             CREATE EVENT TRIGGER cutover_ddl_drop ON sql_drop WHEN TAG IN ('DROP TABLE')
+               EXECUTE FUNCTION {schema}.cutover_ddl_drop();
+             COMMIT;",
+            functions_sql(capture)
         ))
-        .await?;
-    if present < TRIGGERS.len() as i64 {
-        client
-            .batch_execute(&format!(
-                "DROP EVENT TRIGGER IF EXISTS cutover_ddl; DROP EVENT TRIGGER IF EXISTS cutover_ddl_drop;
-                 CREATE EVENT TRIGGER cutover_ddl ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
-                   EXECUTE FUNCTION {schema}.cutover_ddl();
-                 CREATE EVENT TRIGGER cutover_ddl_drop ON sql_drop WHEN TAG IN ('DROP TABLE')
-                   EXECUTE FUNCTION {schema}.cutover_ddl_drop();"
-            ))
-            .await?;
+        .await;
+    if let Err(err) = installed {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(err);
     }
     Ok(true)
 }

@@ -823,3 +823,62 @@ async fn with_the_additive_policy_new_columns_and_widened_types_follow_and_drops
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_new_table_in_scope_streams_from_its_first_row_and_is_created_with_the_additive_policy() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE accounts (id int PRIMARY KEY, balance int);")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        "[ddl]\npolicy = \"additive\"\n[replication]\nexclude = [\"public.scratch_*\"]\n",
+    );
+    let mut daemon = start_streaming(&config).await;
+    for sql in [
+        // Created and filled in one transaction: its first rows stream.
+        "BEGIN; CREATE TABLE invoices (id bigint PRIMARY KEY, amount numeric(10,2) NOT NULL, total numeric GENERATED ALWAYS AS (amount * 2) STORED);
+                INSERT INTO invoices VALUES (1, 10.50), (2, 20); COMMIT;",
+        "UPDATE invoices SET amount = 11 WHERE id = 1",
+        // Keyless: its inserts stream (replication.keyless = append_only).
+        "CREATE TABLE audit (at int, what text); INSERT INTO audit VALUES (1, 'created');",
+        // Out of scope: not followed.
+        "CREATE TABLE scratch_tmp (x int); INSERT INTO scratch_tmp VALUES (1);",
+        "INSERT INTO accounts VALUES (1, 1)",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    pair.wait_equal(&["accounts", "invoices", "audit"], WAIT)
+        .await;
+    let scratch: i64 = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_class WHERE relname = 'scratch_tmp'",
+        )
+        .await;
+    assert_eq!(scratch, 0, "a table out of scope is not created");
+    let published: Vec<String> = pair
+        .source
+        .client("app")
+        .await
+        .query(
+            "SELECT pubname || ':' || tablename FROM pg_publication_tables WHERE tablename IN ('invoices', 'audit', 'scratch_tmp') ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(published, ["cutover:invoices", "cutover_inserts:audit"]);
+    // CREATE TABLE AS writes rows before any trigger could publish the
+    // table: the stream stops and says so.
+    on_source(&pair, "CREATE TABLE copied AS SELECT * FROM accounts").await;
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("a CREATE TABLE AS in scope"),
+        "{}",
+        daemon.log()
+    );
+}
