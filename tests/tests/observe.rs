@@ -328,3 +328,25 @@ async fn a_second_daemon_on_the_same_state_is_refused_naming_the_first() {
     assert!(first.running(), "the first daemon must be untouched");
     assert_eq!(first.terminate(WAIT), Some(0));
 }
+
+#[test]
+fn the_alert_rules_load_and_fire_as_their_unit_tests_say() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        vec!["check", "rules", "cutover-alerts.yml"],
+        vec!["test", "rules", "cutover-alerts.test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(&deploy)
+            .output()
+            .expect("run promtool (make test installs it: apt-get install prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
