@@ -28,9 +28,8 @@ use cutover_replication::Lsn;
 use cutover_replication::apply::{Applier, ApplyError, SourceTransaction};
 use cutover_replication::catalog::TableName;
 use cutover_replication::client::describe;
-use cutover_replication::ddl::{self, DdlChange};
 use cutover_replication::error::ReplicationError;
-use cutover_replication::partition::{self, PartitionTruncate};
+use cutover_replication::events;
 use cutover_replication::pgoutput::{Change, ChangeKind, Commit, Decoder, Event};
 use cutover_replication::session::{PgOutputOptions, Session};
 use cutover_replication::slot;
@@ -287,6 +286,10 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
         status.set_lag(lag);
         if let Some(c) = &client {
             watch_unstreamed(c, &store, &status).await;
+            // The events are in the WAL once written: their rows can go.
+            if let Err(err) = events::prune(c).await {
+                tracing::debug!(error = %describe(&err), "could not prune cutover.events");
+            }
             // Partitions created since the start get the TRUNCATE trigger.
             if let Err(err) = copy::install_partition_triggers(c, &config).await {
                 tracing::warn!(error = %err, "could not add cutover's TRUNCATE trigger to new partitions");
@@ -446,7 +449,6 @@ async fn read_stream(
     let mut big: Option<SpillWriter> = None;
     let mut streamed: HashMap<u32, SpillWriter> = HashMap::new();
     // The transaction of the stream block being read, if in one.
-    let mut stream_xid: Option<u32> = None;
     let mut forwarded = *durable.borrow();
     // Acknowledgements are sent at most every FEEDBACK_EVERY: each one that
     // moves the slot makes the walsender save (and fsync) the slot's state
@@ -520,52 +522,44 @@ async fn read_stream(
                 source,
             })?;
         let event = match event {
-            Event::StreamStart { xid, .. } => {
-                stream_xid = Some(xid);
-                continue;
-            }
-            Event::StreamStop { .. } => {
-                stream_xid = None;
-                continue;
-            }
-            Event::Message(message)
-                if message.transactional
-                    && (message.prefix == partition::MESSAGE_PREFIX
-                        || message.prefix == ddl::MESSAGE_PREFIX) =>
-            {
-                // A partition emptied, or DDL, on the source: a change of
-                // its transaction, at its place (see `partition`, `ddl`).
-                let kind = if message.prefix == ddl::MESSAGE_PREFIX {
-                    ChangeKind::Ddl(Arc::new(
-                        DdlChange::from_message(&message.content, message.lsn)
-                            .map_err(|e| RunError::Message(e.to_string()))?,
-                    ))
-                } else {
-                    ChangeKind::TruncatePartition(Arc::new(
-                        PartitionTruncate::from_message(&message.content, message.lsn)
-                            .map_err(|e| RunError::Message(e.to_string()))?,
-                    ))
-                };
-                let (xid, subxid, commit_lsn) = match (stream_xid, &current) {
-                    (Some(top), _) => (top, message.xid.unwrap_or(top), None),
-                    (None, Some((tx, _))) => (tx.xid, tx.xid, Some(tx.commit_lsn)),
-                    (None, None) => {
-                        return Err(RunError::Message(format!(
-                            "a {} message at {} outside any transaction",
-                            message.prefix, message.lsn
-                        )));
+            // cutover's own events on the source (see `events`): an insert
+            // stands for the change it records, at its place; anything
+            // else done to the table is not the application's.
+            Event::Change(change) => match &change.kind {
+                ChangeKind::Insert { relation, new } if events::is_events(relation) => {
+                    let kind = events::from_row(relation, new, change.lsn)
+                        .map_err(|e| RunError::Message(e.to_string()))?;
+                    Event::Change(Change { kind, ..change })
+                }
+                ChangeKind::Insert { relation, .. }
+                | ChangeKind::Update { relation, .. }
+                | ChangeKind::Delete { relation, .. }
+                    if events::is_events(relation) =>
+                {
+                    continue;
+                }
+                ChangeKind::Truncate {
+                    relations,
+                    cascade,
+                    restart_identity,
+                } if relations.iter().any(|r| events::is_events(r)) => {
+                    let relations: Vec<_> = relations
+                        .iter()
+                        .filter(|r| !events::is_events(r))
+                        .cloned()
+                        .collect();
+                    if relations.is_empty() {
+                        continue;
                     }
-                };
-                Event::Change(Change {
-                    xid,
-                    subxid,
-                    commit_lsn,
-                    lsn: message.lsn,
-                    ordinal: 0,
-                    origin: None,
-                    kind,
-                })
-            }
+                    let kind = ChangeKind::Truncate {
+                        relations,
+                        cascade: *cascade,
+                        restart_identity: *restart_identity,
+                    };
+                    Event::Change(Change { kind, ..change })
+                }
+                _ => Event::Change(change),
+            },
             other => other,
         };
         match event {

@@ -252,6 +252,13 @@ struct TargetTable {
 }
 
 impl TargetTable {
+    /// The table's own rows in a statement: `ONLY` it, so that rows of
+    /// tables inheriting from it are never touched (a partitioned table's
+    /// rows are all in its partitions, where ONLY would find none).
+    fn only(&self, table: &TableName) -> String {
+        crate::catalog::own_rows(table, self.partitioned)
+    }
+
     /// ` OVERRIDING SYSTEM VALUE` when an INSERT of `names` writes a
     /// `GENERATED ALWAYS` identity column.
     fn overriding(&self, names: &[&str]) -> &'static str {
@@ -265,12 +272,15 @@ impl TargetTable {
         }
     }
 
-    /// Whether writing `names` under `keys` would UPDATE a `GENERATED
-    /// ALWAYS` identity column: such rows are deleted and inserted again.
+    /// Whether rows are deleted by key and inserted again instead of
+    /// upserted: when writing `names` under `keys` would UPDATE a
+    /// `GENERATED ALWAYS` identity column, or the key is deferrable.
     fn replaces(&self, names: &[&str], keys: &[&str]) -> bool {
-        names
-            .iter()
-            .any(|n| !keys.contains(n) && self.identity_always.iter().any(|a| a == n))
+        // A deferrable key cannot arbitrate ON CONFLICT either.
+        self.key_deferrable
+            || names
+                .iter()
+                .any(|n| !keys.contains(n) && self.identity_always.iter().any(|a| a == n))
     }
 }
 
@@ -899,7 +909,7 @@ impl Applier {
                     .filter(|(c, lsn)| self.wanted(c, *lsn))
                     .collect();
                 self.apply_fast(&wanted, None).await?;
-                for check in self.key_checks(&wanted) {
+                for check in self.key_checks(&wanted).await? {
                     if !touched
                         .iter()
                         .any(|t| t.relation.name == check.relation.name)
@@ -928,7 +938,7 @@ impl Applier {
                     }
                     let applied: Vec<(&Change, Lsn)> =
                         changes.iter().map(|c| (c, commit.commit_lsn)).collect();
-                    for check in self.key_checks(&applied) {
+                    for check in self.key_checks(&applied).await? {
                         if !touched
                             .iter()
                             .any(|t| t.relation.name == check.relation.name)
@@ -1098,8 +1108,12 @@ impl Applier {
         }
         // Inside a spilled transaction (no commit here) keys may stand
         // duplicated until its end: checked then, by the caller.
-        let checks = self.key_checks(changes);
-        if checks.is_empty() || commit.is_none() {
+        // Inside a spilled transaction (no commit here) the caller checks.
+        if commit.is_none() {
+            return self.flush(&mut pending, commit).await;
+        }
+        let checks = self.key_checks(changes).await?;
+        if checks.is_empty() {
             return self.flush(&mut pending, commit).await;
         }
         self.flush(&mut pending, None).await?;
@@ -1111,16 +1125,18 @@ impl Applier {
         for (change, commit_lsn) in changes {
             self.apply_one(change, *commit_lsn).await?;
         }
-        let checks = self.key_checks(changes);
+        let checks = self.key_checks(changes).await?;
         self.check_keys(&checks).await
     }
 
     /// The rows `changes` wrote to tables with `DEFERRABLE` keys, by table.
-    fn key_checks<'a>(&self, changes: &[(&'a Change, Lsn)]) -> Vec<KeyCheck<'a>> {
+    async fn key_checks<'a>(
+        &mut self,
+        changes: &[(&'a Change, Lsn)],
+    ) -> Result<Vec<KeyCheck<'a>>, ApplyError> {
         let mut checks: Vec<KeyCheck<'a>> = Vec::new();
-        if self.tables.values().all(|t| t.deferrable_keys.is_empty()) {
-            return checks;
-        }
+        // Relations seen in this batch whose table has no deferrable key.
+        let mut plain: Vec<&Arc<Relation>> = Vec::new();
         for (change, _) in changes {
             let (relation, row) = match &change.kind {
                 ChangeKind::Insert { relation, new } | ChangeKind::Update { relation, new, .. } => {
@@ -1131,6 +1147,9 @@ impl Applier {
                 | ChangeKind::TruncatePartition(_)
                 | ChangeKind::Ddl(_) => continue,
             };
+            if plain.iter().any(|p| Arc::ptr_eq(p, relation)) {
+                continue;
+            }
             if let Some(check) = checks.iter_mut().find(|c| c.relation.name == relation.name) {
                 if let Some(rows) = &mut check.rows {
                     rows.push(row);
@@ -1138,18 +1157,21 @@ impl Applier {
                 check.lsn = check.lsn.max(change.lsn);
                 continue;
             }
-            if let Some(target) = self.tables.get(&relation.name)
-                && !target.deferrable_keys.is_empty()
-            {
-                checks.push(KeyCheck {
-                    relation: Arc::clone(relation),
-                    target: Arc::clone(target),
-                    rows: Some(vec![row]),
-                    lsn: change.lsn,
-                });
+            // Described again if DDL in the batch made the applier forget
+            // it: a check is never skipped for want of a description.
+            let target = self.target_table(relation).await?;
+            if target.deferrable_keys.is_empty() {
+                plain.push(relation);
+                continue;
             }
+            checks.push(KeyCheck {
+                relation: Arc::clone(relation),
+                target,
+                rows: Some(vec![row]),
+                lsn: change.lsn,
+            });
         }
-        checks
+        Ok(checks)
     }
 
     /// Fails when a table of `checks` holds a `DEFERRABLE` key twice among
@@ -1185,7 +1207,7 @@ impl Applier {
                 };
                 let sql = format!(
                     "SELECT ROW({cols})::text FROM {} WHERE {filter} GROUP BY {cols} HAVING count(*) > 1 LIMIT 1",
-                    relation.name.quoted(),
+                    check.target.only(&relation.name),
                     cols = cols.join(", "),
                 );
                 let statement = self.statement(&sql).await?;
@@ -1743,6 +1765,18 @@ impl Applier {
                             "ALTER TABLE {quoted} ALTER COLUMN {name} TYPE {};",
                             column.type_name
                         );
+                        let using = ddl.statement.to_ascii_lowercase().contains(" using ");
+                        if using {
+                            return Err(stop(
+                                format!(
+                                    "column {} changed type with USING: the source rewrote its values, and the rewritten values are not in the stream",
+                                    column.name
+                                ),
+                                format!(
+                                    "change it the same way on the target ({widen} with the same USING), check with cutover verify, and restart"
+                                ),
+                            ));
+                        }
                         if type_fit(current, &column.type_name) != TypeFit::Widens {
                             return Err(stop(
                                 format!(
@@ -1900,9 +1934,11 @@ impl Applier {
                 truncate.constraint
             ),
         };
+        // One statement, by the extended protocol.
         self.client
-            .batch_execute(&sql)
+            .execute(sql.as_str(), &[])
             .await
+            .map(|_| ())
             .map_err(|err| match err.as_db_error() {
                 Some(db) => ApplyError::Refused {
                     op: "truncate",
@@ -2420,7 +2456,7 @@ fn move_sql(
     let cols: Vec<String> = all.iter().map(|n| quote_ident(n)).collect();
     format!(
         "WITH s AS (SELECT {} FROM unnest({}) AS u({})), \
-              d AS (DELETE FROM {table} AS t USING s WHERE {} RETURNING t.*) \
+              d AS (DELETE FROM {only} AS t USING s WHERE {} RETURNING t.*) \
          INSERT INTO {table} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM s JOIN d ON {}",
         select.join(", "),
         params.join(", "),
@@ -2430,6 +2466,7 @@ fn move_sql(
         values.join(", "),
         on.join(" AND "),
         table = table.quoted(),
+        only = target.only(table),
     )
 }
 
@@ -2460,11 +2497,12 @@ fn move_one_sql(
         .collect();
     let condition = match_condition(relation, match_cols, target, set.len() + 1, keyed);
     format!(
-        "WITH d AS (DELETE FROM {table} WHERE ctid = (SELECT ctid FROM {table} WHERE {condition} LIMIT 1) RETURNING *) \
+        "WITH d AS (DELETE FROM {only} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {only} WHERE {condition} LIMIT 1) RETURNING *) \
          INSERT INTO {table} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM d",
         cols.join(", "),
         values.join(", "),
         table = table.quoted(),
+        only = target.only(table),
     )
 }
 
@@ -2472,7 +2510,7 @@ fn delete_sql(table: &TableName, keys: &[&str], target: &TargetTable) -> String 
     let cols: Vec<String> = keys.iter().map(|n| quote_ident(n)).collect();
     format!(
         "DELETE FROM {} WHERE ({}) IN ({})",
-        table.quoted(),
+        target.only(table),
         cols.join(", "),
         unnest_select(keys, target, 1)
     )
@@ -2499,7 +2537,7 @@ fn patch_sql(table: &TableName, keys: &[&str], set: &[&str], target: &TargetTabl
         .collect();
     format!(
         "UPDATE {} AS t SET {} FROM (SELECT {} FROM unnest({}) AS u({})) AS s WHERE {}",
-        table.quoted(),
+        target.only(table),
         sets.join(", "),
         select.join(", "),
         params.join(", "),
@@ -2553,13 +2591,15 @@ fn update_one_sql(
     if keyed {
         format!(
             "UPDATE {} SET {} WHERE {condition}",
-            table.quoted(),
+            target.only(table),
             sets.join(", ")
         )
     } else {
+        // A ctid is unique only within one table: a partitioned target (or
+        // a parent with children) needs the tableoid too.
         format!(
-            "UPDATE {0} SET {1} WHERE ctid = (SELECT ctid FROM {0} WHERE {condition} LIMIT 1)",
-            table.quoted(),
+            "UPDATE {0} SET {1} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {0} WHERE {condition} LIMIT 1)",
+            target.only(table),
             sets.join(", ")
         )
     }
@@ -2574,11 +2614,11 @@ fn delete_one_sql(
 ) -> String {
     let condition = match_condition(relation, match_cols, target, 1, keyed);
     if keyed {
-        format!("DELETE FROM {} WHERE {condition}", table.quoted())
+        format!("DELETE FROM {} WHERE {condition}", target.only(table))
     } else {
         format!(
-            "DELETE FROM {0} WHERE ctid = (SELECT ctid FROM {0} WHERE {condition} LIMIT 1)",
-            table.quoted()
+            "DELETE FROM {0} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {0} WHERE {condition} LIMIT 1)",
+            target.only(table)
         )
     }
 }

@@ -387,7 +387,7 @@ SELECT c.oid, n.nspname::text, c.relname::text, c.relkind = 'p', c.relpersistenc
        EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhparent = c.oid) AND c.relkind = 'r'
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence IN ('p', 'u')
-   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'cutover')
    AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
  ORDER BY 2, 3";
 
@@ -398,7 +398,8 @@ SELECT a.attrelid, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttyp
  WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attrelid, a.attnum";
 
-/// Every user table of the connected database (partitions excluded).
+/// Every user table of the connected database (partitions excluded, and
+/// cutover's own schema `cutover`).
 pub async fn tables(client: &Client) -> Result<Vec<Table>, tokio_postgres::Error> {
     let rows = client.query(TABLES_SQL, &[]).await?;
     let mut tables: Vec<Table> = rows

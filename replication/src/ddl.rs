@@ -2,12 +2,12 @@
 //!
 //! Logical decoding carries no DDL: native replication stops or diverges
 //! when the source's tables change under it. cutover installs two event
-//! triggers on the source (`ddl_command_end` for `ALTER TABLE`, `sql_drop`
-//! for `DROP TABLE`; creating them needs superuser). Each writes one
-//! transactional logical message ([`MESSAGE_PREFIX`]) naming the table, the
-//! statement, and the table's columns as they are after it, so that the
-//! applier meets the change between the transaction's changes before and
-//! after it, as [`DdlChange`].
+//! triggers on the source (`ddl_command_end` for `ALTER TABLE` and `CREATE
+//! TABLE`, `sql_drop` for `DROP TABLE`; creating them needs superuser).
+//! Each records one event in `cutover.events` (see [`crate::events`])
+//! naming the table, the statement, and the table's columns as they are
+//! after it, so that the applier meets the change between the
+//! transaction's changes before and after it, as [`DdlChange`].
 //!
 //! What the applier does with it is `[ddl] policy`: with `stop` (the
 //! default) a change the target does not have yet stops the stream with
@@ -17,11 +17,9 @@
 //! narrowed type, a column added with a volatile default, whose values the
 //! source wrote without logging them) stops the stream in both.
 //!
-//! The trigger functions only read the catalog and write the message. They
-//! have no EXCEPTION block on purpose: a block that catches makes a
-//! subtransaction, and PostgreSQL 15 then decodes the message after every
-//! change of the transaction instead of at its place (seen with
-//! test_decoding), which would apply the DDL too late.
+//! The trigger functions only read the catalog and record the event. They
+//! have no EXCEPTION block: one that caught an error would hide a DDL
+//! change from the stream.
 //!
 //! `cutover cleanup` removes the triggers and their functions.
 
@@ -30,11 +28,8 @@ use tokio_postgres::Client;
 
 use crate::catalog::{TableName, quote_ident, quote_literal};
 
-/// The prefix of the logical messages the DDL triggers write.
-pub const MESSAGE_PREFIX: &str = "cutover.ddl";
-
 /// The event triggers' names (and their functions', in
-/// [`crate::partition::SCHEMA`]).
+/// [`crate::events::SCHEMA`]).
 pub const TRIGGERS: [&str; 2] = ["cutover_ddl", "cutover_ddl_drop"];
 
 /// What the applier does with DDL on the source (`[ddl] policy`).
@@ -106,31 +101,8 @@ pub struct Capture {
     pub inserts_publication: Option<String>,
 }
 
-/// Why a DDL message could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "a {MESSAGE_PREFIX} message at {lsn} is not what cutover's DDL trigger writes ({detail}): was its function changed?"
-)]
-pub struct MessageError {
-    /// Where the message is.
-    pub lsn: crate::lsn::Lsn,
-    /// What is wrong.
-    pub detail: String,
-}
-
-impl DdlChange {
-    /// Reads the content of a [`MESSAGE_PREFIX`] message.
-    pub fn from_message(content: &[u8], lsn: crate::lsn::Lsn) -> Result<DdlChange, MessageError> {
-        serde_json::from_slice(content).map_err(|e| MessageError {
-            lsn,
-            detail: e.to_string(),
-        })
-    }
-}
-
 fn functions_sql(capture: &Capture) -> String {
-    let schema = quote_ident(crate::partition::SCHEMA);
-    let prefix = quote_literal(MESSAGE_PREFIX);
+    let schema = quote_ident(crate::events::SCHEMA);
     let in_scope = &capture.scope_condition;
     let keyless = match &capture.inserts_publication {
         Some(name) => format!(
@@ -156,7 +128,7 @@ BEGIN
             WHERE object_type = 'table' AND schema_name IS NOT NULL AND NOT in_extension LOOP
     SELECT c.relname::text AS relname, c.relispartition, c.relpersistence INTO rel
       FROM pg_class c WHERE c.oid = r.objid;
-    scoped := NOT rel.relispartition AND rel.relpersistence = 'p'
+    scoped := NOT rel.relispartition AND rel.relpersistence = 'p' AND r.schema_name <> {cutover_schema}
               AND (SELECT {in_scope} FROM (SELECT r.schema_name::text AS s, rel.relname AS n) AS t);
     published := NULL;
     key := (SELECT array_agg(a.attname::text ORDER BY k.ord)
@@ -177,7 +149,7 @@ BEGIN
         {keyless}
       END IF;
     END IF;
-    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
+    INSERT INTO {events} (kind, payload) VALUES ('ddl', json_build_object(
       'tag', r.command_tag,
       'table', json_build_object('schema', r.schema_name, 'name', rel.relname),
       'statement', current_query(),
@@ -202,7 +174,7 @@ DECLARE r record;
 BEGIN
   FOR r IN SELECT * FROM pg_event_trigger_dropped_objects()
             WHERE object_type = 'table' AND NOT is_temporary AND original LOOP
-    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
+    INSERT INTO {events} (kind, payload) VALUES ('ddl', json_build_object(
       'tag', 'DROP TABLE',
       'table', json_build_object('schema', r.schema_name, 'name', r.object_name),
       'statement', current_query(),
@@ -211,6 +183,8 @@ BEGIN
   END LOOP;
 END $cutover$;",
         main_literal = quote_literal(&capture.publication),
+        events = crate::events::table().quoted(),
+        cutover_schema = quote_literal(crate::events::SCHEMA),
     )
 }
 
@@ -228,7 +202,8 @@ pub async fn install(client: &Client, capture: &Capture) -> Result<bool, tokio_p
     if !superuser {
         return Ok(false);
     }
-    let schema = quote_ident(crate::partition::SCHEMA);
+    crate::events::install(client, &capture.publication).await?;
+    let schema = quote_ident(crate::events::SCHEMA);
     // Replaced whole, in one transaction: no DDL goes uncaptured between.
     let installed = client
         .batch_execute(&format!(
@@ -262,10 +237,9 @@ mod tests {
             "statement":"alter table t add column c int default 5",
             "columns":[{"name":"id","type":"integer","not_null":true,"default":null,"missing":null,"generated":false},
                        {"name":"c","type":"integer","not_null":false,"default":"5","missing":"{5}","generated":false}]}"#;
-        let change = DdlChange::from_message(content, crate::lsn::Lsn::ZERO).unwrap();
+        let change: DdlChange = serde_json::from_slice(content).unwrap();
         assert_eq!(change.table, TableName::new("public", "t"));
         let columns = change.columns.unwrap();
         assert_eq!(columns[1].missing.as_deref(), Some("{5}"));
-        assert!(DdlChange::from_message(b"[]", crate::lsn::Lsn::ZERO).is_err());
     }
 }

@@ -23,6 +23,7 @@ pub mod client;
 pub mod conninfo;
 pub mod ddl;
 pub mod error;
+pub mod events;
 pub mod lsn;
 pub mod partition;
 pub mod pgoutput;

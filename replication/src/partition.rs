@@ -8,11 +8,11 @@
 //! target would keep rows the source emptied, with no error.
 //!
 //! cutover closes that gap on the source with a statement-level `AFTER
-//! TRUNCATE` trigger on every partition of a published tree. It writes one
-//! transactional logical message (`pg_logical_emit_message`, prefix
-//! [`MESSAGE_PREFIX`]) naming the partition, its root, its bound and its
-//! partition constraint, at the truncate's exact place in its transaction.
-//! The stream turns the message into [`PartitionTruncate`], and the
+//! TRUNCATE` trigger on every partition of a published tree. It records
+//! one event in `cutover.events` (see [`crate::events`]) naming the
+//! partition, its root, its bound and its partition constraint, at the
+//! truncate's exact place in its transaction. The stream turns the event
+//! into [`PartitionTruncate`], and the
 //! applier empties the same rows on the target: `TRUNCATE ONLY` of the same
 //! partition where the target has it with the same bound under the same
 //! root, else a `DELETE` from the root of the rows the partition
@@ -29,11 +29,8 @@ use tokio_postgres::Client;
 
 use crate::catalog::{TableName, quote_ident};
 
-/// The prefix of the logical messages the partition triggers write.
-pub const MESSAGE_PREFIX: &str = "cutover.truncate_partition";
-
 /// The schema holding the trigger function on the source.
-pub const SCHEMA: &str = "cutover";
+pub const SCHEMA: &str = crate::events::SCHEMA;
 
 /// The trigger function (in [`SCHEMA`]) and the triggers' name.
 pub const TRIGGER: &str = "cutover_truncate_partition";
@@ -54,30 +51,7 @@ pub struct PartitionTruncate {
     pub constraint: String,
 }
 
-/// Why a partition message could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "a {MESSAGE_PREFIX} message at {lsn} is not what cutover's trigger writes ({detail}): was the trigger function {SCHEMA}.{TRIGGER} changed?"
-)]
-pub struct MessageError {
-    /// Where the message is.
-    pub lsn: crate::lsn::Lsn,
-    /// What is wrong.
-    pub detail: String,
-}
-
 impl PartitionTruncate {
-    /// Reads the content of a [`MESSAGE_PREFIX`] message.
-    pub fn from_message(
-        content: &[u8],
-        lsn: crate::lsn::Lsn,
-    ) -> Result<PartitionTruncate, MessageError> {
-        serde_json::from_slice(content).map_err(|e| MessageError {
-            lsn,
-            detail: e.to_string(),
-        })
-    }
-
     /// Whether the partition's rows can be found only by its own hash
     /// function, which names the source's parent by OID.
     pub fn hashed(&self) -> bool {
@@ -85,13 +59,21 @@ impl PartitionTruncate {
     }
 }
 
-/// The trigger function: the message's content is a [`PartitionTruncate`]
-/// in JSON.
+/// The trigger function: it records a [`PartitionTruncate`], in JSON, in
+/// `cutover.events`.
 fn function_sql() -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION {schema}.{name}() RETURNS trigger LANGUAGE plpgsql AS $cutover$
+        "CREATE OR REPLACE FUNCTION {schema}.{name}() RETURNS trigger LANGUAGE plpgsql
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $cutover$
 BEGIN
-  PERFORM pg_logical_emit_message(true, {prefix}, json_build_object(
+  {insert};
+  RETURN NULL;
+END $cutover$",
+        schema = quote_ident(SCHEMA),
+        name = quote_ident(TRIGGER),
+        insert = crate::events::insert_sql(
+            crate::events::TRUNCATE_PARTITION,
+            "json_build_object(
       'partition', json_build_object('schema', TG_TABLE_SCHEMA, 'name', TG_TABLE_NAME),
       'root', (SELECT json_build_object('schema', n.nspname, 'name', r.relname)
                  FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
@@ -101,12 +83,8 @@ BEGIN
                    JOIN pg_namespace n ON n.oid = p.relnamespace
                   WHERE i.inhrelid = TG_RELID),
       'bound', (SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c WHERE c.oid = TG_RELID),
-      'constraint', pg_get_partition_constraintdef(TG_RELID))::text);
-  RETURN NULL;
-END $cutover$",
-        schema = quote_ident(SCHEMA),
-        name = quote_ident(TRIGGER),
-        prefix = crate::catalog::quote_literal(MESSAGE_PREFIX),
+      'constraint', pg_get_partition_constraintdef(TG_RELID))::text",
+        ),
     )
 }
 
@@ -143,6 +121,7 @@ async fn untriggered(
 pub async fn install(
     client: &Client,
     roots: &[TableName],
+    publication: &str,
 ) -> Result<Vec<TableName>, tokio_postgres::Error> {
     if roots.is_empty() {
         return Ok(Vec::new());
@@ -151,13 +130,8 @@ pub async fn install(
     if missing.is_empty() {
         return Ok(missing);
     }
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {}; {}",
-            quote_ident(SCHEMA),
-            function_sql()
-        ))
-        .await?;
+    crate::events::install(client, publication).await?;
+    client.batch_execute(&function_sql()).await?;
     for partition in &missing {
         let sql = format!(
             "BEGIN; SET LOCAL lock_timeout = '2s';
@@ -191,7 +165,7 @@ pub async fn install(
 }
 
 /// [`install`] for every partitioned table the publications `names`
-/// publish. Run before the slot is created (so that every TRUNCATE after
+/// publish (the first is the one `cutover.events` belongs in). Run before the slot is created (so that every TRUNCATE after
 /// its snapshot is reported) and again while streaming, for partitions
 /// added since.
 pub async fn install_for_publications(
@@ -211,7 +185,7 @@ pub async fn install_for_publications(
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    install(client, &roots).await
+    install(client, &roots, &names[0]).await
 }
 
 #[cfg(test)]
@@ -219,18 +193,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_message_reads_back_and_a_bad_one_names_the_function() {
+    fn an_event_reads_back() {
         let content =
             br#"{"partition":{"schema":"public","name":"p1"},"root":{"schema":"public","name":"p"},
             "parent":{"schema":"public","name":"p"},"bound":"FOR VALUES FROM (0) TO (10)",
             "constraint":"((id IS NOT NULL) AND (id >= 0) AND (id < 10))"}"#;
-        let t = PartitionTruncate::from_message(content, crate::lsn::Lsn::ZERO).unwrap();
+        let t: PartitionTruncate = serde_json::from_slice(content).unwrap();
         assert_eq!(t.partition, TableName::new("public", "p1"));
         assert_eq!(t.root, TableName::new("public", "p"));
         assert!(!t.hashed());
-        let err = PartitionTruncate::from_message(b"{}", crate::lsn::Lsn::ZERO)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cutover.cutover_truncate_partition"), "{err}");
     }
 }

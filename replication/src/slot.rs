@@ -263,7 +263,7 @@ pub async fn drop_publication_tables(
     }
     let list = tables
         .iter()
-        .map(TableName::quoted)
+        .map(|t| format!("ONLY {}", t.quoted()))
         .collect::<Vec<_>>()
         .join(", ");
     tracing::info!(publication = name, tables = %list, "taking tables out of the publication");

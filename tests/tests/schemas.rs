@@ -358,7 +358,7 @@ async fn keyless_and_unlogged_tables_never_break_the_source_and_what_does_not_st
         .source
         .query_value(
             "app",
-            "SELECT relreplident::text FROM pg_class WHERE relname = 'events'",
+            "SELECT relreplident::text FROM pg_class WHERE oid = 'public.events'::regclass",
         )
         .await;
     assert_eq!(identity, "d");
@@ -881,4 +881,114 @@ async fn a_new_table_in_scope_streams_from_its_first_row_and_is_created_with_the
         "{}",
         daemon.log()
     );
+}
+
+#[tokio::test]
+async fn events_rolled_back_with_a_savepoint_or_forged_by_a_source_user_change_nothing() {
+    // Small logical_decoding_work_mem: the bulk below streams while in
+    // progress, savepoint rollbacks included.
+    let pair =
+        Pair::start(ClusterOptions::default().setting("logical_decoding_work_mem", "64kB")).await;
+    pair.both(
+        "CREATE TABLE parts (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE parts_2 PARTITION OF parts FOR VALUES FROM (1000) TO (100000);
+         CREATE TABLE accounts (id int PRIMARY KEY, balance int);",
+    )
+    .await;
+    on_source(
+        &pair,
+        "INSERT INTO parts SELECT g, 'seed' FROM generate_series(1, 1500) g;
+         INSERT INTO accounts SELECT g, g FROM generate_series(1, 10) g;
+         CREATE ROLE app LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO app;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    for sql in [
+        // A partition truncate and a DDL change, both rolled back inside a
+        // transaction large enough to stream.
+        "BEGIN; INSERT INTO parts SELECT g, repeat('x', 200) FROM generate_series(2000, 4000) g;
+                SAVEPOINT s; TRUNCATE parts_1; ROLLBACK TO SAVEPOINT s;
+                SAVEPOINT t; ALTER TABLE accounts ADD COLUMN note text; ROLLBACK TO SAVEPOINT t;
+                UPDATE accounts SET balance = 0 WHERE id = 1; COMMIT;",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    // A source user forging cutover's events: a logical message (any role
+    // may write one) is not an event, and the events table is closed.
+    let app = tokio_postgres::connect(&pair.source.conninfo("app", "app"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(app.1);
+    let app = app.0;
+    app.batch_execute(
+        r#"SELECT pg_logical_emit_message(true, 'cutover.truncate_partition', '{"partition":{"schema":"public","name":"parts_2"},"root":{"schema":"public","name":"parts"},"parent":{"schema":"public","name":"parts"},"bound":"x","constraint":"true"}')"#,
+    )
+    .await
+    .unwrap();
+    let refused = app
+        .batch_execute("INSERT INTO cutover.events (kind, payload) VALUES ('ddl', '{}')")
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("permission denied")
+            || format!("{refused:?}").contains("permission denied"),
+        "{refused:?}"
+    );
+    on_source(&pair, "INSERT INTO accounts VALUES (100, 100)").await;
+    finish(&pair, &mut daemon, &["parts", "accounts"]).await;
+    assert!(
+        std::fs::read_dir(dir.path().join("state/spill")).is_ok(),
+        "the transaction was not streamed"
+    );
+}
+
+#[tokio::test]
+async fn rows_are_found_in_their_own_table_on_partitioned_and_inheriting_targets() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.source
+        .execute(
+            "app",
+            "CREATE TABLE logs (at int, msg text);
+             ALTER TABLE logs REPLICA IDENTITY FULL;
+             CREATE TABLE animal (id int PRIMARY KEY, name text);
+             CREATE TABLE dog (breed text) INHERITS (animal);
+             ALTER TABLE dog ADD PRIMARY KEY (id);",
+        )
+        .await;
+    // The target splits logs in partitions: the first row of each sits at
+    // the same ctid.
+    pair.target
+        .execute(
+            "app",
+            "CREATE TABLE logs (at int, msg text) PARTITION BY RANGE (at);
+             CREATE TABLE logs_low PARTITION OF logs FOR VALUES FROM (0) TO (100);
+             CREATE TABLE logs_high PARTITION OF logs FOR VALUES FROM (100) TO (1000);
+             CREATE TABLE animal (id int PRIMARY KEY, name text);
+             CREATE TABLE dog (breed text) INHERITS (animal);
+             ALTER TABLE dog ADD PRIMARY KEY (id);",
+        )
+        .await;
+    on_source(
+        &pair,
+        "INSERT INTO logs VALUES (1, 'low'), (500, 'high');
+         INSERT INTO animal VALUES (5, 'parent five');
+         INSERT INTO dog VALUES (5, 'dog five', 'pug');",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    for sql in [
+        "UPDATE logs SET msg = 'low, updated' WHERE at = 1",
+        "DELETE FROM logs WHERE at = 500",
+        "INSERT INTO logs VALUES (600, 'again')",
+        "DELETE FROM ONLY animal WHERE id = 5",
+        "UPDATE dog SET name = 'still here' WHERE id = 5",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    finish(&pair, &mut daemon, &["logs", "ONLY animal", "dog"]).await;
 }
