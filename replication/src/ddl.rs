@@ -120,6 +120,7 @@ fn functions_sql(capture: &Capture) -> String {
 DECLARE
   r record;
   rel record;
+  leaf record;
   scoped boolean;
   published text;
   key text[];
@@ -130,6 +131,20 @@ BEGIN
       FROM pg_class c WHERE c.oid = r.objid;
     scoped := NOT rel.relispartition AND rel.relpersistence = 'p' AND r.schema_name <> {cutover_schema}
               AND (SELECT {in_scope} FROM (SELECT r.schema_name::text AS s, rel.relname AS n) AS t);
+    -- A partition created or attached in a published tree gets cutover's
+    -- TRUNCATE trigger now, in this transaction (see `partition`).
+    FOR leaf IN SELECT t.relid FROM pg_partition_tree(pg_partition_root(r.objid)) t
+                 WHERE t.level > 0
+                   AND EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
+                                WHERE pn.nspname = {cutover_schema} AND p.proname = {partition_trigger})
+                   AND EXISTS (SELECT 1 FROM pg_publication_tables pt
+                                 JOIN pg_namespace rn ON rn.nspname = pt.schemaname
+                                 JOIN pg_class rc ON rc.relnamespace = rn.oid AND rc.relname = pt.tablename
+                                WHERE rc.oid = pg_partition_root(r.objid) AND pt.pubname = {main_literal})
+                   AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.relid AND g.tgname = {partition_trigger}) LOOP
+      EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()',
+                     {partition_trigger}, leaf.relid::regclass, {cutover_schema}, {partition_trigger});
+    END LOOP;
     published := NULL;
     key := (SELECT array_agg(a.attname::text ORDER BY k.ord)
               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
@@ -185,6 +200,7 @@ END $cutover$;",
         main_literal = quote_literal(&capture.publication),
         events = crate::events::table().quoted(),
         cutover_schema = quote_literal(crate::events::SCHEMA),
+        partition_trigger = quote_literal(crate::partition::TRIGGER),
     )
 }
 

@@ -466,6 +466,11 @@ async fn partitioned_tables_of_every_kind_reach_a_target_partitioned_differently
         "TRUNCATE measures_2025_eu",
         "TRUNCATE sessions_1",
         "INSERT INTO sessions VALUES (1001, 'new'), (1002, 'new')",
+        // A partition created while streaming has the trigger at once.
+        "CREATE TABLE measures_2027 PARTITION OF measures FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+         INSERT INTO measures VALUES (900, 'eu', '2027-05-01', 1), (901, 'us', '2027-06-01', 2);
+         TRUNCATE measures_2027;
+         INSERT INTO measures VALUES (902, 'eu', '2027-07-01', 3);",
         // The whole tree, then rows again.
         "TRUNCATE measures",
         "INSERT INTO measures VALUES (1, 'eu', '2026-02-01', 1)",
@@ -481,7 +486,7 @@ async fn partitioned_tables_of_every_kind_reach_a_target_partitioned_differently
         )
         .await;
     assert_eq!(
-        triggers, 10,
+        triggers, 11,
         "one TRUNCATE trigger per partition, at every level"
     );
 }
