@@ -1651,6 +1651,21 @@ impl Applier {
             fix,
         };
         let Some(columns) = &ddl.columns else {
+            // A table the target never had (a partition of a tree out of
+            // scope, a table created and dropped on the source alone):
+            // nothing of it to keep or drop.
+            let exists: bool = self
+                .client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
+                .await
+                .map_err(session_error(format!(
+                    "looking up {} on the target",
+                    ddl.table
+                )))?
+                .get(0);
+            if !exists {
+                return Ok(());
+            }
             return Err(stop(
                 "the source dropped the table; cutover never drops a table on the target".into(),
                 format!(

@@ -115,12 +115,35 @@ fn functions_sql(capture: &Capture) -> String {
         None => "published := NULL;".to_owned(),
     };
     format!(
-        "CREATE OR REPLACE FUNCTION {schema}.cutover_ddl() RETURNS event_trigger LANGUAGE plpgsql
+        "CREATE TABLE IF NOT EXISTS {schema}.partitions (
+    partition_schema text, partition_name text, root_schema text NOT NULL, root_name text NOT NULL,
+    parent_schema text NOT NULL, parent_name text NOT NULL, bound text NOT NULL, constraint_def text NOT NULL,
+    PRIMARY KEY (partition_schema, partition_name));
+REVOKE ALL ON {schema}.partitions FROM PUBLIC;
+CREATE OR REPLACE FUNCTION {schema}.cutover_register_tree(root oid) RETURNS void LANGUAGE sql
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $cutover$
+  DELETE FROM {schema}.partitions p USING pg_class r JOIN pg_namespace rn ON rn.oid = r.relnamespace
+   WHERE r.oid = root AND p.root_schema = rn.nspname AND p.root_name = r.relname;
+  INSERT INTO {schema}.partitions
+  SELECT n.nspname, c.relname, rn.nspname, r.relname, pn.nspname, pc.relname,
+         pg_get_expr(c.relpartbound, c.oid), pg_get_partition_constraintdef(c.oid)
+    FROM pg_partition_tree(root) t
+    JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_class r ON r.oid = root JOIN pg_namespace rn ON rn.oid = r.relnamespace
+    JOIN pg_class pc ON pc.oid = t.parentrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+   WHERE t.level > 0
+  ON CONFLICT (partition_schema, partition_name) DO UPDATE
+     SET root_schema = excluded.root_schema, root_name = excluded.root_name,
+         parent_schema = excluded.parent_schema, parent_name = excluded.parent_name,
+         bound = excluded.bound, constraint_def = excluded.constraint_def;
+$cutover$;
+CREATE OR REPLACE FUNCTION {schema}.cutover_ddl() RETURNS event_trigger LANGUAGE plpgsql
   SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $cutover$
 DECLARE
   r record;
   rel record;
   leaf record;
+  gone record;
   scoped boolean;
   published text;
   key text[];
@@ -145,6 +168,28 @@ BEGIN
       EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %I.%I()',
                      {partition_trigger}, leaf.relid::regclass, {cutover_schema}, {partition_trigger});
     END LOOP;
+    -- A partition detached from a published tree takes its rows out of the
+    -- root: recorded as that partition's truncate. Then the tree's
+    -- partitions, bounds and constraints are recorded again.
+    IF EXISTS (SELECT 1 FROM pg_publication_tables pt
+                 JOIN pg_namespace rn ON rn.nspname = pt.schemaname
+                 JOIN pg_class rc ON rc.relnamespace = rn.oid AND rc.relname = pt.tablename
+                WHERE rc.oid = pg_partition_root(r.objid) AND pt.pubname = {main_literal}) THEN
+      FOR gone IN SELECT p.* FROM {schema}.partitions p
+                    JOIN pg_class rc ON rc.oid = pg_partition_root(r.objid)
+                    JOIN pg_namespace rn ON rn.oid = rc.relnamespace
+                   WHERE p.root_schema = rn.nspname AND p.root_name = rc.relname
+                     AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(rc.oid) t
+                                       JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                                      WHERE n.nspname = p.partition_schema AND c.relname = p.partition_name) LOOP
+        INSERT INTO {events} (kind, payload) VALUES ('truncate_partition', json_build_object(
+          'partition', json_build_object('schema', gone.partition_schema, 'name', gone.partition_name),
+          'root', json_build_object('schema', gone.root_schema, 'name', gone.root_name),
+          'parent', json_build_object('schema', gone.parent_schema, 'name', gone.parent_name),
+          'bound', gone.bound, 'constraint', gone.constraint_def)::text);
+      END LOOP;
+      PERFORM {schema}.cutover_register_tree(pg_partition_root(r.objid));
+    END IF;
     published := NULL;
     key := (SELECT array_agg(a.attname::text ORDER BY k.ord)
               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
@@ -185,15 +230,36 @@ BEGIN
 END $cutover$;
 CREATE OR REPLACE FUNCTION {schema}.cutover_ddl_drop() RETURNS event_trigger LANGUAGE plpgsql
   SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $cutover$
-DECLARE r record;
+DECLARE
+  r record;
+  gone record;
+  partition boolean;
 BEGIN
   FOR r IN SELECT * FROM pg_event_trigger_dropped_objects()
             WHERE object_type = 'table' AND NOT is_temporary AND original LOOP
+    partition := false;
+    -- A partition of a published tree dropped: its rows leave the root,
+    -- as with its truncate.
+    FOR gone IN DELETE FROM {schema}.partitions p
+                 WHERE p.partition_schema = r.schema_name AND p.partition_name = r.object_name
+                RETURNING p.* LOOP
+      partition := true;
+      INSERT INTO {events} (kind, payload) VALUES ('truncate_partition', json_build_object(
+        'partition', json_build_object('schema', gone.partition_schema, 'name', gone.partition_name),
+        'root', json_build_object('schema', gone.root_schema, 'name', gone.root_name),
+        'parent', json_build_object('schema', gone.parent_schema, 'name', gone.parent_name),
+        'bound', gone.bound, 'constraint', gone.constraint_def)::text);
+      -- Its siblings' constraints (a default partition's) change with it.
+      IF to_regclass(format('%I.%I', gone.root_schema, gone.root_name)) IS NOT NULL THEN
+        PERFORM {schema}.cutover_register_tree(to_regclass(format('%I.%I', gone.root_schema, gone.root_name)));
+      END IF;
+    END LOOP;
     INSERT INTO {events} (kind, payload) VALUES ('ddl', json_build_object(
       'tag', 'DROP TABLE',
       'table', json_build_object('schema', r.schema_name, 'name', r.object_name),
       'statement', current_query(),
-      'in_scope', (SELECT {in_scope} FROM (SELECT r.schema_name::text AS s, r.object_name::text AS n) AS t),
+      'in_scope', NOT partition AND r.schema_name <> {cutover_schema}
+                  AND (SELECT {in_scope} FROM (SELECT r.schema_name::text AS s, r.object_name::text AS n) AS t),
       'columns', NULL)::text);
   END LOOP;
 END $cutover$;",
@@ -240,6 +306,20 @@ pub async fn install(client: &Client, capture: &Capture) -> Result<bool, tokio_p
         let _ = client.batch_execute("ROLLBACK").await;
         return Err(err);
     }
+    // The partitions of the published trees, as they are now: a dropped or
+    // detached one is told by what was recorded here.
+    client
+        .execute(
+            &format!(
+                "SELECT {schema}.cutover_register_tree(c.oid)
+                   FROM pg_publication_tables pt
+                   JOIN pg_namespace n ON n.nspname = pt.schemaname
+                   JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+                  WHERE pt.pubname = $1 AND c.relkind = 'p'"
+            ),
+            &[&capture.publication],
+        )
+        .await?;
     Ok(true)
 }
 

@@ -997,3 +997,38 @@ async fn rows_are_found_in_their_own_table_on_partitioned_and_inheriting_targets
     }
     finish(&pair, &mut daemon, &["logs", "ONLY animal", "dog"]).await;
 }
+
+#[tokio::test]
+async fn a_partition_dropped_or_detached_on_the_source_takes_its_rows_out_of_the_target() {
+    // Retention by dropping old partitions is common: the target must not
+    // keep the rows of a partition the source dropped or detached.
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.source
+        .execute(
+            "app",
+            "CREATE TABLE measures (id int, at date, v int, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE measures_2024 PARTITION OF measures FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+             CREATE TABLE measures_2025 PARTITION OF measures FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+             CREATE TABLE measures_2026 PARTITION OF measures FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+             INSERT INTO measures SELECT g, date '2024-01-01' + g, g FROM generate_series(1, 1000) g;",
+        )
+        .await;
+    // The target is not partitioned.
+    pair.target
+        .execute(
+            "app",
+            "CREATE TABLE measures (id int, at date, v int, PRIMARY KEY (id, at));",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = start_streaming(&config).await;
+    for sql in [
+        "DROP TABLE measures_2024",
+        "ALTER TABLE measures DETACH PARTITION measures_2026",
+        "INSERT INTO measures VALUES (5000, '2025-06-01', 1)",
+    ] {
+        on_source(&pair, sql).await;
+    }
+    finish(&pair, &mut daemon, &["measures"]).await;
+}
