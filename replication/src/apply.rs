@@ -1650,6 +1650,34 @@ impl Applier {
             problem,
             fix,
         };
+        if let Some(column) = &ddl.dropped_column {
+            let has: bool = self
+                .client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                                     WHERE attrelid = to_regclass($1) AND attname = $2
+                                       AND attnum > 0 AND NOT attisdropped)",
+                    &[&quoted, column],
+                )
+                .await
+                .map_err(session_error(format!(
+                    "reading the columns of {}",
+                    ddl.table
+                )))?
+                .get(0);
+            if !has {
+                return Ok(());
+            }
+            return Err(stop(
+                format!(
+                    "the source dropped column {column}; cutover never drops a column on the target"
+                ),
+                format!(
+                    "drop it on the target if it should go (ALTER TABLE {quoted} DROP COLUMN {};), then restart",
+                    quote_ident(column)
+                ),
+            ));
+        }
         let Some(columns) = &ddl.columns else {
             // A table the target never had (a partition of a tree out of
             // scope, a table created and dropped on the source alone):

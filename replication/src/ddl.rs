@@ -86,6 +86,10 @@ pub struct DdlChange {
     /// (none: `replication.keyless = "refuse"` and it has no key).
     #[serde(default)]
     pub published: Option<String>,
+    /// `ALTER TABLE ... DROP COLUMN`: the column dropped (reported as
+    /// dropped, so that it is known whatever the applier remembers).
+    #[serde(default)]
+    pub dropped_column: Option<String>,
 }
 
 /// What the source-side triggers need to know of the migration.
@@ -262,6 +266,17 @@ BEGIN
                   AND (SELECT {in_scope} FROM (SELECT r.schema_name::text AS s, r.object_name::text AS n) AS t),
       'columns', NULL)::text);
   END LOOP;
+  FOR r IN SELECT * FROM pg_event_trigger_dropped_objects()
+            WHERE object_type = 'table column' AND NOT is_temporary AND original LOOP
+    INSERT INTO {events} (kind, payload) VALUES ('ddl', json_build_object(
+      'tag', 'ALTER TABLE',
+      'table', json_build_object('schema', r.address_names[1], 'name', r.address_names[2]),
+      'statement', current_query(),
+      'in_scope', r.address_names[1] <> {cutover_schema}
+                  AND (SELECT {in_scope} FROM (SELECT r.address_names[1] AS s, r.address_names[2] AS n) AS t),
+      'dropped_column', r.address_names[3],
+      'columns', NULL)::text);
+  END LOOP;
 END $cutover$;",
         main_literal = quote_literal(&capture.publication),
         events = crate::events::table().quoted(),
@@ -296,7 +311,7 @@ pub async fn install(client: &Client, capture: &Capture) -> Result<bool, tokio_p
              CREATE EVENT TRIGGER cutover_ddl ON ddl_command_end
                WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
                EXECUTE FUNCTION {schema}.cutover_ddl();
-             CREATE EVENT TRIGGER cutover_ddl_drop ON sql_drop WHEN TAG IN ('DROP TABLE')
+             CREATE EVENT TRIGGER cutover_ddl_drop ON sql_drop WHEN TAG IN ('DROP TABLE', 'ALTER TABLE')
                EXECUTE FUNCTION {schema}.cutover_ddl_drop();
              COMMIT;",
             functions_sql(capture)

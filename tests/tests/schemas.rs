@@ -818,12 +818,15 @@ async fn with_the_additive_policy_new_columns_and_widened_types_follow_and_drops
         )
         .await;
     assert_eq!(status_type, "bigint false");
-    // A destructive change stops with the statement and the fix.
+    // A destructive change stops with the statement and the fix, also
+    // right after a restart (nothing remembered of the table).
+    daemon.kill();
+    daemon.restart();
     on_source(&pair, "ALTER TABLE accounts DROP COLUMN note").await;
     assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
     let log = daemon.log();
     assert!(
-        log.contains("the source dropped column(s) note")
+        log.contains("the source dropped column note")
             && log.contains("ALTER TABLE \"public\".\"accounts\" DROP COLUMN \"note\";"),
         "{log}"
     );
