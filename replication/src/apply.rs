@@ -1749,6 +1749,21 @@ impl Applier {
                 return Ok(());
             }
         }
+        let exists: bool = self
+            .client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
+            .await
+            .map_err(session_error(format!(
+                "looking up {} on the target",
+                ddl.table
+            )))?
+            .get(0);
+        if !exists {
+            return Err(stop(
+                "the target has no table of this name (renamed on the source?)".into(),
+                format!("create or rename it on the target to {quoted}, then restart"),
+            ));
+        }
         let target: HashMap<String, String> = self
             .client
             .query(
@@ -1793,6 +1808,21 @@ impl Applier {
                             .collect::<Vec<_>>()
                             .join(" ")
                     ),
+                ));
+            }
+        }
+        // A rename looks like a column dropped and another added: following
+        // it as an addition would leave the renamed column's values behind.
+        let lowered = ddl.statement.to_ascii_lowercase();
+        if ddl.tag == "ALTER TABLE" && lowered.contains(" rename ") {
+            let renamed = columns
+                .iter()
+                .any(|c| !c.generated && !target.contains_key(&c.name));
+            if renamed {
+                return Err(stop(
+                    "a rename on the source; the target has no column or table of the new name"
+                        .into(),
+                    "rename it the same way on the target, then restart".into(),
                 ));
             }
         }

@@ -153,7 +153,7 @@ DECLARE
   key text[];
 BEGIN
   FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
-            WHERE object_type = 'table' AND schema_name IS NOT NULL AND NOT in_extension LOOP
+            WHERE object_type IN ('table', 'table column') AND schema_name IS NOT NULL AND NOT in_extension LOOP
     SELECT c.relname::text AS relname, c.relispartition, c.relpersistence INTO rel
       FROM pg_class c WHERE c.oid = r.objid;
     scoped := NOT rel.relispartition AND rel.relpersistence = 'p' AND r.schema_name <> {cutover_schema}

@@ -114,6 +114,13 @@ pub async fn install(client: &Client, publication: &str) -> Result<(), tokio_pos
 /// Deletes the events already written (their INSERTs are in the WAL,
 /// which is what decoding reads).
 pub async fn prune(client: &Client) -> Result<u64, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table().quoted()])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
     client
         .execute(
             &format!(

@@ -1035,3 +1035,41 @@ async fn a_partition_dropped_or_detached_on_the_source_takes_its_rows_out_of_the
     }
     finish(&pair, &mut daemon, &["measures"]).await;
 }
+
+#[tokio::test]
+async fn a_rename_on_the_source_stops_even_with_the_additive_policy() {
+    // Followed as an addition, a renamed column would reach the target
+    // empty while its values stayed in the old column.
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE accounts (id int PRIMARY KEY, balance int);")
+        .await;
+    on_source(&pair, "INSERT INTO accounts VALUES (1, 10)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "[ddl]\npolicy = \"additive\"\n");
+    let mut daemon = start_streaming(&config).await;
+    daemon.kill();
+    daemon.restart();
+    wait_for("the daemon to stream again", WAIT, || async {
+        (daemon.log().matches("to=\"streaming\"").count() >= 2).then_some(())
+    })
+    .await;
+    on_source(
+        &pair,
+        "ALTER TABLE accounts RENAME COLUMN balance TO amount; UPDATE accounts SET amount = 11;",
+    )
+    .await;
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("a rename on the source"),
+        "{}",
+        daemon.log()
+    );
+    let columns: i64 = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'accounts'::regclass AND attnum > 0 AND NOT attisdropped",
+        )
+        .await;
+    assert_eq!(columns, 2, "nothing was added to the target");
+}
