@@ -27,7 +27,7 @@
 //! Chunks commit one by one on the target, so a crash loses at most the
 //! unfinished tables' work, never correctness.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -520,6 +520,20 @@ pub async fn run(
     Ok(result)
 }
 
+/// Fails with [`CopyError::Rewritten`] when one of `tables`, just read
+/// under the snapshot, was rewritten after it: checked after each read,
+/// before the read is reported, so that no such table is ever recorded as
+/// copied (the worker holds the table's lock from its read on: no rewrite
+/// commits after the check either).
+async fn unrewritten(source: &Client, tables: &[&TableName]) -> Result<(), CopyError> {
+    let rewritten = rewritten_since_snapshot(source, tables).await?;
+    if rewritten.is_empty() {
+        Ok(())
+    } else {
+        Err(CopyError::Rewritten(rewritten.join(", ")))
+    }
+}
+
 /// Which of `tables` were rewritten (truncated, clustered, altered) after
 /// the snapshot `source` holds: their file is no longer the one the
 /// snapshot knows, and a read under the snapshot finds them empty.
@@ -527,10 +541,8 @@ pub async fn run(
 /// TRUNCATE is not MVCC-safe: a TRUNCATE that committed after the copy's
 /// snapshot was taken, but before a worker's COPY locked the table, leaves
 /// the copy without the rows the snapshot had, and the changes streamed
-/// after the snapshot then miss their rows. A worker asks this at its end,
-/// while it still holds the locks of everything it read (no rewrite can
-/// commit after its reads began), so that such a copy is taken again from
-/// a new snapshot instead of being trusted.
+/// after the snapshot then miss their rows. Such a copy is taken again
+/// from a new snapshot instead of being trusted.
 async fn rewritten_since_snapshot(
     source: &Client,
     tables: &[&TableName],
@@ -1586,20 +1598,10 @@ async fn worker(
     progress: CopyProgress,
     analyze: bool,
 ) -> Result<(), CopyError> {
-    // The tables this worker read under the snapshot (it holds their locks
-    // until it ends).
-    let mut read: BTreeSet<usize> = BTreeSet::new();
     loop {
         let Some(task) = queue.next().await else {
             break;
         };
-        match &task {
-            Task::Chunk { plan, .. } | Task::Count { plan } => {
-                read.insert(*plan);
-            }
-            Task::Bundle(items) => read.extend(items.iter().map(|(plan, _)| *plan)),
-            _ => {}
-        }
         let started = std::time::Instant::now();
         let what = task.describe(&plans);
         progress.worker(id, &what);
@@ -1658,6 +1660,7 @@ async fn worker(
                 )
                 .await
                 .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
+                unrewritten(&source, &[&p.table.name]).await?;
                 queue.loaded(plan);
                 let _ = tx.send(Report::ChunkDone {
                     plan,
@@ -1669,6 +1672,7 @@ async fn worker(
             Task::Count { plan } => {
                 let p = &plans[plan];
                 let rows = count_in_snapshot(&source, &p.table.name).await?;
+                unrewritten(&source, &[&p.table.name]).await?;
                 let _ = tx.send(Report::Counted { plan, rows });
             }
             Task::Bundle(items) => {
@@ -1693,6 +1697,11 @@ async fn worker(
                     let rows = count_in_snapshot(&source, &p.table.name).await?;
                     done.push((plan, stats, rows, streamed));
                 }
+                let names: Vec<&TableName> = items
+                    .iter()
+                    .map(|(plan, _)| &plans[*plan].table.name)
+                    .collect();
+                unrewritten(&source, &names).await?;
                 transaction.commit().await.map_err(query(
                     "target",
                     format!("committing {} small tables", items.len()),
@@ -1711,13 +1720,6 @@ async fn worker(
         tracing::debug!(worker = id, task = %what, ms = started.elapsed().as_millis() as u64, "copy task done");
     }
     progress.worker(id, "done");
-    if !read.is_empty() {
-        let tables: Vec<&TableName> = read.iter().map(|plan| &plans[*plan].table.name).collect();
-        let rewritten = rewritten_since_snapshot(&source, &tables).await?;
-        if !rewritten.is_empty() {
-            return Err(CopyError::Rewritten(rewritten.join(", ")));
-        }
-    }
     // Leave the snapshot transaction cleanly.
     let _ = source.batch_execute("COMMIT").await;
     Ok(())
