@@ -269,27 +269,11 @@ pub async fn write_counts(
 pub async fn make_full(client: &Client, tables: &[TableName]) -> Result<(), tokio_postgres::Error> {
     for table in tables {
         tracing::warn!(%table, "replication.keyless = \"replica_identity_full\": setting REPLICA IDENTITY FULL on the source");
-        // Briefly: never queue the application behind this ALTER.
-        let sql = format!(
-            "BEGIN; SET LOCAL lock_timeout = '2s'; ALTER TABLE {} REPLICA IDENTITY FULL; COMMIT;",
-            table.quoted()
-        );
-        let mut attempt = 0;
-        loop {
-            match client.batch_execute(&sql).await {
-                Ok(()) => break,
-                Err(err) => {
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    attempt += 1;
-                    let busy =
-                        err.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
-                    if !busy || attempt >= 5 {
-                        return Err(err);
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
-                }
-            }
-        }
+        cutover_replication::client::with_short_lock(
+            client,
+            &format!("ALTER TABLE {} REPLICA IDENTITY FULL", table.quoted()),
+        )
+        .await?;
     }
     Ok(())
 }

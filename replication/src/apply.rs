@@ -1682,15 +1682,7 @@ impl Applier {
             // A table the target never had (a partition of a tree out of
             // scope, a table created and dropped on the source alone):
             // nothing of it to keep or drop.
-            let exists: bool = self
-                .client
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
-                .await
-                .map_err(session_error(format!(
-                    "looking up {} on the target",
-                    ddl.table
-                )))?
-                .get(0);
+            let exists = self.target_has(&ddl.table).await?;
             if !exists {
                 return Ok(());
             }
@@ -1719,15 +1711,7 @@ impl Applier {
                     ),
                 ));
             }
-            let exists: bool = self
-                .client
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
-                .await
-                .map_err(session_error(format!(
-                    "looking up {} on the target",
-                    ddl.table
-                )))?
-                .get(0);
+            let exists = self.target_has(&ddl.table).await?;
             if !exists {
                 let create = create_table_sql(&ddl.table, columns, ddl.primary_key.as_deref());
                 if self.ddl != crate::ddl::DdlPolicy::Additive {
@@ -1749,15 +1733,7 @@ impl Applier {
                 return Ok(());
             }
         }
-        let exists: bool = self
-            .client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
-            .await
-            .map_err(session_error(format!(
-                "looking up {} on the target",
-                ddl.table
-            )))?
-            .get(0);
+        let exists = self.target_has(&ddl.table).await?;
         if !exists {
             return Err(stop(
                 "the target has no table of this name (renamed on the source?)".into(),
@@ -1934,6 +1910,16 @@ impl Applier {
             })?;
         self.forget_table(&ddl.table);
         Ok(())
+    }
+
+    /// Whether the target has a table of this name.
+    async fn target_has(&self, table: &TableName) -> Result<bool, ApplyError> {
+        Ok(self
+            .client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
+            .await
+            .map_err(session_error(format!("looking up {table} on the target")))?
+            .get(0))
     }
 
     /// Forgets the description of one table (its statements too).

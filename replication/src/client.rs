@@ -257,3 +257,35 @@ fn is_tls_error(err: &tokio_postgres::Error) -> bool {
     let text = describe(err).to_lowercase();
     text.contains("tls") || text.contains("ssl") || text.contains("certificate")
 }
+
+/// Runs one statement that takes a strong lock on a source table (`ALTER
+/// TABLE`, `CREATE TRIGGER`) without ever queueing the application behind
+/// it for long: it waits at most 2 s for its lock (`lock_timeout`), and is
+/// tried again a few times, a little later each time, when the lock was
+/// busy. Other errors return at once.
+pub async fn with_short_lock(
+    client: &Client,
+    statement: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = format!("BEGIN; SET LOCAL lock_timeout = '2s'; {statement}; COMMIT;");
+    let mut attempt = 0;
+    loop {
+        match client.batch_execute(&sql).await {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                attempt += 1;
+                let busy = err.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+                if !busy || attempt >= 5 {
+                    return Err(err);
+                }
+                tracing::info!(
+                    attempt,
+                    statement,
+                    "the table is busy: trying again shortly"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+            }
+        }
+    }
+}

@@ -133,33 +133,17 @@ pub async fn install(
     crate::events::install(client, publication).await?;
     client.batch_execute(&function_sql()).await?;
     for partition in &missing {
-        let sql = format!(
-            "BEGIN; SET LOCAL lock_timeout = '2s';
-             CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.{}();
-             COMMIT;",
-            quote_ident(TRIGGER),
-            partition.quoted(),
-            quote_ident(SCHEMA),
-            quote_ident(TRIGGER)
-        );
-        let mut attempt = 0;
-        loop {
-            match client.batch_execute(&sql).await {
-                Ok(()) => break,
-                Err(err) => {
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    let lock_timeout = err
-                        .code()
-                        .is_some_and(|c| *c == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
-                    attempt += 1;
-                    if !lock_timeout || attempt >= 5 {
-                        return Err(err);
-                    }
-                    tracing::info!(%partition, attempt, "the partition is busy: adding cutover's truncate trigger again shortly");
-                    tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
-                }
-            }
-        }
+        crate::client::with_short_lock(
+            client,
+            &format!(
+                "CREATE TRIGGER {} AFTER TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.{}()",
+                quote_ident(TRIGGER),
+                partition.quoted(),
+                quote_ident(SCHEMA),
+                quote_ident(TRIGGER)
+            ),
+        )
+        .await?;
     }
     Ok(missing)
 }
