@@ -285,6 +285,7 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
         };
         status.set_lag(lag);
         if let Some(c) = &client {
+            watch_new_keyless(c, &store, &config).await;
             watch_unstreamed(c, &store, &status).await;
             // The events are in the WAL once written: their rows can go.
             if let Err(err) = events::prune(c).await {
@@ -305,6 +306,31 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
             last_error: status.view().last_error.map(|e| e.message),
         };
         let _ = store.put_run_status(&record);
+    }
+}
+
+/// Keyless tables that joined the `_inserts` publication while streaming
+/// (created on the source, published by cutover's DDL trigger) are watched
+/// from their creation on: their counters started at zero then.
+async fn watch_new_keyless(client: &tokio_postgres::Client, store: &Store, config: &Config) {
+    let inserts = crate::coverage::inserts_publication(&config.publication);
+    let Ok(published) = slot::publication_tables(client, &inserts).await else {
+        return;
+    };
+    let known: Vec<TableName> = store
+        .watches()
+        .map(|w| w.into_iter().map(|w| w.table).collect())
+        .unwrap_or_default();
+    for table in published.into_iter().filter(|t| !known.contains(t)) {
+        tracing::warn!(%table, "{}", crate::coverage::explain(crate::coverage::Coverage::InsertsOnly));
+        let watch = crate::coverage::Watch::new(
+            table,
+            crate::coverage::Coverage::InsertsOnly,
+            crate::coverage::WriteCounts::default(),
+        );
+        if let Err(err) = store.put_watch(&watch) {
+            tracing::warn!(error = %err, "could not store a watched table");
+        }
     }
 }
 

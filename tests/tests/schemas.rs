@@ -842,6 +842,12 @@ async fn a_new_table_in_scope_streams_from_its_first_row_and_is_created_with_the
         dir.path(),
         "[ddl]\npolicy = \"additive\"\n[replication]\nexclude = [\"public.scratch_*\"]\n",
     );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[state]\n", "[state]\nlag_sample_seconds = 1\n", 1),
+    )
+    .unwrap();
     let mut daemon = start_streaming(&config).await;
     for sql in [
         // Created and filled in one transaction: its first rows stream.
@@ -880,6 +886,21 @@ async fn a_new_table_in_scope_streams_from_its_first_row_and_is_created_with_the
         .map(|r| r.get(0))
         .collect();
     assert_eq!(published, ["cutover:invoices", "cutover_inserts:audit"]);
+    // The new keyless table's updates and deletes are reported, as for
+    // one that was there at the start.
+    on_source(
+        &pair,
+        "UPDATE audit SET what = 'changed'; DELETE FROM audit;",
+    )
+    .await;
+    let addr = http_addr(&dir.path().join("state")).await;
+    wait_for("the new keyless table's unstreamed rows", WAIT, || async {
+        let (_, body) = cutover_tests::http::get(&addr, "/metrics");
+        (cutover_tests::http::metric(&body, "cutover_unstreamed_rows{table=\"public.audit\"}")
+            == Some(2.0))
+        .then_some(())
+    })
+    .await;
     // CREATE TABLE AS writes rows before any trigger could publish the
     // table: the stream stops and says so.
     on_source(&pair, "CREATE TABLE copied AS SELECT * FROM accounts").await;
