@@ -71,6 +71,19 @@ impl Daemon {
         self.child = Some(child);
     }
 
+    /// Starts `cutover run` and waits until it streams (panics with its
+    /// log if it stops on an error first).
+    pub async fn start_streaming(config: &Path) -> Daemon {
+        let daemon = Daemon::start(config, &["run"]);
+        crate::wait_for("the daemon to stream", Duration::from_secs(120), || async {
+            let log = daemon.log();
+            assert!(!log.contains("error:"), "the daemon failed:\n{log}");
+            log.contains("to=\"streaming\"").then_some(())
+        })
+        .await;
+        daemon
+    }
+
     /// Starts it again with the same arguments.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the daemon is still running");

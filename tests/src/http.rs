@@ -32,3 +32,18 @@ pub fn metric(body: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The HTTP address a daemon recorded in its state directory
+/// (`listen.json`), once it is there.
+pub async fn listen_addr(state: &std::path::Path) -> String {
+    crate::wait_for(
+        "the HTTP address in listen.json",
+        Duration::from_secs(120),
+        || async {
+            let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            json["http"].as_str().map(str::to_owned)
+        },
+    )
+    .await
+}

@@ -25,16 +25,6 @@ async fn console_addr(state: &Path) -> String {
     .await
 }
 
-/// The HTTP address the daemon recorded in its state directory.
-async fn http_addr(state: &Path) -> String {
-    wait_for("the HTTP address in listen.json", WAIT, || async {
-        let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
-        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-        json["http"].as_str().map(str::to_owned)
-    })
-    .await
-}
-
 /// `psql -c command` against the console: (success, stdout, stderr).
 fn psql(addr: &str, password: Option<&str>, command: &str) -> (bool, String, String) {
     let (host, port) = addr.rsplit_once(':').expect("host:port");
@@ -216,7 +206,7 @@ async fn psql_reads_the_console_and_pause_holds_the_applier_until_resume() {
             i64::from(id - 1000)
         })
     };
-    let http = http_addr(&state).await;
+    let http = cutover_tests::http::listen_addr(&state).await;
     wait_for(
         "lag to rise in SHOW LAG and /metrics while paused",
         WAIT,

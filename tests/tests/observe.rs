@@ -2,23 +2,12 @@
 //! history, while `cutover run` streams.
 
 use std::io::Write;
-use std::path::Path;
 use std::time::Duration;
 
 use cutover_tests::http::{get, metric};
 use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// The HTTP address the daemon recorded in its state directory.
-async fn http_addr(state: &Path) -> String {
-    wait_for("the daemon's listen.json", WAIT, || async {
-        let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
-        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-        json["http"].as_str().map(str::to_owned)
-    })
-    .await
-}
 
 /// `promtool check metrics` accepts the exposition (format and naming
 /// lint); `make test` installs promtool (Debian package `prometheus`).
@@ -71,7 +60,7 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
         ],
     );
     let state = dir.path().join("state");
-    let addr = http_addr(&state).await;
+    let addr = cutover_tests::http::listen_addr(&state).await;
     wait_for("the daemon to stream", WAIT, || async {
         (get(&addr, "/ready").0 == 200).then_some(())
     })
@@ -242,7 +231,7 @@ async fn lag_and_retained_wal_are_sampled_while_the_copy_runs() {
         &["run"],
         &[("CUTOVER__STATE__LAG_SAMPLE_SECONDS", "1")],
     );
-    let addr = http_addr(&dir.path().join("state")).await;
+    let addr = cutover_tests::http::listen_addr(&dir.path().join("state")).await;
     // WAL written on the source after the slot's snapshot.
     wait_for("the slot", WAIT, || async {
         let slots: i64 = pair
@@ -308,7 +297,7 @@ async fn a_second_daemon_on_the_same_state_is_refused_naming_the_first() {
     let config = pair.config(dir.path(), "");
     let mut first = Daemon::start(&config, &["run"]);
     let state = dir.path().join("state");
-    let addr = http_addr(&state).await;
+    let addr = cutover_tests::http::listen_addr(&state).await;
     wait_for("the first daemon to stream", WAIT, || async {
         (get(&addr, "/ready").0 == 200).then_some(())
     })

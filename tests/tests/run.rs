@@ -1,7 +1,6 @@
 //! `cutover run`: every change on the source reaches the target once, in
 //! order, across crashes of the daemon and restarts of either server.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,18 +21,6 @@ ALTER TABLE items ALTER COLUMN body SET STORAGE EXTERNAL;
 CREATE TABLE log (at bigint, what text);
 ALTER TABLE log REPLICA IDENTITY FULL;
 CREATE TABLE scratch (id serial PRIMARY KEY, v text);";
-
-/// Starts `cutover run` and waits until it streams.
-async fn start_streaming(config: &Path) -> Daemon {
-    let daemon = Daemon::start(config, &["run"]);
-    wait_for("the daemon to stream", WAIT, || async {
-        let log = daemon.log();
-        assert!(!log.contains("error:"), "the daemon failed:\n{log}");
-        log.contains("streaming").then_some(())
-    })
-    .await;
-    daemon
-}
 
 /// A background writer of mixed transactions on `items` and `log`, each
 /// transaction counted once committed.
@@ -112,7 +99,7 @@ async fn every_kind_of_change_is_applied_with_its_exact_effect() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     let writer = Writer::start(&pair, 1).await;
 
     let big = pair.source.client("app").await;
@@ -218,7 +205,7 @@ async fn ten_sigkills_during_a_workload_lose_and_double_nothing() {
         dir.path(),
         "[apply]\nbatch_rows = 50\nqueue_transactions = 20\n",
     );
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     let writer = Writer::start(&pair, 2).await;
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     for round in 0..10 {
@@ -255,7 +242,7 @@ async fn the_stream_survives_restarts_of_the_source_and_the_target() {
     pair.both(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     let round = |n: i64| {
         format!(
             "INSERT INTO items SELECT g, 'r{n}', g, NULL FROM generate_series({0}, {0} + 99) g;
@@ -297,7 +284,7 @@ async fn a_target_crash_under_load_loses_no_acknowledged_change() {
     pair.both(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for round in 0..3 {
         let writer = Writer::start(&pair, 100 + round).await;
         writer.advance(300).await;
@@ -331,7 +318,7 @@ async fn a_change_the_target_rejects_stops_the_stream_and_nothing_is_skipped() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     pair.source
         .execute(
             "app",
@@ -391,7 +378,7 @@ async fn network_cuts_on_either_side_lose_and_double_nothing() {
             dir.path().join("state").display()
         ),
     );
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     let writer = Writer::start(&pair, 3).await;
     for round in 0..4 {
         writer.advance(150).await;
@@ -510,7 +497,7 @@ async fn apply_batch_ms_groups_transactions_that_arrive_within_it() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for id in 1..=5 {
         pair.source
             .execute(
@@ -535,7 +522,7 @@ async fn apply_batch_ms_groups_transactions_that_arrive_within_it() {
     assert_eq!(daemon.terminate(WAIT), Some(0));
 
     let config = pair.config(dir.path(), "[apply]\nbatch_ms = 5000\n");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     // Five transactions over about a second: one batch.
     for id in 6..=10 {
         pair.source
@@ -585,7 +572,7 @@ async fn a_batch_committed_before_a_failing_query_is_never_applied_again() {
             dir.path().join("state").display()
         ),
     );
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     pair.source
         .execute(
             "app",
@@ -645,7 +632,7 @@ async fn a_slow_wal_writer_on_the_target_does_not_hold_the_acknowledgement_back(
     pair.both(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     let mut slowest = Duration::ZERO;
     for round in 0..4 {
         pair.source

@@ -5,24 +5,11 @@
 //! default config, then both sides are compared row by row, and the target
 //! is checked for duplicate keys.
 
-use std::path::Path;
 use std::time::Duration;
 
 use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// Starts `cutover run` and waits until it streams.
-async fn start_streaming(config: &Path) -> Daemon {
-    let daemon = Daemon::start(config, &["run"]);
-    wait_for("the daemon to stream", WAIT, || async {
-        let log = daemon.log();
-        assert!(!log.contains("error:"), "the daemon failed:\n{log}");
-        log.contains("to=\"streaming\"").then_some(())
-    })
-    .await;
-    daemon
-}
 
 /// Runs `sql` on the source, failing the test with the statement.
 async fn on_source(pair: &Pair, sql: &str) {
@@ -92,7 +79,7 @@ async fn identity_columns_keep_the_source_values_and_generated_columns_are_compu
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         "INSERT INTO always_key (v) VALUES ('streamed'), ('streamed too')",
         "INSERT INTO always_key (id, v) OVERRIDING SYSTEM VALUE VALUES (900, 'overridden')",
@@ -140,7 +127,7 @@ async fn keys_permuted_under_a_deferrable_key_land_exactly_and_never_twice() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         // Swap two keys, rotate three, shift a block by one: each new key
         // collides with an old one until the statement ends.
@@ -193,7 +180,7 @@ async fn tables_with_inheritance_children_are_counted_copied_and_truncated_on_th
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         "INSERT INTO animal VALUES (1000, 'parent row')",
         "INSERT INTO dog VALUES (1001, 'child row', 'pug')",
@@ -224,7 +211,7 @@ async fn a_deferrable_key_the_target_would_hold_twice_stops_the_stream_instead()
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     pair.target
         .execute("app", "INSERT INTO perm VALUES (500, 'only on the target')")
         .await;
@@ -244,16 +231,6 @@ async fn a_deferrable_key_the_target_would_hold_twice_stops_the_stream_instead()
         ["(500,\"only on the target\")"],
         "the batch must be rolled back"
     );
-}
-
-/// The address `/metrics` and `/health` listen on.
-async fn http_addr(state: &Path) -> String {
-    wait_for("the daemon's listen.json", WAIT, || async {
-        let text = std::fs::read_to_string(state.join("listen.json")).ok()?;
-        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-        json["http"].as_str().map(str::to_owned)
-    })
-    .await
 }
 
 #[tokio::test]
@@ -315,7 +292,7 @@ async fn keyless_and_unlogged_tables_never_break_the_source_and_what_does_not_st
     assert_eq!(coverage("items").as_deref(), Some("full"), "{report:#}");
     assert_eq!(report["blocking"], 0, "{report:#}");
 
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     // The application's own statements keep working on the source.
     for sql in [
         "INSERT INTO events VALUES (11, 'streamed')",
@@ -336,7 +313,7 @@ async fn keyless_and_unlogged_tables_never_break_the_source_and_what_does_not_st
     );
     // What did not stream is reported: 1 updated + 2 deleted rows of
     // events, 1 inserted row of cache.
-    let addr = http_addr(&dir.path().join("state")).await;
+    let addr = cutover_tests::http::listen_addr(&dir.path().join("state")).await;
     wait_for("unstreamed rows to be reported", WAIT, || async {
         let (_, body) = cutover_tests::http::get(&addr, "/metrics");
         let events =
@@ -393,7 +370,7 @@ async fn keyless_tables_stream_every_change_when_the_config_asks_for_replica_ide
         dir.path(),
         "[replication]\nkeyless = \"replica_identity_full\"\n",
     );
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         "UPDATE events SET what = 'updated' WHERE at = 1",
         "DELETE FROM events WHERE at IN (2, 3)",
@@ -452,7 +429,7 @@ async fn partitioned_tables_of_every_kind_reach_a_target_partitioned_differently
     on_source(&pair, seed).await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         "INSERT INTO orders VALUES (500, 'it', 'into the attached partition'), (501, 'xx', 'default')",
         // Rows moved across partitions by an UPDATE.
@@ -508,7 +485,7 @@ async fn a_hash_partition_truncated_on_the_source_stops_a_target_partitioned_oth
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     on_source(&pair, "TRUNCATE sessions_1").await;
     assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
     let log = daemon.log();
@@ -542,7 +519,7 @@ async fn columns_changed_on_both_sides_are_described_again_and_a_narrower_target
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     // As on a source where cutover's role may not create event triggers:
     // DDL reaches the applier only through the tables' new descriptions.
     pair.source
@@ -747,7 +724,7 @@ async fn ddl_on_the_source_stops_the_stream_at_its_place_with_the_fix_by_default
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     // Changed on the target first: the source's DDL finds it there and
     // the stream goes on.
     pair.target
@@ -798,7 +775,7 @@ async fn with_the_additive_policy_new_columns_and_widened_types_follow_and_drops
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "[ddl]\npolicy = \"additive\"\n");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         // Existing rows read the default: the target's must too.
         "ALTER TABLE accounts ADD COLUMN status text NOT NULL DEFAULT 'open'",
@@ -848,7 +825,7 @@ async fn a_new_table_in_scope_streams_from_its_first_row_and_is_created_with_the
         text.replacen("[state]\n", "[state]\nlag_sample_seconds = 1\n", 1),
     )
     .unwrap();
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         // Created and filled in one transaction: its first rows stream.
         "BEGIN; CREATE TABLE invoices (id bigint PRIMARY KEY, amount numeric(10,2) NOT NULL, total numeric GENERATED ALWAYS AS (amount * 2) STORED);
@@ -893,7 +870,7 @@ async fn a_new_table_in_scope_streams_from_its_first_row_and_is_created_with_the
         "UPDATE audit SET what = 'changed'; DELETE FROM audit;",
     )
     .await;
-    let addr = http_addr(&dir.path().join("state")).await;
+    let addr = cutover_tests::http::listen_addr(&dir.path().join("state")).await;
     wait_for("the new keyless table's unstreamed rows", WAIT, || async {
         let (_, body) = cutover_tests::http::get(&addr, "/metrics");
         (cutover_tests::http::metric(&body, "cutover_unstreamed_rows{table=\"public.audit\"}")
@@ -934,7 +911,7 @@ async fn events_rolled_back_with_a_savepoint_or_forged_by_a_source_user_change_n
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         // A partition truncate and a DDL change, both rolled back inside a
         // transaction large enough to stream.
@@ -1009,7 +986,7 @@ async fn rows_are_found_in_their_own_table_on_partitioned_and_inheriting_targets
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         "UPDATE logs SET msg = 'low, updated' WHERE at = 1",
         "DELETE FROM logs WHERE at = 500",
@@ -1046,7 +1023,7 @@ async fn a_partition_dropped_or_detached_on_the_source_takes_its_rows_out_of_the
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     for sql in [
         "DROP TABLE measures_2024",
         "ALTER TABLE measures DETACH PARTITION measures_2026",
@@ -1067,7 +1044,7 @@ async fn a_rename_on_the_source_stops_even_with_the_additive_policy() {
     on_source(&pair, "INSERT INTO accounts VALUES (1, 10)").await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "[ddl]\npolicy = \"additive\"\n");
-    let mut daemon = start_streaming(&config).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
     daemon.kill();
     daemon.restart();
     wait_for("the daemon to stream again", WAIT, || async {
