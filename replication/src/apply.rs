@@ -2504,22 +2504,12 @@ fn move_sql(
         .iter()
         .map(|n| format!("d.{0} = s.{0}", quote_ident(n)))
         .collect();
-    let select: Vec<String> = names
-        .iter()
-        .map(|n| format!("u.{0}::{1} AS {0}", quote_ident(n), cast(target, n)))
-        .collect();
-    let params: Vec<String> = (0..names.len())
-        .map(|i| format!("${}::text[]", i + 1))
-        .collect();
-    let aliases: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
     let cols: Vec<String> = all.iter().map(|n| quote_ident(n)).collect();
     format!(
-        "WITH s AS (SELECT {} FROM unnest({}) AS u({})), \
+        "WITH s AS ({}), \
               d AS (DELETE FROM {only} AS t USING s WHERE {} RETURNING t.*) \
          INSERT INTO {table} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM s JOIN d ON {}",
-        select.join(", "),
-        params.join(", "),
-        aliases.join(", "),
+        typed_rows(&names, target),
         joins.join(" AND "),
         cols.join(", "),
         values.join(", "),
@@ -2575,9 +2565,9 @@ fn delete_sql(table: &TableName, keys: &[&str], target: &TargetTable) -> String 
     )
 }
 
-fn patch_sql(table: &TableName, keys: &[&str], set: &[&str], target: &TargetTable) -> String {
-    let mut names: Vec<&str> = keys.to_vec();
-    names.extend_from_slice(set);
+/// `SELECT u.a::type_a AS a, ... FROM unnest($1::text[], ...) AS u(a, ...)`:
+/// the rows of a batch, typed as the target's columns and named after them.
+fn typed_rows(names: &[&str], target: &TargetTable) -> String {
     let select: Vec<String> = names
         .iter()
         .map(|n| format!("u.{0}::{1} AS {0}", quote_ident(n), cast(target, n)))
@@ -2586,6 +2576,17 @@ fn patch_sql(table: &TableName, keys: &[&str], set: &[&str], target: &TargetTabl
         .map(|i| format!("${}::text[]", i + 1))
         .collect();
     let aliases: Vec<String> = names.iter().map(|n| quote_ident(n)).collect();
+    format!(
+        "SELECT {} FROM unnest({}) AS u({})",
+        select.join(", "),
+        params.join(", "),
+        aliases.join(", ")
+    )
+}
+
+fn patch_sql(table: &TableName, keys: &[&str], set: &[&str], target: &TargetTable) -> String {
+    let mut names: Vec<&str> = keys.to_vec();
+    names.extend_from_slice(set);
     let sets: Vec<String> = set
         .iter()
         .map(|n| format!("{0} = s.{0}", quote_ident(n)))
@@ -2595,12 +2596,10 @@ fn patch_sql(table: &TableName, keys: &[&str], set: &[&str], target: &TargetTabl
         .map(|n| format!("t.{0} = s.{0}", quote_ident(n)))
         .collect();
     format!(
-        "UPDATE {} AS t SET {} FROM (SELECT {} FROM unnest({}) AS u({})) AS s WHERE {}",
+        "UPDATE {} AS t SET {} FROM ({}) AS s WHERE {}",
         target.only(table),
         sets.join(", "),
-        select.join(", "),
-        params.join(", "),
-        aliases.join(", "),
+        typed_rows(&names, target),
         matches.join(" AND ")
     )
 }
