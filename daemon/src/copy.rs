@@ -37,6 +37,7 @@ use cutover_replication::client::{self, ConnectError, describe};
 use cutover_replication::error::ReplicationError;
 use cutover_replication::session::{Session, SnapshotAction};
 use cutover_replication::snapshot::{self, Chunk, ChunkError, CopyFormat};
+use cutover_replication::sql::quote_ident;
 use cutover_replication::{Lsn, ddl, partition, slot};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
@@ -2132,10 +2133,6 @@ async fn restore_constraint(
 struct Unvalidated {
     statement: String,
     error: String,
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// The reconciliation table, as printed at the end of the copy.

@@ -25,13 +25,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cutover_replication::Lsn;
-use cutover_replication::apply::{Applier, ApplyError, SourceTransaction};
 use cutover_replication::catalog::TableName;
+use cutover_replication::change::{Change, ChangeKind, Commit, SourceTransaction};
 use cutover_replication::client::describe;
 use cutover_replication::error::ReplicationError;
 use cutover_replication::events;
-use cutover_replication::pgoutput::{Change, ChangeKind, Commit, Decoder, Event};
+use cutover_replication::pgoutput::{Decoder, Event};
 use cutover_replication::session::{PgOutputOptions, Session};
+use cutover_replication::sink::Sink;
+use cutover_replication::sink::postgres::{ApplyError, PostgresSink};
 use cutover_replication::slot;
 use cutover_replication::spill::SpillWriter;
 use cutover_replication::stream::{ReplicationStream, StreamMessage};
@@ -394,7 +396,7 @@ async fn stream_once(
     status: &Arc<Status>,
 ) -> Result<(), RunError> {
     let origin = format!("cutover_{}", outcome.slot);
-    let mut applier = Applier::connect(
+    let mut applier = PostgresSink::connect(
         &config.target.conninfo,
         &origin,
         outcome.copied_at.clone(),
@@ -402,7 +404,7 @@ async fn stream_once(
     )
     .await?;
     applier.set_ddl_policy(config.ddl);
-    let start = applier.progress().max(outcome.start);
+    let start = applier.applied().max(outcome.start);
     let session = Session::connect(&config.source.conninfo).await?;
     let publications = if outcome.publications.is_empty() {
         vec![config.publication.clone()]
@@ -844,7 +846,7 @@ impl Queue {
 /// Changes of a batch by (table, op), for the metrics. Counted per
 /// relation first (a pointer comparison per change), named once per table.
 fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str), u64> {
-    use cutover_replication::pgoutput::Relation;
+    use cutover_replication::change::Relation;
     fn count<'a>(
         tally: &mut Vec<(&'a Arc<Relation>, &'static str, u64)>,
         relation: &'a Arc<Relation>,
@@ -891,8 +893,8 @@ fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str)
 /// per column, and the message and allocation headers). Counting only the
 /// values undercounts a narrow row several times over, and the queue would
 /// hold several times its budget.
-fn approximate_size(change: &cutover_replication::pgoutput::Change) -> usize {
-    use cutover_replication::pgoutput::{Change, ChangeKind, Datum, Tuple};
+fn approximate_size(change: &cutover_replication::change::Change) -> usize {
+    use cutover_replication::change::{Change, ChangeKind, Datum, Tuple};
     use std::mem::size_of;
     const MESSAGE_OVERHEAD: usize = 64;
     let tuple = |t: &Tuple| -> usize {
@@ -928,14 +930,17 @@ fn approximate_size(change: &cutover_replication::pgoutput::Change) -> usize {
 }
 
 /// The applier: batches what is queued, applies, reports durability.
-async fn apply_work(
-    mut applier: Applier,
+async fn apply_work<S: Sink>(
+    mut applier: S,
     mut work: mpsc::Receiver<Work>,
     durable: watch::Sender<Lsn>,
     settings: ApplySettings,
     shutdown: watch::Receiver<bool>,
     status: Arc<Status>,
-) -> Result<(), RunError> {
+) -> Result<(), RunError>
+where
+    RunError: From<S::Error>,
+{
     let mut held: Option<Work> = None;
     let mut pause = status.pause_watch();
     loop {
@@ -946,7 +951,7 @@ async fn apply_work(
             // Paused by an operator: take nothing; the queue fills and the
             // reader holds the stream's position.
             let _ = durable.send(applier.wait_durable().await?);
-            tracing::info!(position = %applier.progress(), "applier paused");
+            tracing::info!(position = %applier.applied(), "applier paused");
             let mut stop = shutdown.clone();
             tokio::select! {
                 () = stopped(&mut stop) => break,
@@ -983,7 +988,7 @@ async fn apply_work(
                     .apply_spilled(&path, &commit, settings.batch_rows)
                     .await?;
                 let _ = std::fs::remove_file(&path);
-                status.applied(applier.progress(), 1, &BTreeMap::new());
+                status.applied(applier.applied(), 1, &BTreeMap::new());
             }
             Work::Memory(tx, permit) => {
                 // Take what is already waiting, up to the batch bounds, and
@@ -1022,9 +1027,9 @@ async fn apply_work(
                     }
                 }
                 let started = std::time::Instant::now();
-                applier.apply_batch(&batch).await?;
+                applier.apply(&batch).await?;
                 status.applied(
-                    applier.progress(),
+                    applier.applied(),
                     batch.len() as u64,
                     &count_changes(&batch),
                 );
@@ -1032,7 +1037,7 @@ async fn apply_work(
                     transactions = batch.len(),
                     rows,
                     ms = started.elapsed().as_millis() as u64,
-                    position = %applier.progress(),
+                    position = %applier.applied(),
                     "batch applied"
                 );
                 drop(permits);
@@ -1042,14 +1047,14 @@ async fn apply_work(
     }
     // Everything applied is flushed before the last acknowledgement;
     // dropping the sender tells the reader the last durable position.
-    tracing::debug!(applied = %applier.progress(), "applier stopping: waiting for the target to flush");
+    tracing::debug!(applied = %applier.applied(), "applier stopping: waiting for the target to flush");
     let last = match tokio::time::timeout(SHUTDOWN_FLUSH_WAIT, applier.wait_durable()).await {
         Ok(result) => result?,
         Err(_) => {
             // Acknowledging less than was applied is always safe: the
             // source sends the rest again and the origin skips it.
             tracing::warn!(
-                applied = %applier.progress(),
+                applied = %applier.applied(),
                 durable = %applier.durable(),
                 "the target did not confirm its WAL flush in time; acknowledging only what it confirmed"
             );

@@ -9,9 +9,10 @@
 use std::io::Write as _;
 
 use cutover_replication::catalog::{self, TableName};
+use cutover_replication::change::{ChangeKind, OldRow, Relation, Tuple};
 use cutover_replication::client;
 use cutover_replication::error::ReplicationError;
-use cutover_replication::pgoutput::{ChangeKind, Decoder, Event, OldRow, Relation, Tuple};
+use cutover_replication::pgoutput::{Decoder, Event};
 use cutover_replication::session::{PgOutputOptions, Session, SnapshotAction};
 use cutover_replication::slot;
 use cutover_replication::stream::StreamMessage;
@@ -235,7 +236,7 @@ async fn shutdown_signal() {
 }
 
 /// The JSON lines for one change (a TRUNCATE gives one per table).
-pub fn change_lines(change: &cutover_replication::pgoutput::Change) -> Vec<Json> {
+pub fn change_lines(change: &cutover_replication::change::Change) -> Vec<Json> {
     let base = |relation: &Relation, op: &str| {
         json!({
             "lsn": change.lsn,

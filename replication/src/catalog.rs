@@ -11,17 +11,7 @@ use std::fmt;
 
 use tokio_postgres::Client;
 
-/// Quotes an identifier for SQL: always, so that case and odd characters
-/// survive (DESIGN.md invariant 8).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal for the few statements that take no parameters
-/// (replication commands, `SET`). Values otherwise go through parameters.
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
+use crate::sql::{quote_ident, quote_literal};
 
 /// A schema-qualified relation name.
 #[derive(
@@ -725,7 +715,7 @@ mod tests {
         let p = TablePattern::parse("\"a.b\".t").unwrap();
         assert_eq!(p.regexes().0, "^a\\.b$");
         let scope = Scope::new(vec![p], vec![]);
-        assert!(scope.sql_condition("s", "n").contains("s ~ '^a\\.b$'"));
+        assert!(scope.sql_condition("s", "n").contains("s ~ E'^a\\\\.b$'"));
     }
 
     #[test]

@@ -26,7 +26,8 @@
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use crate::catalog::{TableName, quote_ident, quote_literal};
+use crate::catalog::TableName;
+use crate::sql::{quote_ident, quote_literal};
 
 /// The event triggers' names (and their functions', in
 /// [`crate::events::SCHEMA`]).

@@ -26,9 +26,10 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
-use crate::catalog::{TableName, quote_ident};
+use crate::catalog::TableName;
+use crate::change::{ChangeKind, Datum, Relation, Tuple};
 use crate::lsn::Lsn;
-use crate::pgoutput::{ChangeKind, Datum, Relation, Tuple};
+use crate::sql::quote_ident;
 
 /// The schema of cutover's objects on the source.
 pub const SCHEMA: &str = "cutover";
@@ -59,7 +60,7 @@ pub fn insert_sql(kind: &str, payload: &str) -> String {
         "INSERT INTO {}.{} (kind, payload) VALUES ({}, {payload})",
         quote_ident(SCHEMA),
         quote_ident(TABLE),
-        crate::catalog::quote_literal(kind)
+        crate::sql::quote_literal(kind)
     )
 }
 

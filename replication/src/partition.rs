@@ -27,7 +27,8 @@
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use crate::catalog::{TableName, quote_ident};
+use crate::catalog::TableName;
+use crate::sql::quote_ident;
 
 /// The schema holding the trigger function on the source.
 pub const SCHEMA: &str = crate::events::SCHEMA;

@@ -1,4 +1,5 @@
-//! The pgoutput codec: the bytes of each XLogData message to [`Event`]s.
+//! The pgoutput codec: the bytes of each XLogData message to [`Event`]s,
+//! whose changes are the pipeline's own types ([`crate::change`]).
 //!
 //! It follows "Logical Replication Message Formats" of the PostgreSQL
 //! documentation for protocol versions 1 and 2 (streamed transactions).
@@ -24,60 +25,19 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use crate::catalog::TableName;
+use crate::change::{
+    Change, ChangeKind, Commit, Datum, OldRow, PgTimestamp, Relation, RelationColumn, Tuple,
+};
 use crate::lsn::Lsn;
-
-/// Seconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
-const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
 
 /// Truncate option flag: CASCADE.
 const TRUNCATE_CASCADE: u8 = 1;
 /// Truncate option flag: RESTART IDENTITY.
 const TRUNCATE_RESTART_IDENTITY: u8 = 2;
-
-/// A timestamp as PostgreSQL sends it: microseconds since 2000-01-01 UTC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct PgTimestamp(i64);
-
-impl PgTimestamp {
-    /// Wraps the wire value.
-    pub const fn from_micros(micros: i64) -> PgTimestamp {
-        PgTimestamp(micros)
-    }
-
-    /// The wire value.
-    pub const fn micros(self) -> i64 {
-        self.0
-    }
-
-    /// Now, in the same representation.
-    pub fn now() -> PgTimestamp {
-        PgTimestamp::from_system_time(SystemTime::now())
-    }
-
-    /// Converts a system time.
-    pub fn from_system_time(time: SystemTime) -> PgTimestamp {
-        let unix = match time.duration_since(UNIX_EPOCH) {
-            Ok(d) => d.as_micros() as i64,
-            Err(e) => -(e.duration().as_micros() as i64),
-        };
-        PgTimestamp(unix - (PG_EPOCH_OFFSET_SECS as i64) * 1_000_000)
-    }
-
-    /// Converts to a system time.
-    pub fn to_system_time(self) -> SystemTime {
-        let unix_micros = self.0 + (PG_EPOCH_OFFSET_SECS as i64) * 1_000_000;
-        if unix_micros >= 0 {
-            UNIX_EPOCH + Duration::from_micros(unix_micros as u64)
-        } else {
-            UNIX_EPOCH - Duration::from_micros(unix_micros.unsigned_abs())
-        }
-    }
-}
 
 /// Why a message could not be decoded. Always definite: the stream stops.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,43 +91,6 @@ pub enum DecodeError {
     OutOfPlace(String),
 }
 
-/// A column as a Relation message describes it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct RelationColumn {
-    /// Column name.
-    pub name: String,
-    /// Type OID.
-    pub type_oid: u32,
-    /// Type modifier (`atttypmod`), -1 when none.
-    pub type_modifier: i32,
-    /// Part of the replica identity key.
-    pub key: bool,
-}
-
-/// A relation as of its last Relation message.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Relation {
-    /// OID on the source.
-    pub oid: u32,
-    /// Schema-qualified name.
-    pub name: TableName,
-    /// `d` default, `n` nothing, `f` full, `i` index.
-    pub replica_identity: char,
-    /// Columns in order; dropped and generated columns are not sent.
-    pub columns: Vec<RelationColumn>,
-}
-
-impl Relation {
-    /// Indexes of the key columns.
-    pub fn key_indexes(&self) -> impl Iterator<Item = usize> + '_ {
-        self.columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.key)
-            .map(|(i, _)| i)
-    }
-}
-
 /// A user-defined type a Relation refers to (enums, domains, ...).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TypeInfo {
@@ -177,134 +100,6 @@ pub struct TypeInfo {
     pub schema: String,
     /// Type name (arrays start with `_`).
     pub name: String,
-}
-
-/// One column value of a tuple.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Datum {
-    /// SQL NULL.
-    Null,
-    /// A TOASTed value that did not change: no value was sent, and the
-    /// target's current value must be kept.
-    UnchangedToast,
-    /// The value in its type's text form.
-    Text(Bytes),
-    /// The value in its type's binary form.
-    Binary(Bytes),
-}
-
-/// The column values of a row, in the relation's column order.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Tuple(pub Vec<Datum>);
-
-/// The old row of an UPDATE or DELETE.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OldRow {
-    /// Only the replica identity key columns are meaningful (others null).
-    Key(Tuple),
-    /// The whole old row (REPLICA IDENTITY FULL).
-    Full(Tuple),
-}
-
-impl OldRow {
-    /// The tuple, whichever kind.
-    pub fn tuple(&self) -> &Tuple {
-        match self {
-            OldRow::Key(t) | OldRow::Full(t) => t,
-        }
-    }
-}
-
-/// What a change does.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// A new row.
-    Insert {
-        /// The table.
-        relation: Arc<Relation>,
-        /// The row.
-        new: Tuple,
-    },
-    /// A changed row. `old` is present when the key changed or the table
-    /// has REPLICA IDENTITY FULL.
-    Update {
-        /// The table.
-        relation: Arc<Relation>,
-        /// The old key or row, if sent.
-        old: Option<OldRow>,
-        /// The new row (unchanged TOAST columns marked).
-        new: Tuple,
-    },
-    /// A removed row.
-    Delete {
-        /// The table.
-        relation: Arc<Relation>,
-        /// The old key or row.
-        old: OldRow,
-    },
-    /// TRUNCATE of one or more tables.
-    Truncate {
-        /// The tables.
-        relations: Vec<Arc<Relation>>,
-        /// `CASCADE` was given.
-        cascade: bool,
-        /// `RESTART IDENTITY` was given.
-        restart_identity: bool,
-    },
-    /// TRUNCATE of one partition of a tree published through its root,
-    /// which pgoutput does not send: cutover's trigger on the source
-    /// reports it in a logical message (see [`crate::partition`]).
-    TruncatePartition(Arc<crate::partition::PartitionTruncate>),
-    /// DDL on a table of the source, reported by cutover's event trigger
-    /// in a logical message (see [`crate::ddl`]).
-    Ddl(Arc<crate::ddl::DdlChange>),
-}
-
-impl ChangeKind {
-    /// `insert`, `update`, `delete` or `truncate`.
-    pub fn op(&self) -> &'static str {
-        match self {
-            ChangeKind::Insert { .. } => "insert",
-            ChangeKind::Update { .. } => "update",
-            ChangeKind::Delete { .. } => "delete",
-            ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) => "truncate",
-            ChangeKind::Ddl(_) => "ddl",
-        }
-    }
-}
-
-/// A row change with its position.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
-    /// Top-level transaction id.
-    pub xid: u32,
-    /// The (sub)transaction the change belongs to, for streamed
-    /// transactions; equal to `xid` otherwise.
-    pub subxid: u32,
-    /// The transaction's commit LSN; `None` for a streamed transaction
-    /// until its Stream Commit.
-    pub commit_lsn: Option<Lsn>,
-    /// This change's own WAL position.
-    pub lsn: Lsn,
-    /// Position within the transaction, from 0.
-    pub ordinal: u64,
-    /// The replication origin of the transaction, if it has one.
-    pub origin: Option<Arc<str>>,
-    /// What it does.
-    pub kind: ChangeKind,
-}
-
-/// A transaction boundary.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Commit {
-    /// Transaction id.
-    pub xid: u32,
-    /// The commit record's LSN.
-    pub commit_lsn: Lsn,
-    /// The end of the commit record: where to resume after it.
-    pub end_lsn: Lsn,
-    /// When it committed on the source.
-    pub commit_time: PgTimestamp,
 }
 
 /// A message written with `pg_logical_emit_message`.
@@ -427,7 +222,7 @@ impl Decoder {
         let event = match tag {
             b'B' => {
                 let final_lsn = r.lsn("final LSN")?;
-                let commit_time = PgTimestamp(r.i64("commit timestamp")?);
+                let commit_time = PgTimestamp::from_micros(r.i64("commit timestamp")?);
                 let xid = r.u32("xid")?;
                 if self.stream_xid.is_some() {
                     return Err(DecodeError::OutOfPlace(
@@ -450,7 +245,7 @@ impl Decoder {
                 let _flags = r.u8("flags")?;
                 let commit_lsn = r.lsn("commit LSN")?;
                 let end_lsn = r.lsn("end LSN")?;
-                let commit_time = PgTimestamp(r.i64("commit timestamp")?);
+                let commit_time = PgTimestamp::from_micros(r.i64("commit timestamp")?);
                 let open = self
                     .current
                     .take()
@@ -631,7 +426,7 @@ impl Decoder {
                 let _flags = r.u8("flags")?;
                 let commit_lsn = r.lsn("commit LSN")?;
                 let end_lsn = r.lsn("end LSN")?;
-                let commit_time = PgTimestamp(r.i64("commit timestamp")?);
+                let commit_time = PgTimestamp::from_micros(r.i64("commit timestamp")?);
                 if self.stream_xid.is_some() {
                     return Err(DecodeError::OutOfPlace(
                         "Stream Commit inside a stream block".into(),

@@ -26,11 +26,11 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::catalog::{quote_ident, quote_literal};
 use crate::client::{ConnectError, ConnectFailure, failure_for_sqlstate};
 use crate::conninfo::{self, ConnInfo, Host, SslMode};
 use crate::error::{ReplicationError, ServerError};
 use crate::lsn::Lsn;
+use crate::sql::{command_literal, quote_ident};
 use crate::tls;
 
 /// How long to wait for a connection when the string sets no
@@ -660,7 +660,7 @@ impl Session {
             .join(",");
         let mut opts = vec![
             format!("\"proto_version\" '{}'", options.proto_version),
-            format!("\"publication_names\" {}", quote_literal(&publications)),
+            format!("\"publication_names\" {}", command_literal(&publications)),
         ];
         if options.messages {
             opts.push("\"messages\" 'true'".into());

@@ -4,8 +4,9 @@
 
 use tokio_postgres::Client;
 
-use crate::catalog::{TableName, quote_ident, quote_literal};
+use crate::catalog::TableName;
 use crate::lsn::Lsn;
+use crate::sql::{quote_ident, quote_literal};
 
 /// A replication slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

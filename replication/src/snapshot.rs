@@ -23,7 +23,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{Client, Transaction};
 
-use crate::catalog::{TableName, quote_ident, quote_literal};
+use crate::catalog::TableName;
+use crate::sql::{quote_ident, quote_literal};
 
 /// COPY data is forwarded to the target in messages of about this size.
 /// The source sends one CopyData message per row; forwarding each on its

@@ -26,8 +26,8 @@ use bytes::Bytes;
 use serde_json::{Value as Json, json};
 
 use crate::catalog::TableName;
+use crate::change::{Change, ChangeKind, Datum, OldRow, Relation, RelationColumn, Tuple};
 use crate::lsn::Lsn;
-use crate::pgoutput::{Change, ChangeKind, Datum, OldRow, Relation, RelationColumn, Tuple};
 
 /// A spill file problem.
 #[derive(Debug, thiserror::Error)]

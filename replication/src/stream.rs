@@ -25,9 +25,9 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::time::Instant;
 
+use crate::change::PgTimestamp;
 use crate::error::ReplicationError;
 use crate::lsn::Lsn;
-use crate::pgoutput::PgTimestamp;
 use crate::session::{Backend, Session};
 
 /// How long [`ReplicationStream::stop`] waits for the server to end the

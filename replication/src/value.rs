@@ -1,7 +1,7 @@
 //! Typed views of column values.
 //!
 //! The decoder keeps every value as sent: its text form and the column's
-//! type OID ([`crate::pgoutput::Datum`]). That is lossless and is what the
+//! type OID ([`crate::change::Datum`]). That is lossless and is what the
 //! apply uses (parameters cast to the column type). Where something needs
 //! to look inside a value (JSON output of `cutover tail`, comparisons),
 //! [`Value::from_text`] gives a typed value for the built-in types, and
@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value as Json;
 
-use crate::pgoutput::Datum;
+use crate::change::Datum;
 
 /// Built-in type OIDs (`pg_type.oid`, stable across versions).
 pub mod oid {

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
+use cutover_replication::change::{ChangeKind, Datum, OldRow};
 use cutover_replication::client::ConnectFailure;
 use cutover_replication::conninfo::ConnInfo;
 use cutover_replication::error::ReplicationError;
-use cutover_replication::pgoutput::{ChangeKind, Datum, Decoder, Event, OldRow};
+use cutover_replication::pgoutput::{Decoder, Event};
 use cutover_replication::session::{PgOutputOptions, Session, SnapshotAction};
 use cutover_replication::slot;
 use cutover_replication::stream::{ReplicationStream, StreamMessage};
@@ -64,7 +65,7 @@ fn is_marker(event: &Event, text: &str) -> bool {
     matches!(event, Event::Message(m) if m.prefix == "marker" && &m.content[..] == text.as_bytes())
 }
 
-fn changes(events: &[Event]) -> Vec<&cutover_replication::pgoutput::Change> {
+fn changes(events: &[Event]) -> Vec<&cutover_replication::change::Change> {
     events
         .iter()
         .filter_map(|e| match e {

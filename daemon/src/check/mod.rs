@@ -11,7 +11,7 @@ mod tables;
 use cutover_replication::catalog::{self, Table};
 use cutover_replication::client::{self, describe};
 use cutover_replication::ddl::DdlPolicy;
-use cutover_replication::slot;
+use cutover_replication::{slot, sql};
 use tokio_postgres::Client;
 
 use crate::config::{Config, Server};
@@ -457,7 +457,7 @@ fn source_checks(report: &mut Report, facts: &ServerFacts, config: &Config) {
                 .into(),
             fix: Some(format!(
                 "ALTER ROLE {} REPLICATION;",
-                catalog::quote_ident(&role)
+                sql::quote_ident(&role)
             )),
         });
     }
@@ -479,7 +479,7 @@ fn source_checks(report: &mut Report, facts: &ServerFacts, config: &Config) {
 fn target_checks(report: &mut Report, facts: &ServerFacts) {
     let server = "target";
     let r = &facts.report;
-    let role = catalog::quote_ident(r.role.as_deref().unwrap_or_default());
+    let role = sql::quote_ident(r.role.as_deref().unwrap_or_default());
     if !facts.can_set_replica_role {
         report.add(Finding {
             severity: Severity::Blocking,
@@ -517,7 +517,7 @@ fn target_checks(report: &mut Report, facts: &ServerFacts) {
                     .into(),
             fix: Some(format!(
                 "GRANT CREATE ON DATABASE {} TO {role};",
-                catalog::quote_ident(&facts.database)
+                sql::quote_ident(&facts.database)
             )),
         });
     }
@@ -596,7 +596,7 @@ async fn slot_and_publication(
         let subject = Some(format!("slot {}", config.slot));
         let drop_fix = format!(
             "SELECT pg_drop_replication_slot({});  -- or set replication.slot to another name",
-            catalog::quote_literal(&config.slot)
+            cutover_replication::sql::quote_literal(&config.slot)
         );
         let (severity, code, problem, fix) = if plugin.as_deref() != Some("pgoutput")
             || database.as_deref() != Some(&our_db)
@@ -754,7 +754,7 @@ async fn slot_and_publication(
                     },
                     fix: Some(format!(
                         "create it as the tables' owner or a superuser:\nCREATE PUBLICATION {} FOR TABLE {tables} WITH (publish_via_partition_root = true);",
-                        catalog::quote_ident(&config.publication)
+                        sql::quote_ident(&config.publication)
                     )),
                 });
             }

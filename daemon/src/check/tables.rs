@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use cutover_replication::catalog::{self, ReplicaIdentity, Table, TableName, TypeFit};
+use cutover_replication::sql;
 use tokio_postgres::Client;
 
 use super::report::{Finding, Report, Severity, TableReport};
@@ -161,7 +162,7 @@ pub(super) async fn source_table_checks(
                 ),
                 fix: Some(format!(
                     "GRANT SELECT ON {quoted} TO {};",
-                    catalog::quote_ident(&role)
+                    sql::quote_ident(&role)
                 )),
             });
         }
@@ -231,7 +232,7 @@ pub(super) async fn target_table_checks(
                     ),
                     fix: Some(format!(
                         "ALTER TABLE {quoted} ADD COLUMN {} {};",
-                        catalog::quote_ident(&column.name),
+                        sql::quote_ident(&column.name),
                         column.type_name
                     )),
                 }),
@@ -248,7 +249,7 @@ pub(super) async fn target_table_checks(
                             ),
                             fix: Some(format!(
                                 "ALTER TABLE {quoted} ALTER COLUMN {} TYPE {};",
-                                catalog::quote_ident(&column.name),
+                                sql::quote_ident(&column.name),
                                 column.type_name
                             )),
                         });
@@ -271,7 +272,7 @@ pub(super) async fn target_table_checks(
                             problem: "a plain column on the source is generated on the target, which refuses the source's values".into(),
                             fix: Some(format!(
                                 "ALTER TABLE {quoted} ALTER COLUMN {} DROP EXPRESSION;  -- or generate it on the source too",
-                                catalog::quote_ident(&column.name)
+                                sql::quote_ident(&column.name)
                             )),
                         });
                     }
@@ -292,7 +293,7 @@ pub(super) async fn target_table_checks(
                     problem: "the target has a NOT NULL column without a default that the source lacks: every copied row would be refused".into(),
                     fix: Some(format!(
                         "ALTER TABLE {quoted} ALTER COLUMN {} DROP NOT NULL;  -- or give it a DEFAULT",
-                        catalog::quote_ident(&column.name)
+                        sql::quote_ident(&column.name)
                     )),
                 });
             }
@@ -311,7 +312,7 @@ pub(super) async fn target_table_checks(
             if has.as_ref() != Some(&wanted) {
                 let cols = key
                     .iter()
-                    .map(|c| catalog::quote_ident(c))
+                    .map(|c| sql::quote_ident(c))
                     .collect::<Vec<_>>()
                     .join(", ");
                 report.add(Finding {
@@ -400,7 +401,7 @@ pub(super) async fn target_table_checks(
                 ),
                 fix: Some(format!(
                     "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON {quoted} TO {};",
-                    catalog::quote_ident(&role)
+                    sql::quote_ident(&role)
                 )),
             });
         } else {

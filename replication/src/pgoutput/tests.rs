@@ -435,19 +435,3 @@ fn arbitrary_bytes_give_errors_never_panics() {
         "the mutations should mostly be refused, got {errors} errors"
     );
 }
-
-#[test]
-fn timestamps_convert_both_ways() {
-    let t = PgTimestamp::from_micros(0);
-    assert_eq!(
-        t.to_system_time()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-        PG_EPOCH_OFFSET_SECS
-    );
-    let now = SystemTime::now();
-    let back = PgTimestamp::from_system_time(now).to_system_time();
-    let diff = now.duration_since(back).unwrap_or_else(|e| e.duration());
-    assert!(diff < Duration::from_micros(2));
-}

@@ -1,0 +1,225 @@
+//! The PostgreSQL sink: source transactions applied to a PostgreSQL
+//! server (the target going forward, the old source in reverse).
+//!
+//! This module only wires the parts together; the work is in its children:
+//!
+//! - [`transaction`]: batches of source transactions in one target
+//!   transaction, the spilled path, the per-table seam and skipped origins;
+//! - [`batch`]: the set-based path: coalesced rows, one statement per
+//!   table and operation, sent pipelined;
+//! - [`one`]: one change, one statement: the slow path and barriers;
+//! - [`coalesce`]: merging a batch's changes per row key (pure);
+//! - [`statements`]: the SQL of every statement (pure);
+//! - [`pipeline`]: requests sent together and answered in order, and the
+//!   `text[]` parameters that carry a column of many rows (pure);
+//! - [`target`]: what the sink knows of the target's tables, and its
+//!   prepared statements;
+//! - [`keys`]: the check of `DEFERRABLE` keys after a batch;
+//! - [`ddl`]: the source's DDL and partition truncates;
+//! - [`durability`]: when an applied position is durable;
+//! - [`error`]: why applying stopped.
+//!
+//! Progress rules (docs/architecture.md invariants 1 to 3), which everything
+//! here serves:
+//!
+//! - **Written with the rows.** Each target transaction ends with
+//!   `pg_replication_origin_xact_setup(end_lsn, commit_time)` of the last
+//!   source transaction it contains, so the applied position commits
+//!   atomically with the rows. On start, [`Sink::applied`] is read
+//!   from the origin, and transactions ending at or before it are skipped.
+//! - **Commit order.** Source transactions are applied in the order given.
+//!   Several consecutive transactions may share one target transaction;
+//!   their changes are coalesced per row key, which gives the same end
+//!   state as applying them one by one (the last write of a key wins; a
+//!   delete then insert of a key ends inserted).
+//! - **Durable before acknowledged.** Target transactions commit with
+//!   `synchronous_commit = off` (as PostgreSQL's own apply workers do): a
+//!   batch does not wait for its WAL flush. [`Sink::durable`] is the
+//!   position of the last batch whose commit record the target has
+//!   flushed (`pg_current_wal_flush_lsn()`), and only that is acknowledged
+//!   to the source. A target crash loses the unflushed tail and the
+//!   origin's progress with it, atomically; the source still holds it.
+//! - **Nothing skipped.** A change the target refuses stops with an error
+//!   naming the table, the key, the LSN and the SQLSTATE. When a set-based
+//!   statement fails, the batch is rolled back and replayed one change at a
+//!   time, in order, to find the culprit (or to succeed, when only the
+//!   order of rows within a statement mattered, as with a swapped unique
+//!   value).
+//! - **Unchanged TOAST** columns are never written: such rows are updated
+//!   with only the columns that were sent.
+//! - **Per-table seam.** A change to a table that committed before the
+//!   table's `copied_at` is already in its copy and is skipped.
+//!
+//! The session runs with `session_replication_role = replica`, so user
+//! triggers and foreign keys do not fire on replicated rows, and with the
+//! same `DateStyle`, `TimeZone` and `extra_float_digits` as the source's
+//! walsender, so text values compare and convert exactly.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio_postgres::{Client, Statement};
+
+use crate::catalog::TableName;
+use crate::change::{Commit, SourceTransaction};
+use crate::conninfo::ConnInfo;
+use crate::lsn::Lsn;
+use crate::sink::Sink;
+
+mod batch;
+mod coalesce;
+mod ddl;
+mod durability;
+mod error;
+mod keys;
+mod one;
+mod pipeline;
+mod statements;
+mod target;
+mod transaction;
+
+pub use error::ApplyError;
+use error::session_error;
+use target::TargetTable;
+
+/// Applies source transactions on one target connection.
+#[derive(Debug)]
+pub struct PostgresSink {
+    client: Client,
+    origin: String,
+    progress: Lsn,
+    tables: HashMap<TableName, Arc<TargetTable>>,
+    statements: HashMap<String, Statement>,
+    copied_at: HashMap<TableName, Lsn>,
+    skip_origins: Vec<String>,
+    /// Committed batches whose commit record may not be flushed yet: the
+    /// target's WAL position after the commit, and the source position.
+    unflushed: VecDeque<(Lsn, Lsn)>,
+    /// Since when the flush position has not moved while batches wait.
+    stalled_since: Option<std::time::Instant>,
+    /// The source position of the last batch known flushed on the target.
+    durable: Lsn,
+    /// A transaction is opened but its BEGIN not sent yet: it goes out in
+    /// the same round trip as the batch's first statements.
+    begin_pending: bool,
+    /// What to do with DDL on the source.
+    ddl: crate::ddl::DdlPolicy,
+}
+
+impl PostgresSink {
+    /// Connects, prepares the session, and reads the applied position from
+    /// the replication origin `origin` (created when missing).
+    pub async fn connect(
+        target: &ConnInfo,
+        origin: &str,
+        copied_at: HashMap<TableName, Lsn>,
+        skip_origins: Vec<String>,
+    ) -> Result<PostgresSink, ApplyError> {
+        let client = crate::client::connect(target).await?;
+        client
+            .batch_execute(&format!(
+                "SET session_replication_role = replica; SET synchronous_commit = off; {}",
+                crate::client::text_value_settings()
+            ))
+            .await
+            .map_err(session_error("preparing the apply session (session_replication_role = replica needs superuser or GRANT SET ON PARAMETER)"))?;
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(session_error("reading replication origins"))?
+            .is_some();
+        if !exists {
+            client
+                .execute("SELECT pg_replication_origin_create($1)", &[&origin])
+                .await
+                .map_err(session_error(format!(
+                    "creating replication origin {origin}"
+                )))?;
+        }
+        client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+            .map_err(session_error(format!("using replication origin {origin}")))?;
+        let progress: Option<String> = client
+            .query_one(
+                "SELECT pg_replication_origin_progress($1, true)::text",
+                &[&origin],
+            )
+            .await
+            .map_err(session_error("reading the applied position"))?
+            .get(0);
+        let progress = progress.and_then(|p| p.parse().ok()).unwrap_or(Lsn::ZERO);
+        tracing::info!(origin, %progress, "apply session ready");
+        let applier = PostgresSink {
+            client,
+            origin: origin.to_owned(),
+            progress,
+            tables: HashMap::new(),
+            statements: HashMap::new(),
+            copied_at,
+            skip_origins,
+            // The progress just read may be an asynchronous commit of an
+            // earlier run, not flushed yet: durable only once it is.
+            unflushed: VecDeque::from([(Lsn::from_u64(u64::MAX), progress)]),
+            stalled_since: None,
+            durable: Lsn::default(),
+            begin_pending: false,
+            ddl: crate::ddl::DdlPolicy::default(),
+        };
+        applier.settled().await
+    }
+
+    /// Sets what the applier does with DDL on the source (`[ddl] policy`).
+    pub fn set_ddl_policy(&mut self, policy: crate::ddl::DdlPolicy) {
+        self.ddl = policy;
+    }
+
+    /// The replication origin tagging applied transactions.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+}
+
+impl Sink for PostgresSink {
+    type Error = ApplyError;
+
+    fn apply(
+        &mut self,
+        transactions: &[SourceTransaction],
+    ) -> impl Future<Output = Result<Lsn, ApplyError>> + Send {
+        self.apply_batch(transactions)
+    }
+
+    fn apply_spilled(
+        &mut self,
+        path: &Path,
+        commit: &Commit,
+        batch_rows: usize,
+    ) -> impl Future<Output = Result<(), ApplyError>> + Send {
+        PostgresSink::apply_spilled(self, path, commit, batch_rows)
+    }
+
+    fn applied(&self) -> Lsn {
+        self.progress
+    }
+
+    fn durable(&self) -> Lsn {
+        self.durable
+    }
+
+    fn flush_pending(&self) -> bool {
+        !self.unflushed.is_empty()
+    }
+
+    fn refresh_durable(&mut self) -> impl Future<Output = Result<Lsn, ApplyError>> + Send {
+        PostgresSink::refresh_durable(self)
+    }
+
+    fn wait_durable(&mut self) -> impl Future<Output = Result<Lsn, ApplyError>> + Send {
+        PostgresSink::wait_durable(self)
+    }
+}

@@ -1,0 +1,274 @@
+//! Batches of source transactions in one target transaction: the fast
+//! path first, replayed change by change when it fails; the spilled
+//! path; the per-table seam and the origins that are skipped.
+
+use tokio_postgres::Statement;
+
+use super::PostgresSink;
+use super::error::{ApplyError, session_error};
+use super::keys::KeyCheck;
+use crate::change::{Change, ChangeKind, PgTimestamp, SourceTransaction};
+use crate::lsn::Lsn;
+
+impl PostgresSink {
+    /// Applies consecutive source transactions in one target transaction
+    /// and returns the new durable position. Transactions at or before
+    /// the current position are skipped (already applied).
+    pub(super) async fn apply_batch(
+        &mut self,
+        transactions: &[SourceTransaction],
+    ) -> Result<Lsn, ApplyError> {
+        let pending: Vec<&SourceTransaction> = transactions
+            .iter()
+            .filter(|t| t.end_lsn > self.progress)
+            .collect();
+        let Some(last) = pending.last() else {
+            return Ok(self.progress);
+        };
+        let (end_lsn, commit_time) = (last.end_lsn, last.commit_time);
+        let changes: Vec<(&Change, Lsn)> = pending
+            .iter()
+            .flat_map(|t| t.changes.iter().map(move |c| (c, t.commit_lsn)))
+            .collect();
+        self.apply_changes(&changes, end_lsn, commit_time).await?;
+        Ok(self.progress)
+    }
+
+    /// Applies changes as one target transaction ending at `end_lsn`.
+    /// The fast path coalesces and runs set-based statements; if it fails,
+    /// the transaction is replayed change by change.
+    pub(super) async fn apply_changes(
+        &mut self,
+        changes: &[(&Change, Lsn)],
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), ApplyError> {
+        match self.apply_changes_once(changes, end_lsn, commit_time).await {
+            Err(err) if self.progress < end_lsn && err.may_be_stale_description() => {
+                tracing::info!(error = %err, "the target refused a change: describing its tables again and retrying the batch once");
+                self.forget_descriptions();
+                self.apply_changes_once(changes, end_lsn, commit_time)
+                    .await
+                    .map_err(|err| self.explained(err))
+            }
+            other => other,
+        }
+    }
+
+    pub(super) async fn apply_changes_once(
+        &mut self,
+        changes: &[(&Change, Lsn)],
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), ApplyError> {
+        let wanted: Vec<(&Change, Lsn)> = changes
+            .iter()
+            .copied()
+            .filter(|(c, commit)| self.wanted(c, *commit))
+            .collect();
+        // BEGIN, the statements and the commit go out together: a batch
+        // without barriers (truncates, keyless tables) or partial rows
+        // costs one round trip.
+        self.begin_pending = true;
+        match self.apply_fast(&wanted, Some((end_lsn, commit_time))).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // Committed, then the WAL positions could not be read: never
+            // replay what is committed.
+            Err(err) if self.progress >= end_lsn => return Err(err),
+            Err(fast) => {
+                tracing::debug!(error = %fast, "set-based apply failed; replaying change by change");
+                self.rollback().await?;
+                self.begin().await?;
+                if let Err(err) = self.apply_slow(&wanted).await {
+                    let _ = self.rollback().await;
+                    return Err(err);
+                }
+            }
+        }
+        self.commit(end_lsn, commit_time).await
+    }
+
+    /// Applies a streamed transaction from its spill file, in one target
+    /// transaction, `batch` changes at a time (memory stays bounded).
+    pub(super) async fn apply_spilled(
+        &mut self,
+        path: &std::path::Path,
+        commit: &crate::change::Commit,
+        batch: usize,
+    ) -> Result<(), ApplyError> {
+        match self.apply_spilled_once(path, commit, batch).await {
+            Err(err) if self.progress < commit.end_lsn && err.may_be_stale_description() => {
+                tracing::info!(error = %err, "the target refused a change: describing its tables again and retrying the transaction once");
+                self.forget_descriptions();
+                self.apply_spilled_once(path, commit, batch)
+                    .await
+                    .map_err(|err| self.explained(err))
+            }
+            other => other,
+        }
+    }
+
+    pub(super) async fn apply_spilled_once(
+        &mut self,
+        path: &std::path::Path,
+        commit: &crate::change::Commit,
+        batch: usize,
+    ) -> Result<(), ApplyError> {
+        if commit.end_lsn <= self.progress {
+            return Ok(());
+        }
+        let spill = |e: crate::spill::SpillError| ApplyError::Session {
+            what: "reading a streamed transaction from disk".into(),
+            detail: e.to_string(),
+            transient: false,
+        };
+        self.begin().await?;
+        // Tables with DEFERRABLE keys that the transaction wrote: checked
+        // whole at its end (keys may stand duplicated until then).
+        let mut touched: Vec<KeyCheck<'static>> = Vec::new();
+        let fast: Result<(), ApplyError> = async {
+            let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
+            loop {
+                let changes = reader.next_batch(batch).map_err(spill)?;
+                if changes.is_empty() {
+                    return self.check_keys(&touched).await;
+                }
+                let wanted: Vec<(&Change, Lsn)> = changes
+                    .iter()
+                    .map(|c| (c, commit.commit_lsn))
+                    .filter(|(c, lsn)| self.wanted(c, *lsn))
+                    .collect();
+                self.apply_fast(&wanted, None).await?;
+                for check in self.key_checks(&wanted).await? {
+                    if !touched
+                        .iter()
+                        .any(|t| t.relation.name == check.relation.name)
+                    {
+                        touched.push(check.whole());
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(fast) = fast {
+            tracing::debug!(error = %fast, "set-based apply of a streamed transaction failed; replaying change by change");
+            self.rollback().await?;
+            self.begin().await?;
+            let slow: Result<(), ApplyError> = async {
+                let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
+                loop {
+                    let changes = reader.next_batch(batch).map_err(spill)?;
+                    if changes.is_empty() {
+                        return self.check_keys(&touched).await;
+                    }
+                    for change in &changes {
+                        if self.wanted(change, commit.commit_lsn) {
+                            self.apply_one(change, commit.commit_lsn).await?;
+                        }
+                    }
+                    let applied: Vec<(&Change, Lsn)> =
+                        changes.iter().map(|c| (c, commit.commit_lsn)).collect();
+                    for check in self.key_checks(&applied).await? {
+                        if !touched
+                            .iter()
+                            .any(|t| t.relation.name == check.relation.name)
+                        {
+                            touched.push(check.whole());
+                        }
+                    }
+                }
+            }
+            .await;
+            if let Err(err) = slow {
+                let _ = self.rollback().await;
+                return Err(err);
+            }
+        }
+        self.commit(commit.end_lsn, commit.commit_time).await
+    }
+
+    pub(super) fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {
+        if let Some(origin) = &change.origin
+            && self.skip_origins.iter().any(|o| o.as_str() == &**origin)
+        {
+            return false;
+        }
+        let first = match &change.kind {
+            ChangeKind::Insert { relation, .. }
+            | ChangeKind::Update { relation, .. }
+            | ChangeKind::Delete { relation, .. } => &relation.name,
+            // A truncate is applied when any of its tables wants it; the
+            // tables copied later are empty on the source at their snapshot
+            // only if the truncate came before, so honour it per table.
+            ChangeKind::Truncate { relations, .. } => {
+                return relations.iter().any(|r| {
+                    self.copied_at
+                        .get(&r.name)
+                        .is_none_or(|at| commit_lsn >= *at)
+                });
+            }
+            ChangeKind::TruncatePartition(truncate) => &truncate.root,
+            // DDL on a table out of scope is not ours; on a table copied
+            // after it, it is in the copy.
+            ChangeKind::Ddl(ddl) => {
+                return ddl.in_scope
+                    && self
+                        .copied_at
+                        .get(&ddl.table)
+                        .is_none_or(|at| commit_lsn >= *at);
+            }
+        };
+        self.copied_at.get(first).is_none_or(|at| commit_lsn >= *at)
+    }
+
+    pub(super) async fn begin(&mut self) -> Result<(), ApplyError> {
+        self.begin_pending = false;
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(session_error("BEGIN"))
+    }
+
+    /// Sends the BEGIN of the open transaction if it is still pending.
+    pub(super) async fn begun(&mut self) -> Result<(), ApplyError> {
+        if self.begin_pending {
+            self.begin().await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn rollback(&mut self) -> Result<(), ApplyError> {
+        // A pipeline that failed may have ended the transaction already
+        // (its COMMIT rolled back): ROLLBACK then only warns.
+        self.begin_pending = false;
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(session_error("ROLLBACK"))
+    }
+
+    pub(super) async fn commit(
+        &mut self,
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), ApplyError> {
+        self.flush(&mut Vec::new(), Some((end_lsn, commit_time)))
+            .await
+            .map(|_| ())
+    }
+
+    /// The statements that end a batch: the origin's position, COMMIT, and
+    /// the target's WAL positions after it.
+    pub(super) async fn commit_statements(&mut self) -> Result<(Statement, Statement), ApplyError> {
+        let setup = self
+            .statement("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)")
+            .await?;
+        // The WAL insert position after COMMIT is at or past the commit
+        // record: once the flush position passes it, the batch is durable.
+        let positions = self
+            .statement("SELECT pg_current_wal_insert_lsn()::text, pg_current_wal_flush_lsn()::text")
+            .await?;
+        Ok((setup, positions))
+    }
+}
