@@ -32,7 +32,7 @@ use pgwire::messages::data::DataRow;
 use tokio::net::TcpListener;
 
 use crate::config::ConsoleAuth;
-use crate::status::Status;
+use crate::live::Status;
 use crate::store::{Store, TableCopyState};
 
 /// SCRAM iteration count (PostgreSQL's default).

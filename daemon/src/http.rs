@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::status::{DaemonState, FORWARD, Status};
+use crate::live::{DaemonState, FORWARD, Status};
 
 #[derive(Clone)]
 struct App {

@@ -10,11 +10,11 @@ mod console;
 mod copy;
 mod coverage;
 mod http;
+mod live;
 mod metrics;
 mod progress;
 mod run;
 mod serve;
-mod status;
 mod store;
 mod summary;
 mod tail;
@@ -172,7 +172,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_FAILURE);
                     }
                 };
-                let status = std::sync::Arc::new(status::Status::new(&config.slot));
+                let status = std::sync::Arc::new(live::Status::new(&config.slot));
                 if let Err(err) = serve::start(&config, &store, &status).await {
                     eprintln!("error: {err}");
                     return ExitCode::from(EXIT_FAILURE);

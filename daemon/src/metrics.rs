@@ -40,7 +40,7 @@ pub const LABEL_TABLE: &str = "table";
 pub const LABEL_OP: &str = "op";
 /// Label: the slot name.
 pub const LABEL_SLOT: &str = "slot";
-/// Label: an error kind (see [`crate::status::ErrorKind`]).
+/// Label: an error kind (see [`crate::live::ErrorKind`]).
 pub const LABEL_KIND: &str = "kind";
 /// Label: a daemon state.
 pub const LABEL_STATE: &str = "state";

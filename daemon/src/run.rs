@@ -41,7 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::config::{ApplySettings, Config};
 use crate::copy::{self, CopyError, CopyMode, CopyOutcome};
-use crate::status::{DaemonState, ErrorKind, Status};
+use crate::live::{DaemonState, ErrorKind, Status};
 use crate::store::{DeadLetter, LagSample, RunStatus, Store, now_millis, now_secs};
 
 /// Why `run` stopped.
@@ -252,7 +252,7 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
                 .await
                 .ok();
         }
-        let mut lag = crate::status::Lag {
+        let mut lag = crate::live::Lag {
             seconds: status.lag_seconds(),
             sampled_at: Some(now_secs()),
             ..Default::default()

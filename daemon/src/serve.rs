@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::{Config, ConsoleAuth};
-use crate::status::Status;
+use crate::live::Status;
 use crate::store::Store;
 
 /// Where the running daemon listens.

@@ -349,7 +349,7 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
         state,
         since: run.as_ref().map(|r| timestamp(r.at)),
         paused: false,
-        direction: crate::status::FORWARD.to_owned(),
+        direction: crate::live::FORWARD.to_owned(),
         primary: "source".to_owned(),
         slot: copy
             .as_ref()

@@ -1,4 +1,4 @@
-//! What the running daemon is doing, shared by the pipeline (which writes
+//! The running daemon's live state: what it is doing, shared by the pipeline (which writes
 //! it), `/metrics`, `/health` and the admin console (which read it), and
 //! the pause switch of the applier.
 

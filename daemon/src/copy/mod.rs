@@ -1,0 +1,176 @@
+//! The snapshot copy: the initial bulk load, exact and resumable.
+//!
+//! # The seam
+//!
+//! The publication is made (or completed) first, then the slot is created
+//! with an exported snapshot, and every copy worker imports that snapshot
+//! before the exporting session runs another command. The copy then holds
+//! exactly the transactions that committed before the slot's consistent
+//! point; the stream carries every later one (DESIGN.md invariant 4).
+//!
+//! # Resuming
+//!
+//! An exported snapshot dies with the transactions holding it, so a copy
+//! interrupted by a crash cannot continue in the same snapshot. The rule,
+//! which stays exact:
+//!
+//! - A table whose copy finished keeps its rows and its `copied_at` (the
+//!   consistent point of the snapshot it came from).
+//! - Every other table is truncated on the target and copied again from a
+//!   new snapshot, exported by a temporary slot created for the purpose;
+//!   its `copied_at` is that slot's consistent point.
+//! - The stream, which starts at the main slot's consistent point (the
+//!   oldest), skips changes to a table that committed before the table's
+//!   `copied_at`: those are already in its copy. This is how PostgreSQL's
+//!   own table synchronisation works.
+//!
+//! Chunks commit one by one on the target, so a crash loses at most the
+//! unfinished tables' work, never correctness.
+//!
+//! # Layout
+//!
+//! This module only wires the parts together and holds the types the rest
+//! of the daemon uses; the work is in its children: [`orchestration`]
+//! (the copy from start to end), [`source`] (what is set up on the
+//! source), [`scheduler`] (which worker loads what), [`worker`] (one
+//! worker), [`rebuild`] (dropping and rebuilding indexes and constraints)
+//! and [`report`] (the reconciliation table).
+
+use std::collections::HashMap;
+
+use cutover_replication::catalog::TableName;
+use cutover_replication::client::ConnectError;
+use cutover_replication::error::ReplicationError;
+use cutover_replication::{Lsn, slot};
+
+use crate::store::{StoreError, TableCopy};
+
+mod orchestration;
+mod rebuild;
+mod report;
+mod scheduler;
+mod source;
+mod worker;
+
+pub use orchestration::run;
+pub use report::reconciliation;
+pub use source::install_partition_triggers;
+
+/// Whether the copy prepares streaming or stands alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// `cutover run`: the slot persists and streams after the copy.
+    BeforeStreaming,
+    /// `cutover copy`: only the load; the slot is temporary.
+    Standalone,
+}
+
+/// Why the copy stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A connection could not be opened.
+    #[error("{role}: {source}")]
+    Connect {
+        /// `source` or `target`.
+        role: &'static str,
+        /// Why.
+        #[source]
+        source: ConnectError,
+    },
+    /// The replication session failed.
+    #[error("source: {err}{}", err.hint().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Replication {
+        /// The error.
+        err: ReplicationError,
+    },
+    /// A query failed.
+    #[error("{role}: {what}: {detail}")]
+    Query {
+        /// `source` or `target`.
+        role: &'static str,
+        /// What was being done.
+        what: String,
+        /// The server's error.
+        detail: String,
+    },
+    /// A chunk failed.
+    #[error("copying {table} (chunk {index}): {detail}")]
+    Chunk {
+        /// The table.
+        table: TableName,
+        /// The chunk.
+        index: usize,
+        /// The error.
+        detail: String,
+    },
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The target cannot receive the tables as they are.
+    #[error("target: {0}")]
+    Schema(String),
+    /// A fresh copy found rows on the target.
+    #[error(
+        "target: these tables already hold rows: {0}; a fresh copy needs them empty: TRUNCATE them, or set copy.truncate_target = true to let cutover do it"
+    )]
+    NotEmpty(String),
+    /// The state refers to a slot that is gone.
+    #[error(
+        "source: the copy in progress was made for replication slot {0:?}, which no longer exists: the changes since then are lost to cutover. Start over: empty the target tables, move the state directory aside, and run again"
+    )]
+    SlotGone(String),
+    /// A slot of the configured name exists that this state knows nothing of.
+    #[error(
+        "source: replication slot {0:?} already exists but the state directory has no record of it: drop it (SELECT pg_drop_replication_slot('{0}')) or point state.dir at the directory that created it"
+    )]
+    ForeignSlot(String),
+    /// The reconciliation found a difference.
+    #[error("reconciliation failed: {0}")]
+    Variance(String),
+    /// `run` found a finished standalone copy, whose temporary slot is gone.
+    #[error(
+        "the state directory holds a finished `cutover copy` load, made from a temporary slot that is gone: streaming cannot continue from it. To migrate with streaming, empty the target tables, move the state directory aside and start with `cutover run`"
+    )]
+    StandaloneDone,
+    /// An existing publication of the configured name would not send
+    /// every change.
+    #[error(
+        "source: publication {name:?} exists but would not send every change ({gaps}); fix: {}", slot::publication_gaps_fix(name).replace('\n', " ")
+    )]
+    PublicationGaps {
+        /// The publication.
+        name: String,
+        /// What it leaves out.
+        gaps: String,
+    },
+    /// A table was truncated or rewritten between the snapshot and the
+    /// copy's locks: copying it under that snapshot would find it empty.
+    #[error(
+        "source: {0} was truncated or rewritten just after the copy's snapshot was taken: the copy starts again from a new snapshot"
+    )]
+    Rewritten(String),
+    /// `replication.keyless = "refuse"` and such tables are in scope.
+    #[error(
+        "source: {0}: neither a primary key nor a replica identity identifies their rows, and replication.keyless = \"refuse\". Add a primary key, or set replication.keyless = \"append_only\" (inserts stream; updates and deletes keep working on the source and are reported, not streamed) or \"replica_identity_full\" (cutover sets REPLICA IDENTITY FULL on the source), or exclude them in replication.exclude"
+    )]
+    Keyless(String),
+    /// No table is in scope.
+    #[error("source: no table is in scope (replication.tables = {0:?}); run cutover check")]
+    NoTables(Vec<String>),
+}
+
+/// What the copy leaves for the stream.
+#[derive(Debug, Clone)]
+pub struct CopyOutcome {
+    /// The slot to stream from.
+    pub slot: String,
+    /// Where streaming starts: the slot's consistent point.
+    pub start: Lsn,
+    /// Each table's `copied_at`: changes committed before it are skipped.
+    pub copied_at: HashMap<TableName, Lsn>,
+    /// The per-table records, for the reconciliation report.
+    pub tables: Vec<TableCopy>,
+    /// The publications to stream: `replication.publication`, and the one
+    /// of tables whose inserts only stream, if it exists.
+    pub publications: Vec<String>,
+}
