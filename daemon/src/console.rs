@@ -269,7 +269,7 @@ impl Queries {
         let row = vec![
             Cell::Text(Some(view.state.name().to_owned())),
             Cell::Bool(self.status.paused()),
-            Cell::Text(Some(view.direction.to_owned())),
+            Cell::Text(Some(view.direction.to_string())),
             Cell::Text(Some(view.primary.to_owned())),
             Cell::Text(Some(view.slot)),
             Cell::Text(view.applied_lsn),
@@ -359,7 +359,7 @@ impl Queries {
     fn show_history(&self, limit: Option<usize>) -> Result<Response, String> {
         let samples = self
             .store
-            .lag_history(limit.unwrap_or(usize::MAX))
+            .lag_history(self.status.direction(), limit.unwrap_or(usize::MAX))
             .map_err(|e| format!("reading the state store: {e}"))?;
         let mut table = Table::new(&[
             ("sampled_at", Type::TIMESTAMPTZ),

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::live::{DaemonState, FORWARD, Status};
+use crate::live::{DaemonState, Status};
 
 #[derive(Clone)]
 struct App {
@@ -36,7 +36,7 @@ async fn metrics(State(app): State<App>) -> Response {
     app.status
         .metrics
         .lag_seconds
-        .with_label_values(&[FORWARD])
+        .with_label_values(&[app.status.direction().as_str()])
         .set(app.status.lag_seconds());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -10,11 +10,9 @@ use cutover_replication::Lsn;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::direction::Direction;
 use crate::metrics::Metrics;
 use crate::store::now_secs;
-
-/// The replication direction this daemon runs.
-pub const FORWARD: &str = "forward";
 
 /// The daemon's lifecycle state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -132,8 +130,8 @@ pub struct TableCounts {
 pub struct StatusView {
     /// Lifecycle state.
     pub state: DaemonState,
-    /// `forward` (the reverse direction comes with the switch).
-    pub direction: &'static str,
+    /// The direction this daemon streams.
+    pub direction: Direction,
     /// Which server takes writes: `source` until the switch.
     pub primary: &'static str,
     /// The replication slot on the source.
@@ -182,12 +180,13 @@ pub struct Status {
     pub metrics: Metrics,
     pause: watch::Sender<bool>,
     slot: String,
+    direction: Direction,
     started_at: u64,
 }
 
 impl Status {
-    /// A daemon starting with `slot`.
-    pub fn new(slot: &str) -> Status {
+    /// A daemon starting to stream `direction` with `slot`.
+    pub fn new(slot: &str, direction: Direction) -> Status {
         let status = Status {
             inner: Mutex::new(Inner {
                 state: DaemonState::Starting,
@@ -203,10 +202,16 @@ impl Status {
             metrics: Metrics::new(),
             pause: watch::channel(false).0,
             slot: slot.to_owned(),
+            direction,
             started_at: now_secs(),
         };
         status.set_state(DaemonState::Starting);
         status
+    }
+
+    /// The direction this daemon streams.
+    pub fn direction(&self) -> Direction {
+        self.direction
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -267,12 +272,12 @@ impl Status {
     ) {
         self.metrics
             .applied_transactions
-            .with_label_values(&[FORWARD])
+            .with_label_values(&[self.direction.as_str()])
             .inc_by(transactions);
         for ((table, op), n) in counts {
             self.metrics
                 .applied_changes
-                .with_label_values(&[FORWARD, table, op])
+                .with_label_values(&[self.direction.as_str(), table, op])
                 .inc_by(*n);
         }
         let mut inner = self.lock();
@@ -354,12 +359,12 @@ impl Status {
     pub fn set_lag(&self, lag: Lag) {
         self.metrics
             .lag_seconds
-            .with_label_values(&[FORWARD])
+            .with_label_values(&[self.direction.as_str()])
             .set(lag.seconds);
         if let Some(bytes) = lag.bytes {
             self.metrics
                 .lag_bytes
-                .with_label_values(&[FORWARD])
+                .with_label_values(&[self.direction.as_str()])
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         if let Some(bytes) = lag.slot_retained_bytes {
@@ -389,7 +394,7 @@ impl Status {
         lag.seconds = seconds;
         StatusView {
             state: inner.state,
-            direction: FORWARD,
+            direction: self.direction,
             primary: "source",
             slot: self.slot.clone(),
             applied_lsn: inner.applied.map(|l| l.to_string()),

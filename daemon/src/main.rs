@@ -9,14 +9,15 @@ mod config;
 mod console;
 mod copy;
 mod coverage;
+mod direction;
 mod http;
 mod live;
 mod metrics;
 mod progress;
 mod run;
 mod serve;
+mod status;
 mod store;
-mod summary;
 mod tail;
 
 use std::path::PathBuf;
@@ -172,7 +173,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_FAILURE);
                     }
                 };
-                let status = std::sync::Arc::new(live::Status::new(&config.slot));
+                let status = std::sync::Arc::new(live::Status::new(&config.slot, direction::Direction::Forward));
                 if let Err(err) = serve::start(&config, &store, &status).await {
                     eprintln!("error: {err}");
                     return ExitCode::from(EXIT_FAILURE);
@@ -231,7 +232,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Status { format } => match summary::run(&config).await {
+            Command::Status { format } => match status::run(&config).await {
                 Ok(summary) => {
                     match format {
                         OutputFormat::Human => print!("{}", summary.to_human()),

@@ -129,7 +129,7 @@ pub async fn run(
                     sqlstate: sqlstate.clone(),
                     detail: detail.clone(),
                 };
-                if let Err(e) = store.put_dead_letter(&letter) {
+                if let Err(e) = store.put_dead_letter(status.direction(), &letter) {
                     tracing::warn!(error = %e, "could not record the refused change");
                 }
             }
@@ -143,7 +143,7 @@ pub async fn run(
         at: now_secs(),
         last_error,
     };
-    if store.put_run_status(&record).is_ok() {
+    if store.put_run_status(status.direction(), &record).is_ok() {
         let _ = store.flush().await;
     }
     result
@@ -298,7 +298,7 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
                 tracing::warn!(error = %err, "could not add cutover's TRUNCATE trigger to new partitions");
             }
         }
-        if let Err(err) = store.put_lag_sample(&sample, keep) {
+        if let Err(err) = store.put_lag_sample(status.direction(), &sample, keep) {
             tracing::warn!(error = %err, "could not store a lag sample");
         }
         let record = RunStatus {
@@ -307,7 +307,7 @@ async fn sample_lag(config: Config, store: Store, status: Arc<Status>, slot: Str
             at: now_secs(),
             last_error: status.view().last_error.map(|e| e.message),
         };
-        let _ = store.put_run_status(&record);
+        let _ = store.put_run_status(status.direction(), &record);
     }
 }
 
@@ -395,12 +395,15 @@ async fn stream_once(
     shutdown: watch::Receiver<bool>,
     status: &Arc<Status>,
 ) -> Result<(), RunError> {
-    let origin = format!("cutover_{}", outcome.slot);
+    // This direction's writes carry its origin; changes that the other
+    // direction wrote are not sent back (invariant 5).
+    let direction = status.direction();
+    let origin = direction.origin(&outcome.slot);
     let mut applier = PostgresSink::connect(
         &config.target.conninfo,
         &origin,
         outcome.copied_at.clone(),
-        vec![format!("{origin}_reverse")],
+        vec![direction.opposite().origin(&outcome.slot)],
     )
     .await?;
     applier.set_ddl_policy(config.ddl);

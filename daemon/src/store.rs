@@ -12,7 +12,10 @@
 //!   stream skips changes to the table that committed before it.
 //! - Values are JSON, so an operator can read them with any sled tool; the
 //!   format version is checked on open and a mismatch is an error, never a
-//!   silent rewrite.
+//!   silent rewrite. The one older layout this build knows (1) is upgraded
+//!   in one atomic batch, and the upgrade is logged.
+//! - Records of a stream (its run status, lag samples, refused changes)
+//!   are kept per [`Direction`]: `<kind>/<direction>/...`.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,11 +23,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cutover_replication::Lsn;
 use cutover_replication::catalog::TableName;
 use cutover_replication::snapshot::CopyFormat;
+
+use crate::direction::Direction;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The layout version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The older layout this build upgrades: lag samples and refused changes
+/// were kept under `lag/` and `dead/`, for the forward direction only.
+const FORMAT_VERSION_1: &[u8] = b"1";
 
 const KEY_FORMAT: &str = "format_version";
 const KEY_COPY_RUN: &str = "copy/run";
@@ -33,15 +41,20 @@ const PID_FILE: &str = "cutover.pid";
 /// Written beside the database when the store is created: a store whose
 /// records vanish while this file exists is damaged.
 const MARKER_FILE: &str = "store.json";
-/// Lag samples: the key is `lag/` and the sample time in big-endian
-/// milliseconds, so that a scan returns them in time order.
+/// Lag samples: the key is `lag/<direction>/` and the sample time in
+/// big-endian milliseconds, so that a scan returns them in time order.
 const PREFIX_LAG: &str = "lag/";
 
-/// The last known run state and position.
-const KEY_RUN_STATUS: &str = "run/forward/status";
+/// The last known run state and position: `run/<direction>/status`.
+const PREFIX_RUN: &str = "run/";
 
-/// Refused changes: `dead/` and big-endian unix milliseconds.
+/// Refused changes: `dead/<direction>/` and big-endian unix milliseconds.
 const PREFIX_DEAD: &str = "dead/";
+
+/// `<kind>/<direction>/`: where a direction's records of one kind live.
+fn direction_prefix(kind: &str, direction: Direction) -> String {
+    format!("{kind}{}/", direction.as_str())
+}
 /// Tables whose changes do not all stream, with their counters
 /// ([`crate::coverage::Watch`]), by table name.
 const PREFIX_WATCH: &str = "coverage/watch/";
@@ -338,6 +351,7 @@ impl Store {
                 })?;
             }
             Some(found) if found.as_ref() == FORMAT_VERSION.to_string().as_bytes() => {}
+            Some(found) if found.as_ref() == FORMAT_VERSION_1 => store.upgrade_from_1()?,
             Some(found) => {
                 return Err(StoreError::Version {
                     dir: dir.to_owned(),
@@ -348,6 +362,38 @@ impl Store {
         // Best effort: lets a second process name the one holding the lock.
         let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
         Ok(store)
+    }
+
+    /// Moves the forward direction's lag samples and refused changes of a
+    /// layout 1 store under their direction, and records layout 2: one
+    /// atomic batch, so that a crash leaves either layout whole.
+    fn upgrade_from_1(&self) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut moved = 0usize;
+        for kind in [PREFIX_LAG, PREFIX_DEAD] {
+            let new_prefix = direction_prefix(kind, Direction::Forward);
+            for entry in self.db.scan_prefix(kind) {
+                let (key, value) = entry.map_err(|e| self.io(e))?;
+                // Layout 1 keys are the prefix and 8 bytes of time.
+                if key.len() != kind.len() + 8 {
+                    continue;
+                }
+                let mut new_key = new_prefix.as_bytes().to_vec();
+                new_key.extend_from_slice(&key[kind.len()..]);
+                batch.remove(key);
+                batch.insert(new_key, value);
+                moved += 1;
+            }
+        }
+        batch.insert(KEY_FORMAT, FORMAT_VERSION.to_string().as_bytes());
+        self.db.apply_batch(batch).map_err(|e| self.io(e))?;
+        self.db.flush().map_err(|e| self.io(e))?;
+        tracing::info!(
+            dir = %self.dir.display(),
+            records = moved,
+            "state store upgraded from layout 1 to {FORMAT_VERSION} (records kept per direction)"
+        );
+        Ok(())
     }
 
     /// The state directory.
@@ -386,17 +432,24 @@ impl Store {
             .collect()
     }
 
-    /// Appends a lag sample, keeping the newest `keep` samples.
-    pub fn put_lag_sample(&self, sample: &LagSample, keep: usize) -> Result<(), StoreError> {
-        let mut key = PREFIX_LAG.as_bytes().to_vec();
+    /// Appends a lag sample of `direction`, keeping its newest `keep`
+    /// samples.
+    pub fn put_lag_sample(
+        &self,
+        direction: Direction,
+        sample: &LagSample,
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        let prefix = direction_prefix(PREFIX_LAG, direction);
+        let mut key = prefix.as_bytes().to_vec();
         key.extend_from_slice(&sample.at_ms.to_be_bytes());
         let bytes = serde_json::to_vec(sample).expect("lag samples serialize to JSON");
         self.db.insert(key, bytes).map_err(|e| self.io(e))?;
         // Trim the oldest beyond `keep` (one or two per insert in steady state).
-        let count = self.db.scan_prefix(PREFIX_LAG).keys().count();
+        let count = self.db.scan_prefix(&prefix).keys().count();
         for key in self
             .db
-            .scan_prefix(PREFIX_LAG)
+            .scan_prefix(&prefix)
             .keys()
             .take(count.saturating_sub(keep))
         {
@@ -406,11 +459,15 @@ impl Store {
         Ok(())
     }
 
-    /// The newest `limit` lag samples, oldest first.
-    pub fn lag_history(&self, limit: usize) -> Result<Vec<LagSample>, StoreError> {
+    /// The newest `limit` lag samples of `direction`, oldest first.
+    pub fn lag_history(
+        &self,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<LagSample>, StoreError> {
         let mut samples = self
             .db
-            .scan_prefix(PREFIX_LAG)
+            .scan_prefix(direction_prefix(PREFIX_LAG, direction))
             .values()
             .rev()
             .take(limit)
@@ -423,9 +480,13 @@ impl Store {
         Ok(samples)
     }
 
-    /// Records a refused change.
-    pub fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
-        let mut key = PREFIX_DEAD.as_bytes().to_vec();
+    /// Records a change that `direction` could not apply.
+    pub fn put_dead_letter(
+        &self,
+        direction: Direction,
+        letter: &DeadLetter,
+    ) -> Result<(), StoreError> {
+        let mut key = direction_prefix(PREFIX_DEAD, direction).into_bytes();
         key.extend_from_slice(&letter.at_ms.to_be_bytes());
         let bytes = serde_json::to_vec(letter).expect("dead letters serialize to JSON");
         self.db
@@ -434,10 +495,10 @@ impl Store {
             .map_err(|e| self.io(e))
     }
 
-    /// Every refused change recorded, oldest first.
-    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+    /// Every change `direction` could not apply, oldest first.
+    pub fn dead_letters(&self, direction: Direction) -> Result<Vec<DeadLetter>, StoreError> {
         self.db
-            .scan_prefix(PREFIX_DEAD)
+            .scan_prefix(direction_prefix(PREFIX_DEAD, direction))
             .values()
             .map(|value| {
                 let value = value.map_err(|e| self.io(e))?;
@@ -468,14 +529,24 @@ impl Store {
             .collect()
     }
 
-    /// Records the stream's state and position.
-    pub fn put_run_status(&self, status: &RunStatus) -> Result<(), StoreError> {
-        self.put(KEY_RUN_STATUS, status)
+    /// Records the state and position of `direction`'s stream.
+    pub fn put_run_status(
+        &self,
+        direction: Direction,
+        status: &RunStatus,
+    ) -> Result<(), StoreError> {
+        self.put(
+            &format!("{}status", direction_prefix(PREFIX_RUN, direction)),
+            status,
+        )
     }
 
-    /// The stream's last recorded state and position.
-    pub fn run_status(&self) -> Result<Option<RunStatus>, StoreError> {
-        self.get(KEY_RUN_STATUS)
+    /// The last recorded state and position of `direction`'s stream.
+    pub fn run_status(&self, direction: Direction) -> Result<Option<RunStatus>, StoreError> {
+        self.get(&format!(
+            "{}status",
+            direction_prefix(PREFIX_RUN, direction)
+        ))
     }
 
     /// Makes everything written so far durable.
@@ -613,12 +684,17 @@ mod tests {
                 retained_bytes: Some(at_ms * 1000),
                 wal_status: Some("reserved".to_owned()),
             };
-            store.put_lag_sample(&sample, 4).unwrap();
+            store
+                .put_lag_sample(Direction::Forward, &sample, 4)
+                .unwrap();
         }
-        let history = store.lag_history(100).unwrap();
+        let history = store.lag_history(Direction::Forward, 100).unwrap();
         let times: Vec<u64> = history.iter().map(|s| s.at_ms).collect();
         assert_eq!(times, vec![7, 8, 9, 10]);
-        assert_eq!(store.lag_history(2).unwrap()[0].at_ms, 9);
+        assert_eq!(
+            store.lag_history(Direction::Forward, 2).unwrap()[0].at_ms,
+            9
+        );
         assert_eq!(history[0].retained_bytes, Some(7000));
         assert_eq!(history[0].wal_status.as_deref(), Some("reserved"));
     }
@@ -633,5 +709,94 @@ mod tests {
             .unwrap();
         let err = store.copy_run().unwrap_err();
         assert!(err.to_string().contains("damaged at key copy/run"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_layout_1_store_is_upgraded_with_its_records_kept_per_direction() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // What layout 1 wrote: forward records without a direction.
+            store.db.insert(KEY_FORMAT, FORMAT_VERSION_1).unwrap();
+            let sample = LagSample {
+                at_ms: 7,
+                bytes: Some(10),
+                seconds: 0.5,
+                retained_bytes: None,
+                wal_status: None,
+            };
+            let mut key = PREFIX_LAG.as_bytes().to_vec();
+            key.extend_from_slice(&7u64.to_be_bytes());
+            store
+                .db
+                .insert(key, serde_json::to_vec(&sample).unwrap())
+                .unwrap();
+            let letter = DeadLetter {
+                at_ms: 9,
+                op: "insert".into(),
+                table: "public.t".into(),
+                key: "(id=1)".into(),
+                lsn: "0/10".parse().unwrap(),
+                sqlstate: "23502".into(),
+                detail: "null value".into(),
+            };
+            let mut key = PREFIX_DEAD.as_bytes().to_vec();
+            key.extend_from_slice(&9u64.to_be_bytes());
+            store
+                .db
+                .insert(key, serde_json::to_vec(&letter).unwrap())
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = reopen(dir.path()).unwrap();
+        let history = store.lag_history(Direction::Forward, 10).unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].at_ms, 7);
+        assert!(
+            store
+                .lag_history(Direction::Reverse, 10)
+                .unwrap()
+                .is_empty()
+        );
+        let letters = store.dead_letters(Direction::Forward).unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].sqlstate, "23502");
+        assert!(store.dead_letters(Direction::Reverse).unwrap().is_empty());
+        assert_eq!(
+            store.db.get(KEY_FORMAT).unwrap().unwrap().as_ref(),
+            FORMAT_VERSION.to_string().as_bytes()
+        );
+    }
+
+    #[test]
+    fn each_direction_keeps_its_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sample = |at_ms| LagSample {
+            at_ms,
+            bytes: None,
+            seconds: 1.0,
+            retained_bytes: None,
+            wal_status: None,
+        };
+        store
+            .put_lag_sample(Direction::Forward, &sample(1), 10)
+            .unwrap();
+        store
+            .put_lag_sample(Direction::Reverse, &sample(2), 10)
+            .unwrap();
+        store
+            .put_lag_sample(Direction::Reverse, &sample(3), 1)
+            .unwrap();
+        let at = |d| -> Vec<u64> {
+            store
+                .lag_history(d, 10)
+                .unwrap()
+                .iter()
+                .map(|s| s.at_ms)
+                .collect()
+        };
+        assert_eq!(at(Direction::Forward), [1]);
+        assert_eq!(at(Direction::Reverse), [3]);
     }
 }

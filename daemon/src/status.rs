@@ -15,6 +15,7 @@ use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
 use crate::config::{Config, ConsoleAuth};
 use crate::console::{copy_state_name, timestamp, timestamp_millis};
+use crate::direction::Direction;
 use crate::serve::LISTEN_FILE;
 use crate::store::{Store, StoreError};
 use cutover_replication::{Lsn, slot};
@@ -305,9 +306,12 @@ fn int(row: &SimpleQueryRow, column: &str) -> Option<i64> {
 }
 
 fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
-    let run = store.run_status()?;
+    // Only the forward direction streams until the switch exists; its
+    // journal will say which direction is current.
+    let direction = Direction::Forward;
+    let run = store.run_status(direction)?;
     let copy = store.copy_run()?;
-    let sample = store.lag_history(1)?.pop();
+    let sample = store.lag_history(direction, 1)?.pop();
     let tables = store
         .table_copies()?
         .into_iter()
@@ -324,7 +328,7 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
         })
         .collect();
     let refused_changes = store
-        .dead_letters()?
+        .dead_letters(direction)?
         .into_iter()
         .map(|d| RefusedChange {
             at: timestamp_millis(d.at_ms),
@@ -349,7 +353,7 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
         state,
         since: run.as_ref().map(|r| timestamp(r.at)),
         paused: false,
-        direction: crate::live::FORWARD.to_owned(),
+        direction: direction.to_string(),
         primary: "source".to_owned(),
         slot: copy
             .as_ref()

@@ -1,0 +1,80 @@
+//! Which way a stream runs.
+//!
+//! Before the switch, changes flow forward: from the source (the old
+//! server, where the application writes) to the target. After it, they
+//! flow in reverse, from the target back to the source, so that a
+//! rollback loses nothing. Each direction has its own slot, its own
+//! replication origin on the server it writes to, and its own records in
+//! the store, metrics and status; the same pipeline serves both
+//! (docs/architecture.md, "Data flow").
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The way changes flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the source to the target: the copy's continuation, until the
+    /// switch.
+    Forward,
+    /// From the target back to the source, after the switch.
+    Reverse,
+}
+
+impl Direction {
+    /// `forward` or `reverse`: the label value in metrics, the key part in
+    /// the store, the word in status output.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Reverse => "reverse",
+        }
+    }
+
+    /// The other direction.
+    pub const fn opposite(self) -> Direction {
+        match self {
+            Direction::Forward => Direction::Reverse,
+            Direction::Reverse => Direction::Forward,
+        }
+    }
+
+    /// The replication origin that tags this direction's writes on the
+    /// server it writes to (the applied position is recorded in it), for
+    /// the migration whose slot is `slot`. The other direction skips
+    /// changes carrying it, so that nothing loops (invariant 5).
+    pub fn origin(self, slot: &str) -> String {
+        match self {
+            Direction::Forward => format!("cutover_{slot}"),
+            Direction::Reverse => format!("cutover_{slot}_reverse"),
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_direction_skips_the_origin_of_the_other() {
+        assert_eq!(Direction::Forward.origin("mig"), "cutover_mig");
+        assert_eq!(Direction::Reverse.origin("mig"), "cutover_mig_reverse");
+        for d in [Direction::Forward, Direction::Reverse] {
+            assert_ne!(d.origin("mig"), d.opposite().origin("mig"));
+            assert_eq!(d.opposite().opposite(), d);
+        }
+        assert_eq!(
+            serde_json::to_string(&Direction::Reverse).unwrap(),
+            "\"reverse\""
+        );
+        assert_eq!(Direction::Forward.to_string(), "forward");
+    }
+}
