@@ -1,0 +1,207 @@
+//! The applier: takes what the queue holds, batches it, hands it to the
+//! sink and publishes the sink's durable position.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_replication::Lsn;
+use cutover_replication::change::{ChangeKind, SourceTransaction};
+use cutover_replication::sink::Sink;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::ApplySettings;
+use crate::live::Status;
+
+use super::RunError;
+use super::queue::Work;
+use super::session::stopped;
+
+/// The applier: batches what is queued, applies, reports durability.
+pub(super) async fn apply_work<S: Sink>(
+    mut applier: S,
+    mut work: mpsc::Receiver<Work>,
+    durable: watch::Sender<Lsn>,
+    settings: ApplySettings,
+    shutdown: watch::Receiver<bool>,
+    status: Arc<Status>,
+) -> Result<(), RunError>
+where
+    RunError: From<S::Error>,
+{
+    let mut held: Option<Work> = None;
+    let mut pause = status.pause_watch();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        if *pause.borrow_and_update() {
+            // Paused by an operator: take nothing; the queue fills and the
+            // reader holds the stream's position.
+            let _ = durable.send(applier.wait_durable().await?);
+            tracing::info!(position = %applier.applied(), "applier paused");
+            let mut stop = shutdown.clone();
+            tokio::select! {
+                () = stopped(&mut stop) => break,
+                _ = pause.wait_for(|paused| !*paused) => {}
+            }
+            tracing::info!("applier resumed");
+            continue;
+        }
+        let first = match held.take() {
+            Some(item) => item,
+            None => {
+                let mut stop = shutdown.clone();
+                tokio::select! {
+                    biased;
+                    () = stopped(&mut stop) => break,
+                    // PAUSE while idle: look again before taking anything.
+                    Ok(()) = pause.changed() => continue,
+                    // Batches committed asynchronously: report them durable
+                    // once the target flushed them.
+                    () = tokio::time::sleep(FLUSH_CHECK_EVERY), if applier.flush_pending() => {
+                        let _ = durable.send(applier.refresh_durable().await?);
+                        continue;
+                    }
+                    item = work.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                }
+            }
+        };
+        match first {
+            Work::Spilled(path, commit) => {
+                applier
+                    .apply_spilled(&path, &commit, settings.batch_rows)
+                    .await?;
+                let _ = std::fs::remove_file(&path);
+                status.applied(applier.applied(), 1, &BTreeMap::new());
+            }
+            Work::Memory(tx, permit) => {
+                // Take what is already waiting, up to the batch bounds, and
+                // for at most `batch_ms` what arrives next: low latency
+                // when idle, big batches under load.
+                let mut rows = tx.changes.len();
+                let mut bytes = permit.num_permits();
+                let mut batch = vec![tx];
+                let mut permits = vec![permit];
+                let deadline = tokio::time::Instant::now() + settings.batch_wait;
+                let mut stop = shutdown.clone();
+                while rows < settings.batch_rows && bytes < settings.batch_bytes {
+                    let next = match work.try_recv() {
+                        Ok(item) => Some(item),
+                        Err(_) if settings.batch_wait.is_zero() => None,
+                        Err(_) => tokio::select! {
+                            biased;
+                            // Stopping: apply what the batch holds.
+                            () = stopped(&mut stop) => None,
+                            () = tokio::time::sleep_until(deadline) => None,
+                            item = work.recv() => item,
+                        },
+                    };
+                    match next {
+                        Some(Work::Memory(tx, permit)) => {
+                            rows += tx.changes.len();
+                            bytes += permit.num_permits();
+                            batch.push(tx);
+                            permits.push(permit);
+                        }
+                        Some(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                let started = std::time::Instant::now();
+                applier.apply(&batch).await?;
+                status.applied(
+                    applier.applied(),
+                    batch.len() as u64,
+                    &count_changes(&batch),
+                );
+                tracing::debug!(
+                    transactions = batch.len(),
+                    rows,
+                    ms = started.elapsed().as_millis() as u64,
+                    position = %applier.applied(),
+                    "batch applied"
+                );
+                drop(permits);
+            }
+        }
+        let _ = durable.send(applier.durable());
+    }
+    // Everything applied is flushed before the last acknowledgement;
+    // dropping the sender tells the reader the last durable position.
+    tracing::debug!(applied = %applier.applied(), "applier stopping: waiting for the target to flush");
+    let last = match tokio::time::timeout(SHUTDOWN_FLUSH_WAIT, applier.wait_durable()).await {
+        Ok(result) => result?,
+        Err(_) => {
+            // Acknowledging less than was applied is always safe: the
+            // source sends the rest again and the origin skips it.
+            tracing::warn!(
+                applied = %applier.applied(),
+                durable = %applier.durable(),
+                "the target did not confirm its WAL flush in time; acknowledging only what it confirmed"
+            );
+            applier.durable()
+        }
+    };
+    let _ = durable.send(last);
+    tracing::debug!(durable = %last, "applier stopped");
+    Ok(())
+}
+
+/// Changes of a batch by (table, op), for the metrics. Counted per
+/// relation first (a pointer comparison per change), named once per table.
+pub(super) fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str), u64> {
+    use cutover_replication::change::Relation;
+    fn count<'a>(
+        tally: &mut Vec<(&'a Arc<Relation>, &'static str, u64)>,
+        relation: &'a Arc<Relation>,
+        op: &'static str,
+    ) {
+        match tally
+            .iter_mut()
+            .find(|(r, o, _)| *o == op && Arc::ptr_eq(r, relation))
+        {
+            Some((_, _, n)) => *n += 1,
+            None => tally.push((relation, op, 1)),
+        }
+    }
+    let mut tally = Vec::new();
+    let mut partitions = Vec::new();
+    for change in batch.iter().flat_map(|tx| &tx.changes) {
+        let op = change.kind.op();
+        match &change.kind {
+            ChangeKind::Insert { relation, .. }
+            | ChangeKind::Update { relation, .. }
+            | ChangeKind::Delete { relation, .. } => count(&mut tally, relation, op),
+            ChangeKind::Truncate { relations, .. } => {
+                for relation in relations {
+                    count(&mut tally, relation, op);
+                }
+            }
+            ChangeKind::TruncatePartition(truncate) => partitions.push(&truncate.root),
+            ChangeKind::Ddl(_) => {}
+        }
+    }
+    let mut counts = BTreeMap::new();
+    for root in partitions {
+        *counts.entry((root.to_string(), "truncate")).or_insert(0) += 1;
+    }
+    for (relation, op, n) in tally {
+        *counts.entry((relation.name.to_string(), op)).or_insert(0) += n;
+    }
+    counts
+}
+
+/// How often an idle applier asks the target whether its asynchronous
+/// commits are flushed.
+pub(super) const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(20);
+
+/// How long a stopping applier waits for the target to flush what it
+/// committed before it reports only what is known durable.
+pub(super) const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(10);

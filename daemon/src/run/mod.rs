@@ -1,0 +1,89 @@
+//! `cutover run`: copy the snapshot if it is not copied, then stream
+//! changes to the target until stopped.
+//!
+//! ```text
+//! stream (reader task) ──decode──> transactions ──bounded queue──> applier
+//!        ^                          (items + bytes)                   │
+//!        └──────────── durable LSN (watch) <── target COMMIT ─────────┘
+//! ```
+//!
+//! The reader owns the replication stream and the decoder. It buffers each
+//! transaction until its commit, spills streamed transactions to disk, and
+//! hands committed transactions to the applier through a queue bounded in
+//! transactions and in bytes: a slow or paused target shows as lag, never
+//! as memory growth. The flush position reported to the source is only
+//! ever what the applier reports as committed on the target.
+//!
+//! Transient failures (either server restarting, a network cut) end the
+//! session; it is started again with exponential backoff and resumes from
+//! the position recorded on the target. Definite failures stop the daemon
+//! with the error.
+//!
+//! # Layout
+//!
+//! This module only wires the parts together and holds the error type:
+//! [`supervisor`] (the daemon's life: copy, sessions, retries),
+//! [`session`] (one stream session), [`reader`] (stream and decoder),
+//! [`assembly`] (committed transactions from decoded events),
+//! [`queue`] (the bounded queue), [`applier`] (batches to the sink) and
+//! [`sampler`] (lag and coverage in the background).
+
+use cutover_replication::error::ReplicationError;
+use cutover_replication::sink::postgres::ApplyError;
+
+use crate::copy::CopyError;
+
+mod applier;
+mod assembly;
+mod queue;
+mod reader;
+mod sampler;
+mod session;
+mod supervisor;
+
+pub use supervisor::run;
+
+/// Why `run` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The copy failed.
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    /// The source stream failed.
+    #[error("source: {err}{}", err.hint().map(|h| format!(" ({h})")).unwrap_or_default())]
+    Source {
+        /// The error.
+        err: ReplicationError,
+    },
+    /// Applying failed.
+    #[error("{0}")]
+    Apply(Box<ApplyError>),
+    /// A streamed transaction could not be written to disk.
+    #[error("{0}")]
+    Spill(String),
+    /// A logical message of cutover's own could not be read.
+    #[error("source: {0}")]
+    Message(String),
+}
+
+impl RunError {
+    fn is_transient(&self) -> bool {
+        match self {
+            RunError::Copy(_) | RunError::Spill(_) | RunError::Message(_) => false,
+            RunError::Source { err } => err.is_transient(),
+            RunError::Apply(err) => err.is_transient(),
+        }
+    }
+}
+
+impl From<ApplyError> for RunError {
+    fn from(err: ApplyError) -> Self {
+        RunError::Apply(Box::new(err))
+    }
+}
+
+impl From<ReplicationError> for RunError {
+    fn from(err: ReplicationError) -> RunError {
+        RunError::Source { err }
+    }
+}

@@ -1,0 +1,131 @@
+//! The reader: the replication stream, the decoder and the transactions
+//! being assembled, in one task. It alone talks to the source: it reports
+//! the durable position the applier publishes, and keeps the stream alive
+//! while the queue is full.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cutover_replication::Lsn;
+use cutover_replication::error::ReplicationError;
+use cutover_replication::pgoutput::Decoder;
+use cutover_replication::stream::{ReplicationStream, StreamMessage};
+use tokio::sync::watch;
+
+use crate::config::ApplySettings;
+
+use super::RunError;
+use super::assembly::Assembly;
+use super::queue::Queue;
+use super::session::stopped;
+
+/// The reader: stream → decoder → committed transactions on the queue.
+pub(super) async fn read_stream(
+    mut stream: ReplicationStream,
+    spill_dir: PathBuf,
+    settings: ApplySettings,
+    queue: Queue,
+    mut durable: watch::Receiver<Lsn>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let mut decoder = Decoder::new();
+    let mut assembly = Assembly::new(spill_dir, settings.spill_bytes, *durable.borrow());
+    // Acknowledgements are sent at most every FEEDBACK_EVERY: each one that
+    // moves the slot makes the walsender save (and fsync) the slot's state
+    // file, and one per applied batch would stall the stream it feeds.
+    let mut feedback = tokio::time::interval(FEEDBACK_EVERY);
+    feedback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acknowledged = assembly.forwarded();
+    loop {
+        // What one read brought is decoded in one go; the duties below
+        // (shutdown, durability, acknowledgements) are looked at between
+        // reads, not per message: polling them costs more than decoding.
+        let message = match stream.next_buffered()? {
+            Some(message) => Some(message),
+            None => tokio::select! {
+                biased;
+                // Stop reading; the applier finishes its batch and reports.
+                () = stopped(&mut shutdown) => break,
+                // Durable on the target: the flush position may move up to
+                // here (invariant 1), reported with the next tick.
+                changed = durable.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let lsn = *durable.borrow_and_update();
+                    stream.set_flushed(lsn);
+                    continue;
+                }
+                _ = feedback.tick() => {
+                    let lsn = *durable.borrow();
+                    if lsn > acknowledged {
+                        stream.set_flushed(lsn);
+                        stream.send_status().await?;
+                        acknowledged = lsn;
+                    }
+                    continue;
+                }
+                message = stream.next() => message?,
+            },
+        };
+        let Some(message) = message else {
+            // The server ended the stream (shutting down): reconnect.
+            if !*shutdown.borrow() {
+                return Err(stream.ended_by_server().into());
+            }
+            break;
+        };
+        let (lsn, data) = match message {
+            StreamMessage::XLogData {
+                wal_start, data, ..
+            } => (wal_start, data),
+            StreamMessage::Keepalive { wal_end, .. } => {
+                // Nothing in flight and everything forwarded is durable:
+                // the source may forget up to here (as PostgreSQL's own
+                // apply does), or an idle database would retain WAL.
+                let idle = !assembly.in_flight() && !decoder.in_transaction();
+                if idle && *durable.borrow() >= assembly.forwarded() {
+                    stream.set_flushed(wal_end);
+                    queue.status.caught_up(wal_end);
+                }
+                continue;
+            }
+        };
+        let event = decoder
+            .decode(lsn, data)
+            .map_err(|source| ReplicationError::Decode {
+                endpoint: stream.endpoint().to_owned(),
+                lsn,
+                source,
+            })?;
+        if let Some(item) = assembly.take(event)?
+            && !queue
+                .push(&mut stream, &durable, &mut shutdown, item)
+                .await?
+        {
+            break;
+        }
+    }
+    // Shutdown: wait for the applier's last word, report it, stop cleanly.
+    tracing::debug!("stream reader stopping: waiting for the applier's last durable position");
+    drop(queue);
+    while durable.changed().await.is_ok() {}
+    tracing::debug!(flushed = %*durable.borrow(), "stopping the stream");
+    let last = *durable.borrow();
+    stream.set_flushed(last);
+    match stream.stop().await {
+        Ok(_) => {}
+        // The final position went out before CopyDone: closing the
+        // connection without the server's answer loses nothing.
+        Err(ReplicationError::Timeout { .. }) => {
+            tracing::warn!(flushed = %last, "the source did not confirm the end of the stream in time; closing the connection");
+        }
+        Err(err) => return Err(err.into()),
+    }
+    assembly.discard();
+    tracing::info!(flushed = %last, "stream stopped");
+    Ok(())
+}
+
+/// How often the durable position is acknowledged to the source.
+pub(super) const FEEDBACK_EVERY: Duration = Duration::from_millis(200);

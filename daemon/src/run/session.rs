@@ -1,0 +1,104 @@
+//! One stream session: connect the sink and the source, then run the
+//! reader and the applier until a failure or the shutdown.
+
+use std::sync::Arc;
+
+use cutover_replication::session::{PgOutputOptions, Session};
+use cutover_replication::sink::Sink;
+use cutover_replication::sink::postgres::PostgresSink;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::config::Config;
+use crate::copy::CopyOutcome;
+use crate::live::{DaemonState, Status};
+use crate::store::Store;
+
+use super::RunError;
+use super::applier::apply_work;
+use super::queue::{Queue, Work};
+use super::reader::read_stream;
+
+/// One session: connect both sides, stream and apply until a failure or
+/// the shutdown.
+pub(super) async fn stream_once(
+    config: &Config,
+    store: &Store,
+    outcome: &CopyOutcome,
+    shutdown: watch::Receiver<bool>,
+    status: &Arc<Status>,
+) -> Result<(), RunError> {
+    // This direction's writes carry its origin; changes that the other
+    // direction wrote are not sent back (invariant 5).
+    let direction = status.direction();
+    let origin = direction.origin(&outcome.slot);
+    let mut applier = PostgresSink::connect(
+        &config.target.conninfo,
+        &origin,
+        outcome.copied_at.clone(),
+        vec![direction.opposite().origin(&outcome.slot)],
+    )
+    .await?;
+    applier.set_ddl_policy(config.ddl);
+    let start = applier.applied().max(outcome.start);
+    let session = Session::connect(&config.source.conninfo).await?;
+    let publications = if outcome.publications.is_empty() {
+        vec![config.publication.clone()]
+    } else {
+        outcome.publications.clone()
+    };
+    let options = PgOutputOptions::for_server(session.server_version_num(), publications);
+    let stream = session
+        .start_replication(&outcome.slot, start, &options)
+        .await?;
+    tracing::info!(slot = %outcome.slot, %start, origin, "streaming");
+    status.start_at(start);
+
+    let settings = config.apply.clone();
+    let (work_tx, work_rx) = mpsc::channel::<Work>(settings.queue_transactions);
+    let budget = Arc::new(Semaphore::new(settings.queue_bytes));
+    let (durable_tx, durable_rx) = watch::channel(start);
+    let spill_dir = store.dir().join("spill");
+    let queue = Queue {
+        work: work_tx,
+        budget,
+        budget_bytes: settings.queue_bytes,
+        status: Arc::clone(status),
+    };
+    status.reset_pending();
+    status.set_state(if status.paused() {
+        DaemonState::Paused
+    } else {
+        DaemonState::Streaming
+    });
+    let reader = tokio::spawn(read_stream(
+        stream,
+        spill_dir,
+        settings.clone(),
+        queue,
+        durable_rx,
+        shutdown.clone(),
+    ));
+    let applied = apply_work(
+        applier,
+        work_rx,
+        durable_tx,
+        settings,
+        shutdown,
+        Arc::clone(status),
+    )
+    .await;
+    match applied {
+        Ok(()) => reader
+            .await
+            .unwrap_or_else(|e| Err(RunError::Spill(format!("the stream reader stopped: {e}")))),
+        Err(err) => {
+            reader.abort();
+            Err(err)
+        }
+    }
+}
+
+/// Resolves once shutdown is requested (never holds the watch lock).
+pub(super) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

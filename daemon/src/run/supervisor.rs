@@ -1,0 +1,164 @@
+//! The daemon's life: the copy (started again when a table was rewritten
+//! under it), then stream sessions, started again with exponential backoff
+//! after a transient failure; the background sampler beside them; the
+//! last state recorded in the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cutover_replication::sink::postgres::ApplyError;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::copy::{self, CopyError, CopyMode};
+use crate::live::{DaemonState, ErrorKind, Status};
+use crate::store::{DeadLetter, RunStatus, Store, now_millis, now_secs};
+
+use super::RunError;
+use super::sampler::sample_lag;
+use super::session::{stopped, stream_once};
+
+/// How many times the copy starts again when a table is truncated just
+/// after its snapshot.
+pub(super) const COPY_ATTEMPTS: u32 = 10;
+
+/// First wait after a transient failure; doubles up to [`MAX_BACKOFF`].
+pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between attempts.
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Copies if needed, then streams until `shutdown` turns true.
+pub async fn run(
+    config: &Config,
+    store: &Store,
+    shutdown: watch::Receiver<bool>,
+    status: Arc<Status>,
+) -> Result<(), RunError> {
+    let result = run_inner(config, store, shutdown, &status).await;
+    let (state, last_error) = match &result {
+        Ok(()) => (DaemonState::Stopped, None),
+        Err(err) => {
+            status.error(ErrorKind::Definite, &err.to_string());
+            if let RunError::Apply(apply) = err
+                && let ApplyError::Refused {
+                    op,
+                    table,
+                    key,
+                    lsn,
+                    detail,
+                    sqlstate,
+                } = apply.as_ref()
+            {
+                let letter = DeadLetter {
+                    at_ms: now_millis(),
+                    op: (*op).to_owned(),
+                    table: table.to_string(),
+                    key: key.clone(),
+                    lsn: *lsn,
+                    sqlstate: sqlstate.clone(),
+                    detail: detail.clone(),
+                };
+                if let Err(e) = store.put_dead_letter(status.direction(), &letter) {
+                    tracing::warn!(error = %e, "could not record the refused change");
+                }
+            }
+            (DaemonState::Failed, Some(err.to_string()))
+        }
+    };
+    status.set_state(state);
+    let record = RunStatus {
+        state: state.name().to_owned(),
+        applied_lsn: status.applied_lsn(),
+        at: now_secs(),
+        last_error,
+    };
+    if store.put_run_status(status.direction(), &record).is_ok() {
+        let _ = store.flush().await;
+    }
+    result
+}
+
+pub(super) async fn run_inner(
+    config: &Config,
+    store: &Store,
+    shutdown: watch::Receiver<bool>,
+    status: &Arc<Status>,
+) -> Result<(), RunError> {
+    status.set_state(DaemonState::Copying);
+    // Lag and the slot's retained WAL are sampled from the start: during a
+    // long copy the slot holds back WAL, which an operator must see.
+    let sampler = |slot: &str| {
+        AbortOnDrop(tokio::spawn(sample_lag(
+            config.clone(),
+            store.clone(),
+            Arc::clone(status),
+            slot.to_owned(),
+        )))
+    };
+    let mut _sampler = sampler(&config.slot);
+    // SIGTERM during the copy stops it at once: the chunks in flight roll
+    // back with their connections, and the next start resumes by the copy's
+    // rule (finished tables kept, the others copied again).
+    let mut stop = shutdown.clone();
+    let mut attempts = 0;
+    let outcome = loop {
+        let copied = tokio::select! {
+            outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics) => outcome,
+            () = stopped(&mut stop) => {
+                tracing::info!("shutdown during the copy: it resumes on the next start");
+                return Ok(());
+            }
+        };
+        match copied {
+            // The resume rule takes a new snapshot for what is not copied.
+            Err(CopyError::Rewritten(tables)) if attempts < COPY_ATTEMPTS => {
+                attempts += 1;
+                tracing::warn!(%tables, attempt = attempts, "a table was truncated or rewritten just after the copy's snapshot: copying it again from a new snapshot");
+            }
+            other => break other?,
+        }
+    };
+    tracing::info!(slot = %outcome.slot, start = %outcome.start, "snapshot copied; streaming changes");
+    if outcome.slot != config.slot {
+        // A copy begun under another slot name streams from that slot.
+        _sampler = sampler(&outcome.slot);
+    }
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        match stream_once(config, store, &outcome, shutdown.clone(), status).await {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_transient() => {
+                if started.elapsed() > MAX_BACKOFF {
+                    backoff = FIRST_BACKOFF;
+                }
+                let kind = match err {
+                    RunError::Apply(_) => ErrorKind::TargetTransient,
+                    _ => ErrorKind::SourceTransient,
+                };
+                status.error(kind, &err.to_string());
+                status.set_state(DaemonState::Reconnecting);
+                tracing::warn!(error = %err, retry_in = ?backoff, "transient failure; reconnecting");
+                let mut shutdown = shutdown.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stopped(&mut shutdown) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Aborts a background task when dropped.
+pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
