@@ -5,7 +5,7 @@
 //! those statements fail on the source unless the table has a replica
 //! identity (a primary key, `USING INDEX` or `FULL`). cutover never makes
 //! the source's own statements fail unless the config asks for it
-//! (DESIGN.md invariant 9), so each table gets one of three coverages:
+//! (docs/architecture.md invariant 9), so each table gets one of three coverages:
 //!
 //! - [`Coverage::Full`]: every change streams, through
 //!   `replication.publication`.

@@ -5,7 +5,7 @@
 //! - The store is the daemon's memory across restarts, never the truth
 //!   about the target: the applied position lives on the target, in the
 //!   replication origin written in the same transaction as the rows
-//!   (DESIGN.md invariant 2). The store records plans and progress.
+//!   (docs/architecture.md invariant 2). The store records plans and progress.
 //! - A table's copy is `Copied` only after its last chunk committed on the
 //!   target, and that mark is flushed before anything depends on it.
 //! - `copied_at` of a table never changes once the table is `Copied`: the
@@ -23,10 +23,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use cutover_replication::Lsn;
 use cutover_replication::catalog::TableName;
 use cutover_replication::snapshot::CopyFormat;
-
-use crate::direction::Direction;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::direction::Direction;
 
 /// The layout version this build reads and writes.
 pub const FORMAT_VERSION: u32 = 2;

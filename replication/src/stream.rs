@@ -5,7 +5,7 @@
 //! update at least every `wal_sender_timeout / 3` otherwise, so the server
 //! never drops an idle consumer.
 //!
-//! Progress rules (DESIGN.md invariant 1):
+//! Progress rules (docs/architecture.md invariant 1):
 //!
 //! - The flush position reported to the server is set only by the
 //!   consumer, through [`ReplicationStream::set_flushed`], once the changes

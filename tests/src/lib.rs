@@ -106,6 +106,26 @@ impl Pair {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
+
+    /// Runs `sql` on the source's `app` database, failing the test with
+    /// the statement.
+    pub async fn on_source(&self, sql: &str) {
+        self.source
+            .client("app")
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("source: {sql}: {e}"));
+    }
+
+    /// Waits until the daemon applied everything the source wrote so far
+    /// (every table of `tables` equal on both sides), checks that it is
+    /// still running, and stops it cleanly.
+    pub async fn finish(&self, daemon: &mut Daemon, tables: &[&str], timeout: std::time::Duration) {
+        self.wait_equal(tables, timeout).await;
+        assert!(daemon.running(), "the daemon stopped:\n{}", daemon.log());
+        assert_eq!(daemon.terminate(timeout), Some(0), "{}", daemon.log());
+    }
 }
 
 /// `SELECT __row::text FROM table __row ORDER BY 1` (an alias no column takes).

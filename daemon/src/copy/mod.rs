@@ -6,7 +6,7 @@
 //! with an exported snapshot, and every copy worker imports that snapshot
 //! before the exporting session runs another command. The copy then holds
 //! exactly the transactions that committed before the slot's consistent
-//! point; the stream carries every later one (DESIGN.md invariant 4).
+//! point; the stream carries every later one (docs/architecture.md invariant 4).
 //!
 //! # Resuming
 //!
@@ -33,8 +33,9 @@
 //! of the daemon uses; the work is in its children: [`orchestration`]
 //! (the copy from start to end), [`source`] (what is set up on the
 //! source), [`scheduler`] (which worker loads what), [`worker`] (one
-//! worker), [`rebuild`] (dropping and rebuilding indexes and constraints)
-//! and [`report`] (the reconciliation table).
+//! worker), [`rebuild`] (dropping and rebuilding indexes and constraints),
+//! [`statements`] (the SQL of those drops and rebuilds) and [`report`]
+//! (the reconciliation table).
 
 use std::collections::HashMap;
 
@@ -50,6 +51,7 @@ mod rebuild;
 mod report;
 mod scheduler;
 mod source;
+mod statements;
 mod worker;
 
 pub use orchestration::run;

@@ -1,59 +1,17 @@
-//! The DDL of the copy's drop and rebuild of indexes and constraints on
-//! the target: recorded in the store before anything is dropped, rebuilt
-//! after the load, and foreign keys restored `NOT VALID` and validated.
+//! The copy's drop and rebuild of indexes and constraints on the target:
+//! recorded in the store before anything is dropped, rebuilt after the
+//! load, and foreign keys restored `NOT VALID` and validated. The
+//! statements themselves are in [`super::statements`].
 
 use cutover_replication::catalog::TableName;
 use cutover_replication::client::describe;
-use cutover_replication::sql::quote_ident;
 use tokio_postgres::Client;
 
 use crate::store::{DroppedIndex, Store, TableCopy};
 
 use super::CopyError;
 use super::orchestration::query;
-
-/// CHECK and FOREIGN KEY constraints: checked row by row during a load,
-/// cheaper to validate once after it.
-pub(super) const LOAD_CONSTRAINTS_SQL: &str = "
-SELECT c.conname::text, pg_get_constraintdef(c.oid), NULL::text, NULL::text,
-       rn.nspname::text, r.relname::text
-  FROM pg_constraint c
-  LEFT JOIN pg_class r ON r.oid = c.confrelid
-  LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace
- WHERE c.conrelid = $1::text::regclass AND c.contype IN ('c', 'f') AND c.conparentid = 0
- ORDER BY 1";
-
-/// PRIMARY KEY and UNIQUE constraints: a B-tree built once by a sort after
-/// the load costs a fraction of a million inserts into it. Kept: those a
-/// foreign key still depends on (one from a table out of scope: the
-/// in-scope ones are dropped first), the replica identity index (dropping
-/// it would change what the table logs), and those inherited from a
-/// partitioned parent (they go with the parent's).
-pub(super) const KEY_CONSTRAINTS_SQL: &str = "
-SELECT c.conname::text, pg_get_constraintdef(c.oid),
-       CASE WHEN t.relkind <> 'p' THEN pg_get_indexdef(c.conindid) END,
-       CASE WHEN t.relkind <> 'p' THEN x.relname::text END,
-       NULL::text, NULL::text
-  FROM pg_constraint c JOIN pg_index i ON i.indexrelid = c.conindid
-  JOIN pg_class t ON t.oid = c.conrelid JOIN pg_class x ON x.oid = c.conindid
- WHERE c.conrelid = $1::text::regclass AND c.contype IN ('p', 'u') AND c.conparentid = 0
-   AND NOT i.indisreplident
-   AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = c.conindid)
- ORDER BY 1";
-
-/// Indexes not backing a constraint, other than the replica identity index,
-/// the partitions of a partitioned index (dropped with their parent) and
-/// the indexes of keys already recorded as dropped (`$2`: a key's index
-/// built but not yet attached when the daemon stopped; dropped as such).
-pub(super) const SECONDARY_INDEXES_SQL: &str = "
-SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid), NULL::text, NULL::text,
-       NULL::text, NULL::text
-  FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid
- WHERE i.indrelid = $1::text::regclass AND NOT i.indisprimary AND NOT i.indisreplident
-   AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
-   AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
-   AND NOT x.relname = ANY($2::text[])
- ORDER BY 1";
+use super::statements;
 
 /// Adds the rows of `sql` not yet in `list`. Every query above returns
 /// the same columns: name, definition, a key's index definition and index
@@ -99,7 +57,7 @@ pub(super) async fn drop_load_constraints(
 ) -> Result<(), CopyError> {
     record_definitions(
         target,
-        LOAD_CONSTRAINTS_SQL,
+        statements::LOAD_CONSTRAINTS,
         &[&record.name.quoted()],
         &record.name,
         "constraints",
@@ -123,11 +81,7 @@ pub(super) async fn drop_constraint(
     name: &str,
 ) -> Result<(), CopyError> {
     target
-        .batch_execute(&format!(
-            "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}",
-            table.quoted(),
-            quote_ident(name)
-        ))
+        .batch_execute(&statements::drop_constraint(table, name))
         .await
         .map_err(query("target", format!("dropping constraint {name}")))
 }
@@ -145,7 +99,7 @@ pub(super) async fn drop_indexes_and_keys(
     let table = record.name.quoted();
     record_definitions(
         target,
-        KEY_CONSTRAINTS_SQL,
+        statements::KEY_CONSTRAINTS,
         &[&table],
         &record.name,
         "keys",
@@ -159,7 +113,7 @@ pub(super) async fn drop_indexes_and_keys(
         .collect();
     record_definitions(
         target,
-        SECONDARY_INDEXES_SQL,
+        statements::SECONDARY_INDEXES,
         &[&table, &key_indexes],
         &record.name,
         "indexes",
@@ -170,7 +124,7 @@ pub(super) async fn drop_indexes_and_keys(
     store.flush().await?;
     for index in &record.dropped_indexes {
         target
-            .batch_execute(&format!("DROP INDEX IF EXISTS {}", index.name))
+            .batch_execute(&statements::drop_index(&index.name))
             .await
             .map_err(query("target", format!("dropping index {}", index.name)))?;
     }
@@ -178,11 +132,7 @@ pub(super) async fn drop_indexes_and_keys(
         drop_constraint(target, &record.name, &key.name).await?;
         if let Some((_, index)) = &key.index {
             target
-                .batch_execute(&format!(
-                    "DROP INDEX IF EXISTS {}.{}",
-                    quote_ident(&record.name.schema),
-                    quote_ident(index)
-                ))
+                .batch_execute(&statements::drop_index_in(&record.name.schema, index))
                 .await
                 .map_err(query("target", format!("dropping index {index}")))?;
         }
@@ -218,15 +168,13 @@ pub(super) async fn create_key_index(
     key: &DroppedIndex,
     definition: &str,
 ) -> Result<(), CopyError> {
-    let build = definition.replacen(
-        "CREATE UNIQUE INDEX ",
-        "CREATE UNIQUE INDEX IF NOT EXISTS ",
-        1,
-    );
-    target.batch_execute(&build).await.map_err(query(
-        "target",
-        format!("building the index of key {}", key.name),
-    ))
+    target
+        .batch_execute(&statements::build_index(definition))
+        .await
+        .map_err(query(
+            "target",
+            format!("building the index of key {}", key.name),
+        ))
 }
 
 /// Puts a key dropped for the load back: its unique index (unless
@@ -244,34 +192,13 @@ pub(super) async fn rebuild_key(
     }
     if let Some((definition, index)) = &key.index {
         create_key_index(target, key, definition).await?;
-        let kind = if key.definition.starts_with("PRIMARY KEY") {
-            "PRIMARY KEY"
-        } else {
-            "UNIQUE"
-        };
-        let deferral = if key.definition.contains("INITIALLY DEFERRED") {
-            " DEFERRABLE INITIALLY DEFERRED"
-        } else if key.definition.contains("DEFERRABLE") {
-            " DEFERRABLE"
-        } else {
-            ""
-        };
-        let attach = format!(
-            "ALTER TABLE {} ADD CONSTRAINT {} {kind} USING INDEX {}{deferral}",
-            table.quoted(),
-            quote_ident(&key.name),
-            quote_ident(index)
-        );
+        let attach = statements::attach_key(table, &key.name, &key.definition, index);
         match target.batch_execute(&attach).await {
             Ok(()) => return Ok(()),
             Err(err) => {
                 tracing::debug!(key = %key.name, error = %describe(&err), "USING INDEX refused; adding the key as defined");
                 target
-                    .batch_execute(&format!(
-                        "DROP INDEX IF EXISTS {}.{}",
-                        quote_ident(&table.schema),
-                        quote_ident(index)
-                    ))
+                    .batch_execute(&statements::drop_index_in(&table.schema, index))
                     .await
                     .map_err(query(
                         "target",
@@ -289,17 +216,8 @@ pub(super) async fn rebuild_key(
 /// ONLY` the parent (its partitions' indexes were attached one by one):
 /// rebuilt without `ONLY`, it builds them again too.
 pub(super) async fn rebuild_index(target: &Client, index: &DroppedIndex) -> Result<(), CopyError> {
-    let sql = index
-        .definition
-        .replacen(" ON ONLY ", " ON ", 1)
-        .replacen("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1)
-        .replacen(
-            "CREATE UNIQUE INDEX ",
-            "CREATE UNIQUE INDEX IF NOT EXISTS ",
-            1,
-        );
     target
-        .batch_execute(&sql)
+        .batch_execute(&statements::build_index(&index.definition))
         .await
         .map_err(query("target", format!("rebuilding index {}", index.name)))
 }
@@ -361,17 +279,12 @@ pub(super) async fn restore_constraint(
         || constraint.definition.starts_with("FOREIGN KEY");
     let was_valid = !constraint.definition.ends_with("NOT VALID");
     if !exists {
-        let not_valid = if validated && was_valid {
-            " NOT VALID"
-        } else {
-            ""
-        };
         target
-            .batch_execute(&format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {}{not_valid}",
-                table.quoted(),
-                quote_ident(&constraint.name),
-                constraint.definition
+            .batch_execute(&statements::add_constraint(
+                table,
+                &constraint.name,
+                &constraint.definition,
+                validated && was_valid,
             ))
             .await
             .map_err(query(
@@ -380,11 +293,7 @@ pub(super) async fn restore_constraint(
             ))?;
     }
     if validated && was_valid {
-        let validate = format!(
-            "ALTER TABLE {} VALIDATE CONSTRAINT {}",
-            table.quoted(),
-            quote_ident(&constraint.name)
-        );
+        let validate = statements::validate_constraint(table, &constraint.name);
         if let Err(err) = target.batch_execute(&validate).await {
             if constraint.definition.starts_with("FOREIGN KEY") {
                 return Ok(Some(Unvalidated {

@@ -1,0 +1,571 @@
+//! The config as written (file and environment), before validation: the
+//! keys this build knows, the raw sections, and [`RawConfig::validate`],
+//! which checks every value and produces [`super::Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cutover_replication::catalog::{Scope, TablePattern};
+use cutover_replication::conninfo::ConnInfo;
+use cutover_replication::ddl::DdlPolicy;
+use cutover_replication::secret::Secret;
+use serde::Deserialize;
+
+use super::{
+    APPLICATION_NAME, ApplySettings, Config, ConfigError, ConsoleAuth, CopySettings,
+    DEFAULT_BATCH_MB, DEFAULT_BATCH_MS, DEFAULT_BATCH_ROWS, DEFAULT_CHUNK_MB,
+    DEFAULT_CONSOLE_LISTEN, DEFAULT_COPY_WORKERS, DEFAULT_HTTP_LISTEN, DEFAULT_KEYLESS,
+    DEFAULT_LAG_SAMPLE_SECONDS, DEFAULT_MAX_LAG_SECONDS, DEFAULT_PUBLICATION, DEFAULT_QUEUE_MB,
+    DEFAULT_QUEUE_TRANSACTIONS, DEFAULT_SLOT, DEFAULT_SPILL_MB, DEFAULT_STATE_DIR, DEFAULT_TABLES,
+    ENV_PREFIX, ENV_SEPARATOR, KeylessPolicy, Server,
+};
+
+/// Every key the contract knows, by section. Unknown keys are refused
+/// against this list (the serde structs below refuse them as well).
+pub(super) const KNOWN_KEYS: &[(&str, &[&str])] = &[
+    ("source", &["url", "password", "password_file"]),
+    ("target", &["url", "password", "password_file"]),
+    ("state", &["dir", "lag_sample_seconds"]),
+    (
+        "replication",
+        &["slot", "publication", "tables", "exclude", "keyless"],
+    ),
+    ("http", &["listen", "max_lag_seconds"]),
+    (
+        "console",
+        &["listen", "password", "password_file", "allow_no_password"],
+    ),
+    (
+        "copy",
+        &[
+            "workers",
+            "chunk_mb",
+            "drop_indexes",
+            "analyze",
+            "truncate_target",
+        ],
+    ),
+    (
+        "apply",
+        &[
+            "batch_rows",
+            "batch_mb",
+            "batch_ms",
+            "queue_transactions",
+            "queue_mb",
+            "spill_mb",
+        ],
+    ),
+    ("ddl", &["policy"]),
+];
+
+/// Keys that hold lists; in the environment they are comma-separated.
+pub(super) const LIST_KEYS: &[&str] = &["replication.tables", "replication.exclude"];
+
+/// `[source]` and `[target]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Connection string, URL or `key=value`.
+    pub url: Option<String>,
+    /// Password; takes precedence over one in `url`.
+    pub password: Option<Secret>,
+    /// File whose first line is the password.
+    pub password_file: Option<PathBuf>,
+}
+
+/// `[state]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    /// Directory of the sled store.
+    pub dir: Option<PathBuf>,
+    /// Seconds between two lag samples.
+    pub lag_sample_seconds: Option<u32>,
+}
+
+/// `[replication]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplication {
+    /// Slot name on the source.
+    pub slot: Option<String>,
+    /// Publication name on the source.
+    pub publication: Option<String>,
+    /// Include patterns.
+    pub tables: Option<Vec<String>>,
+    /// Exclude patterns.
+    pub exclude: Option<Vec<String>>,
+    /// What tables without a key or replica identity get.
+    pub keyless: Option<String>,
+}
+
+/// `[copy]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCopy {
+    /// Parallel copy workers.
+    pub workers: Option<u32>,
+    /// Size of one chunk of a table, in MB of heap pages.
+    pub chunk_mb: Option<u32>,
+    /// Drop secondary indexes before loading a table, rebuild after.
+    pub drop_indexes: Option<bool>,
+    /// ANALYZE each table after its load.
+    pub analyze: Option<bool>,
+    /// Empty non-empty target tables before a fresh copy.
+    pub truncate_target: Option<bool>,
+}
+
+/// `[apply]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApply {
+    /// Most changes in one target transaction.
+    pub batch_rows: Option<u32>,
+    /// Most MB of changes in one target transaction.
+    pub batch_mb: Option<u32>,
+    /// Most milliseconds a batch waits for more transactions.
+    pub batch_ms: Option<u32>,
+    /// Most committed transactions waiting for the applier.
+    pub queue_transactions: Option<u32>,
+    /// Most MB of committed transactions waiting for the applier.
+    pub queue_mb: Option<u32>,
+    /// A transaction bigger than this goes to disk even when the server
+    /// does not stream it.
+    pub spill_mb: Option<u32>,
+}
+
+/// `[http]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    /// `host:port` to listen on.
+    pub listen: Option<String>,
+    /// `/health` answers 503 above this lag.
+    pub max_lag_seconds: Option<u32>,
+}
+
+/// `[console]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsole {
+    /// `host:port` to listen on.
+    pub listen: Option<String>,
+    /// The console password (any user name).
+    pub password: Option<Secret>,
+    /// File whose first line is the console password.
+    pub password_file: Option<PathBuf>,
+    /// Allow a console without a password on a loopback address.
+    pub allow_no_password: Option<bool>,
+}
+
+/// The configuration as merged from file and environment, not yet checked.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[source]`.
+    #[serde(default)]
+    pub source: RawServer,
+    /// `[target]`.
+    #[serde(default)]
+    pub target: RawServer,
+    /// `[state]`.
+    #[serde(default)]
+    pub state: RawState,
+    /// `[replication]`.
+    #[serde(default)]
+    pub replication: RawReplication,
+    /// `[http]`.
+    #[serde(default)]
+    pub http: RawHttp,
+    /// `[console]`.
+    #[serde(default)]
+    pub console: RawConsole,
+    /// `[copy]`.
+    #[serde(default)]
+    pub copy: RawCopy,
+    /// `[apply]`.
+    #[serde(default)]
+    pub apply: RawApply,
+    /// `[ddl]`.
+    #[serde(default)]
+    pub ddl: RawDdl,
+}
+
+/// `[ddl]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDdl {
+    /// `stop` or `additive`.
+    pub policy: Option<String>,
+}
+
+/// `CUTOVER__SOURCE__URL` → `source.url`, refusing unknown names.
+pub(super) fn env_key(name: &str) -> Result<String, ConfigError> {
+    let rest = &name[ENV_PREFIX.len() + ENV_SEPARATOR.len()..];
+    let parts: Vec<String> = rest.split(ENV_SEPARATOR).map(str::to_lowercase).collect();
+    let key = parts.join(".");
+    let origin = format!("environment variable {name}");
+    match parts.as_slice() {
+        [section, field] if is_known(section, Some(field)) => Ok(key),
+        _ => Err(unknown_key(&key, origin)),
+    }
+}
+
+pub(super) fn check_file_keys(tree: &serde_json::Value, path: &Path) -> Result<(), ConfigError> {
+    let origin = format!("in {}", path.display());
+    let Some(sections) = tree.as_object() else {
+        return Ok(());
+    };
+    for (section, body) in sections {
+        if !is_known(section, None) {
+            return Err(unknown_key(section, origin));
+        }
+        let Some(fields) = body.as_object() else {
+            return Err(ConfigError::invalid(
+                section.clone(),
+                format!(
+                    "must be a table: write [{section}] on its own line with its keys below ({origin})"
+                ),
+            ));
+        };
+        for field in fields.keys() {
+            if !is_known(section, Some(field)) {
+                return Err(unknown_key(&format!("{section}.{field}"), origin));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn is_known(section: &str, field: Option<&str>) -> bool {
+    KNOWN_KEYS
+        .iter()
+        .any(|(s, fields)| *s == section && field.is_none_or(|f| fields.contains(&f)))
+}
+
+pub(super) fn unknown_key(key: &str, origin: String) -> ConfigError {
+    let all = KNOWN_KEYS
+        .iter()
+        .flat_map(|(s, fields)| fields.iter().map(move |f| format!("{s}.{f}")));
+    let suggestion = all
+        .map(|known| (strsim::damerau_levenshtein(key, &known), known))
+        .filter(|(distance, _)| *distance <= 3)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, known)| known);
+    ConfigError::UnknownKey {
+        key: key.to_owned(),
+        origin,
+        suggestion,
+    }
+}
+
+impl RawConfig {
+    /// Checks every value; the first problem found is returned.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let source = server("source", self.source)?;
+        let target = server("target", self.target)?;
+        if source.conninfo.endpoint() == target.conninfo.endpoint() {
+            return Err(ConfigError::invalid(
+                "target.url",
+                format!(
+                    "names the same server and database as source.url ({}): the target must be another database",
+                    source.conninfo.endpoint()
+                ),
+            ));
+        }
+        let slot = self
+            .replication
+            .slot
+            .unwrap_or_else(|| DEFAULT_SLOT.to_owned());
+        if slot.is_empty()
+            || slot.len() > 63
+            || !slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(ConfigError::invalid(
+                "replication.slot",
+                format!(
+                    "{slot:?} is not a valid slot name: use lowercase letters, digits and underscores, at most 63 characters"
+                ),
+            ));
+        }
+        let publication = self
+            .replication
+            .publication
+            .unwrap_or_else(|| DEFAULT_PUBLICATION.to_owned());
+        if publication.is_empty() || publication.len() > 63 || publication.contains('\0') {
+            return Err(ConfigError::invalid(
+                "replication.publication",
+                format!("{publication:?} is not a valid name: 1 to 63 bytes"),
+            ));
+        }
+        let include_patterns = self
+            .replication
+            .tables
+            .unwrap_or_else(|| vec![DEFAULT_TABLES.to_owned()]);
+        if include_patterns.is_empty() {
+            return Err(ConfigError::invalid(
+                "replication.tables",
+                "is empty: list at least one schema.table pattern, like [\"public.*\"]",
+            ));
+        }
+        let include = patterns("replication.tables", &include_patterns)?;
+        let exclude = patterns(
+            "replication.exclude",
+            &self.replication.exclude.unwrap_or_default(),
+        )?;
+        let keyless = match self.replication.keyless.as_deref() {
+            None => DEFAULT_KEYLESS,
+            Some("append_only") => KeylessPolicy::AppendOnly,
+            Some("replica_identity_full") => KeylessPolicy::ReplicaIdentityFull,
+            Some("refuse") => KeylessPolicy::Refuse,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "replication.keyless",
+                    format!(
+                        "{other:?} is not a choice: use \"append_only\" (stream inserts and truncates; updates and deletes keep working on the source and are reported, not streamed), \"replica_identity_full\" (cutover sets REPLICA IDENTITY FULL on the source) or \"refuse\""
+                    ),
+                ));
+            }
+        };
+        let state_dir = self
+            .state
+            .dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if state_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "state.dir",
+                "is empty: name a directory for cutover's state",
+            ));
+        }
+        let console_listen = listen(
+            "console.listen",
+            self.console.listen.clone(),
+            DEFAULT_CONSOLE_LISTEN,
+        )?;
+        Ok(Config {
+            source,
+            target,
+            state_dir,
+            slot,
+            publication,
+            scope: Scope::new(include, exclude),
+            include_patterns,
+            keyless,
+            http_listen: listen("http.listen", self.http.listen.clone(), DEFAULT_HTTP_LISTEN)?,
+            max_lag: std::time::Duration::from_secs(u64::from(
+                self.http.max_lag_seconds.unwrap_or(DEFAULT_MAX_LAG_SECONDS),
+            )),
+            lag_sample_interval: std::time::Duration::from_secs(u64::from(
+                match self
+                    .state
+                    .lag_sample_seconds
+                    .unwrap_or(DEFAULT_LAG_SAMPLE_SECONDS)
+                {
+                    0 => {
+                        return Err(ConfigError::invalid(
+                            "state.lag_sample_seconds",
+                            "0 is out of range: use 1 or more",
+                        ));
+                    }
+                    n => n,
+                },
+            )),
+            console_auth: console_auth(&console_listen, self.console)?,
+            console_listen,
+            copy: copy_settings(self.copy)?,
+            apply: apply_settings(self.apply)?,
+            ddl: match self.ddl.policy.as_deref() {
+                None | Some("stop") => DdlPolicy::Stop,
+                Some("additive") => DdlPolicy::Additive,
+                Some(other) => {
+                    return Err(ConfigError::invalid(
+                        "ddl.policy",
+                        format!(
+                            "{other:?} is not a choice: use \"stop\" (DDL on the source that the target lacks stops the stream with the fix) or \"additive\" (new columns and widened types are made on the target)"
+                        ),
+                    ));
+                }
+            },
+        })
+    }
+}
+
+pub(super) fn apply_settings(raw: RawApply) -> Result<ApplySettings, ConfigError> {
+    let bounded =
+        |key: &str, value: Option<u32>, default: u32, max: u32| -> Result<usize, ConfigError> {
+            let value = value.unwrap_or(default);
+            if value == 0 || value > max {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{value} is out of range: use 1 to {max}"),
+                ));
+            }
+            Ok(value as usize)
+        };
+    const MB: usize = 1024 * 1024;
+    Ok(ApplySettings {
+        batch_rows: bounded(
+            "apply.batch_rows",
+            raw.batch_rows,
+            DEFAULT_BATCH_ROWS,
+            1_000_000,
+        )?,
+        batch_bytes: bounded("apply.batch_mb", raw.batch_mb, DEFAULT_BATCH_MB, 4096)? * MB,
+        batch_wait: {
+            let ms = raw.batch_ms.unwrap_or(DEFAULT_BATCH_MS);
+            if ms > 60_000 {
+                return Err(ConfigError::invalid(
+                    "apply.batch_ms",
+                    format!("{ms} is out of range: use 0 to 60000"),
+                ));
+            }
+            std::time::Duration::from_millis(u64::from(ms))
+        },
+        queue_transactions: bounded(
+            "apply.queue_transactions",
+            raw.queue_transactions,
+            DEFAULT_QUEUE_TRANSACTIONS,
+            1_000_000,
+        )?,
+        queue_bytes: bounded("apply.queue_mb", raw.queue_mb, DEFAULT_QUEUE_MB, 4096)? * MB,
+        spill_bytes: bounded("apply.spill_mb", raw.spill_mb, DEFAULT_SPILL_MB, 65536)? * MB,
+    })
+}
+
+pub(super) fn copy_settings(raw: RawCopy) -> Result<CopySettings, ConfigError> {
+    let workers = raw.workers.unwrap_or(DEFAULT_COPY_WORKERS);
+    if !(1..=64).contains(&workers) {
+        return Err(ConfigError::invalid(
+            "copy.workers",
+            format!("{workers} is out of range: use 1 to 64"),
+        ));
+    }
+    let chunk_mb = raw.chunk_mb.unwrap_or(DEFAULT_CHUNK_MB);
+    if !(1..=65536).contains(&chunk_mb) {
+        return Err(ConfigError::invalid(
+            "copy.chunk_mb",
+            format!("{chunk_mb} is out of range: use 1 to 65536"),
+        ));
+    }
+    Ok(CopySettings {
+        workers: workers as usize,
+        // 8 kB pages, PostgreSQL's default block size.
+        pages_per_chunk: chunk_mb * 128,
+        drop_indexes: raw.drop_indexes.unwrap_or(false),
+        analyze: raw.analyze.unwrap_or(false),
+        truncate_target: raw.truncate_target.unwrap_or(false),
+    })
+}
+
+pub(super) fn server(role: &'static str, raw: RawServer) -> Result<Server, ConfigError> {
+    let url = raw.url.ok_or_else(|| {
+        ConfigError::invalid(
+            format!("{role}.url"),
+            format!(
+                "is not set: add url = \"postgres://user@host:5432/dbname\" under [{role}] in the config file, or set CUTOVER__{}__URL",
+                role.to_uppercase()
+            ),
+        )
+    })?;
+    let mut conninfo = ConnInfo::parse(&url)
+        .map_err(|e| ConfigError::invalid(format!("{role}.url"), e.to_string()))?;
+    if conninfo.user().is_none() {
+        return Err(ConfigError::invalid(
+            format!("{role}.url"),
+            "names no user: add user=NAME (or postgres://NAME@host/dbname)",
+        ));
+    }
+    match (raw.password, raw.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                format!("{role}.password_file"),
+                format!("both {role}.password and {role}.password_file are set: keep one"),
+            ));
+        }
+        (Some(password), None) => conninfo.set_password(password),
+        (None, Some(path)) => conninfo.set_password(read_password_file(role, &path)?),
+        (None, None) => {}
+    }
+    conninfo.default_application_name(APPLICATION_NAME);
+    Ok(Server { role, conninfo })
+}
+
+pub(super) fn console_auth(
+    listen: &SocketAddr,
+    raw: RawConsole,
+) -> Result<ConsoleAuth, ConfigError> {
+    let password = match (raw.password, raw.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                "console.password_file",
+                "both console.password and console.password_file are set: keep one",
+            ));
+        }
+        (Some(password), None) => Some(password),
+        (None, Some(path)) => Some(read_password_file("console", &path)?),
+        (None, None) => None,
+    };
+    match (password, raw.allow_no_password.unwrap_or(false)) {
+        (Some(password), _) => Ok(ConsoleAuth::Password(password)),
+        (None, true) if listen.ip().is_loopback() => Ok(ConsoleAuth::Open),
+        (None, true) => Err(ConfigError::invalid(
+            "console.allow_no_password",
+            format!(
+                "a console without a password may only listen on a loopback address, not {listen}: set console.password (or CUTOVER__CONSOLE__PASSWORD)"
+            ),
+        )),
+        (None, false) => Ok(ConsoleAuth::Disabled),
+    }
+}
+
+pub(super) fn read_password_file(role: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let key = format!("{role}.password_file");
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::invalid(
+            key.clone(),
+            format!(
+                "cannot read {}: {e} (the file must exist and be readable by cutover)",
+                path.display()
+            ),
+        )
+    })?;
+    let first = text.lines().next().unwrap_or("");
+    if first.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{} is empty: put the password on its first line",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Secret::new(first))
+}
+
+pub(super) fn patterns(key: &str, texts: &[String]) -> Result<Vec<TablePattern>, ConfigError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            TablePattern::parse(text)
+                .map_err(|e| ConfigError::invalid(format!("{key}[{i}]"), e.to_string()))
+        })
+        .collect()
+}
+
+pub(super) fn listen(
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    text.parse().map_err(|_| {
+        ConfigError::invalid(
+            key,
+            format!("{text:?} is not an address to listen on: write it like {default}"),
+        )
+    })
+}
