@@ -191,25 +191,15 @@ impl PostgresSink {
                         .iter()
                         .any(|a| *a == relation.columns[*i].name)
                 });
-                let sql = if moves {
-                    move_one_sql(
-                        &relation.name,
-                        relation,
-                        &match_cols,
-                        &set,
-                        &target,
-                        spec.is_some(),
-                    )
-                } else {
-                    update_one_sql(
-                        &relation.name,
-                        relation,
-                        &match_cols,
-                        &set,
-                        &target,
-                        spec.is_some(),
-                    )
-                };
+                let build = if moves { move_one_sql } else { update_one_sql };
+                let sql = build(
+                    &relation.name,
+                    relation,
+                    &match_cols,
+                    &set,
+                    &target,
+                    spec.is_some(),
+                );
                 let statement = self.statement(&sql).await?;
                 let mut values: Vec<Option<String>> =
                     set.iter().map(|i| datum_text(&new.0[*i])).collect();

@@ -17,9 +17,23 @@ pub(super) fn cast(target: &TargetTable, column: &str) -> String {
 
 /// `SELECT u.a::type_a, ... FROM unnest($1::text[], ...) AS u(a, ...)`.
 pub(super) fn unnest_select(names: &[&str], target: &TargetTable, first_param: usize) -> String {
+    unnest(names, target, first_param, false)
+}
+
+/// The rows of `text[]` parameters `$first_param...` typed as the target's
+/// columns; with `named`, each column is named after its target column.
+fn unnest(names: &[&str], target: &TargetTable, first_param: usize, named: bool) -> String {
     let casts: Vec<String> = names
         .iter()
-        .map(|n| format!("u.{}::{}", quote_ident(n), cast(target, n)))
+        .map(|n| {
+            let name = quote_ident(n);
+            let cast = cast(target, n);
+            if named {
+                format!("u.{name}::{cast} AS {name}")
+            } else {
+                format!("u.{name}::{cast}")
+            }
+        })
         .collect();
     let params: Vec<String> = (0..names.len())
         .map(|i| format!("${}::text[]", first_param + i))
@@ -159,19 +173,7 @@ pub(super) fn delete_sql(table: &TableName, keys: &[&str], target: &TargetTable)
 /// `SELECT u.a::type_a AS a, ... FROM unnest($1::text[], ...) AS u(a, ...)`:
 /// the rows of a batch, typed as the target's columns and named after them.
 pub(super) fn typed_rows(names: &[&str], target: &TargetTable) -> String {
-    let select: Vec<String> = names
-        .iter()
-        .map(|n| format!("u.{0}::{1} AS {0}", quote_ident(n), cast(target, n)))
-        .collect();
-    let params: Vec<String> = (0..names.len())
-        .map(|i| format!("${}::text[]", i + 1))
-        .collect();
-    format!(
-        "SELECT {} FROM unnest({}) AS u({})",
-        select.join(", "),
-        params.join(", "),
-        idents(names)
-    )
+    unnest(names, target, 1, true)
 }
 
 pub(super) fn patch_sql(

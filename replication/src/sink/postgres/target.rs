@@ -264,56 +264,46 @@ impl PostgresSink {
 
     /// A refused value, with the columns of its table whose target type is
     /// narrower than the source's and the statement that widens them.
-    pub(super) fn explained(&self, err: ApplyError) -> ApplyError {
+    pub(super) fn explained(&self, mut err: ApplyError) -> ApplyError {
         let ApplyError::Refused {
-            op,
             table,
-            key,
-            lsn,
             detail,
             sqlstate,
-        } = err
+            ..
+        } = &mut err
         else {
             return err;
         };
         let narrower = self
             .tables
-            .get(&table)
-            .map(|t| t.narrower.clone())
+            .get(table)
+            .map(|t| t.narrower.as_slice())
             .unwrap_or_default();
-        let detail = if narrower.is_empty() || !sqlstate.starts_with("22") {
-            detail
-        } else {
-            let columns: Vec<String> = narrower
-                .iter()
-                .map(|(c, source, target)| {
-                    format!("{c} is {target} on the target but {source} on the source")
-                })
-                .collect();
-            let fixes: Vec<String> = narrower
-                .iter()
-                .map(|(c, source, _)| {
-                    format!(
-                        "ALTER TABLE {} ALTER COLUMN {} TYPE {source};",
-                        table.quoted(),
-                        quote_ident(c)
-                    )
-                })
-                .collect();
-            format!(
-                "{detail}; {}: widen on the target ({}) and restart",
-                columns.join(", "),
-                fixes.join(" ")
-            )
-        };
-        ApplyError::Refused {
-            op,
-            table,
-            key,
-            lsn,
-            detail,
-            sqlstate,
+        if narrower.is_empty() || !sqlstate.starts_with("22") {
+            return err;
         }
+        let columns: Vec<String> = narrower
+            .iter()
+            .map(|(c, source, target)| {
+                format!("{c} is {target} on the target but {source} on the source")
+            })
+            .collect();
+        let fixes: Vec<String> = narrower
+            .iter()
+            .map(|(c, source, _)| {
+                format!(
+                    "ALTER TABLE {} ALTER COLUMN {} TYPE {source};",
+                    table.quoted(),
+                    quote_ident(c)
+                )
+            })
+            .collect();
+        *detail = format!(
+            "{detail}; {}: widen on the target ({}) and restart",
+            columns.join(", "),
+            fixes.join(" ")
+        );
+        err
     }
 
     /// [`PostgresSink::statement`] for callers that report a failed statement
