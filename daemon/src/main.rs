@@ -19,6 +19,7 @@ mod serve;
 mod status;
 mod store;
 mod tail;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -82,6 +83,15 @@ enum Command {
     /// running daemon through its admin console, or reads the state store
     /// when no daemon runs.
     Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        format: OutputFormat,
+    },
+    /// Prove that the target holds exactly what the source held at one
+    /// source position (reported), while the application keeps writing;
+    /// exit 1 when a row differs. Needs the snapshot copy done and, for
+    /// now, the daemon stopped.
+    Verify {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         format: OutputFormat,
@@ -232,6 +242,29 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            Command::Verify { format } => match verify::run(&config).await {
+                Ok(report) => {
+                    match format {
+                        OutputFormat::Human => print!("{}", report.to_human()),
+                        OutputFormat::Json => match serde_json::to_string_pretty(&report) {
+                            Ok(json) => println!("{json}"),
+                            Err(err) => {
+                                eprintln!("error: cannot encode the report: {err}");
+                                return ExitCode::from(EXIT_FAILURE);
+                            }
+                        },
+                    }
+                    if report.status == verify::Verdict::Validated {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
             Command::Status { format } => match status::run(&config).await {
                 Ok(summary) => {
                     match format {

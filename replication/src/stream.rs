@@ -182,7 +182,16 @@ impl ReplicationStream {
     /// Sends a status update now (e.g. right after a durable commit, or
     /// before shutting down).
     pub async fn send_status(&mut self) -> Result<(), ReplicationError> {
-        self.queue_status();
+        self.queue_status(false);
+        self.flush_out().await
+    }
+
+    /// Sends a status update that asks the server to answer at once with a
+    /// keepalive, whose `wal_end` says how far the server has read: a
+    /// reader waiting for a position learns that nothing more is coming
+    /// before it without waiting for the server's own keepalive.
+    pub async fn request_reply(&mut self) -> Result<(), ReplicationError> {
+        self.queue_status(true);
         self.flush_out().await
     }
 
@@ -236,7 +245,7 @@ impl ReplicationStream {
                 }
             }
             if Instant::now() >= self.next_status_at {
-                self.queue_status();
+                self.queue_status(false);
                 continue;
             }
             let deadline = self.next_status_at;
@@ -245,7 +254,7 @@ impl ReplicationStream {
                 // Data first: a busy stream must not starve on timers.
                 filled = self.session.fill() => filled?,
                 // An idle stream still reports in time.
-                () = tokio::time::sleep_until(deadline) => self.queue_status(),
+                () = tokio::time::sleep_until(deadline) => self.queue_status(false),
             }
         }
     }
@@ -281,7 +290,7 @@ impl ReplicationStream {
             StreamMessage::Keepalive {
                 reply_requested: true,
                 ..
-            } => self.queue_status(),
+            } => self.queue_status(false),
             StreamMessage::Keepalive { .. } => {}
         }
         Ok(message)
@@ -297,7 +306,7 @@ impl ReplicationStream {
     /// after `STOP_DRAIN` the wait ends with [`ReplicationError::Timeout`]
     /// and the caller may simply close the connection.
     pub async fn stop(mut self) -> Result<Session, ReplicationError> {
-        self.queue_status();
+        self.queue_status(false);
         let mut buf = BytesMut::new();
         frontend::copy_done(&mut buf);
         self.out.extend_from_slice(&buf);
@@ -375,14 +384,14 @@ impl ReplicationStream {
     }
 
     /// Queues a standby status update with the current positions.
-    fn queue_status(&mut self) {
+    fn queue_status(&mut self, reply_requested: bool) {
         let mut body = BytesMut::with_capacity(34);
         body.extend_from_slice(b"r");
         body.extend_from_slice(&self.feedback.write().as_u64().to_be_bytes());
         body.extend_from_slice(&self.feedback.flush().as_u64().to_be_bytes());
         body.extend_from_slice(&self.feedback.apply().as_u64().to_be_bytes());
         body.extend_from_slice(&PgTimestamp::now().micros().to_be_bytes());
-        body.extend_from_slice(&[0]);
+        body.extend_from_slice(&[u8::from(reply_requested)]);
         match frontend::CopyData::new(&body[..]) {
             Ok(copy) => copy.write(&mut self.out),
             // A 34-byte body always fits a CopyData message.

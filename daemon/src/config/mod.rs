@@ -231,6 +231,22 @@ pub struct Config {
     pub apply: ApplySettings,
     /// What the apply does with DDL on the source.
     pub ddl: DdlPolicy,
+    /// `cutover verify`.
+    pub verify: VerifySettings,
+}
+
+/// Default `verify.workers`.
+pub const DEFAULT_VERIFY_WORKERS: u32 = 2;
+/// Default `verify.samples`.
+pub const DEFAULT_VERIFY_SAMPLES: u32 = 5;
+
+/// `[verify]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifySettings {
+    /// Tables compared at once.
+    pub workers: usize,
+    /// Differing rows shown per table and kind.
+    pub samples: usize,
 }
 
 /// Reads the file (if any) and the environment, refusing unknown keys.

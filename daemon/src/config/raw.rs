@@ -17,7 +17,8 @@ use super::{
     DEFAULT_CONSOLE_LISTEN, DEFAULT_COPY_WORKERS, DEFAULT_HTTP_LISTEN, DEFAULT_KEYLESS,
     DEFAULT_LAG_SAMPLE_SECONDS, DEFAULT_MAX_LAG_SECONDS, DEFAULT_PUBLICATION, DEFAULT_QUEUE_MB,
     DEFAULT_QUEUE_TRANSACTIONS, DEFAULT_SLOT, DEFAULT_SPILL_MB, DEFAULT_STATE_DIR, DEFAULT_TABLES,
-    ENV_PREFIX, ENV_SEPARATOR, KeylessPolicy, Server,
+    DEFAULT_VERIFY_SAMPLES, DEFAULT_VERIFY_WORKERS, ENV_PREFIX, ENV_SEPARATOR, KeylessPolicy,
+    Server, VerifySettings,
 };
 
 /// Every key the contract knows, by section. Unknown keys are refused
@@ -57,6 +58,7 @@ pub(super) const KNOWN_KEYS: &[(&str, &[&str])] = &[
         ],
     ),
     ("ddl", &["policy"]),
+    ("verify", &["workers", "samples"]),
 ];
 
 /// Keys that hold lists; in the environment they are comma-separated.
@@ -190,6 +192,19 @@ pub struct RawConfig {
     /// `[ddl]`.
     #[serde(default)]
     pub ddl: RawDdl,
+    /// `[verify]`.
+    #[serde(default)]
+    pub verify: RawVerify,
+}
+
+/// `[verify]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerify {
+    /// Tables compared at once (a connection to each server per worker).
+    pub workers: Option<u32>,
+    /// Differing rows shown per table and kind.
+    pub samples: Option<u32>,
 }
 
 /// `[ddl]` as written.
@@ -377,6 +392,7 @@ impl RawConfig {
             console_listen,
             copy: copy_settings(self.copy)?,
             apply: apply_settings(self.apply)?,
+            verify: verify_settings(self.verify)?,
             ddl: match self.ddl.policy.as_deref() {
                 None | Some("stop") => DdlPolicy::Stop,
                 Some("additive") => DdlPolicy::Additive,
@@ -457,6 +473,20 @@ pub(super) fn copy_settings(raw: RawCopy) -> Result<CopySettings, ConfigError> {
         drop_indexes: raw.drop_indexes.unwrap_or(false),
         analyze: raw.analyze.unwrap_or(false),
         truncate_target: raw.truncate_target.unwrap_or(false),
+    })
+}
+
+pub(super) fn verify_settings(raw: RawVerify) -> Result<VerifySettings, ConfigError> {
+    let workers = raw.workers.unwrap_or(DEFAULT_VERIFY_WORKERS);
+    if !(1..=64).contains(&workers) {
+        return Err(ConfigError::invalid(
+            "verify.workers",
+            format!("{workers} is out of range: use 1 to 64"),
+        ));
+    }
+    Ok(VerifySettings {
+        workers: workers as usize,
+        samples: raw.samples.unwrap_or(DEFAULT_VERIFY_SAMPLES) as usize,
     })
 }
 

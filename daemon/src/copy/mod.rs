@@ -54,7 +54,7 @@ mod source;
 mod statements;
 mod worker;
 
-pub use orchestration::run;
+pub use orchestration::{run, tables_in_scope};
 pub use report::reconciliation;
 pub use source::install_partition_triggers;
 

@@ -71,6 +71,12 @@ where
             }
         };
         match first {
+            // The session was asked to stop here: what is applied is
+            // flushed and reported below.
+            Work::Reached(until) => {
+                tracing::info!(%until, applied = %applier.applied(), "reached the position asked for");
+                break;
+            }
             Work::Spilled(path, commit) => {
                 applier
                     .apply_spilled(&path, &commit, settings.batch_rows)

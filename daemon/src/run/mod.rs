@@ -41,7 +41,7 @@ mod sampler;
 mod session;
 mod supervisor;
 
-pub use supervisor::run;
+pub use supervisor::{catch_up, run};
 
 /// Why `run` stopped.
 #[derive(Debug, thiserror::Error)]

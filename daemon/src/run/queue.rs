@@ -21,6 +21,9 @@ pub(super) enum Work {
     Memory(SourceTransaction, OwnedSemaphorePermit),
     /// A streamed (or very large) transaction on disk.
     Spilled(PathBuf, Commit),
+    /// Every transaction that commits before this position is queued, and
+    /// none after it will be: the session was asked to stop there.
+    Reached(Lsn),
 }
 
 /// A committed transaction on its way to the applier.
@@ -100,6 +103,15 @@ impl Queue {
             }
         });
         Ok(true)
+    }
+
+    /// Tells the applier that everything before `until` is queued and
+    /// nothing after it will be.
+    pub(super) async fn reached(&self, until: Lsn) -> Result<(), RunError> {
+        self.work
+            .send(Work::Reached(until))
+            .await
+            .map_err(|_| RunError::Spill("the applier stopped".into()))
     }
 }
 

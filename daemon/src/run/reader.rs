@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cutover_replication::Lsn;
 use cutover_replication::error::ReplicationError;
-use cutover_replication::pgoutput::Decoder;
+use cutover_replication::pgoutput::{Decoder, Event};
 use cutover_replication::stream::{ReplicationStream, StreamMessage};
 use tokio::sync::watch;
 
@@ -20,6 +20,12 @@ use super::queue::Queue;
 use super::session::stopped;
 
 /// The reader: stream → decoder → committed transactions on the queue.
+///
+/// With `until`, the reader queues every transaction that commits before
+/// that position and none after it, then tells the applier and stops:
+/// the session ends with the target exactly as the source was at `until`
+/// (a transaction is in a snapshot taken at `until` if and only if its
+/// commit record is before it).
 pub(super) async fn read_stream(
     mut stream: ReplicationStream,
     spill_dir: PathBuf,
@@ -27,6 +33,7 @@ pub(super) async fn read_stream(
     queue: Queue,
     mut durable: watch::Receiver<Lsn>,
     mut shutdown: watch::Receiver<bool>,
+    until: Option<Lsn>,
 ) -> Result<(), RunError> {
     let mut decoder = Decoder::new();
     let mut assembly = Assembly::new(spill_dir, settings.spill_bytes, *durable.borrow());
@@ -63,6 +70,12 @@ pub(super) async fn read_stream(
                         stream.send_status().await?;
                         acknowledged = lsn;
                     }
+                    if until.is_some() && !decoder.in_transaction() {
+                        // Waiting for a position on a quiet source: ask
+                        // how far it has read rather than wait for its
+                        // keepalive (every wal_sender_timeout / 2).
+                        stream.request_reply().await?;
+                    }
                     continue;
                 }
                 message = stream.next() => message?,
@@ -80,6 +93,15 @@ pub(super) async fn read_stream(
                 wal_start, data, ..
             } => (wal_start, data),
             StreamMessage::Keepalive { wal_end, .. } => {
+                // The source read past `until` with no transaction open:
+                // every one that commits before it was queued.
+                if let Some(until) = until
+                    && wal_end >= until
+                    && !decoder.in_transaction()
+                {
+                    queue.reached(until).await?;
+                    break;
+                }
                 // Nothing in flight and everything forwarded is durable:
                 // the source may forget up to here (as PostgreSQL's own
                 // apply does), or an idle database would retain WAL.
@@ -98,6 +120,12 @@ pub(super) async fn read_stream(
                 lsn,
                 source,
             })?;
+        if let Some(until) = until
+            && beyond(&event, until)
+        {
+            queue.reached(until).await?;
+            break;
+        }
         if let Some(item) = assembly.take(event)?
             && !queue
                 .push(&mut stream, &durable, &mut shutdown, item)
@@ -125,6 +153,16 @@ pub(super) async fn read_stream(
     assembly.discard();
     tracing::info!(flushed = %last, "stream stopped");
     Ok(())
+}
+
+/// Whether `event` starts or commits a transaction that commits at or
+/// after `until`: the first one a snapshot taken at `until` does not hold.
+fn beyond(event: &Event, until: Lsn) -> bool {
+    match event {
+        Event::Begin { final_lsn, .. } => *final_lsn >= until,
+        Event::StreamCommit(commit) => commit.commit_lsn >= until,
+        _ => false,
+    }
 }
 
 /// How often the durable position is acknowledged to the source.

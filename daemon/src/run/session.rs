@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use cutover_replication::Lsn;
 use cutover_replication::session::{PgOutputOptions, Session};
 use cutover_replication::sink::Sink;
 use cutover_replication::sink::postgres::PostgresSink;
@@ -18,14 +19,16 @@ use super::applier::apply_work;
 use super::queue::{Queue, Work};
 use super::reader::read_stream;
 
-/// One session: connect both sides, stream and apply until a failure or
-/// the shutdown.
+/// One session: connect both sides, stream and apply until a failure, the
+/// shutdown, or (with `until`) the target holds exactly what the source
+/// held at that position.
 pub(super) async fn stream_once(
     config: &Config,
     store: &Store,
     outcome: &CopyOutcome,
     shutdown: watch::Receiver<bool>,
     status: &Arc<Status>,
+    until: Option<Lsn>,
 ) -> Result<(), RunError> {
     // This direction's writes carry its origin; changes that the other
     // direction wrote are not sent back (invariant 5).
@@ -77,6 +80,7 @@ pub(super) async fn stream_once(
         queue,
         durable_rx,
         shutdown.clone(),
+        until,
     ));
     let applied = apply_work(
         applier,

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cutover_replication::Lsn;
 use cutover_replication::sink::postgres::ApplyError;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::copy::{self, CopyError, CopyMode};
+use crate::copy::{self, CopyError, CopyMode, CopyOutcome};
 use crate::live::{DaemonState, ErrorKind, Status};
 use crate::store::{DeadLetter, RunStatus, Store, now_millis, now_secs};
 
@@ -123,13 +124,27 @@ pub(super) async fn run_inner(
         // A copy begun under another slot name streams from that slot.
         _sampler = sampler(&outcome.slot);
     }
+    stream_with_retries(config, store, &outcome, shutdown, status, None).await
+}
+
+/// Streams sessions one after another, started again with exponential
+/// backoff after a transient failure, until the shutdown, a definite
+/// failure, or (with `until`) the target holds what the source held there.
+async fn stream_with_retries(
+    config: &Config,
+    store: &Store,
+    outcome: &CopyOutcome,
+    shutdown: watch::Receiver<bool>,
+    status: &Arc<Status>,
+    until: Option<Lsn>,
+) -> Result<(), RunError> {
     let mut backoff = FIRST_BACKOFF;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         let started = tokio::time::Instant::now();
-        match stream_once(config, store, &outcome, shutdown.clone(), status).await {
+        match stream_once(config, store, outcome, shutdown.clone(), status, until).await {
             Ok(()) => return Ok(()),
             Err(err) if err.is_transient() => {
                 if started.elapsed() > MAX_BACKOFF {
@@ -152,6 +167,21 @@ pub(super) async fn run_inner(
             Err(err) => return Err(err),
         }
     }
+}
+
+/// Applies what the source committed before `until` and nothing after it,
+/// then stops: the target holds exactly what the source held at `until`.
+/// For `cutover verify` when no daemon runs; the copy must be done.
+pub async fn catch_up(
+    config: &Config,
+    store: &Store,
+    status: &Arc<Status>,
+    until: Lsn,
+) -> Result<(), RunError> {
+    let outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics).await?;
+    // Never stopped from outside: the session ends at `until`.
+    let (_keep, shutdown) = watch::channel(false);
+    stream_with_retries(config, store, &outcome, shutdown, status, Some(until)).await
 }
 
 /// Aborts a background task when dropped.

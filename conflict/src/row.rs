@@ -1,0 +1,123 @@
+//! Rows of `COPY ... TO STDOUT` text output.
+//!
+//! A row is one line; fields are separated by a tab; `\N` is NULL; a
+//! backslash escapes a tab, a newline, a carriage return or itself
+//! (PostgreSQL's "COPY" text format). The escaping is deterministic, so two
+//! equal values have equal escaped bytes: rows are compared and hashed as
+//! they arrive, and only the values shown to a person are unescaped.
+
+use std::fmt;
+use std::ops::Range;
+
+/// One row: the line's bytes and where each field is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Row {
+    line: Vec<u8>,
+    fields: Vec<Range<usize>>,
+}
+
+/// The NULL marker of the text format.
+const NULL: &[u8] = b"\\N";
+
+impl Row {
+    /// Splits one line (without its newline) into fields.
+    pub fn parse(line: &[u8]) -> Row {
+        let mut fields = Vec::new();
+        let mut start = 0;
+        for (i, byte) in line.iter().enumerate() {
+            if *byte == b'\t' {
+                fields.push(start..i);
+                start = i + 1;
+            }
+        }
+        fields.push(start..line.len());
+        Row {
+            line: line.to_vec(),
+            fields,
+        }
+    }
+
+    /// How many fields the row has.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// Whether the row has no field (never, for a parsed line).
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Field `i` as sent (escaped), `None` for NULL.
+    pub fn field(&self, i: usize) -> Option<&[u8]> {
+        let bytes = &self.line[self.fields[i].clone()];
+        (bytes != NULL).then_some(bytes)
+    }
+
+    /// Fields `range`, as sent.
+    pub fn fields(&self, range: Range<usize>) -> impl Iterator<Item = Option<&[u8]>> + '_ {
+        range.map(|i| self.field(i))
+    }
+
+    /// Field `i` unescaped and as text, `None` for NULL: for reports.
+    pub fn value(&self, i: usize) -> Option<String> {
+        self.field(i)
+            .map(|bytes| String::from_utf8_lossy(&unescape(bytes)).into_owned())
+    }
+}
+
+impl fmt::Debug for Row {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries((0..self.len()).map(|i| self.value(i)))
+            .finish()
+    }
+}
+
+/// The value of an escaped field.
+pub fn unescape(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut escaped = false;
+    for byte in bytes {
+        if escaped {
+            out.push(match byte {
+                b't' => b'\t',
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b'b' => 0x08,
+                b'f' => 0x0c,
+                b'v' => 0x0b,
+                other => *other,
+            });
+            escaped = false;
+        } else if *byte == b'\\' {
+            escaped = true;
+        } else {
+            out.push(*byte);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_split_on_tabs_with_null_and_escapes() {
+        let row = Row::parse(b"1\t\\N\ta\\tb\\\\c\t");
+        assert_eq!(row.len(), 4);
+        assert_eq!(row.field(0), Some(&b"1"[..]));
+        assert_eq!(row.field(1), None);
+        assert_eq!(row.value(2).as_deref(), Some("a\tb\\c"));
+        // An empty string is a value, not NULL.
+        assert_eq!(row.field(3), Some(&b""[..]));
+        assert_eq!(row.value(1), None);
+    }
+
+    #[test]
+    fn a_literal_backslash_n_is_not_null() {
+        let row = Row::parse(b"\\\\N");
+        assert_eq!(row.field(0), Some(&b"\\\\N"[..]));
+        assert_eq!(row.value(0).as_deref(), Some("\\N"));
+    }
+}

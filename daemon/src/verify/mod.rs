@@ -1,0 +1,240 @@
+//! `cutover verify`: proves that the target holds exactly what the source
+//! held at one source position, while the application keeps writing.
+//!
+//! # One position on both sides (docs/architecture.md invariant 10)
+//!
+//! 1. A temporary logical slot is created on the source with an exported
+//!    snapshot: its consistent point `L` is the compared position, and the
+//!    snapshot holds exactly the transactions that committed before `L`.
+//!    Every source reader imports it before anything else happens.
+//! 2. The target is brought to `L` and no further: the forward stream
+//!    applies every transaction whose commit record is before `L` and
+//!    stops at the first one after it ([`crate::run::catch_up`]).
+//! 3. A target snapshot is taken there and shared by every target reader;
+//!    the stream may go on from then on without changing what is compared.
+//! 4. Each table is read on both sides, ordered by its key, and merged row
+//!    by row ([`table`]); the result is a [`report::Report`].
+//!
+//! A change in flight can never show as a difference: both sides are read
+//! in snapshots of the same position. Today verify does the catch-up
+//! itself and so needs the daemon stopped (it holds the state store while
+//! it runs, so that no daemon starts meanwhile).
+//!
+//! # Layout
+//!
+//! This module only wires the parts together: [`table`] (one table read
+//! and compared) and [`report`] (what is shown and written).
+
+use std::sync::Arc;
+
+use cutover_replication::catalog::{self, TableName};
+use cutover_replication::client::{self, ConnectError, describe};
+use cutover_replication::error::ReplicationError;
+use cutover_replication::session::{Session, SnapshotAction};
+use cutover_replication::snapshot;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::copy::{self, CopyError};
+use crate::direction::Direction;
+use crate::live::Status;
+use crate::run::{self, RunError};
+use crate::store::{Store, StoreError};
+
+mod report;
+mod table;
+
+pub use report::{Report, Verdict};
+
+/// Where the validation report is written, in the state directory.
+pub const REPORT_FILE: &str = "validation_report.json";
+
+/// Why a verify could not finish. A difference found is not an error: it
+/// is in the [`Report`].
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The state store could not be opened (a running daemon holds it).
+    #[error(
+        "{0}; cutover verify brings the target to the compared position itself and cannot run beside a daemon yet: stop the daemon (SIGTERM), verify, and start it again"
+    )]
+    Store(#[from] StoreError),
+    /// The snapshot copy has not finished.
+    #[error(
+        "the snapshot copy has not finished (state.dir {0}): run `cutover run` until it streams, then verify"
+    )]
+    NotCopied(String),
+    /// A table in scope is missing on the target.
+    #[error("table {0} is in scope but missing on the target: create it, or take it out of scope")]
+    MissingTable(TableName),
+    /// A connection failed.
+    #[error("{role}: {source}")]
+    Connect {
+        /// `source` or `target`.
+        role: &'static str,
+        /// The error.
+        source: ConnectError,
+    },
+    /// A query failed.
+    #[error("{role}: {what}: {detail}")]
+    Query {
+        /// `source` or `target`.
+        role: &'static str,
+        /// What was being done.
+        what: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// The temporary slot could not be created.
+    #[error("source: creating the verify's temporary slot: {0}")]
+    Slot(#[from] ReplicationError),
+    /// Bringing the target to the compared position failed.
+    #[error("bringing the target to the compared position: {0}")]
+    CatchUp(#[from] RunError),
+    /// The copy's record of the tables could not be read.
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    /// The report could not be written.
+    #[error("writing {path}: {detail}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+fn query(role: &'static str, what: &str) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
+    let what = what.to_owned();
+    move |err| VerifyError::Query {
+        role,
+        what,
+        detail: describe(&err),
+    }
+}
+
+async fn connect(config: &Config, role: &'static str) -> Result<Client, VerifyError> {
+    let server = if role == "source" {
+        &config.source
+    } else {
+        &config.target
+    };
+    let client = client::connect(&server.conninfo)
+        .await
+        .map_err(|source| VerifyError::Connect { role, source })?;
+    client
+        .batch_execute(&client::text_value_settings())
+        .await
+        .map_err(query(role, "setting the session's date and number formats"))?;
+    Ok(client)
+}
+
+/// Verifies every table in scope and writes the report to the state
+/// directory.
+pub async fn run(config: &Config) -> Result<Report, VerifyError> {
+    let store = Store::open(&config.state_dir)?;
+    let copied = store.copy_run()?.is_some_and(|r| r.finished);
+    if !copied {
+        return Err(VerifyError::NotCopied(
+            config.state_dir.display().to_string(),
+        ));
+    }
+    let source = connect(config, "source").await?;
+    let target = connect(config, "target").await?;
+    let tables = copy::tables_in_scope(&source, config).await?;
+    let targets = catalog::tables(&target)
+        .await
+        .map_err(query("target", "listing tables"))?;
+    let mut plans = Vec::with_capacity(tables.len());
+    for table in tables {
+        let Some(on_target) = targets.iter().find(|t| t.name == table.name) else {
+            return Err(VerifyError::MissingTable(table.name));
+        };
+        plans.push(table::Plan::new(table.clone(), on_target));
+    }
+    drop((source, target));
+
+    // 1. The compared position, and the source's snapshot of it.
+    let workers = config.verify.workers.min(plans.len()).max(1);
+    let mut session = Session::connect(&config.source.conninfo).await?;
+    let slot = format!("cutover_verify_{}", std::process::id());
+    let created = session
+        .create_slot(&slot, true, SnapshotAction::Export)
+        .await?;
+    let at = created.consistent_point;
+    let snapshot_name = created.snapshot.unwrap_or_default();
+    let mut sources = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let client = connect(config, "source").await?;
+        snapshot::open_snapshot(&client, &snapshot_name)
+            .await
+            .map_err(query("source", "importing the verify's snapshot"))?;
+        sources.push(client);
+    }
+    // Every source reader holds the snapshot: the temporary slot may go.
+    drop(session);
+    tracing::info!(lsn = %at, tables = plans.len(), "comparing both sides as of this source position");
+
+    // 2. The target at exactly that position.
+    let status = Arc::new(Status::new(&config.slot, Direction::Forward));
+    run::catch_up(config, &store, &status, at).await?;
+
+    // 3. The target's snapshot there, shared by every target reader.
+    let mut targets = Vec::with_capacity(workers);
+    let first = connect(config, "target").await?;
+    first
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(query("target", "starting the verify's snapshot"))?;
+    let exported: String = first
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(query("target", "exporting a snapshot"))?
+        .get(0);
+    targets.push(first);
+    for _ in 1..workers {
+        let client = connect(config, "target").await?;
+        snapshot::open_snapshot(&client, &exported)
+            .await
+            .map_err(query("target", "importing the verify's snapshot"))?;
+        targets.push(client);
+    }
+
+    // 4. Every table, `workers` at a time.
+    let samples = config.verify.samples;
+    let plans = Arc::new(std::sync::Mutex::new(plans));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (source, target) in sources.into_iter().zip(targets) {
+        let plans = Arc::clone(&plans);
+        tasks.spawn(async move {
+            let mut reports = Vec::new();
+            loop {
+                let plan = plans.lock().ok().and_then(|mut p| p.pop());
+                let Some(plan) = plan else {
+                    return Ok::<_, VerifyError>(reports);
+                };
+                reports.push(table::compare(&plan, &source, &target, samples).await?);
+            }
+        });
+    }
+    let mut reports = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let worker = done.map_err(|e| VerifyError::Query {
+            role: "target",
+            what: "a verify worker".into(),
+            detail: e.to_string(),
+        })?;
+        reports.extend(worker?);
+    }
+    let date = crate::console::timestamp(crate::store::now_secs());
+    let report = Report::new(config.slot.clone(), date, at, reports);
+    let path = config.state_dir.join(REPORT_FILE);
+    let json = serde_json::to_vec_pretty(&report).map_err(|e| VerifyError::Write {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(&path, json).map_err(|e| VerifyError::Write {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(report)
+}

@@ -1,0 +1,308 @@
+//! What a verify found, for a person (a table of counts, a few sample keys
+//! per table) and for a script or a migration team's records (JSON, and
+//! `validation_report.json` in the state directory).
+
+use std::fmt::Write as _;
+
+use cutover_conflict::compare::Tally;
+use cutover_replication::Lsn;
+use serde::Serialize;
+
+/// Whether the target holds what the source held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Verdict {
+    /// Every table equal.
+    Validated,
+    /// At least one row differs.
+    Failed,
+}
+
+/// What kind of difference a sample is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleKind {
+    /// On the source only.
+    MissingOnTarget,
+    /// On the target only.
+    ExtraOnTarget,
+    /// Under one key on both, with other values.
+    Changed,
+}
+
+impl SampleKind {
+    fn label(self) -> &'static str {
+        match self {
+            SampleKind::MissingOnTarget => "missing on target",
+            SampleKind::ExtraOnTarget => "extra on target",
+            SampleKind::Changed => "changed",
+        }
+    }
+}
+
+/// One differing row, as shown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Sample {
+    /// What kind of difference.
+    pub kind: SampleKind,
+    /// Its key as `(col=value, ...)`; the whole row for a table without a
+    /// key.
+    pub key: String,
+    /// The columns that differ (for `changed`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+}
+
+/// One table's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct TableReport {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows read on the source.
+    pub source_rows: u64,
+    /// Rows read on the target.
+    pub target_rows: u64,
+    /// Rows equal on both sides.
+    pub equal: u64,
+    /// Rows on the source only.
+    pub missing: u64,
+    /// Rows on the target only.
+    pub extra: u64,
+    /// Keys on both sides with other values.
+    pub changed: u64,
+    /// Columns of the source the target lacks (not compared).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_columns: Vec<String>,
+    /// Up to `samples` differences of each kind.
+    pub samples: Vec<Sample>,
+}
+
+impl TableReport {
+    /// An empty result for `table`.
+    pub fn new(table: String, missing_columns: Vec<String>) -> TableReport {
+        TableReport {
+            table,
+            source_rows: 0,
+            target_rows: 0,
+            equal: 0,
+            missing: 0,
+            extra: 0,
+            changed: 0,
+            missing_columns,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Keeps `sample` unless `limit` of its kind are kept already.
+    pub fn add_sample(&mut self, sample: Sample, limit: usize) {
+        let kept = self
+            .samples
+            .iter()
+            .filter(|s| s.kind == sample.kind)
+            .count();
+        if kept < limit {
+            self.samples.push(sample);
+        }
+    }
+
+    /// Records the counts of the comparison.
+    pub fn set_tally(&mut self, tally: Tally) {
+        self.source_rows = tally.source_rows;
+        self.target_rows = tally.target_rows;
+        self.equal = tally.equal;
+        self.missing = tally.missing;
+        self.extra = tally.extra;
+        self.changed = tally.changed;
+    }
+
+    /// Rows that differ, whichever way.
+    pub fn differing(&self) -> u64 {
+        self.missing + self.extra + self.changed
+    }
+
+    /// Whether the table is the same on both sides.
+    pub fn equal_on_both_sides(&self) -> bool {
+        self.differing() == 0 && self.missing_columns.is_empty()
+    }
+}
+
+/// The result of a verify.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The migration (its slot's name).
+    pub migration_id: String,
+    /// When the verify finished, RFC 3339 UTC.
+    pub date: String,
+    /// The source position both sides were compared at.
+    pub lsn: Lsn,
+    /// `VALIDATED` or `FAILED`.
+    pub status: Verdict,
+    /// Tables compared.
+    pub tables_verified: usize,
+    /// Rows on the source, all tables.
+    pub total_source_rows: u64,
+    /// Rows on the target, all tables.
+    pub total_target_rows: u64,
+    /// Target rows minus source rows.
+    pub variance: i64,
+    /// Rows that differ, all tables.
+    pub differing_rows: u64,
+    /// Per table, in name order.
+    pub tables: Vec<TableReport>,
+}
+
+impl Report {
+    /// The report of `tables` compared at `lsn`.
+    pub fn new(
+        migration_id: String,
+        date: String,
+        lsn: Lsn,
+        mut tables: Vec<TableReport>,
+    ) -> Report {
+        tables.sort_by(|a, b| a.table.cmp(&b.table));
+        let total_source_rows = tables.iter().map(|t| t.source_rows).sum();
+        let total_target_rows = tables.iter().map(|t| t.target_rows).sum();
+        let differing_rows = tables.iter().map(TableReport::differing).sum();
+        let status = if tables.iter().all(TableReport::equal_on_both_sides) {
+            Verdict::Validated
+        } else {
+            Verdict::Failed
+        };
+        Report {
+            migration_id,
+            date,
+            lsn,
+            status,
+            tables_verified: tables.len(),
+            total_source_rows,
+            total_target_rows,
+            variance: total_target_rows as i64 - total_source_rows as i64,
+            differing_rows,
+            tables,
+        }
+    }
+
+    /// The report for a person.
+    pub fn to_human(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "verified {} tables as of source LSN {} ({} rows on the source, {} on the target)",
+            self.tables_verified, self.lsn, self.total_source_rows, self.total_target_rows
+        );
+        let width = self
+            .tables
+            .iter()
+            .map(|t| t.table.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let _ = writeln!(
+            out,
+            "{:width$}  {:>12}  {:>12}  {:>12}  {:>8}  {:>8}  {:>8}",
+            "table", "source rows", "target rows", "equal", "missing", "extra", "changed"
+        );
+        for t in &self.tables {
+            let _ = writeln!(
+                out,
+                "{:width$}  {:>12}  {:>12}  {:>12}  {:>8}  {:>8}  {:>8}",
+                t.table, t.source_rows, t.target_rows, t.equal, t.missing, t.extra, t.changed
+            );
+        }
+        for t in self.tables.iter().filter(|t| !t.equal_on_both_sides()) {
+            let _ = writeln!(out, "\n{}:", t.table);
+            if !t.missing_columns.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  columns missing on the target (not compared): {}",
+                    t.missing_columns.join(", ")
+                );
+            }
+            for s in &t.samples {
+                if s.columns.is_empty() {
+                    let _ = writeln!(out, "  {}: {}", s.kind.label(), s.key);
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "  {}: {} in {}",
+                        s.kind.label(),
+                        s.key,
+                        s.columns.join(", ")
+                    );
+                }
+            }
+            let shown = t.samples.len() as u64;
+            if t.differing() > shown {
+                let _ = writeln!(out, "  ... and {} more", t.differing() - shown);
+            }
+        }
+        let _ = match self.status {
+            Verdict::Validated => writeln!(
+                out,
+                "\nVALIDATED: the target holds exactly what the source held at {}",
+                self.lsn
+            ),
+            Verdict::Failed => writeln!(
+                out,
+                "\nFAILED: {} rows differ (target minus source rows: {})",
+                self.differing_rows, self.variance
+            ),
+        };
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str, missing: u64) -> TableReport {
+        let mut t = TableReport::new(name.into(), Vec::new());
+        t.set_tally(Tally {
+            source_rows: 10,
+            target_rows: 10 - missing,
+            equal: 10 - missing,
+            missing,
+            extra: 0,
+            changed: 0,
+        });
+        t
+    }
+
+    #[test]
+    fn one_differing_table_fails_the_whole_verify() {
+        let lsn: Lsn = "0/10".parse().unwrap();
+        let ok = Report::new(
+            "m".into(),
+            "d".into(),
+            lsn,
+            vec![table("b", 0), table("a", 0)],
+        );
+        assert_eq!(ok.status, Verdict::Validated);
+        assert_eq!(ok.tables[0].table, "a");
+        assert!(ok.to_human().contains("VALIDATED"));
+        let mut bad = table("c", 2);
+        for i in 0..3 {
+            bad.add_sample(
+                Sample {
+                    kind: SampleKind::MissingOnTarget,
+                    key: format!("(id={i})"),
+                    columns: Vec::new(),
+                },
+                1,
+            );
+        }
+        assert_eq!(bad.samples.len(), 1);
+        let failed = Report::new("m".into(), "d".into(), lsn, vec![table("a", 0), bad]);
+        assert_eq!(failed.status, Verdict::Failed);
+        assert_eq!((failed.differing_rows, failed.variance), (2, -2));
+        let human = failed.to_human();
+        assert!(human.contains("missing on target: (id=0)"), "{human}");
+        assert!(human.contains("... and 1 more"), "{human}");
+        assert!(
+            serde_json::to_string(&failed)
+                .unwrap()
+                .contains("\"status\":\"FAILED\"")
+        );
+    }
+}

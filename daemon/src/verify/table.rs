@@ -1,0 +1,241 @@
+//! One table compared: the same query on both servers, each in the
+//! snapshot of the compared position, read as `COPY` text and merged row
+//! by row ([`cutover_conflict::compare::Merge`]).
+//!
+//! Every column is read as `::text`, so that equal values read equal
+//! whatever their type on each side (an `int` source column into a
+//! `bigint` target column, `varchar(n)` into `text`), under the same
+//! session settings on both servers (`client::text_value_settings`).
+//! Rows come ordered by the key: integer keys by value, which the primary
+//! key's index serves; any other key by its text `COLLATE "C"`, which no
+//! server's own collation changes. A table without a key is ordered by
+//! every column's text and compared as a multiset.
+
+use bytes::{Buf, Bytes, BytesMut};
+use cutover_conflict::compare::{Difference, KeyKind, Layout, Merge, Side};
+use cutover_conflict::row::Row;
+use cutover_replication::catalog::{self, Table};
+use cutover_replication::client::describe;
+use cutover_replication::sql::quote_ident;
+use futures_util::StreamExt;
+use tokio_postgres::{Client, CopyOutStream};
+
+use super::VerifyError;
+use super::report::{Sample, SampleKind, TableReport};
+
+/// The column types compared by value: the servers order them
+/// numerically, and so does [`Layout`].
+const INTEGER_TYPES: &[&str] = &["smallint", "integer", "bigint"];
+
+/// How a table is read on both sides.
+#[derive(Debug)]
+pub(super) struct Plan {
+    table: Table,
+    /// `ONLY t`, or `t` when partitioned: the table's own rows.
+    source_rows: String,
+    target_rows: String,
+    layout: Layout,
+    /// Columns of the source that the target lacks: reported, not read.
+    missing_columns: Vec<String>,
+}
+
+impl Plan {
+    /// The plan for `table` of the source, read from `target` on the
+    /// other side.
+    pub(super) fn new(table: Table, target: &Table) -> Plan {
+        let on_target = |name: &str| target.columns.iter().any(|c| c.name == name);
+        let missing_columns: Vec<String> = table
+            .columns
+            .iter()
+            .filter(|c| !on_target(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        let key: Vec<String> = table
+            .primary_key
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| on_target(k))
+            .collect();
+        let mut names = key.clone();
+        names.extend(
+            table
+                .columns
+                .iter()
+                .filter(|c| on_target(&c.name) && !key.contains(&c.name))
+                .map(|c| c.name.clone()),
+        );
+        let layout = if key.is_empty() {
+            Layout::keyless(names)
+        } else {
+            let kinds = key
+                .iter()
+                .map(|k| {
+                    let integer = table
+                        .columns
+                        .iter()
+                        .find(|c| &c.name == k)
+                        .is_some_and(|c| INTEGER_TYPES.contains(&c.type_name.as_str()));
+                    if integer {
+                        KeyKind::Integer
+                    } else {
+                        KeyKind::Bytes
+                    }
+                })
+                .collect();
+            Layout::keyed(kinds, names)
+        };
+        Plan {
+            source_rows: catalog::own_rows(&table.name, table.partitioned),
+            target_rows: catalog::own_rows(&target.name, target.partitioned),
+            table,
+            layout,
+            missing_columns,
+        }
+    }
+
+    /// The `COPY` of the rows of `from`, key first, in key order.
+    fn copy_sql(&self, from: &str) -> String {
+        let fields: Vec<String> = self
+            .layout
+            .names
+            .iter()
+            .map(|n| format!("{}::text", quote_ident(n)))
+            .collect();
+        let order: Vec<String> = self
+            .layout
+            .key
+            .iter()
+            .zip(&self.layout.names)
+            .map(|(kind, name)| match kind {
+                KeyKind::Integer => quote_ident(name),
+                KeyKind::Bytes => format!("{}::text COLLATE \"C\"", quote_ident(name)),
+            })
+            .collect();
+        format!(
+            "COPY (SELECT {} FROM {from} ORDER BY {}) TO STDOUT",
+            fields.join(", "),
+            order.join(", ")
+        )
+    }
+}
+
+/// Lines of a `COPY ... TO STDOUT` in text format, one row at a time.
+struct Lines {
+    stream: std::pin::Pin<Box<CopyOutStream>>,
+    buffer: BytesMut,
+    done: bool,
+}
+
+impl Lines {
+    async fn open(client: &Client, sql: &str) -> Result<Lines, tokio_postgres::Error> {
+        Ok(Lines {
+            stream: Box::pin(client.copy_out(sql).await?),
+            buffer: BytesMut::new(),
+            done: false,
+        })
+    }
+
+    /// The next row, or `None` at the end.
+    async fn next(&mut self) -> Result<Option<Row>, tokio_postgres::Error> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Bytes = self.buffer.split_to(end).freeze();
+                self.buffer.advance(1);
+                return Ok(Some(Row::parse(&line)));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.stream.next().await {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk?),
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+/// Compares one table on `source` and `target` (each inside the compared
+/// position's snapshot), keeping up to `samples` differences of each kind.
+pub(super) async fn compare(
+    plan: &Plan,
+    source: &Client,
+    target: &Client,
+    samples: usize,
+) -> Result<TableReport, VerifyError> {
+    let name = &plan.table.name;
+    let read_error = |role: &'static str| {
+        move |err: tokio_postgres::Error| VerifyError::Query {
+            role,
+            what: format!("reading {name}"),
+            detail: describe(&err),
+        }
+    };
+    let mut source_rows = Lines::open(source, &plan.copy_sql(&plan.source_rows))
+        .await
+        .map_err(read_error("source"))?;
+    let mut target_rows = Lines::open(target, &plan.copy_sql(&plan.target_rows))
+        .await
+        .map_err(read_error("target"))?;
+    let mut merge = Merge::new(plan.layout.clone());
+    let mut report = TableReport::new(name.to_string(), plan.missing_columns.clone());
+    while let Some(side) = merge.wants() {
+        let row = match side {
+            Side::Source => source_rows.next().await.map_err(read_error("source"))?,
+            Side::Target => target_rows.next().await.map_err(read_error("target"))?,
+        };
+        match row {
+            Some(row) => merge.push(side, row),
+            None => merge.finish(side),
+        }
+        for difference in merge.take() {
+            report.add_sample(sample(&plan.layout, &difference), samples);
+        }
+    }
+    report.set_tally(merge.tally());
+    Ok(report)
+}
+
+/// A difference as a report shows it: its key (or whole row, for a table
+/// without a key) and the columns that differ.
+fn sample(layout: &Layout, difference: &Difference) -> Sample {
+    let key = |row: &Row| -> String {
+        let pairs: Vec<String> = (0..layout.key.len())
+            .map(|i| {
+                let value = row.value(i).unwrap_or_else(|| "NULL".to_owned());
+                format!("{}={}", layout.names[i], shorten(&value))
+            })
+            .collect();
+        format!("({})", pairs.join(", "))
+    };
+    match difference {
+        Difference::Missing { source } => Sample {
+            kind: SampleKind::MissingOnTarget,
+            key: key(source),
+            columns: Vec::new(),
+        },
+        Difference::Extra { target } => Sample {
+            kind: SampleKind::ExtraOnTarget,
+            key: key(target),
+            columns: Vec::new(),
+        },
+        Difference::Changed { source, fields, .. } => Sample {
+            kind: SampleKind::Changed,
+            key: key(source),
+            columns: fields
+                .iter()
+                .filter_map(|i| layout.names.get(*i).cloned())
+                .collect(),
+        },
+    }
+}
+
+/// A value cut to a readable length.
+fn shorten(value: &str) -> String {
+    const MAX: usize = 64;
+    if value.len() > MAX {
+        format!("{}...", &value[..value.floor_char_boundary(MAX)])
+    } else {
+        value.to_owned()
+    }
+}

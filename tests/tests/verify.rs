@@ -1,0 +1,231 @@
+//! `cutover verify` against real servers: under a concurrent write load it
+//! reports no difference, time after time; every kind of difference made
+//! on the target behind cutover's back is found with its key and column;
+//! a target column of a wider type compares equal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cutover_tests::{ClusterOptions, Daemon, Outcome, Pair, run_cutover};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+const SCHEMA: &str = "
+CREATE TABLE accounts (id bigint PRIMARY KEY, owner text, balance int, note text);
+ALTER TABLE accounts ALTER COLUMN note SET STORAGE EXTERNAL;
+CREATE TABLE codes (code text COLLATE \"C\" PRIMARY KEY, label text);
+CREATE TABLE audit (at int, what text);";
+
+const SEED: &str = "
+INSERT INTO accounts SELECT g, 'owner' || g, g * 10, CASE WHEN g % 10 = 0 THEN repeat('n', 4000) END
+  FROM generate_series(1, 2000) g;
+INSERT INTO codes SELECT 'c' || g, 'label' || g FROM generate_series(1, 300) g;
+INSERT INTO codes VALUES ('Zed', 'upper'), ('a b', 'space'), (E'tab\\there', 'tab');
+INSERT INTO audit SELECT g % 50, 'seen' FROM generate_series(1, 400) g;";
+
+/// Writes on the source until stopped: updates, inserts and deletes on
+/// every table, some in multi-statement transactions.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    async fn start(pair: &Pair) -> Writer {
+        let client = pair.source.client("app").await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let (s, d) = (Arc::clone(&stop), Arc::clone(&done));
+        let task = tokio::spawn(async move {
+            let mut n: u64 = 0;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let id = 1 + n % 2500;
+                let sql = match n % 5 {
+                    0 => format!(
+                        "INSERT INTO accounts VALUES ({id}, 'w{n}', {n}, NULL) ON CONFLICT (id) DO UPDATE SET balance = excluded.balance"
+                    ),
+                    1 => format!("UPDATE accounts SET balance = balance + 1 WHERE id = {id}"),
+                    2 => format!(
+                        "BEGIN; DELETE FROM accounts WHERE id = {id}; INSERT INTO audit VALUES ({n}, 'deleted'); COMMIT;"
+                    ),
+                    3 => format!(
+                        "UPDATE codes SET label = 'l{n}' WHERE code = 'c{}'",
+                        n % 300
+                    ),
+                    _ => format!(
+                        "BEGIN; INSERT INTO audit VALUES ({n}, 'x'); UPDATE accounts SET note = repeat('m', 3000) WHERE id = {id}; COMMIT;"
+                    ),
+                };
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Writer { stop, done, task }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("the writer panicked");
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Schema on both sides, seed rows on the source, the copy done and the
+/// stream caught up, then the daemon stopped: a migration ready to verify.
+async fn migrated(pair: &Pair, dir: &std::path::Path, target_schema: &str) -> std::path::PathBuf {
+    pair.source.execute("app", SCHEMA).await;
+    pair.target.execute("app", target_schema).await;
+    pair.on_source(SEED).await;
+    let config = pair.config(dir, "");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["accounts", "codes", "audit"], WAIT)
+        .await;
+    config
+}
+
+fn verify(config: &std::path::Path, format: &str) -> Outcome {
+    run_cutover(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "verify",
+            "--format",
+            format,
+        ],
+        &[],
+    )
+}
+
+#[tokio::test]
+async fn a_verify_under_concurrent_writes_reports_no_difference_time_after_time() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = migrated(&pair, dir.path(), SCHEMA).await;
+    let writer = Writer::start(&pair).await;
+    let mut positions = Vec::new();
+    for round in 0..4 {
+        // Off the test's thread, so that the writer keeps writing.
+        let path = config.clone();
+        let outcome = tokio::task::spawn_blocking(move || verify(&path, "json"))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome.code,
+            0,
+            "round {round}: verify found a difference under load:\n{}",
+            outcome.all_output()
+        );
+        let report: serde_json::Value = serde_json::from_str(&outcome.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", outcome.all_output()));
+        assert_eq!(report["status"], "VALIDATED", "{}", outcome.stdout);
+        assert_eq!(report["tables_verified"], 3);
+        assert_eq!(report["differing_rows"], 0);
+        assert!(report["total_source_rows"].as_u64().unwrap() > 2000);
+        positions.push(report["lsn"].as_str().unwrap().to_owned());
+    }
+    let writes = writer.stop().await;
+    assert!(writes > 50, "the writer made only {writes} transactions");
+    // Each verify compared a later position: the load went on meanwhile.
+    let mut sorted = positions.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), positions.len(), "{positions:?}");
+    let saved = std::fs::read_to_string(dir.path().join("state/validation_report.json"))
+        .expect("validation_report.json in the state directory");
+    assert!(saved.contains("\"status\": \"VALIDATED\""), "{saved}");
+}
+
+#[tokio::test]
+async fn each_difference_made_on_the_target_is_found_with_its_key_and_column() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = migrated(&pair, dir.path(), SCHEMA).await;
+    // Behind cutover's back, on the target only.
+    pair.target
+        .execute(
+            "app",
+            "DELETE FROM accounts WHERE id = 17;
+             INSERT INTO accounts VALUES (999999, 'ghost', 0, NULL);
+             UPDATE accounts SET balance = -1 WHERE id = 42;
+             UPDATE accounts SET note = repeat('x', 4000) WHERE id = 50;
+             UPDATE codes SET label = 'tampered' WHERE code = E'tab\\there';
+             INSERT INTO audit VALUES (3, 'seen');",
+        )
+        .await;
+    let outcome = verify(&config, "human");
+    let out = outcome.all_output();
+    assert_eq!(outcome.code, 1, "{out}");
+    for expected in [
+        "missing on target: (id=17)",
+        "extra on target: (id=999999)",
+        "changed: (id=42) in balance",
+        "changed: (id=50) in note",
+        "changed: (code=tab\there) in label",
+        "extra on target: (at=3, what=seen)",
+        "FAILED: 6 rows differ",
+    ] {
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+    }
+    let json = verify(&config, "json");
+    let report: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(report["status"], "FAILED");
+    let accounts = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "public.accounts")
+        .unwrap();
+    assert_eq!(
+        (
+            accounts["missing"].as_u64(),
+            accounts["extra"].as_u64(),
+            accounts["changed"].as_u64()
+        ),
+        (Some(1), Some(1), Some(2))
+    );
+}
+
+#[tokio::test]
+async fn a_target_column_of_a_wider_type_compares_equal() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wider = "
+CREATE TABLE accounts (id bigint PRIMARY KEY, owner varchar(200), balance bigint, note text);
+CREATE TABLE codes (code text COLLATE \"C\" PRIMARY KEY, label text);
+CREATE TABLE audit (at bigint, what text);";
+    let config = migrated(&pair, dir.path(), wider).await;
+    let outcome = verify(&config, "human");
+    assert_eq!(outcome.code, 0, "{}", outcome.all_output());
+    assert!(outcome.stdout.contains("VALIDATED"), "{}", outcome.stdout);
+}
+
+#[tokio::test]
+async fn verify_says_what_to_do_when_the_daemon_runs_or_the_copy_is_not_done() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    pair.both(SCHEMA).await;
+    let config = pair.config(dir.path(), "");
+    let outcome = verify(&config, "human");
+    assert_eq!(outcome.code, 1, "{}", outcome.all_output());
+    assert!(
+        outcome
+            .stderr
+            .contains("the snapshot copy has not finished"),
+        "{}",
+        outcome.all_output()
+    );
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let outcome = verify(&config, "human");
+    assert_eq!(outcome.code, 1, "{}", outcome.all_output());
+    assert!(
+        outcome.stderr.contains("stop the daemon"),
+        "{}",
+        outcome.all_output()
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
