@@ -14,6 +14,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use cutover_replication::Lsn;
 use cutover_replication::secret::Secret;
 use futures_util::Sink;
 use futures_util::stream;
@@ -32,7 +33,8 @@ use pgwire::messages::data::DataRow;
 use tokio::net::TcpListener;
 
 use crate::config::ConsoleAuth;
-use crate::live::Status;
+use crate::hold::Hold;
+use crate::live::{DaemonState, Status};
 use crate::store::{Store, TableCopyState};
 
 /// SCRAM iteration count (PostgreSQL's default).
@@ -42,11 +44,10 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str =
-    "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], PAUSE, RESUME";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE";
 
 /// A parsed console command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Command {
     Status,
     Tables,
@@ -54,6 +55,10 @@ enum Command {
     History(Option<usize>),
     Pause,
     Resume,
+    /// A verify's hold: `HOLD`, or `HOLD AT 'lsn'` (see `crate::hold`).
+    Hold(Option<Lsn>),
+    Release,
+    ShowHold,
 }
 
 /// Parses one command (no semicolons), case-insensitively.
@@ -72,6 +77,14 @@ fn parse(text: &str) -> Result<Command, String> {
                 "SHOW HISTORY takes a positive number of samples or ALL, not {n:?}"
             )),
         },
+        ["SHOW", "HOLD"] => Ok(Command::ShowHold),
+        ["HOLD"] => Ok(Command::Hold(None)),
+        ["HOLD", "AT", lsn] => lsn
+            .trim_matches('\'')
+            .parse::<Lsn>()
+            .map(|lsn| Command::Hold(Some(lsn)))
+            .map_err(|_| format!("HOLD AT takes a WAL position like '0/16B3748', not {lsn}")),
+        ["RELEASE"] => Ok(Command::Release),
         ["PAUSE"] => Ok(Command::Pause),
         ["RESUME"] => Ok(Command::Resume),
         _ => Err(format!(
@@ -122,9 +135,12 @@ where
             Ok((socket, peer)) => {
                 let handlers = Arc::clone(&handlers);
                 tokio::spawn(async move {
+                    let queries = Arc::clone(&handlers.queries);
                     if let Err(err) = pgwire::tokio::process_socket(socket, None, handlers).await {
                         tracing::debug!(%peer, error = %err, "console connection ended");
                     }
+                    // A verify's hold never outlives its connection.
+                    queries.status.hold.release_by(&peer.to_string());
                 });
             }
             Err(err) => {
@@ -245,6 +261,47 @@ impl Queries {
                 let changed = self.status.set_paused(false);
                 tracing::info!(%peer, changed, "console: RESUME");
                 Ok(Response::Execution(Tag::new("RESUME")))
+            }
+            Command::Hold(position) => {
+                let state = self.status.state();
+                if state != DaemonState::Streaming {
+                    return Err(format!(
+                        "the daemon is {}: a verify holds a streaming daemon only{}",
+                        state.name(),
+                        if state == DaemonState::Paused {
+                            " (RESUME it first)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                let owner = peer.to_owned();
+                let hold = match position {
+                    None => Hold::Armed { owner },
+                    Some(lsn) => Hold::At { lsn, owner },
+                };
+                tracing::info!(%peer, ?hold, "console: HOLD (a verify takes the target's position)");
+                self.status.hold.set(hold);
+                Ok(Response::Execution(Tag::new("HOLD")))
+            }
+            Command::Release => {
+                tracing::info!(%peer, "console: RELEASE");
+                self.status.hold.set(Hold::Off);
+                Ok(Response::Execution(Tag::new("RELEASE")))
+            }
+            Command::ShowHold => {
+                let hold = self.status.hold.current();
+                let mut table = Table::new(&[
+                    ("hold", Type::TEXT),
+                    ("position", Type::PG_LSN),
+                    ("reached_lsn", Type::PG_LSN),
+                ]);
+                table.push(vec![
+                    Cell::Text(Some(hold.name().to_owned())),
+                    Cell::Text(hold.limit().map(|l| l.to_string())),
+                    Cell::Text(self.status.hold.reached().map(|l| l.to_string())),
+                ]);
+                Ok(table.response())
             }
         }
     }

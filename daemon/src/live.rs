@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::direction::Direction;
+use crate::hold::HoldSwitch;
 use crate::metrics::Metrics;
 use crate::store::now_secs;
 
@@ -179,6 +180,8 @@ pub struct Status {
     /// The Prometheus families.
     pub metrics: Metrics,
     pause: watch::Sender<bool>,
+    /// A verify's hold on the applier ([`crate::hold`]).
+    pub hold: HoldSwitch,
     slot: String,
     direction: Direction,
     started_at: u64,
@@ -201,6 +204,7 @@ impl Status {
             }),
             metrics: Metrics::new(),
             pause: watch::channel(false).0,
+            hold: HoldSwitch::default(),
             slot: slot.to_owned(),
             direction,
             started_at: now_secs(),

@@ -10,6 +10,7 @@ mod console;
 mod copy;
 mod coverage;
 mod direction;
+mod hold;
 mod http;
 mod live;
 mod metrics;

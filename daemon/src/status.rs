@@ -202,7 +202,12 @@ pub async fn run(config: &Config) -> Result<Summary, StatusError> {
     }
 }
 
-async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, String> {
+/// A connection to the running daemon's admin console at `addr`.
+pub(crate) async fn connect_console(
+    addr: SocketAddr,
+    auth: &ConsoleAuth,
+    application_name: &str,
+) -> Result<tokio_postgres::Client, String> {
     let host = if addr.ip().is_unspecified() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {
@@ -213,19 +218,29 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
         .port(addr.port())
         .user("cutover")
         .dbname("cutover")
-        .application_name("cutover status")
+        .application_name(application_name)
         .connect_timeout(CONSOLE_TIMEOUT);
     if let ConsoleAuth::Password(password) = auth {
         pg.password(password.expose());
     }
+    let (client, connection) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The address of the running daemon's console, from `listen.json`.
+pub(crate) fn console_address(dir: &Path) -> Option<SocketAddr> {
+    listening(dir).and_then(|l| l.console)
+}
+
+async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, String> {
     let work = async {
-        let (client, connection) = pg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let client = connect_console(addr, auth, "cutover status").await?;
         let status = rows(&client, "SHOW STATUS").await?;
         let lag = rows(&client, "SHOW LAG").await?;
         let tables = rows(&client, "SHOW TABLES").await?;
@@ -281,7 +296,7 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
     })
 }
 
-async fn rows(
+pub(crate) async fn rows(
     client: &tokio_postgres::Client,
     command: &str,
 ) -> Result<Vec<SimpleQueryRow>, String> {
@@ -297,7 +312,7 @@ async fn rows(
         .collect())
 }
 
-fn text(row: &SimpleQueryRow, column: &str) -> Option<String> {
+pub(crate) fn text(row: &SimpleQueryRow, column: &str) -> Option<String> {
     row.try_get(column).ok().flatten().map(str::to_owned)
 }
 

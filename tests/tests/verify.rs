@@ -205,7 +205,44 @@ CREATE TABLE audit (at bigint, what text);";
 }
 
 #[tokio::test]
-async fn verify_says_what_to_do_when_the_daemon_runs_or_the_copy_is_not_done() {
+async fn a_verify_beside_a_streaming_daemon_under_load_finds_nothing_and_the_daemon_goes_on() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    pair.source.execute("app", SCHEMA).await;
+    pair.target.execute("app", SCHEMA).await;
+    pair.on_source(SEED).await;
+    // The console (loopback, no password) is how verify holds the daemon.
+    let config = pair.config(dir.path(), "allow_no_password = true\n");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let writer = Writer::start(&pair).await;
+    for round in 0..3 {
+        let path = config.clone();
+        let outcome = tokio::task::spawn_blocking(move || verify(&path, "human"))
+            .await
+            .unwrap();
+        assert_eq!(
+            outcome.code,
+            0,
+            "round {round}: verify beside the daemon found a difference under load:\n{}\ndaemon:\n{}",
+            outcome.all_output(),
+            daemon.log()
+        );
+        assert!(outcome.stdout.contains("VALIDATED"), "{}", outcome.stdout);
+    }
+    let writes = writer.stop().await;
+    assert!(writes > 50, "the writer made only {writes} transactions");
+    // Released: the daemon applies everything written meanwhile.
+    assert!(
+        daemon.log().contains("applier held for a verify"),
+        "{}",
+        daemon.log()
+    );
+    pair.finish(&mut daemon, &["accounts", "codes", "audit"], WAIT)
+        .await;
+}
+
+#[tokio::test]
+async fn verify_says_what_to_do_before_the_copy_and_when_the_console_is_off() {
     let pair = Pair::start(ClusterOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     pair.both(SCHEMA).await;
@@ -219,13 +256,61 @@ async fn verify_says_what_to_do_when_the_daemon_runs_or_the_copy_is_not_done() {
         "{}",
         outcome.all_output()
     );
+    // A daemon without a console cannot be held.
     let mut daemon = Daemon::start_streaming(&config).await;
     let outcome = verify(&config, "human");
     assert_eq!(outcome.code, 1, "{}", outcome.all_output());
     assert!(
-        outcome.stderr.contains("stop the daemon"),
+        outcome.stderr.contains("admin console is off"),
         "{}",
         outcome.all_output()
     );
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn a_verify_killed_while_it_holds_the_daemon_never_leaves_it_held() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    pair.source.execute("app", SCHEMA).await;
+    pair.target.execute("app", SCHEMA).await;
+    pair.on_source(SEED).await;
+    let config = pair.config(dir.path(), "allow_no_password = true\n");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let writer = Writer::start(&pair).await;
+    // A transaction open on the source: the verify's slot waits for it to
+    // end, so the verify is killed while it holds the daemon.
+    let open = pair.source.client("app").await;
+    open.batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let mut verify = std::process::Command::new(cutover_tests::cli::cutover_bin())
+        .args(["--config", config.to_str().unwrap(), "verify"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start cutover verify");
+    cutover_tests::wait_for("the verify to hold the daemon", WAIT, || async {
+        daemon.log().contains("console: HOLD").then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(verify.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = verify.wait();
+    open.batch_execute("COMMIT").await.unwrap();
+    cutover_tests::wait_for("the daemon to release the hold", WAIT, || async {
+        daemon
+            .log()
+            .contains("the console connection holding the applier ended: released")
+            .then_some(())
+    })
+    .await;
+    writer.stop().await;
+    // The hold ended with the verify's connection: everything written
+    // reaches the target.
+    pair.finish(&mut daemon, &["accounts", "codes", "audit"], WAIT)
+        .await;
 }

@@ -11,6 +11,7 @@ use cutover_replication::sink::Sink;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ApplySettings;
+use crate::hold::Hold;
 use crate::live::Status;
 
 use super::RunError;
@@ -25,12 +26,14 @@ pub(super) async fn apply_work<S: Sink>(
     settings: ApplySettings,
     shutdown: watch::Receiver<bool>,
     status: Arc<Status>,
+    until_stop: Option<Lsn>,
 ) -> Result<(), RunError>
 where
     RunError: From<S::Error>,
 {
     let mut held: Option<Work> = None;
     let mut pause = status.pause_watch();
+    let mut hold = status.hold.watch();
     loop {
         if *shutdown.borrow() {
             break;
@@ -48,6 +51,13 @@ where
             tracing::info!("applier resumed");
             continue;
         }
+        // A verify's hold (see `crate::hold`): nothing new while armed;
+        // with a position, what commits before it.
+        let limit = match &*hold.borrow_and_update() {
+            Hold::Off => None,
+            Hold::Armed { .. } => Some(Lsn::ZERO),
+            Hold::At { lsn, .. } => Some(*lsn),
+        };
         let first = match held.take() {
             Some(item) => item,
             None => {
@@ -55,8 +65,10 @@ where
                 tokio::select! {
                     biased;
                     () = stopped(&mut stop) => break,
-                    // PAUSE while idle: look again before taking anything.
+                    // PAUSE or a hold while idle: look again before
+                    // taking anything.
                     Ok(()) = pause.changed() => continue,
+                    Ok(()) = hold.changed() => continue,
                     // Batches committed asynchronously: report them durable
                     // once the target flushed them.
                     () = tokio::time::sleep(FLUSH_CHECK_EVERY), if applier.flush_pending() => {
@@ -70,13 +82,34 @@ where
                 }
             }
         };
+        if let Some(limit) = limit
+            && beyond(&first, limit)
+        {
+            // Everything before the hold's position is applied: make it
+            // durable, say so, and wait for the hold to change.
+            if !matches!(first, Work::Reached(_)) {
+                held = Some(first);
+            }
+            let position = applier.wait_durable().await?;
+            let _ = durable.send(position);
+            status.hold.stopped_at(position);
+            tracing::info!(%position, hold = %limit, "applier held for a verify");
+            let mut stop = shutdown.clone();
+            tokio::select! {
+                () = stopped(&mut stop) => break,
+                _ = hold.changed() => {}
+            }
+            continue;
+        }
         match first {
             // The session was asked to stop here: what is applied is
             // flushed and reported below.
-            Work::Reached(until) => {
+            Work::Reached(until) if until_stop == Some(until) => {
                 tracing::info!(%until, applied = %applier.applied(), "reached the position asked for");
                 break;
             }
+            // A marker of an earlier hold: nothing to do.
+            Work::Reached(_) => {}
             Work::Spilled(path, commit) => {
                 applier
                     .apply_spilled(&path, &commit, settings.batch_rows)
@@ -107,7 +140,9 @@ where
                         },
                     };
                     match next {
-                        Some(Work::Memory(tx, permit)) => {
+                        Some(Work::Memory(tx, permit))
+                            if limit.is_none_or(|l| tx.commit_lsn < l) =>
+                        {
                             rows += tx.changes.len();
                             bytes += permit.num_permits();
                             batch.push(tx);
@@ -211,3 +246,14 @@ pub(super) const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// How long a stopping applier waits for the target to flush what it
 /// committed before it reports only what is known durable.
 pub(super) const SHUTDOWN_FLUSH_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether `work` is at or past a hold's position: a transaction that
+/// commits there or later, or the reader's word that everything before it
+/// is queued.
+fn beyond(work: &Work, limit: Lsn) -> bool {
+    match work {
+        Work::Memory(tx, _) => tx.commit_lsn >= limit,
+        Work::Spilled(_, commit) => commit.commit_lsn >= limit,
+        Work::Reached(lsn) => *lsn >= limit,
+    }
+}

@@ -105,6 +105,12 @@ impl Queue {
         Ok(true)
     }
 
+    /// Tells the applier, if the queue has room, that everything before
+    /// `position` is queued; returns whether it was told.
+    pub(super) fn mark(&self, position: Lsn) -> bool {
+        self.work.try_send(Work::Reached(position)).is_ok()
+    }
+
     /// Tells the applier that everything before `until` is queued and
     /// nothing after it will be.
     pub(super) async fn reached(&self, until: Lsn) -> Result<(), RunError> {

@@ -43,6 +43,8 @@ pub(super) async fn read_stream(
     let mut feedback = tokio::time::interval(FEEDBACK_EVERY);
     feedback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acknowledged = assembly.forwarded();
+    // The last hold position the applier was told the reader passed.
+    let mut marked: Option<Lsn> = None;
     loop {
         // What one read brought is decoded in one go; the duties below
         // (shutdown, durability, acknowledgements) are looked at between
@@ -70,7 +72,8 @@ pub(super) async fn read_stream(
                         stream.send_status().await?;
                         acknowledged = lsn;
                     }
-                    if until.is_some() && !decoder.in_transaction() {
+                    let waiting = until.is_some() || queue.status.hold.target().is_some();
+                    if waiting && !decoder.in_transaction() {
                         // Waiting for a position on a quiet source: ask
                         // how far it has read rather than wait for its
                         // keepalive (every wal_sender_timeout / 2).
@@ -101,6 +104,17 @@ pub(super) async fn read_stream(
                 {
                     queue.reached(until).await?;
                     break;
+                }
+                // The same for a verify's hold on a running daemon; the
+                // reader goes on. A full queue holds transactions before
+                // the marker would go: the next keepalive tries again.
+                if let Some(target) = queue.status.hold.target()
+                    && wal_end >= target
+                    && !decoder.in_transaction()
+                    && marked != Some(target)
+                    && queue.mark(target)
+                {
+                    marked = Some(target);
                 }
                 // Nothing in flight and everything forwarded is durable:
                 // the source may forget up to here (as PostgreSQL's own

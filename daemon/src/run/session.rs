@@ -89,6 +89,7 @@ pub(super) async fn stream_once(
         settings,
         shutdown,
         Arc::clone(status),
+        until,
     )
     .await;
     match applied {

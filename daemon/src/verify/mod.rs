@@ -16,14 +16,17 @@
 //!    by row ([`table`]); the result is a [`report::Report`].
 //!
 //! A change in flight can never show as a difference: both sides are read
-//! in snapshots of the same position. Today verify does the catch-up
-//! itself and so needs the daemon stopped (it holds the state store while
-//! it runs, so that no daemon starts meanwhile).
+//! in snapshots of the same position. With no daemon running, verify does
+//! the catch-up itself (holding the state store, so that no daemon starts
+//! meanwhile); beside a running daemon it holds the daemon's applier at
+//! the position through the admin console ([`crate::hold`]) just long
+//! enough to take the target's snapshot.
 //!
 //! # Layout
 //!
-//! This module only wires the parts together: [`table`] (one table read
-//! and compared) and [`report`] (what is shown and written).
+//! This module only wires the parts together: [`daemon`] (holding a
+//! running daemon), [`table`] (one table read and compared) and
+//! [`report`] (what is shown and written).
 
 use std::sync::Arc;
 
@@ -41,6 +44,7 @@ use crate::live::Status;
 use crate::run::{self, RunError};
 use crate::store::{Store, StoreError};
 
+mod daemon;
 mod report;
 mod table;
 
@@ -53,11 +57,12 @@ pub const REPORT_FILE: &str = "validation_report.json";
 /// is in the [`Report`].
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    /// The state store could not be opened (a running daemon holds it).
-    #[error(
-        "{0}; cutover verify brings the target to the compared position itself and cannot run beside a daemon yet: stop the daemon (SIGTERM), verify, and start it again"
-    )]
+    /// The state store could not be opened.
+    #[error("{0}")]
     Store(#[from] StoreError),
+    /// The running daemon could not be held at the compared position.
+    #[error("the running daemon: {0}")]
+    Daemon(String),
     /// The snapshot copy has not finished.
     #[error(
         "the snapshot copy has not finished (state.dir {0}): run `cutover run` until it streams, then verify"
@@ -128,16 +133,31 @@ async fn connect(config: &Config, role: &'static str) -> Result<Client, VerifyEr
     Ok(client)
 }
 
+/// How the target is brought to the compared position.
+enum CatchUp {
+    /// No daemon runs: the verify streams itself, holding the state store
+    /// so that no daemon starts meanwhile.
+    Own(Store),
+    /// A daemon streams: it is held through its console.
+    Daemon(Client),
+}
+
 /// Verifies every table in scope and writes the report to the state
 /// directory.
 pub async fn run(config: &Config) -> Result<Report, VerifyError> {
-    let store = Store::open(&config.state_dir)?;
-    let copied = store.copy_run()?.is_some_and(|r| r.finished);
-    if !copied {
-        return Err(VerifyError::NotCopied(
-            config.state_dir.display().to_string(),
-        ));
-    }
+    let catch_up = match Store::open(&config.state_dir) {
+        Ok(store) => {
+            let copied = store.copy_run()?.is_some_and(|r| r.finished);
+            if !copied {
+                return Err(VerifyError::NotCopied(
+                    config.state_dir.display().to_string(),
+                ));
+            }
+            CatchUp::Own(store)
+        }
+        Err(StoreError::Locked { .. }) => CatchUp::Daemon(daemon::connect(config).await?),
+        Err(err) => return Err(err.into()),
+    };
     let source = connect(config, "source").await?;
     let target = connect(config, "target").await?;
     let tables = copy::tables_in_scope(&source, config).await?;
@@ -152,9 +172,16 @@ pub async fn run(config: &Config) -> Result<Report, VerifyError> {
         plans.push(table::Plan::new(table.clone(), on_target));
     }
     drop((source, target));
+    let workers = config.verify.workers.min(plans.len()).max(1);
+
+    // A running daemon applies nothing new from here: all it applied
+    // committed before the position about to be taken.
+    if let CatchUp::Daemon(console) = &catch_up {
+        let parked = daemon::arm(console).await?;
+        tracing::info!(applied = %parked, "the daemon holds while the compared position is taken");
+    }
 
     // 1. The compared position, and the source's snapshot of it.
-    let workers = config.verify.workers.min(plans.len()).max(1);
     let mut session = Session::connect(&config.source.conninfo).await?;
     let slot = format!("cutover_verify_{}", std::process::id());
     let created = session
@@ -175,8 +202,16 @@ pub async fn run(config: &Config) -> Result<Report, VerifyError> {
     tracing::info!(lsn = %at, tables = plans.len(), "comparing both sides as of this source position");
 
     // 2. The target at exactly that position.
-    let status = Arc::new(Status::new(&config.slot, Direction::Forward));
-    run::catch_up(config, &store, &status, at).await?;
+    match &catch_up {
+        CatchUp::Own(store) => {
+            let status = Arc::new(Status::new(&config.slot, Direction::Forward));
+            run::catch_up(config, store, &status, at).await?;
+        }
+        CatchUp::Daemon(console) => {
+            let reached = daemon::hold_at(console, at).await?;
+            tracing::info!(%reached, "the daemon holds at the compared position");
+        }
+    }
 
     // 3. The target's snapshot there, shared by every target reader.
     let mut targets = Vec::with_capacity(workers);
@@ -198,9 +233,34 @@ pub async fn run(config: &Config) -> Result<Report, VerifyError> {
             .map_err(query("target", "importing the verify's snapshot"))?;
         targets.push(client);
     }
+    // The target readers hold the snapshot: the daemon may go on.
+    if let CatchUp::Daemon(console) = &catch_up {
+        daemon::release(console).await?;
+    }
 
     // 4. Every table, `workers` at a time.
-    let samples = config.verify.samples;
+    let reports = compare_all(plans, sources, targets, config.verify.samples).await?;
+    let date = crate::console::timestamp(crate::store::now_secs());
+    let report = Report::new(config.slot.clone(), date, at, reports);
+    let path = config.state_dir.join(REPORT_FILE);
+    let json = serde_json::to_vec_pretty(&report).map_err(|e| VerifyError::Write {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(&path, json).map_err(|e| VerifyError::Write {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(report)
+}
+
+/// Compares `plans` on pairs of readers, one table per pair at a time.
+async fn compare_all(
+    plans: Vec<table::Plan>,
+    sources: Vec<Client>,
+    targets: Vec<Client>,
+    samples: usize,
+) -> Result<Vec<report::TableReport>, VerifyError> {
     let plans = Arc::new(std::sync::Mutex::new(plans));
     let mut tasks = tokio::task::JoinSet::new();
     for (source, target) in sources.into_iter().zip(targets) {
@@ -225,16 +285,5 @@ pub async fn run(config: &Config) -> Result<Report, VerifyError> {
         })?;
         reports.extend(worker?);
     }
-    let date = crate::console::timestamp(crate::store::now_secs());
-    let report = Report::new(config.slot.clone(), date, at, reports);
-    let path = config.state_dir.join(REPORT_FILE);
-    let json = serde_json::to_vec_pretty(&report).map_err(|e| VerifyError::Write {
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    })?;
-    std::fs::write(&path, json).map_err(|e| VerifyError::Write {
-        path: path.display().to_string(),
-        detail: e.to_string(),
-    })?;
-    Ok(report)
+    Ok(reports)
 }

@@ -1,0 +1,106 @@
+//! The running daemon, asked through its admin console to hold the target
+//! at the compared position while the verify takes its snapshot (the
+//! protocol is in [`crate::hold`]).
+
+use std::time::Duration;
+
+use cutover_replication::Lsn;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::status::{connect_console, console_address, rows, text};
+
+use super::VerifyError;
+
+/// How long the applier may take to finish its batch in flight.
+const ARM_WAIT: Duration = Duration::from_secs(120);
+/// How long the daemon may take to apply what the source committed before
+/// the compared position (it may be behind).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(3600);
+
+fn console_error(detail: String) -> VerifyError {
+    VerifyError::Daemon(detail)
+}
+
+/// The console of the daemon that holds the state store.
+pub(super) async fn connect(config: &Config) -> Result<Client, VerifyError> {
+    let Some(addr) = console_address(&config.state_dir) else {
+        return Err(console_error(format!(
+            "a daemon holds {} but its admin console is off: set console.password (or console.password_file) in its config and restart it, so that verify can hold it at the compared position",
+            config.state_dir.display()
+        )));
+    };
+    let client = connect_console(addr, &config.console_auth, "cutover verify")
+        .await
+        .map_err(|e| console_error(format!("its console at {addr} did not answer: {e}")))?;
+    let status = rows(&client, "SHOW STATUS").await.map_err(console_error)?;
+    let state = status
+        .first()
+        .and_then(|row| text(row, "state"))
+        .unwrap_or_default();
+    if state != "streaming" {
+        return Err(console_error(format!(
+            "the daemon is {state}: verify compares a streaming migration (wait until the copy is done; RESUME a paused daemon)"
+        )));
+    }
+    Ok(client)
+}
+
+/// Sends `command` and waits until the daemon's applier stopped under it;
+/// returns where.
+async fn hold(client: &Client, command: &str, wait: Duration) -> Result<Lsn, VerifyError> {
+    client
+        .simple_query(command)
+        .await
+        .map_err(|e| console_error(format!("{command}: {e}")))?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut said = tokio::time::Instant::now();
+    loop {
+        let hold = rows(client, "SHOW HOLD").await.map_err(console_error)?;
+        let row = hold.first();
+        if row.and_then(|r| text(r, "hold")).as_deref() == Some("off") {
+            return Err(console_error(
+                "the daemon released the hold (its stream restarted, or an operator sent RELEASE): run verify again".into(),
+            ));
+        }
+        if let Some(reached) = row
+            .and_then(|r| text(r, "reached_lsn"))
+            .and_then(|l| l.parse().ok())
+        {
+            return Ok(reached);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(console_error(format!(
+                "the daemon did not stop under `{command}` within {wait:?}: it may be far behind the source (see cutover status)"
+            )));
+        }
+        if said.elapsed() > Duration::from_secs(10) {
+            tracing::info!(
+                command,
+                "waiting for the daemon to reach the compared position"
+            );
+            said = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `HOLD`: the daemon applies nothing new.
+pub(super) async fn arm(client: &Client) -> Result<Lsn, VerifyError> {
+    hold(client, "HOLD", ARM_WAIT).await
+}
+
+/// `HOLD AT 'at'`: the daemon applies what commits before `at`, then
+/// nothing.
+pub(super) async fn hold_at(client: &Client, at: Lsn) -> Result<Lsn, VerifyError> {
+    hold(client, &format!("HOLD AT '{at}'"), CATCH_UP_WAIT).await
+}
+
+/// `RELEASE`: the daemon goes on.
+pub(super) async fn release(client: &Client) -> Result<(), VerifyError> {
+    client
+        .simple_query("RELEASE")
+        .await
+        .map(|_| ())
+        .map_err(|e| console_error(format!("RELEASE: {e}")))
+}
