@@ -9,6 +9,7 @@
 //! - [`fingerprint`]: a canonical hash of a row (blake3 over its fields,
 //!   each length-prefixed, NULL distinct from every value), and an
 //!   order-independent digest of a set of rows.
+//! - [`repair`]: the write that undoes each difference.
 //! - [`compare`]: the merge of the two sides' key-ordered rows into
 //!   differences: missing on the target, extra on the target, changed
 //!   columns; tables without a key are compared as multisets of rows.
@@ -22,4 +23,5 @@
 
 pub mod compare;
 pub mod fingerprint;
+pub mod repair;
 pub mod row;

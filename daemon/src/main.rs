@@ -96,6 +96,11 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         format: OutputFormat,
+        /// Make every differing target row equal to the source at the
+        /// compared position (needs the daemon stopped); exit 0 when all
+        /// are repaired.
+        #[arg(long)]
+        repair: bool,
     },
     /// Print the decoded change stream of the source as JSON lines.
     Tail {
@@ -243,7 +248,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Verify { format } => match verify::run(&config).await {
+            Command::Verify { format, repair } => match verify::run(&config, repair).await {
                 Ok(report) => {
                     match format {
                         OutputFormat::Human => print!("{}", report.to_human()),
@@ -255,7 +260,7 @@ fn main() -> ExitCode {
                             }
                         },
                     }
-                    if report.status == verify::Verdict::Validated {
+                    if report.status != verify::Verdict::Failed {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::from(EXIT_FAILURE)

@@ -90,16 +90,13 @@ async fn migrated(pair: &Pair, dir: &std::path::Path, target_schema: &str) -> st
 }
 
 fn verify(config: &std::path::Path, format: &str) -> Outcome {
-    run_cutover(
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "verify",
-            "--format",
-            format,
-        ],
-        &[],
-    )
+    verify_with(config, &["--format", format])
+}
+
+fn verify_with(config: &std::path::Path, args: &[&str]) -> Outcome {
+    let mut all = vec!["--config", config.to_str().unwrap(), "verify"];
+    all.extend_from_slice(args);
+    run_cutover(&all, &[])
 }
 
 #[tokio::test]
@@ -188,6 +185,57 @@ async fn each_difference_made_on_the_target_is_found_with_its_key_and_column() {
         ),
         (Some(1), Some(1), Some(2))
     );
+    assert_ne!(accounts["source_checksum"], accounts["target_checksum"]);
+
+    // --repair writes exactly the differing rows, at the compared position.
+    let target = pair.target.client("app").await;
+    let xmin = "SELECT xmin::text FROM accounts WHERE id = 1";
+    let before: String = target.query_one(xmin, &[]).await.unwrap().get(0);
+    let repaired = verify_with(&config, &["--repair"]);
+    let out = repaired.all_output();
+    assert_eq!(repaired.code, 0, "{out}");
+    for expected in [
+        "repaired: inserted (id=17)",
+        "repaired: deleted (id=999999)",
+        "repaired: updated (id=42)",
+        "repaired: updated (id=50)",
+        "repaired: updated (code=tab\there)",
+        "repaired: deleted (at=3, what=seen)",
+        "REPAIRED: 6 differing rows",
+    ] {
+        assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+    }
+    let after: String = target.query_one(xmin, &[]).await.unwrap().get(0);
+    assert_eq!(after, before, "an equal row was written");
+    let again = verify(&config, "json");
+    let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(report["status"], "VALIDATED", "{}", again.all_output());
+    // The repair carried cutover's origin, recorded at the compared
+    // position: streaming goes on from there, nothing applied twice.
+    let origin: Option<String> = pair
+        .target
+        .client("app")
+        .await
+        .query_one(
+            "SELECT pg_replication_origin_progress('cutover_cutover', false)::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let repaired_at = out
+        .split("as of source LSN ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the compared LSN in the output");
+    assert_eq!(origin.as_deref(), Some(repaired_at), "{out}");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.on_source(
+        "UPDATE accounts SET balance = 7 WHERE id <= 100; INSERT INTO audit VALUES (4, 'later');",
+    )
+    .await;
+    pair.finish(&mut daemon, &["accounts", "codes", "audit"], WAIT)
+        .await;
 }
 
 #[tokio::test]
@@ -313,4 +361,29 @@ async fn a_verify_killed_while_it_holds_the_daemon_never_leaves_it_held() {
     // reaches the target.
     pair.finish(&mut daemon, &["accounts", "codes", "audit"], WAIT)
         .await;
+}
+
+#[tokio::test]
+async fn a_keyless_table_that_streams_only_inserts_is_kept_equal_by_repair() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = migrated(&pair, dir.path(), SCHEMA).await;
+    // `audit` has no key: with the default keyless policy its deletes and
+    // updates do not stream (they are reported as unstreamed rows).
+    pair.on_source("DELETE FROM audit WHERE at = 7; UPDATE audit SET what = 'late' WHERE at = 8;")
+        .await;
+    let found = verify(&config, "human");
+    assert_eq!(found.code, 1, "{}", found.all_output());
+    let repaired = verify_with(&config, &["--repair"]);
+    let out = repaired.all_output();
+    assert_eq!(repaired.code, 0, "{out}");
+    assert!(out.contains("repaired: deleted (at=7, what=seen)"), "{out}");
+    assert!(
+        out.contains("repaired: inserted (at=8, what=late)"),
+        "{out}"
+    );
+    let again = verify(&config, "human");
+    assert_eq!(again.code, 0, "{}", again.all_output());
+    let (source, target) = pair.rows("audit").await;
+    assert_eq!(source, target);
 }

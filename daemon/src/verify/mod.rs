@@ -28,8 +28,10 @@
 //! running daemon), [`table`] (one table read and compared) and
 //! [`report`] (what is shown and written).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use cutover_conflict::repair::Fix;
 use cutover_replication::catalog::{self, TableName};
 use cutover_replication::client::{self, ConnectError, describe};
 use cutover_replication::error::ReplicationError;
@@ -45,6 +47,7 @@ use crate::run::{self, RunError};
 use crate::store::{Store, StoreError};
 
 mod daemon;
+mod repair;
 mod report;
 mod table;
 
@@ -98,6 +101,24 @@ pub enum VerifyError {
     /// The copy's record of the tables could not be read.
     #[error(transparent)]
     Copy(#[from] CopyError),
+    /// `--repair` beside a running daemon.
+    #[error(
+        "--repair writes the target as of the compared position, which a running daemon moves past: stop the daemon (SIGTERM), run verify --repair, and start it again"
+    )]
+    RepairBesideDaemon,
+    /// A table differs in more rows than a repair holds.
+    #[error(
+        "{table} differs in more than {limit} rows: too many to repair row by row; copy it again (empty it on the target and restart the copy) instead"
+    )]
+    TooManyToRepair {
+        /// The table.
+        table: String,
+        /// The most rows one table's repair holds.
+        limit: usize,
+    },
+    /// The repair's writes failed (nothing was written: one transaction).
+    #[error("repairing the target (nothing was written): {0}")]
+    Repair(String),
     /// The report could not be written.
     #[error("writing {path}: {detail}")]
     Write {
@@ -142,9 +163,9 @@ enum CatchUp {
     Daemon(Client),
 }
 
-/// Verifies every table in scope and writes the report to the state
-/// directory.
-pub async fn run(config: &Config) -> Result<Report, VerifyError> {
+/// Verifies every table in scope, with `repair` makes the differing target
+/// rows equal to the source, and writes the report to the state directory.
+pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
     let catch_up = match Store::open(&config.state_dir) {
         Ok(store) => {
             let copied = store.copy_run()?.is_some_and(|r| r.finished);
@@ -155,6 +176,7 @@ pub async fn run(config: &Config) -> Result<Report, VerifyError> {
             }
             CatchUp::Own(store)
         }
+        Err(StoreError::Locked { .. }) if repair => return Err(VerifyError::RepairBesideDaemon),
         Err(StoreError::Locked { .. }) => CatchUp::Daemon(daemon::connect(config).await?),
         Err(err) => return Err(err.into()),
     };
@@ -239,7 +261,34 @@ pub async fn run(config: &Config) -> Result<Report, VerifyError> {
     }
 
     // 4. Every table, `workers` at a time.
-    let reports = compare_all(plans, sources, targets, config.verify.samples).await?;
+    let compared = compare_all(plans, sources, targets, config.verify.samples, repair).await?;
+
+    // 5. The repair, where asked, at the compared position.
+    let mut repaired = HashMap::new();
+    if let CatchUp::Own(store) = &catch_up
+        && repair
+    {
+        let copied_at = store
+            .table_copies()?
+            .into_iter()
+            .map(|t| (t.name, t.copied_at))
+            .collect();
+        let work: Vec<(&table::Plan, Vec<Fix>)> = compared
+            .iter()
+            .map(|(plan, _, fixes)| (plan, fixes.clone()))
+            .filter(|(_, fixes)| !fixes.is_empty())
+            .collect();
+        repaired = repair::repair(config, &config.slot, copied_at, at, &work).await?;
+    }
+    let reports = compared
+        .into_iter()
+        .map(|(plan, mut report, _)| {
+            if let Some(rows) = repaired.remove(&plan.table().name.to_string()) {
+                report.repaired = rows;
+            }
+            report
+        })
+        .collect();
     let date = crate::console::timestamp(crate::store::now_secs());
     let report = Report::new(config.slot.clone(), date, at, reports);
     let path = config.state_dir.join(REPORT_FILE);
@@ -254,13 +303,15 @@ pub async fn run(config: &Config) -> Result<Report, VerifyError> {
     Ok(report)
 }
 
-/// Compares `plans` on pairs of readers, one table per pair at a time.
+/// Compares `plans` on pairs of readers, one table per pair at a time;
+/// with `repair`, keeps the fix of every difference.
 async fn compare_all(
     plans: Vec<table::Plan>,
     sources: Vec<Client>,
     targets: Vec<Client>,
     samples: usize,
-) -> Result<Vec<report::TableReport>, VerifyError> {
+    repair: bool,
+) -> Result<Vec<(table::Plan, report::TableReport, Vec<Fix>)>, VerifyError> {
     let plans = Arc::new(std::sync::Mutex::new(plans));
     let mut tasks = tokio::task::JoinSet::new();
     for (source, target) in sources.into_iter().zip(targets) {
@@ -272,7 +323,9 @@ async fn compare_all(
                 let Some(plan) = plan else {
                     return Ok::<_, VerifyError>(reports);
                 };
-                reports.push(table::compare(&plan, &source, &target, samples).await?);
+                let (report, fixes) =
+                    table::compare(&plan, &source, &target, samples, repair).await?;
+                reports.push((plan, report, fixes));
             }
         });
     }

@@ -16,7 +16,12 @@ pub enum Verdict {
     Validated,
     /// At least one row differs.
     Failed,
+    /// Rows differed, and `--repair` made every one equal.
+    Repaired,
 }
+
+/// Repaired rows a person sees per table (the JSON report has them all).
+const REPAIRS_SHOWN: usize = 20;
 
 /// What kind of difference a sample is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -73,8 +78,16 @@ pub struct TableReport {
     /// Columns of the source the target lacks (not compared).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub missing_columns: Vec<String>,
+    /// An order-independent checksum of the source's rows (`rows:blake3
+    /// sum`), as read.
+    pub source_checksum: String,
+    /// The same of the target's rows.
+    pub target_checksum: String,
     /// Up to `samples` differences of each kind.
     pub samples: Vec<Sample>,
+    /// Rows `--repair` wrote, as `inserted (id=1)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
 }
 
 impl TableReport {
@@ -89,8 +102,17 @@ impl TableReport {
             extra: 0,
             changed: 0,
             missing_columns,
+            source_checksum: String::new(),
+            target_checksum: String::new(),
             samples: Vec::new(),
+            repaired: Vec::new(),
         }
+    }
+
+    /// Records both sides' checksums.
+    pub fn set_checksums(&mut self, source: String, target: String) {
+        self.source_checksum = source;
+        self.target_checksum = target;
     }
 
     /// Keeps `sample` unless `limit` of its kind are kept already.
@@ -147,6 +169,8 @@ pub struct Report {
     pub variance: i64,
     /// Rows that differ, all tables.
     pub differing_rows: u64,
+    /// Rows `--repair` wrote, all tables.
+    pub repaired_rows: u64,
     /// Per table, in name order.
     pub tables: Vec<TableReport>,
 }
@@ -163,8 +187,13 @@ impl Report {
         let total_source_rows = tables.iter().map(|t| t.source_rows).sum();
         let total_target_rows = tables.iter().map(|t| t.target_rows).sum();
         let differing_rows = tables.iter().map(TableReport::differing).sum();
+        let repaired_rows = tables.iter().map(|t| t.repaired.len() as u64).sum();
         let status = if tables.iter().all(TableReport::equal_on_both_sides) {
             Verdict::Validated
+        } else if repaired_rows == differing_rows
+            && tables.iter().all(|t| t.missing_columns.is_empty())
+        {
+            Verdict::Repaired
         } else {
             Verdict::Failed
         };
@@ -178,6 +207,7 @@ impl Report {
             total_target_rows,
             variance: total_target_rows as i64 - total_source_rows as i64,
             differing_rows,
+            repaired_rows,
             tables,
         }
     }
@@ -235,6 +265,17 @@ impl Report {
             if t.differing() > shown {
                 let _ = writeln!(out, "  ... and {} more", t.differing() - shown);
             }
+            for row in t.repaired.iter().take(REPAIRS_SHOWN) {
+                let _ = writeln!(out, "  repaired: {row}");
+            }
+            if t.repaired.len() > REPAIRS_SHOWN {
+                let _ = writeln!(
+                    out,
+                    "  ... and {} more repaired (every one is in {})",
+                    t.repaired.len() - REPAIRS_SHOWN,
+                    super::REPORT_FILE
+                );
+            }
         }
         let _ = match self.status {
             Verdict::Validated => writeln!(
@@ -246,6 +287,11 @@ impl Report {
                 out,
                 "\nFAILED: {} rows differ (target minus source rows: {})",
                 self.differing_rows, self.variance
+            ),
+            Verdict::Repaired => writeln!(
+                out,
+                "\nREPAIRED: {} differing rows made equal to the source at {} (run verify again to see it)",
+                self.repaired_rows, self.lsn
             ),
         };
         out

@@ -13,6 +13,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use cutover_conflict::compare::{Difference, KeyKind, Layout, Merge, Side};
+use cutover_conflict::fingerprint::{Digest, fingerprint};
+use cutover_conflict::repair::{Fix, fix};
 use cutover_conflict::row::Row;
 use cutover_replication::catalog::{self, Table};
 use cutover_replication::client::describe;
@@ -94,6 +96,28 @@ impl Plan {
         }
     }
 
+    /// The table compared, as the source describes it.
+    pub(super) fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// How its rows are laid out and ordered.
+    pub(super) fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// A row's key as `(col=value, ...)`; the whole row for a table
+    /// without a key.
+    pub(super) fn key_text(&self, row: &Row) -> String {
+        let pairs: Vec<String> = (0..self.layout.key.len())
+            .map(|i| {
+                let value = row.value(i).unwrap_or_else(|| "NULL".to_owned());
+                format!("{}={}", self.layout.names[i], shorten(&value))
+            })
+            .collect();
+        format!("({})", pairs.join(", "))
+    }
+
     /// The `COPY` of the rows of `from`, key first, in key order.
     fn copy_sql(&self, from: &str) -> String {
         let fields: Vec<String> = self
@@ -156,13 +180,15 @@ impl Lines {
 }
 
 /// Compares one table on `source` and `target` (each inside the compared
-/// position's snapshot), keeping up to `samples` differences of each kind.
+/// position's snapshot), keeping up to `samples` differences of each kind,
+/// and with `repair` the fix of every difference (up to `max_fixes`).
 pub(super) async fn compare(
     plan: &Plan,
     source: &Client,
     target: &Client,
     samples: usize,
-) -> Result<TableReport, VerifyError> {
+    repair: bool,
+) -> Result<(TableReport, Vec<Fix>), VerifyError> {
     let name = &plan.table.name;
     let read_error = |role: &'static str| {
         move |err: tokio_postgres::Error| VerifyError::Query {
@@ -179,52 +205,66 @@ pub(super) async fn compare(
         .map_err(read_error("target"))?;
     let mut merge = Merge::new(plan.layout.clone());
     let mut report = TableReport::new(name.to_string(), plan.missing_columns.clone());
+    let mut fixes = Vec::new();
+    let (mut source_digest, mut target_digest) = (Digest::default(), Digest::default());
     while let Some(side) = merge.wants() {
         let row = match side {
             Side::Source => source_rows.next().await.map_err(read_error("source"))?,
             Side::Target => target_rows.next().await.map_err(read_error("target"))?,
         };
         match row {
-            Some(row) => merge.push(side, row),
+            Some(row) => {
+                let digest = match side {
+                    Side::Source => &mut source_digest,
+                    Side::Target => &mut target_digest,
+                };
+                digest.add(&fingerprint(row.fields(0..row.len())));
+                merge.push(side, row);
+            }
             None => merge.finish(side),
         }
         for difference in merge.take() {
-            report.add_sample(sample(&plan.layout, &difference), samples);
+            report.add_sample(sample(plan, &difference), samples);
+            if repair {
+                if fixes.len() >= MAX_FIXES {
+                    return Err(VerifyError::TooManyToRepair {
+                        table: name.to_string(),
+                        limit: MAX_FIXES,
+                    });
+                }
+                fixes.push(fix(difference));
+            }
         }
     }
     report.set_tally(merge.tally());
-    Ok(report)
+    report.set_checksums(source_digest.hex(), target_digest.hex());
+    Ok((report, fixes))
 }
+
+/// The most differing rows one table's repair holds in memory. A table
+/// that far apart is better copied again.
+const MAX_FIXES: usize = 1_000_000;
 
 /// A difference as a report shows it: its key (or whole row, for a table
 /// without a key) and the columns that differ.
-fn sample(layout: &Layout, difference: &Difference) -> Sample {
-    let key = |row: &Row| -> String {
-        let pairs: Vec<String> = (0..layout.key.len())
-            .map(|i| {
-                let value = row.value(i).unwrap_or_else(|| "NULL".to_owned());
-                format!("{}={}", layout.names[i], shorten(&value))
-            })
-            .collect();
-        format!("({})", pairs.join(", "))
-    };
+fn sample(plan: &Plan, difference: &Difference) -> Sample {
     match difference {
         Difference::Missing { source } => Sample {
             kind: SampleKind::MissingOnTarget,
-            key: key(source),
+            key: plan.key_text(source),
             columns: Vec::new(),
         },
         Difference::Extra { target } => Sample {
             kind: SampleKind::ExtraOnTarget,
-            key: key(target),
+            key: plan.key_text(target),
             columns: Vec::new(),
         },
         Difference::Changed { source, fields, .. } => Sample {
             kind: SampleKind::Changed,
-            key: key(source),
+            key: plan.key_text(source),
             columns: fields
                 .iter()
-                .filter_map(|i| layout.names.get(*i).cloned())
+                .filter_map(|i| plan.layout.names.get(*i).cloned())
                 .collect(),
         },
     }

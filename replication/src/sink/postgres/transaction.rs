@@ -34,6 +34,26 @@ impl PostgresSink {
         Ok(self.progress)
     }
 
+    /// Applies `changes` as one target transaction recorded at `at`, even
+    /// when the applied position is `at` already: the repair of `cutover
+    /// verify`, which makes the target equal to the source as of `at`
+    /// through the statements (and the origin) of the stream. Refused when
+    /// the target has applied past `at`: the repair would undo changes.
+    pub async fn apply_at(&mut self, changes: &[Change], at: Lsn) -> Result<(), ApplyError> {
+        if self.progress > at {
+            return Err(ApplyError::Session {
+                what: format!("repairing the target as of {at}"),
+                detail: format!(
+                    "the target has applied the source up to {}, past that position",
+                    self.progress
+                ),
+                transient: false,
+            });
+        }
+        let pairs: Vec<(&Change, Lsn)> = changes.iter().map(|c| (c, at)).collect();
+        self.apply_changes(&pairs, at, PgTimestamp::now()).await
+    }
+
     /// Applies changes as one target transaction ending at `end_lsn`.
     /// The fast path coalesces and runs set-based statements; if it fails,
     /// the transaction is replayed change by change.
