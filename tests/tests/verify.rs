@@ -387,3 +387,48 @@ async fn a_keyless_table_that_streams_only_inserts_is_kept_equal_by_repair() {
     let (source, target) = pair.rows("audit").await;
     assert_eq!(source, target);
 }
+
+#[tokio::test]
+async fn rows_whose_foreign_key_refers_to_nothing_on_the_target_are_found() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    pair.both(
+        "CREATE TABLE parents (id int PRIMARY KEY);
+         CREATE TABLE children (id int PRIMARY KEY, parent int REFERENCES parents (id), other int);",
+    )
+    .await;
+    pair.on_source(
+        "INSERT INTO parents SELECT generate_series(1, 10);
+         INSERT INTO children SELECT g, g % 10 + 1, NULL FROM generate_series(1, 50) g;
+         INSERT INTO children VALUES (51, NULL, NULL);",
+    )
+    .await;
+    let config = pair.config(dir.path(), "");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["parents", "children"], WAIT)
+        .await;
+    let clean = verify(&config, "human");
+    assert_eq!(clean.code, 0, "{}", clean.all_output());
+    assert!(
+        clean
+            .stdout
+            .contains("1 foreign keys checked, 0 orphaned rows"),
+        "{}",
+        clean.stdout
+    );
+    // Behind cutover's back, as replica-mode writes can: no check fires.
+    pair.target
+        .execute(
+            "app",
+            "SET session_replication_role = replica; DELETE FROM parents WHERE id = 3;",
+        )
+        .await;
+    let found = verify(&config, "human");
+    let out = found.all_output();
+    assert_eq!(found.code, 1, "{out}");
+    assert!(out.contains("missing on target: (id=3)"), "{out}");
+    assert!(
+        out.contains("children_parent_fkey of public.children refers to no row of public.parents in 5 rows: (3)"),
+        "{out}"
+    );
+}

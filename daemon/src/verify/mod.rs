@@ -25,8 +25,9 @@
 //! # Layout
 //!
 //! This module only wires the parts together: [`daemon`] (holding a
-//! running daemon), [`table`] (one table read and compared) and
-//! [`report`] (what is shown and written).
+//! running daemon), [`table`] (one table read and compared),
+//! [`integrity`] (orphans of foreign keys on the target), [`repair`]
+//! (`--repair`) and [`report`] (what is shown and written).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use crate::run::{self, RunError};
 use crate::store::{Store, StoreError};
 
 mod daemon;
+mod integrity;
 mod repair;
 mod report;
 mod table;
@@ -260,7 +262,10 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         daemon::release(console).await?;
     }
 
-    // 4. Every table, `workers` at a time.
+    // 4. Foreign keys on the target, then every table, `workers` at a
+    // time.
+    let names: Vec<TableName> = plans.iter().map(|p| p.table().name.clone()).collect();
+    let integrity = integrity::check(&targets[0], &names).await?;
     let compared = compare_all(plans, sources, targets, config.verify.samples, repair).await?;
 
     // 5. The repair, where asked, at the compared position.
@@ -290,7 +295,7 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         })
         .collect();
     let date = crate::console::timestamp(crate::store::now_secs());
-    let report = Report::new(config.slot.clone(), date, at, reports);
+    let report = Report::new(config.slot.clone(), date, at, reports, integrity);
     let path = config.state_dir.join(REPORT_FILE);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| VerifyError::Write {
         path: path.display().to_string(),

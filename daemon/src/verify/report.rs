@@ -8,6 +8,8 @@ use cutover_conflict::compare::Tally;
 use cutover_replication::Lsn;
 use serde::Serialize;
 
+use super::integrity::ForeignKeyCheck;
+
 /// Whether the target holds what the source held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -173,6 +175,10 @@ pub struct Report {
     pub repaired_rows: u64,
     /// Per table, in name order.
     pub tables: Vec<TableReport>,
+    /// Every foreign key of a table in scope, checked on the target.
+    pub referential_integrity: Vec<ForeignKeyCheck>,
+    /// Target rows whose foreign key refers to no row.
+    pub orphaned_rows: i64,
 }
 
 impl Report {
@@ -182,13 +188,17 @@ impl Report {
         date: String,
         lsn: Lsn,
         mut tables: Vec<TableReport>,
+        referential_integrity: Vec<ForeignKeyCheck>,
     ) -> Report {
         tables.sort_by(|a, b| a.table.cmp(&b.table));
         let total_source_rows = tables.iter().map(|t| t.source_rows).sum();
         let total_target_rows = tables.iter().map(|t| t.target_rows).sum();
         let differing_rows = tables.iter().map(TableReport::differing).sum();
         let repaired_rows = tables.iter().map(|t| t.repaired.len() as u64).sum();
-        let status = if tables.iter().all(TableReport::equal_on_both_sides) {
+        let orphaned_rows = referential_integrity.iter().map(|k| k.orphans).sum();
+        let status = if orphaned_rows > 0 {
+            Verdict::Failed
+        } else if tables.iter().all(TableReport::equal_on_both_sides) {
             Verdict::Validated
         } else if repaired_rows == differing_rows
             && tables.iter().all(|t| t.missing_columns.is_empty())
@@ -209,6 +219,8 @@ impl Report {
             differing_rows,
             repaired_rows,
             tables,
+            referential_integrity,
+            orphaned_rows,
         }
     }
 
@@ -277,6 +289,23 @@ impl Report {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "\nreferential integrity on the target: {} foreign keys checked, {} orphaned rows",
+            self.referential_integrity.len(),
+            self.orphaned_rows
+        );
+        for key in self.referential_integrity.iter().filter(|k| k.orphans > 0) {
+            let _ = writeln!(
+                out,
+                "  {} of {} refers to no row of {} in {} rows: {}",
+                key.constraint,
+                key.table,
+                key.references,
+                key.orphans,
+                key.samples.join(", ")
+            );
+        }
         let _ = match self.status {
             Verdict::Validated => writeln!(
                 out,
@@ -285,8 +314,8 @@ impl Report {
             ),
             Verdict::Failed => writeln!(
                 out,
-                "\nFAILED: {} rows differ (target minus source rows: {})",
-                self.differing_rows, self.variance
+                "\nFAILED: {} rows differ (target minus source rows: {}), {} orphaned rows",
+                self.differing_rows, self.variance, self.orphaned_rows
             ),
             Verdict::Repaired => writeln!(
                 out,
@@ -323,6 +352,7 @@ mod tests {
             "d".into(),
             lsn,
             vec![table("b", 0), table("a", 0)],
+            Vec::new(),
         );
         assert_eq!(ok.status, Verdict::Validated);
         assert_eq!(ok.tables[0].table, "a");
@@ -339,7 +369,13 @@ mod tests {
             );
         }
         assert_eq!(bad.samples.len(), 1);
-        let failed = Report::new("m".into(), "d".into(), lsn, vec![table("a", 0), bad]);
+        let failed = Report::new(
+            "m".into(),
+            "d".into(),
+            lsn,
+            vec![table("a", 0), bad],
+            Vec::new(),
+        );
         assert_eq!(failed.status, Verdict::Failed);
         assert_eq!((failed.differing_rows, failed.variance), (2, -2));
         let human = failed.to_human();
