@@ -60,6 +60,15 @@ impl Digest {
     pub fn hex(&self) -> String {
         format!("{}:{:032x}", self.rows, self.sum)
     }
+
+    /// A digest written by [`Digest::hex`].
+    pub fn from_hex(text: &str) -> Option<Digest> {
+        let (rows, sum) = text.split_once(':')?;
+        Some(Digest {
+            rows: rows.parse().ok()?,
+            sum: u128::from_str_radix(sum, 16).ok()?,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -96,5 +105,7 @@ mod tests {
         halves.merge(&once);
         assert_eq!(halves, forward);
         assert!(forward.hex().starts_with("3:"));
+        assert_eq!(Digest::from_hex(&forward.hex()), Some(forward));
+        assert_eq!(Digest::from_hex("x"), None);
     }
 }

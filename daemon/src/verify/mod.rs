@@ -37,7 +37,7 @@ use cutover_replication::catalog::{self, TableName};
 use cutover_replication::client::{self, ConnectError, describe};
 use cutover_replication::error::ReplicationError;
 use cutover_replication::session::{Session, SnapshotAction};
-use cutover_replication::snapshot;
+use cutover_replication::{Lsn, snapshot};
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -49,6 +49,7 @@ use crate::store::{Store, StoreError};
 
 mod daemon;
 mod integrity;
+mod progress;
 mod repair;
 mod report;
 mod table;
@@ -266,7 +267,18 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
     // time.
     let names: Vec<TableName> = plans.iter().map(|p| p.table().name.clone()).collect();
     let integrity = integrity::check(&targets[0], &names).await?;
-    let compared = compare_all(plans, sources, targets, config.verify.samples, repair).await?;
+    // A repair writes what this run found: it starts afresh.
+    let progress = Arc::new(progress::ProgressFile::open(&config.state_dir, repair)?);
+    let compared = compare_all(
+        plans,
+        sources,
+        targets,
+        config.verify.samples,
+        repair,
+        at,
+        Arc::clone(&progress),
+    )
+    .await?;
 
     // 5. The repair, where asked, at the compared position.
     let mut repaired = HashMap::new();
@@ -305,6 +317,9 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         path: path.display().to_string(),
         detail: e.to_string(),
     })?;
+    if let Ok(progress) = Arc::try_unwrap(progress) {
+        progress.finish();
+    }
     Ok(report)
 }
 
@@ -316,11 +331,14 @@ async fn compare_all(
     targets: Vec<Client>,
     samples: usize,
     repair: bool,
+    at: Lsn,
+    progress: Arc<progress::ProgressFile>,
 ) -> Result<Vec<(table::Plan, report::TableReport, Vec<Fix>)>, VerifyError> {
     let plans = Arc::new(std::sync::Mutex::new(plans));
     let mut tasks = tokio::task::JoinSet::new();
     for (source, target) in sources.into_iter().zip(targets) {
         let plans = Arc::clone(&plans);
+        let progress = Arc::clone(&progress);
         tasks.spawn(async move {
             let mut reports = Vec::new();
             loop {
@@ -329,7 +347,7 @@ async fn compare_all(
                     return Ok::<_, VerifyError>(reports);
                 };
                 let (report, fixes) =
-                    table::compare(&plan, &source, &target, samples, repair).await?;
+                    table::compare(&plan, &source, &target, samples, repair, at, &progress).await?;
                 reports.push((plan, report, fixes));
             }
         });

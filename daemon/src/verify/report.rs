@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use cutover_conflict::compare::Tally;
 use cutover_replication::Lsn;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::integrity::ForeignKeyCheck;
 
@@ -26,7 +26,7 @@ pub enum Verdict {
 const REPAIRS_SHOWN: usize = 20;
 
 /// What kind of difference a sample is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SampleKind {
     /// On the source only.
@@ -48,7 +48,7 @@ impl SampleKind {
 }
 
 /// One differing row, as shown.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sample {
     /// What kind of difference.
     pub kind: SampleKind,
@@ -56,12 +56,12 @@ pub struct Sample {
     /// key.
     pub key: String,
     /// The columns that differ (for `changed`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<String>,
 }
 
 /// One table's result.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TableReport {
     /// `schema.table`.
     pub table: String,
@@ -78,8 +78,11 @@ pub struct TableReport {
     /// Keys on both sides with other values.
     pub changed: u64,
     /// Columns of the source the target lacks (not compared).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing_columns: Vec<String>,
+    /// The source positions its rows were compared at: one, or more when
+    /// an interrupted verify resumed it (each chunk exact at its own).
+    pub compared_at: Vec<Lsn>,
     /// An order-independent checksum of the source's rows (`rows:blake3
     /// sum`), as read.
     pub source_checksum: String,
@@ -88,7 +91,7 @@ pub struct TableReport {
     /// Up to `samples` differences of each kind.
     pub samples: Vec<Sample>,
     /// Rows `--repair` wrote, as `inserted (id=1)`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<String>,
 }
 
@@ -104,6 +107,7 @@ impl TableReport {
             extra: 0,
             changed: 0,
             missing_columns,
+            compared_at: Vec::new(),
             source_checksum: String::new(),
             target_checksum: String::new(),
             samples: Vec::new(),
@@ -129,14 +133,14 @@ impl TableReport {
         }
     }
 
-    /// Records the counts of the comparison.
-    pub fn set_tally(&mut self, tally: Tally) {
-        self.source_rows = tally.source_rows;
-        self.target_rows = tally.target_rows;
-        self.equal = tally.equal;
-        self.missing = tally.missing;
-        self.extra = tally.extra;
-        self.changed = tally.changed;
+    /// Adds the counts of one more chunk.
+    pub fn add_tally(&mut self, tally: Tally) {
+        self.source_rows += tally.source_rows;
+        self.target_rows += tally.target_rows;
+        self.equal += tally.equal;
+        self.missing += tally.missing;
+        self.extra += tally.extra;
+        self.changed += tally.changed;
     }
 
     /// Rows that differ, whichever way.
@@ -333,7 +337,7 @@ mod tests {
 
     fn table(name: &str, missing: u64) -> TableReport {
         let mut t = TableReport::new(name.into(), Vec::new());
-        t.set_tally(Tally {
+        t.add_tally(Tally {
             source_rows: 10,
             target_rows: 10 - missing,
             equal: 10 - missing,

@@ -16,13 +16,15 @@ use cutover_conflict::compare::{Difference, KeyKind, Layout, Merge, Side};
 use cutover_conflict::fingerprint::{Digest, fingerprint};
 use cutover_conflict::repair::{Fix, fix};
 use cutover_conflict::row::Row;
+use cutover_replication::Lsn;
 use cutover_replication::catalog::{self, Table};
 use cutover_replication::client::describe;
-use cutover_replication::sql::quote_ident;
+use cutover_replication::sql::{quote_ident, quote_literal};
 use futures_util::StreamExt;
 use tokio_postgres::{Client, CopyOutStream};
 
 use super::VerifyError;
+use super::progress::{ProgressFile, TableProgress};
 use super::report::{Sample, SampleKind, TableReport};
 
 /// The column types compared by value: the servers order them
@@ -39,6 +41,9 @@ pub(super) struct Plan {
     layout: Layout,
     /// Columns of the source that the target lacks: reported, not read.
     missing_columns: Vec<String>,
+    /// The key columns' types on each side, for the chunks' bounds.
+    source_key_types: Vec<String>,
+    target_key_types: Vec<String>,
 }
 
 impl Plan {
@@ -87,9 +92,22 @@ impl Plan {
                 .collect();
             Layout::keyed(kinds, names)
         };
+        let types = |t: &Table| -> Vec<String> {
+            key.iter()
+                .map(|k| {
+                    t.columns
+                        .iter()
+                        .find(|c| &c.name == k)
+                        .map(|c| c.type_name.clone())
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
         Plan {
             source_rows: catalog::own_rows(&table.name, table.partitioned),
             target_rows: catalog::own_rows(&target.name, target.partitioned),
+            source_key_types: types(&table),
+            target_key_types: types(target),
             table,
             layout,
             missing_columns,
@@ -118,29 +136,79 @@ impl Plan {
         format!("({})", pairs.join(", "))
     }
 
-    /// The `COPY` of the rows of `from`, key first, in key order.
-    fn copy_sql(&self, from: &str) -> String {
+    /// Whether the table is read in chunks of keys: when its key is all
+    /// integers, which its index reads in ranges. Other tables are read
+    /// whole (a range of text keys `COLLATE "C"` would sort the table for
+    /// every chunk).
+    fn chunked(&self) -> bool {
+        !self.layout.is_keyless() && self.layout.key.iter().all(|k| *k == KeyKind::Integer)
+    }
+
+    /// The `COPY` of the rows of `from` (whose key columns have `types`),
+    /// key first, in key order: those after `after` and up to `upto` (key
+    /// values as text), at most `limit`.
+    fn copy_sql(
+        &self,
+        from: &str,
+        types: &[String],
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        limit: Option<usize>,
+    ) -> String {
         let fields: Vec<String> = self
             .layout
             .names
             .iter()
-            .map(|n| format!("{}::text", quote_ident(n)))
+            .map(|n| format!("r.{}::text", quote_ident(n)))
             .collect();
+        // Qualified: a bare name in ORDER BY would be the output column
+        // of that name, which is the `::text` of the key, in text order.
         let order: Vec<String> = self
             .layout
             .key
             .iter()
             .zip(&self.layout.names)
             .map(|(kind, name)| match kind {
-                KeyKind::Integer => quote_ident(name),
-                KeyKind::Bytes => format!("{}::text COLLATE \"C\"", quote_ident(name)),
+                KeyKind::Integer => format!("r.{}", quote_ident(name)),
+                KeyKind::Bytes => format!("r.{}::text COLLATE \"C\"", quote_ident(name)),
             })
             .collect();
+        // Bounds are the key's own values, compared as the key's type so
+        // that the index serves them: `(k1, k2) > ('1'::bigint, ...)`.
+        let bound = |values: &[String]| -> String {
+            let literals: Vec<String> = values
+                .iter()
+                .zip(types)
+                .map(|(v, t)| format!("{}::{t}", quote_literal(v)))
+                .collect();
+            format!("({})", literals.join(", "))
+        };
+        let key = format!("({})", order.join(", "));
+        let mut conditions = Vec::new();
+        if let Some(after) = after {
+            conditions.push(format!("{key} > {}", bound(after)));
+        }
+        if let Some(upto) = upto {
+            conditions.push(format!("{key} <= {}", bound(upto)));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
         format!(
-            "COPY (SELECT {} FROM {from} ORDER BY {}) TO STDOUT",
+            "COPY (SELECT {} FROM {from} AS r{filter} ORDER BY {}{limit}) TO STDOUT",
             fields.join(", "),
             order.join(", ")
         )
+    }
+
+    /// The key of a row read by [`Plan::copy_sql`], as text.
+    fn key_of(&self, row: &Row) -> Vec<String> {
+        (0..self.layout.key.len())
+            .map(|i| row.value(i).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -179,66 +247,140 @@ impl Lines {
     }
 }
 
-/// Compares one table on `source` and `target` (each inside the compared
-/// position's snapshot), keeping up to `samples` differences of each kind,
-/// and with `repair` the fix of every difference (up to `max_fixes`).
+/// Rows of the source read per chunk of a table read in chunks.
+const CHUNK_ROWS: usize = 5_000;
+
+/// Compares one table on `source` and `target` (each inside the snapshot
+/// of the position `at`), keeping up to `samples` differences of each
+/// kind, and with `repair` the fix of every difference. Resumes after what
+/// `progress` says an earlier run compared, and records each chunk there.
 pub(super) async fn compare(
     plan: &Plan,
     source: &Client,
     target: &Client,
     samples: usize,
     repair: bool,
+    at: Lsn,
+    progress: &ProgressFile,
 ) -> Result<(TableReport, Vec<Fix>), VerifyError> {
-    let name = &plan.table.name;
+    let name = plan.table.name.to_string();
+    let prior = progress.table(&name);
+    if let Some(prior) = &prior
+        && prior.done
+    {
+        return Ok((prior.report.clone(), Vec::new()));
+    }
     let read_error = |role: &'static str| {
+        let name = name.clone();
         move |err: tokio_postgres::Error| VerifyError::Query {
             role,
             what: format!("reading {name}"),
             detail: describe(&err),
         }
     };
-    let mut source_rows = Lines::open(source, &plan.copy_sql(&plan.source_rows))
+    let (mut report, mut after, mut source_digest, mut target_digest) = match prior {
+        Some(prior) if plan.chunked() => (
+            prior.report,
+            prior.after,
+            Digest::from_hex(&prior.source_digest).unwrap_or_default(),
+            Digest::from_hex(&prior.target_digest).unwrap_or_default(),
+        ),
+        _ => (
+            TableReport::new(name.clone(), plan.missing_columns.clone()),
+            None,
+            Digest::default(),
+            Digest::default(),
+        ),
+    };
+    report.compared_at.push(at);
+    let mut fixes = Vec::new();
+    loop {
+        // The source's chunk first (its last key bounds the target's),
+        // or the whole table when it is not read in chunks.
+        let limit = plan.chunked().then_some(CHUNK_ROWS);
+        let mut source_rows = Lines::open(
+            source,
+            &plan.copy_sql(
+                &plan.source_rows,
+                &plan.source_key_types,
+                after.as_deref(),
+                None,
+                limit,
+            ),
+        )
         .await
         .map_err(read_error("source"))?;
-    let mut target_rows = Lines::open(target, &plan.copy_sql(&plan.target_rows))
+        let mut chunk = Vec::new();
+        let upto = if let Some(limit) = limit {
+            while let Some(row) = source_rows.next().await.map_err(read_error("source"))? {
+                chunk.push(row);
+            }
+            (chunk.len() == limit).then(|| plan.key_of(&chunk[chunk.len() - 1]))
+        } else {
+            None
+        };
+        let mut chunk = chunk.into_iter();
+        let mut target_rows = Lines::open(
+            target,
+            &plan.copy_sql(
+                &plan.target_rows,
+                &plan.target_key_types,
+                after.as_deref(),
+                upto.as_deref(),
+                None,
+            ),
+        )
         .await
         .map_err(read_error("target"))?;
-    let mut merge = Merge::new(plan.layout.clone());
-    let mut report = TableReport::new(name.to_string(), plan.missing_columns.clone());
-    let mut fixes = Vec::new();
-    let (mut source_digest, mut target_digest) = (Digest::default(), Digest::default());
-    while let Some(side) = merge.wants() {
-        let row = match side {
-            Side::Source => source_rows.next().await.map_err(read_error("source"))?,
-            Side::Target => target_rows.next().await.map_err(read_error("target"))?,
-        };
-        match row {
-            Some(row) => {
-                let digest = match side {
-                    Side::Source => &mut source_digest,
-                    Side::Target => &mut target_digest,
-                };
-                digest.add(&fingerprint(row.fields(0..row.len())));
-                merge.push(side, row);
-            }
-            None => merge.finish(side),
-        }
-        for difference in merge.take() {
-            report.add_sample(sample(plan, &difference), samples);
-            if repair {
-                if fixes.len() >= MAX_FIXES {
-                    return Err(VerifyError::TooManyToRepair {
-                        table: name.to_string(),
-                        limit: MAX_FIXES,
-                    });
+        let mut merge = Merge::new(plan.layout.clone());
+        while let Some(side) = merge.wants() {
+            let row = match side {
+                Side::Source if limit.is_some() => chunk.next(),
+                Side::Source => source_rows.next().await.map_err(read_error("source"))?,
+                Side::Target => target_rows.next().await.map_err(read_error("target"))?,
+            };
+            match row {
+                Some(row) => {
+                    let digest = match side {
+                        Side::Source => &mut source_digest,
+                        Side::Target => &mut target_digest,
+                    };
+                    digest.add(&fingerprint(row.fields(0..row.len())));
+                    merge.push(side, row);
                 }
-                fixes.push(fix(difference));
+                None => merge.finish(side),
             }
+            for difference in merge.take() {
+                report.add_sample(sample(plan, &difference), samples);
+                if repair {
+                    if fixes.len() >= MAX_FIXES {
+                        return Err(VerifyError::TooManyToRepair {
+                            table: name.clone(),
+                            limit: MAX_FIXES,
+                        });
+                    }
+                    fixes.push(fix(difference));
+                }
+            }
+        }
+        report.add_tally(merge.tally());
+        report.set_checksums(source_digest.hex(), target_digest.hex());
+        let done = upto.is_none();
+        after = upto;
+        progress.save(
+            &name,
+            TableProgress {
+                done,
+                after: after.clone(),
+                report: report.clone(),
+                source_digest: source_digest.hex(),
+                target_digest: target_digest.hex(),
+            },
+        )?;
+        if done {
+            return Ok((report, fixes));
         }
     }
-    report.set_tally(merge.tally());
-    report.set_checksums(source_digest.hex(), target_digest.hex());
-    Ok((report, fixes))
 }
 
 /// The most differing rows one table's repair holds in memory. A table
