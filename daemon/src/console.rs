@@ -44,7 +44,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +59,7 @@ enum Command {
     Hold(Option<Lsn>),
     Release,
     ShowHold,
+    Divergence,
 }
 
 /// Parses one command (no semicolons), case-insensitively.
@@ -78,6 +79,7 @@ fn parse(text: &str) -> Result<Command, String> {
             )),
         },
         ["SHOW", "HOLD"] => Ok(Command::ShowHold),
+        ["SHOW", "DIVERGENCE"] => Ok(Command::Divergence),
         ["HOLD"] => Ok(Command::Hold(None)),
         ["HOLD", "AT", lsn] => lsn
             .trim_matches('\'')
@@ -281,13 +283,38 @@ impl Queries {
                     Some(lsn) => Hold::At { lsn, owner },
                 };
                 tracing::info!(%peer, ?hold, "console: HOLD (a verify takes the target's position)");
-                self.status.hold.set(hold);
+                if !self.status.hold.set_if_free(hold) {
+                    return Err(
+                        "another verify holds the applier (the background verifier, or another cutover verify): try again in a moment".to_owned(),
+                    );
+                }
                 Ok(Response::Execution(Tag::new("HOLD")))
             }
             Command::Release => {
                 tracing::info!(%peer, "console: RELEASE");
                 self.status.hold.set(Hold::Off);
                 Ok(Response::Execution(Tag::new("RELEASE")))
+            }
+            Command::Divergence => {
+                let mut table = Table::new(&[
+                    ("table", Type::TEXT),
+                    ("rows_checked", Type::INT8),
+                    ("divergent_rows", Type::INT8),
+                    ("compared_at", Type::PG_LSN),
+                    ("checked_at", Type::TIMESTAMPTZ),
+                    ("samples", Type::TEXT),
+                ]);
+                for (name, d) in self.status.view().divergence {
+                    table.push(vec![
+                        Cell::Text(Some(name)),
+                        Cell::Int(Some(saturating_i64(d.rows_checked))),
+                        Cell::Int(Some(saturating_i64(d.divergent_rows))),
+                        Cell::Text(d.compared_at.map(|l| l.to_string())),
+                        Cell::Text(Some(timestamp(d.checked_at))),
+                        Cell::Text(Some(d.samples.join("; "))),
+                    ]);
+                }
+                Ok(table.response())
             }
             Command::ShowHold => {
                 let hold = self.status.hold.current();

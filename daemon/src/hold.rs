@@ -102,6 +102,33 @@ impl HoldSwitch {
         self.hold.send_replace(hold);
     }
 
+    /// Sets `hold` unless someone else holds the applier; returns whether
+    /// it was set.
+    pub fn set_if_free(&self, hold: Hold) -> bool {
+        let free = match self.hold.borrow().owner() {
+            None => true,
+            Some(owner) => Some(owner) == hold.owner(),
+        };
+        if free {
+            self.set(hold);
+        }
+        free
+    }
+
+    /// Waits up to `wait` for the applier to stop under the current hold.
+    pub async fn wait_reached(&self, wait: std::time::Duration) -> Option<Lsn> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(reached) = self.reached() {
+                return Some(reached);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Ends the hold if `owner` holds it (its connection ended).
     pub fn release_by(&self, owner: &str) -> bool {
         let held = self.hold.borrow().owner() == Some(owner);

@@ -15,6 +15,7 @@ use crate::live::{DaemonState, Status};
 struct App {
     status: Arc<Status>,
     max_lag: Duration,
+    max_divergent_ratio: f64,
 }
 
 /// Serves until the process ends.
@@ -22,12 +23,17 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     status: Arc<Status>,
     max_lag: Duration,
+    max_divergent_ratio: f64,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .with_state(App { status, max_lag });
+        .with_state(App {
+            status,
+            max_lag,
+            max_divergent_ratio,
+        });
     axum::serve(listener, app).await
 }
 
@@ -66,6 +72,22 @@ async fn health(State(app): State<App>) -> Response {
     for (table, rows) in view.unstreamed_rows.iter().filter(|(_, rows)| **rows > 0) {
         problems.push(format!(
             "{table}: {rows} rows changed on the source that the stream does not carry (the target differs for them; run cutover verify)"
+        ));
+    }
+    if let Some(ratio) = app.status.divergent_ratio()
+        && ratio > app.max_divergent_ratio
+    {
+        let tables: Vec<String> = view
+            .divergence
+            .iter()
+            .filter(|(_, d)| d.divergent_rows > 0)
+            .map(|(t, d)| format!("{t} ({} of {})", d.divergent_rows, d.rows_checked))
+            .collect();
+        problems.push(format!(
+            "{:.4}% of the rows checked differ between source and target, over verify.max_divergent_ratio = {}: {} (roll back, or repair with cutover verify --repair)",
+            ratio * 100.0,
+            app.max_divergent_ratio,
+            tables.join(", ")
         ));
     }
     let code = if problems.is_empty() {

@@ -148,6 +148,8 @@ pub struct StatusView {
     /// Per table whose changes do not all stream (keyless append-only,
     /// unlogged): rows the source changed that the stream did not carry.
     pub unstreamed_rows: BTreeMap<String, i64>,
+    /// Per table the background verifier compared: its last pass.
+    pub divergence: BTreeMap<String, Divergence>,
     /// The last error.
     pub last_error: Option<LastError>,
     /// When the daemon started (unix seconds).
@@ -171,6 +173,22 @@ struct Inner {
     transactions: u64,
     tables: BTreeMap<String, TableCounts>,
     unstreamed: BTreeMap<String, i64>,
+    divergence: BTreeMap<String, Divergence>,
+}
+
+/// What the background verifier found of one table in its last pass.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Divergence {
+    /// Source rows compared.
+    pub rows_checked: u64,
+    /// Rows that differ (missing, extra or changed on the target).
+    pub divergent_rows: u64,
+    /// The source position compared.
+    pub compared_at: Option<Lsn>,
+    /// When the pass over the table ended (unix seconds).
+    pub checked_at: u64,
+    /// A few differing rows, as `missing on target: (id=1)`.
+    pub samples: Vec<String>,
 }
 
 /// The shared status of a running daemon.
@@ -201,6 +219,7 @@ impl Status {
                 transactions: 0,
                 tables: BTreeMap::new(),
                 unstreamed: BTreeMap::new(),
+                divergence: BTreeMap::new(),
             }),
             metrics: Metrics::new(),
             pause: watch::channel(false).0,
@@ -315,6 +334,28 @@ impl Status {
         self.lock().unstreamed.insert(table.to_owned(), rows);
     }
 
+    /// What the background verifier found of `table` in its last pass.
+    pub fn set_divergence(&self, table: &str, divergence: Divergence) {
+        self.metrics
+            .divergent_rows
+            .with_label_values(&[table])
+            .set(i64::try_from(divergence.divergent_rows).unwrap_or(i64::MAX));
+        self.metrics
+            .verified_rows
+            .with_label_values(&[table])
+            .set(i64::try_from(divergence.rows_checked).unwrap_or(i64::MAX));
+        self.lock().divergence.insert(table.to_owned(), divergence);
+    }
+
+    /// Divergent rows over rows checked, all tables, in the verifier's
+    /// last passes (`None` before any).
+    pub fn divergent_ratio(&self) -> Option<f64> {
+        let inner = self.lock();
+        let checked: u64 = inner.divergence.values().map(|d| d.rows_checked).sum();
+        let divergent: u64 = inner.divergence.values().map(|d| d.divergent_rows).sum();
+        (checked > 0).then(|| divergent as f64 / checked as f64)
+    }
+
     /// The stream starts at `position`: everything before it is on the
     /// target (from the snapshot copy or applied earlier).
     pub fn start_at(&self, position: Lsn) {
@@ -406,6 +447,7 @@ impl Status {
             transactions_applied: inner.transactions,
             tables: inner.tables.clone(),
             unstreamed_rows: inner.unstreamed.clone(),
+            divergence: inner.divergence.clone(),
             last_error: inner.last_error.clone(),
             started_at: self.started_at,
             pid: std::process::id(),

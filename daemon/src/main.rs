@@ -200,7 +200,18 @@ fn main() -> ExitCode {
                     tracing::info!("shutdown requested: finishing the batch in flight");
                     let _ = stop_tx.send(true);
                 });
+                let verifier = config.verify.continuous.then(|| {
+                    tokio::spawn(verify::continuous::run(
+                        config.clone(),
+                        store.clone(),
+                        std::sync::Arc::clone(&status),
+                        stop_rx.clone(),
+                    ))
+                });
                 let result = run::run(&config, &store, stop_rx, status).await;
+                if let Some(verifier) = verifier {
+                    verifier.abort();
+                }
                 serve::stopped(&store);
                 match result {
                     Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,17 @@ pub const SLOT_WAL_STATUS: &str = "cutover_slot_wal_status";
 /// tables), by table.
 pub const UNSTREAMED_ROWS: &str = "cutover_unstreamed_rows";
 
+/// Rows found different between source and target by the background
+/// verifier in its last pass over each table, by table.
+pub const DIVERGENT_ROWS: &str = "cutover_divergent_rows";
+/// Source rows the background verifier compared in its last pass over
+/// each table, by table (the denominator of the divergent ratio).
+pub const VERIFIED_ROWS: &str = "cutover_verified_rows";
+/// Source rows the background verifier compared.
+pub const VERIFY_ROWS: &str = "cutover_verify_rows_total";
+/// When the background verifier last finished a pass over every table.
+pub const VERIFY_LAST_PASS: &str = "cutover_verify_last_pass_timestamp_seconds";
+
 /// Label: `forward` or `reverse`.
 pub const LABEL_DIRECTION: &str = "direction";
 /// Label: `schema.table`.
@@ -79,6 +90,14 @@ pub struct Metrics {
     pub slot_wal_status: IntGaugeVec,
     /// [`UNSTREAMED_ROWS`].
     pub unstreamed_rows: IntGaugeVec,
+    /// [`DIVERGENT_ROWS`].
+    pub divergent_rows: IntGaugeVec,
+    /// [`VERIFIED_ROWS`].
+    pub verified_rows: IntGaugeVec,
+    /// [`VERIFY_ROWS`].
+    pub verify_rows: prometheus::IntCounter,
+    /// [`VERIFY_LAST_PASS`] (0 before the first pass).
+    pub verify_last_pass: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -151,6 +170,29 @@ impl Metrics {
                 UNSTREAMED_ROWS,
                 "Rows changed on the source that the stream does not carry (keyless append-only tables' updates and deletes, unlogged tables' writes), from the source's statistics",
                 &[LABEL_TABLE],
+            ),
+            divergent_rows: int_gauge(
+                DIVERGENT_ROWS,
+                "Rows that differ between source and target in the background verifier's last pass over the table",
+                &[LABEL_TABLE],
+            ),
+            verified_rows: int_gauge(
+                VERIFIED_ROWS,
+                "Source rows the background verifier compared in its last pass over the table",
+                &[LABEL_TABLE],
+            ),
+            verify_rows: reg(
+                &registry,
+                prometheus::IntCounter::new(VERIFY_ROWS, "Source rows the background verifier compared")
+                    .expect("valid metric"),
+            ),
+            verify_last_pass: reg(
+                &registry,
+                prometheus::Gauge::new(
+                    VERIFY_LAST_PASS,
+                    "Unix time the background verifier last finished a pass over every table (0: none yet)",
+                )
+                .expect("valid metric"),
             ),
             registry,
         }

@@ -31,8 +31,10 @@ pub async fn start(
     let http_addr = http.local_addr().unwrap_or(config.http_listen);
     let status_http = Arc::clone(status);
     let max_lag = config.max_lag;
+    let max_divergent_ratio = config.verify.max_divergent_ratio;
     tokio::spawn(async move {
-        if let Err(err) = crate::http::serve(http, status_http, max_lag).await {
+        if let Err(err) = crate::http::serve(http, status_http, max_lag, max_divergent_ratio).await
+        {
             tracing::error!(error = %err, "the HTTP server stopped");
         }
     });

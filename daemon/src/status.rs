@@ -72,6 +72,23 @@ pub struct Summary {
     pub tables: Vec<SummaryTable>,
     /// Changes the target refused (the stream stopped on each).
     pub refused_changes: Vec<RefusedChange>,
+    /// The background verifier's last pass over each table.
+    pub divergence: Vec<SummaryDivergence>,
+}
+
+/// What the background verifier found of one table.
+#[derive(Debug, Serialize)]
+pub struct SummaryDivergence {
+    /// `schema.table`.
+    pub table: String,
+    /// Source rows compared in the last pass.
+    pub rows_checked: Option<i64>,
+    /// Rows that differ.
+    pub divergent_rows: Option<i64>,
+    /// The source position compared.
+    pub compared_at: Option<String>,
+    /// When the pass ended.
+    pub checked_at: Option<String>,
 }
 
 /// Lag, as last measured.
@@ -244,9 +261,10 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
         let status = rows(&client, "SHOW STATUS").await?;
         let lag = rows(&client, "SHOW LAG").await?;
         let tables = rows(&client, "SHOW TABLES").await?;
-        Ok::<_, String>((status, lag, tables))
+        let divergence = rows(&client, "SHOW DIVERGENCE").await?;
+        Ok::<_, String>((status, lag, tables, divergence))
     };
-    let (status, lag, tables) = tokio::time::timeout(CONSOLE_TIMEOUT, work)
+    let (status, lag, tables, divergence) = tokio::time::timeout(CONSOLE_TIMEOUT, work)
         .await
         .map_err(|_| format!("no answer within {CONSOLE_TIMEOUT:?}"))??;
     let status = status
@@ -293,6 +311,16 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
             })
             .collect(),
         refused_changes: Vec::new(),
+        divergence: divergence
+            .iter()
+            .map(|row| SummaryDivergence {
+                table: text(row, "table").unwrap_or_default(),
+                rows_checked: int(row, "rows_checked"),
+                divergent_rows: int(row, "divergent_rows"),
+                compared_at: text(row, "compared_at"),
+                checked_at: text(row, "checked_at"),
+            })
+            .collect(),
     })
 }
 
@@ -400,6 +428,17 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
             }),
         tables,
         refused_changes,
+        divergence: store
+            .divergences()?
+            .into_iter()
+            .map(|(table, d)| SummaryDivergence {
+                table,
+                rows_checked: i64::try_from(d.rows_checked).ok(),
+                divergent_rows: i64::try_from(d.divergent_rows).ok(),
+                compared_at: d.compared_at.map(|l| l.to_string()),
+                checked_at: Some(timestamp(d.checked_at)),
+            })
+            .collect(),
     })
 }
 
@@ -590,6 +629,33 @@ impl Summary {
                     })
                     .collect();
                 let _ = writeln!(out, "  {}", line.join("  ").trim_end());
+            }
+        }
+        if !self.divergence.is_empty() {
+            let checked: i64 = self.divergence.iter().filter_map(|d| d.rows_checked).sum();
+            let divergent: i64 = self
+                .divergence
+                .iter()
+                .filter_map(|d| d.divergent_rows)
+                .sum();
+            let _ = writeln!(
+                out,
+                "\nbackground verifier: {divergent} of {checked} rows checked differ"
+            );
+            for d in self
+                .divergence
+                .iter()
+                .filter(|d| d.divergent_rows > Some(0))
+            {
+                let _ = writeln!(
+                    out,
+                    "  {}: {} of {} rows differ (compared at {}, {})",
+                    d.table,
+                    opt(d.divergent_rows),
+                    opt(d.rows_checked),
+                    d.compared_at.as_deref().unwrap_or("-"),
+                    d.checked_at.as_deref().unwrap_or("-")
+                );
             }
         }
         if !self.refused_changes.is_empty() {

@@ -55,6 +55,9 @@ const PREFIX_DEAD: &str = "dead/";
 fn direction_prefix(kind: &str, direction: Direction) -> String {
     format!("{kind}{}/", direction.as_str())
 }
+/// The background verifier's last pass over each table
+/// ([`crate::live::Divergence`]), by table name.
+const PREFIX_DIVERGENCE: &str = "verify/divergence/";
 /// Tables whose changes do not all stream, with their counters
 /// ([`crate::coverage::Watch`]), by table name.
 const PREFIX_WATCH: &str = "coverage/watch/";
@@ -503,6 +506,27 @@ impl Store {
             .map(|value| {
                 let value = value.map_err(|e| self.io(e))?;
                 self.decode(PREFIX_DEAD, &value)
+            })
+            .collect()
+    }
+
+    /// Records the background verifier's last pass over `table`.
+    pub fn put_divergence(
+        &self,
+        table: &str,
+        divergence: &crate::live::Divergence,
+    ) -> Result<(), StoreError> {
+        self.put(&format!("{PREFIX_DIVERGENCE}{table}"), divergence)
+    }
+
+    /// The background verifier's last pass over each table, by name.
+    pub fn divergences(&self) -> Result<Vec<(String, crate::live::Divergence)>, StoreError> {
+        self.db
+            .scan_prefix(PREFIX_DIVERGENCE)
+            .map(|entry| {
+                let (key, value) = entry.map_err(|e| self.io(e))?;
+                let table = String::from_utf8_lossy(&key[PREFIX_DIVERGENCE.len()..]).into_owned();
+                Ok((table, self.decode(PREFIX_DIVERGENCE, &value)?))
             })
             .collect()
     }

@@ -505,3 +505,60 @@ async fn a_verify_killed_midway_resumes_after_the_last_chunk_it_compared() {
         Some(1)
     );
 }
+
+#[tokio::test]
+async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
+    use cutover_tests::http::{get, listen_addr, metric};
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    pair.source.execute("app", SCHEMA).await;
+    pair.target.execute("app", SCHEMA).await;
+    pair.on_source(SEED).await;
+    let config = pair.config(
+        dir.path(),
+        "allow_no_password = true\n[verify]\ncontinuous = true\ncontinuous_rate = 1000000\nmax_divergent_ratio = 0.000001\n",
+    );
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let http = listen_addr(&dir.path().join("state")).await;
+    let writer = Writer::start(&pair).await;
+    // Passes under load find nothing.
+    cutover_tests::wait_for("a pass of the background verifier", WAIT, || async {
+        let (_, body) = get(&http, "/metrics");
+        (metric(&body, "cutover_verify_last_pass_timestamp_seconds")? > 0.0).then_some(())
+    })
+    .await;
+    let (_, body) = get(&http, "/metrics");
+    assert!(
+        metric(&body, "cutover_verify_last_pass_timestamp_seconds").unwrap() > 0.0,
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "cutover_divergent_rows{table=\"public.accounts\"}"),
+        Some(0.0),
+        "a difference under load:\n{body}\n{}",
+        daemon.log()
+    );
+    writer.stop().await;
+    // A row changed on the target behind cutover's back is found.
+    pair.target
+        .execute(
+            "app",
+            "UPDATE codes SET label = 'tampered' WHERE code = 'c7'",
+        )
+        .await;
+    cutover_tests::wait_for("the divergence to show", WAIT, || async {
+        let (_, body) = get(&http, "/metrics");
+        (metric(&body, "cutover_divergent_rows{table=\"public.codes\"}")? == 1.0).then_some(())
+    })
+    .await;
+    let (code, health) = get(&http, "/health");
+    assert_eq!(code, 503, "{health}");
+    assert!(health.contains("verify.max_divergent_ratio"), "{health}");
+    let status = run_cutover(&["--config", config.to_str().unwrap(), "status"], &[]);
+    assert!(
+        status.stdout.contains("public.codes: 1 of 303 rows differ"),
+        "{}",
+        status.all_output()
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}

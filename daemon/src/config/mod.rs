@@ -240,13 +240,27 @@ pub const DEFAULT_VERIFY_WORKERS: u32 = 2;
 /// Default `verify.samples`.
 pub const DEFAULT_VERIFY_SAMPLES: u32 = 5;
 
+/// Default `verify.continuous_rate`: source rows per second.
+pub const DEFAULT_CONTINUOUS_RATE: u64 = 10_000;
+/// Default `verify.max_divergent_ratio`: a migration team's usual "more
+/// than 0.1% of records fail validation: roll back".
+pub const DEFAULT_MAX_DIVERGENT_RATIO: f64 = 0.001;
+
 /// `[verify]`, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VerifySettings {
     /// Tables compared at once.
     pub workers: usize,
     /// Differing rows shown per table and kind.
     pub samples: usize,
+    /// Source rows read per second at most, all workers together.
+    pub rate: Option<u64>,
+    /// A background verifier while `run` streams.
+    pub continuous: bool,
+    /// Its source rows per second at most.
+    pub continuous_rate: u64,
+    /// Divergent rows over rows checked above which `/health` fails.
+    pub max_divergent_ratio: f64,
 }
 
 /// Reads the file (if any) and the environment, refusing unknown keys.

@@ -14,11 +14,11 @@ use serde::Deserialize;
 use super::{
     APPLICATION_NAME, ApplySettings, Config, ConfigError, ConsoleAuth, CopySettings,
     DEFAULT_BATCH_MB, DEFAULT_BATCH_MS, DEFAULT_BATCH_ROWS, DEFAULT_CHUNK_MB,
-    DEFAULT_CONSOLE_LISTEN, DEFAULT_COPY_WORKERS, DEFAULT_HTTP_LISTEN, DEFAULT_KEYLESS,
-    DEFAULT_LAG_SAMPLE_SECONDS, DEFAULT_MAX_LAG_SECONDS, DEFAULT_PUBLICATION, DEFAULT_QUEUE_MB,
-    DEFAULT_QUEUE_TRANSACTIONS, DEFAULT_SLOT, DEFAULT_SPILL_MB, DEFAULT_STATE_DIR, DEFAULT_TABLES,
-    DEFAULT_VERIFY_SAMPLES, DEFAULT_VERIFY_WORKERS, ENV_PREFIX, ENV_SEPARATOR, KeylessPolicy,
-    Server, VerifySettings,
+    DEFAULT_CONSOLE_LISTEN, DEFAULT_CONTINUOUS_RATE, DEFAULT_COPY_WORKERS, DEFAULT_HTTP_LISTEN,
+    DEFAULT_KEYLESS, DEFAULT_LAG_SAMPLE_SECONDS, DEFAULT_MAX_DIVERGENT_RATIO,
+    DEFAULT_MAX_LAG_SECONDS, DEFAULT_PUBLICATION, DEFAULT_QUEUE_MB, DEFAULT_QUEUE_TRANSACTIONS,
+    DEFAULT_SLOT, DEFAULT_SPILL_MB, DEFAULT_STATE_DIR, DEFAULT_TABLES, DEFAULT_VERIFY_SAMPLES,
+    DEFAULT_VERIFY_WORKERS, ENV_PREFIX, ENV_SEPARATOR, KeylessPolicy, Server, VerifySettings,
 };
 
 /// Every key the contract knows, by section. Unknown keys are refused
@@ -58,7 +58,17 @@ pub(super) const KNOWN_KEYS: &[(&str, &[&str])] = &[
         ],
     ),
     ("ddl", &["policy"]),
-    ("verify", &["workers", "samples"]),
+    (
+        "verify",
+        &[
+            "workers",
+            "samples",
+            "rate",
+            "continuous",
+            "continuous_rate",
+            "max_divergent_ratio",
+        ],
+    ),
 ];
 
 /// Keys that hold lists; in the environment they are comma-separated.
@@ -205,6 +215,14 @@ pub struct RawVerify {
     pub workers: Option<u32>,
     /// Differing rows shown per table and kind.
     pub samples: Option<u32>,
+    /// Source rows read per second at most (0: no limit).
+    pub rate: Option<u64>,
+    /// A background verifier while `run` streams.
+    pub continuous: Option<bool>,
+    /// Its source rows per second at most.
+    pub continuous_rate: Option<u64>,
+    /// Divergent rows over rows checked above which `/health` fails.
+    pub max_divergent_ratio: Option<f64>,
 }
 
 /// `[ddl]` as written.
@@ -484,9 +502,31 @@ pub(super) fn verify_settings(raw: RawVerify) -> Result<VerifySettings, ConfigEr
             format!("{workers} is out of range: use 1 to 64"),
         ));
     }
+    let max_divergent_ratio = raw
+        .max_divergent_ratio
+        .unwrap_or(DEFAULT_MAX_DIVERGENT_RATIO);
+    if !(0.0..=1.0).contains(&max_divergent_ratio) {
+        return Err(ConfigError::invalid(
+            "verify.max_divergent_ratio",
+            format!(
+                "{max_divergent_ratio} is out of range: use a ratio from 0 to 1 (0.001 is 0.1% of rows)"
+            ),
+        ));
+    }
+    let continuous_rate = raw.continuous_rate.unwrap_or(DEFAULT_CONTINUOUS_RATE);
+    if continuous_rate == 0 {
+        return Err(ConfigError::invalid(
+            "verify.continuous_rate",
+            "0 is out of range: the background verifier needs a limit; use 1 or more rows per second".to_owned(),
+        ));
+    }
     Ok(VerifySettings {
         workers: workers as usize,
         samples: raw.samples.unwrap_or(DEFAULT_VERIFY_SAMPLES) as usize,
+        rate: raw.rate.filter(|r| *r > 0),
+        continuous: raw.continuous.unwrap_or(false),
+        continuous_rate,
+        max_divergent_ratio,
     })
 }
 

@@ -58,6 +58,19 @@ where
             Hold::Armed { .. } => Some(Lsn::ZERO),
             Hold::At { lsn, .. } => Some(*lsn),
         };
+        if limit == Some(Lsn::ZERO) {
+            // Armed: nothing new, whether anything waits or not.
+            let position = applier.wait_durable().await?;
+            let _ = durable.send(position);
+            status.hold.stopped_at(position);
+            tracing::info!(%position, "applier held for a verify");
+            let mut stop = shutdown.clone();
+            tokio::select! {
+                () = stopped(&mut stop) => break,
+                _ = hold.changed() => {}
+            }
+            continue;
+        }
         let first = match held.take() {
             Some(item) => item,
             None => {

@@ -24,7 +24,8 @@
 //!
 //! # Layout
 //!
-//! This module only wires the parts together: [`daemon`] (holding a
+//! This module only wires the parts together: [`continuous`] (the
+//! background verifier inside the daemon), [`daemon`] (holding a
 //! running daemon), [`table`] (one table read and compared),
 //! [`integrity`] (orphans of foreign keys on the target), [`repair`]
 //! (`--repair`) and [`report`] (what is shown and written).
@@ -47,6 +48,7 @@ use crate::live::Status;
 use crate::run::{self, RunError};
 use crate::store::{Store, StoreError};
 
+pub mod continuous;
 mod daemon;
 mod integrity;
 mod progress;
@@ -166,23 +168,8 @@ enum CatchUp {
     Daemon(Client),
 }
 
-/// Verifies every table in scope, with `repair` makes the differing target
-/// rows equal to the source, and writes the report to the state directory.
-pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
-    let catch_up = match Store::open(&config.state_dir) {
-        Ok(store) => {
-            let copied = store.copy_run()?.is_some_and(|r| r.finished);
-            if !copied {
-                return Err(VerifyError::NotCopied(
-                    config.state_dir.display().to_string(),
-                ));
-            }
-            CatchUp::Own(store)
-        }
-        Err(StoreError::Locked { .. }) if repair => return Err(VerifyError::RepairBesideDaemon),
-        Err(StoreError::Locked { .. }) => CatchUp::Daemon(daemon::connect(config).await?),
-        Err(err) => return Err(err.into()),
-    };
+/// The tables in scope, planned for reading on both sides.
+async fn plans(config: &Config) -> Result<Vec<table::Plan>, VerifyError> {
     let source = connect(config, "source").await?;
     let target = connect(config, "target").await?;
     let tables = copy::tables_in_scope(&source, config).await?;
@@ -196,19 +183,21 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         };
         plans.push(table::Plan::new(table.clone(), on_target));
     }
-    drop((source, target));
-    let workers = config.verify.workers.min(plans.len()).max(1);
+    Ok(plans)
+}
 
-    // A running daemon applies nothing new from here: all it applied
-    // committed before the position about to be taken.
-    if let CatchUp::Daemon(console) = &catch_up {
-        let parked = daemon::arm(console).await?;
-        tracing::info!(applied = %parked, "the daemon holds while the compared position is taken");
-    }
-
-    // 1. The compared position, and the source's snapshot of it.
+/// A new compared position: a temporary slot's consistent point, and
+/// `workers` source readers in its exported snapshot.
+async fn source_position(
+    config: &Config,
+    workers: usize,
+) -> Result<(Lsn, Vec<Client>), VerifyError> {
     let mut session = Session::connect(&config.source.conninfo).await?;
-    let slot = format!("cutover_verify_{}", std::process::id());
+    // Unique per position: a temporary slot lives until its session's
+    // backend has exited, which may be after the next one is created.
+    static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let slot = format!("cutover_verify_{}_{n}", std::process::id());
     let created = session
         .create_slot(&slot, true, SnapshotAction::Export)
         .await?;
@@ -224,21 +213,11 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
     }
     // Every source reader holds the snapshot: the temporary slot may go.
     drop(session);
-    tracing::info!(lsn = %at, tables = plans.len(), "comparing both sides as of this source position");
+    Ok((at, sources))
+}
 
-    // 2. The target at exactly that position.
-    match &catch_up {
-        CatchUp::Own(store) => {
-            let status = Arc::new(Status::new(&config.slot, Direction::Forward));
-            run::catch_up(config, store, &status, at).await?;
-        }
-        CatchUp::Daemon(console) => {
-            let reached = daemon::hold_at(console, at).await?;
-            tracing::info!(%reached, "the daemon holds at the compared position");
-        }
-    }
-
-    // 3. The target's snapshot there, shared by every target reader.
+/// `workers` target readers in one snapshot of the target as it is now.
+async fn target_readers(config: &Config, workers: usize) -> Result<Vec<Client>, VerifyError> {
     let mut targets = Vec::with_capacity(workers);
     let first = connect(config, "target").await?;
     first
@@ -258,6 +237,54 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
             .map_err(query("target", "importing the verify's snapshot"))?;
         targets.push(client);
     }
+    Ok(targets)
+}
+
+/// Verifies every table in scope, with `repair` makes the differing target
+/// rows equal to the source, and writes the report to the state directory.
+pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
+    let catch_up = match Store::open(&config.state_dir) {
+        Ok(store) => {
+            let copied = store.copy_run()?.is_some_and(|r| r.finished);
+            if !copied {
+                return Err(VerifyError::NotCopied(
+                    config.state_dir.display().to_string(),
+                ));
+            }
+            CatchUp::Own(store)
+        }
+        Err(StoreError::Locked { .. }) if repair => return Err(VerifyError::RepairBesideDaemon),
+        Err(StoreError::Locked { .. }) => CatchUp::Daemon(daemon::connect(config).await?),
+        Err(err) => return Err(err.into()),
+    };
+    let plans = plans(config).await?;
+    let workers = config.verify.workers.min(plans.len()).max(1);
+
+    // A running daemon applies nothing new from here: all it applied
+    // committed before the position about to be taken.
+    if let CatchUp::Daemon(console) = &catch_up {
+        let parked = daemon::arm(console).await?;
+        tracing::info!(applied = %parked, "the daemon holds while the compared position is taken");
+    }
+
+    // 1. The compared position, and the source's snapshot of it.
+    let (at, sources) = source_position(config, workers).await?;
+    tracing::info!(lsn = %at, tables = plans.len(), "comparing both sides as of this source position");
+
+    // 2. The target at exactly that position.
+    match &catch_up {
+        CatchUp::Own(store) => {
+            let status = Arc::new(Status::new(&config.slot, Direction::Forward));
+            run::catch_up(config, store, &status, at).await?;
+        }
+        CatchUp::Daemon(console) => {
+            let reached = daemon::hold_at(console, at).await?;
+            tracing::info!(%reached, "the daemon holds at the compared position");
+        }
+    }
+
+    // 3. The target's snapshot there, shared by every target reader.
+    let targets = target_readers(config, workers).await?;
     // The target readers hold the snapshot: the daemon may go on.
     if let CatchUp::Daemon(console) = &catch_up {
         daemon::release(console).await?;
@@ -273,7 +300,7 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         plans,
         sources,
         targets,
-        config.verify.samples,
+        config,
         repair,
         at,
         Arc::clone(&progress),
@@ -329,25 +356,34 @@ async fn compare_all(
     plans: Vec<table::Plan>,
     sources: Vec<Client>,
     targets: Vec<Client>,
-    samples: usize,
+    config: &Config,
     repair: bool,
     at: Lsn,
     progress: Arc<progress::ProgressFile>,
 ) -> Result<Vec<(table::Plan, report::TableReport, Vec<Fix>)>, VerifyError> {
+    let pacer = Arc::new(table::Pacer::new(config.verify.rate));
+    let samples = config.verify.samples;
     let plans = Arc::new(std::sync::Mutex::new(plans));
     let mut tasks = tokio::task::JoinSet::new();
     for (source, target) in sources.into_iter().zip(targets) {
         let plans = Arc::clone(&plans);
         let progress = Arc::clone(&progress);
+        let pacer = Arc::clone(&pacer);
         tasks.spawn(async move {
+            let reading = table::Reading {
+                samples,
+                repair,
+                at,
+                progress: Some(&progress),
+                pacer: &pacer,
+            };
             let mut reports = Vec::new();
             loop {
                 let plan = plans.lock().ok().and_then(|mut p| p.pop());
                 let Some(plan) = plan else {
                     return Ok::<_, VerifyError>(reports);
                 };
-                let (report, fixes) =
-                    table::compare(&plan, &source, &target, samples, repair, at, &progress).await?;
+                let (report, fixes) = table::compare(&plan, &source, &target, &reading).await?;
                 reports.push((plan, report, fixes));
             }
         });

@@ -247,6 +247,60 @@ impl Lines {
     }
 }
 
+/// A limit on source rows read per second, shared by every worker of a
+/// verify, so that a verify in business hours does not load the source.
+#[derive(Debug)]
+pub(super) struct Pacer {
+    rate: Option<u64>,
+    started: std::time::Instant,
+    rows: std::sync::atomic::AtomicU64,
+}
+
+impl Pacer {
+    /// At most `rate` rows per second (`None`: no limit).
+    pub(super) fn new(rate: Option<u64>) -> Pacer {
+        Pacer {
+            rate,
+            started: std::time::Instant::now(),
+            rows: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `rows` more were read: waits as long as the rate asks.
+    async fn read(&self, rows: u64) {
+        let Some(rate) = self.rate else {
+            return;
+        };
+        let total = self
+            .rows
+            .fetch_add(rows, std::sync::atomic::Ordering::Relaxed)
+            + rows;
+        let due = std::time::Duration::from_secs_f64(total as f64 / rate as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+/// Source rows between two looks at the rate.
+const PACE_EVERY: u64 = 500;
+
+/// How the tables of one verify are compared.
+#[derive(Debug)]
+pub(super) struct Reading<'a> {
+    /// Differing rows kept per table and kind.
+    pub(super) samples: usize,
+    /// Keep the fix of every difference.
+    pub(super) repair: bool,
+    /// The source position of the snapshots read.
+    pub(super) at: Lsn,
+    /// Where an interrupted verify resumes, if it may.
+    pub(super) progress: Option<&'a ProgressFile>,
+    /// The rate limit.
+    pub(super) pacer: &'a Pacer,
+}
+
 /// Rows of the source read per chunk of a table read in chunks.
 const CHUNK_ROWS: usize = 5_000;
 
@@ -258,13 +312,17 @@ pub(super) async fn compare(
     plan: &Plan,
     source: &Client,
     target: &Client,
-    samples: usize,
-    repair: bool,
-    at: Lsn,
-    progress: &ProgressFile,
+    reading: &Reading<'_>,
 ) -> Result<(TableReport, Vec<Fix>), VerifyError> {
     let name = plan.table.name.to_string();
-    let prior = progress.table(&name);
+    let Reading {
+        samples,
+        repair,
+        at,
+        progress,
+        pacer,
+    } = *reading;
+    let prior = progress.and_then(|p| p.table(&name));
     if let Some(prior) = &prior
         && prior.done
     {
@@ -314,6 +372,9 @@ pub(super) async fn compare(
         let upto = if let Some(limit) = limit {
             while let Some(row) = source_rows.next().await.map_err(read_error("source"))? {
                 chunk.push(row);
+                if (chunk.len() as u64).is_multiple_of(PACE_EVERY) {
+                    pacer.read(PACE_EVERY).await;
+                }
             }
             (chunk.len() == limit).then(|| plan.key_of(&chunk[chunk.len() - 1]))
         } else {
@@ -336,7 +397,13 @@ pub(super) async fn compare(
         while let Some(side) = merge.wants() {
             let row = match side {
                 Side::Source if limit.is_some() => chunk.next(),
-                Side::Source => source_rows.next().await.map_err(read_error("source"))?,
+                Side::Source => {
+                    let row = source_rows.next().await.map_err(read_error("source"))?;
+                    if merge.tally().source_rows % PACE_EVERY == PACE_EVERY - 1 {
+                        pacer.read(PACE_EVERY).await;
+                    }
+                    row
+                }
                 Side::Target => target_rows.next().await.map_err(read_error("target"))?,
             };
             match row {
@@ -367,16 +434,18 @@ pub(super) async fn compare(
         report.set_checksums(source_digest.hex(), target_digest.hex());
         let done = upto.is_none();
         after = upto;
-        progress.save(
-            &name,
-            TableProgress {
-                done,
-                after: after.clone(),
-                report: report.clone(),
-                source_digest: source_digest.hex(),
-                target_digest: target_digest.hex(),
-            },
-        )?;
+        if let Some(progress) = progress {
+            progress.save(
+                &name,
+                TableProgress {
+                    done,
+                    after: after.clone(),
+                    report: report.clone(),
+                    source_digest: source_digest.hex(),
+                    target_digest: target_digest.hex(),
+                },
+            )?;
+        }
         if done {
             return Ok((report, fixes));
         }

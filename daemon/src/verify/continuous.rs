@@ -1,0 +1,178 @@
+//! The background verifier (`[verify] continuous = true`): while `run`
+//! streams, every table in scope is compared again and again, one at a
+//! time, each at a consistent position taken the way `cutover verify`
+//! takes it beside a running daemon (the daemon's own applier is held in
+//! process, [`crate::hold`], just long enough for the two snapshots), and
+//! read at `verify.continuous_rate` source rows per second at most.
+//!
+//! What each table's last pass found is kept in the state store, exported
+//! as `cutover_divergent_rows{table}` (with `cutover_verify_rows_total`
+//! and `cutover_verify_last_pass_timestamp_seconds`), shown by the
+//! console's `SHOW DIVERGENCE` and by `cutover status`, and turns
+//! `/health` red past `verify.max_divergent_ratio`. It never writes the
+//! target: `cutover verify --repair` does, with the daemon stopped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::hold::Hold;
+use crate::live::{DaemonState, Divergence, Status};
+use crate::store::{Store, now_secs};
+
+use super::report::SampleKind;
+use super::table::{self, Pacer, Plan};
+use super::{VerifyError, plans, source_position, target_readers};
+
+/// Who holds the applier while a table's position is taken.
+const OWNER: &str = "the background verifier";
+/// Differing rows kept per table and kind.
+const SAMPLES: usize = 5;
+/// How long the applier may take to stop under a hold.
+const HOLD_WAIT: Duration = Duration::from_secs(120);
+/// How long the verifier waits after a failure before the next table.
+const RETRY: Duration = Duration::from_secs(30);
+
+/// Releases the applier when dropped: a verifier that fails or is
+/// cancelled never leaves the daemon held.
+struct Held<'a>(&'a Status);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.hold.release_by(OWNER);
+    }
+}
+
+/// Runs until `shutdown`, comparing while the daemon streams.
+pub async fn run(
+    config: Config,
+    store: Store,
+    status: Arc<Status>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // What earlier runs found stays visible until compared again.
+    match store.divergences() {
+        Ok(found) => {
+            for (table, divergence) in found {
+                status.set_divergence(&table, divergence);
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "reading the background verifier's results"),
+    }
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if status.state() != DaemonState::Streaming {
+            if wait(&mut shutdown, Duration::from_secs(1)).await {
+                return;
+            }
+            continue;
+        }
+        match pass(&config, &store, &status, &shutdown).await {
+            Ok(true) => {
+                status.metrics.verify_last_pass.set(now_secs() as f64);
+                tracing::info!("the background verifier finished a pass over every table");
+            }
+            Ok(false) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?RETRY, "the background verifier failed");
+                if wait(&mut shutdown, RETRY).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits `time`, or less if shutdown is asked; returns whether it is.
+async fn wait(shutdown: &mut watch::Receiver<bool>, time: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => true,
+        () = tokio::time::sleep(time) => false,
+    }
+}
+
+/// One pass over every table; `false` when shutdown interrupted it.
+async fn pass(
+    config: &Config,
+    store: &Store,
+    status: &Status,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<bool, VerifyError> {
+    for plan in plans(config).await? {
+        if *shutdown.borrow() {
+            return Ok(false);
+        }
+        let name = plan.table().name.to_string();
+        let divergence = compare(config, status, &plan).await?;
+        if divergence.divergent_rows > 0 {
+            tracing::warn!(table = %name, rows = divergence.divergent_rows, at = ?divergence.compared_at, "the background verifier found rows that differ");
+        }
+        status.metrics.verify_rows.inc_by(divergence.rows_checked);
+        store.put_divergence(&name, &divergence)?;
+        status.set_divergence(&name, divergence);
+    }
+    Ok(true)
+}
+
+/// Compares one table at a new position.
+async fn compare(config: &Config, status: &Status, plan: &Plan) -> Result<Divergence, VerifyError> {
+    let held = |reached: Option<_>| {
+        reached.ok_or_else(|| {
+            VerifyError::Daemon(format!(
+                "the applier did not stop for the background verifier within {HOLD_WAIT:?}"
+            ))
+        })
+    };
+    // Wait for a one-shot verify holding the applier to finish.
+    while !status.hold.set_if_free(Hold::Armed {
+        owner: OWNER.to_owned(),
+    }) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let guard = Held(status);
+    held(status.hold.wait_reached(HOLD_WAIT).await)?;
+    let (at, mut sources) = source_position(config, 1).await?;
+    status.hold.set(Hold::At {
+        lsn: at,
+        owner: OWNER.to_owned(),
+    });
+    held(status.hold.wait_reached(HOLD_WAIT).await)?;
+    let mut targets = target_readers(config, 1).await?;
+    drop(guard);
+    let (Some(source), Some(target)) = (sources.pop(), targets.pop()) else {
+        return Err(VerifyError::Daemon(
+            "no reader for the background verifier".into(),
+        ));
+    };
+    let pacer = Pacer::new(Some(config.verify.continuous_rate));
+    let reading = table::Reading {
+        samples: SAMPLES,
+        repair: false,
+        at,
+        progress: None,
+        pacer: &pacer,
+    };
+    let (report, _) = table::compare(plan, &source, &target, &reading).await?;
+    Ok(Divergence {
+        rows_checked: report.source_rows,
+        divergent_rows: report.differing(),
+        compared_at: Some(at),
+        checked_at: now_secs(),
+        samples: report
+            .samples
+            .iter()
+            .map(|s| {
+                let kind = match s.kind {
+                    SampleKind::MissingOnTarget => "missing on target",
+                    SampleKind::ExtraOnTarget => "extra on target",
+                    SampleKind::Changed => "changed",
+                };
+                format!("{kind}: {}", s.key)
+            })
+            .collect(),
+    })
+}
