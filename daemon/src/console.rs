@@ -33,7 +33,6 @@ use pgwire::messages::data::DataRow;
 use tokio::net::TcpListener;
 
 use crate::config::ConsoleAuth;
-use crate::hold::Hold;
 use crate::live::{DaemonState, Status};
 use crate::store::{Store, TableCopyState};
 
@@ -44,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +56,8 @@ enum Command {
     Resume,
     /// A verify's hold: `HOLD`, or `HOLD AT 'lsn'` (see `crate::hold`).
     Hold(Option<Lsn>),
-    Release,
+    /// `RELEASE` (this connection's hold), `RELEASE FORCE` (anyone's).
+    Release(bool),
     ShowHold,
     Divergence,
 }
@@ -86,7 +86,8 @@ fn parse(text: &str) -> Result<Command, String> {
             .parse::<Lsn>()
             .map(|lsn| Command::Hold(Some(lsn)))
             .map_err(|_| format!("HOLD AT takes a WAL position like '0/16B3748', not {lsn}")),
-        ["RELEASE"] => Ok(Command::Release),
+        ["RELEASE"] => Ok(Command::Release(false)),
+        ["RELEASE", "FORCE"] => Ok(Command::Release(true)),
         ["PAUSE"] => Ok(Command::Pause),
         ["RESUME"] => Ok(Command::Resume),
         _ => Err(format!(
@@ -142,7 +143,9 @@ where
                         tracing::debug!(%peer, error = %err, "console connection ended");
                     }
                     // A verify's hold never outlives its connection.
-                    queries.status.hold.release_by(&peer.to_string());
+                    if queries.status.hold.release(Some(&peer.to_string())) {
+                        tracing::info!(%peer, "the console connection holding the applier ended: released");
+                    }
                 });
             }
             Err(err) => {
@@ -277,22 +280,19 @@ impl Queries {
                         }
                     ));
                 }
-                let owner = peer.to_owned();
-                let hold = match position {
-                    None => Hold::Armed { owner },
-                    Some(lsn) => Hold::At { lsn, owner },
-                };
-                tracing::info!(%peer, ?hold, "console: HOLD (a verify takes the target's position)");
-                if !self.status.hold.set_if_free(hold) {
-                    return Err(
-                        "another verify holds the applier (the background verifier, or another cutover verify): try again in a moment".to_owned(),
-                    );
+                tracing::info!(%peer, ?position, "console: HOLD (a verify takes the target's position)");
+                match position {
+                    None => self.status.hold.arm(peer),
+                    Some(lsn) => self.status.hold.hold_at(peer, lsn),
                 }
+                .map_err(|e| e.to_string())?;
                 Ok(Response::Execution(Tag::new("HOLD")))
             }
-            Command::Release => {
-                tracing::info!(%peer, "console: RELEASE");
-                self.status.hold.set(Hold::Off);
+            Command::Release(force) => {
+                tracing::info!(%peer, force, "console: RELEASE");
+                self.status
+                    .hold
+                    .release(if force { None } else { Some(peer) });
                 Ok(Response::Execution(Tag::new("RELEASE")))
             }
             Command::Divergence => {

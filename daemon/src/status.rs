@@ -331,7 +331,7 @@ pub(crate) async fn rows(
     Ok(client
         .simple_query(command)
         .await
-        .map_err(|e| format!("{command}: {e}"))?
+        .map_err(|e| format!("{command}: {}", cutover_replication::client::describe(&e)))?
         .into_iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(row) => Some(row),

@@ -519,6 +519,14 @@ impl Store {
         self.put(&format!("{PREFIX_DIVERGENCE}{table}"), divergence)
     }
 
+    /// Forgets what was found of `table` (out of scope now).
+    pub fn remove_divergence(&self, table: &str) -> Result<(), StoreError> {
+        self.db
+            .remove(format!("{PREFIX_DIVERGENCE}{table}"))
+            .map(|_| ())
+            .map_err(|e| self.io(e))
+    }
+
     /// The background verifier's last pass over each table, by name.
     pub fn divergences(&self) -> Result<Vec<(String, crate::live::Divergence)>, StoreError> {
         self.db

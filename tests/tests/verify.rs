@@ -562,3 +562,51 @@ async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
     );
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
+
+#[tokio::test]
+async fn a_hold_released_by_force_cannot_be_moved_to_a_position() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    pair.both(SCHEMA).await;
+    let config = pair.config(dir.path(), "allow_no_password = true\n");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let console = || async {
+        let text = std::fs::read_to_string(dir.path().join("state/listen.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let addr = json["console"].as_str().unwrap().to_owned();
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let (client, connection) = tokio_postgres::Config::new()
+            .host(host)
+            .port(port.parse().unwrap())
+            .user("ops")
+            .dbname("cutover")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect to the console");
+        tokio::spawn(connection);
+        client
+    };
+    let verify = console().await;
+    let operator = console().await;
+    verify.simple_query("HOLD").await.unwrap();
+    let message = |e: tokio_postgres::Error| {
+        e.as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let other = message(operator.simple_query("HOLD").await.unwrap_err());
+    assert!(other.contains("another verify holds"), "{other}");
+    cutover_tests::wait_for("the applier to stop", WAIT, || async {
+        let rows = verify.simple_query("SHOW HOLD").await.ok()?;
+        rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("reached_lsn").map(|_| ()),
+            _ => None,
+        })
+    })
+    .await;
+    operator.simple_query("RELEASE FORCE").await.unwrap();
+    // The applier may have moved since: the position cannot be taken.
+    let err = message(verify.simple_query("HOLD AT '0/1'").await.unwrap_err());
+    assert!(err.contains("no HOLD of this connection"), "{err}");
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}

@@ -53,21 +53,23 @@ where
         }
         // A verify's hold (see `crate::hold`): nothing new while armed;
         // with a position, what commits before it.
-        let limit = match &*hold.borrow_and_update() {
-            Hold::Off => None,
-            Hold::Armed { .. } => Some(Lsn::ZERO),
-            Hold::At { lsn, .. } => Some(*lsn),
+        let (limit, generation) = {
+            let current = hold.borrow_and_update();
+            let limit = match &current.0 {
+                Hold::Off => None,
+                Hold::Armed { .. } => Some(Lsn::ZERO),
+                Hold::At { lsn, .. } => Some(*lsn),
+            };
+            (limit, current.1)
         };
         if limit == Some(Lsn::ZERO) {
             // Armed: nothing new, whether anything waits or not.
             let position = applier.wait_durable().await?;
             let _ = durable.send(position);
-            status.hold.stopped_at(position);
+            status.hold.stopped_at(generation, position);
             tracing::info!(%position, "applier held for a verify");
-            let mut stop = shutdown.clone();
-            tokio::select! {
-                () = stopped(&mut stop) => break,
-                _ = hold.changed() => {}
+            if !parked(&mut hold, &shutdown, &work).await {
+                break;
             }
             continue;
         }
@@ -105,12 +107,10 @@ where
             }
             let position = applier.wait_durable().await?;
             let _ = durable.send(position);
-            status.hold.stopped_at(position);
+            status.hold.stopped_at(generation, position);
             tracing::info!(%position, hold = %limit, "applier held for a verify");
-            let mut stop = shutdown.clone();
-            tokio::select! {
-                () = stopped(&mut stop) => break,
-                _ = hold.changed() => {}
+            if !parked(&mut hold, &shutdown, &work).await {
+                break;
             }
             continue;
         }
@@ -268,5 +268,29 @@ fn beyond(work: &Work, limit: Lsn) -> bool {
         Work::Memory(tx, _) => tx.commit_lsn >= limit,
         Work::Spilled(_, commit) => commit.commit_lsn >= limit,
         Work::Reached(lsn) => *lsn >= limit,
+    }
+}
+
+/// Waits, applying nothing, until the hold changes; `false` when the
+/// applier must stop instead: shutdown, or the reader gone (its session
+/// failed: the session is started again, and the hold's owner sees the
+/// hold end... or its next step fail).
+async fn parked(
+    hold: &mut watch::Receiver<(Hold, u64)>,
+    shutdown: &watch::Receiver<bool>,
+    work: &mpsc::Receiver<Work>,
+) -> bool {
+    let mut stop = shutdown.clone();
+    let mut look = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stopped(&mut stop) => return false,
+            _ = hold.changed() => return true,
+            _ = look.tick() => {
+                if work.is_closed() {
+                    return false;
+                }
+            }
+        }
     }
 }

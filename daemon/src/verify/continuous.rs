@@ -18,13 +18,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::hold::Hold;
 use crate::live::{DaemonState, Divergence, Status};
 use crate::store::{Store, now_secs};
 
 use super::report::SampleKind;
 use super::table::{self, Pacer, Plan};
-use super::{VerifyError, plans, source_position, target_readers};
+use super::{VerifyError, plans, source_position_within, target_readers};
 
 /// Who holds the applier while a table's position is taken.
 const OWNER: &str = "the background verifier";
@@ -41,7 +40,7 @@ struct Held<'a>(&'a Status);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.hold.release_by(OWNER);
+        self.0.hold.release(Some(OWNER));
     }
 }
 
@@ -128,19 +127,17 @@ async fn compare(config: &Config, status: &Status, plan: &Plan) -> Result<Diverg
         })
     };
     // Wait for a one-shot verify holding the applier to finish.
-    while !status.hold.set_if_free(Hold::Armed {
-        owner: OWNER.to_owned(),
-    }) {
+    while status.hold.arm(OWNER).is_err() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let guard = Held(status);
-    held(status.hold.wait_reached(HOLD_WAIT).await)?;
-    let (at, mut sources) = source_position(config, 1).await?;
-    status.hold.set(Hold::At {
-        lsn: at,
-        owner: OWNER.to_owned(),
-    });
-    held(status.hold.wait_reached(HOLD_WAIT).await)?;
+    held(status.hold.wait_reached(OWNER, HOLD_WAIT).await)?;
+    let (at, mut sources) = source_position_within(config, 1).await?;
+    status
+        .hold
+        .hold_at(OWNER, at)
+        .map_err(|e| VerifyError::Daemon(e.to_string()))?;
+    held(status.hold.wait_reached(OWNER, HOLD_WAIT).await)?;
     let mut targets = target_readers(config, 1).await?;
     drop(guard);
     let (Some(source), Some(target)) = (sources.pop(), targets.pop()) else {

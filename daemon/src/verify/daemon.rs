@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use cutover_replication::Lsn;
+use cutover_replication::client::describe;
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -52,7 +53,7 @@ async fn hold(client: &Client, command: &str, wait: Duration) -> Result<Lsn, Ver
     client
         .simple_query(command)
         .await
-        .map_err(|e| console_error(format!("{command}: {e}")))?;
+        .map_err(|e| console_error(format!("{command}: {}", describe(&e))))?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut said = tokio::time::Instant::now();
     loop {
@@ -60,7 +61,8 @@ async fn hold(client: &Client, command: &str, wait: Duration) -> Result<Lsn, Ver
         let row = hold.first();
         if row.and_then(|r| text(r, "hold")).as_deref() == Some("off") {
             return Err(console_error(
-                "the daemon released the hold (its stream restarted, or an operator sent RELEASE): run verify again".into(),
+                "the daemon's hold was released (an operator sent RELEASE FORCE): run verify again"
+                    .into(),
             ));
         }
         if let Some(reached) = row
@@ -85,9 +87,21 @@ async fn hold(client: &Client, command: &str, wait: Duration) -> Result<Lsn, Ver
     }
 }
 
-/// `HOLD`: the daemon applies nothing new.
+/// `HOLD`: the daemon applies nothing new. Waits while another verify
+/// (the background verifier) holds it.
 pub(super) async fn arm(client: &Client) -> Result<Lsn, VerifyError> {
-    hold(client, "HOLD", ARM_WAIT).await
+    let deadline = tokio::time::Instant::now() + ARM_WAIT;
+    loop {
+        match hold(client, "HOLD", ARM_WAIT).await {
+            Err(VerifyError::Daemon(message))
+                if message.contains("another verify holds")
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// `HOLD AT 'at'`: the daemon applies what commits before `at`, then
@@ -102,5 +116,5 @@ pub(super) async fn release(client: &Client) -> Result<(), VerifyError> {
         .simple_query("RELEASE")
         .await
         .map(|_| ())
-        .map_err(|e| console_error(format!("RELEASE: {e}")))
+        .map_err(|e| console_error(format!("RELEASE: {}", describe(&e))))
 }

@@ -216,6 +216,28 @@ async fn source_position(
     Ok((at, sources))
 }
 
+/// How long a daemon stays held while the verify's slot is created. The
+/// slot waits for the transactions open on the source; a long one would
+/// keep the daemon's applier parked (and, where the daemon is a
+/// synchronous standby of the source, would wait for commits that wait
+/// for it).
+const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// [`source_position`] while a daemon is held: given up after
+/// [`SLOT_WAIT`], with the reason.
+async fn source_position_within(
+    config: &Config,
+    workers: usize,
+) -> Result<(Lsn, Vec<Client>), VerifyError> {
+    tokio::time::timeout(SLOT_WAIT, source_position(config, workers))
+        .await
+        .map_err(|_| {
+            VerifyError::Daemon(format!(
+                "the verify's slot waited over {SLOT_WAIT:?} for transactions open on the source, and the daemon was held meanwhile; it was released. End the long transaction (see pg_stat_activity) or stop the daemon and verify without it"
+            ))
+        })?
+}
+
 /// `workers` target readers in one snapshot of the target as it is now.
 async fn target_readers(config: &Config, workers: usize) -> Result<Vec<Client>, VerifyError> {
     let mut targets = Vec::with_capacity(workers);
@@ -267,8 +289,12 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         tracing::info!(applied = %parked, "the daemon holds while the compared position is taken");
     }
 
-    // 1. The compared position, and the source's snapshot of it.
-    let (at, sources) = source_position(config, workers).await?;
+    // 1. The compared position, and the source's snapshot of it (not for
+    // long while a daemon is held).
+    let (at, sources) = match &catch_up {
+        CatchUp::Own(_) => source_position(config, workers).await?,
+        CatchUp::Daemon(_) => source_position_within(config, workers).await?,
+    };
     tracing::info!(lsn = %at, tables = plans.len(), "comparing both sides as of this source position");
 
     // 2. The target at exactly that position.
@@ -335,6 +361,11 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         .collect();
     let date = crate::console::timestamp(crate::store::now_secs());
     let report = Report::new(config.slot.clone(), date, at, reports, integrity);
+    // What this verify found replaces what the daemon's background
+    // verifier last recorded (after a repair: nothing left to show).
+    if let CatchUp::Own(store) = &catch_up {
+        record_divergence(store, &report)?;
+    }
     let path = config.state_dir.join(REPORT_FILE);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| VerifyError::Write {
         path: path.display().to_string(),
@@ -348,6 +379,27 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         progress.finish();
     }
     Ok(report)
+}
+
+/// Records each table's result where the background verifier keeps its
+/// own, and forgets tables no longer in scope.
+fn record_divergence(store: &Store, report: &Report) -> Result<(), VerifyError> {
+    for (table, _) in store.divergences()? {
+        if !report.tables.iter().any(|t| t.table == table) {
+            store.remove_divergence(&table)?;
+        }
+    }
+    for t in &report.tables {
+        let divergence = crate::live::Divergence {
+            rows_checked: t.source_rows,
+            divergent_rows: t.differing().saturating_sub(t.repaired.len() as u64),
+            compared_at: t.compared_at.last().copied(),
+            checked_at: crate::store::now_secs(),
+            samples: Vec::new(),
+        };
+        store.put_divergence(&t.table, &divergence)?;
+    }
+    Ok(())
 }
 
 /// Compares `plans` on pairs of readers, one table per pair at a time;

@@ -57,13 +57,13 @@ impl Plan {
             .filter(|c| !on_target(&c.name))
             .map(|c| c.name.clone())
             .collect();
+        // A key the target lacks a column of is no key there: such a
+        // table is compared as a multiset of the columns both sides have.
         let key: Vec<String> = table
             .primary_key
             .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|k| on_target(k))
-            .collect();
+            .filter(|key| key.iter().all(|k| on_target(k)))
+            .unwrap_or_default();
         let mut names = key.clone();
         names.extend(
             table
@@ -78,12 +78,14 @@ impl Plan {
             let kinds = key
                 .iter()
                 .map(|k| {
-                    let integer = table
-                        .columns
-                        .iter()
-                        .find(|c| &c.name == k)
-                        .is_some_and(|c| INTEGER_TYPES.contains(&c.type_name.as_str()));
-                    if integer {
+                    // Ordered by value only when both sides order it so.
+                    let integer = |t: &Table| {
+                        t.columns
+                            .iter()
+                            .find(|c| &c.name == k)
+                            .is_some_and(|c| INTEGER_TYPES.contains(&c.type_name.as_str()))
+                    };
+                    if integer(&table) && integer(target) {
                         KeyKind::Integer
                     } else {
                         KeyKind::Bytes
