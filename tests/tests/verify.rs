@@ -610,3 +610,38 @@ async fn a_hold_released_by_force_cannot_be_moved_to_a_position() {
     assert!(err.contains("no HOLD of this connection"), "{err}");
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
+
+#[tokio::test]
+async fn a_repair_undoes_a_swap_of_unique_values_between_rows() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    pair.both("CREATE TABLE people (id int PRIMARY KEY, email text UNIQUE, name text);")
+        .await;
+    pair.on_source(
+        "INSERT INTO people SELECT g, 'p' || g || '@x', 'n' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let config = pair.config(dir.path(), "");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["people"], WAIT).await;
+    // On the target, rows 1 and 2 swap their emails, and row 3 takes the
+    // email of a row the target lost.
+    pair.target
+        .execute(
+            "app",
+            "UPDATE people SET email = 'tmp' WHERE id = 1;
+             UPDATE people SET email = 'p1@x' WHERE id = 2;
+             UPDATE people SET email = 'p2@x' WHERE id = 1;
+             DELETE FROM people WHERE id = 4;
+             UPDATE people SET email = 'p4@x' WHERE id = 5;",
+        )
+        .await;
+    let repaired = verify_with(&config, &["--repair"]);
+    let out = repaired.all_output();
+    assert_eq!(repaired.code, 0, "{out}");
+    assert!(out.contains("REPAIRED: 4 differing rows"), "{out}");
+    let again = verify(&config, "human");
+    assert_eq!(again.code, 0, "{}", again.all_output());
+    let (source, target) = pair.rows("people").await;
+    assert_eq!(source, target);
+}

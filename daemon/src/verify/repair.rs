@@ -85,7 +85,7 @@ impl Shape {
         )
     }
 
-    fn change(&self, fix: &Fix, at: Lsn, ordinal: u64) -> Change {
+    fn change(&self, fix: &Fix, at: Lsn) -> Change {
         let relation = Arc::clone(&self.relation);
         let kind = match fix {
             Fix::Insert(row) => ChangeKind::Insert {
@@ -111,7 +111,7 @@ impl Shape {
             subxid: 0,
             commit_lsn: Some(at),
             lsn: at,
-            ordinal,
+            ordinal: 0,
             origin: None,
             kind,
         }
@@ -127,17 +127,35 @@ pub(super) async fn repair(
     at: Lsn,
     work: &[(&Plan, Vec<Fix>)],
 ) -> Result<HashMap<String, Vec<String>>, VerifyError> {
-    let mut changes = Vec::new();
     let mut written: HashMap<String, Vec<String>> = HashMap::new();
+    // Every delete before every write: a value under a unique key may
+    // have moved between two rows (a swap), which one row written over
+    // another cannot do. An update is a delete and an insert here; the
+    // sink replays them one by one in this order when a set-based
+    // statement meets such a swap.
+    let mut deletes = Vec::new();
+    let mut writes = Vec::new();
     for (plan, fixes) in work {
         let shape = shape(plan);
         for fix in fixes {
-            changes.push(shape.change(fix, at, changes.len() as u64));
+            match fix {
+                Fix::Delete(_) => deletes.push(shape.change(fix, at)),
+                Fix::Insert(_) => writes.push(shape.change(fix, at)),
+                Fix::Update(row) if !shape.keyless => {
+                    deletes.push(shape.change(&Fix::Delete(row.clone()), at));
+                    writes.push(shape.change(&Fix::Insert(row.clone()), at));
+                }
+                Fix::Update(_) => writes.push(shape.change(fix, at)),
+            }
             written
                 .entry(plan.table().name.to_string())
                 .or_default()
                 .push(format!("{} {}", fix.verb(), plan.key_text(fix.row())));
         }
+    }
+    let mut changes: Vec<Change> = deletes.into_iter().chain(writes).collect();
+    for (ordinal, change) in changes.iter_mut().enumerate() {
+        change.ordinal = ordinal as u64;
     }
     if changes.is_empty() {
         return Ok(written);

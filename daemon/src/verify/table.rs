@@ -218,6 +218,8 @@ impl Plan {
 struct Lines {
     stream: std::pin::Pin<Box<CopyOutStream>>,
     buffer: BytesMut,
+    /// Bytes at the start of `buffer` known to hold no line end.
+    scanned: usize,
     done: bool,
 }
 
@@ -226,6 +228,7 @@ impl Lines {
         Ok(Lines {
             stream: Box::pin(client.copy_out(sql).await?),
             buffer: BytesMut::new(),
+            scanned: 0,
             done: false,
         })
     }
@@ -233,11 +236,15 @@ impl Lines {
     /// The next row, or `None` at the end.
     async fn next(&mut self) -> Result<Option<Row>, tokio_postgres::Error> {
         loop {
-            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-                let line: Bytes = self.buffer.split_to(end).freeze();
+            // Only the bytes that arrived since the last look are searched:
+            // a value of many megabytes arrives in many pieces.
+            if let Some(at) = self.buffer[self.scanned..].iter().position(|b| *b == b'\n') {
+                let line: Bytes = self.buffer.split_to(self.scanned + at).freeze();
                 self.buffer.advance(1);
+                self.scanned = 0;
                 return Ok(Some(Row::parse(&line)));
             }
+            self.scanned = self.buffer.len();
             if self.done {
                 return Ok(None);
             }
