@@ -10,3 +10,4 @@ pub mod context;
 pub mod dataset;
 pub mod report;
 pub mod scenarios;
+pub mod verify;

@@ -23,6 +23,7 @@ enum Scenario {
     Apply100,
     Lag,
     Memory,
+    Verify,
 }
 
 #[derive(Debug, Parser)]
@@ -175,6 +176,9 @@ async fn run(args: Args) {
         }
         if wants(Scenario::Lag) {
             scenarios::lag(&bench, &mut report, args.rate, args.lag_seconds, round).await;
+        }
+        if wants(Scenario::Verify) {
+            cutover_tests::bench::verify::verify(&bench, &mut report, round).await;
         }
     }
     if wants(Scenario::Memory) {
