@@ -76,6 +76,15 @@ impl Writer {
     }
 }
 
+/// Two servers with the schema, and the seed rows on the source.
+async fn seeded() -> (Pair, tempfile::TempDir) {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.source.execute("app", SCHEMA).await;
+    pair.target.execute("app", SCHEMA).await;
+    pair.on_source(SEED).await;
+    (pair, tempfile::tempdir().unwrap())
+}
+
 /// Schema on both sides, seed rows on the source, the copy done and the
 /// stream caught up, then the daemon stopped: a migration ready to verify.
 async fn migrated(pair: &Pair, dir: &std::path::Path, target_schema: &str) -> std::path::PathBuf {
@@ -87,6 +96,31 @@ async fn migrated(pair: &Pair, dir: &std::path::Path, target_schema: &str) -> st
     pair.finish(&mut daemon, &["accounts", "codes", "audit"], WAIT)
         .await;
     config
+}
+
+/// A `cutover verify` in the background, to be killed with SIGKILL.
+struct Killable(std::process::Child);
+
+impl Killable {
+    fn verify(config: &std::path::Path) -> Killable {
+        Killable(
+            std::process::Command::new(cutover_tests::cli::cutover_bin())
+                .args(["--config", config.to_str().unwrap(), "verify"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start cutover verify"),
+        )
+    }
+
+    fn kill(mut self) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = self.0.wait();
+    }
 }
 
 fn verify(config: &std::path::Path, format: &str) -> Outcome {
@@ -254,11 +288,7 @@ CREATE TABLE audit (at bigint, what text);";
 
 #[tokio::test]
 async fn a_verify_beside_a_streaming_daemon_under_load_finds_nothing_and_the_daemon_goes_on() {
-    let pair = Pair::start(ClusterOptions::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    pair.source.execute("app", SCHEMA).await;
-    pair.target.execute("app", SCHEMA).await;
-    pair.on_source(SEED).await;
+    let (pair, dir) = seeded().await;
     // The console (loopback, no password) is how verify holds the daemon.
     let config = pair.config(dir.path(), "allow_no_password = true\n");
     let mut daemon = Daemon::start_streaming(&config).await;
@@ -318,11 +348,7 @@ async fn verify_says_what_to_do_before_the_copy_and_when_the_console_is_off() {
 
 #[tokio::test]
 async fn a_verify_killed_while_it_holds_the_daemon_never_leaves_it_held() {
-    let pair = Pair::start(ClusterOptions::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    pair.source.execute("app", SCHEMA).await;
-    pair.target.execute("app", SCHEMA).await;
-    pair.on_source(SEED).await;
+    let (pair, dir) = seeded().await;
     let config = pair.config(dir.path(), "allow_no_password = true\n");
     let mut daemon = Daemon::start_streaming(&config).await;
     let writer = Writer::start(&pair).await;
@@ -332,22 +358,12 @@ async fn a_verify_killed_while_it_holds_the_daemon_never_leaves_it_held() {
     open.batch_execute("BEGIN; SELECT txid_current();")
         .await
         .unwrap();
-    let mut verify = std::process::Command::new(cutover_tests::cli::cutover_bin())
-        .args(["--config", config.to_str().unwrap(), "verify"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start cutover verify");
+    let verify = Killable::verify(&config);
     cutover_tests::wait_for("the verify to hold the daemon", WAIT, || async {
         daemon.log().contains("console: HOLD").then_some(())
     })
     .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(verify.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let _ = verify.wait();
+    verify.kill();
     open.batch_execute("COMMIT").await.unwrap();
     cutover_tests::wait_for("the daemon to release the hold", WAIT, || async {
         daemon
@@ -455,23 +471,13 @@ async fn a_verify_killed_midway_resumes_after_the_last_chunk_it_compared() {
         )
         .await;
     let progress = dir.path().join("state/verify_progress.json");
-    let mut verify = std::process::Command::new(cutover_tests::cli::cutover_bin())
-        .args(["--config", config.to_str().unwrap(), "verify"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start cutover verify");
+    let verify = Killable::verify(&config);
     cutover_tests::wait_for("the verify to compare a chunk", WAIT, || async {
         let text = std::fs::read_to_string(&progress).ok()?;
         text.contains("\"done\":false").then_some(())
     })
     .await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(verify.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let _ = verify.wait();
+    verify.kill();
     let outcome = verify_with(&config, &["--format", "json"]);
     assert_eq!(outcome.code, 1, "{}", outcome.all_output());
     let report: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
@@ -509,11 +515,7 @@ async fn a_verify_killed_midway_resumes_after_the_last_chunk_it_compared() {
 #[tokio::test]
 async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
     use cutover_tests::http::{get, listen_addr, metric};
-    let pair = Pair::start(ClusterOptions::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    pair.source.execute("app", SCHEMA).await;
-    pair.target.execute("app", SCHEMA).await;
-    pair.on_source(SEED).await;
+    let (pair, dir) = seeded().await;
     let config = pair.config(
         dir.path(),
         "allow_no_password = true\n[verify]\ncontinuous = true\ncontinuous_rate = 1000000\nmax_divergent_ratio = 0.000001\n",
