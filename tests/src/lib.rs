@@ -11,11 +11,13 @@ pub mod cluster;
 pub mod daemon;
 pub mod http;
 pub mod proxy;
+pub mod writer;
 
 pub use cli::{Outcome, run_cutover, write_config};
 pub use cluster::{Cluster, ClusterOptions, wait_for};
 pub use daemon::Daemon;
 pub use proxy::Proxy;
+pub use writer::Writer;
 
 /// A source and a target cluster, started in parallel, each with a fresh
 /// database named `app`.

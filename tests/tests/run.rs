@@ -1,11 +1,9 @@
 //! `cutover run`: every change on the source reaches the target once, in
 //! order, across crashes of the daemon and restarts of either server.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use cutover_tests::{ClusterOptions, Daemon, Pair, Proxy, wait_for, write_config};
+use cutover_tests::{ClusterOptions, Daemon, Pair, Proxy, Writer, wait_for, write_config};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -22,68 +20,25 @@ CREATE TABLE log (at bigint, what text);
 ALTER TABLE log REPLICA IDENTITY FULL;
 CREATE TABLE scratch (id serial PRIMARY KEY, v text);";
 
-/// A background writer of mixed transactions on `items` and `log`, each
-/// transaction counted once committed.
-struct Writer {
-    done: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    async fn start(pair: &Pair, seed: u64) -> Writer {
-        let client = pair.source.client("app").await;
-        let done = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (d, s) = (Arc::clone(&done), Arc::clone(&stop));
-        let task = tokio::spawn(async move {
-            let mut n = seed * 1_000_000;
-            while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let id = 10_000 + n % 500;
-                let sql = match n % 6 {
-                    0 => format!(
-                        "INSERT INTO items VALUES ({id}, 'n{n}', {n}, NULL) ON CONFLICT (id) DO UPDATE SET qty = excluded.qty"
-                    ),
-                    1 => format!("UPDATE items SET qty = qty + 1, name = 'u{n}' WHERE id = {id}"),
-                    2 => format!("DELETE FROM items WHERE id = {id}"),
-                    3 => format!(
-                        "BEGIN; INSERT INTO log VALUES ({n}, 'x'); INSERT INTO log VALUES ({n}, 'x'); UPDATE items SET qty = -qty WHERE id BETWEEN {id} AND {id} + 20; COMMIT;"
-                    ),
-                    4 => format!(
-                        "DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE at % 7 = {} LIMIT 1)",
-                        n % 7
-                    ),
-                    _ => format!(
-                        "BEGIN; UPDATE items SET id = id + 100000 WHERE id = {id}; DELETE FROM items WHERE id > 110000; COMMIT;"
-                    ),
-                };
-                client
-                    .batch_execute(&sql)
-                    .await
-                    .unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
-                d.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        Writer { done, stop, task }
-    }
-
-    fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-
-    /// Waits until `n` more transactions committed.
-    async fn advance(&self, n: u64) {
-        let target = self.done() + n;
-        wait_for("the writer to advance", WAIT, || async {
-            (self.done() >= target).then_some(())
-        })
-        .await;
-    }
-
-    async fn finish(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("the writer panicked");
+/// Mixed transactions on `items` and `log`, the `n`th of a writer.
+fn mixed(n: u64) -> String {
+    let id = 10_000 + n % 500;
+    match n % 6 {
+        0 => format!(
+            "INSERT INTO items VALUES ({id}, 'n{n}', {n}, NULL) ON CONFLICT (id) DO UPDATE SET qty = excluded.qty"
+        ),
+        1 => format!("UPDATE items SET qty = qty + 1, name = 'u{n}' WHERE id = {id}"),
+        2 => format!("DELETE FROM items WHERE id = {id}"),
+        3 => format!(
+            "BEGIN; INSERT INTO log VALUES ({n}, 'x'); INSERT INTO log VALUES ({n}, 'x'); UPDATE items SET qty = -qty WHERE id BETWEEN {id} AND {id} + 20; COMMIT;"
+        ),
+        4 => format!(
+            "DELETE FROM log WHERE ctid = (SELECT ctid FROM log WHERE at % 7 = {} LIMIT 1)",
+            n % 7
+        ),
+        _ => format!(
+            "BEGIN; UPDATE items SET id = id + 100000 WHERE id = {id}; DELETE FROM items WHERE id > 110000; COMMIT;"
+        ),
     }
 }
 
@@ -100,7 +55,7 @@ async fn every_kind_of_change_is_applied_with_its_exact_effect() {
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
     let mut daemon = Daemon::start_streaming(&config).await;
-    let writer = Writer::start(&pair, 1).await;
+    let writer = Writer::start(&pair, 1_000_000, mixed).await;
 
     let big = pair.source.client("app").await;
     for sql in [
@@ -135,8 +90,8 @@ async fn every_kind_of_change_is_applied_with_its_exact_effect() {
     .await
     .unwrap();
     big.batch_execute("ROLLBACK").await.unwrap();
-    writer.advance(300).await;
-    writer.finish().await;
+    writer.advance(300, WAIT).await;
+    writer.stop().await;
     big.batch_execute("INSERT INTO items VALUES (3000, 'last', 0, NULL)")
         .await
         .unwrap();
@@ -206,14 +161,14 @@ async fn ten_sigkills_during_a_workload_lose_and_double_nothing() {
         "[apply]\nbatch_rows = 50\nqueue_transactions = 20\n",
     );
     let mut daemon = Daemon::start_streaming(&config).await;
-    let writer = Writer::start(&pair, 2).await;
+    let writer = Writer::start(&pair, 2_000_000, mixed).await;
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     for round in 0..10 {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         // A different point in the workload each round.
-        writer.advance(20 + rng % 200).await;
+        writer.advance(20 + rng % 200, WAIT).await;
         if round % 3 == 0 {
             // Sometimes a big transaction in flight.
             pair.source
@@ -226,11 +181,11 @@ async fn ten_sigkills_during_a_workload_lose_and_double_nothing() {
                 .await;
         }
         daemon.kill();
-        writer.advance(10).await;
+        writer.advance(10, WAIT).await;
         daemon.restart();
     }
-    writer.advance(100).await;
-    writer.finish().await;
+    writer.advance(100, WAIT).await;
+    writer.stop().await;
     pair.wait_equal(&["items", "log"], WAIT).await;
     assert!(daemon.running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(WAIT), Some(0));
@@ -286,8 +241,8 @@ async fn a_target_crash_under_load_loses_no_acknowledged_change() {
     let config = pair.config(dir.path(), "");
     let mut daemon = Daemon::start_streaming(&config).await;
     for round in 0..3 {
-        let writer = Writer::start(&pair, 100 + round).await;
-        writer.advance(300).await;
+        let writer = Writer::start(&pair, (100 + round) * 1_000_000, mixed).await;
+        writer.advance(300, WAIT).await;
         wait_for("the target to apply under load", WAIT, || async {
             let applied: i64 = pair
                 .target
@@ -296,10 +251,10 @@ async fn a_target_crash_under_load_loses_no_acknowledged_change() {
             (applied > 0).then_some(())
         })
         .await;
-        writer.advance(100).await;
+        writer.advance(100, WAIT).await;
         pair.target.crash();
         pair.target.start_again();
-        writer.finish().await;
+        writer.stop().await;
         pair.wait_equal(&["items", "log"], WAIT).await;
     }
     assert!(daemon.running(), "{}", daemon.log());
@@ -379,9 +334,9 @@ async fn network_cuts_on_either_side_lose_and_double_nothing() {
         ),
     );
     let mut daemon = Daemon::start_streaming(&config).await;
-    let writer = Writer::start(&pair, 3).await;
+    let writer = Writer::start(&pair, 3_000_000, mixed).await;
     for round in 0..4 {
-        writer.advance(150).await;
+        writer.advance(150, WAIT).await;
         let (side, proxy) = if round % 2 == 0 {
             ("source", &source_proxy)
         } else {
@@ -396,8 +351,8 @@ async fn network_cuts_on_either_side_lose_and_double_nothing() {
             "round {round}: nothing to cut on the {side}"
         );
     }
-    writer.advance(150).await;
-    writer.finish().await;
+    writer.advance(150, WAIT).await;
+    writer.stop().await;
     pair.wait_equal(&["items", "log"], WAIT).await;
     assert!(daemon.running(), "{}", daemon.log());
     assert!(

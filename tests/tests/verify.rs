@@ -3,11 +3,9 @@
 //! on the target behind cutover's back is found with its key and column;
 //! a target column of a wider type compares equal.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use cutover_tests::{ClusterOptions, Daemon, Outcome, Pair, run_cutover};
+use cutover_tests::{ClusterOptions, Daemon, Outcome, Pair, Writer, run_cutover};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -24,55 +22,25 @@ INSERT INTO codes SELECT 'c' || g, 'label' || g FROM generate_series(1, 300) g;
 INSERT INTO codes VALUES ('Zed', 'upper'), ('a b', 'space'), (E'tab\\there', 'tab');
 INSERT INTO audit SELECT g % 50, 'seen' FROM generate_series(1, 400) g;";
 
-/// Writes on the source until stopped: updates, inserts and deletes on
-/// every table, some in multi-statement transactions.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    async fn start(pair: &Pair) -> Writer {
-        let client = pair.source.client("app").await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let (s, d) = (Arc::clone(&stop), Arc::clone(&done));
-        let task = tokio::spawn(async move {
-            let mut n: u64 = 0;
-            while !s.load(Ordering::Relaxed) {
-                n += 1;
-                let id = 1 + n % 2500;
-                let sql = match n % 5 {
-                    0 => format!(
-                        "INSERT INTO accounts VALUES ({id}, 'w{n}', {n}, NULL) ON CONFLICT (id) DO UPDATE SET balance = excluded.balance"
-                    ),
-                    1 => format!("UPDATE accounts SET balance = balance + 1 WHERE id = {id}"),
-                    2 => format!(
-                        "BEGIN; DELETE FROM accounts WHERE id = {id}; INSERT INTO audit VALUES ({n}, 'deleted'); COMMIT;"
-                    ),
-                    3 => format!(
-                        "UPDATE codes SET label = 'l{n}' WHERE code = 'c{}'",
-                        n % 300
-                    ),
-                    _ => format!(
-                        "BEGIN; INSERT INTO audit VALUES ({n}, 'x'); UPDATE accounts SET note = repeat('m', 3000) WHERE id = {id}; COMMIT;"
-                    ),
-                };
-                client
-                    .batch_execute(&sql)
-                    .await
-                    .unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
-                d.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        Writer { stop, done, task }
-    }
-
-    async fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("the writer panicked");
-        self.done.load(Ordering::Relaxed)
+/// Updates, inserts and deletes on every table, some in multi-statement
+/// transactions: the `n`th transaction of a writer.
+fn load(n: u64) -> String {
+    let id = 1 + n % 2500;
+    match n % 5 {
+        0 => format!(
+            "INSERT INTO accounts VALUES ({id}, 'w{n}', {n}, NULL) ON CONFLICT (id) DO UPDATE SET balance = excluded.balance"
+        ),
+        1 => format!("UPDATE accounts SET balance = balance + 1 WHERE id = {id}"),
+        2 => format!(
+            "BEGIN; DELETE FROM accounts WHERE id = {id}; INSERT INTO audit VALUES ({n}, 'deleted'); COMMIT;"
+        ),
+        3 => format!(
+            "UPDATE codes SET label = 'l{n}' WHERE code = 'c{}'",
+            n % 300
+        ),
+        _ => format!(
+            "BEGIN; INSERT INTO audit VALUES ({n}, 'x'); UPDATE accounts SET note = repeat('m', 3000) WHERE id = {id}; COMMIT;"
+        ),
     }
 }
 
@@ -138,7 +106,7 @@ async fn a_verify_under_concurrent_writes_reports_no_difference_time_after_time(
     let pair = Pair::start(ClusterOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = migrated(&pair, dir.path(), SCHEMA).await;
-    let writer = Writer::start(&pair).await;
+    let writer = Writer::start(&pair, 0, load).await;
     let mut positions = Vec::new();
     for round in 0..4 {
         // Off the test's thread, so that the writer keeps writing.
@@ -292,7 +260,7 @@ async fn a_verify_beside_a_streaming_daemon_under_load_finds_nothing_and_the_dae
     // The console (loopback, no password) is how verify holds the daemon.
     let config = pair.config(dir.path(), "allow_no_password = true\n");
     let mut daemon = Daemon::start_streaming(&config).await;
-    let writer = Writer::start(&pair).await;
+    let writer = Writer::start(&pair, 0, load).await;
     for round in 0..3 {
         let path = config.clone();
         let outcome = tokio::task::spawn_blocking(move || verify(&path, "human"))
@@ -351,7 +319,7 @@ async fn a_verify_killed_while_it_holds_the_daemon_never_leaves_it_held() {
     let (pair, dir) = seeded().await;
     let config = pair.config(dir.path(), "allow_no_password = true\n");
     let mut daemon = Daemon::start_streaming(&config).await;
-    let writer = Writer::start(&pair).await;
+    let writer = Writer::start(&pair, 0, load).await;
     // A transaction open on the source: the verify's slot waits for it to
     // end, so the verify is killed while it holds the daemon.
     let open = pair.source.client("app").await;
@@ -522,7 +490,7 @@ async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
     );
     let mut daemon = Daemon::start_streaming(&config).await;
     let http = listen_addr(&dir.path().join("state")).await;
-    let writer = Writer::start(&pair).await;
+    let writer = Writer::start(&pair, 0, load).await;
     // Passes under load find nothing.
     cutover_tests::wait_for("a pass of the background verifier", WAIT, || async {
         let (_, body) = get(&http, "/metrics");
