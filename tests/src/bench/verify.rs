@@ -223,14 +223,21 @@ fn reladiff(b: &Bench, changed: u64) -> (Option<f64>, bool, Option<f64>, String)
             "reladiff is not installed (pip install 'reladiff[postgresql]')".into(),
         );
     }
+    // reladiff knows only the `postgresql://` scheme, and exits 0 when it
+    // refuses another one.
+    let url = |cluster: &crate::cluster::Cluster| {
+        cluster
+            .url(DB, "postgres", None)
+            .replacen("postgres://", "postgresql://", 1)
+    };
     let started = Instant::now();
     let mut ok = true;
     let (mut minus, mut plus) = (0u64, 0u64);
     for table in COPY_TABLES {
         let out = Command::new("reladiff")
-            .arg(b.source.url(DB, "postgres", None))
+            .arg(url(&b.source))
             .arg(table)
-            .arg(b.target.url(DB, "postgres", None))
+            .arg(url(&b.target))
             .arg(table)
             .args(["-k", "id", "-c", "%"])
             .output()
