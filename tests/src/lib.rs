@@ -145,3 +145,19 @@ pub async fn table_rows(cluster: &Cluster, table: &str) -> Vec<String> {
         .map(|r| r.get(0))
         .collect()
 }
+
+/// A connection to a daemon's admin console at `addr` (`host:port`),
+/// opened without a password (`console.allow_no_password`).
+pub async fn console(addr: &str) -> tokio_postgres::Client {
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let (client, connection) = tokio_postgres::Config::new()
+        .host(host)
+        .port(port.parse().expect("a port"))
+        .user("ops")
+        .dbname("cutover")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the console");
+    tokio::spawn(connection);
+    client
+}

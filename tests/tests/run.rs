@@ -388,16 +388,7 @@ async fn sigterm_with_a_full_queue_exits_cleanly_and_loses_nothing() {
         json["console"].as_str().map(str::to_owned)
     })
     .await;
-    let (host, port) = console.rsplit_once(':').unwrap();
-    let (client, connection) = tokio_postgres::Config::new()
-        .host(host)
-        .port(port.parse().unwrap())
-        .user("ops")
-        .dbname("cutover")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect to the console");
-    tokio::spawn(connection);
+    let client = cutover_tests::console(&console).await;
     client.simple_query("PAUSE").await.expect("PAUSE");
 
     let source = pair.source.client("app").await;

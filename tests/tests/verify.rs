@@ -543,18 +543,7 @@ async fn a_hold_released_by_force_cannot_be_moved_to_a_position() {
     let console = || async {
         let text = std::fs::read_to_string(dir.path().join("state/listen.json")).unwrap();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let addr = json["console"].as_str().unwrap().to_owned();
-        let (host, port) = addr.rsplit_once(':').unwrap();
-        let (client, connection) = tokio_postgres::Config::new()
-            .host(host)
-            .port(port.parse().unwrap())
-            .user("ops")
-            .dbname("cutover")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .expect("connect to the console");
-        tokio::spawn(connection);
-        client
+        cutover_tests::console(json["console"].as_str().unwrap()).await
     };
     let verify = console().await;
     let operator = console().await;
