@@ -234,6 +234,15 @@ impl Merge {
         self.tally
     }
 
+    /// Whether every row pushed so far is resolved (equal or taken as a
+    /// difference) and none waits for the other side. After a push, this
+    /// holds only when the row just pushed matched the other side's, so
+    /// that both sides have been read exactly up to one key: a place to
+    /// resume from.
+    pub fn is_idle(&self) -> bool {
+        self.source.is_empty() && self.target.is_empty() && self.differences.is_empty()
+    }
+
     /// The differences found since the last call.
     pub fn take(&mut self) -> Vec<Difference> {
         std::mem::take(&mut self.differences)
@@ -319,6 +328,25 @@ mod tests {
             vec![KeyKind::Integer],
             vec!["id".into(), "a".into(), "b".into()],
         )
+    }
+
+    #[test]
+    fn the_merge_is_idle_only_where_both_sides_were_read_up_to_one_key() {
+        let mut merge = Merge::new(keyed());
+        let row = |line: &str| Row::parse(line.as_bytes());
+        merge.push(Side::Source, row("1\tx\ty"));
+        assert!(!merge.is_idle(), "the source's 1 waits for the target");
+        merge.push(Side::Target, row("1\tx\ty"));
+        assert!(merge.is_idle(), "both read up to 1");
+        merge.push(Side::Source, row("3\tx\ty"));
+        merge.push(Side::Target, row("2\tx\ty"));
+        assert!(!merge.is_idle(), "2 is extra but 3 waits");
+        assert_eq!(merge.take().len(), 1);
+        assert!(!merge.is_idle(), "3 still waits");
+        merge.push(Side::Target, row("3\tz\ty"));
+        assert!(!merge.is_idle(), "a difference not yet taken");
+        assert_eq!(merge.take().len(), 1);
+        assert!(merge.is_idle());
     }
 
     #[test]

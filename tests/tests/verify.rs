@@ -421,52 +421,91 @@ async fn rows_whose_foreign_key_refers_to_nothing_on_the_target_are_found() {
 async fn a_verify_killed_midway_resumes_after_the_last_chunk_it_compared() {
     let pair = Pair::start(ClusterOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    pair.both("CREATE TABLE big (id bigint PRIMARY KEY, v text);")
-        .await;
-    pair.on_source("INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;")
-        .await;
-    let config = pair.config(dir.path(), "");
+    // An integer key is read in chunks; a text key is read whole and
+    // records where it stands every 5,000 rows or so.
+    pair.both(
+        "CREATE TABLE big (id bigint PRIMARY KEY, v text);
+         CREATE TABLE words (w text PRIMARY KEY, n int);",
+    )
+    .await;
+    pair.on_source(
+        "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;
+         INSERT INTO words SELECT md5(g::text), g FROM generate_series(1, 100000) g;",
+    )
+    .await;
+    // Slow enough that the kill comes while both tables are half read.
+    let config = pair.config(dir.path(), "[verify]\nrate = 40000\n");
     let mut daemon = Daemon::start_streaming(&config).await;
-    pair.finish(&mut daemon, &["big"], WAIT).await;
+    pair.finish(&mut daemon, &["big", "words"], WAIT).await;
     // Differences at a chunk's edges (chunks are 5,000 source rows), in
-    // the middle, and past the source's last key.
+    // the middle, and past the source's last key; in the text-keyed
+    // table, on both sides of where it will have stopped.
     pair.target
         .execute(
             "app",
             "DELETE FROM big WHERE id IN (5000, 5001);
              UPDATE big SET v = 'x' WHERE id = 150000;
-             INSERT INTO big VALUES (999999, 'extra');",
+             INSERT INTO big VALUES (999999, 'extra');
+             DELETE FROM words WHERE w = (SELECT w FROM words ORDER BY w COLLATE \"C\" OFFSET 10 LIMIT 1);
+             UPDATE words SET n = -1 WHERE w = (SELECT w FROM words ORDER BY w COLLATE \"C\" OFFSET 90000 LIMIT 1);
+             INSERT INTO words VALUES ('~ after every md5', 0);",
         )
         .await;
     let progress = dir.path().join("state/verify_progress.json");
     let verify = Killable::verify(&config);
-    cutover_tests::wait_for("the verify to compare a chunk", WAIT, || async {
-        let text = std::fs::read_to_string(&progress).ok()?;
-        text.contains("\"done\":false").then_some(())
-    })
+    cutover_tests::wait_for(
+        "the verify to compare a chunk of each table",
+        WAIT,
+        || async {
+            let text = std::fs::read_to_string(&progress).ok()?;
+            let saved: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let tables = saved["tables"].as_object()?;
+            (tables.len() == 2).then_some(())
+        },
+    )
     .await;
     verify.kill();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&progress).unwrap()).unwrap();
+    assert_eq!(
+        saved["tables"]["public.words"]["done"], false,
+        "killed half way: {saved}"
+    );
     let outcome = verify_with(&config, &["--format", "json"]);
     assert_eq!(outcome.code, 1, "{}", outcome.all_output());
     let report: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
-    let big = &report["tables"][0];
+    let table = |name: &str| {
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+            .clone()
+    };
     // Every row counted once: nothing compared twice, nothing skipped.
-    assert_eq!(big["source_rows"], 200000, "{big}");
-    assert_eq!(big["target_rows"], 199999, "{big}");
-    assert_eq!(
-        (&big["missing"], &big["extra"], &big["changed"]),
+    for (name, source_rows, target_rows) in [
+        ("public.big", 200000, 199999),
+        ("public.words", 100000, 100000),
+    ] {
+        let t = table(name);
+        assert_eq!(t["source_rows"], source_rows, "{t}");
+        assert_eq!(t["target_rows"], target_rows, "{t}");
+        assert_eq!(
+            t["compared_at"].as_array().map(Vec::len),
+            Some(2),
+            "the table was resumed at a second position: {t}"
+        );
+    }
+    let counts = |t: &serde_json::Value| {
         (
-            &serde_json::json!(2),
-            &serde_json::json!(1),
-            &serde_json::json!(1)
-        ),
-        "{big}"
-    );
-    assert_eq!(
-        big["compared_at"].as_array().map(Vec::len),
-        Some(2),
-        "the table was resumed at a second position: {big}"
-    );
+            t["missing"].as_u64(),
+            t["extra"].as_u64(),
+            t["changed"].as_u64(),
+        )
+    };
+    assert_eq!(counts(&table("public.big")), (Some(2), Some(1), Some(1)));
+    assert_eq!(counts(&table("public.words")), (Some(1), Some(1), Some(1)));
     assert!(
         !progress.exists(),
         "the progress of a finished verify is removed"

@@ -143,7 +143,16 @@ impl Plan {
     /// whole (a range of text keys `COLLATE "C"` would sort the table for
     /// every chunk).
     fn chunked(&self) -> bool {
-        !self.layout.is_keyless() && self.layout.key.iter().all(|k| *k == KeyKind::Integer)
+        self.resumable() && self.layout.key.iter().all(|k| *k == KeyKind::Integer)
+    }
+
+    /// Whether an interrupted comparison can go on after the last key
+    /// compared: when the table has a key (a table without one may hold
+    /// more copies of the last row compared, which `> row` would skip).
+    /// A table read whole records where it stands every [`CHUNK_ROWS`]
+    /// rows or so, at a row both sides hold.
+    fn resumable(&self) -> bool {
+        !self.layout.is_keyless()
     }
 
     /// The `COPY` of the rows of `from` (whose key columns have `types`),
@@ -175,13 +184,19 @@ impl Plan {
                 KeyKind::Bytes => format!("r.{}::text COLLATE \"C\"", quote_ident(name)),
             })
             .collect();
-        // Bounds are the key's own values, compared as the key's type so
-        // that the index serves them: `(k1, k2) > ('1'::bigint, ...)`.
+        // Bounds are the key's own values, compared as the key is
+        // ordered: an integer as its type, so that the index serves it
+        // (`(k1, k2) > ('1'::bigint, ...)`), any other key as its text
+        // `COLLATE "C"`, which the ordered expression carries.
         let bound = |values: &[String]| -> String {
             let literals: Vec<String> = values
                 .iter()
                 .zip(types)
-                .map(|(v, t)| format!("{}::{t}", quote_literal(v)))
+                .zip(&self.layout.key)
+                .map(|((v, t), kind)| match kind {
+                    KeyKind::Integer => format!("{}::{t}", quote_literal(v)),
+                    KeyKind::Bytes => quote_literal(v),
+                })
                 .collect();
             format!("({})", literals.join(", "))
         };
@@ -346,7 +361,7 @@ pub(super) async fn compare(
         }
     };
     let (mut report, mut after, mut source_digest, mut target_digest) = match prior {
-        Some(prior) if plan.chunked() => (
+        Some(prior) if plan.resumable() => (
             prior.report,
             prior.after,
             Digest::from_hex(&prior.source_digest).unwrap_or_default(),
@@ -403,6 +418,11 @@ pub(super) async fn compare(
         .await
         .map_err(read_error("target"))?;
         let mut merge = Merge::new(plan.layout.clone());
+        // A table read whole records where it stands now and then: the key
+        // of the source row pushed once a checkpoint is due, kept until the
+        // merge is idle there.
+        let mut checkpoint_due = CHUNK_ROWS as u64;
+        let mut pushed_key: Option<Vec<String>> = None;
         while let Some(side) = merge.wants() {
             let row = match side {
                 Side::Source if limit.is_some() => chunk.next(),
@@ -422,6 +442,10 @@ pub(super) async fn compare(
                         Side::Target => &mut target_digest,
                     };
                     digest.add(&fingerprint(row.fields(0..row.len())));
+                    if limit.is_none() && side == Side::Source {
+                        pushed_key = (merge.tally().source_rows >= checkpoint_due)
+                            .then(|| plan.key_of(&row));
+                    }
                     merge.push(side, row);
                 }
                 None => merge.finish(side),
@@ -437,6 +461,26 @@ pub(super) async fn compare(
                     }
                     fixes.push(fix(difference));
                 }
+            }
+            if let Some(progress) = progress
+                && plan.resumable()
+                && merge.is_idle()
+                && let Some(key) = pushed_key.take()
+            {
+                checkpoint_due = merge.tally().source_rows + CHUNK_ROWS as u64;
+                let mut so_far = report.clone();
+                so_far.add_tally(merge.tally());
+                so_far.set_checksums(source_digest.hex(), target_digest.hex());
+                progress.save(
+                    &name,
+                    TableProgress {
+                        done: false,
+                        after: Some(key),
+                        report: so_far,
+                        source_digest: source_digest.hex(),
+                        target_digest: target_digest.hex(),
+                    },
+                )?;
             }
         }
         report.add_tally(merge.tally());
