@@ -51,6 +51,24 @@ impl Direction {
             Direction::Reverse => format!("cutover_{slot}_reverse"),
         }
     }
+
+    /// The replication origin of `cutover verify --repair` and of the
+    /// background verifier's repairs made beside a running daemon: the
+    /// daemon's own session holds the forward origin, and PostgreSQL lets
+    /// one session at a time use an origin. Only the target is repaired.
+    pub fn repair_origin(slot: &str) -> String {
+        format!("cutover_{slot}_repair")
+    }
+
+    /// The origins whose changes this direction never applies: those
+    /// cutover wrote on the server it reads (invariant 5).
+    pub fn skipped_origins(self, slot: &str) -> Vec<String> {
+        let mut skipped = vec![self.opposite().origin(slot)];
+        if self == Direction::Reverse {
+            skipped.push(Direction::repair_origin(slot));
+        }
+        skipped
+    }
 }
 
 impl fmt::Display for Direction {
@@ -76,5 +94,15 @@ mod tests {
             "\"reverse\""
         );
         assert_eq!(Direction::Forward.to_string(), "forward");
+        // The repairs are written on the target: the reverse direction,
+        // which reads it, skips them with the forward stream's writes.
+        assert_eq!(
+            Direction::Reverse.skipped_origins("mig"),
+            ["cutover_mig", "cutover_mig_repair"]
+        );
+        assert_eq!(
+            Direction::Forward.skipped_origins("mig"),
+            ["cutover_mig_reverse"]
+        );
     }
 }

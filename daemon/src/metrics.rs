@@ -40,6 +40,8 @@ pub const DIVERGENT_ROWS: &str = "cutover_divergent_rows";
 pub const VERIFIED_ROWS: &str = "cutover_verified_rows";
 /// Source rows the background verifier compared.
 pub const VERIFY_ROWS: &str = "cutover_verify_rows_total";
+/// Target rows the background verifier repaired (`verify.repair`).
+pub const VERIFY_REPAIRED_ROWS: &str = "cutover_verify_repaired_rows_total";
 /// When the background verifier last finished a pass over every table.
 pub const VERIFY_LAST_PASS: &str = "cutover_verify_last_pass_timestamp_seconds";
 
@@ -98,6 +100,8 @@ pub struct Metrics {
     pub verify_rows: prometheus::IntCounter,
     /// [`VERIFY_LAST_PASS`] (0 before the first pass).
     pub verify_last_pass: prometheus::Gauge,
+    /// [`VERIFY_REPAIRED_ROWS`].
+    pub verify_repaired_rows: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -191,6 +195,14 @@ impl Metrics {
                 prometheus::Gauge::new(
                     VERIFY_LAST_PASS,
                     "Unix time the background verifier last finished a pass over every table (0: none yet)",
+                )
+                .expect("valid metric"),
+            ),
+            verify_repaired_rows: reg(
+                &registry,
+                prometheus::IntCounter::new(
+                    VERIFY_REPAIRED_ROWS,
+                    "Target rows the background verifier made equal to the source (verify.repair)",
                 )
                 .expect("valid metric"),
             ),

@@ -643,3 +643,118 @@ async fn a_repair_undoes_a_swap_of_unique_values_between_rows() {
     let (source, target) = pair.rows("people").await;
     assert_eq!(source, target);
 }
+
+/// Rows changed on the target behind cutover's back, none of which the
+/// load of [`load`] ever writes: a label of a code it never updates, an
+/// extra copy of an audit row (a table without a key), a row deleted from
+/// a table it never touches.
+const TAMPER: &str = "
+UPDATE codes SET label = 'tampered' WHERE code = 'Zed';
+INSERT INTO audit VALUES (-1, 'tampered');
+DELETE FROM codes WHERE code = 'a b';";
+
+#[tokio::test]
+async fn a_repair_beside_a_streaming_daemon_under_load_fixes_what_differs_and_nothing_else() {
+    let (pair, dir) = seeded().await;
+    // Slow enough (about 3 s) to change the source while it compares.
+    let config = pair.config(
+        dir.path(),
+        "allow_no_password = true\n[verify]\nrate = 1000\n",
+    );
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.on_source("INSERT INTO codes VALUES ('c0x', 'new');")
+        .await;
+    pair.wait_equal(&["codes"], WAIT).await;
+    let writer = Writer::start(&pair, 0, load).await;
+    pair.target.execute("app", TAMPER).await;
+    pair.target
+        .execute(
+            "app",
+            "UPDATE codes SET label = 'tampered' WHERE code = 'c0x';",
+        )
+        .await;
+    let path = config.clone();
+    let repairing = tokio::task::spawn_blocking(move || verify_with(&path, &["--repair"]));
+    // Once the small tables are compared (the position is taken), the
+    // source changes a row found differing: the stream makes it equal
+    // before the repair, which leaves it alone.
+    let progress = dir.path().join("state/verify_progress.json");
+    cutover_tests::wait_for("the verify to compare codes", WAIT, || async {
+        let text = std::fs::read_to_string(&progress).ok()?;
+        let saved: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (saved["tables"]["public.codes"]["done"] == true).then_some(())
+    })
+    .await;
+    pair.on_source("UPDATE codes SET label = 'fresh' WHERE code = 'c0x';")
+        .await;
+    let outcome = repairing.await.unwrap();
+    let out = outcome.all_output();
+    assert_eq!(outcome.code, 0, "{out}\ndaemon:\n{}", daemon.log());
+    assert!(out.contains("changed: (code=c0x) in label"), "{out}");
+    for repaired in [
+        "repaired: updated (code=Zed)",
+        "repaired: inserted (code=a b)",
+        "repaired: deleted (at=-1, what=tampered)",
+    ] {
+        assert!(out.contains(repaired), "{repaired} in:\n{out}");
+    }
+    assert!(
+        out.contains("REPAIRED: of 4 rows differing at"),
+        "the row the stream made equal is left alone: {out}"
+    );
+    assert_eq!(out.matches("repaired: ").count(), 3, "{out}");
+    // Under load, with the daemon going on, nothing differs afterwards.
+    let path = config.clone();
+    let again = tokio::task::spawn_blocking(move || verify(&path, "human"))
+        .await
+        .unwrap();
+    assert_eq!(again.code, 0, "{}", again.all_output());
+    let writes = writer.stop().await;
+    assert!(writes > 20, "the writer made only {writes} transactions");
+    pair.finish(&mut daemon, &["accounts", "codes", "audit"], WAIT)
+        .await;
+    // The repairs carry an origin of their own, which the daemon's
+    // session does not hold.
+    let origins: String = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT string_agg(roname, ' ' ORDER BY roname) FROM pg_replication_origin",
+        )
+        .await;
+    assert!(origins.contains("_repair"), "{origins}");
+}
+
+#[tokio::test]
+async fn the_background_verifier_with_repair_makes_the_target_equal_again() {
+    use cutover_tests::http::{get, listen_addr, metric};
+    let (pair, dir) = seeded().await;
+    let config = pair.config(
+        dir.path(),
+        "[verify]\ncontinuous = true\nrepair = true\ncontinuous_rate = 1000000\n",
+    );
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let http = listen_addr(&dir.path().join("state")).await;
+    let writer = Writer::start(&pair, 0, load).await;
+    pair.target.execute("app", TAMPER).await;
+    cutover_tests::wait_for("the background verifier to repair", WAIT, || async {
+        let (_, body) = get(&http, "/metrics");
+        (metric(&body, "cutover_verify_repaired_rows_total")? >= 3.0).then_some(())
+    })
+    .await;
+    let writes = writer.stop().await;
+    assert!(writes > 20, "the writer made only {writes} transactions");
+    let log = daemon.log();
+    assert!(
+        log.contains("the background verifier repaired: updated (code=Zed)"),
+        "{log}"
+    );
+    pair.wait_equal(&["accounts", "codes", "audit"], WAIT).await;
+    let (_, body) = get(&http, "/metrics");
+    assert_eq!(
+        metric(&body, "cutover_verify_repaired_rows_total"),
+        Some(3.0),
+        "each row repaired once, none that was equal:\n{body}"
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}

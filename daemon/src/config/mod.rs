@@ -259,6 +259,9 @@ pub struct VerifySettings {
     pub continuous: bool,
     /// Its source rows per second at most.
     pub continuous_rate: u64,
+    /// The background verifier makes the rows it finds differing equal to
+    /// the source (as `cutover verify --repair` does beside a daemon).
+    pub repair: bool,
     /// Divergent rows over rows checked above which `/health` fails.
     pub max_divergent_ratio: f64,
 }

@@ -66,6 +66,7 @@ pub(super) const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "rate",
             "continuous",
             "continuous_rate",
+            "repair",
             "max_divergent_ratio",
         ],
     ),
@@ -221,6 +222,8 @@ pub struct RawVerify {
     pub continuous: Option<bool>,
     /// Its source rows per second at most.
     pub continuous_rate: Option<u64>,
+    /// The background verifier repairs what it finds.
+    pub repair: Option<bool>,
     /// Divergent rows over rows checked above which `/health` fails.
     pub max_divergent_ratio: Option<f64>,
 }
@@ -520,12 +523,21 @@ pub(super) fn verify_settings(raw: RawVerify) -> Result<VerifySettings, ConfigEr
             "0 is out of range: the background verifier needs a limit; use 1 or more rows per second".to_owned(),
         ));
     }
+    let continuous = raw.continuous.unwrap_or(false);
+    let repair = raw.repair.unwrap_or(false);
+    if repair && !continuous {
+        return Err(ConfigError::invalid(
+            "verify.repair",
+            "repairs what the background verifier finds, which is off: set verify.continuous = true as well, or repair once with `cutover verify --repair`".to_owned(),
+        ));
+    }
     Ok(VerifySettings {
         workers: workers as usize,
         samples: raw.samples.unwrap_or(DEFAULT_VERIFY_SAMPLES) as usize,
         rate: raw.rate.filter(|r| *r > 0),
-        continuous: raw.continuous.unwrap_or(false),
+        continuous,
         continuous_rate,
+        repair,
         max_divergent_ratio,
     })
 }

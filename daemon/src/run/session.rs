@@ -38,7 +38,7 @@ pub(super) async fn stream_once(
         &config.target.conninfo,
         &origin,
         outcome.copied_at.clone(),
-        vec![direction.opposite().origin(&outcome.slot)],
+        direction.skipped_origins(&outcome.slot),
     )
     .await?;
     applier.set_ddl_policy(config.ddl);

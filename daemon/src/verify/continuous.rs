@@ -9,8 +9,11 @@
 //! as `cutover_divergent_rows{table}` (with `cutover_verify_rows_total`
 //! and `cutover_verify_last_pass_timestamp_seconds`), shown by the
 //! console's `SHOW DIVERGENCE` and by `cutover status`, and turns
-//! `/health` red past `verify.max_divergent_ratio`. It never writes the
-//! target: `cutover verify --repair` does, with the daemon stopped.
+//! `/health` red past `verify.max_divergent_ratio`. With `verify.repair`
+//! it makes the rows it finds differing equal to the source, the way
+//! `cutover verify --repair` does beside a running daemon
+//! ([`super::beside`]), logs each row it wrote and counts them in
+//! `cutover_verify_repaired_rows_total`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,8 @@ use crate::config::Config;
 use crate::live::{DaemonState, Divergence, Status};
 use crate::store::{Store, now_secs};
 
+use super::beside;
+use super::daemon::Holder;
 use super::report::SampleKind;
 use super::table::{self, Pacer, Plan};
 use super::{VerifyError, plans, source_position_within, target_readers};
@@ -29,8 +34,6 @@ use super::{VerifyError, plans, source_position_within, target_readers};
 const OWNER: &str = "the background verifier";
 /// Differing rows kept per table and kind.
 const SAMPLES: usize = 5;
-/// How long the applier may take to stop under a hold.
-const HOLD_WAIT: Duration = Duration::from_secs(120);
 /// How long the verifier waits after a failure before the next table.
 const RETRY: Duration = Duration::from_secs(30);
 
@@ -117,27 +120,17 @@ async fn pass(
     Ok(true)
 }
 
-/// Compares one table at a new position.
+/// Compares one table at a new position; with `verify.repair`, makes the
+/// rows found differing equal to the source ([`super::beside`]).
 async fn compare(config: &Config, status: &Status, plan: &Plan) -> Result<Divergence, VerifyError> {
-    let held = |reached: Option<_>| {
-        reached.ok_or_else(|| {
-            VerifyError::Daemon(format!(
-                "the applier did not stop for the background verifier within {HOLD_WAIT:?}"
-            ))
-        })
+    let holder = Holder::InProcess {
+        status,
+        owner: OWNER,
     };
-    // Wait for a one-shot verify holding the applier to finish.
-    while status.hold.arm(OWNER).is_err() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let guard = Held(status);
-    held(status.hold.wait_reached(OWNER, HOLD_WAIT).await)?;
+    holder.arm().await?;
     let (at, mut sources) = source_position_within(config, 1).await?;
-    status
-        .hold
-        .hold_at(OWNER, at)
-        .map_err(|e| VerifyError::Daemon(e.to_string()))?;
-    held(status.hold.wait_reached(OWNER, HOLD_WAIT).await)?;
+    holder.hold_at(at).await?;
     let mut targets = target_readers(config, 1).await?;
     drop(guard);
     let (Some(source), Some(target)) = (sources.pop(), targets.pop()) else {
@@ -148,15 +141,32 @@ async fn compare(config: &Config, status: &Status, plan: &Plan) -> Result<Diverg
     let pacer = Pacer::new(Some(config.verify.continuous_rate));
     let reading = table::Reading {
         samples: SAMPLES,
-        repair: false,
+        repair: config.verify.repair,
         at,
         progress: None,
         pacer: &pacer,
     };
-    let (report, _) = table::compare(plan, &source, &target, &reading).await?;
+    let (report, fixes) = table::compare(plan, &source, &target, &reading).await?;
+    drop((source, target));
+    let mut divergent_rows = report.differing();
+    if !fixes.is_empty() {
+        let _guard = Held(status);
+        let repaired = beside::repair(config, &holder, &[(plan, fixes)]).await?;
+        let rows = repaired.rows.values().flatten();
+        for row in rows.clone() {
+            tracing::info!(table = %plan.table().name, at = %repaired.at, "the background verifier repaired: {row}");
+        }
+        status
+            .metrics
+            .verify_repaired_rows
+            .inc_by(rows.count() as u64);
+        // Every row found differing is now equal to the source (or was
+        // made so by the stream before the repair's position).
+        divergent_rows = 0;
+    }
     Ok(Divergence {
         rows_checked: report.source_rows,
-        divergent_rows: report.differing(),
+        divergent_rows,
         compared_at: Some(at),
         checked_at: now_secs(),
         samples: report

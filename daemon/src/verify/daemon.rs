@@ -9,6 +9,7 @@ use cutover_replication::client::describe;
 use tokio_postgres::Client;
 
 use crate::config::Config;
+use crate::live::Status;
 use crate::status::{connect_console, console_address, rows, text};
 
 use super::VerifyError;
@@ -117,4 +118,71 @@ pub(super) async fn release(client: &Client) -> Result<(), VerifyError> {
         .await
         .map(|_| ())
         .map_err(|e| console_error(format!("RELEASE: {}", describe(&e))))
+}
+
+/// Who holds the daemon's applier, and how: a verify through the daemon's
+/// console, or the background verifier inside the daemon.
+pub(super) enum Holder<'a> {
+    /// `cutover verify` beside a running daemon.
+    Console(&'a Client),
+    /// The background verifier ([`super::continuous`]).
+    InProcess {
+        /// The daemon's live state, which holds the hold.
+        status: &'a Status,
+        /// The name the hold is taken under.
+        owner: &'static str,
+    },
+}
+
+impl Holder<'_> {
+    /// The applier applies nothing new; returns what it had applied.
+    /// Waits while another holder has it.
+    pub(super) async fn arm(&self) -> Result<Lsn, VerifyError> {
+        match self {
+            Holder::Console(client) => arm(client).await,
+            Holder::InProcess { status, owner } => {
+                while status.hold.arm(owner).is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                self.reached(ARM_WAIT).await
+            }
+        }
+    }
+
+    /// The applier applies what commits before `at`, then nothing; returns
+    /// where it stopped.
+    pub(super) async fn hold_at(&self, at: Lsn) -> Result<Lsn, VerifyError> {
+        match self {
+            Holder::Console(client) => hold_at(client, at).await,
+            Holder::InProcess { status, owner } => {
+                status
+                    .hold
+                    .hold_at(owner, at)
+                    .map_err(|e| VerifyError::Daemon(e.to_string()))?;
+                self.reached(CATCH_UP_WAIT).await
+            }
+        }
+    }
+
+    /// The applier goes on.
+    pub(super) async fn release(&self) -> Result<(), VerifyError> {
+        match self {
+            Holder::Console(client) => release(client).await,
+            Holder::InProcess { status, owner } => {
+                status.hold.release(Some(owner));
+                Ok(())
+            }
+        }
+    }
+
+    async fn reached(&self, wait: Duration) -> Result<Lsn, VerifyError> {
+        let Holder::InProcess { status, owner } = self else {
+            return Err(console_error("not held in process".into()));
+        };
+        status.hold.wait_reached(owner, wait).await.ok_or_else(|| {
+            console_error(format!(
+                "the applier did not stop for {owner} within {wait:?} (or its hold was released by force)"
+            ))
+        })
+    }
 }

@@ -48,6 +48,7 @@ use crate::live::Status;
 use crate::run::{self, RunError};
 use crate::store::{Store, StoreError};
 
+mod beside;
 pub mod continuous;
 mod daemon;
 mod integrity;
@@ -106,11 +107,6 @@ pub enum VerifyError {
     /// The copy's record of the tables could not be read.
     #[error(transparent)]
     Copy(#[from] CopyError),
-    /// `--repair` beside a running daemon.
-    #[error(
-        "--repair writes the target as of the compared position, which a running daemon moves past: stop the daemon (SIGTERM), run verify --repair, and start it again"
-    )]
-    RepairBesideDaemon,
     /// A table differs in more rows than a repair holds.
     #[error(
         "{table} differs in more than {limit} rows: too many to repair row by row; copy it again (empty it on the target and restart the copy) instead"
@@ -275,7 +271,6 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
             }
             CatchUp::Own(store)
         }
-        Err(StoreError::Locked { .. }) if repair => return Err(VerifyError::RepairBesideDaemon),
         Err(StoreError::Locked { .. }) => CatchUp::Daemon(daemon::connect(config).await?),
         Err(err) => return Err(err.into()),
     };
@@ -333,22 +328,34 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
     )
     .await?;
 
-    // 5. The repair, where asked, at the compared position.
+    // 5. The repair, where asked: at the compared position with no
+    // daemon; beside one, at a fresh position it is held at.
     let mut repaired = HashMap::new();
-    if let CatchUp::Own(store) = &catch_up
-        && repair
-    {
-        let copied_at = store
-            .table_copies()?
-            .into_iter()
-            .map(|t| (t.name, t.copied_at))
-            .collect();
-        let work: Vec<(&table::Plan, Vec<Fix>)> = compared
-            .iter()
-            .map(|(plan, _, fixes)| (plan, fixes.clone()))
-            .filter(|(_, fixes)| !fixes.is_empty())
-            .collect();
-        repaired = repair::repair(config, &config.slot, copied_at, at, &work).await?;
+    let mut repaired_at = None;
+    let work: Vec<(&table::Plan, Vec<Fix>)> = compared
+        .iter()
+        .map(|(plan, _, fixes)| (plan, fixes.clone()))
+        .filter(|(_, fixes)| !fixes.is_empty())
+        .collect();
+    if repair {
+        match &catch_up {
+            CatchUp::Own(store) => {
+                let copied_at = store
+                    .table_copies()?
+                    .into_iter()
+                    .map(|t| (t.name, t.copied_at))
+                    .collect();
+                let origin = Direction::Forward.origin(&config.slot);
+                repaired = repair::repair(config, &origin, copied_at, at, &work).await?;
+                repaired_at = Some(at);
+            }
+            CatchUp::Daemon(_) if work.is_empty() => repaired_at = Some(at),
+            CatchUp::Daemon(console) => {
+                let done = beside::repair(config, &daemon::Holder::Console(console), &work).await?;
+                repaired = done.rows;
+                repaired_at = Some(done.at);
+            }
+        }
     }
     let reports = compared
         .into_iter()
@@ -360,7 +367,14 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
         })
         .collect();
     let date = crate::console::timestamp(crate::store::now_secs());
-    let report = Report::new(config.slot.clone(), date, at, reports, integrity);
+    let report = Report::new(
+        config.slot.clone(),
+        date,
+        at,
+        reports,
+        integrity,
+        repaired_at,
+    );
     // What this verify found replaces what the daemon's background
     // verifier last recorded (after a repair: nothing left to show).
     if let CatchUp::Own(store) = &catch_up {

@@ -4,9 +4,12 @@
 //! so that the reverse direction never sends the repairs back).
 //!
 //! The repair is one target transaction recorded at the compared
-//! position: the next stream starts there, so no change is applied twice
-//! and none is missed. It runs only while nothing else writes the target
-//! (no daemon: the verify holds the state store).
+//! position, while nothing else writes the target: with no daemon, the
+//! verify holds the state store and writes in the forward origin, so the
+//! next stream starts there (no change is applied twice, none is missed);
+//! beside a running daemon, [`super::beside`] holds the daemon's applier
+//! at a fresh position while the repair is made there, in an origin of
+//! its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -118,11 +121,12 @@ impl Shape {
     }
 }
 
-/// Writes every fix on the target in one transaction recorded at `at`;
-/// returns, per table, what was written (`inserted (id=1)`).
+/// Writes every fix on the target in one transaction recorded at `at` in
+/// the replication origin `origin`; returns, per table, what was written
+/// (`inserted (id=1)`).
 pub(super) async fn repair(
     config: &Config,
-    slot: &str,
+    origin: &str,
     copied_at: HashMap<TableName, Lsn>,
     at: Lsn,
     work: &[(&Plan, Vec<Fix>)],
@@ -160,12 +164,11 @@ pub(super) async fn repair(
     if changes.is_empty() {
         return Ok(written);
     }
-    let direction = Direction::Forward;
     let mut sink = PostgresSink::connect(
         &config.target.conninfo,
-        &direction.origin(slot),
+        origin,
         copied_at,
-        vec![direction.opposite().origin(slot)],
+        Direction::Forward.skipped_origins(&config.slot),
     )
     .await
     .map_err(|e| VerifyError::Repair(e.to_string()))?;

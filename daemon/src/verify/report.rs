@@ -177,6 +177,11 @@ pub struct Report {
     pub differing_rows: u64,
     /// Rows `--repair` wrote, all tables.
     pub repaired_rows: u64,
+    /// The source position `--repair` wrote at: the compared position, or
+    /// beside a running daemon a later one, where the rows found differing
+    /// were read again (those the stream had made equal meanwhile were
+    /// left alone). `null` without `--repair`.
+    pub repaired_at: Option<Lsn>,
     /// Per table, in name order.
     pub tables: Vec<TableReport>,
     /// Every foreign key of a table in scope, checked on the target.
@@ -193,6 +198,7 @@ impl Report {
         lsn: Lsn,
         mut tables: Vec<TableReport>,
         referential_integrity: Vec<ForeignKeyCheck>,
+        repaired_at: Option<Lsn>,
     ) -> Report {
         tables.sort_by(|a, b| a.table.cmp(&b.table));
         let total_source_rows = tables.iter().map(|t| t.source_rows).sum();
@@ -204,9 +210,9 @@ impl Report {
             Verdict::Failed
         } else if tables.iter().all(TableReport::equal_on_both_sides) {
             Verdict::Validated
-        } else if repaired_rows == differing_rows
-            && tables.iter().all(|t| t.missing_columns.is_empty())
-        {
+        } else if repaired_at.is_some() && tables.iter().all(|t| t.missing_columns.is_empty()) {
+            // Every row found differing was written, or (beside a daemon)
+            // read again equal; a failed repair is an error, not a report.
             Verdict::Repaired
         } else {
             Verdict::Failed
@@ -222,6 +228,7 @@ impl Report {
             variance: total_target_rows as i64 - total_source_rows as i64,
             differing_rows,
             repaired_rows,
+            repaired_at,
             tables,
             referential_integrity,
             orphaned_rows,
@@ -321,10 +328,18 @@ impl Report {
                 "\nFAILED: {} rows differ (target minus source rows: {}), {} orphaned rows",
                 self.differing_rows, self.variance, self.orphaned_rows
             ),
-            Verdict::Repaired => writeln!(
+            Verdict::Repaired if self.repaired_at == Some(self.lsn) => writeln!(
                 out,
                 "\nREPAIRED: {} differing rows made equal to the source at {} (run verify again to see it)",
                 self.repaired_rows, self.lsn
+            ),
+            Verdict::Repaired => writeln!(
+                out,
+                "\nREPAIRED: of {} rows differing at {}, {} still differed at {} and were made equal to the source there; the stream had made the others equal (run verify again to see it)",
+                self.differing_rows,
+                self.lsn,
+                self.repaired_rows,
+                self.repaired_at.unwrap_or(self.lsn)
             ),
         };
         out
@@ -357,6 +372,7 @@ mod tests {
             lsn,
             vec![table("b", 0), table("a", 0)],
             Vec::new(),
+            None,
         );
         assert_eq!(ok.status, Verdict::Validated);
         assert_eq!(ok.tables[0].table, "a");
@@ -377,8 +393,9 @@ mod tests {
             "m".into(),
             "d".into(),
             lsn,
-            vec![table("a", 0), bad],
+            vec![table("a", 0), bad.clone()],
             Vec::new(),
+            None,
         );
         assert_eq!(failed.status, Verdict::Failed);
         assert_eq!((failed.differing_rows, failed.variance), (2, -2));
@@ -389,6 +406,24 @@ mod tests {
             serde_json::to_string(&failed)
                 .unwrap()
                 .contains("\"status\":\"FAILED\"")
+        );
+        // Repaired beside a daemon, at a later position where one of the
+        // two rows was still missing.
+        bad.repaired = vec!["inserted (id=0)".into()];
+        let later: Lsn = "0/20".parse().unwrap();
+        let repaired = Report::new(
+            "m".into(),
+            "d".into(),
+            lsn,
+            vec![bad],
+            Vec::new(),
+            Some(later),
+        );
+        assert_eq!(repaired.status, Verdict::Repaired);
+        let human = repaired.to_human();
+        assert!(
+            human.contains("of 2 rows differing at 0/10, 1 still differed at 0/20"),
+            "{human}"
         );
     }
 }

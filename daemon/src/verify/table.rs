@@ -166,24 +166,7 @@ impl Plan {
         upto: Option<&[String]>,
         limit: Option<usize>,
     ) -> String {
-        let fields: Vec<String> = self
-            .layout
-            .names
-            .iter()
-            .map(|n| format!("r.{}::text", quote_ident(n)))
-            .collect();
-        // Qualified: a bare name in ORDER BY would be the output column
-        // of that name, which is the `::text` of the key, in text order.
-        let order: Vec<String> = self
-            .layout
-            .key
-            .iter()
-            .zip(&self.layout.names)
-            .map(|(kind, name)| match kind {
-                KeyKind::Integer => format!("r.{}", quote_ident(name)),
-                KeyKind::Bytes => format!("r.{}::text COLLATE \"C\"", quote_ident(name)),
-            })
-            .collect();
+        let order = self.order();
         // Bounds are the key's own values, compared as the key is
         // ordered: an integer as its type, so that the index serves it
         // (`(k1, k2) > ('1'::bigint, ...)`), any other key as its text
@@ -214,11 +197,86 @@ impl Plan {
             format!(" WHERE {}", conditions.join(" AND "))
         };
         let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
+        self.copy_where(from, &filter, &limit)
+    }
+
+    /// The key's expressions, as rows are ordered. Qualified: a bare name
+    /// in ORDER BY would be the output column of that name, which is the
+    /// `::text` of the key, in text order.
+    fn order(&self) -> Vec<String> {
+        self.layout
+            .key
+            .iter()
+            .zip(&self.layout.names)
+            .map(|(kind, name)| match kind {
+                KeyKind::Integer => format!("r.{}", quote_ident(name)),
+                KeyKind::Bytes => format!("r.{}::text COLLATE \"C\"", quote_ident(name)),
+            })
+            .collect()
+    }
+
+    /// The `COPY` of the rows of `from` that `filter` keeps, every field as
+    /// text, key first, in key order.
+    fn copy_where(&self, from: &str, filter: &str, limit: &str) -> String {
+        let fields: Vec<String> = self
+            .layout
+            .names
+            .iter()
+            .map(|n| format!("r.{}::text", quote_ident(n)))
+            .collect();
         format!(
             "COPY (SELECT {} FROM {from} AS r{filter} ORDER BY {}{limit}) TO STDOUT",
             fields.join(", "),
-            order.join(", ")
+            self.order().join(", ")
         )
+    }
+
+    /// The `COPY` of the rows of `from` (whose key columns have `types`)
+    /// that hold the key of one of `rows`, or for a table without a key,
+    /// the whole value of one.
+    fn copy_of(&self, from: &str, types: &[String], rows: &[&Row]) -> String {
+        let literal =
+            |value: Option<String>| value.map_or_else(|| "NULL".to_owned(), |v| quote_literal(&v));
+        let filter = if self.layout.is_keyless() {
+            // Every field as text, NULL matching NULL.
+            let fields: Vec<String> = self
+                .layout
+                .names
+                .iter()
+                .map(|n| format!("r.{}::text", quote_ident(n)))
+                .collect();
+            let fields = format!("ROW({})", fields.join(", "));
+            let alternatives: Vec<String> = rows
+                .iter()
+                .map(|row| {
+                    let values: Vec<String> = (0..self.layout.names.len())
+                        .map(|i| literal(row.value(i)))
+                        .collect();
+                    format!("{fields} IS NOT DISTINCT FROM ROW({})", values.join(", "))
+                })
+                .collect();
+            alternatives.join(" OR ")
+        } else {
+            // The key's own values as the key's type, which its index
+            // serves.
+            let key: Vec<String> = self.layout.names[..self.layout.key.len()]
+                .iter()
+                .map(|n| format!("r.{}", quote_ident(n)))
+                .collect();
+            let tuples: Vec<String> = rows
+                .iter()
+                .map(|row| {
+                    let values: Vec<String> = types
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| format!("{}::{t}", literal(row.value(i))))
+                        .collect();
+                    format!("ROW({})", values.join(", "))
+                })
+                .collect();
+            format!("ROW({}) IN ({})", key.join(", "), tuples.join(", "))
+        };
+        self.copy_where(from, &format!(" WHERE {filter}"), "")
     }
 
     /// The key of a row read by [`Plan::copy_sql`], as text.
@@ -503,6 +561,70 @@ pub(super) async fn compare(
             return Ok((report, fixes));
         }
     }
+}
+
+/// Rows looked up per query by [`recheck`].
+const RECHECK_ROWS: usize = 500;
+
+/// Reads again on `source` and `target` the rows that `fixes` (found at an
+/// earlier position) would write, by key (by whole value for a table
+/// without a key), and returns the fixes of those that differ now: a row
+/// the stream made equal since is left alone.
+pub(super) async fn recheck(
+    plan: &Plan,
+    source: &Client,
+    target: &Client,
+    fixes: &[Fix],
+) -> Result<Vec<Fix>, VerifyError> {
+    let name = plan.table.name.to_string();
+    let read_error = |role: &'static str| {
+        let name = name.clone();
+        move |err: tokio_postgres::Error| VerifyError::Query {
+            role,
+            what: format!("reading again the differing rows of {name}"),
+            detail: describe(&err),
+        }
+    };
+    // Each key (or value) once: all the copies of a value come back from
+    // the one query that names it.
+    let mut seen = std::collections::HashSet::new();
+    let rows: Vec<&Row> = fixes
+        .iter()
+        .map(Fix::row)
+        .filter(|row| {
+            let key: Vec<Option<String>> =
+                (0..plan.layout.key.len()).map(|i| row.value(i)).collect();
+            seen.insert(key)
+        })
+        .collect();
+    let mut fresh = Vec::new();
+    for batch in rows.chunks(RECHECK_ROWS) {
+        let mut source_rows = Lines::open(
+            source,
+            &plan.copy_of(&plan.source_rows, &plan.source_key_types, batch),
+        )
+        .await
+        .map_err(read_error("source"))?;
+        let mut target_rows = Lines::open(
+            target,
+            &plan.copy_of(&plan.target_rows, &plan.target_key_types, batch),
+        )
+        .await
+        .map_err(read_error("target"))?;
+        let mut merge = Merge::new(plan.layout.clone());
+        while let Some(side) = merge.wants() {
+            let row = match side {
+                Side::Source => source_rows.next().await.map_err(read_error("source"))?,
+                Side::Target => target_rows.next().await.map_err(read_error("target"))?,
+            };
+            match row {
+                Some(row) => merge.push(side, row),
+                None => merge.finish(side),
+            }
+            fresh.extend(merge.take().into_iter().map(fix));
+        }
+    }
+    Ok(fresh)
 }
 
 /// The most differing rows one table's repair holds in memory. A table
