@@ -90,15 +90,15 @@ enum Command {
     },
     /// Prove that the target holds exactly what the source held at one
     /// source position (reported), while the application keeps writing;
-    /// exit 1 when a row differs. Needs the snapshot copy done and, for
-    /// now, the daemon stopped.
+    /// exit 1 when a row differs. Needs the snapshot copy done; beside a
+    /// running daemon, its admin console on.
     Verify {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         format: OutputFormat,
-        /// Make every differing target row equal to the source at the
-        /// compared position (needs the daemon stopped); exit 0 when all
-        /// are repaired.
+        /// Make every differing target row equal to the source (at the
+        /// compared position, or beside a running daemon at a later one
+        /// where the rows are read again); exit 0 when all are repaired.
         #[arg(long)]
         repair: bool,
     },
