@@ -52,6 +52,23 @@ impl Direction {
         }
     }
 
+    /// The replication slot this direction reads, on the server it reads,
+    /// for the migration whose (forward) slot is `slot`.
+    pub fn slot(self, slot: &str) -> String {
+        match self {
+            Direction::Forward => slot.to_owned(),
+            Direction::Reverse => format!("{slot}_reverse"),
+        }
+    }
+
+    /// The publication this direction reads, on the server it reads.
+    pub fn publication(self, publication: &str) -> String {
+        match self {
+            Direction::Forward => publication.to_owned(),
+            Direction::Reverse => format!("{publication}_reverse"),
+        }
+    }
+
     /// The replication origin of `cutover verify --repair` and of the
     /// background verifier's repairs made beside a running daemon: the
     /// daemon's own session holds the forward origin, and PostgreSQL lets

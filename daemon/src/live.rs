@@ -135,6 +135,8 @@ pub struct StatusView {
     pub direction: Direction,
     /// Which server takes writes: `source` until the switch.
     pub primary: &'static str,
+    /// The switch or rollback under way, or the last one.
+    pub switch: Option<SwitchView>,
     /// The replication slot on the source.
     pub slot: String,
     /// The last source commit applied on the target.
@@ -158,6 +160,49 @@ pub struct StatusView {
     pub pid: u32,
 }
 
+/// Where the last switch or rollback stands, as `/health`, the console's
+/// `SHOW SWITCH` and `status` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwitchView {
+    /// `switch` or `rollback`.
+    pub kind: &'static str,
+    /// Its number.
+    pub id: u64,
+    /// `in_progress`, `done` or `undone`.
+    pub state: &'static str,
+    /// The step under way or next, while in progress.
+    pub next_step: Option<&'static str>,
+    /// Neither server takes writes now (fenced, not yet opened): only
+    /// while a switch is under way or was interrupted there.
+    pub neither_writable: bool,
+    /// Each step with its duration.
+    pub journal: Vec<String>,
+    /// The write-unavailability window, seconds.
+    pub window_seconds: Option<f64>,
+}
+
+impl SwitchView {
+    /// The view of `state`'s journal.
+    pub fn of(state: &crate::switch::journal::SwitchState) -> Option<SwitchView> {
+        use crate::switch::journal::{Outcome, Step};
+        let journal = state.journal.as_ref()?;
+        let in_progress = journal.outcome == Outcome::InProgress;
+        Some(SwitchView {
+            kind: journal.kind.name(),
+            id: journal.id,
+            state: match journal.outcome {
+                Outcome::InProgress => "in_progress",
+                Outcome::Done => "done",
+                Outcome::Undone { .. } => "undone",
+            },
+            next_step: journal.next().filter(|_| in_progress).map(|s| s.name()),
+            neither_writable: in_progress && journal.begun(Step::Fence) && !journal.opened(),
+            journal: journal.lines(),
+            window_seconds: journal.window_ms().map(|ms| ms as f64 / 1000.0),
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     state: DaemonState,
@@ -174,6 +219,7 @@ struct Inner {
     tables: BTreeMap<String, TableCounts>,
     unstreamed: BTreeMap<String, i64>,
     divergence: BTreeMap<String, Divergence>,
+    switch: crate::switch::journal::SwitchState,
 }
 
 /// What the background verifier found of one table in its last pass.
@@ -220,6 +266,7 @@ impl Status {
                 tables: BTreeMap::new(),
                 unstreamed: BTreeMap::new(),
                 divergence: BTreeMap::new(),
+                switch: crate::switch::journal::SwitchState::default(),
             }),
             metrics: Metrics::new(),
             pause: watch::channel(false).0,
@@ -431,6 +478,22 @@ impl Status {
         self.lock().lag = lag;
     }
 
+    /// Which server is primary and the last switch journal, as the store
+    /// holds them.
+    pub fn set_switch(&self, state: crate::switch::journal::SwitchState) {
+        use crate::switch::journal::Server;
+        for server in [Server::Source, Server::Target] {
+            self.metrics
+                .primary
+                .with_label_values(&[server.name()])
+                .set(i64::from(state.primary == server));
+        }
+        if let Some(window) = state.windows_ms.last() {
+            self.metrics.switch_window.set(*window as f64 / 1000.0);
+        }
+        self.lock().switch = state;
+    }
+
     /// A view for `/health`, the console and `status`.
     pub fn view(&self) -> StatusView {
         let seconds = self.lag_seconds();
@@ -440,7 +503,8 @@ impl Status {
         StatusView {
             state: inner.state,
             direction: self.direction,
-            primary: "source",
+            primary: inner.switch.primary.name(),
+            switch: SwitchView::of(&inner.switch),
             slot: self.slot.clone(),
             applied_lsn: inner.applied.map(|l| l.to_string()),
             lag,

@@ -19,6 +19,7 @@ mod run;
 mod serve;
 mod status;
 mod store;
+mod switch;
 mod tail;
 mod verify;
 
@@ -101,6 +102,32 @@ enum Command {
         /// where the rows are read again); exit 0 when all are repaired.
         #[arg(long)]
         repair: bool,
+    },
+    /// Move the application's writes to the target: check, prepare the way
+    /// back, fence the source, drain, set sequences, open the target. Run
+    /// with the daemon stopped; `cutover run` then streams in reverse.
+    /// Resumes an interrupted switch.
+    Switch {
+        /// Check and print what each step would do; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run a verify now rather than rely on the last one.
+        #[arg(long)]
+        verify: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        format: OutputFormat,
+    },
+    /// Move the writes back to the source, the same way (the target
+    /// fenced, the reverse stream drained, sequences set back); the
+    /// forward stream then goes on without copying again.
+    Rollback {
+        /// Check and print what each step would do; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        format: OutputFormat,
     },
     /// Print the decoded change stream of the source as JSON lines.
     Tail {
@@ -189,7 +216,24 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_FAILURE);
                     }
                 };
-                let status = std::sync::Arc::new(live::Status::new(&config.slot, direction::Direction::Forward));
+                // A switch interrupted before its new primary opened is
+                // undone, one interrupted after is finished; then the
+                // daemon streams away from the primary.
+                let direction = match switch::settle(&config, &store).await {
+                    Ok(direction) => direction,
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                };
+                let status = std::sync::Arc::new(live::Status::new(&direction.slot(&config.slot), direction));
+                match store.switch_state() {
+                    Ok(state) => status.set_switch(state),
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                }
                 if let Err(err) = serve::start(&config, &store, &status).await {
                     eprintln!("error: {err}");
                     return ExitCode::from(EXIT_FAILURE);
@@ -200,7 +244,10 @@ fn main() -> ExitCode {
                     tracing::info!("shutdown requested: finishing the batch in flight");
                     let _ = stop_tx.send(true);
                 });
-                let verifier = config.verify.continuous.then(|| {
+                if config.verify.continuous && direction == direction::Direction::Reverse {
+                    tracing::warn!("verify.continuous: the background verifier compares the target to the source, which is not the primary since the switch; it is off while the stream runs in reverse");
+                }
+                let verifier = (config.verify.continuous && direction == direction::Direction::Forward).then(|| {
                     tokio::spawn(verify::continuous::run(
                         config.clone(),
                         store.clone(),
@@ -282,6 +329,20 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             },
+            Command::Switch {
+                dry_run,
+                verify,
+                format,
+            } => switch_command(&config, switch::journal::Kind::Switch, switch::Options { dry_run, verify }, format).await,
+            Command::Rollback { dry_run, format } => {
+                switch_command(
+                    &config,
+                    switch::journal::Kind::Rollback,
+                    switch::Options { dry_run, verify: false },
+                    format,
+                )
+                .await
+            }
             Command::Status { format } => match status::run(&config).await {
                 Ok(summary) => {
                     match format {
@@ -323,6 +384,38 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `cutover switch` and `cutover rollback`.
+async fn switch_command(
+    config: &config::Config,
+    kind: switch::journal::Kind,
+    options: switch::Options,
+    format: OutputFormat,
+) -> ExitCode {
+    match switch::run(config, kind, options).await {
+        Ok(summary) => {
+            match format {
+                OutputFormat::Human => print!("{}", summary.to_human()),
+                OutputFormat::Json => match serde_json::to_string_pretty(&summary) {
+                    Ok(json) => println!("{json}"),
+                    Err(err) => {
+                        eprintln!("error: cannot encode the journal: {err}");
+                        return ExitCode::from(EXIT_FAILURE);
+                    }
+                },
+            }
+            if matches!(summary.outcome, switch::journal::Outcome::Undone { .. }) {
+                ExitCode::from(EXIT_FAILURE)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// Threads of the async runtime: `TOKIO_WORKER_THREADS`, else one.

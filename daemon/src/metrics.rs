@@ -45,6 +45,12 @@ pub const VERIFY_REPAIRED_ROWS: &str = "cutover_verify_repaired_rows_total";
 /// When the background verifier last finished a pass over every table.
 pub const VERIFY_LAST_PASS: &str = "cutover_verify_last_pass_timestamp_seconds";
 
+/// 1 for the server the application writes to, 0 for the other, by
+/// server (`source`, `target`).
+pub const PRIMARY: &str = "cutover_primary";
+/// The last switch's or rollback's write-unavailability window.
+pub const SWITCH_WINDOW: &str = "cutover_switch_window_seconds";
+
 /// Label: `forward` or `reverse`.
 pub const LABEL_DIRECTION: &str = "direction";
 /// Label: `schema.table`.
@@ -102,6 +108,10 @@ pub struct Metrics {
     pub verify_last_pass: prometheus::Gauge,
     /// [`VERIFY_REPAIRED_ROWS`].
     pub verify_repaired_rows: prometheus::IntCounter,
+    /// [`PRIMARY`].
+    pub primary: IntGaugeVec,
+    /// [`SWITCH_WINDOW`] (0 before the first switch).
+    pub switch_window: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -203,6 +213,19 @@ impl Metrics {
                 prometheus::IntCounter::new(
                     VERIFY_REPAIRED_ROWS,
                     "Target rows the background verifier made equal to the source (verify.repair)",
+                )
+                .expect("valid metric"),
+            ),
+            primary: int_gauge(
+                PRIMARY,
+                "1 for the server the application writes to (source until the switch)",
+                &["server"],
+            ),
+            switch_window: reg(
+                &registry,
+                prometheus::Gauge::new(
+                    SWITCH_WINDOW,
+                    "The last switch's or rollback's write-unavailability window: fence to new primary open",
                 )
                 .expect("valid metric"),
             ),

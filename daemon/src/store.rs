@@ -61,6 +61,9 @@ const PREFIX_DIVERGENCE: &str = "verify/divergence/";
 /// Tables whose changes do not all stream, with their counters
 /// ([`crate::coverage::Watch`]), by table name.
 const PREFIX_WATCH: &str = "coverage/watch/";
+/// Which server is primary and the switch journal
+/// ([`crate::switch::journal::SwitchState`]).
+const KEY_SWITCH: &str = "switch/state";
 
 /// A change the target refused. The stream stopped on it (nothing is
 /// skipped); the record stays for the operator after the fix.
@@ -579,6 +582,22 @@ impl Store {
             "{}status",
             direction_prefix(PREFIX_RUN, direction)
         ))
+    }
+
+    /// Which server is primary, and the switch journal (the source and
+    /// no journal before the first switch).
+    pub fn switch_state(&self) -> Result<crate::switch::journal::SwitchState, StoreError> {
+        Ok(self.get(KEY_SWITCH)?.unwrap_or_default())
+    }
+
+    /// Records the switch state and makes it durable before returning: a
+    /// journal entry is only written ahead if it is on disk.
+    pub async fn put_switch_state(
+        &self,
+        state: &crate::switch::journal::SwitchState,
+    ) -> Result<(), StoreError> {
+        self.put(KEY_SWITCH, state)?;
+        self.flush().await
     }
 
     /// Makes everything written so far durable.

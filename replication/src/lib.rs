@@ -30,6 +30,10 @@
 //! - [`partition`]: TRUNCATE of one partition, caught by a trigger.
 //! - [`ddl`]: DDL on the source, caught by event triggers.
 //!
+//! The switch:
+//! - [`fence`]: the write fence on a server that is no longer primary.
+//! - [`sequences`]: sequences carried over to the new primary.
+//!
 //! Dependency rule inside the crate: `pgoutput` produces [`change`] types
 //! and knows nothing of the sinks; [`sink`] consumes them and knows nothing
 //! of the wire (`session`, `stream`, `pgoutput`).
@@ -41,10 +45,12 @@ pub mod conninfo;
 pub mod ddl;
 pub mod error;
 pub mod events;
+pub mod fence;
 pub mod lsn;
 pub mod partition;
 pub mod pgoutput;
 pub mod secret;
+pub mod sequences;
 pub mod session;
 pub mod sink;
 pub mod slot;

@@ -5,6 +5,7 @@
 //! No database is mocked. Tests wait on conditions ([`cluster::wait_for`]),
 //! never on fixed sleeps, and never assert a timing.
 
+pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod http;
 pub mod proxy;
 pub mod writer;
 
+pub use app::App;
 pub use cli::{Outcome, run_cutover, write_config};
 pub use cluster::{Cluster, ClusterOptions, wait_for};
 pub use daemon::Daemon;

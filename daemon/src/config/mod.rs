@@ -233,6 +233,52 @@ pub struct Config {
     pub ddl: DdlPolicy,
     /// `cutover verify`.
     pub verify: VerifySettings,
+    /// `cutover switch` and `cutover rollback`.
+    pub switch: SwitchSettings,
+}
+
+impl Config {
+    /// The config `direction` streams with: for the reverse direction the
+    /// servers swapped (the target is read, the source written), and the
+    /// reverse direction's slot and publication (on the target).
+    pub fn for_direction(&self, direction: crate::direction::Direction) -> Config {
+        let mut config = self.clone();
+        if direction == crate::direction::Direction::Reverse {
+            std::mem::swap(&mut config.source, &mut config.target);
+        }
+        config.slot = direction.slot(&self.slot);
+        config.publication = direction.publication(&self.publication);
+        config
+    }
+}
+
+/// Default `switch.max_lag_seconds`.
+pub const DEFAULT_SWITCH_MAX_LAG_SECONDS: u64 = 30;
+/// Default `switch.fence_wait_seconds`.
+pub const DEFAULT_FENCE_WAIT_SECONDS: u64 = 5;
+/// Default `switch.retention_days`: migration teams keep the old system
+/// about three months.
+pub const DEFAULT_RETENTION_DAYS: u32 = 90;
+
+/// `[switch]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwitchSettings {
+    /// The longest the last catch-up before the fence may take: a target
+    /// further behind is caught up first, with the daemon.
+    pub max_lag: std::time::Duration,
+    /// How long the fence waits for transactions already writing on the
+    /// old primary before it ends their sessions.
+    pub fence_wait: std::time::Duration,
+    /// Run once the old primary is fenced (PgBouncer's PAUSE, say).
+    pub fence_command: Option<String>,
+    /// Run once the new primary is open, and when a fence is undone.
+    pub unfence_command: Option<String>,
+    /// Run to point the application at the new primary.
+    pub repoint_command: Option<String>,
+    /// Values skipped on every sequence set on the new primary.
+    pub sequence_gap: i64,
+    /// Days the old server is kept after `accept`, before `cleanup`.
+    pub retention_days: u32,
 }
 
 /// Default `verify.workers`.

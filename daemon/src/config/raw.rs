@@ -20,6 +20,10 @@ use super::{
     DEFAULT_SLOT, DEFAULT_SPILL_MB, DEFAULT_STATE_DIR, DEFAULT_TABLES, DEFAULT_VERIFY_SAMPLES,
     DEFAULT_VERIFY_WORKERS, ENV_PREFIX, ENV_SEPARATOR, KeylessPolicy, Server, VerifySettings,
 };
+use super::{
+    DEFAULT_FENCE_WAIT_SECONDS, DEFAULT_RETENTION_DAYS, DEFAULT_SWITCH_MAX_LAG_SECONDS,
+    SwitchSettings,
+};
 
 /// Every key the contract knows, by section. Unknown keys are refused
 /// against this list (the serde structs below refuse them as well).
@@ -68,6 +72,18 @@ pub(super) const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "continuous_rate",
             "repair",
             "max_divergent_ratio",
+        ],
+    ),
+    (
+        "switch",
+        &[
+            "max_lag_seconds",
+            "fence_wait_seconds",
+            "fence_command",
+            "unfence_command",
+            "repoint_command",
+            "sequence_gap",
+            "retention_days",
         ],
     ),
 ];
@@ -206,6 +222,31 @@ pub struct RawConfig {
     /// `[verify]`.
     #[serde(default)]
     pub verify: RawVerify,
+    /// `[switch]`.
+    #[serde(default)]
+    pub switch: RawSwitch,
+}
+
+/// `[switch]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSwitch {
+    /// The longest the final catch-up before the fence may take.
+    pub max_lag_seconds: Option<u64>,
+    /// How long the fence waits for transactions open on the old primary
+    /// before it ends their sessions.
+    pub fence_wait_seconds: Option<u64>,
+    /// A shell command run once the old primary is fenced.
+    pub fence_command: Option<String>,
+    /// A shell command run once the new primary is open (or a fence is
+    /// undone).
+    pub unfence_command: Option<String>,
+    /// A shell command that points the application at the new primary.
+    pub repoint_command: Option<String>,
+    /// Added to every sequence set on the new primary.
+    pub sequence_gap: Option<i64>,
+    /// Days the old server is kept after acceptance.
+    pub retention_days: Option<u32>,
 }
 
 /// `[verify]` as written.
@@ -414,6 +455,7 @@ impl RawConfig {
             copy: copy_settings(self.copy)?,
             apply: apply_settings(self.apply)?,
             verify: verify_settings(self.verify)?,
+            switch: switch_settings(self.switch)?,
             ddl: match self.ddl.policy.as_deref() {
                 None | Some("stop") => DdlPolicy::Stop,
                 Some("additive") => DdlPolicy::Additive,
@@ -494,6 +536,45 @@ pub(super) fn copy_settings(raw: RawCopy) -> Result<CopySettings, ConfigError> {
         drop_indexes: raw.drop_indexes.unwrap_or(false),
         analyze: raw.analyze.unwrap_or(false),
         truncate_target: raw.truncate_target.unwrap_or(false),
+    })
+}
+
+pub(super) fn switch_settings(raw: RawSwitch) -> Result<SwitchSettings, ConfigError> {
+    let max_lag_seconds = raw
+        .max_lag_seconds
+        .unwrap_or(DEFAULT_SWITCH_MAX_LAG_SECONDS);
+    if max_lag_seconds == 0 {
+        return Err(ConfigError::invalid(
+            "switch.max_lag_seconds",
+            "0 is out of range: use 1 or more seconds".to_owned(),
+        ));
+    }
+    let sequence_gap = raw.sequence_gap.unwrap_or(0);
+    if sequence_gap < 0 {
+        return Err(ConfigError::invalid(
+            "switch.sequence_gap",
+            format!("{sequence_gap} is out of range: use 0 or more values to skip"),
+        ));
+    }
+    let command = |key: &str, value: Option<String>| -> Result<Option<String>, ConfigError> {
+        match value {
+            Some(c) if c.trim().is_empty() => Err(ConfigError::invalid(
+                key,
+                "is empty: remove the key, or give the shell command to run".to_owned(),
+            )),
+            other => Ok(other),
+        }
+    };
+    Ok(SwitchSettings {
+        max_lag: std::time::Duration::from_secs(max_lag_seconds),
+        fence_wait: std::time::Duration::from_secs(
+            raw.fence_wait_seconds.unwrap_or(DEFAULT_FENCE_WAIT_SECONDS),
+        ),
+        fence_command: command("switch.fence_command", raw.fence_command)?,
+        unfence_command: command("switch.unfence_command", raw.unfence_command)?,
+        repoint_command: command("switch.repoint_command", raw.repoint_command)?,
+        sequence_gap,
+        retention_days: raw.retention_days.unwrap_or(DEFAULT_RETENTION_DAYS),
     })
 }
 

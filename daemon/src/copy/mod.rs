@@ -56,7 +56,7 @@ mod worker;
 
 pub use orchestration::{run, tables_in_scope};
 pub use report::reconciliation;
-pub use source::install_partition_triggers;
+pub use source::{ensure_publications, install_partition_triggers, publications};
 
 /// Whether the copy prepares streaming or stands alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +166,9 @@ pub enum CopyError {
 pub struct CopyOutcome {
     /// The slot to stream from.
     pub slot: String,
+    /// The name the migration's replication origins are made from: the
+    /// copy's slot (a switch's slots are named after it).
+    pub migration: String,
     /// Where streaming starts: the slot's consistent point.
     pub start: Lsn,
     /// Each table's `copied_at`: changes committed before it are skipped.

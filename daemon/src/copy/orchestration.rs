@@ -470,6 +470,7 @@ pub(super) fn outcome(store: &Store, run: &CopyRun) -> Result<CopyOutcome, CopyE
     let tables = store.table_copies()?;
     Ok(CopyOutcome {
         slot: run.slot.clone(),
+        migration: run.slot.clone(),
         start: run.consistent_point.unwrap_or(Lsn::ZERO),
         copied_at: tables
             .iter()

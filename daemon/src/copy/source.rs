@@ -16,10 +16,7 @@ use super::orchestration::query;
 /// The publications to stream from: the configured one, and the one of
 /// tables whose inserts only stream when it exists (a migration begun
 /// before it was made has none).
-pub(super) async fn publications(
-    source: &Client,
-    config: &Config,
-) -> Result<Vec<String>, CopyError> {
+pub async fn publications(source: &Client, config: &Config) -> Result<Vec<String>, CopyError> {
     let inserts = coverage::inserts_publication(&config.publication);
     let mut names = vec![config.publication.clone()];
     if slot::publication_exists(source, &inserts)
@@ -37,7 +34,7 @@ pub(super) async fn publications(
 /// must keep working on the source), `REPLICA IDENTITY FULL` where
 /// `replication.keyless` asks for it, and a watch on every table whose
 /// changes do not all stream (see [`coverage`]).
-pub(super) async fn ensure_publications(
+pub async fn ensure_publications(
     source: &Client,
     store: &Store,
     config: &Config,

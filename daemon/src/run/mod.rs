@@ -41,7 +41,7 @@ mod sampler;
 mod session;
 mod supervisor;
 
-pub use supervisor::{catch_up, run};
+pub use supervisor::{catch_up, drain, run, stream_plan};
 
 /// Why `run` stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +64,24 @@ pub enum RunError {
     /// A logical message of cutover's own could not be read.
     #[error("source: {0}")]
     Message(String),
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The direction asked for has no slot to stream from.
+    #[error(
+        "the {0} direction has no slot yet: it is made by `cutover switch` (reverse) or `cutover rollback` (forward)"
+    )]
+    NoStream(crate::direction::Direction),
 }
 
 impl RunError {
     fn is_transient(&self) -> bool {
         match self {
-            RunError::Copy(_) | RunError::Spill(_) | RunError::Message(_) => false,
+            RunError::Copy(_)
+            | RunError::Spill(_)
+            | RunError::Message(_)
+            | RunError::Store(_)
+            | RunError::NoStream(_) => false,
             RunError::Source { err } => err.is_transient(),
             RunError::Apply(err) => err.is_transient(),
         }

@@ -33,12 +33,12 @@ pub(super) async fn stream_once(
     // This direction's writes carry its origin; changes that the other
     // direction wrote are not sent back (invariant 5).
     let direction = status.direction();
-    let origin = direction.origin(&outcome.slot);
+    let origin = direction.origin(&outcome.migration);
     let mut applier = PostgresSink::connect(
         &config.target.conninfo,
         &origin,
         outcome.copied_at.clone(),
-        direction.skipped_origins(&outcome.slot),
+        direction.skipped_origins(&outcome.migration),
     )
     .await?;
     applier.set_ddl_policy(config.ddl);

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::copy::{self, CopyError, CopyMode, CopyOutcome};
+use crate::direction::Direction;
 use crate::live::{DaemonState, ErrorKind, Status};
 use crate::store::{DeadLetter, RunStatus, Store, now_millis, now_secs};
 
@@ -85,6 +86,21 @@ pub(super) async fn run_inner(
     shutdown: watch::Receiver<bool>,
     status: &Arc<Status>,
 ) -> Result<(), RunError> {
+    // After a switch (reverse) or a rollback (forward again), the
+    // direction streams from the slot the switch made, with no copy.
+    let direction = status.direction();
+    if store.switch_state()?.stream(direction).is_some() || direction == Direction::Reverse {
+        let plan = stream_plan(config, store, direction, &status.metrics).await?;
+        let config = config.for_direction(direction);
+        let _sampler = AbortOnDrop(tokio::spawn(sample_lag(
+            config.clone(),
+            store.clone(),
+            Arc::clone(status),
+            plan.slot.clone(),
+        )));
+        tracing::info!(%direction, slot = %plan.slot, start = %plan.start, "streaming from the slot the last switch made");
+        return stream_with_retries(&config, store, &plan, shutdown, status, None).await;
+    }
     status.set_state(DaemonState::Copying);
     // Lag and the slot's retained WAL are sampled from the start: during a
     // long copy the slot holds back WAL, which an operator must see.
@@ -169,6 +185,34 @@ async fn stream_with_retries(
     }
 }
 
+/// Where `direction` streams from: the slot the last switch or rollback
+/// made for it, or, for the forward direction before any, the copy's (the
+/// copy must be done). `config` is the migration's, not swapped.
+pub async fn stream_plan(
+    config: &Config,
+    store: &Store,
+    direction: Direction,
+    metrics: &crate::metrics::Metrics,
+) -> Result<CopyOutcome, RunError> {
+    let state = store.switch_state()?;
+    match state.stream(direction) {
+        Some(start) => Ok(CopyOutcome {
+            slot: start.slot.clone(),
+            migration: store
+                .copy_run()?
+                .map_or_else(|| config.slot.clone(), |run| run.slot),
+            start: start.start,
+            copied_at: std::collections::HashMap::new(),
+            tables: Vec::new(),
+            publications: start.publications.clone(),
+        }),
+        None if direction == Direction::Forward => {
+            Ok(copy::run(config, store, CopyMode::BeforeStreaming, metrics).await?)
+        }
+        None => Err(RunError::NoStream(direction)),
+    }
+}
+
 /// Applies what the source committed before `until` and nothing after it,
 /// then stops: the target holds exactly what the source held at `until`.
 /// For `cutover verify` when no daemon runs; the copy must be done.
@@ -178,10 +222,23 @@ pub async fn catch_up(
     status: &Arc<Status>,
     until: Lsn,
 ) -> Result<(), RunError> {
-    let outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics).await?;
+    let plan = stream_plan(config, store, Direction::Forward, &status.metrics).await?;
+    drain(config, store, status, &plan, until).await
+}
+
+/// Streams `plan` with `config` (already swapped for the reverse
+/// direction) until the server written holds exactly what the server read
+/// held at `until`: the switch's last catch-up and its drain to the fence.
+pub async fn drain(
+    config: &Config,
+    store: &Store,
+    status: &Arc<Status>,
+    plan: &CopyOutcome,
+    until: Lsn,
+) -> Result<(), RunError> {
     // Never stopped from outside: the session ends at `until`.
     let (_keep, shutdown) = watch::channel(false);
-    stream_with_retries(config, store, &outcome, shutdown, status, Some(until)).await
+    stream_with_retries(config, store, plan, shutdown, status, Some(until)).await
 }
 
 /// Aborts a background task when dropped.

@@ -40,6 +40,13 @@ pub(super) async fn connect(config: &Config) -> Result<Client, VerifyError> {
         .first()
         .and_then(|row| text(row, "state"))
         .unwrap_or_default();
+    let direction = status
+        .first()
+        .and_then(|row| text(row, "direction"))
+        .unwrap_or_default();
+    if direction == "reverse" {
+        return Err(VerifyError::Switched);
+    }
     if state != "streaming" {
         return Err(console_error(format!(
             "the daemon is {state}: verify compares a streaming migration (wait until the copy is done; RESUME a paused daemon)"

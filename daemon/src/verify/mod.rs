@@ -77,6 +77,11 @@ pub enum VerifyError {
         "the snapshot copy has not finished (state.dir {0}): run `cutover run` until it streams, then verify"
     )]
     NotCopied(String),
+    /// The target is primary: the source is no longer the reference.
+    #[error(
+        "the target is the primary since the switch: verify compares the target to the source as the source was, which the reverse stream now follows; `cutover rollback` makes the source primary again"
+    )]
+    Switched,
     /// A table in scope is missing on the target.
     #[error("table {0} is in scope but missing on the target: create it, or take it out of scope")]
     MissingTable(TableName),
@@ -261,19 +266,36 @@ async fn target_readers(config: &Config, workers: usize) -> Result<Vec<Client>, 
 /// Verifies every table in scope, with `repair` makes the differing target
 /// rows equal to the source, and writes the report to the state directory.
 pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
-    let catch_up = match Store::open(&config.state_dir) {
-        Ok(store) => {
-            let copied = store.copy_run()?.is_some_and(|r| r.finished);
-            if !copied {
-                return Err(VerifyError::NotCopied(
-                    config.state_dir.display().to_string(),
-                ));
-            }
-            CatchUp::Own(store)
+    match Store::open(&config.state_dir) {
+        Ok(store) => run_with_store(config, store, repair).await,
+        Err(StoreError::Locked { .. }) => {
+            let console = daemon::connect(config).await?;
+            compare(config, CatchUp::Daemon(console), repair).await
         }
-        Err(StoreError::Locked { .. }) => CatchUp::Daemon(daemon::connect(config).await?),
-        Err(err) => return Err(err.into()),
-    };
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// [`run`] by a command that holds the state store already (`cutover
+/// switch --verify`): no daemon runs.
+pub async fn run_with_store(
+    config: &Config,
+    store: Store,
+    repair: bool,
+) -> Result<Report, VerifyError> {
+    let copied = store.copy_run()?.is_some_and(|r| r.finished);
+    if !copied {
+        return Err(VerifyError::NotCopied(
+            config.state_dir.display().to_string(),
+        ));
+    }
+    if store.switch_state()?.primary != crate::switch::journal::Server::Source {
+        return Err(VerifyError::Switched);
+    }
+    compare(config, CatchUp::Own(store), repair).await
+}
+
+async fn compare(config: &Config, catch_up: CatchUp, repair: bool) -> Result<Report, VerifyError> {
     let plans = plans(config).await?;
     let workers = config.verify.workers.min(plans.len()).max(1);
 

@@ -1,0 +1,423 @@
+//! The switch journal: which server is primary, and every step of the
+//! switch or rollback under way (or last made), recorded in the state
+//! store before the step starts and again when it ends (invariant 11), so
+//! that a crash at any point is resumed or undone by the next command.
+//! Pure data and rules; no I/O.
+
+use serde::{Deserialize, Serialize};
+
+use cutover_replication::Lsn;
+
+use crate::direction::Direction;
+
+/// One of the two servers, by its place in the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Server {
+    /// `[source]`: the old server, primary until the switch.
+    Source,
+    /// `[target]`: the new server, primary after it.
+    Target,
+}
+
+impl Server {
+    /// `source` or `target`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Server::Source => "source",
+            Server::Target => "target",
+        }
+    }
+
+    /// The other server.
+    pub const fn other(self) -> Server {
+        match self {
+            Server::Source => Server::Target,
+            Server::Target => Server::Source,
+        }
+    }
+
+    /// The direction changes flow in while this server is primary: away
+    /// from it.
+    pub const fn streams(self) -> Direction {
+        match self {
+            Server::Source => Direction::Forward,
+            Server::Target => Direction::Reverse,
+        }
+    }
+}
+
+/// Which way the writes move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// From the source to the target.
+    Switch,
+    /// From the target back to the source.
+    Rollback,
+}
+
+impl Kind {
+    /// `switch` or `rollback`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Switch => "switch",
+            Kind::Rollback => "rollback",
+        }
+    }
+
+    /// The server that stops taking writes.
+    pub const fn from(self) -> Server {
+        match self {
+            Kind::Switch => Server::Source,
+            Kind::Rollback => Server::Target,
+        }
+    }
+
+    /// The server that takes them.
+    pub const fn to(self) -> Server {
+        self.from().other()
+    }
+}
+
+/// The steps, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Checks, and the last catch-up while writes go on.
+    Preflight,
+    /// The new direction's publication and slot on the new primary,
+    /// before it takes any write.
+    PrepareReturn,
+    /// Writes refused on the old primary for every role but cutover's.
+    Fence,
+    /// The fence position recorded; the old direction applies up to it.
+    Drain,
+    /// Sequences set on the new primary.
+    Sequences,
+    /// The new primary takes writes; the application is pointed at it.
+    Open,
+    /// The new direction recorded for `cutover run`; the old direction's
+    /// slot dropped.
+    Stream,
+}
+
+impl Step {
+    /// Every step, in order.
+    pub const ALL: [Step; 7] = [
+        Step::Preflight,
+        Step::PrepareReturn,
+        Step::Fence,
+        Step::Drain,
+        Step::Sequences,
+        Step::Open,
+        Step::Stream,
+    ];
+
+    /// The step's name, as shown and as a failpoint names it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Step::Preflight => "preflight",
+            Step::PrepareReturn => "prepare_return",
+            Step::Fence => "fence",
+            Step::Drain => "drain",
+            Step::Sequences => "sequences",
+            Step::Open => "open",
+            Step::Stream => "stream",
+        }
+    }
+}
+
+/// One step as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step.
+    pub step: Step,
+    /// When it (last) started, milliseconds since the epoch.
+    pub started_ms: u64,
+    /// When it ended, if it has.
+    pub ended_ms: Option<u64>,
+    /// What it did.
+    pub detail: String,
+}
+
+/// How a journal ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Outcome {
+    /// Under way (or interrupted).
+    InProgress,
+    /// Every step done.
+    Done,
+    /// Undone before the new primary opened: the old one is primary and
+    /// writable again.
+    Undone {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The slot the new direction streams from, made by `PrepareReturn`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamStart {
+    /// The slot, on the server the direction reads.
+    pub slot: String,
+    /// Where its stream starts.
+    pub start: Lsn,
+    /// The publications it streams.
+    pub publications: Vec<String>,
+    /// This journal made the slot (undoing drops it).
+    pub created: bool,
+}
+
+/// A switch or a rollback.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    /// Its number, from 1.
+    pub id: u64,
+    /// Switch or rollback.
+    pub kind: Kind,
+    /// When it began.
+    pub started_ms: u64,
+    /// The steps begun, in order.
+    pub steps: Vec<StepRecord>,
+    /// Where it stands.
+    pub outcome: Outcome,
+    /// The old primary's WAL position once fenced: everything it committed
+    /// is before it.
+    pub fence_lsn: Option<Lsn>,
+    /// The new direction's slot.
+    pub stream: Option<StreamStart>,
+}
+
+impl Journal {
+    /// A new journal.
+    pub fn new(id: u64, kind: Kind, now_ms: u64) -> Journal {
+        Journal {
+            id,
+            kind,
+            started_ms: now_ms,
+            steps: Vec::new(),
+            outcome: Outcome::InProgress,
+            fence_lsn: None,
+            stream: None,
+        }
+    }
+
+    fn record(&self, step: Step) -> Option<&StepRecord> {
+        self.steps.iter().find(|r| r.step == step)
+    }
+
+    /// Whether `step` ended.
+    pub fn done(&self, step: Step) -> bool {
+        self.record(step).is_some_and(|r| r.ended_ms.is_some())
+    }
+
+    /// Whether `step` began (it may have ended).
+    pub fn begun(&self, step: Step) -> bool {
+        self.record(step).is_some()
+    }
+
+    /// The first step not ended.
+    pub fn next(&self) -> Option<Step> {
+        Step::ALL.into_iter().find(|s| !self.done(*s))
+    }
+
+    /// `step` starts (again, after a crash).
+    pub fn begin(&mut self, step: Step, now_ms: u64) {
+        match self.steps.iter_mut().find(|r| r.step == step) {
+            Some(record) => {
+                record.started_ms = now_ms;
+                record.ended_ms = None;
+            }
+            None => self.steps.push(StepRecord {
+                step,
+                started_ms: now_ms,
+                ended_ms: None,
+                detail: String::new(),
+            }),
+        }
+    }
+
+    /// `step` ended, having done `detail`.
+    pub fn end(&mut self, step: Step, now_ms: u64, detail: String) {
+        if let Some(record) = self.steps.iter_mut().find(|r| r.step == step) {
+            record.ended_ms = Some(now_ms);
+            record.detail = detail;
+        }
+        if self.next().is_none() {
+            self.outcome = Outcome::Done;
+        }
+    }
+
+    /// Whether the new primary took writes: from then on, the way back is
+    /// the other command, not an undo.
+    pub fn opened(&self) -> bool {
+        self.done(Step::Open)
+    }
+
+    /// The write-unavailability window: from the fence's start to the new
+    /// primary's opening, in milliseconds.
+    pub fn window_ms(&self) -> Option<u64> {
+        let fenced = self.record(Step::Fence)?.started_ms;
+        let opened = self.record(Step::Open)?.ended_ms?;
+        Some(opened.saturating_sub(fenced))
+    }
+
+    /// The journal as lines for a person: each step with its duration.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for step in Step::ALL {
+            let line = match self.record(step) {
+                None => format!("  {:<15} -", step.name()),
+                Some(StepRecord {
+                    ended_ms: None,
+                    detail,
+                    ..
+                }) => format!("  {:<15} under way {detail}", step.name()),
+                Some(StepRecord {
+                    started_ms,
+                    ended_ms: Some(ended),
+                    detail,
+                    ..
+                }) => format!(
+                    "  {:<15} {:>8.3} s  {detail}",
+                    step.name(),
+                    ended.saturating_sub(*started_ms) as f64 / 1000.0
+                ),
+            };
+            lines.push(line.trim_end().to_owned());
+        }
+        lines
+    }
+}
+
+/// A formal acceptance of the migration (`cutover accept`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acceptance {
+    /// Who accepted.
+    pub by: String,
+    /// In which role.
+    pub role: String,
+    /// When, seconds since the epoch.
+    pub at: u64,
+    /// The status and position of the last verify then.
+    pub last_verify: Option<String>,
+    /// Days the old server is kept before `cleanup`.
+    pub retention_days: u32,
+}
+
+/// Everything the store keeps about switching.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchState {
+    /// The server the application writes to.
+    pub primary: Server,
+    /// The switch or rollback under way, or the last one.
+    pub journal: Option<Journal>,
+    /// Where the forward direction streams from, once a rollback made its
+    /// slot again (before: the copy's slot).
+    pub forward: Option<StreamStart>,
+    /// Where the reverse direction streams from, once a switch made it.
+    pub reverse: Option<StreamStart>,
+    /// The write-unavailability window of every finished switch and
+    /// rollback, milliseconds, oldest first (the last 100).
+    pub windows_ms: Vec<u64>,
+    /// The acceptance, once given.
+    pub acceptance: Option<Acceptance>,
+}
+
+impl Default for SwitchState {
+    fn default() -> SwitchState {
+        SwitchState {
+            primary: Server::Source,
+            journal: None,
+            forward: None,
+            reverse: None,
+            windows_ms: Vec::new(),
+            acceptance: None,
+        }
+    }
+}
+
+impl SwitchState {
+    /// The journal under way, if one is.
+    pub fn in_progress(&self) -> Option<&Journal> {
+        self.journal
+            .as_ref()
+            .filter(|j| j.outcome == Outcome::InProgress)
+    }
+
+    /// Where `direction` streams from, if a switch or rollback made it.
+    pub fn stream(&self, direction: Direction) -> Option<&StreamStart> {
+        match direction {
+            Direction::Forward => self.forward.as_ref(),
+            Direction::Reverse => self.reverse.as_ref(),
+        }
+    }
+
+    /// Sets where `direction` streams from.
+    pub fn set_stream(&mut self, direction: Direction, start: Option<StreamStart>) {
+        match direction {
+            Direction::Forward => self.forward = start,
+            Direction::Reverse => self.reverse = start,
+        }
+    }
+
+    /// The direction `cutover run` streams in.
+    pub fn direction(&self) -> Direction {
+        self.primary.streams()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_resume_at_the_first_not_ended_and_the_window_spans_fence_to_open() {
+        let mut journal = Journal::new(1, Kind::Switch, 0);
+        assert_eq!(journal.next(), Some(Step::Preflight));
+        for (i, step) in Step::ALL.into_iter().take(3).enumerate() {
+            journal.begin(step, 1000 * i as u64);
+            journal.end(step, 1000 * i as u64 + 10, format!("{} done", step.name()));
+        }
+        // A crash in the middle of the drain.
+        journal.begin(Step::Drain, 5000);
+        assert_eq!(journal.next(), Some(Step::Drain));
+        assert!(journal.begun(Step::Drain) && !journal.done(Step::Drain));
+        assert!(!journal.opened());
+        journal.begin(Step::Drain, 6000);
+        journal.end(Step::Drain, 6100, String::new());
+        journal.begin(Step::Sequences, 6100);
+        journal.end(Step::Sequences, 6200, String::new());
+        journal.begin(Step::Open, 6200);
+        journal.end(Step::Open, 6300, String::new());
+        assert!(journal.opened());
+        // The fence began at 2000 (its third step), the open ended at 6300.
+        assert_eq!(journal.window_ms(), Some(4300));
+        assert_eq!(journal.outcome, Outcome::InProgress);
+        journal.begin(Step::Stream, 6300);
+        journal.end(Step::Stream, 6400, String::new());
+        assert_eq!(journal.outcome, Outcome::Done);
+        assert_eq!(journal.next(), None);
+        let lines = journal.lines();
+        assert_eq!(lines.len(), 7);
+        assert!(
+            lines[2].contains("fence") && lines[2].contains("0.010 s"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn each_kind_moves_the_writes_away_from_its_primary() {
+        assert_eq!(Kind::Switch.from(), Server::Source);
+        assert_eq!(Kind::Switch.to(), Server::Target);
+        assert_eq!(Kind::Rollback.to(), Server::Source);
+        assert_eq!(Server::Target.streams(), Direction::Reverse);
+        let state = SwitchState::default();
+        assert_eq!(state.direction(), Direction::Forward);
+        assert!(state.in_progress().is_none());
+        let json = serde_json::to_string(&Outcome::Undone { reason: "x".into() }).unwrap();
+        assert_eq!(json, r#"{"state":"undone","reason":"x"}"#);
+    }
+}

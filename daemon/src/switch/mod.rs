@@ -1,0 +1,389 @@
+//! `cutover switch` and `cutover rollback`: move the application's writes
+//! from one server to the other in about a second, with the way back
+//! ready before the new primary takes a write.
+//!
+//! Both are one journaled state machine ([`journal`]); a rollback is a
+//! switch from the target to the source. Each step is recorded in the
+//! state store before it starts and when it ends (invariant 11):
+//!
+//! 1. `preflight`: the new primary can be replicated from, sequences are
+//!    readable on both sides, the fence can be put up, the last verify was
+//!    clean (switch), and the old direction catches up while writes go on,
+//!    within `switch.max_lag_seconds`;
+//! 2. `prepare_return`: the new direction's publication and slot on the
+//!    new primary, before it takes any write (invariant 7);
+//! 3. `fence`: the old primary refuses every application write
+//!    ([`cutover_replication::fence`]); `fence_command` runs;
+//! 4. `drain`: the old primary's WAL position is recorded and the old
+//!    direction applies everything committed before it;
+//! 5. `sequences`: set on the new primary
+//!    ([`cutover_replication::sequences`]);
+//! 6. `open`: the new primary's own fence (from an earlier rollback) is
+//!    taken down, `repoint_command` and `unfence_command` run, and it is
+//!    recorded as primary;
+//! 7. `stream`: the new direction is recorded for `cutover run`, and the
+//!    old direction's slot dropped (nothing it holds is needed: the old
+//!    primary takes no writes but cutover's).
+//!
+//! A failure before `open` undoes what was done (the fence comes down,
+//! `unfence_command` runs, a slot made by this journal is dropped), so the
+//! old primary takes writes again and the error says why. A crash
+//! (SIGKILL, a server restart) is resumed by the next `cutover switch` (or
+//! `cutover rollback`, for one), or undone by the next `cutover run` when
+//! the new primary did not open yet, and finished by it when it did. The
+//! application never has both servers writable; when it has neither
+//! (between `fence` and `open`), the journal says so, in `status`, the
+//! console's `SHOW SWITCH` and `/health`.
+//!
+//! The switch runs with the daemon stopped: it drains the stream itself,
+//! and `cutover run` then streams in the new direction.
+
+use cutover_replication::client::{self, ConnectError, describe};
+use cutover_replication::error::ReplicationError;
+use cutover_replication::fence::FenceError;
+use cutover_replication::sequences::SequenceError;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::direction::Direction;
+use crate::run::RunError;
+use crate::store::{Store, StoreError, now_millis};
+
+mod hooks;
+pub mod journal;
+mod preflight;
+mod steps;
+
+use journal::{Journal, Kind, Outcome, Server, Step, SwitchState};
+
+/// Why a switch or rollback stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A daemon holds the state store.
+    #[error(
+        "a daemon holds {0}: stop it first (SIGTERM); the {1} drains its stream itself, and `cutover run` started again streams the other way"
+    )]
+    DaemonRunning(String, &'static str),
+    /// The writes are already where they were asked to go.
+    #[error("the {0} is already the primary: nothing to do (`cutover status` shows the journal)")]
+    AlreadyPrimary(&'static str),
+    /// Another journal is under way after its new primary opened.
+    #[error(
+        "a {0} is under way and its new primary already takes writes: finish it with `cutover {0}` (or `cutover run`) first"
+    )]
+    OtherUnderWay(&'static str),
+    /// A check failed before anything changed.
+    #[error("preflight: nothing was changed:\n  - {}", .0.join("\n  - "))]
+    Preflight(Vec<String>),
+    /// A connection failed.
+    #[error("{server}: {source}")]
+    Connect {
+        /// `source` or `target`.
+        server: &'static str,
+        /// The error.
+        source: ConnectError,
+    },
+    /// A query failed.
+    #[error("{server}: {what}: {detail}")]
+    Query {
+        /// `source` or `target`.
+        server: &'static str,
+        /// What was being done.
+        what: String,
+        /// The server's message.
+        detail: String,
+    },
+    /// The fence could not be put up or taken down.
+    #[error("fence: {0}")]
+    Fence(#[from] FenceError),
+    /// Sequences could not be carried over.
+    #[error(transparent)]
+    Sequence(#[from] SequenceError),
+    /// An operator command failed.
+    #[error("switch.{key}: {detail}")]
+    Hook {
+        /// The config key.
+        key: &'static str,
+        /// What happened.
+        detail: String,
+    },
+    /// The stream could not catch up or drain.
+    #[error("streaming: {0}")]
+    Stream(#[from] RunError),
+    /// The new direction's slot could not be made.
+    #[error("the new primary's slot: {0}")]
+    Slot(#[from] ReplicationError),
+    /// The last catch-up took too long.
+    #[error(
+        "the target is more than switch.max_lag_seconds ({0} s) behind: nothing was fenced; let `cutover run` catch up (see `cutover status`), stop it, and switch again"
+    )]
+    TooFarBehind(u64),
+    /// The verify that was asked for failed.
+    #[error("{0}")]
+    Verify(String),
+}
+
+pub(crate) fn query(
+    server: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> SwitchError {
+    let what = what.into();
+    move |err| SwitchError::Query {
+        server,
+        what,
+        detail: describe(&err),
+    }
+}
+
+/// How a switch is run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Check and print the plan; change nothing.
+    pub dry_run: bool,
+    /// Run a verify now instead of relying on the last one.
+    pub verify: bool,
+}
+
+/// What a switch or rollback did, for the operator.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Switch or rollback.
+    pub kind: Kind,
+    /// The journal's lines, one per step.
+    pub lines: Vec<String>,
+    /// The server primary now.
+    pub primary: Server,
+    /// The write-unavailability window, seconds.
+    pub window_seconds: Option<f64>,
+    /// Only planned (`--dry-run`).
+    pub dry_run: bool,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl Summary {
+    /// For a person.
+    pub fn to_human(&self) -> String {
+        let mut out = String::new();
+        let title = if self.dry_run {
+            format!("{} plan (dry run: nothing changed)", self.kind.name())
+        } else {
+            format!("{} journal", self.kind.name())
+        };
+        out.push_str(&title);
+        out.push('\n');
+        for line in &self.lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if let Some(window) = self.window_seconds {
+            out.push_str(&format!(
+                "write-unavailability window: {window:.3} s (fence to new primary open)\n"
+            ));
+        }
+        if !self.dry_run {
+            out.push_str(&format!("primary: {}\n", self.primary.name()));
+            if self.outcome == Outcome::Done {
+                out.push_str(&format!(
+                    "start `cutover run` again: it streams {} ({} to {}), so that `cutover {}` loses nothing\n",
+                    self.primary.streams(),
+                    self.primary.name(),
+                    self.primary.other().name(),
+                    match self.kind {
+                        Kind::Switch => "rollback",
+                        Kind::Rollback => "switch",
+                    }
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Dies here when `CUTOVER_FAILPOINT` names this place
+/// (`switch:fence` right after the step is recorded as begun,
+/// `switch:fence:done` after its work and before its end is recorded),
+/// so that tests crash the process at each step. Off unless set.
+fn failpoint(kind: Kind, step: Step, done: bool) {
+    let Ok(wanted) = std::env::var("CUTOVER_FAILPOINT") else {
+        return;
+    };
+    let here = format!(
+        "{}:{}{}",
+        kind.name(),
+        step.name(),
+        if done { ":done" } else { "" }
+    );
+    if wanted == here {
+        eprintln!("failpoint {here}: aborting");
+        std::process::abort();
+    }
+}
+
+/// A regular connection to one of the servers.
+pub(crate) async fn connect(config: &Config, server: Server) -> Result<Client, SwitchError> {
+    let conninfo = match server {
+        Server::Source => &config.source.conninfo,
+        Server::Target => &config.target.conninfo,
+    };
+    let client = client::connect(conninfo)
+        .await
+        .map_err(|source| SwitchError::Connect {
+            server: server.name(),
+            source,
+        })?;
+    // cutover's own sessions are never held back by a fence's default
+    // read-only setting an operator may have added.
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(query(server.name(), "preparing the session"))?;
+    Ok(client)
+}
+
+/// Runs (or resumes) a switch (`kind` Switch) or a rollback.
+pub async fn run(config: &Config, kind: Kind, options: Options) -> Result<Summary, SwitchError> {
+    let store = match Store::open(&config.state_dir) {
+        Ok(store) => store,
+        Err(StoreError::Locked { .. }) => {
+            return Err(SwitchError::DaemonRunning(
+                config.state_dir.display().to_string(),
+                kind.name(),
+            ));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let mut state = store.switch_state()?;
+    let mut journal = match state.in_progress().cloned() {
+        Some(journal) if journal.kind == kind => {
+            tracing::warn!(kind = kind.name(), id = journal.id, next = ?journal.next(), "resuming the {} interrupted at this step", kind.name());
+            journal
+        }
+        // The other way while one is under way: undo it if it can be.
+        Some(journal) if !journal.opened() => {
+            let mut ctx = steps::Ctx::new(config, &store, journal.kind).await?;
+            let reason = format!(
+                "`cutover {}` asked while the {} had not opened its new primary",
+                kind.name(),
+                journal.kind.name()
+            );
+            let undone = ctx.undo(&mut state, journal, reason).await?;
+            return Ok(summary(&state, &undone, false));
+        }
+        Some(journal) => return Err(SwitchError::OtherUnderWay(journal.kind.name())),
+        None if state.primary == kind.to() => {
+            return Err(SwitchError::AlreadyPrimary(kind.to().name()));
+        }
+        None => Journal::new(
+            state.journal.as_ref().map_or(1, |j| j.id + 1),
+            kind,
+            now_millis(),
+        ),
+    };
+    let mut ctx = steps::Ctx::new(config, &store, kind).await?;
+    if options.dry_run {
+        let lines = ctx.plan(&state, options).await?;
+        return Ok(Summary {
+            kind,
+            lines,
+            primary: state.primary,
+            window_seconds: None,
+            dry_run: true,
+            outcome: Outcome::InProgress,
+        });
+    }
+    while let Some(step) = journal.next() {
+        journal.begin(step, now_millis());
+        state.journal = Some(journal.clone());
+        store.put_switch_state(&state).await?;
+        failpoint(kind, step, false);
+        let started = std::time::Instant::now();
+        match ctx.step(step, &mut state, &mut journal, options).await {
+            Ok(detail) => {
+                failpoint(kind, step, true);
+                journal.end(step, now_millis(), detail);
+                if journal.outcome == Outcome::Done
+                    && let Some(window) = journal.window_ms()
+                {
+                    state.windows_ms.push(window);
+                    let excess = state.windows_ms.len().saturating_sub(100);
+                    state.windows_ms.drain(..excess);
+                }
+                state.journal = Some(journal.clone());
+                store.put_switch_state(&state).await?;
+                tracing::info!(step = step.name(), elapsed = ?started.elapsed(), "{} step done", kind.name());
+            }
+            Err(err) if !journal.opened() => {
+                tracing::error!(step = step.name(), error = %err, "the {} failed: undoing it", kind.name());
+                let reason = format!("{} failed: {err}", step.name());
+                match ctx.undo(&mut state, journal, reason).await {
+                    Ok(_) => return Err(err),
+                    Err(undo) => {
+                        return Err(SwitchError::Verify(format!(
+                            "{err}\nand undoing it failed too: {undo}\nthe {} may still be fenced: run `cutover {}` again to resume, or `cutover run` to undo",
+                            kind.from().name(),
+                            kind.name()
+                        )));
+                    }
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(summary(&state, &journal, false))
+}
+
+fn summary(state: &SwitchState, journal: &Journal, dry_run: bool) -> Summary {
+    Summary {
+        kind: journal.kind,
+        lines: journal.lines(),
+        primary: state.primary,
+        window_seconds: journal.window_ms().map(|ms| ms as f64 / 1000.0),
+        dry_run,
+        outcome: journal.outcome.clone(),
+    }
+}
+
+/// At the start of `cutover run`: a switch or rollback interrupted before
+/// its new primary opened is undone (the old primary takes writes again),
+/// one interrupted after is finished. Returns the direction to stream.
+pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchError> {
+    let mut state = store.switch_state()?;
+    if let Some(journal) = state.in_progress().cloned() {
+        let kind = journal.kind;
+        let mut ctx = steps::Ctx::new(config, store, kind).await?;
+        if journal.opened() {
+            tracing::warn!(
+                kind = kind.name(),
+                "finishing the {} interrupted after its new primary opened",
+                kind.name()
+            );
+            let mut journal = journal;
+            while let Some(step) = journal.next() {
+                journal.begin(step, now_millis());
+                state.journal = Some(journal.clone());
+                store.put_switch_state(&state).await?;
+                let detail = ctx
+                    .step(step, &mut state, &mut journal, Options::default())
+                    .await?;
+                journal.end(step, now_millis(), detail);
+                state.journal = Some(journal.clone());
+                store.put_switch_state(&state).await?;
+            }
+        } else {
+            tracing::warn!(
+                kind = kind.name(),
+                "undoing the {} interrupted before its new primary opened: the {} takes writes again; run `cutover {}` again to move them",
+                kind.name(),
+                kind.from().name(),
+                kind.name()
+            );
+            let reason = "interrupted; undone by `cutover run`".to_owned();
+            ctx.undo(&mut state, journal, reason).await?;
+        }
+    }
+    Ok(state.direction())
+}
