@@ -17,6 +17,8 @@ pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
     starts: usize,
+    /// Where this start's lines begin in the log file.
+    since: u64,
     config: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -36,6 +38,7 @@ impl Daemon {
             child: None,
             log: config.with_extension("log"),
             starts: 0,
+            since: 0,
             config: config.to_owned(),
             args: args.iter().map(|a| a.to_string()).collect(),
             env: env
@@ -54,6 +57,7 @@ impl Daemon {
             .open(&self.log)
             .expect("open the daemon log");
         self.starts += 1;
+        self.since = log.metadata().map(|m| m.len()).unwrap_or(0);
         let child = Command::new(cutover_bin())
             .arg("--config")
             .arg(&self.config)
@@ -76,7 +80,8 @@ impl Daemon {
     pub async fn start_streaming(config: &Path) -> Daemon {
         let daemon = Daemon::start(config, &["run"]);
         crate::wait_for("the daemon to stream", Duration::from_secs(120), || async {
-            let log = daemon.log();
+            // Only this start's lines: the log file may hold earlier ones.
+            let log = daemon.log_of_this_start();
             assert!(!log.contains("error:"), "the daemon failed:\n{log}");
             log.contains("to=\"streaming\"").then_some(())
         })
@@ -132,6 +137,14 @@ impl Daemon {
             Some(child) => matches!(child.try_wait(), Ok(None)),
             None => false,
         }
+    }
+
+    /// What it logged since it was last started.
+    pub fn log_of_this_start(&self) -> String {
+        let log = self.log();
+        log.get(self.since as usize..)
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Everything it logged, over all its starts.

@@ -25,10 +25,17 @@ fn write(n: u64) -> String {
     )
 }
 
-fn cutover(config: &Path, args: &[&str]) -> Outcome {
-    let mut all = vec!["--config", config.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run_cutover(&all, &[])
+/// Runs `cutover` on a blocking thread, so that the application task goes
+/// on writing meanwhile.
+async fn cutover(config: &Path, args: &[&str]) -> Outcome {
+    let mut all = vec!["--config".to_owned(), config.to_str().unwrap().to_owned()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        run_cutover(&all, &[])
+    })
+    .await
+    .unwrap()
 }
 
 /// The pair, the schema, rows on the source, a config whose
@@ -103,14 +110,14 @@ async fn a_switch_and_a_rollback_under_load_lose_no_committed_transaction() {
 
     // Without a clean verify on record the switch refuses, changing
     // nothing.
-    let refused = cutover(&config, &["switch"]);
+    let refused = cutover(&config, &["switch"]).await;
     assert_eq!(refused.code, 1, "{}", refused.all_output());
     assert!(
         refused.stderr.contains("no verify on record"),
         "{}",
         refused.all_output()
     );
-    let plan = cutover(&config, &["switch", "--dry-run", "--verify"]);
+    let plan = cutover(&config, &["switch", "--dry-run", "--verify"]).await;
     assert_eq!(plan.code, 0, "{}", plan.all_output());
     assert!(
         plan.stdout.contains("dry run: nothing changed"),
@@ -129,7 +136,7 @@ async fn a_switch_and_a_rollback_under_load_lose_no_committed_transaction() {
     );
 
     // The switch, with a verify run now, while the application writes.
-    let switched = cutover(&config, &["switch", "--verify"]);
+    let switched = cutover(&config, &["switch", "--verify"]).await;
     let out = switched.all_output();
     assert_eq!(switched.code, 0, "{out}");
     assert!(out.contains("write-unavailability window"), "{out}");
@@ -169,7 +176,7 @@ async fn a_switch_and_a_rollback_under_load_lose_no_committed_transaction() {
 
     // And back: a rollback, under the same load.
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
-    let rolled = cutover(&config, &["rollback"]);
+    let rolled = cutover(&config, &["rollback"]).await;
     assert_eq!(rolled.code, 0, "{}", rolled.all_output());
     assert!(
         rolled.stdout.contains("primary: source"),
@@ -184,4 +191,145 @@ async fn a_switch_and_a_rollback_under_load_lose_no_committed_transaction() {
     nothing_lost(&pair, &record).await;
     let on = |port: u16| record.committed.iter().filter(|(_, p)| *p == port).count();
     assert!(on(pair.target.port()) >= 50, "{record:?}");
+}
+
+/// A verified migration with the daemon stopped, ready to switch.
+async fn ready(pair: &Pair, config: &Path) {
+    let mut daemon = Daemon::start_streaming(config).await;
+    pair.finish(&mut daemon, &["ledger", "items"], WAIT).await;
+    let verified = cutover(config, &["verify"]).await;
+    assert_eq!(verified.code, 0, "{}", verified.all_output());
+}
+
+#[tokio::test]
+async fn the_fence_holds_for_every_role_and_every_session_open_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, _) = setup(dir.path()).await;
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap() + "fence_wait_seconds = 1\n",
+    )
+    .unwrap();
+    pair.source
+        .execute(
+            "app",
+            "CREATE ROLE app2 LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO app2;
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app2;",
+        )
+        .await;
+    ready(&pair, &config).await;
+    let connect = |user: &'static str| {
+        let port = pair.source.port();
+        async move {
+            let (client, connection) = tokio_postgres::connect(
+                &format!("host=127.0.0.1 port={port} dbname=app user={user}"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .unwrap();
+            tokio::spawn(connection);
+            client
+        }
+    };
+    // A second application role, connected before the fence and idle.
+    let idle = connect("app2").await;
+    idle.batch_execute("SELECT 1").await.unwrap();
+    // A transaction that wrote before the fence and never commits.
+    let writer = connect("app2").await;
+    writer
+        .batch_execute("BEGIN; INSERT INTO ledger (n) VALUES (1000001);")
+        .await
+        .unwrap();
+    let switched = cutover(&config, &["switch"]).await;
+    let out = switched.all_output();
+    assert_eq!(switched.code, 0, "{out}");
+    assert!(out.contains("1 sessions ended: pid"), "{out}");
+    // Its session was ended: its write never committed anywhere.
+    assert!(writer.batch_execute("COMMIT").await.is_err());
+    let (source, target) = ledger(&pair).await;
+    assert!(!source.contains(&1000001) && !target.contains(&1000001));
+    let refused = |e: tokio_postgres::Error| {
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+            "{e:?}"
+        );
+        e.as_db_error().unwrap().message().to_owned()
+    };
+    let message = refused(
+        idle.batch_execute("INSERT INTO ledger (n) VALUES (1000002)")
+            .await
+            .unwrap_err(),
+    );
+    assert!(message.contains("writes go to target"), "{message}");
+    // Neither a read-write transaction nor a superuser gets around it.
+    let superuser = pair.source.client("app").await;
+    for sql in [
+        "SET default_transaction_read_only = off; BEGIN READ WRITE; UPDATE ledger SET note = 'x'; COMMIT;",
+        "DELETE FROM items",
+        "TRUNCATE items",
+    ] {
+        refused(superuser.batch_execute(sql).await.unwrap_err());
+        let _ = superuser.batch_execute("ROLLBACK").await;
+    }
+    refused(
+        connect("app2")
+            .await
+            .batch_execute("INSERT INTO items (n) VALUES (1)")
+            .await
+            .unwrap_err(),
+    );
+    // Reads go on.
+    let rows: i64 = pair
+        .source
+        .query_value("app", "SELECT count(*) FROM ledger")
+        .await;
+    assert_eq!(rows, 100);
+}
+
+#[tokio::test]
+async fn no_change_loops_each_write_appears_once_on_the_other_side() {
+    use cutover_tests::http::{get, listen_addr, metric};
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, pointer) = setup(dir.path()).await;
+    ready(&pair, &config).await;
+    // Writes go on while the switch drains, so the drain writes on the
+    // target after the reverse slot exists: those must not come back.
+    let app = App::start(pointer.clone(), "postgres", write);
+    app.advance_on(pair.source.port(), 20, WAIT).await;
+    let switched = cutover(&config, &["switch"]).await;
+    assert_eq!(switched.code, 0, "{}", switched.all_output());
+    app.advance_on(pair.target.port(), 40, WAIT).await;
+    let record = app.stop().await;
+    let on_target = record
+        .committed
+        .iter()
+        .filter(|(_, p)| *p == pair.target.port())
+        .count();
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.wait_equal(&["ledger", "items"], WAIT).await;
+    let http = listen_addr(&dir.path().join("state")).await;
+    let (_, body) = get(&http, "/metrics");
+    // Exactly the target's own writes came back: not one of the rows the
+    // forward stream wrote on the target.
+    for table in ["ledger", "items"] {
+        assert_eq!(
+            metric(
+                &body,
+                &format!(
+                    "cutover_applied_changes_total{{direction=\"reverse\",op=\"insert\",table=\"public.{table}\"}}"
+                )
+            ),
+            Some(on_target as f64),
+            "{table}:\n{body}"
+        );
+    }
+    assert_eq!(
+        metric(&body, "cutover_primary{server=\"target\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(metric(&body, "cutover_switch_window_seconds").unwrap() > 0.0);
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    nothing_lost(&pair, &record).await;
 }

@@ -173,7 +173,7 @@ where
                 status.applied(
                     applier.applied(),
                     batch.len() as u64,
-                    &count_changes(&batch),
+                    &count_changes(&batch, |change, commit| applier.wanted(change, commit)),
                 );
                 tracing::debug!(
                     transactions = batch.len(),
@@ -208,9 +208,14 @@ where
     Ok(())
 }
 
-/// Changes of a batch by (table, op), for the metrics. Counted per
-/// relation first (a pointer comparison per change), named once per table.
-pub(super) fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'static str), u64> {
+/// Changes of a batch by (table, op) that the sink `wanted` (a change it
+/// skips, such as the other direction's own write, is not applied), for
+/// the metrics. Counted per relation first (a pointer comparison per
+/// change), named once per table.
+pub(super) fn count_changes(
+    batch: &[SourceTransaction],
+    wanted: impl Fn(&cutover_replication::change::Change, cutover_replication::Lsn) -> bool,
+) -> BTreeMap<(String, &'static str), u64> {
     use cutover_replication::change::Relation;
     fn count<'a>(
         tally: &mut Vec<(&'a Arc<Relation>, &'static str, u64)>,
@@ -227,7 +232,11 @@ pub(super) fn count_changes(batch: &[SourceTransaction]) -> BTreeMap<(String, &'
     }
     let mut tally = Vec::new();
     let mut partitions = Vec::new();
-    for change in batch.iter().flat_map(|tx| &tx.changes) {
+    for (change, _) in batch
+        .iter()
+        .flat_map(|tx| tx.changes.iter().map(|c| (c, tx.commit_lsn)))
+        .filter(|(c, commit)| wanted(c, *commit))
+    {
         let op = change.kind.op();
         match &change.kind {
             ChangeKind::Insert { relation, .. }

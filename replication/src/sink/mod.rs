@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::path::Path;
 
-use crate::change::{Commit, SourceTransaction};
+use crate::change::{Change, Commit, SourceTransaction};
 use crate::lsn::Lsn;
 
 pub mod postgres;
@@ -60,6 +60,12 @@ pub trait Sink: Send {
         commit: &Commit,
         batch_rows: usize,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Whether the sink writes `change` of a transaction committed at
+    /// `commit_lsn`, or skips it (a change carrying an origin it skips, so
+    /// that nothing loops; one its table's copy already holds). What the
+    /// daemon counts as applied.
+    fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool;
 
     /// The end LSN of the last transaction written.
     fn applied(&self) -> Lsn;

@@ -203,6 +203,10 @@ impl Sink for PostgresSink {
         PostgresSink::apply_spilled(self, path, commit, batch_rows)
     }
 
+    fn wanted(&self, change: &crate::change::Change, commit_lsn: Lsn) -> bool {
+        PostgresSink::wanted(self, change, commit_lsn)
+    }
+
     fn applied(&self) -> Lsn {
         self.progress
     }
