@@ -28,11 +28,20 @@ fn write(n: u64) -> String {
 /// Runs `cutover` on a blocking thread, so that the application task goes
 /// on writing meanwhile.
 async fn cutover(config: &Path, args: &[&str]) -> Outcome {
+    cutover_with(config, args, None).await
+}
+
+/// [`cutover`] with `CUTOVER_FAILPOINT` set to `failpoint`.
+async fn cutover_with(config: &Path, args: &[&str], failpoint: Option<String>) -> Outcome {
     let mut all = vec!["--config".to_owned(), config.to_str().unwrap().to_owned()];
     all.extend(args.iter().map(|a| a.to_string()));
     tokio::task::spawn_blocking(move || {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        run_cutover(&all, &[])
+        let env: Vec<(&str, &str)> = failpoint
+            .as_deref()
+            .map(|f| vec![("CUTOVER_FAILPOINT", f)])
+            .unwrap_or_default();
+        run_cutover(&all, &env)
     })
     .await
     .unwrap()
@@ -331,5 +340,118 @@ async fn no_change_loops_each_write_appears_once_on_the_other_side() {
     );
     assert!(metric(&body, "cutover_switch_window_seconds").unwrap() > 0.0);
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    nothing_lost(&pair, &record).await;
+}
+
+/// Fence triggers on a server.
+async fn fences(cluster: &cutover_tests::Cluster) -> i64 {
+    cluster
+        .query_value(
+            "app",
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'cutover_fence'",
+        )
+        .await
+}
+
+#[tokio::test]
+async fn a_crash_at_each_step_of_a_switch_and_of_a_rollback_ends_consistently() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, pointer) = setup(dir.path()).await;
+    ready(&pair, &config).await;
+    let app = App::start(pointer.clone(), "postgres", write);
+    let steps = [
+        "preflight",
+        "prepare_return",
+        "fence",
+        "fence:done",
+        "drain",
+        "drain:done",
+        "sequences",
+        "open",
+        "open:done",
+        "stream",
+    ];
+    let mut target_primary = false;
+    let mut switched_once = false;
+    // Each step crashed in a switch, then in a rollback; resolved in turn
+    // by the same command again and by `cutover run`.
+    for (i, (step, command)) in steps
+        .iter()
+        .flat_map(|s| [(s, "switch"), (s, "rollback")])
+        .enumerate()
+    {
+        // The writes where this command moves them from.
+        if target_primary != (command == "rollback") {
+            let other = if target_primary { "rollback" } else { "switch" };
+            let moved = cutover(&config, &[other]).await;
+            assert_eq!(moved.code, 0, "{}", moved.all_output());
+            target_primary = !target_primary;
+            switched_once |= target_primary;
+        }
+        let crashed = cutover_with(&config, &[command], Some(format!("{command}:{step}"))).await;
+        assert_ne!(
+            crashed.code,
+            0,
+            "{command} crashed at {step}: {}",
+            crashed.all_output()
+        );
+        assert!(
+            crashed.stderr.contains("failpoint"),
+            "{}",
+            crashed.all_output()
+        );
+        let opened = step.starts_with("open:") || *step == "stream";
+        if i % 4 < 2 {
+            let resumed = cutover(&config, &[command]).await;
+            assert_eq!(
+                resumed.code,
+                0,
+                "{command} resumed after {step}: {}",
+                resumed.all_output()
+            );
+            target_primary = !target_primary;
+        } else {
+            // `cutover run` undoes it before the open, finishes it after.
+            let mut daemon = Daemon::start_streaming(&config).await;
+            assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+            if opened {
+                target_primary = !target_primary;
+            } else {
+                assert!(
+                    daemon.log().contains("undoing the"),
+                    "{command} at {step}: {}",
+                    daemon.log()
+                );
+            }
+        }
+        switched_once |= target_primary;
+        // Exactly one server takes writes, and the application writes
+        // there.
+        let (primary, other) = if target_primary {
+            (&pair.target, &pair.source)
+        } else {
+            (&pair.source, &pair.target)
+        };
+        assert_eq!(
+            fences(primary).await,
+            0,
+            "{command} at {step}: the primary is fenced"
+        );
+        if switched_once {
+            assert!(
+                fences(other).await > 0,
+                "{command} at {step}: both servers writable"
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(&pointer).unwrap().trim(),
+            primary.port().to_string(),
+            "{command} at {step}"
+        );
+        app.advance_on(primary.port(), 5, WAIT).await;
+    }
+    let record = app.stop().await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["ledger", "items"], WAIT).await;
     nothing_lost(&pair, &record).await;
 }
