@@ -129,6 +129,29 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         format: OutputFormat,
     },
+    /// Record the formal acceptance of the migration (who, in which role,
+    /// the last verify, the retention period) in acceptance.json beside
+    /// validation_report.json.
+    Accept {
+        /// Who accepts.
+        #[arg(long, value_name = "NAME")]
+        by: String,
+        /// In which role.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+    },
+    /// Drop what cutover made on both servers (slots, publications,
+    /// origins, event triggers, triggers, fences, the cutover schema), after
+    /// acceptance; never user data; safe to run twice.
+    Cleanup {
+        /// Without acceptance, or with a switch under way: gives up the way
+        /// back.
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        format: OutputFormat,
+    },
     /// Print the decoded change stream of the source as JSON lines.
     Tail {
         /// Read this existing slot instead of a temporary one; it is not
@@ -343,6 +366,44 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::Accept { by, role } => match switch::finish::accept(&config, &by, &role).await {
+                Ok(acceptance) => {
+                    println!(
+                        "accepted by {} ({}) at {} on the verify {} at {}; keep the old server until {} ({} days); then `cutover cleanup`",
+                        acceptance.accepted_by,
+                        acceptance.role,
+                        acceptance.accepted_at,
+                        acceptance.last_verify.status,
+                        acceptance.last_verify.lsn,
+                        acceptance.keep_old_server_until,
+                        acceptance.retention_days
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
+            Command::Cleanup { force, format } => match switch::finish::cleanup(&config, force).await {
+                Ok(cleaned) => {
+                    match format {
+                        OutputFormat::Human => print!("{}", cleaned.to_human()),
+                        OutputFormat::Json => match serde_json::to_string_pretty(&cleaned) {
+                            Ok(json) => println!("{json}"),
+                            Err(err) => {
+                                eprintln!("error: {err}");
+                                return ExitCode::from(EXIT_FAILURE);
+                            }
+                        },
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            },
             Command::Status { format } => match status::run(&config).await {
                 Ok(summary) => {
                     match format {

@@ -33,6 +33,7 @@
 //! The switch:
 //! - [`fence`]: the write fence on a server that is no longer primary.
 //! - [`sequences`]: sequences carried over to the new primary.
+//! - [`cleanup`]: every object cutover made on a server, removed.
 //!
 //! Dependency rule inside the crate: `pgoutput` produces [`change`] types
 //! and knows nothing of the sinks; [`sink`] consumes them and knows nothing
@@ -40,6 +41,7 @@
 
 pub mod catalog;
 pub mod change;
+pub mod cleanup;
 pub mod client;
 pub mod conninfo;
 pub mod ddl;

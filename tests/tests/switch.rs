@@ -455,3 +455,114 @@ async fn a_crash_at_each_step_of_a_switch_and_of_a_rollback_ends_consistently() 
     pair.finish(&mut daemon, &["ledger", "items"], WAIT).await;
     nothing_lost(&pair, &record).await;
 }
+
+/// What is left of cutover's on a server: slots, publications, origins,
+/// triggers, event triggers, its schema.
+async fn leftovers(cluster: &cutover_tests::Cluster) -> String {
+    cluster
+        .query_value(
+            "app",
+            "SELECT concat_ws(' ',
+                (SELECT string_agg('slot:' || slot_name, ' ') FROM pg_replication_slots),
+                (SELECT string_agg('publication:' || pubname, ' ') FROM pg_publication),
+                (SELECT string_agg('origin:' || roname, ' ') FROM pg_replication_origin),
+                (SELECT string_agg('trigger:' || tgname, ' ') FROM pg_trigger WHERE NOT tgisinternal),
+                (SELECT string_agg('event trigger:' || evtname, ' ') FROM pg_event_trigger),
+                (SELECT string_agg('schema:' || nspname, ' ') FROM pg_namespace WHERE nspname = 'cutover'))",
+        )
+        .await
+}
+
+#[tokio::test]
+async fn accept_then_cleanup_leaves_nothing_of_cutover_on_either_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, _) = setup(dir.path()).await;
+    // A partitioned table brings cutover's TRUNCATE triggers; the
+    // superuser, its DDL event triggers.
+    pair.both(
+        "CREATE TABLE events (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');",
+    )
+    .await;
+    ready(&pair, &config).await;
+    let switched = cutover(&config, &["switch"]).await;
+    assert_eq!(switched.code, 0, "{}", switched.all_output());
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.target
+        .execute("app", "INSERT INTO events VALUES (1, '2026-05-01');")
+        .await;
+    pair.wait_equal(&["events", "ledger"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    // The forward slot went with the switch; the reverse one streams.
+    let (source, target) = (leftovers(&pair.source).await, leftovers(&pair.target).await);
+    for object in [
+        "publication:cutover",
+        "origin:cutover_cutover_reverse",
+        "trigger:cutover_fence",
+        "trigger:cutover_truncate_partition",
+        "event trigger:cutover_ddl",
+        "schema:cutover",
+    ] {
+        assert!(source.contains(object), "{object} on the source: {source}");
+    }
+    for object in [
+        "slot:cutover_reverse",
+        "publication:cutover_reverse",
+        "origin:cutover_cutover",
+        "event trigger:cutover_ddl",
+    ] {
+        assert!(target.contains(object), "{object} on the target: {target}");
+    }
+
+    let early = cutover(&config, &["cleanup"]).await;
+    assert_eq!(early.code, 1, "{}", early.all_output());
+    assert!(
+        early.stderr.contains("not accepted"),
+        "{}",
+        early.all_output()
+    );
+    let accepted = cutover(
+        &config,
+        &["accept", "--by", "Jane Doe", "--role", "data owner"],
+    )
+    .await;
+    assert_eq!(accepted.code, 0, "{}", accepted.all_output());
+    assert!(
+        accepted.stdout.contains("keep the old server until"),
+        "{}",
+        accepted.stdout
+    );
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("state/acceptance.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["accepted_by"], "Jane Doe");
+    assert_eq!(record["role"], "data owner");
+    assert_eq!(record["primary"], "target");
+    assert_eq!(record["last_verify"]["status"], "VALIDATED");
+    assert_eq!(record["retention_days"], 90);
+
+    let cleaned = cutover(&config, &["cleanup"]).await;
+    assert_eq!(cleaned.code, 0, "{}", cleaned.all_output());
+    for cluster in [&pair.source, &pair.target] {
+        assert_eq!(leftovers(cluster).await, "", "{}", cleaned.stdout);
+    }
+    // User data is all there.
+    pair.wait_equal(&["events", "ledger", "items"], WAIT).await;
+    let again = cutover(&config, &["cleanup"]).await;
+    assert_eq!(again.code, 0, "{}", again.all_output());
+    assert_eq!(
+        again.stdout.matches("nothing of cutover's left").count(),
+        2,
+        "{}",
+        again.stdout
+    );
+    let run = cutover(&config, &["run"]).await;
+    assert_eq!(run.code, 1, "{}", run.all_output());
+    assert!(
+        run.stderr
+            .contains("`cutover cleanup` ended this migration"),
+        "{}",
+        run.all_output()
+    );
+}

@@ -292,19 +292,37 @@ impl Journal {
     }
 }
 
-/// A formal acceptance of the migration (`cutover accept`).
+/// A formal acceptance of the migration (`cutover accept`), also written
+/// to `acceptance.json` in the state directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acceptance {
+    /// The migration (its slot's name).
+    pub migration_id: String,
     /// Who accepted.
-    pub by: String,
+    pub accepted_by: String,
     /// In which role.
     pub role: String,
-    /// When, seconds since the epoch.
-    pub at: u64,
-    /// The status and position of the last verify then.
-    pub last_verify: Option<String>,
-    /// Days the old server is kept before `cleanup`.
+    /// When, RFC 3339 UTC.
+    pub accepted_at: String,
+    /// The server primary then (`None`: a running daemon held the store).
+    pub primary: Option<Server>,
+    /// The last verify then: its status, position and date.
+    pub last_verify: LastVerify,
+    /// Days the old server is kept before it is decommissioned.
     pub retention_days: u32,
+    /// The date the retention ends, RFC 3339 UTC.
+    pub keep_old_server_until: String,
+}
+
+/// A verify as an acceptance cites it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastVerify {
+    /// `VALIDATED`, `REPAIRED` or `FAILED`.
+    pub status: String,
+    /// The source position compared.
+    pub lsn: String,
+    /// When it ran.
+    pub date: String,
 }
 
 /// Everything the store keeps about switching.
@@ -324,6 +342,10 @@ pub struct SwitchState {
     pub windows_ms: Vec<u64>,
     /// The acceptance, once given.
     pub acceptance: Option<Acceptance>,
+    /// When `cutover cleanup` removed cutover's objects from both servers
+    /// (seconds since the epoch): nothing streams any more.
+    #[serde(default)]
+    pub cleaned_at: Option<u64>,
 }
 
 impl Default for SwitchState {
@@ -335,6 +357,7 @@ impl Default for SwitchState {
             reverse: None,
             windows_ms: Vec::new(),
             acceptance: None,
+            cleaned_at: None,
         }
     }
 }

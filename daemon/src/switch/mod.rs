@@ -49,6 +49,7 @@ use crate::direction::Direction;
 use crate::run::RunError;
 use crate::store::{Store, StoreError, now_millis};
 
+pub mod finish;
 mod hooks;
 pub mod journal;
 mod preflight;
@@ -63,9 +64,7 @@ pub enum SwitchError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A daemon holds the state store.
-    #[error(
-        "a daemon holds {0}: stop it first (SIGTERM); the {1} drains its stream itself, and `cutover run` started again streams the other way"
-    )]
+    #[error("a daemon holds {0}: stop it first (SIGTERM); {1}")]
     DaemonRunning(String, &'static str),
     /// The writes are already where they were asked to go.
     #[error("the {0} is already the primary: nothing to do (`cutover status` shows the journal)")]
@@ -121,9 +120,9 @@ pub enum SwitchError {
         "the target is more than switch.max_lag_seconds ({0} s) behind: nothing was fenced; let `cutover run` catch up (see `cutover status`), stop it, and switch again"
     )]
     TooFarBehind(u64),
-    /// The verify that was asked for failed.
+    /// Refused, with the reason and the fix.
     #[error("{0}")]
-    Verify(String),
+    Refused(String),
 }
 
 pub(crate) fn query(
@@ -251,7 +250,7 @@ pub async fn run(config: &Config, kind: Kind, options: Options) -> Result<Summar
         Err(StoreError::Locked { .. }) => {
             return Err(SwitchError::DaemonRunning(
                 config.state_dir.display().to_string(),
-                kind.name(),
+                "the switch drains the stream itself, and `cutover run` started again streams the other way",
             ));
         }
         Err(err) => return Err(err.into()),
@@ -322,7 +321,7 @@ pub async fn run(config: &Config, kind: Kind, options: Options) -> Result<Summar
                 match ctx.undo(&mut state, journal, reason).await {
                     Ok(_) => return Err(err),
                     Err(undo) => {
-                        return Err(SwitchError::Verify(format!(
+                        return Err(SwitchError::Refused(format!(
                             "{err}\nand undoing it failed too: {undo}\nthe {} may still be fenced: run `cutover {}` again to resume, or `cutover run` to undo",
                             kind.from().name(),
                             kind.name()
@@ -352,6 +351,13 @@ fn summary(state: &SwitchState, journal: &Journal, dry_run: bool) -> Summary {
 /// one interrupted after is finished. Returns the direction to stream.
 pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchError> {
     let mut state = store.switch_state()?;
+    if let Some(at) = state.cleaned_at {
+        return Err(SwitchError::Refused(format!(
+            "`cutover cleanup` ended this migration at {}: nothing is left to stream (the {} is the primary); start a new migration with another state.dir",
+            crate::console::timestamp(at),
+            state.primary.name()
+        )));
+    }
     if let Some(journal) = state.in_progress().cloned() {
         let kind = journal.kind;
         let mut ctx = steps::Ctx::new(config, store, kind).await?;

@@ -318,7 +318,7 @@ impl<'a> Ctx<'a> {
         journal: &Journal,
     ) -> Result<String, SwitchError> {
         let Some(start) = journal.stream.clone() else {
-            return Err(SwitchError::Verify(
+            return Err(SwitchError::Refused(
                 "the journal has no slot for the new direction: run the command again".into(),
             ));
         };
