@@ -43,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW SWITCH, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,7 @@ enum Command {
     Release(bool),
     ShowHold,
     Divergence,
+    Switch,
 }
 
 /// Parses one command (no semicolons), case-insensitively.
@@ -80,6 +81,7 @@ fn parse(text: &str) -> Result<Command, String> {
         },
         ["SHOW", "HOLD"] => Ok(Command::ShowHold),
         ["SHOW", "DIVERGENCE"] => Ok(Command::Divergence),
+        ["SHOW", "SWITCH"] => Ok(Command::Switch),
         ["HOLD"] => Ok(Command::Hold(None)),
         ["HOLD", "AT", lsn] => lsn
             .trim_matches('\'')
@@ -313,6 +315,31 @@ impl Queries {
                         Cell::Text(Some(timestamp(d.checked_at))),
                         Cell::Text(Some(d.samples.join("; "))),
                     ]);
+                }
+                Ok(table.response())
+            }
+            Command::Switch => {
+                // One row per step of the last switch or rollback.
+                let view = self.status.view();
+                let mut table = Table::new(&[
+                    ("kind", Type::TEXT),
+                    ("id", Type::INT8),
+                    ("state", Type::TEXT),
+                    ("primary_server", Type::TEXT),
+                    ("window_seconds", Type::TEXT),
+                    ("step", Type::TEXT),
+                ]);
+                if let Some(switch) = view.switch {
+                    for line in &switch.journal {
+                        table.push(vec![
+                            Cell::Text(Some(switch.kind.to_owned())),
+                            Cell::Int(Some(saturating_i64(switch.id))),
+                            Cell::Text(Some(switch.state.to_owned())),
+                            Cell::Text(Some(view.primary.to_owned())),
+                            Cell::Text(switch.window_seconds.map(|w| format!("{w:.3}"))),
+                            Cell::Text(Some(line.trim().to_owned())),
+                        ]);
+                    }
                 }
                 Ok(table.response())
             }

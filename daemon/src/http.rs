@@ -62,6 +62,15 @@ async fn health(State(app): State<App>) -> Response {
             view.state.name()
         ));
     }
+    if let Some(switch) = view.switch.as_ref().filter(|s| s.neither_writable) {
+        problems.push(format!(
+            "neither server takes writes: the {} is fenced and the {} is not open yet (step {}); run `cutover {}` to finish it",
+            if switch.kind == "switch" { "source" } else { "target" },
+            if switch.kind == "switch" { "target" } else { "source" },
+            switch.next_step.unwrap_or("?"),
+            switch.kind
+        ));
+    }
     if view.lag.seconds > app.max_lag.as_secs_f64() {
         problems.push(format!(
             "lag {:.1} s exceeds http.max_lag_seconds = {}",

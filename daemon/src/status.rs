@@ -15,7 +15,6 @@ use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
 use crate::config::{Config, ConsoleAuth};
 use crate::console::{copy_state_name, timestamp, timestamp_millis};
-use crate::direction::Direction;
 use crate::serve::LISTEN_FILE;
 use crate::store::{Store, StoreError};
 use cutover_replication::{Lsn, slot};
@@ -74,6 +73,35 @@ pub struct Summary {
     pub refused_changes: Vec<RefusedChange>,
     /// The background verifier's last pass over each table.
     pub divergence: Vec<SummaryDivergence>,
+    /// The last switch or rollback.
+    pub switch: Option<SummarySwitch>,
+}
+
+/// The last switch or rollback, step by step.
+#[derive(Debug, Serialize)]
+pub struct SummarySwitch {
+    /// `switch` or `rollback`, and its number.
+    pub kind: String,
+    /// `in_progress`, `done` or `undone`.
+    pub state: String,
+    /// Neither server takes writes now.
+    pub neither_writable: bool,
+    /// The write-unavailability window, seconds.
+    pub window_seconds: Option<String>,
+    /// Each step with its duration.
+    pub journal: Vec<String>,
+}
+
+impl SummarySwitch {
+    fn of(view: crate::live::SwitchView) -> SummarySwitch {
+        SummarySwitch {
+            kind: format!("{} {}", view.kind, view.id),
+            state: view.state.to_owned(),
+            neither_writable: view.neither_writable,
+            window_seconds: view.window_seconds.map(|w| format!("{w:.3}")),
+            journal: view.journal,
+        }
+    }
 }
 
 /// What the background verifier found of one table.
@@ -262,9 +290,10 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
         let lag = rows(&client, "SHOW LAG").await?;
         let tables = rows(&client, "SHOW TABLES").await?;
         let divergence = rows(&client, "SHOW DIVERGENCE").await?;
-        Ok::<_, String>((status, lag, tables, divergence))
+        let switch = rows(&client, "SHOW SWITCH").await?;
+        Ok::<_, String>((status, lag, tables, divergence, switch))
     };
-    let (status, lag, tables, divergence) = tokio::time::timeout(CONSOLE_TIMEOUT, work)
+    let (status, lag, tables, divergence, switch) = tokio::time::timeout(CONSOLE_TIMEOUT, work)
         .await
         .map_err(|_| format!("no answer within {CONSOLE_TIMEOUT:?}"))??;
     let status = status
@@ -321,6 +350,22 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
                 checked_at: text(row, "checked_at"),
             })
             .collect(),
+        switch: switch.first().map(|first| SummarySwitch {
+            kind: format!(
+                "{} {}",
+                text(first, "kind").unwrap_or_default(),
+                text(first, "id").unwrap_or_default()
+            ),
+            state: text(first, "state").unwrap_or_default(),
+            // A running daemon settled any interrupted switch first.
+            neither_writable: false,
+            window_seconds: text(first, "window_seconds"),
+            journal: switch
+                .iter()
+                .filter_map(|row| text(row, "step"))
+                .map(|line| format!("  {line}"))
+                .collect(),
+        }),
     })
 }
 
@@ -349,9 +394,10 @@ fn int(row: &SimpleQueryRow, column: &str) -> Option<i64> {
 }
 
 fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
-    // Only the forward direction streams until the switch exists; its
-    // journal will say which direction is current.
-    let direction = Direction::Forward;
+    // The direction streaming away from the primary, as the switch
+    // journal says.
+    let switch = store.switch_state()?;
+    let direction = switch.direction();
     let run = store.run_status(direction)?;
     let copy = store.copy_run()?;
     let sample = store.lag_history(direction, 1)?.pop();
@@ -397,7 +443,7 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
         since: run.as_ref().map(|r| timestamp(r.at)),
         paused: false,
         direction: direction.to_string(),
-        primary: "source".to_owned(),
+        primary: switch.primary.name().to_owned(),
         slot: copy
             .as_ref()
             .map(|c| c.slot.clone())
@@ -439,6 +485,7 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
                 checked_at: Some(timestamp(d.checked_at)),
             })
             .collect(),
+        switch: crate::live::SwitchView::of(&switch).map(SummarySwitch::of),
     })
 }
 
@@ -656,6 +703,27 @@ impl Summary {
                     d.compared_at.as_deref().unwrap_or("-"),
                     d.checked_at.as_deref().unwrap_or("-")
                 );
+            }
+        }
+        if let Some(switch) = &self.switch {
+            let _ = writeln!(
+                out,
+                "\n{} {}{}{}",
+                switch.kind,
+                switch.state.replace('_', " "),
+                switch
+                    .window_seconds
+                    .as_ref()
+                    .map(|w| format!(", write-unavailability window {w} s"))
+                    .unwrap_or_default(),
+                if switch.neither_writable {
+                    ": NEITHER SERVER TAKES WRITES (fenced, new primary not open): run the same command again to finish, or `cutover run` to undo"
+                } else {
+                    ""
+                }
+            );
+            for line in &switch.journal {
+                let _ = writeln!(out, "{line}");
             }
         }
         if !self.refused_changes.is_empty() {

@@ -61,7 +61,7 @@ async fn setup(dir: &Path) -> (Pair, PathBuf, PathBuf) {
     let config = pair.config(
         dir,
         &format!(
-            "[switch]\nrepoint_command = \"echo $CUTOVER_NEW_PRIMARY_PORT > {}\"\n",
+            "allow_no_password = true\n[switch]\nrepoint_command = \"echo $CUTOVER_NEW_PRIMARY_PORT > {}\"\n",
             pointer.display()
         ),
     );
@@ -339,6 +339,25 @@ async fn no_change_loops_each_write_appears_once_on_the_other_side() {
         "{body}"
     );
     assert!(metric(&body, "cutover_switch_window_seconds").unwrap() > 0.0);
+    let (_, health) = get(&http, "/health");
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["primary"], "target", "{health}");
+    assert_eq!(health["direction"], "reverse", "{health}");
+    assert_eq!(health["switch"]["state"], "done", "{health}");
+    // `cutover status` asks the daemon, which shows the journal.
+    let status = cutover(&config, &["status"]).await;
+    for expected in [
+        "direction     reverse (writes go to the target)",
+        "switch 1 done, write-unavailability window",
+        "fence",
+        "sequences",
+    ] {
+        assert!(
+            status.stdout.contains(expected),
+            "{expected}:\n{}",
+            status.all_output()
+        );
+    }
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
     nothing_lost(&pair, &record).await;
 }
