@@ -533,6 +533,12 @@ impl Summary {
     /// The summary as a person reads it.
     pub fn to_human(&self) -> String {
         let mut out = String::new();
+        // The server the stream reads: the target once switched.
+        let read = if self.direction == "reverse" {
+            "target"
+        } else {
+            "source"
+        };
         let mut state = self.state.clone();
         if self.paused && state != "paused" {
             state.push_str(" (paused)");
@@ -577,7 +583,7 @@ impl Summary {
                     parts.push(format!("{s:.1} s"));
                 }
                 if let Some(b) = bytes {
-                    parts.push(format!("{} behind the source", human_bytes(*b)));
+                    parts.push(format!("{} behind the {read}", human_bytes(*b)));
                 }
                 let mut text = parts.join(", ");
                 if let Some(at) = &self.lag.sampled_at {
@@ -606,7 +612,7 @@ impl Summary {
                 .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  slot holds    {} of WAL on the source (wal_status {}{safe})",
+                "  slot holds    {} of WAL on the {read} (wal_status {}{safe})",
                 human_bytes(retained),
                 self.lag.wal_status.as_deref().unwrap_or("unknown")
             );
