@@ -1,8 +1,9 @@
 //! What `cutover cleanup` removes from a server: every object cutover
 //! made there (replication slots, publications, replication origins, the
 //! DDL event triggers, the fence and partition TRUNCATE triggers, and the
-//! `cutover` schema with its functions and events table), and nothing
-//! else. Every removal is `IF EXISTS`, so a second run does nothing.
+//! `cutover` schema with its functions and tables), and nothing else: the
+//! schema goes only when nothing else is in it. Every removal is
+//! `IF EXISTS`, so a second run does nothing.
 
 use tokio_postgres::Client;
 
@@ -53,8 +54,8 @@ pub async fn remove(client: &Client, names: &Names) -> Result<Removed, CleanupEr
     // Slots first: a slot a process streams from is in use, and says so.
     let slots = client
         .query(
-            "SELECT slot_name::text, active FROM pg_replication_slots
-              WHERE slot_name = ANY($1) OR slot_name LIKE 'cutover\\_verify\\_%'",
+            // A verify's slots are temporary: they go with their session.
+            "SELECT slot_name::text, active FROM pg_replication_slots WHERE slot_name = ANY($1)",
             &[&names.slots],
         )
         .await
@@ -62,9 +63,6 @@ pub async fn remove(client: &Client, names: &Names) -> Result<Removed, CleanupEr
     for row in &slots {
         let (name, active): (String, bool) = (row.get(0), row.get(1));
         if active {
-            if name.starts_with("cutover_verify_") {
-                continue;
-            }
             return Err(CleanupError {
                 what: format!("dropping slot {name}"),
                 detail: "a process streams from it: stop `cutover run` (and any verify) first"
@@ -157,18 +155,54 @@ pub async fn remove(client: &Client, names: &Names) -> Result<Removed, CleanupEr
         .map_err(error("reading schemas"))?
         .is_some();
     if schema {
-        // Only cutover's functions and events table are in it: the
-        // triggers that used the functions are gone.
+        // cutover's own objects by name, then the schema only if nothing
+        // else is in it: an object someone else put there (or a view on
+        // the events table) is left, and said so.
+        let mut script = format!(
+            "DROP TABLE IF EXISTS {schema}.{events}, {schema}.partitions;",
+            schema = quote_ident(crate::events::SCHEMA),
+            events = quote_ident(crate::events::TABLE),
+        );
+        for function in [
+            crate::fence::TRIGGER,
+            crate::partition::TRIGGER,
+            "cutover_ddl",
+            "cutover_ddl_drop",
+        ] {
+            script.push_str(&format!(
+                "DROP FUNCTION IF EXISTS {}.{}();",
+                quote_ident(crate::events::SCHEMA),
+                quote_ident(function)
+            ));
+        }
+        script.push_str(&format!(
+            "DROP FUNCTION IF EXISTS {}.cutover_register_tree(oid);",
+            quote_ident(crate::events::SCHEMA)
+        ));
         client
+            .batch_execute(&script)
+            .await
+            .map_err(error("dropping cutover's functions and tables"))?;
+        match client
             .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {} CASCADE",
+                "DROP SCHEMA IF EXISTS {}",
                 quote_ident(crate::events::SCHEMA)
             ))
             .await
-            .map_err(error("dropping schema cutover"))?;
-        removed
-            .dropped
-            .push(format!("schema {}", crate::events::SCHEMA));
+        {
+            Ok(()) => removed
+                .dropped
+                .push(format!("schema {}", crate::events::SCHEMA)),
+            Err(err) => {
+                return Err(CleanupError {
+                    what: format!("dropping schema {}", crate::events::SCHEMA),
+                    detail: format!(
+                        "{}: it holds objects cutover did not make; move them, then run cleanup again",
+                        describe(&err)
+                    ),
+                });
+            }
+        }
     }
 
     let origins = client

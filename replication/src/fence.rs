@@ -74,11 +74,17 @@ async fn members(client: &Client, tables: &[TableName]) -> Result<Vec<TableName>
         .query(
             // pg_partition_tree() returns no row for a table that is
             // neither partitioned nor a partition.
+            // Ancestors too: a write to a parent out of scope routed into
+            // a partition in scope fires only the parent's statement
+            // triggers.
             "SELECT DISTINCT n.nspname::text, c.relname::text
                FROM (SELECT t.name::regclass AS relid FROM unnest($1::text[]) AS t(name)
                      UNION
                      SELECT p.relid FROM unnest($1::text[]) AS t(name)
-                     CROSS JOIN LATERAL pg_partition_tree(t.name::regclass) AS p) AS m
+                     CROSS JOIN LATERAL pg_partition_tree(t.name::regclass) AS p
+                     UNION
+                     SELECT a FROM unnest($1::text[]) AS t(name)
+                     CROSS JOIN LATERAL pg_partition_ancestors(t.name::regclass) AS a) AS m
                JOIN pg_class c ON c.oid = m.relid
                JOIN pg_namespace n ON n.oid = c.relnamespace
               ORDER BY 1, 2",
@@ -124,16 +130,26 @@ pub async fn install(
         "creating the fence's function (needs CREATE on the database for the cutover schema)",
     ))?;
     let members = members(client, tables).await?;
+    // Only where it is missing: after a crash some tables have it, and
+    // dropping it again would wait for their readers too.
+    let already = fenced_tables(client).await?;
+    let missing: Vec<&TableName> = members.iter().filter(|t| !already.contains(t)).collect();
+    let mut fenced = Fenced {
+        tables: members.len(),
+        ..Fenced::default()
+    };
+    if missing.is_empty() {
+        return Ok(fenced);
+    }
     let mut script = format!(
         "BEGIN; SET LOCAL lock_timeout = {};",
         quote_literal(LOCK_TIMEOUT)
     );
-    for table in &members {
-        let table = table.quoted();
+    for table in &missing {
         script.push_str(&format!(
-            "\nDROP TRIGGER IF EXISTS {trigger} ON {table};
-CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
+            "\nCREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
   FOR EACH STATEMENT EXECUTE FUNCTION {schema}.{trigger}({primary});",
+            table = table.quoted(),
             trigger = quote_ident(TRIGGER),
             schema = quote_ident(SCHEMA),
             primary = quote_literal(primary),
@@ -141,10 +157,6 @@ CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table
     }
     script.push_str("\nCOMMIT;");
     let started = tokio::time::Instant::now();
-    let mut fenced = Fenced {
-        tables: members.len(),
-        ..Fenced::default()
-    };
     loop {
         fenced.tries += 1;
         match client.batch_execute(&script).await {
@@ -156,6 +168,15 @@ CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table
                     .batch_execute("ROLLBACK")
                     .await
                     .map_err(error("ending a fence try"))?;
+                if started.elapsed() >= wait + GIVE_UP_AFTER {
+                    return Err(FenceError {
+                        what: format!("fencing {} tables", missing.len()),
+                        detail: format!(
+                            "their locks were still held {GIVE_UP_AFTER:?} after cutover began ending the sessions that held them{}: nothing was fenced",
+                            prepared(client).await
+                        ),
+                    });
+                }
                 if started.elapsed() >= wait {
                     fenced.ended.extend(end_writers(client, &members).await?);
                 } else {
@@ -169,6 +190,30 @@ CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table
                 )(err));
             }
         }
+    }
+}
+
+/// How long the fence goes on trying once it has begun ending sessions.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
+
+/// Prepared transactions, which hold locks with no session to end.
+async fn prepared(client: &Client) -> String {
+    match client
+        .query_one(
+            "SELECT string_agg(gid, ', ') FROM pg_prepared_xacts WHERE database = current_database()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row
+            .get::<_, Option<String>>(0)
+            .map(|gids| {
+                format!(
+                    " (prepared transactions hold locks: COMMIT PREPARED or ROLLBACK PREPARED {gids})"
+                )
+            })
+            .unwrap_or_default(),
+        Err(_) => String::new(),
     }
 }
 

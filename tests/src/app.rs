@@ -2,8 +2,9 @@
 //! file names (the switch's `repoint_command` rewrites it), reconnects
 //! when it changes, and keeps a record of every transaction that
 //! committed, so that a test can check none is missing on either server.
-//! A write refused by the fence (SQLSTATE 25006) or cut by a closed
-//! connection is counted as failed and tried again with the next number;
+//! A write refused by the fence (SQLSTATE 25006, or 42501 for a fence by
+//! REVOKE) or cut by a closed connection is counted as failed and tried
+//! again with the next number;
 //! any other error is kept, for the test to fail on.
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,17 @@ impl App {
     /// Starts writing `statement(n)` (n = 1, 2, ...) to database `app` as
     /// `user` on the port `pointer` names.
     pub fn start(pointer: PathBuf, user: &str, statement: fn(u64) -> String) -> App {
+        App::start_paced(pointer, user, statement, None)
+    }
+
+    /// [`App::start`] at `rate` transactions per second at most (as
+    /// `pgbench -R`, without its random arrival times).
+    pub fn start_paced(
+        pointer: PathBuf,
+        user: &str,
+        statement: fn(u64) -> String,
+        rate: Option<u32>,
+    ) -> App {
         let record = Arc::new(Mutex::new(Record::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (Arc::clone(&record), Arc::clone(&stop));
@@ -47,7 +59,12 @@ impl App {
         let task = tokio::spawn(async move {
             let mut n = 0;
             let mut current: Option<(u16, tokio_postgres::Client)> = None;
+            let started = tokio::time::Instant::now();
             while !s.load(Ordering::Relaxed) {
+                if let Some(rate) = rate {
+                    let due = started + Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
+                    tokio::time::sleep_until(due).await;
+                }
                 let Some(port) = read_port(&pointer) else {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
@@ -82,6 +99,9 @@ impl App {
                             == Some(
                                 &tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION,
                             )
+                            // A fence by REVOKE, as a script by hand makes.
+                            || e.code()
+                                == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
                             || e.is_closed()
                             || e.code()
                                 == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN) =>

@@ -223,6 +223,12 @@ impl Journal {
         Step::ALL.into_iter().find(|s| !self.done(*s))
     }
 
+    /// The preflight runs again (a journal resumed before its fence: the
+    /// lag built up since is caught up before the fence).
+    pub fn restart_preflight(&mut self) {
+        self.steps.retain(|r| r.step != Step::Preflight);
+    }
+
     /// `step` starts (again, after a crash).
     pub fn begin(&mut self, step: Step, now_ms: u64) {
         match self.steps.iter_mut().find(|r| r.step == step) {
@@ -254,6 +260,13 @@ impl Journal {
     /// the other command, not an undo.
     pub fn opened(&self) -> bool {
         self.done(Step::Open)
+    }
+
+    /// Whether the open began: from then on the new primary may have
+    /// dropped its fence and the application may point at it, so the
+    /// journal is only ever finished, never undone.
+    pub fn committed(&self) -> bool {
+        self.begun(Step::Open)
     }
 
     /// The write-unavailability window: from the fence's start to the new

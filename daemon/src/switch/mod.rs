@@ -257,19 +257,23 @@ pub async fn run(config: &Config, kind: Kind, options: Options) -> Result<Summar
     };
     let mut state = store.switch_state()?;
     let mut journal = match state.in_progress().cloned() {
-        Some(journal) if journal.kind == kind => {
+        Some(mut journal) if journal.kind == kind => {
             tracing::warn!(kind = kind.name(), id = journal.id, next = ?journal.next(), "resuming the {} interrupted at this step", kind.name());
+            // Not fenced yet: the lag built up meanwhile is caught up (and
+            // checked) again before the fence, not inside the window.
+            if !journal.begun(Step::Fence) {
+                journal.restart_preflight();
+            }
             journal
         }
         // The other way while one is under way: undo it if it can be.
-        Some(journal) if !journal.opened() => {
-            let mut ctx = steps::Ctx::new(config, &store, journal.kind).await?;
+        Some(journal) if !journal.committed() => {
             let reason = format!(
                 "`cutover {}` asked while the {} had not opened its new primary",
                 kind.name(),
                 journal.kind.name()
             );
-            let undone = ctx.undo(&mut state, journal, reason).await?;
+            let undone = steps::undo(config, &store, &mut state, journal, reason).await?;
             return Ok(summary(&state, &undone, false));
         }
         Some(journal) => return Err(SwitchError::OtherUnderWay(journal.kind.name())),
@@ -315,10 +319,10 @@ pub async fn run(config: &Config, kind: Kind, options: Options) -> Result<Summar
                 store.put_switch_state(&state).await?;
                 tracing::info!(step = step.name(), elapsed = ?started.elapsed(), "{} step done", kind.name());
             }
-            Err(err) if !journal.opened() => {
+            Err(err) if !journal.committed() => {
                 tracing::error!(step = step.name(), error = %err, "the {} failed: undoing it", kind.name());
                 let reason = format!("{} failed: {err}", step.name());
-                match ctx.undo(&mut state, journal, reason).await {
+                match steps::undo(config, &store, &mut state, journal, reason).await {
                     Ok(_) => return Err(err),
                     Err(undo) => {
                         return Err(SwitchError::Refused(format!(
@@ -360,8 +364,8 @@ pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchE
     }
     if let Some(journal) = state.in_progress().cloned() {
         let kind = journal.kind;
-        let mut ctx = steps::Ctx::new(config, store, kind).await?;
-        if journal.opened() {
+        if journal.committed() {
+            let mut ctx = steps::Ctx::new(config, store, kind).await?;
             tracing::warn!(
                 kind = kind.name(),
                 "finishing the {} interrupted after its new primary opened",
@@ -388,7 +392,7 @@ pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchE
                 kind.name()
             );
             let reason = "interrupted; undone by `cutover run`".to_owned();
-            ctx.undo(&mut state, journal, reason).await?;
+            steps::undo(config, store, &mut state, journal, reason).await?;
         }
     }
     Ok(state.direction())

@@ -93,16 +93,42 @@ impl<'a> Ctx<'a> {
     /// patterns, or owned by a table in scope.
     pub(super) async fn sequences(&self) -> Result<Vec<TableName>, SwitchError> {
         let tables = self.old_tables().await?;
-        Ok(catalog::sequences(&self.old)
+        let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+        // Sequences a column default of a table in scope calls
+        // (`DEFAULT nextval('s')` without `OWNED BY`).
+        let defaults: Vec<TableName> = self
+            .old
+            .query(
+                "SELECT DISTINCT n.nspname::text, c.relname::text
+                   FROM pg_attrdef ad
+                   JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                   JOIN pg_class c ON c.oid = d.refobjid AND c.relkind = 'S'
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE d.refclassid = 'pg_class'::regclass
+                    AND ad.adrelid = ANY (SELECT t::regclass FROM unnest($1::text[]) AS t)",
+                &[&names],
+            )
+            .await
+            .map_err(query(
+                self.old_name(),
+                "listing the sequences of column defaults",
+            ))?
+            .iter()
+            .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        let mut sequences: Vec<TableName> = catalog::sequences(&self.old)
             .await
             .map_err(query(self.old_name(), "listing sequences"))?
             .into_iter()
             .filter(|s| {
                 self.config.scope.contains(&s.name)
                     || s.owned_by.as_ref().is_some_and(|o| tables.contains(o))
+                    || defaults.contains(&s.name)
             })
             .map(|s| s.name)
-            .collect())
+            .collect();
+        sequences.dedup();
+        Ok(sequences)
     }
 
     /// The old direction streamed up to `until` on the old primary.
@@ -118,7 +144,9 @@ impl<'a> Ctx<'a> {
     pub(super) async fn old_position(&self) -> Result<Lsn, SwitchError> {
         let text: String = self
             .old
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            // The insert position: a commit made with synchronous_commit
+            // off may not be written yet, and it is before this.
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
             .map_err(query(self.old_name(), "reading the WAL position"))?
             .get(0);
@@ -139,7 +167,7 @@ impl<'a> Ctx<'a> {
     ) -> Result<String, SwitchError> {
         match step {
             Step::Preflight => self.preflight(options).await,
-            Step::PrepareReturn => self.prepare_return(journal).await,
+            Step::PrepareReturn => self.prepare_return(state, journal).await,
             Step::Fence => self.fence(journal).await,
             Step::Drain => self.drain_to_fence(state, journal).await,
             Step::Sequences => self.carry_sequences().await,
@@ -148,7 +176,11 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    async fn prepare_return(&self, journal: &mut Journal) -> Result<String, SwitchError> {
+    async fn prepare_return(
+        &self,
+        state: &mut SwitchState,
+        journal: &mut Journal,
+    ) -> Result<String, SwitchError> {
         let tables = copy::tables_in_scope(&self.new, &self.new_config)
             .await
             .map_err(|e| SwitchError::Query {
@@ -174,17 +206,35 @@ impl<'a> Ctx<'a> {
         let existing = slot::slot_state(&self.new, &name)
             .await
             .map_err(query(self.new_name(), "reading replication slots"))?;
-        // Made by this journal before a crash: kept as made.
+        // Made by this journal before a crash (the intent below was
+        // recorded first): kept as made, and dropped by an undo.
         let made_here = journal.stream.as_ref().is_some_and(|s| s.created);
         let (start, created) = match existing {
-            Some(existing) => (
-                existing
-                    .confirmed_flush
-                    .or(journal.stream.as_ref().map(|s| s.start))
-                    .unwrap_or(Lsn::ZERO),
-                made_here,
-            ),
+            Some(existing) => {
+                let usable = existing.plugin.as_deref() == Some("pgoutput")
+                    && !existing.temporary
+                    && existing.wal_status.as_deref() != Some("lost");
+                let start = existing.confirmed_flush.filter(|_| usable).ok_or_else(|| {
+                    SwitchError::Refused(format!(
+                        "the {} has a slot {name} that the way back cannot stream from (plugin {:?}, wal_status {:?}): drop it (SELECT pg_drop_replication_slot('{name}');) and run the command again",
+                        self.new_name(),
+                        existing.plugin,
+                        existing.wal_status
+                    ))
+                })?;
+                (start, made_here)
+            }
             None => {
+                // The intent first: a crash after the slot is made leaves
+                // the journal knowing it is this journal's to drop.
+                journal.stream = Some(StreamStart {
+                    slot: name.clone(),
+                    start: Lsn::ZERO,
+                    publications: publications.clone(),
+                    created: true,
+                });
+                state.journal = Some(journal.clone());
+                self.store.put_switch_state(state).await?;
                 let mut session = Session::connect(&self.new_config.source.conninfo).await?;
                 let created = session
                     .create_slot(&name, false, SnapshotAction::Nothing)
@@ -326,20 +376,18 @@ impl<'a> Ctx<'a> {
             "`cutover run` streams {} from {} (slot {})",
             self.new_direction, start.start, start.slot
         );
+        // The old direction's slot (the copy's, or the one the last switch
+        // made): everything it held is applied, and the old primary takes
+        // no write but cutover's from now on.
+        let old_slot = match state.stream(self.old_direction) {
+            Some(stream) => stream.slot.clone(),
+            None => self
+                .store
+                .copy_run()?
+                .map_or_else(|| self.old_config.slot.clone(), |run| run.slot),
+        };
+        let dropped = self.drop_slot_when_free(&old_slot).await?;
         state.set_stream(self.new_direction, Some(start));
-        // The old direction's slot: everything it held is applied, and the
-        // old primary takes no write but cutover's from now on.
-        let old_slot = self.old_config.slot.clone();
-        let dropped = self
-            .old
-            .query_opt(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                  WHERE slot_name = $1 AND NOT active",
-                &[&old_slot],
-            )
-            .await
-            .map_err(query(self.old_name(), format!("dropping slot {old_slot}")))?
-            .is_some();
         state.set_stream(self.old_direction, None);
         Ok(if dropped {
             format!(
@@ -351,44 +399,41 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    /// Undoes a journal whose new primary did not open: the fence comes
-    /// down, `unfence_command` runs, a slot this journal made is dropped.
-    pub(super) async fn undo(
-        &mut self,
-        state: &mut SwitchState,
-        mut journal: Journal,
-        reason: String,
-    ) -> Result<Journal, SwitchError> {
-        if journal.begun(Step::Fence) {
-            let removed = fence::remove(&self.old).await?;
-            tracing::warn!(
-                removed,
-                "the {}'s fence is down: it takes writes again",
-                self.old_name()
-            );
-            if let Some(command) = &self.config.switch.unfence_command {
-                hooks::run("unfence_command", command, &self.facts("undo", &journal)).await?;
-            }
-        }
-        if let Some(stream) = &journal.stream
-            && stream.created
-        {
-            self.new
-                .execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-                      WHERE slot_name = $1 AND NOT active",
-                    &[&stream.slot],
+    /// Drops `slot` on the old primary once nothing streams from it (the
+    /// drain's walsender may still be exiting); returns whether it
+    /// existed.
+    async fn drop_slot_when_free(&self, slot: &str) -> Result<bool, SwitchError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let active: Option<bool> = self
+                .old
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
                 )
                 .await
-                .map_err(query(
-                    self.new_name(),
-                    format!("dropping slot {}", stream.slot),
-                ))?;
+                .map_err(query(self.old_name(), "reading replication slots"))?
+                .map(|r| r.get(0));
+            match active {
+                None => return Ok(false),
+                Some(false) => {
+                    self.old
+                        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                        .await
+                        .map_err(query(self.old_name(), format!("dropping slot {slot}")))?;
+                    return Ok(true);
+                }
+                Some(true) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Some(true) => {
+                    return Err(SwitchError::Refused(format!(
+                        "slot {slot} on the {} is still streamed from: stop what reads it (see pg_replication_slots.active_pid) and run the command again to finish",
+                        self.old_name()
+                    )));
+                }
+            }
         }
-        journal.outcome = Outcome::Undone { reason };
-        state.journal = Some(journal.clone());
-        self.store.put_switch_state(state).await?;
-        Ok(journal)
     }
 
     /// What each step would do, after the checks (`--dry-run`).
@@ -462,4 +507,61 @@ impl<'a> Ctx<'a> {
             .map_err(query(self.old_name(), "reading the slot's lag"))?;
         Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).unwrap_or(0))
     }
+}
+
+/// Undoes a journal whose new primary did not open: the old primary's
+/// fence comes down and `unfence_command` runs (with the old primary
+/// alone reachable), and a slot this journal made on the new primary is
+/// dropped (left with a warning when the new primary is unreachable).
+pub(super) async fn undo(
+    config: &Config,
+    store: &Store,
+    state: &mut SwitchState,
+    mut journal: Journal,
+    reason: String,
+) -> Result<Journal, SwitchError> {
+    let kind = journal.kind;
+    let old_config = config.for_direction(kind.from().streams());
+    if journal.begun(Step::Fence) {
+        let old = connect(config, kind.from()).await?;
+        let removed = fence::remove(&old).await?;
+        tracing::warn!(
+            removed,
+            "the {}'s fence is down: it takes writes again",
+            kind.from().name()
+        );
+        if let Some(command) = &config.switch.unfence_command {
+            let facts = Facts {
+                kind,
+                step: "undo",
+                new_primary: &old_config.target.conninfo,
+                old_primary: &old_config.source.conninfo,
+                fence_lsn: journal.fence_lsn.map(|l| l.to_string()),
+            };
+            hooks::run("unfence_command", command, &facts).await?;
+        }
+    }
+    if let Some(stream) = journal.stream.as_ref().filter(|s| s.created) {
+        let dropped = async {
+            let new = connect(config, kind.to()).await?;
+            new.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                  WHERE slot_name = $1 AND NOT active",
+                &[&stream.slot],
+            )
+            .await
+            .map_err(query(
+                kind.to().name(),
+                format!("dropping slot {}", stream.slot),
+            ))
+        }
+        .await;
+        if let Err(err) = dropped {
+            tracing::warn!(error = %err, slot = %stream.slot, "the slot made for the way back was left on the {}: drop it there (it holds WAL)", kind.to().name());
+        }
+    }
+    journal.outcome = Outcome::Undone { reason };
+    state.journal = Some(journal.clone());
+    store.put_switch_state(state).await?;
+    Ok(journal)
 }

@@ -155,7 +155,7 @@ impl Bench {
         let mut daemon = Daemon::start(config, &["run"]);
         let deadline = Instant::now() + PATIENCE;
         loop {
-            if daemon.log().contains("to=\"streaming\"") {
+            if daemon.log_of_this_start().contains("to=\"streaming\"") {
                 return daemon;
             }
             assert!(

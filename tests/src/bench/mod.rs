@@ -10,4 +10,5 @@ pub mod context;
 pub mod dataset;
 pub mod report;
 pub mod scenarios;
+pub mod switch;
 pub mod verify;

@@ -24,6 +24,7 @@ enum Scenario {
     Lag,
     Memory,
     Verify,
+    Switch,
 }
 
 #[derive(Debug, Parser)]
@@ -53,6 +54,9 @@ struct Args {
     /// Duration of the lag scenario, seconds.
     #[arg(long, default_value_t = 60)]
     lag_seconds: u32,
+    /// Switch and rollback pairs of the switch scenario.
+    #[arg(long, default_value_t = 10)]
+    pairs: usize,
     /// Size of the single transaction of the memory scenario, MiB.
     #[arg(long, default_value_t = 1024)]
     bulk_mb: i64,
@@ -179,6 +183,10 @@ async fn run(args: Args) {
         }
         if wants(Scenario::Verify) {
             cutover_tests::bench::verify::verify(&bench, &mut report, round).await;
+        }
+        if wants(Scenario::Switch) {
+            cutover_tests::bench::switch::switch(&bench, &mut report, args.pairs, args.rate, round)
+                .await;
         }
     }
     if wants(Scenario::Memory) {
