@@ -41,13 +41,14 @@ impl App {
     /// Starts writing `statement(n)` (n = 1, 2, ...) to database `app` as
     /// `user` on the port `pointer` names.
     pub fn start(pointer: PathBuf, user: &str, statement: fn(u64) -> String) -> App {
-        App::start_paced(pointer, user, statement, None)
+        App::start_paced(pointer, "app", user, statement, None)
     }
 
-    /// [`App::start`] at `rate` transactions per second at most (as
-    /// `pgbench -R`, without its random arrival times).
+    /// [`App::start`] on database `dbname`, at `rate` transactions per
+    /// second at most (as `pgbench -R`, without its random arrival times).
     pub fn start_paced(
         pointer: PathBuf,
+        dbname: &str,
         user: &str,
         statement: fn(u64) -> String,
         rate: Option<u32>,
@@ -56,6 +57,7 @@ impl App {
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (Arc::clone(&record), Arc::clone(&stop));
         let user = user.to_owned();
+        let dbname = dbname.to_owned();
         let task = tokio::spawn(async move {
             let mut n = 0;
             let mut current: Option<(u16, tokio_postgres::Client)> = None;
@@ -74,7 +76,7 @@ impl App {
                     .is_none_or(|(p, c)| *p != port || c.is_closed())
                 {
                     let conninfo = format!(
-                        "host=127.0.0.1 port={port} dbname=app user={user} connect_timeout=5"
+                        "host=127.0.0.1 port={port} dbname={dbname} user={user} connect_timeout=5"
                     );
                     match tokio_postgres::connect(&conninfo, NoTls).await {
                         Ok((client, connection)) => {

@@ -43,6 +43,12 @@ pub(super) async fn read_stream(
     let mut feedback = tokio::time::interval(FEEDBACK_EVERY);
     feedback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acknowledged = assembly.forwarded();
+    // While waiting for a position (a switch's drain, a verify's hold), a
+    // quiet source is asked how far it has read every PROBE_EVERY: its
+    // own keepalive comes only every wal_sender_timeout / 2, and each
+    // millisecond here is one of the switch's write-unavailability window.
+    let mut probe = tokio::time::interval(PROBE_EVERY);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The last hold position the applier was told the reader passed.
     let mut marked: Option<Lsn> = None;
     loop {
@@ -65,19 +71,17 @@ pub(super) async fn read_stream(
                     stream.set_flushed(lsn);
                     continue;
                 }
+                _ = probe.tick(), if (until.is_some() || queue.status.hold.target().is_some())
+                    && !decoder.in_transaction() => {
+                    stream.request_reply().await?;
+                    continue;
+                }
                 _ = feedback.tick() => {
                     let lsn = *durable.borrow();
                     if lsn > acknowledged {
                         stream.set_flushed(lsn);
                         stream.send_status().await?;
                         acknowledged = lsn;
-                    }
-                    let waiting = until.is_some() || queue.status.hold.target().is_some();
-                    if waiting && !decoder.in_transaction() {
-                        // Waiting for a position on a quiet source: ask
-                        // how far it has read rather than wait for its
-                        // keepalive (every wal_sender_timeout / 2).
-                        stream.request_reply().await?;
                     }
                     continue;
                 }
@@ -181,3 +185,7 @@ fn beyond(event: &Event, until: Lsn) -> bool {
 
 /// How often the durable position is acknowledged to the source.
 pub(super) const FEEDBACK_EVERY: Duration = Duration::from_millis(200);
+
+/// How often a quiet source is asked how far it has read while the reader
+/// waits for a position.
+pub(super) const PROBE_EVERY: Duration = Duration::from_millis(5);

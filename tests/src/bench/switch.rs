@@ -148,8 +148,15 @@ fn cutover_command(config: &Path, args: &[&str]) -> serde_json::Value {
         .arg(config)
         .args(args)
         .args(["--format", "json"])
+        .env(
+            "RUST_LOG",
+            std::env::var("CUTOVER_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .output()
         .expect("run cutover");
+    if std::env::var("CUTOVER_BENCH_LOG").is_ok() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
     assert!(
         out.status.success(),
         "cutover {args:?}: {}",
@@ -170,7 +177,7 @@ async fn cutover(b: &Bench, pairs: usize, rate: u32) -> Run {
     std::fs::write(&config, text).expect("write the config");
     let mut daemon = b.start_cutover(&config).await;
     assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
-    let app = App::start_paced(pointer.clone(), "bench_app", write, Some(rate));
+    let app = App::start_paced(pointer.clone(), DB, "bench_app", write, Some(rate));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut windows = Vec::new();
     let config_path = config.clone();
@@ -194,6 +201,11 @@ async fn cutover(b: &Bench, pairs: usize, rate: u32) -> Run {
                 .await
                 .expect("the switch");
             windows.push(journal["window_seconds"].as_f64().unwrap_or(f64::NAN));
+            if windows.len() <= 2 {
+                for line in journal["lines"].as_array().into_iter().flatten() {
+                    println!("    {command}: {}", line.as_str().unwrap_or_default());
+                }
+            }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -314,7 +326,7 @@ async fn native(b: &Bench, pairs: usize, rate: u32) -> Run {
     ))
     .await;
     b.wait_subscription_ready("switch_fwd", TABLES.len()).await;
-    let app = App::start_paced(pointer.clone(), "bench_app", write, Some(rate));
+    let app = App::start_paced(pointer.clone(), DB, "bench_app", write, Some(rate));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut windows = Vec::new();
     let mut canary = 0;
@@ -333,10 +345,11 @@ async fn native(b: &Bench, pairs: usize, rate: u32) -> Run {
     ))
     .await;
     let missing = missing(b, &record.committed).await;
-    b.on_target("DROP SUBSCRIPTION IF EXISTS switch_fwd; DROP PUBLICATION IF EXISTS switch_rev;")
-        .await;
-    b.on_source("DROP SUBSCRIPTION IF EXISTS switch_rev; DROP PUBLICATION IF EXISTS switch_fwd;")
-        .await;
+    // One statement each: DROP SUBSCRIPTION runs outside a transaction.
+    b.on_target("DROP SUBSCRIPTION IF EXISTS switch_fwd").await;
+    b.on_target("DROP PUBLICATION IF EXISTS switch_rev").await;
+    b.on_source("DROP SUBSCRIPTION IF EXISTS switch_rev").await;
+    b.on_source("DROP PUBLICATION IF EXISTS switch_fwd").await;
     Run {
         windows,
         failed: record.failed,

@@ -96,10 +96,22 @@ impl PostgresSink {
 
     /// Waits until every committed batch is flushed on the target (the WAL
     /// writer flushes asynchronous commits within `wal_writer_delay`).
+    ///
+    /// Whoever waits (a stopping daemon, a verify's hold, a switch's drain,
+    /// inside its write-unavailability window) waits for this: when the
+    /// flush is not there at the first look, the target is made to flush
+    /// at once rather than after the WAL writer's next rounds (400 ms
+    /// measured with the default `wal_writer_delay`).
     pub(super) async fn wait_durable(&mut self) -> Result<Lsn, ApplyError> {
+        let mut forced = false;
         while self.flush_pending() {
             self.refresh_durable().await?;
             if self.flush_pending() {
+                if !forced {
+                    self.force_flush().await?;
+                    forced = true;
+                    continue;
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
