@@ -589,3 +589,66 @@ async fn accept_then_cleanup_leaves_nothing_of_cutover_on_either_server() {
         run.all_output()
     );
 }
+
+#[tokio::test]
+async fn a_switch_that_fails_before_the_open_is_undone_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, pointer) = setup(dir.path()).await;
+    // The operator's fence command fails (a PgBouncer that did not pause).
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap()
+            + "fence_command = \"echo pause refused >&2; exit 3\"\n",
+    )
+    .unwrap();
+    ready(&pair, &config).await;
+    let failed = cutover(&config, &["switch"]).await;
+    let out = failed.all_output();
+    assert_eq!(failed.code, 1, "{out}");
+    assert!(out.contains("switch.fence_command: exited with"), "{out}");
+    assert!(out.contains("pause refused"), "{out}");
+    // Undone: the source takes writes again, the target was never opened,
+    // and the slot made for the way back is gone.
+    assert_eq!(fences(&pair.source).await, 0, "{out}");
+    pair.source
+        .execute("app", "INSERT INTO ledger (n) VALUES (7)")
+        .await;
+    assert_eq!(
+        std::fs::read_to_string(&pointer).unwrap().trim(),
+        pair.source.port().to_string()
+    );
+    let slots: i64 = pair
+        .target
+        .query_value("app", "SELECT count(*) FROM pg_replication_slots")
+        .await;
+    assert_eq!(slots, 0, "the way back's slot was dropped");
+    let status = cutover(&config, &["status"]).await;
+    assert!(
+        status.stdout.contains("switch 1 undone"),
+        "{}",
+        status.all_output()
+    );
+    // The forward stream goes on from where it was.
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["ledger"], WAIT).await;
+    // And a verify refuses once the target is primary, with the reason.
+    let config_text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        config_text.replace("fence_command = \"echo pause refused >&2; exit 3\"\n", ""),
+    )
+    .unwrap();
+    let verified = cutover(&config, &["verify"]).await;
+    assert_eq!(verified.code, 0, "{}", verified.all_output());
+    let switched = cutover(&config, &["switch"]).await;
+    assert_eq!(switched.code, 0, "{}", switched.all_output());
+    let refused = cutover(&config, &["verify"]).await;
+    assert_eq!(refused.code, 1, "{}", refused.all_output());
+    assert!(
+        refused
+            .stderr
+            .contains("the target is the primary since the switch"),
+        "{}",
+        refused.all_output()
+    );
+}
