@@ -43,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW SWITCH, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW SWITCH, SWITCH [DRY RUN | VERIFY], ROLLBACK [DRY RUN], PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +61,8 @@ enum Command {
     ShowHold,
     Divergence,
     Switch,
+    /// `SWITCH`, `ROLLBACK`: the daemon moves the writes.
+    Move(crate::switch::journal::Kind, crate::switch::Options),
 }
 
 /// Parses one command (no semicolons), case-insensitively.
@@ -82,6 +84,36 @@ fn parse(text: &str) -> Result<Command, String> {
         ["SHOW", "HOLD"] => Ok(Command::ShowHold),
         ["SHOW", "DIVERGENCE"] => Ok(Command::Divergence),
         ["SHOW", "SWITCH"] => Ok(Command::Switch),
+        ["SWITCH", rest @ ..] | ["ROLLBACK", rest @ ..] => {
+            let kind = if words[0] == "SWITCH" {
+                crate::switch::journal::Kind::Switch
+            } else {
+                crate::switch::journal::Kind::Rollback
+            };
+            let mut options = crate::switch::Options::default();
+            match rest {
+                [] => {}
+                ["DRY", "RUN"] => options.dry_run = true,
+                ["VERIFY"] if kind == crate::switch::journal::Kind::Switch => options.verify = true,
+                ["DRY", "RUN", "VERIFY"] if kind == crate::switch::journal::Kind::Switch => {
+                    options.dry_run = true;
+                    options.verify = true;
+                }
+                _ => {
+                    return Err(format!(
+                        "{} takes DRY RUN{}, not {:?}",
+                        words[0],
+                        if kind == crate::switch::journal::Kind::Switch {
+                            " and VERIFY"
+                        } else {
+                            ""
+                        },
+                        rest.join(" ")
+                    ));
+                }
+            }
+            Ok(Command::Move(kind, options))
+        }
         ["HOLD"] => Ok(Command::Hold(None)),
         ["HOLD", "AT", lsn] => lsn
             .trim_matches('\'')
@@ -232,6 +264,23 @@ impl SimpleQueryHandler for Queries {
                     break;
                 }
             };
+            if let Command::Move(kind, options) = command {
+                tracing::info!(%peer, kind = kind.name(), ?options, "console: the daemon is asked to move the writes");
+                match self.status.desk.ask(kind, options).await {
+                    Ok(summary) => {
+                        let mut table = Table::new(&[("summary", Type::JSON)]);
+                        table.push(vec![Cell::Text(Some(
+                            serde_json::to_string(&summary).unwrap_or_default(),
+                        ))]);
+                        responses.push(table.response());
+                        continue;
+                    }
+                    Err(message) => {
+                        responses.push(error("XX000", message));
+                        break;
+                    }
+                }
+            }
             match self.answer(command, &peer.to_string()) {
                 Ok(response) => responses.push(response),
                 Err(message) => {
@@ -297,6 +346,7 @@ impl Queries {
                     .release(if force { None } else { Some(peer) });
                 Ok(Response::Execution(Tag::new("RELEASE")))
             }
+            Command::Move(..) => Err("answered by the run loop".into()),
             Command::Divergence => {
                 let mut table = Table::new(&[
                     ("table", Type::TEXT),

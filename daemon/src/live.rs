@@ -246,9 +246,13 @@ pub struct Status {
     pause: watch::Sender<bool>,
     /// A verify's hold on the applier ([`crate::hold`]).
     pub hold: HoldSwitch,
-    slot: String,
-    direction: Direction,
+    /// The slot streamed and the direction: a switch made through the
+    /// console turns the daemon around without a restart.
+    stream: Mutex<(String, Direction)>,
     started_at: u64,
+    /// Switches and rollbacks asked through the console, for the run loop
+    /// ([`crate::switch::desk`]).
+    pub desk: crate::switch::desk::Desk,
 }
 
 impl Status {
@@ -271,9 +275,9 @@ impl Status {
             metrics: Metrics::new(),
             pause: watch::channel(false).0,
             hold: HoldSwitch::default(),
-            slot: slot.to_owned(),
-            direction,
+            stream: Mutex::new((slot.to_owned(), direction)),
             started_at: now_secs(),
+            desk: crate::switch::desk::Desk::default(),
         };
         status.set_state(DaemonState::Starting);
         status
@@ -281,7 +285,25 @@ impl Status {
 
     /// The direction this daemon streams.
     pub fn direction(&self) -> Direction {
-        self.direction
+        self.stream_lock().1
+    }
+
+    /// The slot this daemon streams from.
+    pub fn slot(&self) -> String {
+        self.stream_lock().0.clone()
+    }
+
+    /// The daemon streams `direction` from `slot` from now on (after a
+    /// switch or rollback made through the console).
+    pub fn set_stream(&self, slot: &str, direction: Direction) {
+        *self.stream_lock() = (slot.to_owned(), direction);
+    }
+
+    fn stream_lock(&self) -> std::sync::MutexGuard<'_, (String, Direction)> {
+        // A panic while holding this lock leaves plain data behind.
+        self.stream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -342,12 +364,12 @@ impl Status {
     ) {
         self.metrics
             .applied_transactions
-            .with_label_values(&[self.direction.as_str()])
+            .with_label_values(&[self.direction().as_str()])
             .inc_by(transactions);
         for ((table, op), n) in counts {
             self.metrics
                 .applied_changes
-                .with_label_values(&[self.direction.as_str(), table, op])
+                .with_label_values(&[self.direction().as_str(), table, op])
                 .inc_by(*n);
         }
         let mut inner = self.lock();
@@ -451,18 +473,18 @@ impl Status {
     pub fn set_lag(&self, lag: Lag) {
         self.metrics
             .lag_seconds
-            .with_label_values(&[self.direction.as_str()])
+            .with_label_values(&[self.direction().as_str()])
             .set(lag.seconds);
         if let Some(bytes) = lag.bytes {
             self.metrics
                 .lag_bytes
-                .with_label_values(&[self.direction.as_str()])
+                .with_label_values(&[self.direction().as_str()])
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         if let Some(bytes) = lag.slot_retained_bytes {
             self.metrics
                 .slot_retained_bytes
-                .with_label_values(&[&self.slot])
+                .with_label_values(&[&self.slot()])
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         if let Some(current) = lag.wal_status.as_deref() {
@@ -471,7 +493,7 @@ impl Status {
             for status in crate::metrics::WAL_STATUSES {
                 self.metrics
                     .slot_wal_status
-                    .with_label_values(&[self.slot.as_str(), status])
+                    .with_label_values(&[self.slot().as_str(), status])
                     .set(i64::from(*status == current));
             }
         }
@@ -502,10 +524,10 @@ impl Status {
         lag.seconds = seconds;
         StatusView {
             state: inner.state,
-            direction: self.direction,
+            direction: self.direction(),
             primary: inner.switch.primary.name(),
             switch: SwitchView::of(&inner.switch),
-            slot: self.slot.clone(),
+            slot: self.slot(),
             applied_lsn: inner.applied.map(|l| l.to_string()),
             lag,
             transactions_applied: inner.transactions,

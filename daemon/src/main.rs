@@ -261,27 +261,7 @@ fn main() -> ExitCode {
                     eprintln!("error: {err}");
                     return ExitCode::from(EXIT_FAILURE);
                 }
-                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-                tokio::spawn(async move {
-                    shutdown_signal().await;
-                    tracing::info!("shutdown requested: finishing the batch in flight");
-                    let _ = stop_tx.send(true);
-                });
-                if config.verify.continuous && direction == direction::Direction::Reverse {
-                    tracing::warn!("verify.continuous: the background verifier compares the target to the source, which is not the primary since the switch; it is off while the stream runs in reverse");
-                }
-                let verifier = (config.verify.continuous && direction == direction::Direction::Forward).then(|| {
-                    tokio::spawn(verify::continuous::run(
-                        config.clone(),
-                        store.clone(),
-                        std::sync::Arc::clone(&status),
-                        stop_rx.clone(),
-                    ))
-                });
-                let result = run::run(&config, &store, stop_rx, status).await;
-                if let Some(verifier) = verifier {
-                    verifier.abort();
-                }
+                let result = run_daemon(&config, &store, status).await;
                 serve::stopped(&store);
                 match result {
                     Ok(()) => ExitCode::SUCCESS,
@@ -447,6 +427,95 @@ fn main() -> ExitCode {
     })
 }
 
+/// The daemon's loop: streams away from the primary until SIGTERM; a
+/// switch or rollback asked through the console stops the stream, runs
+/// with the store this process holds, and the loop streams again in the
+/// direction it leaves.
+async fn run_daemon(
+    config: &config::Config,
+    store: &store::Store,
+    status: std::sync::Arc<live::Status>,
+) -> Result<(), run::RunError> {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested: finishing the batch in flight");
+        let _ = stop_tx.send(true);
+    });
+    let mut requests = status.desk.take();
+    loop {
+        let direction = status.direction();
+        // This run's own stop: the daemon's shutdown, or a switch.
+        let (run_stop_tx, run_stop_rx) = tokio::sync::watch::channel(*stop_rx.borrow());
+        if config.verify.continuous && direction == direction::Direction::Reverse {
+            tracing::warn!(
+                "verify.continuous: the background verifier compares the target to the source, which is not the primary since the switch; it is off while the stream runs in reverse"
+            );
+        }
+        let verifier = (config.verify.continuous && direction == direction::Direction::Forward)
+            .then(|| {
+                tokio::spawn(verify::continuous::run(
+                    config.clone(),
+                    store.clone(),
+                    std::sync::Arc::clone(&status),
+                    run_stop_rx.clone(),
+                ))
+            });
+        let run = run::run(config, store, run_stop_rx, std::sync::Arc::clone(&status));
+        tokio::pin!(run);
+        let mut asked = None;
+        let result = loop {
+            tokio::select! {
+                result = &mut run => break result,
+                request = async {
+                    match requests.as_mut() {
+                        Some(inbox) => inbox.recv().await,
+                        None => std::future::pending().await,
+                    }
+                }, if asked.is_none() => {
+                    if let Some(request) = request {
+                        tracing::info!(kind = request.kind.name(), "stopping the stream for a {} asked through the console", request.kind.name());
+                        asked = Some(request);
+                        let _ = run_stop_tx.send(true);
+                    }
+                }
+                _ = stop_rx.changed() => {
+                    let _ = run_stop_tx.send(*stop_rx.borrow());
+                }
+            }
+        };
+        if let Some(verifier) = verifier {
+            verifier.abort();
+        }
+        let Some(request) = asked else {
+            return result;
+        };
+        if let Err(err) = result {
+            let _ = request.reply.send(Err(format!(
+                "the stream stopped on an error before the {}: {err}",
+                request.kind.name()
+            )));
+            return Err(err);
+        }
+        let done = switch::run_with_store(config, store, request.kind, request.options).await;
+        if let Ok(state) = store.switch_state() {
+            let direction = state.direction();
+            status.set_stream(&direction.slot(&config.slot), direction);
+            status.set_switch(state);
+        }
+        let _ = request.reply.send(
+            done.map(|summary| switch::Summary {
+                by_daemon: true,
+                ..summary
+            })
+            .map_err(|e| e.to_string()),
+        );
+        if *stop_rx.borrow() {
+            return Ok(());
+        }
+    }
+}
+
 /// `cutover switch` and `cutover rollback`.
 async fn switch_command(
     config: &config::Config,
@@ -454,7 +523,16 @@ async fn switch_command(
     options: switch::Options,
     format: OutputFormat,
 ) -> ExitCode {
-    match switch::run(config, kind, options).await {
+    let outcome = match switch::run(config, kind, options).await {
+        // A daemon runs: it switches itself, asked through its console.
+        Err(switch::SwitchError::DaemonRunning(..))
+            if status::console_address(&config.state_dir).is_some() =>
+        {
+            ask_daemon(config, kind, options).await
+        }
+        other => other.map_err(|e| e.to_string()),
+    };
+    match outcome {
         Ok(summary) => {
             match format {
                 OutputFormat::Human => print!("{}", summary.to_human()),
@@ -477,6 +555,33 @@ async fn switch_command(
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// A switch or rollback asked of the running daemon through its console.
+async fn ask_daemon(
+    config: &config::Config,
+    kind: switch::journal::Kind,
+    options: switch::Options,
+) -> Result<switch::Summary, String> {
+    let Some(addr) = status::console_address(&config.state_dir) else {
+        return Err("the daemon's console address is not recorded".into());
+    };
+    let client = status::connect_console(addr, &config.console_auth, "cutover switch")
+        .await
+        .map_err(|e| format!("a daemon runs; its console at {addr} did not answer: {e}"))?;
+    let mut command = kind.name().to_uppercase();
+    if options.dry_run {
+        command.push_str(" DRY RUN");
+    }
+    if options.verify {
+        command.push_str(" VERIFY");
+    }
+    let rows = status::rows(&client, &command).await?;
+    let text = rows
+        .first()
+        .and_then(|row| status::text(row, "summary"))
+        .ok_or_else(|| format!("{command}: the daemon answered nothing"))?;
+    serde_json::from_str(&text).map_err(|e| format!("{command}: unreadable answer: {e}"))
 }
 
 /// Threads of the async runtime: `TOKIO_WORKER_THREADS`, else one.

@@ -652,3 +652,53 @@ async fn a_switch_that_fails_before_the_open_is_undone_and_says_why() {
         refused.all_output()
     );
 }
+
+#[tokio::test]
+async fn a_running_daemon_switches_and_rolls_back_when_asked_through_its_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, pointer) = setup(dir.path()).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let app = App::start(pointer.clone(), "postgres", write);
+    app.advance_on(pair.source.port(), 20, WAIT).await;
+    // The verify holds the daemon through its console; the switch asks it
+    // to move the writes and turn around, without a restart.
+    let verified = cutover(&config, &["verify"]).await;
+    assert_eq!(verified.code, 0, "{}", verified.all_output());
+    let switched = cutover(&config, &["switch"]).await;
+    let out = switched.all_output();
+    assert_eq!(switched.code, 0, "{out}\n{}", daemon.log());
+    assert!(out.contains("the daemon streams reverse now"), "{out}");
+    assert!(out.contains("write-unavailability window"), "{out}");
+    assert!(daemon.running(), "{}", daemon.log());
+    app.advance_on(pair.target.port(), 30, WAIT).await;
+    // The target's writes reach the source through the same daemon.
+    let status = cutover(&config, &["status"]).await;
+    assert!(
+        status
+            .stdout
+            .contains("direction     reverse (writes go to the target)"),
+        "{}",
+        status.all_output()
+    );
+    let rolled = cutover(&config, &["rollback"]).await;
+    assert_eq!(rolled.code, 0, "{}\n{}", rolled.all_output(), daemon.log());
+    assert!(
+        rolled.stdout.contains("the daemon streams forward now"),
+        "{}",
+        rolled.stdout
+    );
+    app.advance_on(pair.source.port(), 30, WAIT).await;
+    let record = app.stop().await;
+    pair.finish(&mut daemon, &["ledger", "items", "tickets"], WAIT)
+        .await;
+    nothing_lost(&pair, &record).await;
+    assert!(
+        record
+            .committed
+            .iter()
+            .filter(|(_, p)| *p == pair.target.port())
+            .count()
+            >= 30,
+        "{record:?}"
+    );
+}

@@ -49,6 +49,7 @@ use crate::direction::Direction;
 use crate::run::RunError;
 use crate::store::{Store, StoreError, now_millis};
 
+pub mod desk;
 pub mod finish;
 mod hooks;
 pub mod journal;
@@ -138,7 +139,7 @@ pub(crate) fn query(
 }
 
 /// How a switch is run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Options {
     /// Check and print the plan; change nothing.
     pub dry_run: bool,
@@ -147,7 +148,7 @@ pub struct Options {
 }
 
 /// What a switch or rollback did, for the operator.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Switch or rollback.
     pub kind: Kind,
@@ -161,6 +162,10 @@ pub struct Summary {
     pub dry_run: bool,
     /// How it ended.
     pub outcome: Outcome,
+    /// Run by the daemon itself (asked through its console), which
+    /// already streams in the new direction.
+    #[serde(default)]
+    pub by_daemon: bool,
 }
 
 impl Summary {
@@ -185,7 +190,18 @@ impl Summary {
         }
         if !self.dry_run {
             out.push_str(&format!("primary: {}\n", self.primary.name()));
-            if self.outcome == Outcome::Done {
+            if self.outcome == Outcome::Done && self.by_daemon {
+                out.push_str(&format!(
+                    "the daemon streams {} now ({} to {}), so that `cutover {}` loses nothing\n",
+                    self.primary.streams(),
+                    self.primary.name(),
+                    self.primary.other().name(),
+                    match self.kind {
+                        Kind::Switch => "rollback",
+                        Kind::Rollback => "switch",
+                    }
+                ));
+            } else if self.outcome == Outcome::Done {
                 out.push_str(&format!(
                     "start `cutover run` again: it streams {} ({} to {}), so that `cutover {}` loses nothing\n",
                     self.primary.streams(),
@@ -243,18 +259,32 @@ pub(crate) async fn connect(config: &Config, server: Server) -> Result<Client, S
     Ok(client)
 }
 
-/// Runs (or resumes) a switch (`kind` Switch) or a rollback.
+/// Runs (or resumes) a switch (`kind` Switch) or a rollback with no
+/// daemon running ([`SwitchError::DaemonRunning`] otherwise: ask the
+/// daemon through its console).
 pub async fn run(config: &Config, kind: Kind, options: Options) -> Result<Summary, SwitchError> {
     let store = match Store::open(&config.state_dir) {
         Ok(store) => store,
         Err(StoreError::Locked { .. }) => {
             return Err(SwitchError::DaemonRunning(
                 config.state_dir.display().to_string(),
-                "the switch drains the stream itself, and `cutover run` started again streams the other way",
+                "or turn its admin console on, through which it switches without a restart",
             ));
         }
         Err(err) => return Err(err.into()),
     };
+    run_with_store(config, &store, kind, options).await
+}
+
+/// [`run`] with the state store held already: by `cutover switch`, or by
+/// the daemon's run loop once its stream stopped.
+pub async fn run_with_store(
+    config: &Config,
+    store: &Store,
+    kind: Kind,
+    options: Options,
+) -> Result<Summary, SwitchError> {
+    let store = store.clone();
     let mut state = store.switch_state()?;
     let mut journal = match state.in_progress().cloned() {
         Some(mut journal) if journal.kind == kind => {
@@ -296,6 +326,7 @@ pub async fn run(config: &Config, kind: Kind, options: Options) -> Result<Summar
             window_seconds: None,
             dry_run: true,
             outcome: Outcome::InProgress,
+            by_daemon: false,
         });
     }
     while let Some(step) = journal.next() {
@@ -347,6 +378,7 @@ fn summary(state: &SwitchState, journal: &Journal, dry_run: bool) -> Summary {
         window_seconds: journal.window_ms().map(|ms| ms as f64 / 1000.0),
         dry_run,
         outcome: journal.outcome.clone(),
+        by_daemon: false,
     }
 }
 
