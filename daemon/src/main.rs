@@ -104,9 +104,10 @@ enum Command {
         repair: bool,
     },
     /// Move the application's writes to the target: check, prepare the way
-    /// back, fence the source, drain, set sequences, open the target. Run
-    /// with the daemon stopped; `cutover run` then streams in reverse.
-    /// Resumes an interrupted switch.
+    /// back, fence the source, drain, set sequences, open the target.
+    /// Beside a running daemon it asks the daemon (through its console),
+    /// which then streams in reverse; with no daemon, `cutover run`
+    /// started afterwards does. Resumes an interrupted switch.
     Switch {
         /// Check and print what each step would do; change nothing.
         #[arg(long)]
