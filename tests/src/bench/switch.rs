@@ -8,8 +8,10 @@
 //! back, re-pointing the application at each move:
 //!
 //! - cutover: `cutover switch` and `cutover rollback`, with
-//!   `repoint_command` writing the pointer file; the window is the one the
-//!   journal reports (fence start to new primary open);
+//!   `repoint_command` writing the pointer file, with no daemon running
+//!   and (`cutover (daemon)`) asked of a running daemon through its
+//!   console; the window is the one the journal reports (fence start to
+//!   new primary open);
 //! - native logical replication by hand, as a script would do it on
 //!   PostgreSQL 15: fence (`REVOKE` from the application role and end its
 //!   sessions), a canary row written on the old primary and waited for on
@@ -84,7 +86,7 @@ async fn missing(b: &Bench, committed: &[(u64, u16)]) -> usize {
 /// One `switch` scenario round: cutover, then native by hand (the order
 /// alternates between rounds).
 pub async fn switch(b: &Bench, report: &mut Report, pairs: usize, rate: u32, round: usize) {
-    let mut contestants = vec!["cutover", "native"];
+    let mut contestants = vec!["cutover", "cutover (daemon)", "native"];
     if !round.is_multiple_of(2) {
         contestants.reverse();
     }
@@ -95,7 +97,8 @@ pub async fn switch(b: &Bench, report: &mut Report, pairs: usize, rate: u32, rou
             "switch round {round}: {contestant}, {pairs} switch and rollback pairs at {rate} tx/s"
         );
         let run = match contestant {
-            "cutover" => cutover(b, pairs, rate).await,
+            "cutover" => cutover(b, pairs, rate, false).await,
+            "cutover (daemon)" => cutover(b, pairs, rate, true).await,
             _ => native(b, pairs, rate).await,
         };
         let verified = run.missing == 0;
@@ -165,18 +168,29 @@ fn cutover_command(config: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("the journal as JSON")
 }
 
-async fn cutover(b: &Bench, pairs: usize, rate: u32) -> Run {
+/// `cutover switch` and `rollback`: with the daemon stopped (it streams
+/// between the moves only at the start and the end), or asked of the
+/// running daemon through its console (`daemon`), which turns around at
+/// each move.
+async fn cutover(b: &Bench, pairs: usize, rate: u32, daemon: bool) -> Run {
     let config = b.cutover_config("switch-cutover", "bench_switch", TABLES);
     let pointer = config.with_file_name("primary");
     std::fs::write(&pointer, b.source.port().to_string()).expect("write the pointer");
-    let mut text = std::fs::read_to_string(&config).expect("read the config");
+    let mut text = std::fs::read_to_string(&config)
+        .expect("read the config")
+        .replace(
+            "[console]\nlisten = \"127.0.0.1:0\"\n",
+            "[console]\nlisten = \"127.0.0.1:0\"\nallow_no_password = true\n",
+        );
     text.push_str(&format!(
         "[switch]\nrepoint_command = \"echo $CUTOVER_NEW_PRIMARY_PORT > {}\"\nfence_wait_seconds = 1\n",
         pointer.display()
     ));
     std::fs::write(&config, text).expect("write the config");
-    let mut daemon = b.start_cutover(&config).await;
-    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    let mut running = b.start_cutover(&config).await;
+    if !daemon {
+        assert_eq!(running.terminate(PATIENCE), Some(0), "{}", running.log());
+    }
     let app = App::start_paced(pointer.clone(), DB, "bench_app", write, Some(rate));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut windows = Vec::new();
@@ -212,13 +226,15 @@ async fn cutover(b: &Bench, pairs: usize, rate: u32) -> Run {
     let record = app.stop().await;
     assert!(record.unexpected.is_empty(), "{:?}", record.unexpected);
     // The last writes on the source reach the target.
-    let mut daemon = b.start_cutover(&config).await;
+    if !daemon {
+        running = b.start_cutover(&config).await;
+    }
     b.wait_target(&format!(
         "SELECT count(*) >= {} FROM switch_ledger",
         record.committed.len()
     ))
     .await;
-    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    assert_eq!(running.terminate(PATIENCE), Some(0), "{}", running.log());
     let missing = missing(b, &record.committed).await;
     let cleanup = Command::new(cutover_bin())
         .arg("--config")
