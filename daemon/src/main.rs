@@ -311,27 +311,13 @@ fn main() -> ExitCode {
                 }
             }
             Command::Verify { format, repair } => match verify::run(&config, repair).await {
-                Ok(report) => {
-                    match format {
-                        OutputFormat::Human => print!("{}", report.to_human()),
-                        OutputFormat::Json => match serde_json::to_string_pretty(&report) {
-                            Ok(json) => println!("{json}"),
-                            Err(err) => {
-                                eprintln!("error: cannot encode the report: {err}");
-                                return ExitCode::from(EXIT_FAILURE);
-                            }
-                        },
-                    }
-                    if report.status != verify::Verdict::Failed {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_FAILURE)
-                    }
-                }
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
+                Ok(report) => print_as(
+                    format,
+                    &report,
+                    verify::Report::to_human,
+                    report.status != verify::Verdict::Failed,
+                ),
+                Err(err) => failed(err),
             },
             Command::Switch {
                 dry_run,
@@ -366,43 +352,17 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_FAILURE)
                 }
             },
-            Command::Cleanup { force, format } => match switch::finish::cleanup(&config, force).await {
-                Ok(cleaned) => {
-                    match format {
-                        OutputFormat::Human => print!("{}", cleaned.to_human()),
-                        OutputFormat::Json => match serde_json::to_string_pretty(&cleaned) {
-                            Ok(json) => println!("{json}"),
-                            Err(err) => {
-                                eprintln!("error: {err}");
-                                return ExitCode::from(EXIT_FAILURE);
-                            }
-                        },
+            Command::Cleanup { force, format } => {
+                match switch::finish::cleanup(&config, force).await {
+                    Ok(cleaned) => {
+                        print_as(format, &cleaned, switch::finish::Cleaned::to_human, true)
                     }
-                    ExitCode::SUCCESS
+                    Err(err) => failed(err),
                 }
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            },
+            }
             Command::Status { format } => match status::run(&config).await {
-                Ok(summary) => {
-                    match format {
-                        OutputFormat::Human => print!("{}", summary.to_human()),
-                        OutputFormat::Json => match serde_json::to_string_pretty(&summary) {
-                            Ok(json) => println!("{json}"),
-                            Err(err) => {
-                                eprintln!("error: cannot encode the status: {err}");
-                                return ExitCode::from(EXIT_FAILURE);
-                            }
-                        },
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
+                Ok(summary) => print_as(format, &summary, status::Summary::to_human, true),
+                Err(err) => failed(err),
             },
             Command::Tail {
                 slot,
@@ -535,27 +495,38 @@ async fn switch_command(
     };
     match outcome {
         Ok(summary) => {
-            match format {
-                OutputFormat::Human => print!("{}", summary.to_human()),
-                OutputFormat::Json => match serde_json::to_string_pretty(&summary) {
-                    Ok(json) => println!("{json}"),
-                    Err(err) => {
-                        eprintln!("error: cannot encode the journal: {err}");
-                        return ExitCode::from(EXIT_FAILURE);
-                    }
-                },
-            }
-            if matches!(summary.outcome, switch::journal::Outcome::Undone { .. }) {
-                ExitCode::from(EXIT_FAILURE)
-            } else {
-                ExitCode::SUCCESS
-            }
+            let done = !matches!(summary.outcome, switch::journal::Outcome::Undone { .. });
+            print_as(format, &summary, switch::Summary::to_human, done)
         }
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+        Err(err) => failed(err),
     }
+}
+
+/// Prints `value` for a person (`human`) or as JSON; exit 0 when `ok`.
+fn print_as<T: serde::Serialize>(
+    format: OutputFormat,
+    value: &T,
+    human: impl FnOnce(&T) -> String,
+    ok: bool,
+) -> ExitCode {
+    match format {
+        OutputFormat::Human => print!("{}", human(value)),
+        OutputFormat::Json => match serde_json::to_string_pretty(value) {
+            Ok(json) => println!("{json}"),
+            Err(err) => return failed(format!("cannot encode the output as JSON: {err}")),
+        },
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    }
+}
+
+/// Says what failed on stderr; exit 1.
+fn failed(err: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::from(EXIT_FAILURE)
 }
 
 /// A switch or rollback asked of the running daemon through its console.

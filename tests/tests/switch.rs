@@ -667,7 +667,10 @@ async fn a_running_daemon_switches_and_rolls_back_when_asked_through_its_console
     let switched = cutover(&config, &["switch"]).await;
     let out = switched.all_output();
     assert_eq!(switched.code, 0, "{out}\n{}", daemon.log());
-    assert!(out.contains("the daemon streams reverse now"), "{out}");
+    assert!(
+        out.contains("the daemon streams reverse (target to source)"),
+        "{out}"
+    );
     assert!(out.contains("write-unavailability window"), "{out}");
     assert!(daemon.running(), "{}", daemon.log());
     app.advance_on(pair.target.port(), 30, WAIT).await;
@@ -683,7 +686,9 @@ async fn a_running_daemon_switches_and_rolls_back_when_asked_through_its_console
     let rolled = cutover(&config, &["rollback"]).await;
     assert_eq!(rolled.code, 0, "{}\n{}", rolled.all_output(), daemon.log());
     assert!(
-        rolled.stdout.contains("the daemon streams forward now"),
+        rolled
+            .stdout
+            .contains("the daemon streams forward (source to target)"),
         "{}",
         rolled.stdout
     );

@@ -190,20 +190,14 @@ impl Summary {
         }
         if !self.dry_run {
             out.push_str(&format!("primary: {}\n", self.primary.name()));
-            if self.outcome == Outcome::Done && self.by_daemon {
+            if self.outcome == Outcome::Done {
+                let who = if self.by_daemon {
+                    "the daemon streams"
+                } else {
+                    "start `cutover run` again: it streams"
+                };
                 out.push_str(&format!(
-                    "the daemon streams {} now ({} to {}), so that `cutover {}` loses nothing\n",
-                    self.primary.streams(),
-                    self.primary.name(),
-                    self.primary.other().name(),
-                    match self.kind {
-                        Kind::Switch => "rollback",
-                        Kind::Rollback => "switch",
-                    }
-                ));
-            } else if self.outcome == Outcome::Done {
-                out.push_str(&format!(
-                    "start `cutover run` again: it streams {} ({} to {}), so that `cutover {}` loses nothing\n",
+                    "{who} {} ({} to {}), so that `cutover {}` loses nothing\n",
                     self.primary.streams(),
                     self.primary.name(),
                     self.primary.other().name(),

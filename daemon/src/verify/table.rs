@@ -218,17 +218,20 @@ impl Plan {
     /// The `COPY` of the rows of `from` that `filter` keeps, every field as
     /// text, key first, in key order.
     fn copy_where(&self, from: &str, filter: &str, limit: &str) -> String {
-        let fields: Vec<String> = self
-            .layout
+        format!(
+            "COPY (SELECT {} FROM {from} AS r{filter} ORDER BY {}{limit}) TO STDOUT",
+            self.text_fields().join(", "),
+            self.order().join(", ")
+        )
+    }
+
+    /// Every field read, as text.
+    fn text_fields(&self) -> Vec<String> {
+        self.layout
             .names
             .iter()
             .map(|n| format!("r.{}::text", quote_ident(n)))
-            .collect();
-        format!(
-            "COPY (SELECT {} FROM {from} AS r{filter} ORDER BY {}{limit}) TO STDOUT",
-            fields.join(", "),
-            self.order().join(", ")
-        )
+            .collect()
     }
 
     /// The `COPY` of the rows of `from` (whose key columns have `types`)
@@ -239,13 +242,7 @@ impl Plan {
             |value: Option<String>| value.map_or_else(|| "NULL".to_owned(), |v| quote_literal(&v));
         let filter = if self.layout.is_keyless() {
             // Every field as text, NULL matching NULL.
-            let fields: Vec<String> = self
-                .layout
-                .names
-                .iter()
-                .map(|n| format!("r.{}::text", quote_ident(n)))
-                .collect();
-            let fields = format!("ROW({})", fields.join(", "));
+            let fields = format!("ROW({})", self.text_fields().join(", "));
             let alternatives: Vec<String> = rows
                 .iter()
                 .map(|row| {
