@@ -707,3 +707,35 @@ async fn a_running_daemon_switches_and_rolls_back_when_asked_through_its_console
         "{record:?}"
     );
 }
+
+#[tokio::test]
+async fn a_sequence_named_only_by_a_column_default_is_carried_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, _) = setup(dir.path()).await;
+    // Tables named one by one: the sequence is in scope only through the
+    // default of tickets.id.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap()
+            + "[replication]\ntables = [\"public.ledger\", \"public.items\", \"public.tickets\"]\n",
+    )
+    .unwrap();
+    pair.on_source("INSERT INTO tickets (n) SELECT g FROM generate_series(1, 50) g;")
+        .await;
+    ready(&pair, &config).await;
+    let switched = cutover(&config, &["switch"]).await;
+    assert_eq!(switched.code, 0, "{}", switched.all_output());
+    assert!(
+        switched.stdout.contains("3 sequences set on the target"),
+        "{}",
+        switched.stdout
+    );
+    let next: i64 = pair
+        .target
+        .query_value("app", "INSERT INTO tickets (n) VALUES (51) RETURNING id")
+        .await;
+    assert_eq!(
+        next, 51,
+        "the target's ticket_numbers goes on after the source's"
+    );
+}
