@@ -739,3 +739,25 @@ async fn a_sequence_named_only_by_a_column_default_is_carried_over() {
         "the target's ticket_numbers goes on after the source's"
     );
 }
+
+#[tokio::test]
+async fn a_switch_before_the_copy_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, _) = setup(dir.path()).await;
+    for args in [&["switch", "--dry-run"][..], &["switch"], &["rollback"]] {
+        let refused = cutover(&config, args).await;
+        assert_eq!(refused.code, 1, "{args:?}: {}", refused.all_output());
+        let expected = if args[0] == "rollback" {
+            "the source is already the primary"
+        } else {
+            "the snapshot copy has not finished"
+        };
+        assert!(refused.stderr.contains(expected), "{args:?}: {}", refused.all_output());
+    }
+    assert_eq!(fences(&pair.source).await, 0);
+    let slots: i64 = pair
+        .target
+        .query_value("app", "SELECT count(*) FROM pg_replication_slots")
+        .await;
+    assert_eq!(slots, 0);
+}

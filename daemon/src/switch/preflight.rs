@@ -15,6 +15,16 @@ impl Ctx<'_> {
         let mut problems = Vec::new();
         let new = self.new_name();
         let old = self.old_name();
+        // The snapshot copy first: nothing to switch to before it.
+        if !self
+            .store
+            .copy_run()?
+            .is_some_and(|run| run.finished)
+        {
+            problems.push(
+                "the snapshot copy has not finished: let `cutover run` copy and stream first".into(),
+            );
+        }
 
         // The new primary is read by the new direction.
         let row = self
