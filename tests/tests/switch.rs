@@ -752,7 +752,11 @@ async fn a_switch_before_the_copy_is_refused_and_changes_nothing() {
         } else {
             "the snapshot copy has not finished"
         };
-        assert!(refused.stderr.contains(expected), "{args:?}: {}", refused.all_output());
+        assert!(
+            refused.stderr.contains(expected),
+            "{args:?}: {}",
+            refused.all_output()
+        );
     }
     assert_eq!(fences(&pair.source).await, 0);
     let slots: i64 = pair
@@ -760,4 +764,62 @@ async fn a_switch_before_the_copy_is_refused_and_changes_nothing() {
         .query_value("app", "SELECT count(*) FROM pg_replication_slots")
         .await;
     assert_eq!(slots, 0);
+}
+
+#[tokio::test]
+async fn a_daemon_killed_in_the_middle_of_its_switch_ends_it_consistently_when_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config, pointer) = setup(dir.path()).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["ledger"], WAIT).await;
+    let verified = cutover(&config, &["verify"]).await;
+    assert_eq!(verified.code, 0, "{}", verified.all_output());
+    let app = App::start(pointer.clone(), "postgres", write);
+    // Before the open: the restarted daemon undoes it and streams forward;
+    // after: it finishes it and streams in reverse.
+    for (failpoint, target_primary) in [("switch:drain", false), ("switch:open:done", true)] {
+        let mut dying =
+            Daemon::start_with_env(&config, &["run"], &[("CUTOVER_FAILPOINT", failpoint)]);
+        cutover_tests::wait_for("the daemon to stream", WAIT, || async {
+            dying
+                .log_of_this_start()
+                .contains("to=\"streaming\"")
+                .then_some(())
+        })
+        .await;
+        let asked = cutover(&config, &["switch"]).await;
+        assert_ne!(asked.code, 0, "{failpoint}: {}", asked.all_output());
+        assert_eq!(dying.wait(WAIT), Some(-1), "{failpoint}: {}", dying.log());
+        let mut daemon = Daemon::start_streaming(&config).await;
+        let (primary, other) = if target_primary {
+            (&pair.target, &pair.source)
+        } else {
+            (&pair.source, &pair.target)
+        };
+        assert_eq!(fences(primary).await, 0, "{failpoint}");
+        if target_primary {
+            assert!(
+                fences(other).await > 0,
+                "{failpoint}: both servers writable"
+            );
+        }
+        app.advance_on(primary.port(), 10, WAIT).await;
+        let status = cutover(&config, &["status"]).await;
+        let expected = if target_primary {
+            "switch 2 done"
+        } else {
+            "switch 1 undone"
+        };
+        assert!(
+            status.stdout.contains(expected),
+            "{failpoint}: {}",
+            status.all_output()
+        );
+        assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    }
+    let record = app.stop().await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.wait_equal(&["ledger", "items", "tickets"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    nothing_lost(&pair, &record).await;
 }

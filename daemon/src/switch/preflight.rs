@@ -16,13 +16,10 @@ impl Ctx<'_> {
         let new = self.new_name();
         let old = self.old_name();
         // The snapshot copy first: nothing to switch to before it.
-        if !self
-            .store
-            .copy_run()?
-            .is_some_and(|run| run.finished)
-        {
+        if !self.store.copy_run()?.is_some_and(|run| run.finished) {
             problems.push(
-                "the snapshot copy has not finished: let `cutover run` copy and stream first".into(),
+                "the snapshot copy has not finished: let `cutover run` copy and stream first"
+                    .into(),
             );
         }
 
