@@ -90,7 +90,124 @@ pub async fn verify(b: &Bench, report: &mut Report, round: usize) {
             }
         }
     }
+    under_load(b, report, &config).await;
     b.drop_cutover("bench_verify").await;
+}
+
+/// How much a verify slows the application down: `pgbench -R 1000` of
+/// single-row updates on the source (a table out of the verify's scope),
+/// once alone and once while `cutover verify` runs, each for as long as a
+/// verify takes; pgbench's average latency and its rate-limit lag.
+async fn under_load(b: &Bench, report: &mut Report, config: &std::path::Path) {
+    b.on_source(
+        "DROP TABLE IF EXISTS verify_load;
+         CREATE TABLE verify_load (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO verify_load (id) SELECT g FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    let script = b.fresh_dir("verify-load").join("update.sql");
+    std::fs::write(
+        &script,
+        "\\set id random(1, 1000)\nUPDATE verify_load SET v = v + 1 WHERE id = :id;\n",
+    )
+    .expect("write the pgbench script");
+    // As long as a verify takes.
+    let (seconds, ..) = cutover(config, 0);
+    let seconds = seconds.unwrap_or(5.0).ceil() as u64;
+    println!(
+        "verify under load: pgbench -R 1000 for {seconds} s, alone then during cutover verify"
+    );
+    b.settle().await;
+    let alone = pgbench(b, &script, seconds).await;
+    b.settle().await;
+    let during = {
+        let load = {
+            let script = script.clone();
+            let port = b.source.port();
+            tokio::task::spawn_blocking(move || run_pgbench(port, &script, seconds))
+        };
+        let config = config.to_owned();
+        let verified = tokio::task::spawn_blocking(move || cutover(&config, 0))
+            .await
+            .expect("join the verify");
+        println!("  cutover verify during the load: {:?} s", verified.0);
+        load.await.expect("join pgbench")
+    };
+    for (contestant, (latency, lag)) in [("alone", alone), ("during cutover verify", during)] {
+        println!(
+            "  pgbench {contestant}: latency average {latency:.3} ms, schedule lag {lag:.3} ms"
+        );
+        for (metric, value) in [
+            ("pgbench latency average", latency),
+            ("pgbench schedule lag", lag),
+        ] {
+            report.record(
+                "verify, under pgbench -R 1000",
+                contestant,
+                metric,
+                value,
+                "ms",
+                Better::Lower,
+                true,
+                "",
+            );
+        }
+    }
+}
+
+async fn pgbench(b: &Bench, script: &std::path::Path, seconds: u64) -> (f64, f64) {
+    let script = script.to_owned();
+    let port = b.source.port();
+    tokio::task::spawn_blocking(move || run_pgbench(port, &script, seconds))
+        .await
+        .expect("join pgbench")
+}
+
+/// `pgbench -R 1000` for `seconds`: its latency average and average
+/// schedule lag, in milliseconds, from its summary.
+fn run_pgbench(port: u16, script: &std::path::Path, seconds: u64) -> (f64, f64) {
+    let out = Command::new(crate::cluster::bindir().join("pgbench"))
+        .args([
+            "-n",
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-R",
+            "1000",
+            "-T",
+            &seconds.to_string(),
+            "-f",
+        ])
+        .arg(script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            DB,
+        ])
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `latency average = 1.234 ms`, `rate limit schedule lag: avg 0.083 (max 2.3) ms`.
+    let figure = |label: &str| {
+        text.lines()
+            .find(|l| l.starts_with(label))
+            .map(|l| l[label.len()..].trim_start_matches([' ', '=', ':']))
+            .map(|v| v.trim_start_matches("avg "))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (figure("latency average"), figure("rate limit schedule lag"))
 }
 
 /// `cutover verify --format json`; verified when it found exactly the
