@@ -120,20 +120,25 @@ async fn under_load(b: &Bench, report: &mut Report, config: &std::path::Path) {
     b.settle().await;
     let alone = pgbench(b, &script, seconds).await;
     b.settle().await;
-    let during = {
+    let mut runs = vec![("alone", alone)];
+    for (contestant, rate) in [
+        ("during cutover verify", None),
+        ("during cutover verify, rate 100000", Some(100_000)),
+    ] {
+        b.settle().await;
         let load = {
             let script = script.clone();
             let port = b.source.port();
             tokio::task::spawn_blocking(move || run_pgbench(port, &script, seconds))
         };
         let config = config.to_owned();
-        let verified = tokio::task::spawn_blocking(move || cutover(&config, 0))
+        let verified = tokio::task::spawn_blocking(move || cutover_at(&config, 0, rate))
             .await
             .expect("join the verify");
-        println!("  cutover verify during the load: {:?} s", verified.0);
-        load.await.expect("join pgbench")
-    };
-    for (contestant, (latency, lag)) in [("alone", alone), ("during cutover verify", during)] {
+        println!("  {contestant}: the verify took {:?} s", verified.0);
+        runs.push((contestant, load.await.expect("join pgbench")));
+    }
+    for (contestant, (latency, lag)) in runs {
         println!(
             "  pgbench {contestant}: latency average {latency:.3} ms, schedule lag {lag:.3} ms"
         );
@@ -213,8 +218,18 @@ fn run_pgbench(port: u16, script: &std::path::Path, seconds: u64) -> (f64, f64) 
 /// `cutover verify --format json`; verified when it found exactly the
 /// rows changed.
 fn cutover(config: &std::path::Path, changed: u64) -> (Option<f64>, bool, Option<f64>, String) {
+    cutover_at(config, changed, None)
+}
+
+/// [`cutover`] with `[verify] rate` set to `rate` source rows per second.
+fn cutover_at(
+    config: &std::path::Path,
+    changed: u64,
+    rate: Option<u64>,
+) -> (Option<f64>, bool, Option<f64>, String) {
     let started = Instant::now();
     let child = Command::new(cutover_bin())
+        .envs(rate.map(|r| ("CUTOVER__VERIFY__RATE", r.to_string())))
         .args([
             "--config",
             config.to_str().unwrap_or_default(),
