@@ -43,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW SWITCH, SWITCH [DRY RUN | VERIFY], ROLLBACK [DRY RUN], PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW SWITCH, SWITCH [DRY RUN | VERIFY], ROLLBACK [DRY RUN], ACCEPT, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +63,9 @@ enum Command {
     Switch,
     /// `SWITCH`, `ROLLBACK`: the daemon moves the writes.
     Move(crate::switch::journal::Kind, crate::switch::Options),
+    /// `ACCEPT`: the acceptance `cutover accept` wrote is recorded in the
+    /// store the daemon holds.
+    Accept,
 }
 
 /// Parses one command (no semicolons), case-insensitively.
@@ -84,6 +87,7 @@ fn parse(text: &str) -> Result<Command, String> {
         ["SHOW", "HOLD"] => Ok(Command::ShowHold),
         ["SHOW", "DIVERGENCE"] => Ok(Command::Divergence),
         ["SHOW", "SWITCH"] => Ok(Command::Switch),
+        ["ACCEPT"] => Ok(Command::Accept),
         ["SWITCH", rest @ ..] | ["ROLLBACK", rest @ ..] => {
             let kind = if words[0] == "SWITCH" {
                 crate::switch::journal::Kind::Switch
@@ -264,6 +268,19 @@ impl SimpleQueryHandler for Queries {
                     break;
                 }
             };
+            if command == Command::Accept {
+                match self.record_acceptance().await {
+                    Ok(()) => {
+                        tracing::info!(%peer, "console: the acceptance is recorded in the store");
+                        responses.push(Response::Execution(Tag::new("ACCEPT")));
+                        continue;
+                    }
+                    Err(message) => {
+                        responses.push(error("XX000", message));
+                        break;
+                    }
+                }
+            }
             if let Command::Move(kind, options) = command {
                 tracing::info!(%peer, kind = kind.name(), ?options, "console: the daemon is asked to move the writes");
                 match self.status.desk.ask(kind, options).await {
@@ -302,6 +319,34 @@ fn error(code: &str, message: String) -> Response {
 }
 
 impl Queries {
+    /// Records in the store the acceptance `cutover accept` wrote beside
+    /// the validation report.
+    async fn record_acceptance(&self) -> Result<(), String> {
+        let path = self
+            .store
+            .dir()
+            .join(crate::switch::finish::ACCEPTANCE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "reading {}: {e} (run `cutover accept` first)",
+                path.display()
+            )
+        })?;
+        let acceptance: crate::switch::journal::Acceptance = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is unreadable: {e}", path.display()))?;
+        let mut state = self
+            .store
+            .switch_state()
+            .map_err(|e| format!("reading the state store: {e}"))?;
+        state.acceptance = Some(acceptance);
+        self.store
+            .put_switch_state(&state)
+            .await
+            .map_err(|e| format!("writing the state store: {e}"))?;
+        self.status.set_switch(state);
+        Ok(())
+    }
+
     fn answer(&self, command: Command, peer: &str) -> Result<Response, String> {
         match command {
             Command::Status => Ok(self.show_status()),
@@ -346,7 +391,7 @@ impl Queries {
                     .release(if force { None } else { Some(peer) });
                 Ok(Response::Execution(Tag::new("RELEASE")))
             }
-            Command::Move(..) => Err("answered by the run loop".into()),
+            Command::Move(..) | Command::Accept => Err("answered apart".into()),
             Command::Divergence => {
                 let mut table = Table::new(&[
                     ("table", Type::TEXT),

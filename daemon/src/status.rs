@@ -75,6 +75,9 @@ pub struct Summary {
     pub divergence: Vec<SummaryDivergence>,
     /// The last switch or rollback.
     pub switch: Option<SummarySwitch>,
+    /// The acceptance recorded in the store (`cutover accept`), when read
+    /// from the store.
+    pub accepted: Option<String>,
 }
 
 /// The last switch or rollback, step by step.
@@ -350,6 +353,7 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
                 checked_at: text(row, "checked_at"),
             })
             .collect(),
+        accepted: None,
         switch: switch.first().map(|first| SummarySwitch {
             kind: format!(
                 "{} {}",
@@ -486,6 +490,12 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
             })
             .collect(),
         switch: crate::live::SwitchView::of(&switch).map(SummarySwitch::of),
+        accepted: switch.acceptance.as_ref().map(|a| {
+            format!(
+                "accepted by {} ({}) at {}; keep the old server until {}",
+                a.accepted_by, a.role, a.accepted_at, a.keep_old_server_until
+            )
+        }),
     })
 }
 
@@ -731,6 +741,9 @@ impl Summary {
             for line in &switch.journal {
                 let _ = writeln!(out, "{line}");
             }
+        }
+        if let Some(accepted) = &self.accepted {
+            let _ = writeln!(out, "\n{accepted}");
         }
         if !self.refused_changes.is_empty() {
             let _ = writeln!(out, "\nrefused by the target (the stream stopped on each):");

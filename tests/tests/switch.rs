@@ -694,8 +694,21 @@ async fn a_running_daemon_switches_and_rolls_back_when_asked_through_its_console
     );
     app.advance_on(pair.source.port(), 30, WAIT).await;
     let record = app.stop().await;
+    // The acceptance goes into the store the daemon holds, through it.
+    let accepted = cutover(
+        &config,
+        &["accept", "--by", "Jane Doe", "--role", "data owner"],
+    )
+    .await;
+    assert_eq!(accepted.code, 0, "{}", accepted.all_output());
     pair.finish(&mut daemon, &["ledger", "items", "tickets"], WAIT)
         .await;
+    let status = cutover(&config, &["status"]).await;
+    assert!(
+        status.stdout.contains("accepted by Jane Doe (data owner)"),
+        "{}",
+        status.all_output()
+    );
     nothing_lost(&pair, &record).await;
     assert!(
         record

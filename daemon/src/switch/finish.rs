@@ -48,7 +48,7 @@ pub async fn accept(config: &Config, by: &str, role: &str) -> Result<Acceptance,
             last_verify.date, last_verify.lsn, last_verify.status
         )));
     }
-    // A running daemon holds the store: the record is the file then.
+    // A running daemon holds the store: it records the file there.
     let store = match Store::open(&config.state_dir) {
         Ok(store) => Some(store),
         Err(StoreError::Locked { .. }) => None,
@@ -75,11 +75,32 @@ pub async fn accept(config: &Config, by: &str, role: &str) -> Result<Acceptance,
         serde_json::to_vec_pretty(&acceptance).map_err(|e| SwitchError::Refused(e.to_string()))?;
     std::fs::write(&file, json)
         .map_err(|e| SwitchError::Refused(format!("writing {}: {e}", file.display())))?;
-    if let (Some(store), Some(state)) = (&store, state.as_mut()) {
-        state.acceptance = Some(acceptance.clone());
-        store.put_switch_state(state).await?;
+    match (&store, state.as_mut()) {
+        (Some(store), Some(state)) => {
+            state.acceptance = Some(acceptance.clone());
+            store.put_switch_state(state).await?;
+        }
+        // The running daemon records it in the store it holds.
+        _ => record_by_daemon(config).await?,
     }
     Ok(acceptance)
+}
+
+/// Asks the running daemon to record the acceptance file in its store.
+async fn record_by_daemon(config: &Config) -> Result<(), SwitchError> {
+    let Some(addr) = crate::status::console_address(&config.state_dir) else {
+        return Err(SwitchError::Refused(format!(
+            "the acceptance is in {} but a daemon holds the state store and its console is off: run `cutover accept` again with the daemon stopped, or with its console on",
+            config.state_dir.join(ACCEPTANCE_FILE).display()
+        )));
+    };
+    let client = crate::status::connect_console(addr, &config.console_auth, "cutover accept")
+        .await
+        .map_err(|e| SwitchError::Refused(format!("the daemon's console at {addr}: {e}")))?;
+    crate::status::rows(&client, "ACCEPT")
+        .await
+        .map_err(SwitchError::Refused)?;
+    Ok(())
 }
 
 /// The acceptance on record, if any.
