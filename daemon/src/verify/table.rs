@@ -492,18 +492,14 @@ pub(super) async fn compare(
                 report.set_checksums(source_digest.hex(), target_digest.hex());
                 let done = upto.is_none();
                 after = upto;
-                if let Some(progress) = progress {
-                    progress.save(
-                        &name,
-                        TableProgress {
-                            done,
-                            after: after.clone(),
-                            report: report.clone(),
-                            source_digest: source_digest.hex(),
-                            target_digest: target_digest.hex(),
-                        },
-                    )?;
-                }
+                record(
+                    progress,
+                    &name,
+                    done,
+                    &after,
+                    &report,
+                    [&source_digest, &target_digest],
+                )?;
                 if done {
                     return Ok((report, fixes));
                 }
@@ -607,16 +603,8 @@ pub(super) async fn compare(
                 let mut so_far = report.clone();
                 so_far.add_tally(merge.tally());
                 so_far.set_checksums(source_digest.hex(), target_digest.hex());
-                progress.save(
-                    &name,
-                    TableProgress {
-                        done: false,
-                        after: Some(key),
-                        report: so_far,
-                        source_digest: source_digest.hex(),
-                        target_digest: target_digest.hex(),
-                    },
-                )?;
+                let digests = [&source_digest, &target_digest];
+                record(Some(progress), &name, false, &Some(key), &so_far, digests)?;
             }
         }
         if merge.tally().differing() == 0 {
@@ -627,22 +615,43 @@ pub(super) async fn compare(
         report.set_checksums(source_digest.hex(), target_digest.hex());
         let done = upto.is_none();
         after = upto;
-        if let Some(progress) = progress {
-            progress.save(
-                &name,
-                TableProgress {
-                    done,
-                    after: after.clone(),
-                    report: report.clone(),
-                    source_digest: source_digest.hex(),
-                    target_digest: target_digest.hex(),
-                },
-            )?;
-        }
+        record(
+            progress,
+            &name,
+            done,
+            &after,
+            &report,
+            [&source_digest, &target_digest],
+        )?;
         if done {
             return Ok((report, fixes));
         }
     }
+}
+
+/// Records where the table stands (compared up to `after`, or `done`), for
+/// an interrupted verify to go on from.
+fn record(
+    progress: Option<&ProgressFile>,
+    name: &str,
+    done: bool,
+    after: &Option<Vec<String>>,
+    report: &TableReport,
+    [source, target]: [&Digest; 2],
+) -> Result<(), VerifyError> {
+    if let Some(progress) = progress {
+        progress.save(
+            name,
+            TableProgress {
+                done,
+                after: after.clone(),
+                report: report.clone(),
+                source_digest: source.hex(),
+                target_digest: target.hex(),
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// The next chunk after `after` compared by the servers: its upper key
