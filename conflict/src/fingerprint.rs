@@ -1,7 +1,9 @@
 //! Canonical fingerprints of rows and of sets of rows (blake3).
 //!
-//! A row's fingerprint hashes its fields as read (the text form of every
-//! column, escaped as `COPY` sends it), each prefixed by its length, and
+//! A row read as `COPY` text is fingerprinted by its line hashed whole
+//! ([`crate::row::Row::fingerprint`]): the format's escaping already makes
+//! the line an unambiguous encoding of its fields. Fields given apart are
+//! fingerprinted by [`fingerprint`], each prefixed by its length, and
 //! NULL by a marker no length can take: `('a', 'b')`, `('ab', '')` and
 //! `('ab', NULL)` never collide by construction.
 //!
@@ -42,7 +44,6 @@ pub struct Digest {
 }
 
 impl Digest {
-    /// Adds one row.
     /// Adds `rows` rows known only by the fingerprint of their chunk (a
     /// chunk the servers found equal by checksum): both sides add the
     /// same, so equal chunks keep the digests equal.
@@ -51,6 +52,7 @@ impl Digest {
         self.rows += rows.saturating_sub(1);
     }
 
+    /// Adds one row.
     pub fn add(&mut self, fingerprint: &Fingerprint) {
         let mut head = [0u8; 16];
         head.copy_from_slice(&fingerprint[..16]);

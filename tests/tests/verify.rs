@@ -241,6 +241,97 @@ async fn each_difference_made_on_the_target_is_found_with_its_key_and_column() {
 }
 
 #[tokio::test]
+async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Sparse keys from negative to positive over three chunks of 20,000
+    // rows; a composite key whose first column barely changes.
+    pair.both(
+        "CREATE TABLE sparse (id bigint PRIMARY KEY, a text, b text, n int, m int);
+         CREATE TABLE pairs (k1 int, k2 bigint, v text, PRIMARY KEY (k1, k2));",
+    )
+    .await;
+    pair.on_source(
+        "INSERT INTO sparse SELECT g * 7 - 200000, 'a' || g, 'b' || g, g, g FROM generate_series(1, 60000) g;
+         UPDATE sparse SET a = 'x', b = ',y' WHERE id = 7 * 30000 - 200000;
+         UPDATE sparse SET a = NULL, b = '' WHERE id = 7 * 40000 - 200000;
+         UPDATE sparse SET n = NULL, m = 5 WHERE id = 7 * 50000 - 200000;
+         INSERT INTO pairs SELECT g % 3, g, 'v' || g FROM generate_series(1, 45000) g;",
+    )
+    .await;
+    let config = pair.config(dir.path(), "");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["sparse", "pairs"], WAIT).await;
+    // Behind cutover's back: the table's first row and the last of the
+    // first chunk gone, the first of the second changed; rows before the
+    // first key, in a gap between keys and after the last; and changes a
+    // server's checksum must not miss: a comma moved from one field to
+    // the next, NULL and the empty text swapped, NULL moved between two
+    // integer columns.
+    pair.target
+        .execute(
+            "app",
+            "DELETE FROM sparse WHERE id IN (7 - 200000, 7 * 20000 - 200000);
+             UPDATE sparse SET n = -1 WHERE id = 7 * 20001 - 200000;
+             INSERT INTO sparse VALUES (-500000, 'before', NULL, 0, 0), (3, 'gap', NULL, 0, 0), (999999, 'after', NULL, 0, 0);
+             UPDATE sparse SET a = 'x,', b = 'y' WHERE id = 7 * 30000 - 200000;
+             UPDATE sparse SET a = '', b = NULL WHERE id = 7 * 40000 - 200000;
+             UPDATE sparse SET n = 5, m = NULL WHERE id = 7 * 50000 - 200000;
+             UPDATE pairs SET v = 'changed' WHERE (k1, k2) = (1, 30001);
+             DELETE FROM pairs WHERE (k1, k2) = (2, 44999);",
+        )
+        .await;
+    let outcome = verify(&config, "json");
+    assert_eq!(outcome.code, 1, "{}", outcome.all_output());
+    let report: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
+    let table = |name: &str| {
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == name)
+            .unwrap()
+            .clone()
+    };
+    let counts = |t: &serde_json::Value| {
+        ["source_rows", "missing", "extra", "changed"].map(|k| t[k].as_u64().unwrap())
+    };
+    assert_eq!(
+        counts(&table("public.sparse")),
+        [60000, 2, 3, 4],
+        "{report:#}"
+    );
+    assert_eq!(
+        counts(&table("public.pairs")),
+        [45000, 1, 0, 1],
+        "{report:#}"
+    );
+    let human = verify(&config, "human").all_output();
+    for expected in [
+        "missing on target: (id=-199993)",
+        "missing on target: (id=-60000)",
+        "changed: (id=-59993) in n",
+        "extra on target: (id=-500000)",
+        "extra on target: (id=3)",
+        "extra on target: (id=999999)",
+        "changed: (id=10000) in a, b",
+        "changed: (id=80000) in a, b",
+        "changed: (id=150000) in n, m",
+        "changed: (k1=1, k2=30001) in v",
+        "missing on target: (k1=2, k2=44999)",
+    ] {
+        assert!(
+            human.contains(expected),
+            "expected {expected:?} in:\n{human}"
+        );
+    }
+    let repaired = verify_with(&config, &["--repair"]);
+    assert_eq!(repaired.code, 0, "{}", repaired.all_output());
+    let again = verify(&config, "human");
+    assert_eq!(again.code, 0, "{}", again.all_output());
+}
+
+#[tokio::test]
 async fn a_target_column_of_a_wider_type_compares_equal() {
     let pair = Pair::start(ClusterOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -437,13 +528,13 @@ async fn a_verify_killed_midway_resumes_after_the_last_chunk_it_compared() {
     let config = pair.config(dir.path(), "[verify]\nrate = 40000\n");
     let mut daemon = Daemon::start_streaming(&config).await;
     pair.finish(&mut daemon, &["big", "words"], WAIT).await;
-    // Differences at a chunk's edges (chunks are 5,000 source rows), in
+    // Differences at a chunk's edges (chunks are 20,000 source rows), in
     // the middle, and past the source's last key; in the text-keyed
     // table, on both sides of where it will have stopped.
     pair.target
         .execute(
             "app",
-            "DELETE FROM big WHERE id IN (5000, 5001);
+            "DELETE FROM big WHERE id IN (20000, 20001);
              UPDATE big SET v = 'x' WHERE id = 150000;
              INSERT INTO big VALUES (999999, 'extra');
              DELETE FROM words WHERE w = (SELECT w FROM words ORDER BY w COLLATE \"C\" OFFSET 10 LIMIT 1);

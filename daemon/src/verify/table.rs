@@ -11,7 +11,7 @@
 //! server's own collation changes. A table without a key is ordered by
 //! every column's text and compared as a multiset.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use cutover_conflict::compare::{Difference, KeyKind, Layout, Merge, Side, Tally};
 use cutover_conflict::fingerprint::{Digest, Fingerprint, fingerprint};
 use cutover_conflict::repair::{Fix, fix};
@@ -44,6 +44,51 @@ pub(super) struct Plan {
     /// The key columns' types on each side, for the chunks' bounds.
     source_key_types: Vec<String>,
     target_key_types: Vec<String>,
+    /// Per column of `layout`: whether its text on both sides is never
+    /// empty and never holds a comma (by its type, [`PLAIN_TYPES`]).
+    plain: Vec<bool>,
+}
+
+/// Types whose text is never empty and never holds a comma, under the
+/// settings a verify reads with. (Not `money`, whose text groups digits
+/// with commas, nor any array or composite.)
+const PLAIN_TYPES: &[&str] = &[
+    "smallint",
+    "integer",
+    "bigint",
+    "numeric",
+    "real",
+    "double precision",
+    "boolean",
+    "date",
+    "time without time zone",
+    "time with time zone",
+    "timestamp without time zone",
+    "timestamp with time zone",
+    "interval",
+    "uuid",
+    "oid",
+    "bytea",
+    "inet",
+    "cidr",
+    "macaddr",
+];
+
+/// Whether a column of type `type_name` (as `format_type` writes it,
+/// with any modifier such as `numeric(12,2)` or `timestamp(3) with time
+/// zone`) is one of [`PLAIN_TYPES`].
+fn plain_type(type_name: &str) -> bool {
+    let mut base = String::with_capacity(type_name.len());
+    let mut depth = 0;
+    for c in type_name.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ if depth == 0 => base.push(c),
+            _ => {}
+        }
+    }
+    PLAIN_TYPES.contains(&base.as_str())
 }
 
 impl Plan {
@@ -105,7 +150,19 @@ impl Plan {
                 })
                 .collect()
         };
+        let plain_in = |t: &Table, name: &str| {
+            t.columns
+                .iter()
+                .find(|c| c.name == name)
+                .is_some_and(|c| plain_type(&c.type_name))
+        };
+        let plain = layout
+            .names
+            .iter()
+            .map(|n| plain_in(&table, n) && plain_in(target, n))
+            .collect();
         Plan {
+            plain,
             source_rows: catalog::own_rows(&table.name, table.partitioned),
             target_rows: catalog::own_rows(&target.name, target.partitioned),
             source_key_types: types(&table),
@@ -149,7 +206,7 @@ impl Plan {
     /// Whether an interrupted comparison can go on after the last key
     /// compared: when the table has a key (a table without one may hold
     /// more copies of the last row compared, which `> row` would skip).
-    /// A table read whole records where it stands every [`CHUNK_ROWS`]
+    /// A table read whole records where it stands every [`CHECKPOINT_ROWS`]
     /// rows or so, at a row both sides hold.
     fn resumable(&self) -> bool {
         !self.layout.is_keyless()
@@ -157,17 +214,80 @@ impl Plan {
 
     /// The `COPY` of the rows of `from` (whose key columns have `types`),
     /// key first, in key order: those after `after` and up to `upto` (key
-    /// values as text), at most `limit`.
+    /// values as text), and with `groups`, only those of the groups
+    /// listed ([`Plan::group_of`] of that width).
     fn copy_sql(
         &self,
         from: &str,
         types: &[String],
         after: Option<&[String]>,
         upto: Option<&[String]>,
-        limit: Option<usize>,
+        groups: Option<&(i64, Vec<i64>)>,
     ) -> String {
-        let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
-        self.copy_where(from, &self.range(types, after, upto), &limit)
+        let mut filter = self.range(types, after, upto);
+        if let Some((width, groups)) = groups {
+            let listed: Vec<String> = groups.iter().map(i64::to_string).collect();
+            filter.push_str(if filter.is_empty() {
+                " WHERE "
+            } else {
+                " AND "
+            });
+            filter.push_str(&format!(
+                "{} IN ({})",
+                self.group_of(*width),
+                listed.join(", ")
+            ));
+        }
+        self.copy_where(from, &filter)
+    }
+
+    /// A row's group when a chunk is checksummed in groups: its first key
+    /// column divided by `width`.
+    fn group_of(&self, width: i64) -> String {
+        format!(
+            "(r.{}::bigint / {width})",
+            quote_ident(&self.layout.names[0])
+        )
+    }
+
+    /// The group width for the chunk after `after` and up to `upto` that
+    /// makes groups of about [`GROUP_ROWS`] rows where its keys are dense:
+    /// from the span of its first key column, or when the chunk is the
+    /// table's first or last, the width of the chunk before (`previous`).
+    fn group_width(
+        &self,
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        previous: Option<i64>,
+    ) -> i64 {
+        let first = |key: Option<&[String]>| {
+            key.and_then(|k| k.first())
+                .and_then(|v| v.parse::<i128>().ok())
+        };
+        match (first(after), first(upto)) {
+            (Some(low), Some(high)) => ((high - low) * i128::from(GROUP_ROWS) / CHUNK_ROWS as i128)
+                .clamp(1, i128::from(i64::MAX)) as i64,
+            _ => previous.unwrap_or(GROUP_ROWS),
+        }
+    }
+
+    /// The rows of the chunk of `from` after `after` and up to `upto`
+    /// counted and hashed by the server in groups ([`Plan::group_of`]):
+    /// one row per group that has rows, `(group, count, sum)`.
+    fn groups_sql(
+        &self,
+        from: &str,
+        types: &[String],
+        after: Option<&[String]>,
+        upto: Option<&[String]>,
+        width: i64,
+    ) -> String {
+        format!(
+            "SELECT {}, count(*), sum(hashtextextended({}, 0))::text FROM {from} AS r{} GROUP BY 1",
+            self.group_of(width),
+            self.canonical_text(),
+            self.range(types, after, upto)
+        )
     }
 
     /// ` WHERE` the key is after `after` and up to `upto`, or nothing.
@@ -230,10 +350,36 @@ impl Plan {
         upto: Option<&[String]>,
     ) -> String {
         format!(
-            "SELECT count(*), sum(hashtextextended(ROW({})::text, 0))::text FROM {from} AS r{}",
-            self.text_fields().join(", "),
+            "SELECT count(*), sum(hashtextextended({}, 0))::text FROM {from} AS r{}",
+            self.canonical_text(),
             self.range(types, after, upto)
         )
+    }
+
+    /// One text of a row that tells any two different rows apart, cheap
+    /// for the server to build: the byte length of every field (`-1` for
+    /// NULL), then every field, comma-separated. The lengths make it
+    /// unambiguous whatever the fields hold. (`ROW(...)::text` would be
+    /// too, but quoting it costs the server about four times as much on
+    /// long values.) `concat_ws` takes at most 100 arguments, so wider
+    /// rows are joined in groups, which the lengths still make
+    /// unambiguous.
+    fn canonical_text(&self) -> String {
+        let fields = self.text_fields();
+        let mut parts: Vec<String> = fields
+            .iter()
+            .zip(&self.plain)
+            .filter(|(_, plain)| !**plain)
+            .map(|(f, _)| format!("coalesce(octet_length({f}), -1)"))
+            .collect();
+        parts.extend(fields.iter().zip(&self.plain).map(|(f, plain)| {
+            if *plain {
+                format!("coalesce({f}, '')")
+            } else {
+                f.clone()
+            }
+        }));
+        concat_ws(parts)
     }
 
     /// The key's expressions, as rows are ordered. Qualified: a bare name
@@ -253,9 +399,9 @@ impl Plan {
 
     /// The `COPY` of the rows of `from` that `filter` keeps, every field as
     /// text, key first, in key order.
-    fn copy_where(&self, from: &str, filter: &str, limit: &str) -> String {
+    fn copy_where(&self, from: &str, filter: &str) -> String {
         format!(
-            "COPY (SELECT {} FROM {from} AS r{filter} ORDER BY {}{limit}) TO STDOUT",
+            "COPY (SELECT {} FROM {from} AS r{filter} ORDER BY {}) TO STDOUT",
             self.text_fields().join(", "),
             self.order().join(", ")
         )
@@ -309,7 +455,7 @@ impl Plan {
                 .collect();
             format!("ROW({}) IN ({})", key.join(", "), tuples.join(", "))
         };
-        self.copy_where(from, &format!(" WHERE {filter}"), "")
+        self.copy_where(from, &format!(" WHERE {filter}"))
     }
 
     /// The key of a row read by [`Plan::copy_sql`], as text.
@@ -318,6 +464,19 @@ impl Plan {
             .map(|i| row.value(i).unwrap_or_default())
             .collect()
     }
+}
+
+/// `concat_ws(',', parts...)`, nested so that no call takes more than
+/// the server's 100 arguments.
+fn concat_ws(mut parts: Vec<String>) -> String {
+    const MAX_ARGS: usize = 90;
+    while parts.len() > MAX_ARGS {
+        parts = parts
+            .chunks(MAX_ARGS)
+            .map(|group| format!("concat_ws(',', {})", group.join(", ")))
+            .collect();
+    }
+    format!("concat_ws(',', {})", parts.join(", "))
 }
 
 /// Lines of a `COPY ... TO STDOUT` in text format, one row at a time.
@@ -345,17 +504,30 @@ impl Lines {
             // Only the bytes that arrived since the last look are searched:
             // a value of many megabytes arrives in many pieces.
             if let Some(at) = self.buffer[self.scanned..].iter().position(|b| *b == b'\n') {
-                let line: Bytes = self.buffer.split_to(self.scanned + at).freeze();
-                self.buffer.advance(1);
+                let end = self.scanned + at;
+                let row = Row::parse(&self.buffer[..end]);
+                self.buffer.advance(end + 1);
                 self.scanned = 0;
-                return Ok(Some(Row::parse(&line)));
+                return Ok(Some(row));
             }
             self.scanned = self.buffer.len();
             if self.done {
                 return Ok(None);
             }
             match self.stream.next().await {
-                Some(chunk) => self.buffer.extend_from_slice(&chunk?),
+                Some(chunk) => {
+                    let chunk = chunk?;
+                    // PostgreSQL sends each row in a message of its own:
+                    // such a message is parsed where it is, not copied
+                    // into the buffer first.
+                    if self.buffer.is_empty()
+                        && let Some((b'\n', line)) = chunk.split_last()
+                        && !line.contains(&b'\n')
+                    {
+                        return Ok(Some(Row::parse(line)));
+                    }
+                    self.buffer.extend_from_slice(&chunk);
+                }
                 None => self.done = true,
             }
         }
@@ -416,8 +588,16 @@ pub(super) struct Reading<'a> {
     pub(super) pacer: &'a Pacer,
 }
 
-/// Rows of the source read per chunk of a table read in chunks.
-const CHUNK_ROWS: usize = 5_000;
+/// Rows of the source per chunk of a table read in chunks.
+const CHUNK_ROWS: usize = 20_000;
+
+/// Source rows between two records of where a table read whole stands.
+const CHECKPOINT_ROWS: u64 = 5_000;
+
+/// Rows per group, where keys are dense, when a chunk that differs is
+/// checksummed again in groups: with one row in a thousand differing,
+/// about one group in twenty is read.
+const GROUP_ROWS: i64 = 50;
 
 /// Compares one table on `source` and `target` (each inside the snapshot
 /// of the position `at`), keeping up to `samples` differences of each
@@ -468,27 +648,57 @@ pub(super) async fn compare(
     report.compared_at.push(at);
     let mut fixes = Vec::new();
     // Chunks of an integer key are compared by the servers' checksums
-    // first; only a chunk that differs is read row by row. After chunks
-    // that differ, fewer and fewer are checked first (1, 3, 7, ... read
-    // directly in between), so a table that differs everywhere costs
-    // little more than reading it.
-    let (mut streak, mut skip) = (0u32, 0u32);
+    // first, the chunk whole. A chunk that differs is checksummed again in
+    // groups of about GROUP_ROWS keys, and only the groups that differ are
+    // read row by row; after a chunk that differed, the next is checksummed
+    // in groups at once. So a table that differs here and there costs
+    // little more than its checksums, and most rows of a table that
+    // differs everywhere are still never sent.
+    let mut split_next = false;
+    let mut width = None;
     loop {
+        // The chunk's last key on the source (its index finds it), or the
+        // table's end: the whole table when it is not read in chunks.
+        let upto = if plan.chunked() {
+            chunk_end(plan, source, after.as_deref()).await?
+        } else {
+            None
+        };
+        let mut only_groups = None;
         if plan.chunked() {
-            if skip > 0 {
-                skip -= 1;
-            } else if let Some((upto, rows, chunk)) =
-                equal_chunk(plan, source, target, after.as_deref()).await?
-            {
-                pacer.read(rows).await;
-                report.add_tally(Tally {
-                    source_rows: rows,
-                    target_rows: rows,
-                    equal: rows,
-                    ..Tally::default()
-                });
-                source_digest.add_chunk(&chunk, rows);
-                target_digest.add_chunk(&chunk, rows);
+            let whole = if split_next {
+                None
+            } else {
+                equal_chunk(plan, source, target, after.as_deref(), upto.as_deref()).await?
+            };
+            let equal = match whole {
+                Some(chunk) => vec![chunk],
+                None => {
+                    let w = plan.group_width(after.as_deref(), upto.as_deref(), width);
+                    width = Some(w);
+                    let (equal, differing) =
+                        split_chunk(plan, source, target, after.as_deref(), upto.as_deref(), w)
+                            .await?;
+                    split_next = !differing.is_empty();
+                    if split_next {
+                        only_groups = Some((w, differing));
+                    }
+                    equal
+                }
+            };
+            let rows = equal.iter().map(|(rows, _)| rows).sum();
+            pacer.read(rows).await;
+            report.add_tally(Tally {
+                source_rows: rows,
+                target_rows: rows,
+                equal: rows,
+                ..Tally::default()
+            });
+            for (rows, chunk) in &equal {
+                source_digest.add_chunk(chunk, *rows);
+                target_digest.add_chunk(chunk, *rows);
+            }
+            if only_groups.is_none() {
                 report.set_checksums(source_digest.hex(), target_digest.hex());
                 let done = upto.is_none();
                 after = upto;
@@ -504,60 +714,47 @@ pub(super) async fn compare(
                     return Ok((report, fixes));
                 }
                 continue;
-            } else {
-                streak = (streak + 1).min(6);
-                skip = (1 << streak) - 1;
             }
         }
-        // The source's chunk first (its last key bounds the target's),
-        // or the whole table when it is not read in chunks.
-        let limit = plan.chunked().then_some(CHUNK_ROWS);
-        let mut source_rows = Lines::open(
-            source,
-            &plan.copy_sql(
-                &plan.source_rows,
-                &plan.source_key_types,
-                after.as_deref(),
-                None,
-                limit,
-            ),
-        )
-        .await
-        .map_err(read_error("source"))?;
-        let mut chunk = Vec::new();
-        let upto = if let Some(limit) = limit {
-            while let Some(row) = source_rows.next().await.map_err(read_error("source"))? {
-                chunk.push(row);
-                if (chunk.len() as u64).is_multiple_of(PACE_EVERY) {
-                    pacer.read(PACE_EVERY).await;
-                }
-            }
-            (chunk.len() == limit).then(|| plan.key_of(&chunk[chunk.len() - 1]))
-        } else {
-            None
-        };
-        let mut chunk = chunk.into_iter();
-        let mut target_rows = Lines::open(
-            target,
-            &plan.copy_sql(
-                &plan.target_rows,
-                &plan.target_key_types,
-                after.as_deref(),
-                upto.as_deref(),
-                None,
-            ),
-        )
-        .await
-        .map_err(read_error("target"))?;
+        // Both sides' rows of the chunk, read at the same time.
+        let (mut source_rows, mut target_rows) = tokio::try_join!(
+            async {
+                Lines::open(
+                    source,
+                    &plan.copy_sql(
+                        &plan.source_rows,
+                        &plan.source_key_types,
+                        after.as_deref(),
+                        upto.as_deref(),
+                        only_groups.as_ref(),
+                    ),
+                )
+                .await
+                .map_err(read_error("source"))
+            },
+            async {
+                Lines::open(
+                    target,
+                    &plan.copy_sql(
+                        &plan.target_rows,
+                        &plan.target_key_types,
+                        after.as_deref(),
+                        upto.as_deref(),
+                        only_groups.as_ref(),
+                    ),
+                )
+                .await
+                .map_err(read_error("target"))
+            },
+        )?;
         let mut merge = Merge::new(plan.layout.clone());
         // A table read whole records where it stands now and then: the key
         // of the source row pushed once a checkpoint is due, kept until the
         // merge is idle there.
-        let mut checkpoint_due = CHUNK_ROWS as u64;
+        let mut checkpoint_due = CHECKPOINT_ROWS;
         let mut pushed_key: Option<Vec<String>> = None;
         while let Some(side) = merge.wants() {
             let row = match side {
-                Side::Source if limit.is_some() => chunk.next(),
                 Side::Source => {
                     let row = source_rows.next().await.map_err(read_error("source"))?;
                     if merge.tally().source_rows % PACE_EVERY == PACE_EVERY - 1 {
@@ -573,8 +770,8 @@ pub(super) async fn compare(
                         Side::Source => &mut source_digest,
                         Side::Target => &mut target_digest,
                     };
-                    digest.add(&fingerprint(row.fields(0..row.len())));
-                    if limit.is_none() && side == Side::Source {
+                    digest.add(&row.fingerprint());
+                    if !plan.chunked() && side == Side::Source {
                         pushed_key = (merge.tally().source_rows >= checkpoint_due)
                             .then(|| plan.key_of(&row));
                     }
@@ -599,17 +796,13 @@ pub(super) async fn compare(
                 && merge.is_idle()
                 && let Some(key) = pushed_key.take()
             {
-                checkpoint_due = merge.tally().source_rows + CHUNK_ROWS as u64;
+                checkpoint_due = merge.tally().source_rows + CHECKPOINT_ROWS;
                 let mut so_far = report.clone();
                 so_far.add_tally(merge.tally());
                 so_far.set_checksums(source_digest.hex(), target_digest.hex());
                 let digests = [&source_digest, &target_digest];
                 record(Some(progress), &name, false, &Some(key), &so_far, digests)?;
             }
-        }
-        if merge.tally().differing() == 0 {
-            // Equal after all: chunks are checked first again.
-            (streak, skip) = (0, 0);
         }
         report.add_tally(merge.tally());
         report.set_checksums(source_digest.hex(), target_digest.hex());
@@ -654,64 +847,145 @@ fn record(
     Ok(())
 }
 
-/// The next chunk after `after` compared by the servers: its upper key
-/// (`None`: the table's end), its rows and the fingerprint of its checksum
+/// The key of the last row of the chunk after `after` on the source,
+/// `None` when the table ends within the chunk.
+async fn chunk_end(
+    plan: &Plan,
+    source: &Client,
+    after: Option<&[String]>,
+) -> Result<Option<Vec<String>>, VerifyError> {
+    Ok(source
+        .query_opt(&plan.bound_sql(after), &[])
+        .await
+        .map_err(|err| VerifyError::Query {
+            role: "source",
+            what: format!("finding the next chunk of {}", plan.table.name),
+            detail: describe(&err),
+        })?
+        .map(|row| (0..plan.layout.key.len()).map(|i| row.get(i)).collect()))
+}
+
+/// The chunk after `after` and up to `upto` (`None`: the table's end)
+/// compared by the servers: its rows and the fingerprint of its checksum
 /// when both sides hold the same rows, `None` when they differ. Both
-/// sides hash the same text of each row that [`compare`] reads, in key
-/// order, within their snapshots.
+/// sides hash the same canonical text of each row
+/// ([`Plan::canonical_text`]) within their snapshots.
 async fn equal_chunk(
     plan: &Plan,
     source: &Client,
     target: &Client,
     after: Option<&[String]>,
-) -> Result<Option<(Option<Vec<String>>, u64, Fingerprint)>, VerifyError> {
-    let what = || format!("checksumming {}", plan.table.name);
+    upto: Option<&[String]>,
+) -> Result<Option<(u64, Fingerprint)>, VerifyError> {
+    let (on_source, on_target) = checksums(
+        plan,
+        source,
+        target,
+        &plan.checksum_sql(&plan.source_rows, &plan.source_key_types, after, upto),
+        &plan.checksum_sql(&plan.target_rows, &plan.target_key_types, after, upto),
+    )
+    .await?;
+    let sum = |rows: &[tokio_postgres::Row]| {
+        rows.first()
+            .map(|row| (row.get::<_, i64>(0), row.get::<_, Option<String>>(1)))
+    };
+    match (sum(&on_source), sum(&on_target)) {
+        (Some(source), Some(target)) if source == target => {
+            let (count, hash) = source;
+            Ok(Some((count as u64, chunk_fingerprint(hash.as_deref()))))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A chunk checksummed again by both servers in groups of `width`
+/// ([`Plan::group_of`]): the rows and fingerprint of each group both
+/// sides hold equal, and the groups that differ, in order.
+async fn split_chunk(
+    plan: &Plan,
+    source: &Client,
+    target: &Client,
+    after: Option<&[String]>,
+    upto: Option<&[String]>,
+    width: i64,
+) -> Result<(Vec<(u64, Fingerprint)>, Vec<i64>), VerifyError> {
+    let (on_source, on_target) = checksums(
+        plan,
+        source,
+        target,
+        &plan.groups_sql(
+            &plan.source_rows,
+            &plan.source_key_types,
+            after,
+            upto,
+            width,
+        ),
+        &plan.groups_sql(
+            &plan.target_rows,
+            &plan.target_key_types,
+            after,
+            upto,
+            width,
+        ),
+    )
+    .await?;
+    type Sums = std::collections::BTreeMap<i64, (i64, Option<String>)>;
+    let groups = |rows: Vec<tokio_postgres::Row>| -> Sums {
+        rows.into_iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect()
+    };
+    let (mut on_source, mut on_target) = (groups(on_source), groups(on_target));
+    let mut keys: Vec<i64> = on_source.keys().chain(on_target.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (mut equal, mut differing) = (Vec::new(), Vec::new());
+    for group in keys {
+        match (on_source.remove(&group), on_target.remove(&group)) {
+            (Some(source), Some(target)) if source == target => {
+                let (count, hash) = source;
+                equal.push((count as u64, chunk_fingerprint(hash.as_deref())));
+            }
+            _ => differing.push(group),
+        }
+    }
+    Ok((equal, differing))
+}
+
+/// The fingerprint of a chunk (or group) both servers checksummed equal.
+fn chunk_fingerprint(hash: Option<&str>) -> Fingerprint {
+    fingerprint([hash.map(str::as_bytes)])
+}
+
+/// Runs a checksum query on each side at the same time.
+async fn checksums(
+    plan: &Plan,
+    source: &Client,
+    target: &Client,
+    source_sql: &str,
+    target_sql: &str,
+) -> Result<(Vec<tokio_postgres::Row>, Vec<tokio_postgres::Row>), VerifyError> {
     let failed = |role: &'static str| {
         move |err: tokio_postgres::Error| VerifyError::Query {
             role,
-            what: what(),
+            what: format!("checksumming {}", plan.table.name),
             detail: describe(&err),
         }
     };
-    let upto: Option<Vec<String>> = source
-        .query_opt(&plan.bound_sql(after), &[])
-        .await
-        .map_err(failed("source"))?
-        .map(|row| (0..plan.layout.key.len()).map(|i| row.get(i)).collect());
-    let source_sql = plan.checksum_sql(
-        &plan.source_rows,
-        &plan.source_key_types,
-        after,
-        upto.as_deref(),
-    );
-    let target_sql = plan.checksum_sql(
-        &plan.target_rows,
-        &plan.target_key_types,
-        after,
-        upto.as_deref(),
-    );
-    let (on_source, on_target) = tokio::try_join!(
+    tokio::try_join!(
         async {
             source
-                .query_one(&source_sql, &[])
+                .query(source_sql, &[])
                 .await
                 .map_err(failed("source"))
         },
         async {
             target
-                .query_one(&target_sql, &[])
+                .query(target_sql, &[])
                 .await
                 .map_err(failed("target"))
         },
-    )?;
-    let count = |row: &tokio_postgres::Row| row.get::<_, i64>(0);
-    let hash = |row: &tokio_postgres::Row| row.get::<_, Option<String>>(1);
-    if count(&on_source) != count(&on_target) || hash(&on_source) != hash(&on_target) {
-        return Ok(None);
-    }
-    let hash = hash(&on_source);
-    let chunk = fingerprint([hash.as_deref().map(str::as_bytes)]);
-    Ok(Some((upto, count(&on_source) as u64, chunk)))
+    )
 }
 
 /// Rows looked up per query by [`recheck`].
