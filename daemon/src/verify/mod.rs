@@ -276,7 +276,7 @@ pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
     }
 }
 
-/// [`run`] by a command that holds the state store already (`cutover
+/// [`run()`] by a command that holds the state store already (`cutover
 /// switch --verify`): no daemon runs.
 pub async fn run_with_store(
     config: &Config,

@@ -488,10 +488,15 @@ fn cluster_cpu(data_dir: &Path) -> f64 {
 mod tests {
     use super::*;
 
-    fn burn(until: Duration) {
-        let started = Instant::now();
+    /// Spends `cpu` of this process's CPU time, by the kernel's CPU clock
+    /// (not the wall clock, which a loaded machine stretches), within a
+    /// minute.
+    fn burn(cpu: Duration) {
+        use nix::time::{ClockId, clock_gettime};
+        let now = || Duration::from(clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID).unwrap());
+        let (started, wall) = (now(), Instant::now());
         let mut x = 0u64;
-        while started.elapsed() < until {
+        while now() - started < cpu && wall.elapsed() < Duration::from_secs(60) {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
         }
     }
