@@ -245,10 +245,12 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
     let pair = Pair::start(ClusterOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
     // Sparse keys from negative to positive over three chunks of 20,000
-    // rows; a composite key whose first column barely changes.
+    // rows; a composite key whose first column barely changes; keys a
+    // thousand apart.
     pair.both(
         "CREATE TABLE sparse (id bigint PRIMARY KEY, a text, b text, n int, m int);
-         CREATE TABLE pairs (k1 int, k2 bigint, v text, PRIMARY KEY (k1, k2));",
+         CREATE TABLE pairs (k1 int, k2 bigint, v text, PRIMARY KEY (k1, k2));
+         CREATE TABLE spaced (id bigint PRIMARY KEY, v int);",
     )
     .await;
     pair.on_source(
@@ -256,12 +258,14 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
          UPDATE sparse SET a = 'x', b = ',y' WHERE id = 7 * 30000 - 200000;
          UPDATE sparse SET a = NULL, b = '' WHERE id = 7 * 40000 - 200000;
          UPDATE sparse SET n = NULL, m = 5 WHERE id = 7 * 50000 - 200000;
-         INSERT INTO pairs SELECT g % 3, g, 'v' || g FROM generate_series(1, 45000) g;",
+         INSERT INTO pairs SELECT g % 3, g, 'v' || g FROM generate_series(1, 45000) g;
+         INSERT INTO spaced SELECT g * 1000, g FROM generate_series(1, 1500) g;",
     )
     .await;
     let config = pair.config(dir.path(), "");
     let mut daemon = Daemon::start_streaming(&config).await;
-    pair.finish(&mut daemon, &["sparse", "pairs"], WAIT).await;
+    pair.finish(&mut daemon, &["sparse", "pairs", "spaced"], WAIT)
+        .await;
     // Behind cutover's back: the table's first row and the last of the
     // first chunk gone, the first of the second changed; rows before the
     // first key, in a gap between keys and after the last; and changes a
@@ -278,7 +282,8 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
              UPDATE sparse SET a = '', b = NULL WHERE id = 7 * 40000 - 200000;
              UPDATE sparse SET n = 5, m = NULL WHERE id = 7 * 50000 - 200000;
              UPDATE pairs SET v = 'changed' WHERE (k1, k2) = (1, 30001);
-             DELETE FROM pairs WHERE (k1, k2) = (2, 44999);",
+             DELETE FROM pairs WHERE (k1, k2) = (2, 44999);
+             UPDATE spaced SET v = -v WHERE id <= 1200000;",
         )
         .await;
     let outcome = verify(&config, "json");
@@ -306,6 +311,11 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
         [45000, 1, 0, 1],
         "{report:#}"
     );
+    // Keys far apart, most rows changed: more groups differ than are
+    // listed, and the chunk is read whole, each row counted once.
+    let spaced = table("public.spaced");
+    assert_eq!(counts(&spaced), [1500, 0, 0, 1200], "{report:#}");
+    assert_eq!(spaced["equal"], 300, "{report:#}");
     let human = verify(&config, "human").all_output();
     for expected in [
         "missing on target: (id=-199993)",

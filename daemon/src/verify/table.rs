@@ -29,7 +29,7 @@ use super::report::{Sample, SampleKind, TableReport};
 
 mod chunks;
 
-use chunks::{chunk_end, equal_chunk, plain_type, split_chunk};
+use chunks::{MAX_LISTED_GROUPS, chunk_end, equal_chunk, plain_type, split_chunk};
 
 /// The column types compared by value: the servers order them
 /// numerically, and so does [`Layout`].
@@ -498,6 +498,7 @@ pub(super) async fn compare(
             None
         };
         let mut only_groups = None;
+        let mut read_whole = false;
         if plan.chunked() {
             let whole = if split_next {
                 None
@@ -509,11 +510,16 @@ pub(super) async fn compare(
                 None => {
                     let w = plan.group_width(after.as_deref(), upto.as_deref(), width);
                     width = Some(w);
-                    let (equal, differing) =
+                    let (mut equal, differing) =
                         split_chunk(plan, source, target, after.as_deref(), upto.as_deref(), w)
                             .await?;
                     split_next = !differing.is_empty();
-                    if split_next {
+                    if differing.len() > MAX_LISTED_GROUPS {
+                        // Too many to list (keys far apart): the chunk is
+                        // read whole, its equal groups with it.
+                        equal.clear();
+                        read_whole = true;
+                    } else if split_next {
                         only_groups = Some((w, differing));
                     }
                     equal
@@ -531,7 +537,7 @@ pub(super) async fn compare(
                 source_digest.add_chunk(chunk, *rows);
                 target_digest.add_chunk(chunk, *rows);
             }
-            if only_groups.is_none() {
+            if only_groups.is_none() && !read_whole {
                 report.set_checksums(source_digest.hex(), target_digest.hex());
                 let done = upto.is_none();
                 after = upto;

@@ -18,6 +18,10 @@ const CHUNK_ROWS: usize = 20_000;
 /// about one group in twenty is read.
 const GROUP_ROWS: i64 = 50;
 
+/// The most groups of a chunk read by listing them; a chunk with more
+/// groups that differ is read whole.
+pub(super) const MAX_LISTED_GROUPS: usize = 1_000;
+
 /// Types whose text is never empty and never holds a comma, under the
 /// settings a verify reads with. (Not `money`, whose text groups digits
 /// with commas, nor any array or composite.)
