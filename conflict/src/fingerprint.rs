@@ -48,6 +48,10 @@ impl Digest {
     /// chunk the servers found equal by checksum): both sides add the
     /// same, so equal chunks keep the digests equal.
     pub fn add_chunk(&mut self, fingerprint: &Fingerprint, rows: u64) {
+        if rows == 0 {
+            // An empty chunk (a table's end) adds nothing.
+            return;
+        }
         self.add(fingerprint);
         self.rows += rows.saturating_sub(1);
     }
@@ -117,5 +121,11 @@ mod tests {
         assert!(forward.hex().starts_with("3:"));
         assert_eq!(Digest::from_hex(&forward.hex()), Some(forward));
         assert_eq!(Digest::from_hex("x"), None);
+        // An empty chunk (a table's end) adds no row.
+        let mut empty = Digest::default();
+        empty.add_chunk(&rows[0], 0);
+        assert_eq!(empty, Digest::default());
+        empty.add_chunk(&rows[0], 3);
+        assert_eq!(empty.rows, 3);
     }
 }

@@ -246,11 +246,14 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
     let dir = tempfile::tempdir().unwrap();
     // Sparse keys from negative to positive over three chunks of 20,000
     // rows; a composite key whose first column barely changes; keys a
-    // thousand apart.
+    // thousand apart; a case-insensitive column beside one of another
+    // collation.
     pair.both(
         "CREATE TABLE sparse (id bigint PRIMARY KEY, a text, b text, n int, m int);
          CREATE TABLE pairs (k1 int, k2 bigint, v text, PRIMARY KEY (k1, k2));
-         CREATE TABLE spaced (id bigint PRIMARY KEY, v int);",
+         CREATE TABLE spaced (id bigint PRIMARY KEY, v int);
+         CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE TABLE emails (id int PRIMARY KEY, email text COLLATE ci, code text COLLATE \"C\");",
     )
     .await;
     pair.on_source(
@@ -259,12 +262,13 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
          UPDATE sparse SET a = NULL, b = '' WHERE id = 7 * 40000 - 200000;
          UPDATE sparse SET n = NULL, m = 5 WHERE id = 7 * 50000 - 200000;
          INSERT INTO pairs SELECT g % 3, g, 'v' || g FROM generate_series(1, 45000) g;
-         INSERT INTO spaced SELECT g * 1000, g FROM generate_series(1, 1500) g;",
+         INSERT INTO spaced SELECT g * 1000, g FROM generate_series(1, 1500) g;
+         INSERT INTO emails VALUES (1, 'Bob@x.io', 'a'), (2, 'ann@x.io', 'b');",
     )
     .await;
     let config = pair.config(dir.path(), "");
     let mut daemon = Daemon::start_streaming(&config).await;
-    pair.finish(&mut daemon, &["sparse", "pairs", "spaced"], WAIT)
+    pair.finish(&mut daemon, &["sparse", "pairs", "spaced", "emails"], WAIT)
         .await;
     // Behind cutover's back: the table's first row and the last of the
     // first chunk gone, the first of the second changed; rows before the
@@ -283,7 +287,8 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
              UPDATE sparse SET n = 5, m = NULL WHERE id = 7 * 50000 - 200000;
              UPDATE pairs SET v = 'changed' WHERE (k1, k2) = (1, 30001);
              DELETE FROM pairs WHERE (k1, k2) = (2, 44999);
-             UPDATE spaced SET v = -v WHERE id <= 1200000;",
+             UPDATE spaced SET v = -v WHERE id <= 1200000;
+             UPDATE emails SET email = 'bob@x.io' WHERE id = 1;",
         )
         .await;
     let outcome = verify(&config, "json");
@@ -316,6 +321,9 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
     let spaced = table("public.spaced");
     assert_eq!(counts(&spaced), [1500, 0, 0, 1200], "{report:#}");
     assert_eq!(spaced["equal"], 300, "{report:#}");
+    // A case-insensitive column whose case changed, beside a column of
+    // another collation: compared by bytes.
+    assert_eq!(counts(&table("public.emails")), [2, 0, 0, 1], "{report:#}");
     let human = verify(&config, "human").all_output();
     for expected in [
         "missing on target: (id=-199993)",
@@ -327,6 +335,7 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
         "changed: (id=10000) in a, b",
         "changed: (id=80000) in a, b",
         "changed: (id=150000) in n, m",
+        "changed: (id=1) in email",
         "changed: (k1=1, k2=30001) in v",
         "missing on target: (k1=2, k2=44999)",
     ] {

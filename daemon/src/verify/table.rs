@@ -116,7 +116,7 @@ impl Plan {
             t.columns
                 .iter()
                 .find(|c| c.name == name)
-                .is_some_and(|c| plain_type(&c.type_name))
+                .is_some_and(|c| plain_type(c.type_oid))
         };
         let plain = layout
             .names

@@ -23,45 +23,20 @@ const GROUP_ROWS: i64 = 50;
 pub(super) const MAX_LISTED_GROUPS: usize = 1_000;
 
 /// Types whose text is never empty and never holds a comma, under the
-/// settings a verify reads with. (Not `money`, whose text groups digits
-/// with commas, nor any array or composite.)
-const PLAIN_TYPES: &[&str] = &[
-    "smallint",
-    "integer",
-    "bigint",
-    "numeric",
-    "real",
-    "double precision",
-    "boolean",
-    "date",
-    "time without time zone",
-    "time with time zone",
-    "timestamp without time zone",
-    "timestamp with time zone",
-    "interval",
-    "uuid",
-    "oid",
-    "bytea",
-    "inet",
-    "cidr",
-    "macaddr",
+/// settings a verify reads with, by their built-in OIDs (a name could be
+/// a user's domain that a `search_path` puts first): `int2`, `int4`,
+/// `int8`, `numeric`, `float4`, `float8`, `bool`, `date`, `time`,
+/// `timetz`, `timestamp`, `timestamptz`, `interval`, `uuid`, `oid`,
+/// `bytea`, `inet`, `cidr`, `macaddr`. (Not `money`, whose text groups
+/// digits with commas, nor any array, composite or domain.)
+const PLAIN_TYPES: &[u32] = &[
+    21, 23, 20, 1700, 700, 701, 16, 1082, 1083, 1266, 1114, 1184, 1186, 2950, 26, 17, 869, 650, 829,
 ];
 
-/// Whether a column of type `type_name` (as `format_type` writes it,
-/// with any modifier such as `numeric(12,2)` or `timestamp(3) with time
-/// zone`) is one of [`PLAIN_TYPES`].
-pub(super) fn plain_type(type_name: &str) -> bool {
-    let mut base = String::with_capacity(type_name.len());
-    let mut depth = 0;
-    for c in type_name.chars() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth -= 1,
-            _ if depth == 0 => base.push(c),
-            _ => {}
-        }
-    }
-    PLAIN_TYPES.contains(&base.as_str())
+/// Whether a column of the type `type_oid` is one of [`PLAIN_TYPES`]
+/// (a type modifier such as `numeric(12,2)` does not change the OID).
+pub(super) fn plain_type(type_oid: u32) -> bool {
+    PLAIN_TYPES.contains(&type_oid)
 }
 
 impl Plan {
@@ -152,7 +127,11 @@ impl Plan {
     /// NULL), then every field, comma-separated. The lengths make it
     /// unambiguous whatever the fields hold. (`ROW(...)::text` would be
     /// too, but quoting it costs the server about four times as much on
-    /// long values.) `concat_ws` takes at most 100 arguments, so wider
+    /// long values.) The text is hashed `COLLATE "C"`, by its bytes: under
+    /// a column's case-insensitive collation `hashtextextended` would hash
+    /// `Bob` and `bob` alike, and two columns of different collations
+    /// would leave it none to hash with. `concat_ws` takes at most 100
+    /// arguments, so wider
     /// rows are joined in groups, which the lengths still make
     /// unambiguous.
     pub(super) fn canonical_text(&self) -> String {
@@ -170,7 +149,7 @@ impl Plan {
                 f.clone()
             }
         }));
-        concat_ws(parts)
+        format!("{} COLLATE \"C\"", concat_ws(parts))
     }
 }
 
