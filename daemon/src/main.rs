@@ -102,6 +102,10 @@ enum Command {
         /// where the rows are read again); exit 0 when all are repaired.
         #[arg(long)]
         repair: bool,
+        /// Compare only the tables of this `[[group]]` (`default`: those
+        /// no group names).
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
     },
     /// Move the application's writes to the target: check, prepare the way
     /// back, fence the source, drain, set sequences, open the target.
@@ -310,7 +314,11 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Verify { format, repair } => match verify::run(&config, repair).await {
+            Command::Verify {
+                format,
+                repair,
+                group,
+            } => match verify::run(&config, repair, group.as_deref()).await {
                 Ok(report) => print_as(
                     format,
                     &report,

@@ -38,6 +38,9 @@ pub const DIVERGENT_ROWS: &str = "cutover_divergent_rows";
 /// Source rows the background verifier compared in its last pass over
 /// each table, by table (the denominator of the divergent ratio).
 pub const VERIFIED_ROWS: &str = "cutover_verified_rows";
+/// Rows that differ in the background verifier's last passes over the
+/// tables of each `[[group]]`, by group.
+pub const GROUP_DIVERGENT_ROWS: &str = "cutover_group_divergent_rows";
 /// Source rows the background verifier compared.
 pub const VERIFY_ROWS: &str = "cutover_verify_rows_total";
 /// Target rows the background verifier repaired (`verify.repair`).
@@ -102,6 +105,8 @@ pub struct Metrics {
     pub divergent_rows: IntGaugeVec,
     /// [`VERIFIED_ROWS`].
     pub verified_rows: IntGaugeVec,
+    /// [`GROUP_DIVERGENT_ROWS`].
+    pub group_divergent_rows: IntGaugeVec,
     /// [`VERIFY_ROWS`].
     pub verify_rows: prometheus::IntCounter,
     /// [`VERIFY_LAST_PASS`] (0 before the first pass).
@@ -189,6 +194,11 @@ impl Metrics {
                 DIVERGENT_ROWS,
                 "Rows that differ between source and target in the background verifier's last pass over the table",
                 &[LABEL_TABLE],
+            ),
+            group_divergent_rows: int_gauge(
+                GROUP_DIVERGENT_ROWS,
+                "Rows that differ between source and target in the background verifier's last passes over a [[group]]'s tables",
+                &["group"],
             ),
             verified_rows: int_gauge(
                 VERIFIED_ROWS,

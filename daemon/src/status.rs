@@ -73,6 +73,9 @@ pub struct Summary {
     pub refused_changes: Vec<RefusedChange>,
     /// The background verifier's last pass over each table.
     pub divergence: Vec<SummaryDivergence>,
+    /// The same, added up per `[[group]]` (when groups are configured).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub group_divergence: Vec<SummaryGroupDivergence>,
     /// The last switch or rollback.
     pub switch: Option<SummarySwitch>,
     /// The acceptance recorded in the store (`cutover accept`), when read
@@ -120,6 +123,54 @@ pub struct SummaryDivergence {
     pub compared_at: Option<String>,
     /// When the pass ended.
     pub checked_at: Option<String>,
+}
+
+/// What the background verifier found of one `[[group]]`'s tables.
+#[derive(Debug, Serialize)]
+pub struct SummaryGroupDivergence {
+    /// The group.
+    pub group: String,
+    /// Source rows compared in the last passes over its tables.
+    pub rows_checked: i64,
+    /// Rows that differ.
+    pub divergent_rows: i64,
+}
+
+impl Summary {
+    /// Adds up the divergence per group of `groups` (nothing without
+    /// groups; a table two groups claim is left out, as `check` says).
+    fn add_group_divergence(&mut self, groups: &crate::config::Groups) {
+        if groups.is_empty() {
+            return;
+        }
+        let mut sums: std::collections::BTreeMap<String, (i64, i64)> = groups
+            .names()
+            .into_iter()
+            .map(|g| (g.to_owned(), (0, 0)))
+            .collect();
+        for d in &self.divergence {
+            let Some((schema, name)) = d.table.split_once('.') else {
+                continue;
+            };
+            let table = cutover_replication::catalog::TableName::new(schema, name);
+            if let Ok(group) = groups.of(&table)
+                && let Some(sum) = sums.get_mut(group)
+            {
+                sum.0 += d.rows_checked.unwrap_or(0);
+                sum.1 += d.divergent_rows.unwrap_or(0);
+            }
+        }
+        self.group_divergence = sums
+            .into_iter()
+            .map(
+                |(group, (rows_checked, divergent_rows))| SummaryGroupDivergence {
+                    group,
+                    rows_checked,
+                    divergent_rows,
+                },
+            )
+            .collect();
+    }
 }
 
 /// Lag, as last measured.
@@ -215,7 +266,10 @@ pub async fn run(config: &Config) -> Result<Summary, StatusError> {
     let mut console_failure = None;
     if let Some(addr) = listen.as_ref().and_then(|l| l.console) {
         match ask_console(addr, &config.console_auth).await {
-            Ok(summary) => return Ok(summary),
+            Ok(mut summary) => {
+                summary.add_group_divergence(&config.groups);
+                return Ok(summary);
+            }
             // A stale listen.json (daemon killed) or a daemon shutting down:
             // the store answers if nobody holds it.
             Err(err) => {
@@ -229,6 +283,7 @@ pub async fn run(config: &Config) -> Result<Summary, StatusError> {
     match Store::open(dir) {
         Ok(store) => {
             let mut summary = from_store(&store, config)?;
+            summary.add_group_divergence(&config.groups);
             drop(store);
             measure_source(config, &mut summary).await;
             Ok(summary)
@@ -343,6 +398,7 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
             })
             .collect(),
         refused_changes: Vec::new(),
+        group_divergence: Vec::new(),
         divergence: divergence
             .iter()
             .map(|row| SummaryDivergence {
@@ -478,6 +534,7 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
             }),
         tables,
         refused_changes,
+        group_divergence: Vec::new(),
         divergence: store
             .divergences()?
             .into_iter()
@@ -705,6 +762,13 @@ impl Summary {
                 out,
                 "\nbackground verifier: {divergent} of {checked} rows checked differ"
             );
+            for g in &self.group_divergence {
+                let _ = writeln!(
+                    out,
+                    "  group {}: {} of {} rows differ",
+                    g.group, g.divergent_rows, g.rows_checked
+                );
+            }
             for d in self
                 .divergence
                 .iter()

@@ -388,6 +388,58 @@ SELECT a.attrelid, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttyp
  WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attrelid, a.attnum";
 
+/// A foreign key as a server's catalog has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignKey {
+    /// The constraint's name.
+    pub constraint: String,
+    /// The referencing table.
+    pub table: TableName,
+    /// Whether the referencing table is partitioned.
+    pub table_partitioned: bool,
+    /// Its referencing columns, in the key's order.
+    pub columns: Vec<String>,
+    /// The referenced table.
+    pub references: TableName,
+    /// Whether the referenced table is partitioned.
+    pub references_partitioned: bool,
+    /// The referenced columns, in the key's order.
+    pub referenced: Vec<String>,
+}
+
+const FOREIGN_KEYS: &str = "
+SELECT c.conname::text,
+       tn.nspname::text, t.relname::text, t.relkind = 'p',
+       rn.nspname::text, r.relname::text, r.relkind = 'p',
+       ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
+               JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o),
+       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
+               JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o)
+  FROM pg_constraint c
+  JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+  JOIN pg_class r ON r.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
+ WHERE c.contype = 'f' AND c.conparentid = 0
+ ORDER BY 2, 3, 1";
+
+/// Every foreign key of the connected database (a partition's copies of
+/// its parent's keys left out), by referencing table.
+pub async fn foreign_keys(client: &Client) -> Result<Vec<ForeignKey>, tokio_postgres::Error> {
+    Ok(client
+        .query(FOREIGN_KEYS, &[])
+        .await?
+        .iter()
+        .map(|row| ForeignKey {
+            constraint: row.get(0),
+            table: TableName::new(row.get::<_, String>(1), row.get::<_, String>(2)),
+            table_partitioned: row.get(3),
+            references: TableName::new(row.get::<_, String>(4), row.get::<_, String>(5)),
+            references_partitioned: row.get(6),
+            columns: row.get(7),
+            referenced: row.get(8),
+        })
+        .collect())
+}
+
 /// Every user table of the connected database (partitions excluded, and
 /// cutover's own schema `cutover`).
 pub async fn tables(client: &Client) -> Result<Vec<Table>, tokio_postgres::Error> {

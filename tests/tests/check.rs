@@ -608,3 +608,120 @@ async fn a_target_cloned_from_the_source_is_told_apart_from_the_same_database() 
         "{report:#}"
     );
 }
+
+#[tokio::test]
+async fn groups_put_each_table_in_one_group_and_foreign_keys_across_groups_are_reported() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let schema = "
+CREATE SCHEMA billing;
+CREATE TABLE public.beneficiaries (id int PRIMARY KEY, name text);
+CREATE TABLE billing.payments (id int PRIMARY KEY, beneficiary_id int REFERENCES public.beneficiaries (id));
+CREATE TABLE billing.invoices (id int PRIMARY KEY, payment_id int REFERENCES billing.payments (id));
+CREATE TABLE public.audit (id int PRIMARY KEY);";
+    pair.both(schema).await;
+    let setup = Setup::new();
+    let with_groups = |groups: &str| {
+        setup.config(
+            &pair.source.url("app", "postgres", None),
+            &pair.target.url("app", "postgres", None),
+            &format!("[replication]\ntables = [\"public.*\", \"billing.*\"]\n{groups}"),
+        )
+    };
+
+    // Two groups and the default: the key from billing.payments to
+    // public.beneficiaries crosses groups, the one inside billing does not.
+    let config = with_groups(
+        "[[group]]\nname = \"billing\"\ntables = [\"billing.*\"]\n[[group]]\nname = \"registrations\"\ntables = [\"public.beneficiaries\"]\n",
+    );
+    let outcome = setup.check(&config, &["--format", "json"], &[]);
+    let report = json(&outcome);
+    assert_eq!(outcome.code, 0, "{report:#}");
+    let group_of = |table: &str| {
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| {
+                format!(
+                    "{}.{}",
+                    t["name"]["schema"].as_str().unwrap(),
+                    t["name"]["name"].as_str().unwrap()
+                ) == table
+            })
+            .map(|t| t["group"].clone())
+            .unwrap_or_else(|| panic!("{table} in {report:#}"))
+    };
+    assert_eq!(group_of("billing.payments"), "billing");
+    assert_eq!(group_of("public.beneficiaries"), "registrations");
+    assert_eq!(group_of("public.audit"), "default");
+    let crossing = finding(&report, "foreign_key_between_groups", "billing.payments")
+        .expect("the key across groups");
+    assert_eq!(crossing["severity"], "warning");
+    let problem = crossing["problem"].as_str().unwrap();
+    assert!(
+        problem.contains(
+            "(group \"billing\") references public.beneficiaries (group \"registrations\")"
+        ),
+        "{problem}"
+    );
+    assert!(
+        finding(&report, "foreign_key_between_groups", "billing.invoices").is_none(),
+        "{report:#}"
+    );
+    let human = setup.check(&config, &[], &[]).stdout;
+    assert!(human.contains("group billing"), "{human}");
+
+    // A table two groups claim, and a pattern that matches nothing.
+    let config = with_groups(
+        "[[group]]\nname = \"billing\"\ntables = [\"billing.*\", \"billing.refunds\"]\n[[group]]\nname = \"everything_public\"\ntables = [\"public.*\", \"billing.invoices\"]\n",
+    );
+    let outcome = setup.check(&config, &["--format", "json"], &[]);
+    let report = json(&outcome);
+    assert_eq!(outcome.code, 1, "{report:#}");
+    let two =
+        finding(&report, "table_in_two_groups", "billing.invoices").expect("a table in two groups");
+    assert!(
+        two["problem"]
+            .as_str()
+            .unwrap()
+            .contains("in group \"billing\" and in group \"everything_public\""),
+        "{two}"
+    );
+    let nothing = finding(
+        &report,
+        "group_pattern_matches_nothing",
+        "group[0].tables[1]",
+    )
+    .expect("a pattern that matches nothing");
+    assert!(
+        nothing["problem"]
+            .as_str()
+            .unwrap()
+            .contains("billing.refunds"),
+        "{nothing}"
+    );
+
+    // Mistakes in the groups themselves stop before any server is asked.
+    for (groups, key) in [
+        ("[[group]]\ntables = [\"billing.*\"]\n", "group[0].name"),
+        (
+            "[[group]]\nname = \"billing\"\ntable = [\"billing.*\"]\n",
+            "group[0].table",
+        ),
+        (
+            "[[group]]\nname = \"default\"\ntables = [\"billing.*\"]\n",
+            "group[0].name",
+        ),
+        ("[group]\nname = \"billing\"\n", "group"),
+    ] {
+        let outcome = setup.check(&with_groups(groups), &[], &[]);
+        assert_eq!(outcome.code, 2, "{groups}: {outcome:?}");
+        assert!(outcome.stderr.contains(key), "{groups}: {}", outcome.stderr);
+        assert_eq!(
+            outcome.stderr.trim().lines().count(),
+            1,
+            "{}",
+            outcome.stderr
+        );
+    }
+}

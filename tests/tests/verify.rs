@@ -351,6 +351,67 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
 }
 
 #[tokio::test]
+async fn verify_of_one_group_compares_only_its_tables() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    migrated(&pair, dir.path(), SCHEMA).await;
+    let config = pair.config(
+        dir.path(),
+        "[[group]]\nname = \"money\"\ntables = [\"public.accounts\"]\n[[group]]\nname = \"lookups\"\ntables = [\"public.codes\"]\n",
+    );
+    pair.target
+        .execute(
+            "app",
+            "UPDATE accounts SET balance = -1 WHERE id = 42;
+             UPDATE codes SET label = 'tampered' WHERE code = 'c7';",
+        )
+        .await;
+    let outcome = verify_with(&config, &["--group", "lookups", "--format", "json"]);
+    assert_eq!(outcome.code, 1, "{}", outcome.all_output());
+    let report: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
+    assert_eq!(report["group"], "lookups", "{report:#}");
+    let tables: Vec<&str> = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["table"].as_str().unwrap())
+        .collect();
+    assert_eq!(tables, ["public.codes"], "{report:#}");
+    assert_eq!(report["differing_rows"], 1, "{report:#}");
+    // The tables no group names: equal.
+    let outcome = verify_with(&config, &["--group", "default"]);
+    assert_eq!(outcome.code, 0, "{}", outcome.all_output());
+    assert!(
+        outcome
+            .stdout
+            .contains("verified 1 tables of group default"),
+        "{}",
+        outcome.stdout
+    );
+    // Repairing one group leaves the other's difference alone.
+    let repaired = verify_with(&config, &["--group", "money", "--repair"]);
+    assert_eq!(repaired.code, 0, "{}", repaired.all_output());
+    assert!(
+        repaired.stdout.contains("repaired: updated (id=42)"),
+        "{}",
+        repaired.stdout
+    );
+    let all = verify(&config, "json");
+    let report: serde_json::Value = serde_json::from_str(&all.stdout).unwrap();
+    assert_eq!(report["differing_rows"], 1, "{}", all.all_output());
+    // A group that does not exist.
+    let unknown = verify_with(&config, &["--group", "payments"]);
+    assert_ne!(unknown.code, 0);
+    assert!(
+        unknown
+            .stderr
+            .contains("there is no group \"payments\": the groups are money, lookups, default"),
+        "{}",
+        unknown.all_output()
+    );
+}
+
+#[tokio::test]
 async fn a_target_column_of_a_wider_type_compares_equal() {
     let pair = Pair::start(ClusterOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -635,7 +696,7 @@ async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
     let (pair, dir) = seeded().await;
     let config = pair.config(
         dir.path(),
-        "allow_no_password = true\n[verify]\ncontinuous = true\ncontinuous_rate = 1000000\nmax_divergent_ratio = 0.000001\n",
+        "allow_no_password = true\n[verify]\ncontinuous = true\ncontinuous_rate = 1000000\nmax_divergent_ratio = 0.000001\n[[group]]\nname = \"lookups\"\ntables = [\"public.codes\"]\n",
     );
     let mut daemon = Daemon::start_streaming(&config).await;
     let http = listen_addr(&dir.path().join("state")).await;
@@ -673,12 +734,30 @@ async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
     let (code, health) = get(&http, "/health");
     assert_eq!(code, 503, "{health}");
     assert!(health.contains("verify.max_divergent_ratio"), "{health}");
-    let status = run_cutover(&["--config", config.to_str().unwrap(), "status"], &[]);
-    assert!(
-        status.stdout.contains("public.codes: 1 of 303 rows differ"),
-        "{}",
-        status.all_output()
+    // Per group too: the table's group, and nothing in the others.
+    cutover_tests::wait_for("the group's divergence to show", WAIT, || async {
+        let (_, body) = get(&http, "/metrics");
+        (metric(&body, "cutover_group_divergent_rows{group=\"lookups\"}")? == 1.0).then_some(())
+    })
+    .await;
+    let (_, body) = get(&http, "/metrics");
+    assert_eq!(
+        metric(&body, "cutover_group_divergent_rows{group=\"default\"}"),
+        Some(0.0),
+        "{body}"
     );
+    let status = run_cutover(&["--config", config.to_str().unwrap(), "status"], &[]);
+    for expected in [
+        "public.codes: 1 of 303 rows differ",
+        "group lookups: 1 of 303 rows differ",
+        "group default: 0 of",
+    ] {
+        assert!(
+            status.stdout.contains(expected),
+            "expected {expected:?} in:\n{}",
+            status.all_output()
+        );
+    }
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
 

@@ -5,6 +5,7 @@
 //! the other server is still checked, so one run shows everything that
 //! stands in the way.
 
+mod groups;
 pub mod report;
 mod tables;
 
@@ -145,6 +146,11 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
             }
             if let Err(err) =
                 slot_and_publication(&mut report, source_client, config, &in_scope).await
+            {
+                probe_failed(&mut report, "source", &err);
+            }
+            if let Err(err) =
+                groups::group_checks(&mut report, source_client, config, &in_scope).await
             {
                 probe_failed(&mut report, "source", &err);
             }

@@ -113,6 +113,10 @@ pub struct TableReport {
     /// What the stream will carry of it: `full`, `inserts_only`,
     /// `snapshot_only`, or `refused` (`replication.keyless = "refuse"`).
     pub coverage: &'static str,
+    /// Its `[[group]]` (`default` for the tables no group names), when
+    /// groups are configured; none when two groups claim it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// The whole preflight.
@@ -227,6 +231,9 @@ impl Report {
                 human_bytes(table.total_bytes),
                 identity
             );
+            if let Some(group) = &table.group {
+                let _ = write!(out, "  group {group}");
+            }
             if table.partitioned {
                 out.push_str("  partitioned");
             }

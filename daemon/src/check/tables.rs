@@ -62,6 +62,7 @@ pub(super) fn scope_tables(report: &mut Report, config: &Config, all: Vec<Table>
             partitioned: t.partitioned,
             on_target: false,
             coverage: crate::coverage::coverage(t, config.keyless).map_or("refused", |c| c.name()),
+            group: None,
         })
         .collect();
     in_scope

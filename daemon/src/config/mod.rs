@@ -25,8 +25,10 @@ use cutover_replication::conninfo::ConnInfo;
 use cutover_replication::ddl::DdlPolicy;
 use cutover_replication::secret::Secret;
 
+mod groups;
 mod raw;
 
+pub use groups::{Groups, TwoGroups};
 pub use raw::RawConfig;
 use raw::{LIST_KEYS, check_file_keys, env_key};
 
@@ -235,6 +237,8 @@ pub struct Config {
     pub verify: VerifySettings,
     /// `cutover switch` and `cutover rollback`.
     pub switch: SwitchSettings,
+    /// `[[group]]`: the tables in scope by functional area.
+    pub groups: Groups,
 }
 
 impl Config {

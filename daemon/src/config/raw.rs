@@ -21,7 +21,7 @@ use super::{
     DEFAULT_VERIFY_WORKERS, ENV_PREFIX, ENV_SEPARATOR, KeylessPolicy, Server, VerifySettings,
 };
 use super::{
-    DEFAULT_FENCE_WAIT_SECONDS, DEFAULT_RETENTION_DAYS, DEFAULT_SWITCH_MAX_LAG_SECONDS,
+    DEFAULT_FENCE_WAIT_SECONDS, DEFAULT_RETENTION_DAYS, DEFAULT_SWITCH_MAX_LAG_SECONDS, Groups,
     SwitchSettings,
 };
 
@@ -225,7 +225,23 @@ pub struct RawConfig {
     /// `[switch]`.
     #[serde(default)]
     pub switch: RawSwitch,
+    /// `[[group]]`.
+    #[serde(default)]
+    pub group: Vec<RawGroup>,
 }
+
+/// One `[[group]]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGroup {
+    /// The group's name.
+    pub name: Option<String>,
+    /// Its tables, as `schema.table` patterns.
+    pub tables: Option<Vec<String>>,
+}
+
+/// The keys of a `[[group]]`.
+const GROUP_KEYS: &[&str] = &["name", "tables"];
 
 /// `[switch]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +311,10 @@ pub(super) fn check_file_keys(tree: &serde_json::Value, path: &Path) -> Result<(
         return Ok(());
     };
     for (section, body) in sections {
+        if section == "group" {
+            check_group_keys(body, &origin)?;
+            continue;
+        }
         if !is_known(section, None) {
             return Err(unknown_key(section, origin));
         }
@@ -310,6 +330,31 @@ pub(super) fn check_file_keys(tree: &serde_json::Value, path: &Path) -> Result<(
             if !is_known(section, Some(field)) {
                 return Err(unknown_key(&format!("{section}.{field}"), origin));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Each `[[group]]`'s keys.
+fn check_group_keys(body: &serde_json::Value, origin: &str) -> Result<(), ConfigError> {
+    let as_array = || {
+        ConfigError::invalid(
+            "group",
+            format!(
+                "must be a list of tables: write [[group]] (two brackets) above each group's name and tables ({origin})"
+            ),
+        )
+    };
+    for (i, group) in body.as_array().ok_or_else(as_array)?.iter().enumerate() {
+        let fields = group.as_object().ok_or_else(as_array)?;
+        if let Some(field) = fields.keys().find(|f| !GROUP_KEYS.contains(&f.as_str())) {
+            return Err(ConfigError::invalid(
+                format!("group[{i}].{field}"),
+                format!(
+                    "is not a key of a group: a [[group]] has {} ({origin})",
+                    GROUP_KEYS.join(" and ")
+                ),
+            ));
         }
     }
     Ok(())
@@ -456,6 +501,7 @@ impl RawConfig {
             apply: apply_settings(self.apply)?,
             verify: verify_settings(self.verify)?,
             switch: switch_settings(self.switch)?,
+            groups: Groups::new(self.group.into_iter().map(|g| (g.name, g.tables)).collect())?,
             ddl: match self.ddl.policy.as_deref() {
                 None | Some("stop") => DdlPolicy::Stop,
                 Some("additive") => DdlPolicy::Additive,

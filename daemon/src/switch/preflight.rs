@@ -145,7 +145,7 @@ impl Ctx<'_> {
     /// The last verify's verdict, or a new one with `--verify`.
     async fn last_verify(&self, options: Options) -> Result<String, String> {
         if options.verify {
-            let report = verify::run_with_store(self.config, self.store.clone(), false)
+            let report = verify::run_with_store(self.config, self.store.clone(), false, None)
                 .await
                 .map_err(|e| format!("verify: {e}"))?;
             return match report.status {

@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cutover_replication::catalog::TableName;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -63,6 +64,9 @@ pub async fn run(
         }
         Err(err) => tracing::warn!(error = %err, "reading the background verifier's results"),
     }
+    if let Err(err) = group_divergence(&config, &store, &status) {
+        tracing::warn!(error = %err, "reading the background verifier's results");
+    }
     loop {
         if *shutdown.borrow() {
             return;
@@ -104,7 +108,7 @@ async fn pass(
     status: &Status,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<bool, VerifyError> {
-    for plan in plans(config).await? {
+    for plan in plans(config, None).await? {
         if *shutdown.borrow() {
             return Ok(false);
         }
@@ -116,8 +120,37 @@ async fn pass(
         status.metrics.verify_rows.inc_by(divergence.rows_checked);
         store.put_divergence(&name, &divergence)?;
         status.set_divergence(&name, divergence);
+        group_divergence(config, store, status)?;
     }
     Ok(true)
+}
+
+/// Sets `cutover_group_divergent_rows` of every group from what the
+/// verifier last found of each table (nothing without groups).
+fn group_divergence(config: &Config, store: &Store, status: &Status) -> Result<(), VerifyError> {
+    if config.groups.is_empty() {
+        return Ok(());
+    }
+    let mut sums: std::collections::HashMap<&str, u64> =
+        config.groups.names().into_iter().map(|g| (g, 0)).collect();
+    for (table, divergence) in store.divergences()? {
+        let Some((schema, name)) = table.split_once('.') else {
+            continue;
+        };
+        if let Ok(group) = config.groups.of(&TableName::new(schema, name))
+            && let Some(sum) = sums.get_mut(group)
+        {
+            *sum += divergence.divergent_rows;
+        }
+    }
+    for (group, rows) in sums {
+        status
+            .metrics
+            .group_divergent_rows
+            .with_label_values(&[group])
+            .set(i64::try_from(rows).unwrap_or(i64::MAX));
+    }
+    Ok(())
 }
 
 /// Compares one table at a new position; with `verify.repair`, makes the

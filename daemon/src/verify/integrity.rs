@@ -5,7 +5,7 @@
 //! table in scope is checked for orphans in the target's snapshot of the
 //! compared position.
 
-use cutover_replication::catalog::{self, TableName};
+use cutover_replication::catalog::{self, ForeignKey, TableName};
 use cutover_replication::sql::quote_ident;
 use serde::Serialize;
 use tokio_postgres::Client;
@@ -31,51 +31,16 @@ pub struct ForeignKeyCheck {
     pub samples: Vec<String>,
 }
 
-/// A foreign key as the target's catalog has it.
-struct ForeignKey {
-    constraint: String,
-    table: TableName,
-    table_partitioned: bool,
-    columns: Vec<String>,
-    references: TableName,
-    references_partitioned: bool,
-    referenced: Vec<String>,
-}
-
-const FOREIGN_KEYS: &str = "
-SELECT c.conname::text,
-       tn.nspname::text, t.relname::text, t.relkind = 'p',
-       rn.nspname::text, r.relname::text, r.relkind = 'p',
-       ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
-               JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o),
-       ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
-               JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o)
-  FROM pg_constraint c
-  JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
-  JOIN pg_class r ON r.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
- WHERE c.contype = 'f' AND c.conparentid = 0
- ORDER BY 2, 3, 1";
-
 /// Checks every foreign key of the tables `in_scope` on `target` (inside
 /// the verify's snapshot).
 pub(super) async fn check(
     target: &Client,
     in_scope: &[TableName],
 ) -> Result<Vec<ForeignKeyCheck>, VerifyError> {
-    let keys: Vec<ForeignKey> = target
-        .query(FOREIGN_KEYS, &[])
+    let keys: Vec<ForeignKey> = catalog::foreign_keys(target)
         .await
         .map_err(query("target", "listing foreign keys"))?
-        .iter()
-        .map(|row| ForeignKey {
-            constraint: row.get(0),
-            table: TableName::new(row.get::<_, String>(1), row.get::<_, String>(2)),
-            table_partitioned: row.get(3),
-            references: TableName::new(row.get::<_, String>(4), row.get::<_, String>(5)),
-            references_partitioned: row.get(6),
-            columns: row.get(7),
-            referenced: row.get(8),
-        })
+        .into_iter()
         .filter(|k| in_scope.contains(&k.table))
         .collect();
     let mut checks = Vec::with_capacity(keys.len());

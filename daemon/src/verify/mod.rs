@@ -82,6 +82,20 @@ pub enum VerifyError {
         "the target is the primary since the switch: verify compares the target to the source as the source was, which the reverse stream now follows; `cutover rollback` makes the source primary again"
     )]
     Switched,
+    /// `--group` names no group.
+    #[error("there is no group {name:?}: the groups are {known}")]
+    UnknownGroup {
+        /// The name given.
+        name: String,
+        /// The groups configured, and `default`.
+        known: String,
+    },
+    /// Two groups claim a table.
+    #[error("{0}")]
+    Groups(#[from] crate::config::TwoGroups),
+    /// `--group` names a group with no table in scope.
+    #[error("group {0:?} has no table in scope: see `cutover check` for the tables of each group")]
+    EmptyGroup(String),
     /// A table in scope is missing on the target.
     #[error("table {0} is in scope but missing on the target: create it, or take it out of scope")]
     MissingTable(TableName),
@@ -170,10 +184,22 @@ enum CatchUp {
 }
 
 /// The tables in scope, planned for reading on both sides.
-async fn plans(config: &Config) -> Result<Vec<table::Plan>, VerifyError> {
+async fn plans(config: &Config, group: Option<&str>) -> Result<Vec<table::Plan>, VerifyError> {
     let source = connect(config, "source").await?;
     let target = connect(config, "target").await?;
-    let tables = copy::tables_in_scope(&source, config).await?;
+    let mut tables = copy::tables_in_scope(&source, config).await?;
+    if let Some(group) = group {
+        let mut kept = Vec::with_capacity(tables.len());
+        for table in tables {
+            if config.groups.of(&table.name)? == group {
+                kept.push(table);
+            }
+        }
+        if kept.is_empty() {
+            return Err(VerifyError::EmptyGroup(group.to_owned()));
+        }
+        tables = kept;
+    }
     let targets = catalog::tables(&target)
         .await
         .map_err(query("target", "listing tables"))?;
@@ -265,12 +291,24 @@ async fn target_readers(config: &Config, workers: usize) -> Result<Vec<Client>, 
 
 /// Verifies every table in scope, with `repair` makes the differing target
 /// rows equal to the source, and writes the report to the state directory.
-pub async fn run(config: &Config, repair: bool) -> Result<Report, VerifyError> {
+pub async fn run(
+    config: &Config,
+    repair: bool,
+    group: Option<&str>,
+) -> Result<Report, VerifyError> {
+    if let Some(name) = group
+        && !config.groups.knows(name)
+    {
+        return Err(VerifyError::UnknownGroup {
+            name: name.to_owned(),
+            known: config.groups.names().join(", "),
+        });
+    }
     match Store::open(&config.state_dir) {
-        Ok(store) => run_with_store(config, store, repair).await,
+        Ok(store) => run_with_store(config, store, repair, group).await,
         Err(StoreError::Locked { .. }) => {
             let console = daemon::connect(config).await?;
-            compare(config, CatchUp::Daemon(console), repair).await
+            compare(config, CatchUp::Daemon(console), repair, group).await
         }
         Err(err) => Err(err.into()),
     }
@@ -282,6 +320,7 @@ pub async fn run_with_store(
     config: &Config,
     store: Store,
     repair: bool,
+    group: Option<&str>,
 ) -> Result<Report, VerifyError> {
     let copied = store.copy_run()?.is_some_and(|r| r.finished);
     if !copied {
@@ -292,11 +331,16 @@ pub async fn run_with_store(
     if store.switch_state()?.primary != crate::switch::journal::Server::Source {
         return Err(VerifyError::Switched);
     }
-    compare(config, CatchUp::Own(store), repair).await
+    compare(config, CatchUp::Own(store), repair, group).await
 }
 
-async fn compare(config: &Config, catch_up: CatchUp, repair: bool) -> Result<Report, VerifyError> {
-    let plans = plans(config).await?;
+async fn compare(
+    config: &Config,
+    catch_up: CatchUp,
+    repair: bool,
+    group: Option<&str>,
+) -> Result<Report, VerifyError> {
+    let plans = plans(config, group).await?;
     let workers = config.verify.workers.min(plans.len()).max(1);
 
     // A running daemon applies nothing new from here: all it applied
@@ -389,7 +433,7 @@ async fn compare(config: &Config, catch_up: CatchUp, repair: bool) -> Result<Rep
         })
         .collect();
     let date = crate::console::timestamp(crate::store::now_secs());
-    let report = Report::new(
+    let mut report = Report::new(
         config.slot.clone(),
         date,
         at,
@@ -397,10 +441,11 @@ async fn compare(config: &Config, catch_up: CatchUp, repair: bool) -> Result<Rep
         integrity,
         repaired_at,
     );
+    report.group = group.map(str::to_owned);
     // What this verify found replaces what the daemon's background
     // verifier last recorded (after a repair: nothing left to show).
     if let CatchUp::Own(store) = &catch_up {
-        record_divergence(store, &report)?;
+        record_divergence(store, config, &report)?;
     }
     let path = config.state_dir.join(REPORT_FILE);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| VerifyError::Write {
@@ -419,9 +464,17 @@ async fn compare(config: &Config, catch_up: CatchUp, repair: bool) -> Result<Rep
 
 /// Records each table's result where the background verifier keeps its
 /// own, and forgets tables no longer in scope.
-fn record_divergence(store: &Store, report: &Report) -> Result<(), VerifyError> {
+fn record_divergence(store: &Store, config: &Config, report: &Report) -> Result<(), VerifyError> {
+    // A table that left the scope has no divergence any more; a verify of
+    // one group says nothing of the others'.
+    let compared = |table: &str| match &report.group {
+        None => true,
+        Some(group) => table.split_once('.').is_some_and(|(schema, name)| {
+            config.groups.of(&TableName::new(schema, name)).ok() == Some(group.as_str())
+        }),
+    };
     for (table, _) in store.divergences()? {
-        if !report.tables.iter().any(|t| t.table == table) {
+        if compared(&table) && !report.tables.iter().any(|t| t.table == table) {
             store.remove_divergence(&table)?;
         }
     }

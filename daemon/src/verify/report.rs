@@ -163,6 +163,9 @@ pub struct Report {
     pub date: String,
     /// The source position both sides were compared at.
     pub lsn: Lsn,
+    /// The `[[group]]` compared (`--group`); absent: every table in scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// `VALIDATED` or `FAILED`.
     pub status: Verdict,
     /// Tables compared.
@@ -221,6 +224,7 @@ impl Report {
             migration_id,
             date,
             lsn,
+            group: None,
             status,
             tables_verified: tables.len(),
             total_source_rows,
@@ -240,8 +244,15 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "verified {} tables as of source LSN {} ({} rows on the source, {} on the target)",
-            self.tables_verified, self.lsn, self.total_source_rows, self.total_target_rows
+            "verified {} tables{} as of source LSN {} ({} rows on the source, {} on the target)",
+            self.tables_verified,
+            self.group
+                .as_deref()
+                .map(|g| format!(" of group {g}"))
+                .unwrap_or_default(),
+            self.lsn,
+            self.total_source_rows,
+            self.total_target_rows
         );
         let width = self
             .tables
