@@ -43,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW SWITCH, SWITCH [DRY RUN | VERIFY], ROLLBACK [DRY RUN], ACCEPT, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW CONFLICTS, SHOW SWITCH, SWITCH [DRY RUN | VERIFY], ROLLBACK [DRY RUN], ACCEPT, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,7 @@ enum Command {
     Release(bool),
     ShowHold,
     Divergence,
+    Conflicts,
     Switch,
     /// `SWITCH`, `ROLLBACK`: the daemon moves the writes.
     Move(crate::switch::journal::Kind, crate::switch::Options),
@@ -86,6 +87,7 @@ fn parse(text: &str) -> Result<Command, String> {
         },
         ["SHOW", "HOLD"] => Ok(Command::ShowHold),
         ["SHOW", "DIVERGENCE"] => Ok(Command::Divergence),
+        ["SHOW", "CONFLICTS"] => Ok(Command::Conflicts),
         ["SHOW", "SWITCH"] => Ok(Command::Switch),
         ["ACCEPT"] => Ok(Command::Accept),
         ["SWITCH", rest @ ..] | ["ROLLBACK", rest @ ..] => {
@@ -409,6 +411,36 @@ impl Queries {
                         Cell::Text(d.compared_at.map(|l| l.to_string())),
                         Cell::Text(Some(timestamp(d.checked_at))),
                         Cell::Text(Some(d.samples.join("; "))),
+                    ]);
+                }
+                Ok(table.response())
+            }
+            Command::Conflicts => {
+                let mut table = Table::new(&[
+                    ("kind", Type::TEXT),
+                    ("side", Type::TEXT),
+                    ("group", Type::TEXT),
+                    ("table", Type::TEXT),
+                    ("op", Type::TEXT),
+                    ("key", Type::TEXT),
+                    ("lsn", Type::PG_LSN),
+                    ("committed_at", Type::TIMESTAMPTZ),
+                    ("resolution", Type::TEXT),
+                    ("resolved_at", Type::PG_LSN),
+                ]);
+                let records = self.store.conflicts().map_err(|e| e.to_string())?;
+                for c in records {
+                    table.push(vec![
+                        Cell::Text(Some(c.kind)),
+                        Cell::Text(Some(c.side)),
+                        Cell::Text(Some(c.group)),
+                        Cell::Text(Some(c.table)),
+                        Cell::Text(Some(c.op)),
+                        Cell::Text(Some(c.key)),
+                        Cell::Text(Some(c.lsn.to_string())),
+                        Cell::Text(Some(c.committed_at)),
+                        Cell::Text(Some(c.resolution)),
+                        Cell::Text(c.resolved_at.map(|l| l.to_string())),
                     ]);
                 }
                 Ok(table.response())

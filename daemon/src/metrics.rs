@@ -41,6 +41,8 @@ pub const VERIFIED_ROWS: &str = "cutover_verified_rows";
 /// Rows that differ in the background verifier's last passes over the
 /// tables of each `[[group]]`, by group.
 pub const GROUP_DIVERGENT_ROWS: &str = "cutover_group_divergent_rows";
+/// Stray writes and conflicts, by table and resolution.
+pub const CONFLICTS: &str = "cutover_conflicts_total";
 /// Source rows the background verifier compared.
 pub const VERIFY_ROWS: &str = "cutover_verify_rows_total";
 /// Target rows the background verifier repaired (`verify.repair`).
@@ -107,6 +109,8 @@ pub struct Metrics {
     pub verified_rows: IntGaugeVec,
     /// [`GROUP_DIVERGENT_ROWS`].
     pub group_divergent_rows: IntGaugeVec,
+    /// [`CONFLICTS`].
+    pub conflicts: IntCounterVec,
     /// [`VERIFY_ROWS`].
     pub verify_rows: prometheus::IntCounter,
     /// [`VERIFY_LAST_PASS`] (0 before the first pass).
@@ -194,6 +198,11 @@ impl Metrics {
                 DIVERGENT_ROWS,
                 "Rows that differ between source and target in the background verifier's last pass over the table",
                 &[LABEL_TABLE],
+            ),
+            conflicts: counter(
+                CONFLICTS,
+                "Stray writes (an application's writes on the side that is not the table group's primary) and conflicts, by what was done",
+                &[LABEL_TABLE, "resolution"],
             ),
             group_divergent_rows: int_gauge(
                 GROUP_DIVERGENT_ROWS,

@@ -73,6 +73,9 @@ pub struct Summary {
     pub refused_changes: Vec<RefusedChange>,
     /// The background verifier's last pass over each table.
     pub divergence: Vec<SummaryDivergence>,
+    /// Stray writes on the target, oldest first, with what was done.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stray_writes: Vec<SummaryStray>,
     /// The same, added up per `[[group]]` (when groups are configured).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub group_divergence: Vec<SummaryGroupDivergence>,
@@ -123,6 +126,22 @@ pub struct SummaryDivergence {
     pub compared_at: Option<String>,
     /// When the pass ended.
     pub checked_at: Option<String>,
+}
+
+/// A stray write: an application's write on the side that is not its
+/// group's primary.
+#[derive(Debug, Serialize)]
+pub struct SummaryStray {
+    /// `schema.table`.
+    pub table: String,
+    /// insert, update, delete, truncate.
+    pub op: String,
+    /// The row's key.
+    pub key: String,
+    /// When it committed.
+    pub committed_at: Option<String>,
+    /// `written_back` or `equal`.
+    pub resolution: String,
 }
 
 /// What the background verifier found of one `[[group]]`'s tables.
@@ -349,11 +368,13 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
         let tables = rows(&client, "SHOW TABLES").await?;
         let divergence = rows(&client, "SHOW DIVERGENCE").await?;
         let switch = rows(&client, "SHOW SWITCH").await?;
-        Ok::<_, String>((status, lag, tables, divergence, switch))
+        let conflicts = rows(&client, "SHOW CONFLICTS").await?;
+        Ok::<_, String>((status, lag, tables, divergence, switch, conflicts))
     };
-    let (status, lag, tables, divergence, switch) = tokio::time::timeout(CONSOLE_TIMEOUT, work)
-        .await
-        .map_err(|_| format!("no answer within {CONSOLE_TIMEOUT:?}"))??;
+    let (status, lag, tables, divergence, switch, conflicts) =
+        tokio::time::timeout(CONSOLE_TIMEOUT, work)
+            .await
+            .map_err(|_| format!("no answer within {CONSOLE_TIMEOUT:?}"))??;
     let status = status
         .first()
         .ok_or("SHOW STATUS returned no row".to_owned())?;
@@ -399,6 +420,16 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
             .collect(),
         refused_changes: Vec::new(),
         group_divergence: Vec::new(),
+        stray_writes: conflicts
+            .iter()
+            .map(|row| SummaryStray {
+                table: text(row, "table").unwrap_or_default(),
+                op: text(row, "op").unwrap_or_default(),
+                key: text(row, "key").unwrap_or_default(),
+                committed_at: text(row, "committed_at"),
+                resolution: text(row, "resolution").unwrap_or_default(),
+            })
+            .collect(),
         divergence: divergence
             .iter()
             .map(|row| SummaryDivergence {
@@ -535,6 +566,17 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
         tables,
         refused_changes,
         group_divergence: Vec::new(),
+        stray_writes: store
+            .conflicts()?
+            .into_iter()
+            .map(|c| SummaryStray {
+                table: c.table,
+                op: c.op,
+                key: c.key,
+                committed_at: Some(c.committed_at),
+                resolution: c.resolution,
+            })
+            .collect(),
         divergence: store
             .divergences()?
             .into_iter()
@@ -782,6 +824,31 @@ impl Summary {
                     opt(d.rows_checked),
                     d.compared_at.as_deref().unwrap_or("-"),
                     d.checked_at.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        if !self.stray_writes.is_empty() {
+            let written = self
+                .stray_writes
+                .iter()
+                .filter(|s| s.resolution == "written_back")
+                .count();
+            let _ = writeln!(
+                out,
+                "\nstray writes on the target: {} ({written} written back over with the source's rows)",
+                self.stray_writes.len()
+            );
+            const SHOWN: usize = 10;
+            let skip = self.stray_writes.len().saturating_sub(SHOWN);
+            for s in self.stray_writes.iter().skip(skip) {
+                let _ = writeln!(
+                    out,
+                    "  {} {} {} at {}: {}",
+                    s.table,
+                    s.op,
+                    s.key,
+                    s.committed_at.as_deref().unwrap_or("-"),
+                    s.resolution.replace('_', " ")
                 );
             }
         }

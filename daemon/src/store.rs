@@ -61,6 +61,14 @@ const PREFIX_DIVERGENCE: &str = "verify/divergence/";
 /// Tables whose changes do not all stream, with their counters
 /// ([`crate::coverage::Watch`]), by table name.
 const PREFIX_WATCH: &str = "coverage/watch/";
+
+/// `conflicts/<position>/<ordinal>`: every stray write and conflict, with
+/// what was done about it.
+const PREFIX_CONFLICT: &str = "conflicts/";
+
+/// The position the stray-write watcher has handled every target change
+/// up to.
+const KEY_STRAY_POSITION: &str = "strays/position";
 /// Which server is primary and the switch journal
 /// ([`crate::switch::journal::SwitchState`]).
 const KEY_SWITCH: &str = "switch/state";
@@ -83,6 +91,38 @@ pub struct DeadLetter {
     pub sqlstate: String,
     /// The target's message.
     pub detail: String,
+}
+
+/// A stray write (an application's write on the side that is not its
+/// group's primary) or a conflict, and what cutover did about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    /// `stray_write` or `conflict`.
+    pub kind: String,
+    /// The server the change was made on: `source` or `target`.
+    pub side: String,
+    /// Its group.
+    pub group: String,
+    /// The table.
+    pub table: String,
+    /// insert, update, delete, truncate.
+    pub op: String,
+    /// The row's key (`(id=1)`), the whole row for a table without a
+    /// key, or the table for a truncate.
+    pub key: String,
+    /// The end of the change's transaction in its server's WAL.
+    pub lsn: Lsn,
+    /// Its position in that transaction.
+    pub ordinal: u64,
+    /// When it committed, RFC 3339 UTC.
+    pub committed_at: String,
+    /// `written_back` (the primary's row written over it), `equal` (the
+    /// row was equal to the primary's again when read).
+    pub resolution: String,
+    /// Where the primary's row was read, on the primary's WAL.
+    pub resolved_at: Option<Lsn>,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 /// One lag sample.
@@ -511,6 +551,42 @@ impl Store {
                 self.decode(PREFIX_DEAD, &value)
             })
             .collect()
+    }
+
+    /// Records a stray write or a conflict (again: the same change keeps
+    /// its one record).
+    pub fn put_conflict(&self, record: &ConflictRecord) -> Result<(), StoreError> {
+        self.put(
+            &format!(
+                "{PREFIX_CONFLICT}{:016x}/{:08x}",
+                record.lsn.as_u64(),
+                record.ordinal
+            ),
+            record,
+        )
+    }
+
+    /// Every stray write and conflict recorded, oldest first.
+    pub fn conflicts(&self) -> Result<Vec<ConflictRecord>, StoreError> {
+        self.db
+            .scan_prefix(PREFIX_CONFLICT)
+            .values()
+            .map(|value| {
+                let value = value.map_err(|e| self.io(e))?;
+                self.decode(PREFIX_CONFLICT, &value)
+            })
+            .collect()
+    }
+
+    /// The position the stray-write watcher handled everything up to.
+    pub fn stray_position(&self) -> Result<Option<Lsn>, StoreError> {
+        self.get(KEY_STRAY_POSITION)
+    }
+
+    /// Records that position, durably.
+    pub async fn put_stray_position(&self, at: Lsn) -> Result<(), StoreError> {
+        self.put(KEY_STRAY_POSITION, &at)?;
+        self.flush().await
     }
 
     /// Records the background verifier's last pass over `table`.

@@ -719,11 +719,18 @@ async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
         daemon.log()
     );
     writer.stop().await;
-    // A row changed on the target behind cutover's back is found.
+    // A row changed on the target behind cutover's back is found. (Under
+    // cutover's repair origin: with groups configured, an application's
+    // write on the target is a stray write, written back at once; this
+    // one stands for what no stream shows, such as a bug in cutover.)
     pair.target
         .execute(
             "app",
-            "UPDATE codes SET label = 'tampered' WHERE code = 'c7'",
+            "SELECT pg_replication_origin_create('cutover_cutover_repair')
+               WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'cutover_cutover_repair');
+             SELECT pg_replication_origin_session_setup('cutover_cutover_repair');
+             UPDATE codes SET label = 'tampered' WHERE code = 'c7';
+             SELECT pg_replication_origin_session_reset();",
         )
         .await;
     cutover_tests::wait_for("the divergence to show", WAIT, || async {

@@ -40,6 +40,7 @@ mod reader;
 mod sampler;
 mod session;
 mod supervisor;
+mod watch;
 
 pub use supervisor::{catch_up, drain, run, stream_plan};
 
@@ -72,6 +73,14 @@ pub enum RunError {
         "the {0} direction has no slot yet: it is made by `cutover switch` (reverse) or `cutover rollback` (forward)"
     )]
     NoStream(crate::direction::Direction),
+    /// The stray-write watcher failed.
+    #[error("the stray-write watcher: {message}")]
+    Strays {
+        /// What went wrong and what to do.
+        message: String,
+        /// Whether starting again may cure it.
+        transient: bool,
+    },
 }
 
 impl RunError {
@@ -83,6 +92,7 @@ impl RunError {
             | RunError::Store(_)
             | RunError::NoStream(_) => false,
             RunError::Source { err } => err.is_transient(),
+            RunError::Strays { transient, .. } => *transient,
             RunError::Apply(err) => err.is_transient(),
         }
     }

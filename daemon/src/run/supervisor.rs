@@ -99,7 +99,9 @@ pub(super) async fn run_inner(
             plan.slot.clone(),
         )));
         tracing::info!(%direction, slot = %plan.slot, start = %plan.start, "streaming from the slot the last switch made");
-        return stream_with_retries(&config, store, &plan, shutdown, status, None).await;
+        let watched = watching(&config, store, &shutdown, status);
+        let streamed = stream_with_retries(&config, store, &plan, shutdown, status, None);
+        return with_watcher(streamed, watched).await;
     }
     status.set_state(DaemonState::Copying);
     // Lag and the slot's retained WAL are sampled from the start: during a
@@ -140,7 +142,63 @@ pub(super) async fn run_inner(
         // A copy begun under another slot name streams from that slot.
         _sampler = sampler(&outcome.slot);
     }
-    stream_with_retries(config, store, &outcome, shutdown, status, None).await
+    let watched = watching(config, store, &shutdown, status);
+    let streamed = stream_with_retries(config, store, &outcome, shutdown, status, None);
+    with_watcher(streamed, watched).await
+}
+
+/// The stray-write watcher ([`super::watch`]) beside the forward stream,
+/// when `[[group]]`s are configured.
+fn watching(
+    config: &Config,
+    store: &Store,
+    shutdown: &watch::Receiver<bool>,
+    status: &Arc<Status>,
+) -> Option<tokio::task::JoinHandle<Result<(), RunError>>> {
+    (!config.groups.is_empty() && status.direction() == Direction::Forward).then(|| {
+        tokio::spawn(super::watch::watch(
+            config.clone(),
+            store.clone(),
+            shutdown.clone(),
+            Arc::clone(status),
+        ))
+    })
+}
+
+/// Runs the stream until it ends; a watcher that fails stops it with its
+/// error (a stray write must not go unanswered), and one that ends is
+/// stopped with it.
+async fn with_watcher(
+    streamed: impl std::future::Future<Output = Result<(), RunError>>,
+    watched: Option<tokio::task::JoinHandle<Result<(), RunError>>>,
+) -> Result<(), RunError> {
+    let Some(mut watcher) = watched else {
+        return streamed.await;
+    };
+    tokio::pin!(streamed);
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            result = &mut streamed => {
+                watcher.abort();
+                return result;
+            }
+            ended = &mut watcher, if watching => {
+                watching = false;
+                match ended {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => return Err(err),
+                    Err(join) if join.is_cancelled() => {}
+                    Err(join) => {
+                        return Err(RunError::Strays {
+                            message: format!("it stopped: {join}"),
+                            transient: false,
+                        });
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Streams sessions one after another, started again with exponential

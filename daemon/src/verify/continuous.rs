@@ -40,11 +40,11 @@ const RETRY: Duration = Duration::from_secs(30);
 
 /// Releases the applier when dropped: a verifier that fails or is
 /// cancelled never leaves the daemon held.
-struct Held<'a>(&'a Status);
+struct Held<'a>(&'a Status, &'static str);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.hold.release(Some(OWNER));
+        self.0.hold.release(Some(self.1));
     }
 }
 
@@ -113,7 +113,7 @@ async fn pass(
             return Ok(false);
         }
         let name = plan.table().name.to_string();
-        let divergence = compare(config, status, &plan).await?;
+        let divergence = compare(config, status, &plan, config.verify.repair, OWNER).await?;
         if divergence.divergent_rows > 0 {
             tracing::warn!(table = %name, rows = divergence.divergent_rows, at = ?divergence.compared_at, "the background verifier found rows that differ");
         }
@@ -153,14 +153,18 @@ fn group_divergence(config: &Config, store: &Store, status: &Status) -> Result<(
     Ok(())
 }
 
-/// Compares one table at a new position; with `verify.repair`, makes the
-/// rows found differing equal to the source ([`super::beside`]).
-async fn compare(config: &Config, status: &Status, plan: &Plan) -> Result<Divergence, VerifyError> {
-    let holder = Holder::InProcess {
-        status,
-        owner: OWNER,
-    };
-    let guard = Held(status);
+/// Compares one table at a new position, holding the daemon's applier as
+/// `owner`; with `repair`, makes the rows found differing equal to the
+/// source ([`super::beside`]).
+pub(super) async fn compare(
+    config: &Config,
+    status: &Status,
+    plan: &Plan,
+    repair: bool,
+    owner: &'static str,
+) -> Result<Divergence, VerifyError> {
+    let holder = Holder::InProcess { status, owner };
+    let guard = Held(status, owner);
     holder.arm().await?;
     let (at, mut sources) = source_position_within(config, 1).await?;
     holder.hold_at(at).await?;
@@ -174,7 +178,7 @@ async fn compare(config: &Config, status: &Status, plan: &Plan) -> Result<Diverg
     let pacer = Pacer::new(Some(config.verify.continuous_rate));
     let reading = table::Reading {
         samples: SAMPLES,
-        repair: config.verify.repair,
+        repair,
         at,
         progress: None,
         pacer: &pacer,
@@ -183,11 +187,11 @@ async fn compare(config: &Config, status: &Status, plan: &Plan) -> Result<Diverg
     drop((source, target));
     let mut divergent_rows = report.differing();
     if !fixes.is_empty() {
-        let _guard = Held(status);
+        let _guard = Held(status, owner);
         let repaired = beside::repair(config, &holder, &[(plan, fixes)]).await?;
         let rows = repaired.rows.values().flatten();
         for row in rows.clone() {
-            tracing::info!(table = %plan.table().name, at = %repaired.at, "the background verifier repaired: {row}");
+            tracing::info!(table = %plan.table().name, at = %repaired.at, "{owner} repaired: {row}");
         }
         status
             .metrics

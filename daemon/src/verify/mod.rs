@@ -55,6 +55,7 @@ mod integrity;
 mod progress;
 mod repair;
 mod report;
+pub mod strays;
 mod table;
 
 pub use report::{Report, Verdict};
@@ -460,6 +461,20 @@ async fn compare(
         progress.finish();
     }
     Ok(report)
+}
+
+impl VerifyError {
+    /// Whether trying again later may succeed: a lost connection, a query
+    /// that failed, the daemon's applier held by another.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            VerifyError::Daemon(_)
+                | VerifyError::Connect { .. }
+                | VerifyError::Query { .. }
+                | VerifyError::Repair(_)
+        )
+    }
 }
 
 /// Records each table's result where the background verifier keeps its
