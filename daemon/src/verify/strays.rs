@@ -90,6 +90,9 @@ pub async fn write_back(
         status,
         owner: OWNER,
     };
+    // A watcher stopped mid-way (the stream ended under it) never leaves
+    // the applier held.
+    let _released = Release(status);
     let mut written: HashMap<String, Vec<String>> = HashMap::new();
     if !work.is_empty() {
         let repaired = beside::repair(config, &holder, &work).await?;
@@ -118,6 +121,15 @@ pub async fn write_back(
         done.tables.insert(table.clone(), found.rows_checked);
     }
     Ok(done)
+}
+
+/// Releases the watcher's hold of the applier when dropped.
+struct Release<'a>(&'a Status);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.hold.release(Some(OWNER));
+    }
 }
 
 /// The row to read again for `stray`: its key's columns (every column of
