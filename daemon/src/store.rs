@@ -116,8 +116,9 @@ pub struct ConflictRecord {
     pub ordinal: u64,
     /// When it committed, RFC 3339 UTC.
     pub committed_at: String,
-    /// `written_back` (the primary's row written over it), `equal` (the
-    /// row was equal to the primary's again when read).
+    /// `written_back` (the primary's rows written over it), `equal` (the
+    /// row was equal to the primary's again when read), `reported` (a
+    /// schema change, which cannot be written back).
     pub resolution: String,
     /// Where the primary's row was read, on the primary's WAL.
     pub resolved_at: Option<Lsn>,
@@ -556,11 +557,14 @@ impl Store {
     /// Records a stray write or a conflict (again: the same change keeps
     /// its one record).
     pub fn put_conflict(&self, record: &ConflictRecord) -> Result<(), StoreError> {
+        // A truncate of several tables is one change: the table tells
+        // its records apart.
         self.put(
             &format!(
-                "{PREFIX_CONFLICT}{:016x}/{:08x}",
+                "{PREFIX_CONFLICT}{:016x}/{:08x}/{}",
                 record.lsn.as_u64(),
-                record.ordinal
+                record.ordinal,
+                record.table
             ),
             record,
         )

@@ -139,13 +139,32 @@ async fn stray_writes_on_the_target_are_written_back_recorded_and_counted() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(recorded, 7.0, "{body}\n{}", daemon.log());
+    // A schema change on the target is reported, as it cannot be written
+    // back; one outside the migration (a temporary table) is no stray
+    // write; the daemon goes on.
+    pair.target
+        .execute(
+            "app",
+            "CREATE TEMP TABLE scratch (x int); ALTER TABLE codes ADD COLUMN note text;",
+        )
+        .await;
+    cutover_tests::wait_for("the schema change to be reported", WAIT, || async {
+        let (_, body) = get(&http, "/metrics");
+        metric(
+            &body,
+            "cutover_conflicts_total{resolution=\"reported\",table=\"public.codes\"}",
+        )
+        .filter(|n| *n == 1.0)
+    })
+    .await;
+    assert!(daemon.running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
     // The records outlive the daemon.
     let status = cutover(&config, &["status"]).await;
     assert!(
         status
             .stdout
-            .contains("stray writes on the target: 7 (6 written back over with the source's rows)"),
+            .contains("stray writes on the target: 8 (6 written back over with the source's rows)"),
         "{}",
         status.all_output()
     );

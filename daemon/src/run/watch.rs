@@ -100,7 +100,13 @@ async fn watch_once(
         config: config.clone(),
         forward: Arc::clone(forward),
         store: store.clone(),
-        skipped: Direction::Reverse.skipped_origins(&migration(config, store)?),
+        skipped: {
+            // The repairs' origin is named after the configured slot (it
+            // may differ from the migration's, under which the copy ran).
+            let mut skipped = Direction::Reverse.skipped_origins(&migration(config, store)?);
+            skipped.push(Direction::repair_origin(&config.slot));
+            skipped
+        },
         applied: start,
     };
     let session = Session::connect(&reverse.source.conninfo).await?;
@@ -158,14 +164,40 @@ async fn prepare(reverse: &Config, store: &Store) -> Result<(String, Lsn, Vec<St
     let target = cutover_replication::client::connect(&reverse.source.conninfo)
         .await
         .map_err(|e| strays_error(format!("connecting to the target: {e}"), true))?;
-    let tables = copy::tables_in_scope(&target, reverse).await?;
-    copy::ensure_publications(&target, store, reverse, &tables).await?;
-    let publications = copy::publications(&target, reverse).await?;
+    // A server that does not answer may answer later; anything else it
+    // says is for the operator to fix.
+    let failed = |e: copy::CopyError| {
+        let transient = matches!(
+            e,
+            copy::CopyError::Connect { .. }
+                | copy::CopyError::Query { .. }
+                | copy::CopyError::Replication { .. }
+        );
+        strays_error(
+            format!("preparing the target's slot and publications: {e}"),
+            transient,
+        )
+    };
+    let tables = copy::tables_in_scope(&target, reverse)
+        .await
+        .map_err(failed)?;
+    copy::ensure_publications(&target, store, reverse, &tables)
+        .await
+        .map_err(failed)?;
+    let publications = copy::publications(&target, reverse).await.map_err(failed)?;
     let name = reverse.slot.clone();
     let existing = slot::slot_state(&target, &name)
         .await
         .map_err(|e| strays_error(format!("reading the target's replication slots: {e}"), true))?;
     let from_slot = match existing {
+        Some(state) if state.wal_status.as_deref() == Some("lost") => {
+            return Err(strays_error(
+                format!(
+                    "the target's slot {name} lost WAL it needed while cutover was down: stray writes made meanwhile were not seen; drop it (SELECT pg_drop_replication_slot('{name}');), start cutover again, and run `cutover verify --repair`"
+                ),
+                false,
+            ));
+        }
         Some(state) => state.confirmed_flush.ok_or_else(|| {
             strays_error(
                 format!(
@@ -215,6 +247,8 @@ struct Seen {
     /// Its rows' indexes in the write-back's list (an update that moved a
     /// key has two: the old key and the new).
     rows: Vec<usize>,
+    /// For a change with no row: what it is, and what was done.
+    whole: Option<(String, &'static str)>,
 }
 
 impl WriteBack {
@@ -238,20 +272,22 @@ impl WriteBack {
             if !self.wanted(change, commit.commit_lsn) {
                 continue;
             }
-            let mut record = |table: &TableName, rows: Vec<usize>| {
-                seen.push(Seen {
-                    table: table.clone(),
-                    op: change.kind.op(),
-                    end_lsn: commit.end_lsn,
-                    ordinal: change.ordinal,
-                    committed_at: committed_at.clone(),
-                    rows,
-                });
-            };
+            let mut record =
+                |table: &TableName, rows: Vec<usize>, whole: Option<(String, &'static str)>| {
+                    seen.push(Seen {
+                        table: table.clone(),
+                        op: change.kind.op(),
+                        end_lsn: commit.end_lsn,
+                        ordinal: change.ordinal,
+                        committed_at: committed_at.clone(),
+                        rows,
+                        whole,
+                    });
+                };
             match &change.kind {
                 ChangeKind::Insert { relation, new } => {
                     strays.push(stray(relation, new));
-                    record(&relation.name, vec![strays.len() - 1]);
+                    record(&relation.name, vec![strays.len() - 1], None);
                 }
                 ChangeKind::Update { relation, old, new } => {
                     strays.push(stray(relation, new));
@@ -260,30 +296,39 @@ impl WriteBack {
                         strays.push(stray(relation, old.tuple()));
                         rows.push(strays.len() - 1);
                     }
-                    record(&relation.name, rows);
+                    record(&relation.name, rows, None);
                 }
                 ChangeKind::Delete { relation, old } => {
                     strays.push(stray(relation, old.tuple()));
-                    record(&relation.name, vec![strays.len() - 1]);
+                    record(&relation.name, vec![strays.len() - 1], None);
                 }
                 ChangeKind::Truncate { relations, .. } => {
                     for relation in relations {
                         if !truncated.contains(&relation.name) {
                             truncated.push(relation.name.clone());
                         }
-                        record(&relation.name, Vec::new());
+                        let whole = ("(the whole table)".to_owned(), "written_back");
+                        record(&relation.name, Vec::new(), Some(whole));
                     }
                 }
-                ChangeKind::TruncatePartition(_) | ChangeKind::Ddl(_) => {
-                    return Err(strays_error(
-                        format!(
-                            "the target's stream carried a {} at {} that cutover cannot write back; stop writing to the target, run `cutover verify --repair`, and start cutover again",
-                            change.kind.op(),
-                            commit.end_lsn
-                        ),
-                        false,
-                    ));
+                ChangeKind::TruncatePartition(truncate) => {
+                    if !truncated.contains(&truncate.root) {
+                        truncated.push(truncate.root.clone());
+                    }
+                    let whole = (
+                        format!("(partition {})", truncate.partition),
+                        "written_back",
+                    );
+                    record(&truncate.root, Vec::new(), Some(whole));
                 }
+                // A schema change on the target: reported, as it cannot be
+                // written back (one outside the migration's scope, such as
+                // a temporary table's, is none of its business).
+                ChangeKind::Ddl(ddl) if ddl.in_scope => {
+                    let statement: String = ddl.statement.chars().take(200).collect();
+                    record(&ddl.table, Vec::new(), Some((statement, "reported")));
+                }
+                ChangeKind::Ddl(_) => {}
             }
         }
         Ok(())
@@ -306,17 +351,21 @@ impl WriteBack {
                     strays_error(format!("writing the source's rows back: {e}"), transient)
                 })?;
             for change in seen {
-                let written = change.rows.is_empty()
-                    || change
-                        .rows
-                        .iter()
-                        .any(|i| done.rows.get(*i).is_some_and(|(_, w)| *w));
-                let key = change
-                    .rows
-                    .first()
-                    .and_then(|i| done.rows.get(*i))
-                    .map_or_else(|| "(the whole table)".to_owned(), |(key, _)| key.clone());
-                let resolution = if written { "written_back" } else { "equal" };
+                let (key, resolution) = match change.whole {
+                    Some((what, resolution)) => (what, resolution),
+                    None => {
+                        let written = change
+                            .rows
+                            .iter()
+                            .any(|i| done.rows.get(*i).is_some_and(|(_, w)| *w));
+                        let key = change
+                            .rows
+                            .first()
+                            .and_then(|i| done.rows.get(*i))
+                            .map_or_else(String::new, |(key, _)| key.clone());
+                        (key, if written { "written_back" } else { "equal" })
+                    }
+                };
                 let table = change.table.to_string();
                 let record = ConflictRecord {
                     kind: "stray_write".into(),
@@ -343,7 +392,11 @@ impl WriteBack {
                     at = %record.lsn,
                     resolution,
                     "a stray write on the target (the source is the primary): {}",
-                    if written { "the source's row is written back over it" } else { "the row was equal to the source's again" }
+                    match resolution {
+                        "written_back" => "the source's rows are written back over it",
+                        "equal" => "the row was equal to the source's again",
+                        _ => "a schema change cutover cannot write back: look at it, and bring the target's table back to the source's",
+                    }
                 );
                 self.store.put_conflict(&record)?;
                 self.forward

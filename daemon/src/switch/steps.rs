@@ -214,7 +214,7 @@ impl<'a> Ctx<'a> {
                 let usable = existing.plugin.as_deref() == Some("pgoutput")
                     && !existing.temporary
                     && existing.wal_status.as_deref() != Some("lost");
-                let start = existing.confirmed_flush.filter(|_| usable).ok_or_else(|| {
+                let confirmed = existing.confirmed_flush.filter(|_| usable).ok_or_else(|| {
                     SwitchError::Refused(format!(
                         "the {} has a slot {name} that the way back cannot stream from (plugin {:?}, wal_status {:?}): drop it (SELECT pg_drop_replication_slot('{name}');) and run the command again",
                         self.new_name(),
@@ -222,6 +222,19 @@ impl<'a> Ctx<'a> {
                         existing.wal_status
                     ))
                 })?;
+                // A slot made before (by the stray-write watcher, or a
+                // move before this one) streams from here on: what an
+                // application wrote there until now was not the
+                // primary's, and must not reach the old primary (the
+                // watcher wrote the primary's rows back over it).
+                let start = if made_here {
+                    confirmed
+                } else {
+                    slot::current_wal_lsn(&self.new)
+                        .await
+                        .map_err(query(self.new_name(), "reading the WAL position"))?
+                        .max(confirmed)
+                };
                 (start, made_here)
             }
             None => {
