@@ -725,3 +725,49 @@ CREATE TABLE public.audit (id int PRIMARY KEY);";
         );
     }
 }
+
+#[tokio::test]
+async fn with_groups_the_target_must_stream_from_the_start() {
+    let source = Cluster::start();
+    let target = Cluster::start_with(ClusterOptions::default().wal_level("replica"));
+    source.create_database("app").await;
+    target.create_database("app").await;
+    for cluster in [&source, &target] {
+        cluster
+            .execute("app", "CREATE TABLE items (id int PRIMARY KEY)")
+            .await;
+    }
+    let setup = Setup::new();
+    let config = |groups: &str| {
+        setup.config(
+            &source.url("app", "postgres", None),
+            &target.url("app", "postgres", None),
+            groups,
+        )
+    };
+    let severity = |outcome: &Outcome| {
+        let report = json(outcome);
+        let finding = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["code"] == "wal_level" && f["server"] == "target")
+            .cloned()
+            .unwrap_or_else(|| panic!("a wal_level finding on the target in {report:#}"));
+        (finding["severity"].clone(), finding["problem"].clone())
+    };
+    let plain = setup.check(&config(""), &["--format", "json"], &[]);
+    assert_eq!(severity(&plain).0, "warning", "{}", plain.stdout);
+    let grouped = setup.check(
+        &config("[[group]]\nname = \"all\"\ntables = [\"public.*\"]\n"),
+        &["--format", "json"],
+        &[],
+    );
+    assert_eq!(grouped.code, 1, "{}", grouped.stdout);
+    let (level, problem) = severity(&grouped);
+    assert_eq!(level, "blocking");
+    assert!(
+        problem.as_str().unwrap().contains("stray writes"),
+        "{problem}"
+    );
+}

@@ -51,7 +51,7 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
     if let Some(client) = &target {
         match probe_server(client, &config.target).await {
             Ok(facts) => {
-                target_checks(&mut report, &facts);
+                target_checks(&mut report, &facts, config);
                 report.target = facts.report.clone();
                 target_facts = Some(facts);
             }
@@ -482,8 +482,18 @@ fn source_checks(report: &mut Report, facts: &ServerFacts, config: &Config) {
     }
 }
 
-fn target_checks(report: &mut Report, facts: &ServerFacts) {
+fn target_checks(report: &mut Report, facts: &ServerFacts, config: &Config) {
     let server = "target";
+    // With groups, `run` streams the target's own changes from the start
+    // (the stray-write watcher): what the way back needs is needed now.
+    let (later, when) = if config.groups.is_empty() {
+        (Severity::Warning, "after the switch")
+    } else {
+        (
+            Severity::Blocking,
+            "from the start ([[group]]s are configured: run watches the target for stray writes)",
+        )
+    };
     let r = &facts.report;
     let role = sql::quote_ident(r.role.as_deref().unwrap_or_default());
     if !facts.can_set_replica_role {
@@ -514,13 +524,13 @@ fn target_checks(report: &mut Report, facts: &ServerFacts) {
     }
     if !facts.can_create_in_db && r.superuser != Some(true) {
         report.add(Finding {
-            severity: Severity::Warning,
+            severity: later,
             code: "cannot_create_publication",
             server,
             subject: Some(format!("database {}", facts.database)),
-            problem:
-                "the role may not create the publication the reverse stream needs after the switch"
-                    .into(),
+            problem: format!(
+                "the role may not create the publication the reverse stream needs {when}"
+            ),
             fix: Some(format!(
                 "GRANT CREATE ON DATABASE {} TO {role};",
                 sql::quote_ident(&facts.database)
@@ -529,12 +539,12 @@ fn target_checks(report: &mut Report, facts: &ServerFacts) {
     }
     if r.wal_level.as_deref() != Some("logical") {
         report.add(Finding {
-            severity: Severity::Warning,
+            severity: later,
             code: "wal_level",
             server,
             subject: Some("wal_level".into()),
             problem: format!(
-                "wal_level is '{}': the reverse stream that makes rollback safe needs 'logical' on the target before `cutover switch`",
+                "wal_level is '{}': the reverse stream that makes rollback safe needs 'logical' on the target, {when}",
                 r.wal_level.as_deref().unwrap_or("?")
             ),
             fix: Some("ALTER SYSTEM SET wal_level = logical;\nthen restart the target server before the switch".into()),
@@ -542,13 +552,13 @@ fn target_checks(report: &mut Report, facts: &ServerFacts) {
     }
     if r.superuser != Some(true) && r.replication != Some(true) {
         report.add(Finding {
-            severity: Severity::Warning,
+            severity: later,
             code: "no_replication_privilege",
             server,
             subject: Some(format!("role {}", r.role.as_deref().unwrap_or_default())),
-            problem:
-                "the role may not replicate; the reverse stream after the switch needs REPLICATION"
-                    .into(),
+            problem: format!(
+                "the role may not replicate; the reverse stream needs REPLICATION {when}"
+            ),
             fix: Some(format!("ALTER ROLE {role} REPLICATION;")),
         });
     }
