@@ -67,6 +67,27 @@ pub fn insert_sql(kind: &str, payload: &str) -> String {
 /// Creates the schema and the events table (if missing), closes them to
 /// everyone but their owner, and puts the table in `publication`.
 pub async fn install(client: &Client, publication: &str) -> Result<(), tokio_postgres::Error> {
+    // `IF NOT EXISTS` is no lock: two sessions installing at once (the
+    // copy and the lag sampler) can both miss the schema and collide on
+    // the catalog ("duplicate key", "tuple concurrently updated"). One at
+    // a time per database, under a session lock released whatever happens
+    // (a broken connection releases it too).
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&INSTALL_LOCK])
+        .await?;
+    let installed = install_locked(client, publication).await;
+    let released = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&INSTALL_LOCK])
+        .await;
+    installed?;
+    released.map(|_| ())
+}
+
+/// The advisory lock [`install`] takes ("cutover" in ASCII, then 1); the
+/// partitions' triggers are installed under it too.
+pub(crate) const INSTALL_LOCK: i64 = 0x6375_746f_7665_7201;
+
+async fn install_locked(client: &Client, publication: &str) -> Result<(), tokio_postgres::Error> {
     let ready: bool = client
         .query_one(
             "SELECT to_regclass($1) IS NOT NULL
@@ -81,18 +102,17 @@ pub async fn install(client: &Client, publication: &str) -> Result<(), tokio_pos
     }
     let schema = quote_ident(SCHEMA);
     let table = format!("{schema}.{}", quote_ident(TABLE));
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema};
-             REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
-             CREATE TABLE IF NOT EXISTS {table} (
-                 id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                 kind text NOT NULL,
-                 payload text NOT NULL,
-                 at timestamptz NOT NULL DEFAULT now());
-             REVOKE ALL ON {table} FROM PUBLIC;"
-        ))
-        .await?;
+    let create = format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;
+         CREATE TABLE IF NOT EXISTS {table} (
+             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             kind text NOT NULL,
+             payload text NOT NULL,
+             at timestamptz NOT NULL DEFAULT now());
+         REVOKE ALL ON {table} FROM PUBLIC;"
+    );
+    client.batch_execute(&create).await?;
     let published: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication_tables

@@ -127,6 +127,31 @@ pub async fn install(
     if roots.is_empty() {
         return Ok(Vec::new());
     }
+    // One session at a time (the copy and the lag sampler both install):
+    // two would make the same trigger and the second fail.
+    client
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&crate::events::INSTALL_LOCK],
+        )
+        .await?;
+    let installed = install_locked(client, roots, publication).await;
+    let released = client
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&crate::events::INSTALL_LOCK],
+        )
+        .await;
+    let installed = installed?;
+    released?;
+    Ok(installed)
+}
+
+async fn install_locked(
+    client: &Client,
+    roots: &[TableName],
+    publication: &str,
+) -> Result<Vec<TableName>, tokio_postgres::Error> {
     let missing = untriggered(client, roots).await?;
     if missing.is_empty() {
         return Ok(missing);

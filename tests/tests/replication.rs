@@ -872,3 +872,31 @@ async fn unix_sockets_protocol_1_and_encryption_without_verification() {
     let err = Session::connect(&info).await.unwrap_err();
     assert!(err.to_string().contains("sslrootcert"), "{err}");
 }
+
+#[tokio::test]
+async fn sessions_installing_cutovers_schema_at_once_all_succeed() {
+    // The copy and the lag sampler both make cutover's schema when they
+    // start; `IF NOT EXISTS` alone lets two sessions collide on the
+    // catalog's unique index.
+    let cluster = source(ClusterOptions::default()).await;
+    for round in 0..5 {
+        let database = format!("race{round}");
+        cluster.create_database(&database).await;
+        cluster
+            .execute(&database, "CREATE PUBLICATION cutover")
+            .await;
+        let mut installs = Vec::new();
+        for _ in 0..8 {
+            let client = cluster.client(&database).await;
+            installs.push(tokio::spawn(async move {
+                cutover_replication::events::install(&client, "cutover").await
+            }));
+        }
+        for install in installs {
+            install
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        }
+    }
+}

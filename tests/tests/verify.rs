@@ -733,11 +733,19 @@ async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
              SELECT pg_replication_origin_session_reset();",
         )
         .await;
-    cutover_tests::wait_for("the divergence to show", WAIT, || async {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
         let (_, body) = get(&http, "/metrics");
-        (metric(&body, "cutover_divergent_rows{table=\"public.codes\"}")? == 1.0).then_some(())
-    })
-    .await;
+        if metric(&body, "cutover_divergent_rows{table=\"public.codes\"}") == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the divergence did not show:\n{body}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (code, health) = get(&http, "/health");
     assert_eq!(code, 503, "{health}");
     assert!(health.contains("verify.max_divergent_ratio"), "{health}");
