@@ -723,16 +723,18 @@ async fn the_background_verifier_tracks_divergence_and_turns_health_red() {
     // cutover's repair origin: with groups configured, an application's
     // write on the target is a stray write, written back at once; this
     // one stands for what no stream shows, such as a bug in cutover.)
-    pair.target
-        .execute(
-            "app",
-            "SELECT pg_replication_origin_create('cutover_cutover_repair')
-               WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'cutover_cutover_repair');
-             SELECT pg_replication_origin_session_setup('cutover_cutover_repair');
-             UPDATE codes SET label = 'tampered' WHERE code = 'c7';
-             SELECT pg_replication_origin_session_reset();",
-        )
-        .await;
+    // One statement at a time: a multi-statement string is one
+    // transaction, which would commit after the reset, without the origin.
+    let tamper = pair.target.client("app").await;
+    for statement in [
+        "SELECT pg_replication_origin_create('cutover_cutover_repair')
+           WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'cutover_cutover_repair')",
+        "SELECT pg_replication_origin_session_setup('cutover_cutover_repair')",
+        "UPDATE codes SET label = 'tampered' WHERE code = 'c7'",
+        "SELECT pg_replication_origin_session_reset()",
+    ] {
+        tamper.batch_execute(statement).await.unwrap();
+    }
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let (_, body) = get(&http, "/metrics");
