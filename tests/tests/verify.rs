@@ -91,6 +91,17 @@ impl Killable {
     }
 }
 
+/// One table's entry in a verify report.
+fn table_of(report: &serde_json::Value, name: &str) -> serde_json::Value {
+    report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == name)
+        .unwrap_or_else(|| panic!("{name} in {report}"))
+        .clone()
+}
+
 fn verify(config: &std::path::Path, format: &str) -> Outcome {
     verify_with(config, &["--format", format])
 }
@@ -173,12 +184,7 @@ async fn each_difference_made_on_the_target_is_found_with_its_key_and_column() {
     let json = verify(&config, "json");
     let report: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(report["status"], "FAILED");
-    let accounts = report["tables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["table"] == "public.accounts")
-        .unwrap();
+    let accounts = table_of(&report, "public.accounts");
     assert_eq!(
         (
             accounts["missing"].as_u64(),
@@ -294,15 +300,7 @@ async fn chunks_and_their_groups_find_every_difference_in_a_table_of_many_chunks
     let outcome = verify(&config, "json");
     assert_eq!(outcome.code, 1, "{}", outcome.all_output());
     let report: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
-    let table = |name: &str| {
-        report["tables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["table"] == name)
-            .unwrap()
-            .clone()
-    };
+    let table = |name: &str| table_of(&report, name);
     let counts = |t: &serde_json::Value| {
         ["source_rows", "missing", "extra", "changed"].map(|k| t[k].as_u64().unwrap())
     };
@@ -645,15 +643,7 @@ async fn a_verify_killed_midway_resumes_after_the_last_chunk_it_compared() {
     let outcome = verify_with(&config, &["--format", "json"]);
     assert_eq!(outcome.code, 1, "{}", outcome.all_output());
     let report: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
-    let table = |name: &str| {
-        report["tables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["table"] == name)
-            .unwrap_or_else(|| panic!("{name} in {report}"))
-            .clone()
-    };
+    let table = |name: &str| table_of(&report, name);
     // Every row counted once: nothing compared twice, nothing skipped.
     for (name, source_rows, target_rows) in [
         ("public.big", 200000, 199999),
