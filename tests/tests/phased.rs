@@ -139,6 +139,23 @@ async fn stray_writes_on_the_target_are_written_back_recorded_and_counted() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(recorded, 7.0, "{body}\n{}", daemon.log());
+    // The target's slot is watched like the source's.
+    assert!(
+        metric(
+            &body,
+            "cutover_slot_retained_bytes{slot=\"cutover_reverse\"}"
+        )
+        .is_some(),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            "cutover_slot_wal_status{slot=\"cutover_reverse\",wal_status=\"reserved\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
     // A schema change on the target is reported, as it cannot be written
     // back; one outside the migration (a temporary table) is no stray
     // write; the daemon goes on.

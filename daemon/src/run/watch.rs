@@ -96,6 +96,12 @@ async fn watch_once(
     forward: &Arc<Status>,
 ) -> Result<(), RunError> {
     let (slot, start, publications) = prepare(reverse, store).await?;
+    // What the target's slot keeps, beside the source slot's figures.
+    let _sampled = super::supervisor::AbortOnDrop(tokio::spawn(sample_slot(
+        reverse.clone(),
+        slot.clone(),
+        Arc::clone(forward),
+    )));
     let sink = WriteBack {
         config: config.clone(),
         forward: Arc::clone(forward),
@@ -146,6 +152,44 @@ async fn watch_once(
         Err(err) => {
             reader.abort();
             Err(err)
+        }
+    }
+}
+
+/// Every `lag_sample_interval`: how much WAL the target's slot retains
+/// and its `wal_status`, in the same families as the source slot's
+/// (`cutover_slot_retained_bytes{slot}`, `cutover_slot_wal_status`), so
+/// that the same alerts watch it.
+async fn sample_slot(reverse: Config, slot: String, forward: Arc<Status>) {
+    let mut ticker = tokio::time::interval(reverse.lag_sample_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        ticker.tick().await;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = cutover_replication::client::connect(&reverse.source.conninfo)
+                .await
+                .ok();
+        }
+        let Some(c) = &client else { continue };
+        let Ok(Some(state)) = slot::slot_state(c, &slot).await else {
+            continue;
+        };
+        if let Some(bytes) = state.retained_bytes {
+            forward
+                .metrics
+                .slot_retained_bytes
+                .with_label_values(&[&slot])
+                .set(bytes.max(0));
+        }
+        if let Some(current) = state.wal_status.as_deref() {
+            for status in crate::metrics::WAL_STATUSES {
+                forward
+                    .metrics
+                    .slot_wal_status
+                    .with_label_values(&[slot.as_str(), status])
+                    .set(i64::from(*status == current));
+            }
         }
     }
 }
