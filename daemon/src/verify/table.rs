@@ -538,18 +538,8 @@ pub(super) async fn compare(
                 target_digest.add_chunk(chunk, *rows);
             }
             if only_groups.is_none() && !read_whole {
-                report.set_checksums(source_digest.hex(), target_digest.hex());
-                let done = upto.is_none();
-                after = upto;
-                record(
-                    progress,
-                    &name,
-                    done,
-                    &after,
-                    &report,
-                    [&source_digest, &target_digest],
-                )?;
-                if done {
+                let digests = [&source_digest, &target_digest];
+                if chunk_done(progress, &name, &mut report, &mut after, upto, digests)? {
                     return Ok((report, fixes));
                 }
                 continue;
@@ -644,21 +634,29 @@ pub(super) async fn compare(
             }
         }
         report.add_tally(merge.tally());
-        report.set_checksums(source_digest.hex(), target_digest.hex());
-        let done = upto.is_none();
-        after = upto;
-        record(
-            progress,
-            &name,
-            done,
-            &after,
-            &report,
-            [&source_digest, &target_digest],
-        )?;
-        if done {
+        let digests = [&source_digest, &target_digest];
+        if chunk_done(progress, &name, &mut report, &mut after, upto, digests)? {
             return Ok((report, fixes));
         }
     }
+}
+
+/// A chunk compared up to `upto` (`None`: the table's end): the report
+/// takes both sides' digests, `after` moves on, and where the table
+/// stands is recorded. Whether it was the table's last chunk.
+fn chunk_done(
+    progress: Option<&ProgressFile>,
+    name: &str,
+    report: &mut TableReport,
+    after: &mut Option<Vec<String>>,
+    upto: Option<Vec<String>>,
+    [source, target]: [&Digest; 2],
+) -> Result<bool, VerifyError> {
+    report.set_checksums(source.hex(), target.hex());
+    let done = upto.is_none();
+    *after = upto;
+    record(progress, name, done, after, report, [source, target])?;
+    Ok(done)
 }
 
 /// Records where the table stands (compared up to `after`, or `done`), for

@@ -484,6 +484,26 @@ fn cluster_cpu(data_dir: &Path) -> f64 {
     ticks as f64 / TICKS_PER_SECOND
 }
 
+/// `pgbench` running `script` on the bench database at `port`: 4 clients,
+/// 2 threads, `rate` transactions per second, for `seconds`.
+pub fn pgbench(port: u16, script: &Path, rate: u64, seconds: u64) -> std::process::Command {
+    let mut command = std::process::Command::new(crate::cluster::bindir().join("pgbench"));
+    command
+        .args(["-n", "-c", "4", "-j", "2", "-R", &rate.to_string()])
+        .args(["-T", &seconds.to_string(), "-f"])
+        .arg(script)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            DB,
+        ]);
+    command
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -621,32 +621,9 @@ async fn run_lag(
 ) -> (Vec<f64>, usize) {
     let source = b.src().await;
     let target = b.tgt().await;
-    let mut pgbench = Command::new(bindir().join("pgbench"));
-    pgbench
-        .args([
-            "-n",
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-R",
-            &rate.to_string(),
-            "-T",
-            &seconds.to_string(),
-            "-f",
-        ])
-        .arg(script)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &b.source.port().to_string(),
-            "-U",
-            "postgres",
-            DB,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut pgbench =
+        super::context::pgbench(b.source.port(), script, u64::from(rate), u64::from(seconds));
+    pgbench.stdout(Stdio::null()).stderr(Stdio::piped());
     let started = Instant::now();
     let child = pgbench.spawn().expect("start pgbench");
     let bench = tokio::task::spawn_blocking(move || child.wait_with_output());

@@ -171,29 +171,7 @@ async fn pgbench(b: &Bench, script: &std::path::Path, seconds: u64) -> (f64, f64
 /// `pgbench -R 1000` for `seconds`: its latency average and average
 /// schedule lag, in milliseconds, from its summary.
 fn run_pgbench(port: u16, script: &std::path::Path, seconds: u64) -> (f64, f64) {
-    let out = Command::new(crate::cluster::bindir().join("pgbench"))
-        .args([
-            "-n",
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-R",
-            "1000",
-            "-T",
-            &seconds.to_string(),
-            "-f",
-        ])
-        .arg(script)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            DB,
-        ])
+    let out = super::context::pgbench(port, script, 1000, seconds)
         .output()
         .expect("run pgbench");
     assert!(
