@@ -81,8 +81,14 @@ impl Direction {
     /// cutover wrote on the server it reads (invariant 5).
     pub fn skipped_origins(self, slot: &str) -> Vec<String> {
         let mut skipped = vec![self.opposite().origin(slot)];
-        if self == Direction::Reverse {
-            skipped.push(Direction::repair_origin(slot));
+        match self {
+            Direction::Reverse => skipped.push(Direction::repair_origin(slot)),
+            // With table groups, the stray writes on the source are
+            // repaired from the target, in the reverse direction's repair
+            // origin.
+            Direction::Forward => {
+                skipped.push(Direction::repair_origin(&Direction::Reverse.slot(slot)));
+            }
         }
         skipped
     }
@@ -119,7 +125,7 @@ mod tests {
         );
         assert_eq!(
             Direction::Forward.skipped_origins("mig"),
-            ["cutover_mig_reverse"]
+            ["cutover_mig_reverse", "cutover_mig_reverse_repair"]
         );
     }
 }

@@ -69,6 +69,9 @@ const PREFIX_CONFLICT: &str = "conflicts/";
 /// The position the stray-write watcher has handled every target change
 /// up to.
 const KEY_STRAY_POSITION: &str = "strays/position";
+/// `strays/pending/<side>/<position>/<ordinal>/<table>`: stray writes
+/// recorded by a stream and not resolved yet ([`PendingStray`]).
+const PREFIX_PENDING_STRAY: &str = "strays/pending/";
 /// Which server is primary and the switch journal
 /// ([`crate::switch::journal::SwitchState`]).
 const KEY_SWITCH: &str = "switch/state";
@@ -116,14 +119,43 @@ pub struct ConflictRecord {
     pub ordinal: u64,
     /// When it committed, RFC 3339 UTC.
     pub committed_at: String,
-    /// `written_back` (the primary's rows written over it), `equal` (the
-    /// row was equal to the primary's again when read), `reported` (a
-    /// schema change, which cannot be written back).
+    /// `pending` (seen, not resolved yet), `written_back` (the primary's
+    /// rows written over the other side's), `equal` (the row was equal
+    /// on both sides when read again), `reported` (a schema change, which
+    /// cannot be written back).
     pub resolution: String,
     /// Where the primary's row was read, on the primary's WAL.
     pub resolved_at: Option<Lsn>,
     /// Unix seconds.
     pub at: u64,
+}
+
+/// A stray write seen by a stream and not resolved yet: the record shown
+/// meanwhile (resolution `pending`) and the rows to make equal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingStray {
+    /// The record, as `SHOW CONFLICTS` shows it until it is resolved.
+    pub record: ConflictRecord,
+    /// Its table.
+    pub table: cutover_replication::catalog::TableName,
+    /// The rows the change touched: each one's columns as the change
+    /// carried them (by name, as text; `None` for NULL). An update that
+    /// moved a key has two: the new key and the old.
+    pub rows: Vec<Vec<(String, Option<Vec<u8>>)>>,
+    /// The whole table is compared (a truncate).
+    pub whole: bool,
+}
+
+impl PendingStray {
+    fn key(&self) -> String {
+        format!(
+            "{PREFIX_PENDING_STRAY}{}/{:016x}/{:08x}/{}",
+            self.record.side,
+            self.record.lsn.as_u64(),
+            self.record.ordinal,
+            self.record.table
+        )
+    }
 }
 
 /// One lag sample.
@@ -561,13 +593,48 @@ impl Store {
         // its records apart.
         self.put(
             &format!(
-                "{PREFIX_CONFLICT}{:016x}/{:08x}/{}",
+                "{PREFIX_CONFLICT}{:016x}/{:08x}/{}/{}",
                 record.lsn.as_u64(),
                 record.ordinal,
+                record.side,
                 record.table
             ),
             record,
         )
+    }
+
+    /// Records stray writes a stream saw, to be resolved (each shown as
+    /// `pending` meanwhile), durably: the stream acknowledges them after.
+    pub async fn put_pending_strays(&self, strays: &[PendingStray]) -> Result<(), StoreError> {
+        for stray in strays {
+            self.put(&stray.key(), stray)?;
+            self.put_conflict(&stray.record)?;
+        }
+        self.flush().await
+    }
+
+    /// Up to `limit` stray writes not resolved yet, oldest first per side.
+    pub fn pending_strays(&self, limit: usize) -> Result<Vec<PendingStray>, StoreError> {
+        self.db
+            .scan_prefix(PREFIX_PENDING_STRAY)
+            .values()
+            .take(limit)
+            .map(|value| {
+                let value = value.map_err(|e| self.io(e))?;
+                self.decode(PREFIX_PENDING_STRAY, &value)
+            })
+            .collect()
+    }
+
+    /// A stray write resolved: its record updated, its pending entry gone.
+    pub fn resolve_stray(
+        &self,
+        stray: &PendingStray,
+        record: &ConflictRecord,
+    ) -> Result<(), StoreError> {
+        self.put_conflict(record)?;
+        self.db.remove(stray.key()).map_err(|e| self.io(e))?;
+        Ok(())
     }
 
     /// Every stray write and conflict recorded, oldest first.
@@ -582,15 +649,10 @@ impl Store {
             .collect()
     }
 
-    /// The position the stray-write watcher handled everything up to.
+    /// The position the stray-write watcher of an earlier version handled
+    /// everything up to (the reverse stream starts after it).
     pub fn stray_position(&self) -> Result<Option<Lsn>, StoreError> {
         self.get(KEY_STRAY_POSITION)
-    }
-
-    /// Records that position, durably.
-    pub async fn put_stray_position(&self, at: Lsn) -> Result<(), StoreError> {
-        self.put(KEY_STRAY_POSITION, &at)?;
-        self.flush().await
     }
 
     /// Records the background verifier's last pass over `table`.

@@ -55,12 +55,13 @@ async fn seeded(dir: &Path, extra: &str) -> (Pair, std::path::PathBuf) {
     (pair, config)
 }
 
-/// Waits until the daemon's stray-write watcher streams.
+/// Waits until the daemon's reverse stream (which sees stray writes on
+/// the target) streams.
 async fn watching(daemon: &Daemon) {
-    cutover_tests::wait_for("the stray-write watcher", WAIT, || async {
+    cutover_tests::wait_for("the reverse stream", WAIT, || async {
         daemon
             .log()
-            .contains("watching the target for stray writes")
+            .contains("streaming slot=cutover_reverse")
             .then_some(())
     })
     .await;

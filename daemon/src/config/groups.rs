@@ -140,6 +140,18 @@ impl Groups {
     }
 }
 
+impl Groups {
+    /// The group that routes `table`: the first whose patterns match it
+    /// (a table two groups match is refused by `check` and `run`), or the
+    /// default group.
+    pub fn group_of(&self, table: &TableName) -> &str {
+        self.0
+            .iter()
+            .find(|g| g.tables.iter().any(|p| p.matches(table)))
+            .map_or(DEFAULT_GROUP, |g| g.name.as_str())
+    }
+}
+
 /// `[[group]]`s as written: each one's name and table patterns.
 pub type Written = Vec<(Option<String>, Option<Vec<String>>)>;
 

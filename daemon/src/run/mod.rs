@@ -37,6 +37,7 @@ mod applier;
 mod assembly;
 mod queue;
 mod reader;
+mod routed;
 mod sampler;
 mod session;
 mod supervisor;

@@ -18,6 +18,7 @@ use super::RunError;
 use super::applier::apply_work;
 use super::queue::{Queue, Work};
 use super::reader::read_stream;
+use super::routed::Routed;
 
 /// One session: connect both sides, stream and apply until a failure, the
 /// shutdown, or (with `until`) the target holds exactly what the source
@@ -34,11 +35,27 @@ pub(super) async fn stream_once(
     // direction wrote are not sent back (invariant 5).
     let direction = status.direction();
     let origin = direction.origin(&outcome.migration);
+    let mut skipped = direction.skipped_origins(&outcome.migration);
+    // The repairs of stray writes are written under an origin named after
+    // the configured slot, which may differ from the migration's (the
+    // slot the copy ran under).
+    let configured = match direction {
+        crate::direction::Direction::Forward => config.slot.as_str(),
+        crate::direction::Direction::Reverse => config
+            .slot
+            .strip_suffix("_reverse")
+            .unwrap_or(config.slot.as_str()),
+    };
+    for origin in direction.skipped_origins(configured) {
+        if !skipped.contains(&origin) {
+            skipped.push(origin);
+        }
+    }
     let mut applier = PostgresSink::connect(
         &config.target.conninfo,
         &origin,
         outcome.copied_at.clone(),
-        direction.skipped_origins(&outcome.migration),
+        skipped,
     )
     .await?;
     applier.set_ddl_policy(config.ddl);
@@ -82,16 +99,37 @@ pub(super) async fn stream_once(
         shutdown.clone(),
         until,
     ));
-    let applied = apply_work(
-        applier,
-        work_rx,
-        durable_tx,
-        settings,
-        shutdown,
-        Arc::clone(status),
-        until,
-    )
-    .await;
+    let applied = if config.groups.is_empty() {
+        apply_work(
+            applier,
+            work_rx,
+            durable_tx,
+            settings,
+            shutdown,
+            Arc::clone(status),
+            until,
+        )
+        .await
+    } else {
+        // Each table goes by its group's primary (`switch --group`).
+        let routed = Routed::new(
+            applier,
+            store.clone(),
+            config.groups.clone(),
+            &store.switch_state()?,
+            direction,
+        );
+        apply_work(
+            routed,
+            work_rx,
+            durable_tx,
+            settings,
+            shutdown,
+            Arc::clone(status),
+            until,
+        )
+        .await
+    };
     match applied {
         Ok(()) => reader
             .await

@@ -156,12 +156,31 @@ fn watching(
     status: &Arc<Status>,
 ) -> Option<tokio::task::JoinHandle<Result<(), RunError>>> {
     (!config.groups.is_empty() && status.direction() == Direction::Forward).then(|| {
-        tokio::spawn(super::watch::watch(
+        let reverse = Arc::new(Status::new(
+            &Direction::Reverse.slot(&config.slot),
+            Direction::Reverse,
+        ));
+        let (config, store, shutdown, forward) = (
             config.clone(),
             store.clone(),
             shutdown.clone(),
             Arc::clone(status),
-        ))
+        );
+        tokio::spawn(async move {
+            // The reverse stream and the resolver: the first to fail
+            // stops both.
+            tokio::try_join!(
+                super::watch::watch(
+                    config.clone(),
+                    store.clone(),
+                    shutdown.clone(),
+                    Arc::clone(&forward),
+                    Arc::clone(&reverse),
+                ),
+                super::watch::resolve(config, store, shutdown, forward, reverse),
+            )
+            .map(|_| ())
+        })
     })
 }
 
@@ -204,7 +223,7 @@ async fn with_watcher(
 /// Streams sessions one after another, started again with exponential
 /// backoff after a transient failure, until the shutdown, a definite
 /// failure, or (with `until`) the target holds what the source held there.
-async fn stream_with_retries(
+pub(super) async fn stream_with_retries(
     config: &Config,
     store: &Store,
     outcome: &CopyOutcome,
@@ -267,6 +286,9 @@ pub async fn stream_plan(
         None if direction == Direction::Forward => {
             Ok(copy::run(config, store, CopyMode::BeforeStreaming, metrics).await?)
         }
+        // With groups, the way back streams beside the forward direction
+        // from the target's own slot.
+        None if !config.groups.is_empty() => super::watch::reverse_plan(config, store).await,
         None => Err(RunError::NoStream(direction)),
     }
 }

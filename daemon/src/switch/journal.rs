@@ -188,6 +188,9 @@ pub struct Journal {
     pub fence_lsn: Option<Lsn>,
     /// The new direction's slot.
     pub stream: Option<StreamStart>,
+    /// The table group it moves (`switch --group`); `None`: every table.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 impl Journal {
@@ -201,6 +204,15 @@ impl Journal {
             outcome: Outcome::InProgress,
             fence_lsn: None,
             stream: None,
+            group: None,
+        }
+    }
+
+    /// The command that runs (or resumes) this journal, for messages.
+    pub fn command(&self) -> String {
+        match &self.group {
+            Some(group) => format!("cutover {} --group {group}", self.kind.name()),
+            None => format!("cutover {}", self.kind.name()),
         }
     }
 
@@ -359,6 +371,36 @@ pub struct SwitchState {
     /// (seconds since the epoch): nothing streams any more.
     #[serde(default)]
     pub cleaned_at: Option<u64>,
+    /// Each table group moved by `switch --group` or `rollback --group`:
+    /// its moves, oldest first. A group never moved follows `primary`.
+    #[serde(default)]
+    pub groups: std::collections::BTreeMap<String, Vec<Flip>>,
+}
+
+/// One move of a table group's writes, at an exact position of each
+/// server's WAL: on the stream reading a server, the group's changes
+/// committed before its position there go by the earlier primary, and
+/// those at or after it by this one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flip {
+    /// The server that takes the group's writes from here on.
+    pub primary: Server,
+    /// Where it takes effect on the source's WAL (the forward stream).
+    pub source_from: Lsn,
+    /// Where it takes effect on the target's WAL (the reverse stream).
+    pub target_from: Lsn,
+    /// When, seconds since the epoch.
+    pub at: u64,
+}
+
+impl Flip {
+    /// Where it takes effect on the WAL of `server`.
+    pub fn from(&self, server: Server) -> Lsn {
+        match server {
+            Server::Source => self.source_from,
+            Server::Target => self.target_from,
+        }
+    }
 }
 
 impl Default for SwitchState {
@@ -371,6 +413,7 @@ impl Default for SwitchState {
             windows_ms: Vec::new(),
             acceptance: None,
             cleaned_at: None,
+            groups: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -402,6 +445,32 @@ impl SwitchState {
     /// The direction `cutover run` streams in.
     pub fn direction(&self) -> Direction {
         self.primary.streams()
+    }
+
+    /// The primary of table group `group` now.
+    pub fn group_primary(&self, group: &str) -> Server {
+        self.groups
+            .get(group)
+            .and_then(|flips| flips.last())
+            .map_or(self.primary, |flip| flip.primary)
+    }
+
+    /// The primary of `group` for a change committed at `lsn` on the WAL
+    /// of `server` (the server a stream reads).
+    pub fn group_primary_at(&self, group: &str, server: Server, lsn: Lsn) -> Server {
+        self.groups
+            .get(group)
+            .and_then(|flips| flips.iter().rev().find(|f| f.from(server) <= lsn))
+            .map_or(self.primary, |flip| flip.primary)
+    }
+
+    /// The groups whose primary is not the migration's primary now.
+    pub fn moved_groups(&self) -> Vec<&str> {
+        self.groups
+            .iter()
+            .filter(|(_, flips)| flips.last().is_some_and(|f| f.primary != self.primary))
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 }
 
@@ -441,6 +510,46 @@ mod tests {
         assert!(
             lines[2].contains("fence") && lines[2].contains("0.010 s"),
             "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn a_group_moves_at_its_own_position_on_each_server() {
+        let mut state = SwitchState::default();
+        let lsn = Lsn::from_u64;
+        assert_eq!(state.group_primary("billing"), Server::Source);
+        state.groups.insert(
+            "billing".into(),
+            vec![
+                Flip {
+                    primary: Server::Target,
+                    source_from: lsn(100),
+                    target_from: lsn(5000),
+                    at: 1,
+                },
+                Flip {
+                    primary: Server::Source,
+                    source_from: lsn(300),
+                    target_from: lsn(7000),
+                    at: 2,
+                },
+            ],
+        );
+        let at = |server, l| state.group_primary_at("billing", server, lsn(l));
+        assert_eq!(at(Server::Source, 99), Server::Source);
+        assert_eq!(at(Server::Source, 100), Server::Target);
+        assert_eq!(at(Server::Source, 299), Server::Target);
+        assert_eq!(at(Server::Source, 300), Server::Source);
+        assert_eq!(at(Server::Target, 4999), Server::Source);
+        assert_eq!(at(Server::Target, 5000), Server::Target);
+        assert_eq!(at(Server::Target, 7000), Server::Source);
+        assert_eq!(state.group_primary("billing"), Server::Source);
+        assert!(state.moved_groups().is_empty());
+        state.groups.get_mut("billing").unwrap().pop();
+        assert_eq!(state.moved_groups(), ["billing"]);
+        assert_eq!(
+            state.group_primary_at("default", Server::Target, lsn(9000)),
+            Server::Source
         );
     }
 

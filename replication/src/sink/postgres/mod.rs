@@ -49,6 +49,10 @@
 //!   with only the columns that were sent.
 //! - **Per-table seam.** A change to a table that committed before the
 //!   table's `copied_at` is already in its copy and is skipped.
+//! - **Routing.** With a [`Route`] (table groups, one primary each), a
+//!   change to a table whose primary at its commit is not the server read
+//!   is not applied: it is a stray write, which the caller finds with
+//!   [`PostgresSink::routed_away`] and resolves by its policy.
 //!
 //! The session runs with `session_replication_role = replica`, so user
 //! triggers and foreign keys do not fire on replicated rows, and with the
@@ -62,7 +66,7 @@ use std::sync::Arc;
 use tokio_postgres::{Client, Statement};
 
 use crate::catalog::TableName;
-use crate::change::{Commit, SourceTransaction};
+use crate::change::{Change, ChangeKind, Commit, SourceTransaction};
 use crate::conninfo::ConnInfo;
 use crate::lsn::Lsn;
 use crate::sink::Sink;
@@ -105,6 +109,19 @@ pub struct PostgresSink {
     begin_pending: bool,
     /// What to do with DDL on the source.
     ddl: crate::ddl::DdlPolicy,
+    /// Which tables this sink applies, per commit position (`None`: all).
+    route: Option<Route>,
+}
+
+/// Whether a change to a table, committed at a position of the server
+/// read, is applied: its primary at that position is the server read.
+#[derive(Clone)]
+pub struct Route(pub Arc<dyn Fn(&TableName, Lsn) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Route")
+    }
 }
 
 impl PostgresSink {
@@ -169,6 +186,7 @@ impl PostgresSink {
             durable: Lsn::default(),
             begin_pending: false,
             ddl: crate::ddl::DdlPolicy::default(),
+            route: None,
         };
         applier.settled().await
     }
@@ -176,6 +194,50 @@ impl PostgresSink {
     /// Sets what the applier does with DDL on the source (`[ddl] policy`).
     pub fn set_ddl_policy(&mut self, policy: crate::ddl::DdlPolicy) {
         self.ddl = policy;
+    }
+
+    /// Applies only the changes `route` takes; the others are left to the
+    /// caller ([`PostgresSink::routed_away`]).
+    pub fn set_route(&mut self, route: Route) {
+        self.route = Some(route);
+    }
+
+    /// Whether a change to `table` committed at `commit_lsn` is applied by
+    /// the table's seam (`copied_at`) and the route.
+    pub(super) fn takes(&self, table: &TableName, commit_lsn: Lsn) -> bool {
+        self.copied_at.get(table).is_none_or(|at| commit_lsn >= *at)
+            && self
+                .route
+                .as_ref()
+                .is_none_or(|route| (route.0)(table, commit_lsn))
+    }
+
+    /// The tables of `change` that the route alone keeps from being
+    /// applied: a change an application made (not one of the skipped
+    /// origins) to a table whose primary is the other server. Empty when
+    /// the change is applied, or skipped for another reason.
+    pub fn routed_away<'c>(&self, change: &'c Change, commit_lsn: Lsn) -> Vec<&'c TableName> {
+        let Some(route) = &self.route else {
+            return Vec::new();
+        };
+        if self.origin_skipped(change) {
+            return Vec::new();
+        }
+        let seamed =
+            |table: &TableName| self.copied_at.get(table).is_none_or(|at| commit_lsn >= *at);
+        let tables: Vec<&TableName> = match &change.kind {
+            ChangeKind::Insert { relation, .. }
+            | ChangeKind::Update { relation, .. }
+            | ChangeKind::Delete { relation, .. } => vec![&relation.name],
+            ChangeKind::Truncate { relations, .. } => relations.iter().map(|r| &r.name).collect(),
+            ChangeKind::TruncatePartition(truncate) => vec![&truncate.root],
+            ChangeKind::Ddl(ddl) if ddl.in_scope => vec![&ddl.table],
+            ChangeKind::Ddl(_) => Vec::new(),
+        };
+        tables
+            .into_iter()
+            .filter(|t| seamed(t) && !(route.0)(t, commit_lsn))
+            .collect()
     }
 
     /// The replication origin tagging applied transactions.

@@ -111,11 +111,7 @@ impl PostgresSink {
             } => {
                 let mut names: Vec<String> = Vec::new();
                 for relation in relations {
-                    if self
-                        .copied_at
-                        .get(&relation.name)
-                        .is_some_and(|at| commit_lsn < *at)
-                    {
+                    if !self.takes(&relation.name, commit_lsn) {
                         continue;
                     }
                     let target = self.target_table(relation).await?;
@@ -145,11 +141,7 @@ impl PostgresSink {
             }
             ChangeKind::Ddl(ddl) => self.apply_ddl(ddl, change.lsn).await?,
             ChangeKind::TruncatePartition(truncate) => {
-                if self
-                    .copied_at
-                    .get(&truncate.root)
-                    .is_some_and(|at| commit_lsn < *at)
-                {
+                if !self.takes(&truncate.root, commit_lsn) {
                     return Ok(());
                 }
                 self.truncate_partition(truncate, change.lsn).await?;

@@ -208,10 +208,15 @@ impl PostgresSink {
         self.commit(commit.end_lsn, commit.commit_time).await
     }
 
+    pub(super) fn origin_skipped(&self, change: &Change) -> bool {
+        change
+            .origin
+            .as_ref()
+            .is_some_and(|origin| self.skip_origins.iter().any(|o| o.as_str() == &**origin))
+    }
+
     pub(super) fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {
-        if let Some(origin) = &change.origin
-            && self.skip_origins.iter().any(|o| o.as_str() == &**origin)
-        {
+        if self.origin_skipped(change) {
             return false;
         }
         let first = match &change.kind {
@@ -222,24 +227,16 @@ impl PostgresSink {
             // tables copied later are empty on the source at their snapshot
             // only if the truncate came before, so honour it per table.
             ChangeKind::Truncate { relations, .. } => {
-                return relations.iter().any(|r| {
-                    self.copied_at
-                        .get(&r.name)
-                        .is_none_or(|at| commit_lsn >= *at)
-                });
+                return relations.iter().any(|r| self.takes(&r.name, commit_lsn));
             }
             ChangeKind::TruncatePartition(truncate) => &truncate.root,
             // DDL on a table out of scope is not ours; on a table copied
             // after it, it is in the copy.
             ChangeKind::Ddl(ddl) => {
-                return ddl.in_scope
-                    && self
-                        .copied_at
-                        .get(&ddl.table)
-                        .is_none_or(|at| commit_lsn >= *at);
+                return ddl.in_scope && self.takes(&ddl.table, commit_lsn);
             }
         };
-        self.copied_at.get(first).is_none_or(|at| commit_lsn >= *at)
+        self.takes(first, commit_lsn)
     }
 
     pub(super) async fn begin(&mut self) -> Result<(), ApplyError> {
