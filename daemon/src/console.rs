@@ -43,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW CONFLICTS, SHOW SWITCH, SWITCH [DRY RUN | VERIFY], ROLLBACK [DRY RUN], ACCEPT, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW CONFLICTS, SHOW SWITCH, SWITCH [GROUP name] [DRY RUN | VERIFY], ROLLBACK [GROUP name] [DRY RUN], ACCEPT, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +97,17 @@ fn parse(text: &str) -> Result<Command, String> {
                 crate::switch::journal::Kind::Rollback
             };
             let mut options = crate::switch::Options::default();
+            // Group names are lowercase (`[[group]]` checks them).
+            let rest = match rest {
+                ["GROUP", name, more @ ..] => {
+                    options.group = Some(name.to_lowercase());
+                    more
+                }
+                ["GROUP"] => {
+                    return Err(format!("{} GROUP takes a group's name", words[0]));
+                }
+                other => other,
+            };
             match rest {
                 [] => {}
                 ["DRY", "RUN"] => options.dry_run = true,
@@ -503,6 +514,7 @@ impl Queries {
             ("last_error_at", Type::TIMESTAMPTZ),
             ("started_at", Type::TIMESTAMPTZ),
             ("pid", Type::INT4),
+            ("moved_groups", Type::TEXT),
         ]);
         let row = vec![
             Cell::Text(Some(view.state.name().to_owned())),
@@ -518,6 +530,7 @@ impl Queries {
             Cell::Text(view.last_error.as_ref().map(|e| timestamp(e.at))),
             Cell::Text(Some(timestamp(view.started_at))),
             Cell::Int4(i32::try_from(view.pid).ok()),
+            Cell::Text(Some(view.moved_groups.join(","))),
         ];
         table.push(row);
         table.response()

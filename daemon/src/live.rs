@@ -137,6 +137,10 @@ pub struct StatusView {
     pub primary: &'static str,
     /// The switch or rollback under way, or the last one.
     pub switch: Option<SwitchView>,
+    /// The groups moved by `switch --group` whose primary is not
+    /// `primary` now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved_groups: Vec<String>,
     /// The replication slot on the source.
     pub slot: String,
     /// The last source commit applied on the target.
@@ -527,6 +531,12 @@ impl Status {
             direction: self.direction(),
             primary: inner.switch.primary.name(),
             switch: SwitchView::of(&inner.switch),
+            moved_groups: inner
+                .switch
+                .moved_groups()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             slot: self.slot(),
             applied_lsn: inner.applied.map(|l| l.to_string()),
             lag,

@@ -119,6 +119,10 @@ enum Command {
         /// Run a verify now rather than rely on the last one.
         #[arg(long)]
         verify: bool,
+        /// Move only this `[[group]]`'s writes (phased cutover); the other
+        /// groups keep their primary.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         format: OutputFormat,
@@ -130,6 +134,9 @@ enum Command {
         /// Check and print what each step would do; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Move only this `[[group]]`'s writes back to the source.
+        #[arg(long, value_name = "NAME")]
+        group: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         format: OutputFormat,
@@ -330,16 +337,15 @@ fn main() -> ExitCode {
             Command::Switch {
                 dry_run,
                 verify,
+                group,
                 format,
-            } => switch_command(&config, switch::journal::Kind::Switch, switch::Options { dry_run, verify }, format).await,
-            Command::Rollback { dry_run, format } => {
-                switch_command(
-                    &config,
-                    switch::journal::Kind::Rollback,
-                    switch::Options { dry_run, verify: false },
-                    format,
-                )
-                .await
+            } => {
+                let options = switch::Options { dry_run, verify, group };
+                switch_command(&config, switch::journal::Kind::Switch, options, format).await
+            }
+            Command::Rollback { dry_run, group, format } => {
+                let options = switch::Options { dry_run, verify: false, group };
+                switch_command(&config, switch::journal::Kind::Rollback, options, format).await
             }
             Command::Accept { by, role } => match switch::finish::accept(&config, &by, &role).await {
                 Ok(acceptance) => {
@@ -492,7 +498,7 @@ async fn switch_command(
     options: switch::Options,
     format: OutputFormat,
 ) -> ExitCode {
-    let outcome = match switch::run(config, kind, options).await {
+    let outcome = match switch::run(config, kind, options.clone()).await {
         // A daemon runs: it switches itself, asked through its console.
         Err(switch::SwitchError::DaemonRunning(..))
             if status::console_address(&config.state_dir).is_some() =>
@@ -550,6 +556,9 @@ async fn ask_daemon(
         .await
         .map_err(|e| format!("a daemon runs; its console at {addr} did not answer: {e}"))?;
     let mut command = kind.name().to_uppercase();
+    if let Some(group) = &options.group {
+        command.push_str(&format!(" GROUP {group}"));
+    }
     if options.dry_run {
         command.push_str(" DRY RUN");
     }

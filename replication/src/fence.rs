@@ -273,6 +273,34 @@ pub async fn remove(client: &Client) -> Result<usize, FenceError> {
     Ok(fenced.len())
 }
 
+/// Takes the fence down from `tables` (and their partitions) only, on the
+/// server `client` is connected to; returns how many carried it.
+pub async fn remove_tables(client: &Client, tables: &[TableName]) -> Result<usize, FenceError> {
+    let members = members(client, tables).await?;
+    let fenced: Vec<TableName> = fenced_tables(client)
+        .await?
+        .into_iter()
+        .filter(|t| members.contains(t))
+        .collect();
+    if fenced.is_empty() {
+        return Ok(0);
+    }
+    let mut script = format!("BEGIN; SET LOCAL lock_timeout = {};", quote_literal("5s"));
+    for table in &fenced {
+        script.push_str(&format!(
+            "\nDROP TRIGGER IF EXISTS {} ON {};",
+            quote_ident(TRIGGER),
+            table.quoted()
+        ));
+    }
+    script.push_str("\nCOMMIT;");
+    if let Err(err) = client.batch_execute(&script).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(error("taking the fence's triggers down")(err));
+    }
+    Ok(fenced.len())
+}
+
 /// The tables that carry the fence trigger.
 pub async fn fenced_tables(client: &Client) -> Result<Vec<TableName>, FenceError> {
     let rows = client

@@ -161,7 +161,7 @@ pub async fn cleanup(config: &Config, force: bool) -> Result<Cleaned, SwitchErro
     if let Some(journal) = state.in_progress()
         && !force
     {
-        return Err(SwitchError::OtherUnderWay(journal.kind.name()));
+        return Err(SwitchError::OtherUnderWay(journal.command()));
     }
     if acceptance(config).is_none() && !force {
         return Err(SwitchError::Refused(

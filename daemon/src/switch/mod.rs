@@ -68,13 +68,13 @@ pub enum SwitchError {
     #[error("a daemon holds {0}: stop it first (SIGTERM); {1}")]
     DaemonRunning(String, &'static str),
     /// The writes are already where they were asked to go.
-    #[error("the {0} is already the primary: nothing to do (`cutover status` shows the journal)")]
-    AlreadyPrimary(&'static str),
+    #[error("the {0}: nothing to do (`cutover status` shows the journal)")]
+    AlreadyPrimary(String),
     /// Another journal is under way after its new primary opened.
     #[error(
-        "a {0} is under way and its new primary already takes writes: finish it with `cutover {0}` (or `cutover run`) first"
+        "`{0}` is under way and its new primary already takes writes: finish it with `{0}` (or `cutover run`) first"
     )]
-    OtherUnderWay(&'static str),
+    OtherUnderWay(String),
     /// A check failed before anything changed.
     #[error("preflight: nothing was changed:\n  - {}", .0.join("\n  - "))]
     Preflight(Vec<String>),
@@ -139,12 +139,14 @@ pub(crate) fn query(
 }
 
 /// How a switch is run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
     /// Check and print the plan; change nothing.
     pub dry_run: bool,
     /// Run a verify now instead of relying on the last one.
     pub verify: bool,
+    /// Move only this table group's writes (`--group`).
+    pub group: Option<String>,
 }
 
 /// What a switch or rollback did, for the operator.
@@ -166,16 +168,23 @@ pub struct Summary {
     /// already streams in the new direction.
     #[serde(default)]
     pub by_daemon: bool,
+    /// The table group moved (`--group`); absent: every table.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 impl Summary {
     /// For a person.
     pub fn to_human(&self) -> String {
         let mut out = String::new();
+        let what = match &self.group {
+            Some(group) => format!("{} of group {group}", self.kind.name()),
+            None => self.kind.name().to_owned(),
+        };
         let title = if self.dry_run {
-            format!("{} plan (dry run: nothing changed)", self.kind.name())
+            format!("{what} plan (dry run: nothing changed)")
         } else {
-            format!("{} journal", self.kind.name())
+            format!("{what} journal")
         };
         out.push_str(&title);
         out.push('\n');
@@ -188,7 +197,30 @@ impl Summary {
                 "write-unavailability window: {window:.3} s (fence to new primary open)\n"
             ));
         }
-        if !self.dry_run {
+        if !self.dry_run
+            && let Some(group) = &self.group
+        {
+            out.push_str(&format!(
+                "primary of group {group}: {}\n",
+                self.primary.name()
+            ));
+            if self.outcome == Outcome::Done {
+                let who = if self.by_daemon {
+                    "the daemon streams"
+                } else {
+                    "start `cutover run` again: it streams"
+                };
+                out.push_str(&format!(
+                    "{who} both directions; group {group}'s changes flow from the {} to the {}, the other groups' as before; `cutover {} --group {group}` moves them back\n",
+                    self.primary.name(),
+                    self.primary.other().name(),
+                    match self.kind {
+                        Kind::Switch => "rollback",
+                        Kind::Rollback => "switch",
+                    }
+                ));
+            }
+        } else if !self.dry_run {
             out.push_str(&format!("primary: {}\n", self.primary.name()));
             if self.outcome == Outcome::Done {
                 let who = if self.by_daemon {
@@ -280,8 +312,10 @@ pub async fn run_with_store(
 ) -> Result<Summary, SwitchError> {
     let store = store.clone();
     let mut state = store.switch_state()?;
+    let group = options.group.clone();
+    check_group(config, &state, kind, group.as_deref())?;
     let mut journal = match state.in_progress().cloned() {
-        Some(mut journal) if journal.kind == kind => {
+        Some(mut journal) if journal.kind == kind && journal.group == group => {
             tracing::warn!(kind = kind.name(), id = journal.id, next = ?journal.next(), "resuming the {} interrupted at this step", kind.name());
             // Not fenced yet: the lag built up meanwhile is caught up (and
             // checked) again before the fence, not inside the window.
@@ -290,37 +324,45 @@ pub async fn run_with_store(
             }
             journal
         }
-        // The other way while one is under way: undo it if it can be.
+        // Another move while one is under way: undo it if it can be.
         Some(journal) if !journal.committed() => {
             let reason = format!(
-                "`cutover {}` asked while the {} had not opened its new primary",
-                kind.name(),
-                journal.kind.name()
+                "`{}` asked while `{}` had not opened its new primary",
+                command(kind, group.as_deref()),
+                journal.command()
             );
             let undone = steps::undo(config, &store, &mut state, journal, reason).await?;
             return Ok(summary(&state, &undone, false));
         }
-        Some(journal) => return Err(SwitchError::OtherUnderWay(journal.kind.name())),
-        None if state.primary == kind.to() => {
-            return Err(SwitchError::AlreadyPrimary(kind.to().name()));
+        Some(journal) => return Err(SwitchError::OtherUnderWay(journal.command())),
+        None if primary_of(&state, group.as_deref()) == kind.to() => {
+            return Err(SwitchError::AlreadyPrimary(match &group {
+                Some(group) => format!("{} is already the primary of group {group}", kind.to().name()),
+                None => format!("{} is already the primary", kind.to().name()),
+            }));
         }
-        None => Journal::new(
-            state.journal.as_ref().map_or(1, |j| j.id + 1),
-            kind,
-            now_millis(),
-        ),
+        None => {
+            let mut journal = Journal::new(
+                state.journal.as_ref().map_or(1, |j| j.id + 1),
+                kind,
+                now_millis(),
+            );
+            journal.group = group.clone();
+            journal
+        }
     };
-    let mut ctx = steps::Ctx::new(config, &store, kind).await?;
+    let mut ctx = steps::Ctx::new(config, &store, kind, group.clone()).await?;
     if options.dry_run {
-        let lines = ctx.plan(&state, options).await?;
+        let lines = ctx.plan(&state, &options).await?;
         return Ok(Summary {
             kind,
             lines,
-            primary: state.primary,
+            primary: primary_of(&state, group.as_deref()),
             window_seconds: None,
             dry_run: true,
             outcome: Outcome::InProgress,
             by_daemon: false,
+            group,
         });
     }
     while let Some(step) = journal.next() {
@@ -329,7 +371,7 @@ pub async fn run_with_store(
         store.put_switch_state(&state).await?;
         failpoint(kind, step, false);
         let started = std::time::Instant::now();
-        match ctx.step(step, &mut state, &mut journal, options).await {
+        match ctx.step(step, &mut state, &mut journal, &options).await {
             Ok(detail) => {
                 failpoint(kind, step, true);
                 journal.end(step, now_millis(), detail);
@@ -345,15 +387,16 @@ pub async fn run_with_store(
                 tracing::info!(step = step.name(), elapsed = ?started.elapsed(), "{} step done", kind.name());
             }
             Err(err) if !journal.committed() => {
+                let journal_command = journal.command();
                 tracing::error!(step = step.name(), error = %err, "the {} failed: undoing it", kind.name());
                 let reason = format!("{} failed: {err}", step.name());
                 match steps::undo(config, &store, &mut state, journal, reason).await {
                     Ok(_) => return Err(err),
                     Err(undo) => {
                         return Err(SwitchError::Refused(format!(
-                            "{err}\nand undoing it failed too: {undo}\nthe {} may still be fenced: run `cutover {}` again to resume, or `cutover run` to undo",
+                            "{err}\nand undoing it failed too: {undo}\nthe {} may still be fenced: run `{}` again to resume, or `cutover run` to undo",
                             kind.from().name(),
-                            kind.name()
+                            journal_command
                         )));
                     }
                 }
@@ -368,11 +411,64 @@ fn summary(state: &SwitchState, journal: &Journal, dry_run: bool) -> Summary {
     Summary {
         kind: journal.kind,
         lines: journal.lines(),
-        primary: state.primary,
+        primary: primary_of(state, journal.group.as_deref()),
         window_seconds: journal.window_ms().map(|ms| ms as f64 / 1000.0),
         dry_run,
         outcome: journal.outcome.clone(),
         by_daemon: false,
+        group: journal.group.clone(),
+    }
+}
+
+/// The primary of `group` (`None`: of the migration).
+fn primary_of(state: &SwitchState, group: Option<&str>) -> Server {
+    group.map_or(state.primary, |g| state.group_primary(g))
+}
+
+/// The command that moves `group` (`None`: every table) by `kind`.
+fn command(kind: Kind, group: Option<&str>) -> String {
+    match group {
+        Some(group) => format!("cutover {} --group {group}", kind.name()),
+        None => format!("cutover {}", kind.name()),
+    }
+}
+
+/// Refuses a move that the groups' state does not allow, with the fix.
+fn check_group(
+    config: &Config,
+    state: &SwitchState,
+    kind: Kind,
+    group: Option<&str>,
+) -> Result<(), SwitchError> {
+    let moved = state.moved_groups();
+    match group {
+        None if !moved.is_empty() => Err(SwitchError::Refused(format!(
+            "group{} {} {} on the {}: a whole {} moves every table at once; move the groups one by one with `cutover {} --group NAME`, or bring {} back first with `cutover {} --group {}`",
+            if moved.len() == 1 { "" } else { "s" },
+            moved.join(", "),
+            if moved.len() == 1 { "is" } else { "are" },
+            state.primary.other().name(),
+            kind.name(),
+            kind.name(),
+            if moved.len() == 1 { "it" } else { "them" },
+            match kind {
+                Kind::Switch => "rollback",
+                Kind::Rollback => "switch",
+            },
+            moved[0]
+        ))),
+        None => Ok(()),
+        Some(_) if config.groups.is_empty() => Err(SwitchError::Refused(
+            "--group needs table groups: add [[group]] sections (name, tables) to the config, and restart `cutover run` so that both directions stream".into(),
+        )),
+        Some(group) if !config.groups.knows(group) => Err(SwitchError::Refused(format!(
+            "there is no group {group:?}: the groups are {}",
+            config.groups.names().join(", ")
+        ))),
+        Some(_) if state.primary != Server::Source => Err(SwitchError::Refused(
+            "the whole migration was switched to the target: groups move while the source is the migration's primary; `cutover rollback` first".into(),
+        )),
+        Some(_) => Ok(()),
     }
 }
 
@@ -391,7 +487,7 @@ pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchE
     if let Some(journal) = state.in_progress().cloned() {
         let kind = journal.kind;
         if journal.committed() {
-            let mut ctx = steps::Ctx::new(config, store, kind).await?;
+            let mut ctx = steps::Ctx::new(config, store, kind, journal.group.clone()).await?;
             tracing::warn!(
                 kind = kind.name(),
                 "finishing the {} interrupted after its new primary opened",
@@ -403,7 +499,7 @@ pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchE
                 state.journal = Some(journal.clone());
                 store.put_switch_state(&state).await?;
                 let detail = ctx
-                    .step(step, &mut state, &mut journal, Options::default())
+                    .step(step, &mut state, &mut journal, &Options::default())
                     .await?;
                 journal.end(step, now_millis(), detail);
                 state.journal = Some(journal.clone());
@@ -412,10 +508,9 @@ pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchE
         } else {
             tracing::warn!(
                 kind = kind.name(),
-                "undoing the {} interrupted before its new primary opened: the {} takes writes again; run `cutover {}` again to move them",
-                kind.name(),
+                "undoing `{}` interrupted before its new primary opened: the {} takes those writes again; run it again to move them",
+                journal.command(),
                 kind.from().name(),
-                kind.name()
             );
             let reason = "interrupted; undone by `cutover run`".to_owned();
             steps::undo(config, store, &mut state, journal, reason).await?;

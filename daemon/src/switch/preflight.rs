@@ -11,7 +11,7 @@ use super::{Options, SwitchError, query};
 
 impl Ctx<'_> {
     /// The checks; every blocking problem at once, each with its fix.
-    pub(super) async fn checks(&mut self, options: Options) -> Result<String, SwitchError> {
+    pub(super) async fn checks(&mut self, options: &Options) -> Result<String, SwitchError> {
         let mut problems = Vec::new();
         let new = self.new_name();
         let old = self.old_name();
@@ -143,9 +143,14 @@ impl Ctx<'_> {
     }
 
     /// The last verify's verdict, or a new one with `--verify`.
-    async fn last_verify(&self, options: Options) -> Result<String, String> {
+    async fn last_verify(&self, options: &Options) -> Result<String, String> {
         if options.verify {
-            let report = verify::run_with_store(self.config, self.store.clone(), false, None)
+            let report = verify::run_with_store(
+                self.config,
+                self.store.clone(),
+                false,
+                self.group.as_deref(),
+            )
                 .await
                 .map_err(|e| format!("verify: {e}"))?;
             return match report.status {
@@ -171,6 +176,18 @@ impl Ctx<'_> {
         })?;
         let status = report["status"].as_str().unwrap_or_default();
         let lsn = report["lsn"].as_str().unwrap_or_default();
+        // A group moves on a verify of every table or of that group.
+        let compared = report["group"].as_str();
+        if compared.is_some() && compared != self.group.as_deref() {
+            return Err(format!(
+                "the last verify compared group {} only: run `cutover verify{}`, or switch with --verify",
+                compared.unwrap_or_default(),
+                self.group
+                    .as_deref()
+                    .map(|g| format!(" --group {g}"))
+                    .unwrap_or_default()
+            ));
+        }
         if status != "VALIDATED" {
             return Err(format!(
                 "the last verify ({}, at {lsn}) is {status}: run `cutover verify` (and `--repair`) until it is VALIDATED, or switch with --verify",
@@ -183,6 +200,13 @@ impl Ctx<'_> {
             .map_err(|e| e.to_string())?
             .into_iter()
             .filter(|(_, d)| d.divergent_rows > 0)
+            .filter(|(table, _)| {
+                self.group.as_deref().is_none_or(|g| {
+                    table.split_once('.').is_none_or(|(schema, name)| {
+                        self.config.groups.group_of(&TableName::new(schema, name)) == g
+                    })
+                })
+            })
             .map(|(table, d)| format!("{table} ({} rows)", d.divergent_rows))
             .collect();
         if !divergent.is_empty() {
@@ -199,7 +223,7 @@ impl Ctx<'_> {
 
     /// Step 1: the checks, then the last catch-up, within
     /// `switch.max_lag_seconds`.
-    pub(super) async fn preflight(&mut self, options: Options) -> Result<String, SwitchError> {
+    pub(super) async fn preflight(&mut self, options: &Options) -> Result<String, SwitchError> {
         let checks = self.checks(options).await?;
         let now = self.old_position().await?;
         let started = std::time::Instant::now();

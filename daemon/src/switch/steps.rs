@@ -16,7 +16,7 @@ use crate::run;
 use crate::store::Store;
 
 use super::hooks::{self, Facts};
-use super::journal::{Journal, Kind, Outcome, Step, StreamStart, SwitchState};
+use super::journal::{Flip, Journal, Kind, Outcome, Server, Step, StreamStart, SwitchState};
 use super::{Options, SwitchError, connect, query};
 
 /// What every step works with.
@@ -34,6 +34,8 @@ pub(super) struct Ctx<'a> {
     /// Connections to the old and new primary.
     pub(super) old: Client,
     pub(super) new: Client,
+    /// The table group moved (`None`: every table).
+    pub(super) group: Option<String>,
 }
 
 impl<'a> Ctx<'a> {
@@ -41,6 +43,7 @@ impl<'a> Ctx<'a> {
         config: &'a Config,
         store: &'a Store,
         kind: Kind,
+        group: Option<String>,
     ) -> Result<Ctx<'a>, SwitchError> {
         let old_direction = kind.from().streams();
         let new_direction = kind.to().streams();
@@ -54,6 +57,7 @@ impl<'a> Ctx<'a> {
             new_config: config.for_direction(new_direction),
             old: connect(config, kind.from()).await?,
             new: connect(config, kind.to()).await?,
+            group,
         })
     }
 
@@ -75,18 +79,15 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// The tables in scope on the old primary.
+    /// The tables in scope on the old primary (of the group moved).
     pub(super) async fn old_tables(&self) -> Result<Vec<TableName>, SwitchError> {
-        Ok(copy::tables_in_scope(&self.old, &self.old_config)
+        group_tables(self.config, &self.old, &self.old_config, self.group.as_deref())
             .await
-            .map_err(|e| SwitchError::Query {
+            .map_err(|detail| SwitchError::Query {
                 server: self.old_name(),
                 what: "listing the tables in scope".into(),
-                detail: e.to_string(),
-            })?
-            .into_iter()
-            .map(|t| t.name)
-            .collect())
+                detail,
+            })
     }
 
     /// The sequences in scope on the old primary: matched by the table
@@ -121,7 +122,9 @@ impl<'a> Ctx<'a> {
             .map_err(query(self.old_name(), "listing sequences"))?
             .into_iter()
             .filter(|s| {
-                self.config.scope.contains(&s.name)
+                // A group moves the sequences its tables use; the whole
+                // migration also those its patterns name.
+                (self.group.is_none() && self.config.scope.contains(&s.name))
                     || s.owned_by.as_ref().is_some_and(|o| tables.contains(o))
                     || defaults.contains(&s.name)
             })
@@ -163,7 +166,7 @@ impl<'a> Ctx<'a> {
         step: Step,
         state: &mut SwitchState,
         journal: &mut Journal,
-        options: Options,
+        options: &Options,
     ) -> Result<String, SwitchError> {
         match step {
             Step::Preflight => self.preflight(options).await,
@@ -227,7 +230,10 @@ impl<'a> Ctx<'a> {
                 // application wrote there until now was not the
                 // primary's, and must not reach the old primary (the
                 // watcher wrote the primary's rows back over it).
-                let start = if made_here {
+                // A group's move leaves the way back where it streams: it
+                // routes each change by its group's primary at its
+                // position.
+                let start = if made_here || self.group.is_some() {
                     confirmed
                 } else {
                     slot::current_wal_lsn(&self.new)
@@ -358,6 +364,9 @@ impl<'a> Ctx<'a> {
         state: &mut SwitchState,
         journal: &Journal,
     ) -> Result<String, SwitchError> {
+        if let Some(group) = &self.group {
+            return self.open_group(group, state, journal).await;
+        }
         let removed = fence::remove(&self.new).await?;
         let mut detail = format!("the {} takes writes", self.new_name());
         if removed > 0 {
@@ -375,11 +384,80 @@ impl<'a> Ctx<'a> {
         Ok(detail)
     }
 
+    /// The open of a group: its tables' fence on the new primary (from
+    /// an earlier move) taken down, and its move recorded at the old
+    /// primary's fence position and the new primary's position now: each
+    /// stream routes the group's changes by it.
+    async fn open_group(
+        &self,
+        group: &str,
+        state: &mut SwitchState,
+        journal: &Journal,
+    ) -> Result<String, SwitchError> {
+        let Some(fenced_at) = journal.fence_lsn else {
+            return Err(SwitchError::Refused(
+                "the journal has no fence position: run the command again".into(),
+            ));
+        };
+        // Recorded before anything opens: a change the application makes
+        // on the new primary from now on is after it.
+        let opened_at = slot::current_wal_lsn(&self.new)
+            .await
+            .map_err(query(self.new_name(), "reading the WAL position"))?;
+        let (source_from, target_from) = match self.kind.to() {
+            Server::Target => (fenced_at, opened_at),
+            Server::Source => (opened_at, fenced_at),
+        };
+        let flips = state.groups.entry(group.to_owned()).or_default();
+        // Resumed after a crash past this point: recorded once.
+        if flips.last().is_none_or(|f| f.primary != self.kind.to()) {
+            flips.push(Flip {
+                primary: self.kind.to(),
+                source_from,
+                target_from,
+                at: crate::store::now_secs(),
+            });
+        }
+        self.store.put_switch_state(state).await?;
+        let tables = group_tables(self.config, &self.new, &self.new_config, Some(group))
+            .await
+            .map_err(|detail| SwitchError::Query {
+                server: self.new_name(),
+                what: "listing the group's tables".into(),
+                detail,
+            })?;
+        let removed = fence::remove_tables(&self.new, &tables).await?;
+        let mut detail = format!(
+            "the {} takes group {group}'s writes (from {source_from} on the source, {target_from} on the target)",
+            self.new_name()
+        );
+        if removed > 0 {
+            detail.push_str(&format!(" ({removed} fence triggers taken down there)"));
+        }
+        if let Some(command) = &self.config.switch.repoint_command {
+            hooks::run("repoint_command", command, &self.facts("open", journal)).await?;
+            detail.push_str("; repoint_command ran");
+        }
+        if let Some(command) = &self.config.switch.unfence_command {
+            hooks::run("unfence_command", command, &self.facts("open", journal)).await?;
+            detail.push_str("; unfence_command ran");
+        }
+        Ok(detail)
+    }
+
     async fn stream(
         &self,
         state: &mut SwitchState,
         journal: &Journal,
     ) -> Result<String, SwitchError> {
+        if let Some(group) = &self.group {
+            // Both directions stream already, each routing the group by
+            // its move: no slot changes hands.
+            return Ok(format!(
+                "`cutover run` streams both directions; group {group}'s changes flow {}",
+                self.new_direction
+            ));
+        }
         let Some(start) = journal.stream.clone() else {
             return Err(SwitchError::Refused(
                 "the journal has no slot for the new direction: run the command again".into(),
@@ -453,7 +531,7 @@ impl<'a> Ctx<'a> {
     pub(super) async fn plan(
         &mut self,
         state: &SwitchState,
-        options: Options,
+        options: &Options,
     ) -> Result<Vec<String>, SwitchError> {
         let checks = self.checks(options).await?;
         let tables = self.old_tables().await?;
@@ -537,7 +615,21 @@ pub(super) async fn undo(
     let old_config = config.for_direction(kind.from().streams());
     if journal.begun(Step::Fence) {
         let old = connect(config, kind.from()).await?;
-        let removed = fence::remove(&old).await?;
+        let removed = match &journal.group {
+            // Only the group's tables: the others' fences (from other
+            // groups' moves) stay.
+            Some(group) => {
+                let tables = group_tables(config, &old, &old_config, Some(group))
+                    .await
+                    .map_err(|detail| SwitchError::Query {
+                        server: kind.from().name(),
+                        what: "listing the group's tables".into(),
+                        detail,
+                    })?;
+                fence::remove_tables(&old, &tables).await?
+            }
+            None => fence::remove(&old).await?,
+        };
         tracing::warn!(
             removed,
             "the {}'s fence is down: it takes writes again",
@@ -577,4 +669,21 @@ pub(super) async fn undo(
     state.journal = Some(journal.clone());
     store.put_switch_state(state).await?;
     Ok(journal)
+}
+
+/// The tables in scope on the server `client` is connected to (read with
+/// `side_config`), of `group` when given.
+async fn group_tables(
+    config: &Config,
+    client: &Client,
+    side_config: &Config,
+    group: Option<&str>,
+) -> Result<Vec<TableName>, String> {
+    Ok(copy::tables_in_scope(client, side_config)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|t| t.name)
+        .filter(|t| group.is_none_or(|g| config.groups.group_of(t) == g))
+        .collect())
 }

@@ -108,9 +108,16 @@ async fn pass(
     status: &Status,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<bool, VerifyError> {
+    let state = store.switch_state()?;
+    let moved = state.moved_groups();
     for plan in plans(config, None).await? {
         if *shutdown.borrow() {
             return Ok(false);
+        }
+        // A moved group's primary is the target: not compared (nor
+        // repaired) from the source's side.
+        if moved.contains(&config.groups.group_of(&plan.table().name)) {
+            continue;
         }
         let name = plan.table().name.to_string();
         let divergence = compare(config, status, &plan, config.verify.repair, OWNER).await?;

@@ -24,8 +24,9 @@ fn console_error(detail: String) -> VerifyError {
     VerifyError::Daemon(detail)
 }
 
-/// The console of the daemon that holds the state store.
-pub(super) async fn connect(config: &Config) -> Result<Client, VerifyError> {
+/// The console of the daemon that holds the state store, and the groups
+/// moved to the target.
+pub(super) async fn connect(config: &Config) -> Result<(Client, Vec<String>), VerifyError> {
     let Some(addr) = console_address(&config.state_dir) else {
         return Err(console_error(format!(
             "a daemon holds {} but its admin console is off: set console.password (or console.password_file) in its config and restart it, so that verify can hold it at the compared position",
@@ -52,7 +53,15 @@ pub(super) async fn connect(config: &Config) -> Result<Client, VerifyError> {
             "the daemon is {state}: verify compares a streaming migration (wait until the copy is done; RESUME a paused daemon)"
         )));
     }
-    Ok(client)
+    let moved = status
+        .first()
+        .and_then(|row| text(row, "moved_groups"))
+        .unwrap_or_default()
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Ok((client, moved))
 }
 
 /// Sends `command` and waits until the daemon's applier stopped under it;

@@ -83,6 +83,11 @@ pub enum VerifyError {
         "the target is the primary since the switch: verify compares the target to the source as the source was, which the reverse stream now follows; `cutover rollback` makes the source primary again"
     )]
     Switched,
+    /// The group asked for was moved to the target.
+    #[error(
+        "group {0}'s primary is the target (`cutover switch --group {0}`): verify compares the target to the source, from the source's side, and compares only groups whose primary is the source; compare {0} after `cutover rollback --group {0}`, or watch cutover_group_divergent_rows of the others"
+    )]
+    MovedGroup(String),
     /// `--group` names no group.
     #[error("there is no group {name:?}: the groups are {known}")]
     UnknownGroup {
@@ -308,8 +313,8 @@ pub async fn run(
     match Store::open(&config.state_dir) {
         Ok(store) => run_with_store(config, store, repair, group).await,
         Err(StoreError::Locked { .. }) => {
-            let console = daemon::connect(config).await?;
-            compare(config, CatchUp::Daemon(console), repair, group).await
+            let (console, moved) = daemon::connect(config).await?;
+            compare(config, CatchUp::Daemon(console), repair, group, &moved).await
         }
         Err(err) => Err(err.into()),
     }
@@ -329,10 +334,16 @@ pub async fn run_with_store(
             config.state_dir.display().to_string(),
         ));
     }
-    if store.switch_state()?.primary != crate::switch::journal::Server::Source {
+    let state = store.switch_state()?;
+    if state.primary != crate::switch::journal::Server::Source {
         return Err(VerifyError::Switched);
     }
-    compare(config, CatchUp::Own(store), repair, group).await
+    let moved: Vec<String> = state
+        .moved_groups()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    compare(config, CatchUp::Own(store), repair, group, &moved).await
 }
 
 async fn compare(
@@ -340,8 +351,21 @@ async fn compare(
     catch_up: CatchUp,
     repair: bool,
     group: Option<&str>,
+    moved: &[String],
 ) -> Result<Report, VerifyError> {
-    let plans = plans(config, group).await?;
+    if let Some(group) = group.filter(|g| moved.iter().any(|m| m == g)) {
+        return Err(VerifyError::MovedGroup(group.to_owned()));
+    }
+    let mut plans = plans(config, group).await?;
+    // A moved group's rows are the target's: a verify compares the
+    // target to the source, and would repair the primary's rows.
+    if !moved.is_empty() {
+        plans.retain(|p| {
+            let of = config.groups.group_of(&p.table().name);
+            !moved.iter().any(|m| m == of)
+        });
+        tracing::warn!(groups = %moved.join(", "), "not compared: their primary is the target (switch --group)");
+    }
     let workers = config.verify.workers.min(plans.len()).max(1);
 
     // A running daemon applies nothing new from here: all it applied
