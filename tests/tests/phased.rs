@@ -1,8 +1,10 @@
 //! Table groups in `run`: with `[[group]]`s configured, writes an
-//! application makes on the target while the source is the primary
-//! (stray writes) are written back over with the source's rows, recorded
-//! and counted; a switch and a rollback beside the watcher lose nothing
-//! and take none of the new primary's writes for stray ones.
+//! application makes on the server that is not a table's primary (stray
+//! writes) are written back over with the primary's rows, recorded and
+//! counted; a switch and a rollback beside the reverse stream lose
+//! nothing and take none of the new primary's writes for stray ones; one
+//! group moves (`switch --group`) and back while the other streams, with
+//! both directions at once, and a group switch killed mid-way resumes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,14 +35,43 @@ fn ledger(n: u64) -> String {
 }
 
 async fn cutover(config: &Path, args: &[&str]) -> Outcome {
+    cutover_with(config, args, None).await
+}
+
+/// [`cutover`] with `CUTOVER_FAILPOINT` set to `failpoint`.
+async fn cutover_with(config: &Path, args: &[&str], failpoint: Option<&str>) -> Outcome {
     let mut all = vec!["--config".to_owned(), config.to_str().unwrap().to_owned()];
     all.extend(args.iter().map(|a| a.to_string()));
+    let failpoint = failpoint.map(str::to_owned);
     tokio::task::spawn_blocking(move || {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        run_cutover(&all, &[])
+        let env: Vec<(&str, &str)> = failpoint
+            .as_deref()
+            .map(|f| vec![("CUTOVER_FAILPOINT", f)])
+            .unwrap_or_default();
+        run_cutover(&all, &env)
     })
     .await
     .unwrap()
+}
+
+/// Updates of the default group's table on the source, all along.
+fn codes_load(n: u64) -> String {
+    format!(
+        "UPDATE codes SET label = 'load{n}' WHERE code = 'c{}'",
+        20 + n % 20
+    )
+}
+
+/// The ledger's `n`s on the server `client` is connected to.
+async fn ledger_ns(client: &tokio_postgres::Client) -> Vec<i64> {
+    client
+        .query("SELECT n FROM ledger ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 async fn seeded(dir: &Path, extra: &str) -> (Pair, std::path::PathBuf) {
@@ -258,5 +289,185 @@ async fn a_switch_and_a_rollback_beside_the_watcher_lose_nothing_and_write_back_
     for (n, _) in &record.committed {
         assert!(ns.contains(&(*n as i64)), "transaction {n} lost: {ns:?}");
     }
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn a_group_moves_and_comes_back_while_the_other_group_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let pointer = dir.path().join("primary");
+    let (pair, config) = seeded(
+        dir.path(),
+        &format!(
+            "[switch]\nrepoint_command = \"echo $CUTOVER_NEW_PRIMARY_PORT > {}\"\n",
+            pointer.display()
+        ),
+    )
+    .await;
+    std::fs::write(&pointer, pair.source.port().to_string()).unwrap();
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let http = listen_addr(&dir.path().join("state")).await;
+    watching(&daemon).await;
+    // The money group's application follows the pointer; the default
+    // group's keeps writing on the source all along.
+    let app = App::start(pointer.clone(), "postgres", ledger);
+    let codes = Writer::start(&pair, 0, codes_load).await;
+    app.advance_on(pair.source.port(), 20, WAIT).await;
+
+    // The daemon moves the money group through its console.
+    let switched = cutover(&config, &["switch", "--group", "money", "--verify"]).await;
+    assert_eq!(
+        switched.code,
+        0,
+        "{}\n{}",
+        switched.all_output(),
+        daemon.log()
+    );
+    let out = switched.all_output();
+    assert!(
+        out.contains("switch of group money journal")
+            && out.contains("primary of group money: target"),
+        "{out}"
+    );
+    // The target takes the money group's writes, the source the default
+    // group's: both flow, each its way.
+    app.advance_on(pair.target.port(), 30, WAIT).await;
+    codes.advance(30, WAIT).await;
+    // The source's money tables are fenced for the application.
+    let fenced = pair
+        .source
+        .client("app")
+        .await
+        .batch_execute("UPDATE accounts SET owner = 'x' WHERE id = 1")
+        .await;
+    assert!(fenced.is_err(), "the source took a write for a moved group");
+    // Stray writes on both sides: the default group's on the target, and
+    // the money group's on the source by a session that bypasses the
+    // fence (triggers off): each is written back over with its primary's
+    // row.
+    pair.target
+        .execute("app", "UPDATE codes SET label = 'stray' WHERE code = 'c9';")
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "SET session_replication_role = replica; UPDATE accounts SET owner = 'stray' WHERE id = 7;",
+        )
+        .await;
+    for table in ["public.codes", "public.accounts"] {
+        cutover_tests::wait_for("the stray writes to be written back", WAIT, || async {
+            let (_, body) = get(&http, "/metrics");
+            metric(
+                &body,
+                &format!(
+                    "cutover_conflicts_total{{resolution=\"written_back\",table=\"{table}\"}}"
+                ),
+            )
+            .filter(|n| *n >= 1.0)
+        })
+        .await;
+    }
+    // A whole rollback is refused while a group is moved.
+    let whole = cutover(&config, &["rollback"]).await;
+    assert_ne!(whole.code, 0);
+    assert!(
+        whole.all_output().contains("rollback --group money"),
+        "{}",
+        whole.all_output()
+    );
+    // And back.
+    let rolled = cutover(&config, &["rollback", "--group", "money"]).await;
+    assert_eq!(rolled.code, 0, "{}\n{}", rolled.all_output(), daemon.log());
+    app.advance_on(pair.source.port(), 20, WAIT).await;
+    let record = app.stop().await;
+    codes.stop().await;
+    pair.wait_equal(&["accounts", "codes", "ledger"], WAIT)
+        .await;
+    assert!(record.unexpected.is_empty(), "{:?}", record.unexpected);
+    // Every committed ledger row is on both servers, once.
+    for server in [&pair.source, &pair.target] {
+        let ns = ledger_ns(&server.client("app").await).await;
+        let mut unique = ns.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), ns.len(), "a row doubled: {ns:?}");
+        for (n, _) in &record.committed {
+            assert!(ns.contains(&(*n as i64)), "transaction {n} lost: {ns:?}");
+        }
+    }
+    let stray_owner: String = pair
+        .source
+        .client("app")
+        .await
+        .query_one("SELECT owner FROM accounts WHERE id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stray_owner, "owner7", "the source's stray write stayed");
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    let status = cutover(&config, &["status"]).await;
+    let out = status.all_output();
+    assert!(out.contains("public.accounts update (id=7)"), "{out}");
+    assert!(out.contains("public.codes update (code=c9)"), "{out}");
+}
+
+#[tokio::test]
+async fn a_group_switch_killed_mid_way_resumes_and_moves_only_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config) = seeded(dir.path(), "").await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    watching(&daemon).await;
+    pair.source.execute("app", &ledger(1)).await;
+    pair.wait_equal(&["ledger"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    let verified = cutover(&config, &["verify", "--group", "money"]).await;
+    assert_eq!(verified.code, 0, "{}", verified.all_output());
+
+    // Killed after the fence and the drain, before the open.
+    let killed = cutover_with(
+        &config,
+        &["switch", "--group", "money"],
+        Some("switch:drain:done"),
+    )
+    .await;
+    assert_ne!(killed.code, 0, "{}", killed.all_output());
+    let app = pair.source.client("app").await;
+    assert!(
+        app.batch_execute(&ledger(2)).await.is_err(),
+        "the money group is fenced on the source meanwhile"
+    );
+    app.batch_execute("UPDATE codes SET label = 'still open' WHERE code = 'c1'")
+        .await
+        .expect("the default group is not fenced");
+    let resumed = cutover(&config, &["switch", "--group", "money"]).await;
+    assert_eq!(resumed.code, 0, "{}", resumed.all_output());
+    assert!(
+        resumed
+            .all_output()
+            .contains("primary of group money: target"),
+        "{}",
+        resumed.all_output()
+    );
+    // Again: nothing to do.
+    let again = cutover(&config, &["switch", "--group", "money"]).await;
+    assert_ne!(again.code, 0);
+    assert!(
+        again
+            .all_output()
+            .contains("target is already the primary of group money"),
+        "{}",
+        again.all_output()
+    );
+
+    let mut daemon = Daemon::start_streaming(&config).await;
+    watching(&daemon).await;
+    // The money group flows from the target, the default group from the
+    // source.
+    pair.target.execute("app", &ledger(3)).await;
+    pair.source
+        .execute("app", "UPDATE codes SET label = 'after' WHERE code = 'c2'")
+        .await;
+    pair.wait_equal(&["accounts", "codes", "ledger"], WAIT)
+        .await;
+    assert_eq!(ledger_ns(&pair.source.client("app").await).await, [1, 3]);
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }

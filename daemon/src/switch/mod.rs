@@ -337,7 +337,10 @@ pub async fn run_with_store(
         Some(journal) => return Err(SwitchError::OtherUnderWay(journal.command())),
         None if primary_of(&state, group.as_deref()) == kind.to() => {
             return Err(SwitchError::AlreadyPrimary(match &group {
-                Some(group) => format!("{} is already the primary of group {group}", kind.to().name()),
+                Some(group) => format!(
+                    "{} is already the primary of group {group}",
+                    kind.to().name()
+                ),
                 None => format!("{} is already the primary", kind.to().name()),
             }));
         }
@@ -442,21 +445,26 @@ fn check_group(
 ) -> Result<(), SwitchError> {
     let moved = state.moved_groups();
     match group {
-        None if !moved.is_empty() => Err(SwitchError::Refused(format!(
-            "group{} {} {} on the {}: a whole {} moves every table at once; move the groups one by one with `cutover {} --group NAME`, or bring {} back first with `cutover {} --group {}`",
-            if moved.len() == 1 { "" } else { "s" },
-            moved.join(", "),
-            if moved.len() == 1 { "is" } else { "are" },
-            state.primary.other().name(),
-            kind.name(),
-            kind.name(),
-            if moved.len() == 1 { "it" } else { "them" },
-            match kind {
-                Kind::Switch => "rollback",
-                Kind::Rollback => "switch",
-            },
-            moved[0]
-        ))),
+        None if !moved.is_empty() => {
+            let (listed, verb) = if moved.len() == 1 {
+                (format!("group {}", moved[0]), "is")
+            } else {
+                (format!("groups {}", moved.join(", ")), "are")
+            };
+            let back = moved
+                .iter()
+                .map(|g| format!("`cutover rollback --group {g}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Err(SwitchError::Refused(match kind {
+                Kind::Switch => format!(
+                    "{listed} {verb} on the target already: a whole switch moves every table at once; move the other groups with `cutover switch --group NAME`, or bring {listed} back first with {back}"
+                ),
+                Kind::Rollback => format!(
+                    "{listed} {verb} on the target: groups moved one by one come back one by one: {back}"
+                ),
+            }))
+        }
         None => Ok(()),
         Some(_) if config.groups.is_empty() => Err(SwitchError::Refused(
             "--group needs table groups: add [[group]] sections (name, tables) to the config, and restart `cutover run` so that both directions stream".into(),

@@ -151,8 +151,8 @@ impl Ctx<'_> {
                 false,
                 self.group.as_deref(),
             )
-                .await
-                .map_err(|e| format!("verify: {e}"))?;
+            .await
+            .map_err(|e| format!("verify: {e}"))?;
             return match report.status {
                 Verdict::Validated => Ok(format!("verify VALIDATED at {}", report.lsn)),
                 other => Err(format!(

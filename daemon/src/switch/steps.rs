@@ -81,13 +81,18 @@ impl<'a> Ctx<'a> {
 
     /// The tables in scope on the old primary (of the group moved).
     pub(super) async fn old_tables(&self) -> Result<Vec<TableName>, SwitchError> {
-        group_tables(self.config, &self.old, &self.old_config, self.group.as_deref())
-            .await
-            .map_err(|detail| SwitchError::Query {
-                server: self.old_name(),
-                what: "listing the tables in scope".into(),
-                detail,
-            })
+        group_tables(
+            self.config,
+            &self.old,
+            &self.old_config,
+            self.group.as_deref(),
+        )
+        .await
+        .map_err(|detail| SwitchError::Query {
+            server: self.old_name(),
+            what: "listing the tables in scope".into(),
+            detail,
+        })
     }
 
     /// The sequences in scope on the old primary: matched by the table
