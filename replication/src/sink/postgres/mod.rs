@@ -116,7 +116,10 @@ pub struct PostgresSink {
 /// Whether a change to a table, committed at a position of the server
 /// read, is applied: its primary at that position is the server read.
 #[derive(Clone)]
-pub struct Route(pub Arc<dyn Fn(&TableName, Lsn) -> bool + Send + Sync>);
+pub struct Route(pub Arc<RouteFn>);
+
+/// The function a [`Route`] calls.
+pub type RouteFn = dyn Fn(&TableName, Lsn) -> bool + Send + Sync;
 
 impl std::fmt::Debug for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
