@@ -57,6 +57,9 @@ pub struct Summary {
     pub direction: String,
     /// Which server takes writes.
     pub primary: String,
+    /// The table groups `switch --group` moved to the other server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved_groups: Vec<String>,
     /// The source replication slot.
     pub slot: Option<String>,
     /// The last source commit applied on the target.
@@ -388,6 +391,12 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
         paused: text(status, "paused").as_deref() == Some("t"),
         direction: text(status, "direction").unwrap_or_default(),
         primary: text(status, "primary_server").unwrap_or_default(),
+        moved_groups: text(status, "moved_groups")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(str::to_owned)
+            .collect(),
         slot: text(status, "slot"),
         applied_lsn: text(status, "applied_lsn"),
         transactions_applied: int(status, "transactions_applied"),
@@ -535,6 +544,11 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
         paused: false,
         direction: direction.to_string(),
         primary: switch.primary.name().to_owned(),
+        moved_groups: switch
+            .moved_groups()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
         slot: copy
             .as_ref()
             .map(|c| c.slot.clone())
@@ -676,6 +690,13 @@ impl Summary {
             "  direction     {} (writes go to the {})",
             self.direction, self.primary
         );
+        if !self.moved_groups.is_empty() {
+            let _ = writeln!(
+                out,
+                "  moved groups  {} (their writes go to the other server; both directions stream)",
+                self.moved_groups.join(", ")
+            );
+        }
         if let Some(slot) = &self.slot {
             let _ = writeln!(out, "  slot          {slot}");
         }

@@ -469,5 +469,11 @@ async fn a_group_switch_killed_mid_way_resumes_and_moves_only_its_group() {
     pair.wait_equal(&["accounts", "codes", "ledger"], WAIT)
         .await;
     assert_eq!(ledger_ns(&pair.source.client("app").await).await, [1, 3]);
+    let status = cutover(&config, &["status"]).await;
+    assert!(
+        status.stdout.contains("moved groups  money"),
+        "{}",
+        status.all_output()
+    );
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }

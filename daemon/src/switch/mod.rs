@@ -516,7 +516,7 @@ pub async fn settle(config: &Config, store: &Store) -> Result<Direction, SwitchE
         } else {
             tracing::warn!(
                 kind = kind.name(),
-                "undoing `{}` interrupted before its new primary opened: the {} takes those writes again; run it again to move them",
+                "undoing the interrupted `{}` (its new primary had not opened): the {} takes those writes again; run it again to move them",
                 journal.command(),
                 kind.from().name(),
             );
