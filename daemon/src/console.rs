@@ -43,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW CONFLICTS, SHOW SWITCH, SWITCH [GROUP name] [DRY RUN | VERIFY], ROLLBACK [GROUP name] [DRY RUN], ACCEPT, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW CONFLICTS, SHOW SWITCH, SWITCH [GROUP name] [DRY RUN | VERIFY], ROLLBACK [GROUP name] [DRY RUN], ACCEPT, RESOLVE <id> USE SOURCE | TARGET, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +67,9 @@ enum Command {
     /// `ACCEPT`: the acceptance `cutover accept` wrote is recorded in the
     /// store the daemon holds.
     Accept,
+    /// `RESOLVE <id> USE SOURCE | TARGET`: a parked stray write settled
+    /// by an operator.
+    Resolve(u64, &'static str),
 }
 
 /// Parses one command (no semicolons), case-insensitively.
@@ -90,6 +93,19 @@ fn parse(text: &str) -> Result<Command, String> {
         ["SHOW", "CONFLICTS"] => Ok(Command::Conflicts),
         ["SHOW", "SWITCH"] => Ok(Command::Switch),
         ["ACCEPT"] => Ok(Command::Accept),
+        ["RESOLVE", id, "USE", side] => {
+            let id = id.parse::<u64>().map_err(|_| {
+                format!("RESOLVE takes the number SHOW CONFLICTS gives a stray write, not {id:?}")
+            })?;
+            match *side {
+                "SOURCE" => Ok(Command::Resolve(id, "source")),
+                "TARGET" => Ok(Command::Resolve(id, "target")),
+                other => Err(format!(
+                    "RESOLVE {id} USE takes SOURCE or TARGET, not {other:?}"
+                )),
+            }
+        }
+        ["RESOLVE", ..] => Err("RESOLVE <id> USE SOURCE | TARGET".into()),
         ["SWITCH", rest @ ..] | ["ROLLBACK", rest @ ..] => {
             let kind = if words[0] == "SWITCH" {
                 crate::switch::journal::Kind::Switch
@@ -294,6 +310,38 @@ impl SimpleQueryHandler for Queries {
                     }
                 }
             }
+            if let Command::Resolve(id, side) = command {
+                match self.store.choose_side(id, side).await {
+                    Ok(Some(record)) => {
+                        tracing::info!(%peer, id, side, table = %record.table, key = %record.key, "console: RESOLVE: the {side}'s row is written over the other server's");
+                        let mut table = Table::new(&[
+                            ("id", Type::INT8),
+                            ("table", Type::TEXT),
+                            ("key", Type::TEXT),
+                            ("resolution", Type::TEXT),
+                        ]);
+                        table.push(vec![
+                            Cell::Int(Some(saturating_i64(record.id))),
+                            Cell::Text(Some(record.table)),
+                            Cell::Text(Some(record.key)),
+                            Cell::Text(Some(record.resolution)),
+                        ]);
+                        responses.push(table.response());
+                        continue;
+                    }
+                    Ok(None) => {
+                        responses.push(error(
+                            "22023",
+                            format!("no stray write {id} is parked: SHOW CONFLICTS lists them (resolution parked)"),
+                        ));
+                        break;
+                    }
+                    Err(err) => {
+                        responses.push(error("XX000", format!("the state store: {err}")));
+                        break;
+                    }
+                }
+            }
             if let Command::Move(kind, options) = command {
                 tracing::info!(%peer, kind = kind.name(), ?options, "console: the daemon is asked to move the writes");
                 match self.status.desk.ask(kind, options).await {
@@ -404,7 +452,9 @@ impl Queries {
                     .release(if force { None } else { Some(peer) });
                 Ok(Response::Execution(Tag::new("RELEASE")))
             }
-            Command::Move(..) | Command::Accept => Err("answered apart".into()),
+            Command::Move(..) | Command::Accept | Command::Resolve(..) => {
+                Err("answered apart".into())
+            }
             Command::Divergence => {
                 let mut table = Table::new(&[
                     ("table", Type::TEXT),
@@ -428,6 +478,7 @@ impl Queries {
             }
             Command::Conflicts => {
                 let mut table = Table::new(&[
+                    ("id", Type::INT8),
                     ("kind", Type::TEXT),
                     ("side", Type::TEXT),
                     ("group", Type::TEXT),
@@ -442,6 +493,7 @@ impl Queries {
                 let records = self.store.conflicts().map_err(|e| e.to_string())?;
                 for c in records {
                     table.push(vec![
+                        Cell::Int(Some(saturating_i64(c.id))),
                         Cell::Text(Some(c.kind)),
                         Cell::Text(Some(c.side)),
                         Cell::Text(Some(c.group)),

@@ -89,6 +89,17 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
         format: OutputFormat,
     },
+    /// List the stray writes and conflicts recorded (with `[[group]]`s),
+    /// or settle a parked one: `conflicts resolve ID --use source|target`
+    /// writes that server's row over the other's.
+    Conflicts {
+        /// What to do: nothing (list) or `resolve`.
+        #[command(subcommand)]
+        action: Option<ConflictAction>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
+        format: OutputFormat,
+    },
     /// Prove that the target holds exactly what the source held at one
     /// source position (reported), while the application keeps writing;
     /// exit 1 when a row differs. Needs the snapshot copy done; beside a
@@ -198,7 +209,10 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Check { .. } | Command::Tail { .. } | Command::Status { .. } => "warn",
+        Command::Check { .. }
+        | Command::Tail { .. }
+        | Command::Status { .. }
+        | Command::Conflicts { .. } => "warn",
         _ => "info",
     };
     if let Err(message) = init_logging(cli.log_format, cli.log_level.as_deref(), default_level) {
@@ -374,6 +388,7 @@ fn main() -> ExitCode {
                     Err(err) => failed(err),
                 }
             }
+            Command::Conflicts { action, format } => conflicts_command(&config, action, format).await,
             Command::Status { format } => match status::run(&config).await {
                 Ok(summary) => print_as(format, &summary, status::Summary::to_human, true),
                 Err(err) => failed(err),
@@ -571,6 +586,122 @@ async fn ask_daemon(
         .and_then(|row| status::text(row, "summary"))
         .ok_or_else(|| format!("{command}: the daemon answered nothing"))?;
     serde_json::from_str(&text).map_err(|e| format!("{command}: unreadable answer: {e}"))
+}
+
+/// `cutover conflicts resolve`.
+#[derive(Debug, clap::Subcommand)]
+enum ConflictAction {
+    /// Settle parked stray write ID: the chosen server's row is written
+    /// over the other's (by the running daemon, or by the next `cutover
+    /// run`).
+    Resolve {
+        /// Its number, as `cutover conflicts` lists it.
+        id: u64,
+        /// The server whose row wins.
+        #[arg(long = "use", value_enum)]
+        side: ChosenSide,
+    },
+}
+
+/// A server, as `--use` names it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ChosenSide {
+    /// The source's row wins.
+    Source,
+    /// The target's row wins.
+    Target,
+}
+
+/// `cutover conflicts`: through the running daemon's console, or the state
+/// store when none runs.
+async fn conflicts_command(
+    config: &config::Config,
+    action: Option<ConflictAction>,
+    format: OutputFormat,
+) -> ExitCode {
+    match action {
+        None => match status::run(config).await {
+            Ok(summary) => print_as(
+                format,
+                &summary.stray_writes,
+                |strays| {
+                    let mut out = String::new();
+                    if strays.is_empty() {
+                        out.push_str("no stray write or conflict recorded\n");
+                    }
+                    for s in strays {
+                        out.push_str(&format!(
+                            "#{} {} {} {} {} at {}: {}\n",
+                            s.id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
+                            s.side,
+                            s.table,
+                            s.op,
+                            s.key,
+                            s.committed_at.as_deref().unwrap_or("-"),
+                            s.resolution.replace('_', " ")
+                        ));
+                    }
+                    out
+                },
+                true,
+            ),
+            Err(err) => failed(err),
+        },
+        Some(ConflictAction::Resolve { id, side }) => {
+            let side = match side {
+                ChosenSide::Source => "source",
+                ChosenSide::Target => "target",
+            };
+            match store::Store::open(&config.state_dir) {
+                Ok(store) => match store.choose_side(id, side).await {
+                    Ok(Some(record)) => {
+                        println!(
+                            "#{id} {} {}: the {side}'s row will be written over the other server's when `cutover run` runs next",
+                            record.table, record.key
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Ok(None) => failed(format!(
+                        "no stray write {id} is parked: `cutover conflicts` lists them (resolution parked)"
+                    )),
+                    Err(err) => failed(err),
+                },
+                Err(store::StoreError::Locked { .. }) => {
+                    let Some(addr) = status::console_address(&config.state_dir) else {
+                        return failed(
+                            "a daemon holds the state store and its console is off: RESOLVE needs it (set console.password and restart it)",
+                        );
+                    };
+                    let command = format!("RESOLVE {id} USE {}", side.to_uppercase());
+                    let answer = async {
+                        let client = status::connect_console(
+                            addr,
+                            &config.console_auth,
+                            "cutover conflicts",
+                        )
+                        .await
+                        .map_err(|e| format!("its console at {addr} did not answer: {e}"))?;
+                        status::rows(&client, &command).await
+                    }
+                    .await;
+                    match answer {
+                        Ok(rows) => {
+                            let row = rows.first();
+                            println!(
+                                "#{id} {} {}: the daemon writes the {side}'s row over the other server's",
+                                row.and_then(|r| status::text(r, "table"))
+                                    .unwrap_or_default(),
+                                row.and_then(|r| status::text(r, "key")).unwrap_or_default()
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        Err(err) => failed(err),
+                    }
+                }
+                Err(err) => failed(err),
+            }
+        }
+    }
 }
 
 /// Threads of the async runtime: `TOKIO_WORKER_THREADS`, else one.

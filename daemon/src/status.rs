@@ -135,6 +135,10 @@ pub struct SummaryDivergence {
 /// group's primary.
 #[derive(Debug, Serialize)]
 pub struct SummaryStray {
+    /// Its number (`RESOLVE <id>`).
+    pub id: Option<i64>,
+    /// The server it was made on.
+    pub side: String,
     /// `schema.table`.
     pub table: String,
     /// insert, update, delete, truncate.
@@ -143,7 +147,8 @@ pub struct SummaryStray {
     pub key: String,
     /// When it committed.
     pub committed_at: Option<String>,
-    /// `written_back` or `equal`.
+    /// `pending`, `written_back`, `carried_over`, `equal`, `parked`,
+    /// `chose_source`, `chose_target`, `reported`.
     pub resolution: String,
 }
 
@@ -432,6 +437,8 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
         stray_writes: conflicts
             .iter()
             .map(|row| SummaryStray {
+                id: int(row, "id"),
+                side: text(row, "side").unwrap_or_default(),
                 table: text(row, "table").unwrap_or_default(),
                 op: text(row, "op").unwrap_or_default(),
                 key: text(row, "key").unwrap_or_default(),
@@ -584,6 +591,8 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
             .conflicts()?
             .into_iter()
             .map(|c| SummaryStray {
+                id: i64::try_from(c.id).ok(),
+                side: c.side,
                 table: c.table,
                 op: c.op,
                 key: c.key,
@@ -849,22 +858,34 @@ impl Summary {
             }
         }
         if !self.stray_writes.is_empty() {
-            let written = self
-                .stray_writes
-                .iter()
-                .filter(|s| s.resolution == "written_back")
-                .count();
+            let count = |resolution: &str| {
+                self.stray_writes
+                    .iter()
+                    .filter(|s| s.resolution == resolution)
+                    .count()
+            };
+            let parked = count("parked");
             let _ = writeln!(
                 out,
-                "\nstray writes on the target: {} ({written} written back over with the source's rows)",
-                self.stray_writes.len()
+                "\nstray writes: {} ({} written back over with the primary's rows{})",
+                self.stray_writes.len(),
+                count("written_back"),
+                if parked > 0 {
+                    format!(
+                        "; {parked} parked for an operator: `cutover conflicts resolve ID --use source|target`"
+                    )
+                } else {
+                    String::new()
+                }
             );
             const SHOWN: usize = 10;
             let skip = self.stray_writes.len().saturating_sub(SHOWN);
             for s in self.stray_writes.iter().skip(skip) {
                 let _ = writeln!(
                     out,
-                    "  {} {} {} at {}: {}",
+                    "  #{} {} {} {} {} at {}: {}",
+                    s.id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
+                    s.side,
                     s.table,
                     s.op,
                     s.key,

@@ -72,6 +72,9 @@ const KEY_STRAY_POSITION: &str = "strays/position";
 /// `strays/pending/<side>/<position>/<ordinal>/<table>`: stray writes
 /// recorded by a stream and not resolved yet ([`PendingStray`]).
 const PREFIX_PENDING_STRAY: &str = "strays/pending/";
+/// `strays/parked/<id>`: stray writes of `manual` groups, waiting for an
+/// operator's `RESOLVE`.
+const PREFIX_PARKED_STRAY: &str = "strays/parked/";
 /// Which server is primary and the switch journal
 /// ([`crate::switch::journal::SwitchState`]).
 const KEY_SWITCH: &str = "switch/state";
@@ -100,6 +103,9 @@ pub struct DeadLetter {
 /// group's primary) or a conflict, and what cutover did about it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConflictRecord {
+    /// Its number, for `RESOLVE <id>` (0 in records of earlier versions).
+    #[serde(default)]
+    pub id: u64,
     /// `stray_write` or `conflict`.
     pub kind: String,
     /// The server the change was made on: `source` or `target`.
@@ -144,6 +150,14 @@ pub struct PendingStray {
     pub rows: Vec<Vec<(String, Option<Vec<u8>>)>>,
     /// The whole table is compared (a truncate).
     pub whole: bool,
+    /// When the change committed, microseconds since 2000-01-01 (as
+    /// PostgreSQL counts), for `last_write_wins`.
+    #[serde(default)]
+    pub committed_us: i64,
+    /// An operator's choice (`RESOLVE <id> USE SOURCE | TARGET`): that
+    /// server's row is written over the other's, whatever the policy.
+    #[serde(default)]
+    pub use_side: Option<String>,
 }
 
 impl PendingStray {
@@ -607,10 +621,50 @@ impl Store {
     /// `pending` meanwhile), durably: the stream acknowledges them after.
     pub async fn put_pending_strays(&self, strays: &[PendingStray]) -> Result<(), StoreError> {
         for stray in strays {
-            self.put(&stray.key(), stray)?;
+            let mut stray = stray.clone();
+            if stray.record.id == 0 {
+                stray.record.id = self.db.generate_id().map_err(|e| self.io(e))? + 1;
+            }
+            self.put(&stray.key(), &stray)?;
             self.put_conflict(&stray.record)?;
         }
         self.flush().await
+    }
+
+    /// A stray write of a `manual` group set aside for an operator: its
+    /// record (`parked`) updated, its pending entry moved, durably.
+    pub async fn park_stray(
+        &self,
+        stray: &PendingStray,
+        record: &ConflictRecord,
+    ) -> Result<(), StoreError> {
+        let mut parked = stray.clone();
+        parked.record = record.clone();
+        self.put(&format!("{PREFIX_PARKED_STRAY}{:016x}", record.id), &parked)?;
+        self.put_conflict(record)?;
+        self.db.remove(stray.key()).map_err(|e| self.io(e))?;
+        self.flush().await
+    }
+
+    /// An operator's choice for parked stray write `id`: it goes back to
+    /// the resolver, which writes `side`'s row over the other server's.
+    /// `None` when no stray write is parked under that number.
+    pub async fn choose_side(
+        &self,
+        id: u64,
+        side: &str,
+    ) -> Result<Option<ConflictRecord>, StoreError> {
+        let key = format!("{PREFIX_PARKED_STRAY}{id:016x}");
+        let Some(mut stray) = self.get::<PendingStray>(&key)? else {
+            return Ok(None);
+        };
+        stray.use_side = Some(side.to_owned());
+        stray.record.resolution = format!("use_{side}");
+        self.put(&stray.key(), &stray)?;
+        self.put_conflict(&stray.record)?;
+        self.db.remove(key).map_err(|e| self.io(e))?;
+        self.flush().await?;
+        Ok(Some(stray.record))
     }
 
     /// Up to `limit` stray writes not resolved yet, oldest first per side.

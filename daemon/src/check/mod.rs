@@ -41,6 +41,7 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
         match probe_server(client, &config.source).await {
             Ok(facts) => {
                 source_checks(&mut report, &facts, config);
+                commit_time_checks(&mut report, &facts, config, "source");
                 report.source = facts.report.clone();
                 source_facts = Some(facts);
             }
@@ -52,6 +53,7 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
         match probe_server(client, &config.target).await {
             Ok(facts) => {
                 target_checks(&mut report, &facts, config);
+                commit_time_checks(&mut report, &facts, config, "target");
                 report.target = facts.report.clone();
                 target_facts = Some(facts);
             }
@@ -303,6 +305,8 @@ struct ServerFacts {
     can_set_replica_role: bool,
     /// May use replication origins (superuser, or granted).
     can_use_origins: bool,
+    /// `track_commit_timestamp` is on.
+    commit_times: bool,
 }
 
 const SERVER_SQL: &str = "
@@ -317,7 +321,8 @@ SELECT current_setting('server_version'), current_setting('server_version_num'):
        current_database()::text,
        has_database_privilege(current_database(), 'CREATE'),
        has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')
-         AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')
+         AND has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE'),
+       current_setting('track_commit_timestamp') = 'on'
   FROM pg_roles r WHERE r.rolname = current_user";
 
 async fn probe_server(
@@ -372,7 +377,40 @@ async fn probe_server(
         can_create_in_db: row.get(12),
         can_set_replica_role,
         can_use_origins: superuser || row.get::<_, bool>(13),
+        commit_times: row.get(14),
     })
+}
+
+/// A group whose policy compares commit times needs them kept on both
+/// servers.
+fn commit_time_checks(
+    report: &mut Report,
+    facts: &ServerFacts,
+    config: &Config,
+    server: &'static str,
+) {
+    let groups: Vec<&str> = config
+        .groups
+        .iter()
+        .filter(|g| g.policy.needs_commit_times())
+        .map(|g| g.name.as_str())
+        .collect();
+    if groups.is_empty() || facts.commit_times {
+        return;
+    }
+    report.add(Finding {
+        severity: Severity::Blocking,
+        code: "commit_timestamps_off",
+        server,
+        subject: Some("track_commit_timestamp".into()),
+        problem: format!(
+            "group {} settles stray writes by last_write_wins, which compares commit times, and the {server} does not keep them",
+            groups.join(", ")
+        ),
+        fix: Some(format!(
+            "ALTER SYSTEM SET track_commit_timestamp = on;  -- then restart the {server}"
+        )),
+    });
 }
 
 fn source_checks(report: &mut Report, facts: &ServerFacts, config: &Config) {

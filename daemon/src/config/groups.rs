@@ -4,6 +4,7 @@
 //! group: the first whose patterns match it, or [`DEFAULT_GROUP`] when
 //! none does; a table two groups match is a mistake `check` reports.
 
+use cutover_conflict::policy::Policy;
 use cutover_replication::catalog::{TableName, TablePattern};
 
 use super::ConfigError;
@@ -19,7 +20,12 @@ pub struct Group {
     pub name: String,
     /// Its tables' patterns, as in `replication.tables`.
     pub tables: Vec<TablePattern>,
+    /// How its stray writes are settled (`primary_wins` by default).
+    pub policy: Policy,
 }
+
+/// The policies a group may name today.
+const BUILT_POLICIES: [Policy; 3] = [Policy::PrimaryWins, Policy::LastWriteWins, Policy::Manual];
 
 /// The configured groups, in the order written.
 #[derive(Clone, Debug, Default)]
@@ -40,11 +46,11 @@ pub struct TwoGroups {
 }
 
 impl Groups {
-    /// Checks the groups as written: `(name, table patterns)`, each at
-    /// `group[i]`.
+    /// Checks the groups as written: `(name, table patterns, policy)`,
+    /// each at `group[i]`.
     pub fn new(written: Written) -> Result<Groups, ConfigError> {
         let mut groups: Vec<Group> = Vec::with_capacity(written.len());
-        for (i, (name, tables)) in written.into_iter().enumerate() {
+        for (i, (name, tables, policy)) in written.into_iter().enumerate() {
             let key = |field: &str| format!("group[{i}].{field}");
             let Some(name) = name else {
                 return Err(ConfigError::invalid(
@@ -90,9 +96,42 @@ impl Groups {
                     ));
                 }
             };
-            groups.push(Group { name, tables });
+            let policy = match policy.as_deref() {
+                None => Policy::default(),
+                Some(text) => match Policy::parse(text) {
+                    Some(policy) if BUILT_POLICIES.contains(&policy) => policy,
+                    Some(policy) => {
+                        return Err(ConfigError::invalid(
+                            key("policy"),
+                            format!(
+                                "{policy} is not supported yet (both sides taking the group's writes needs the conditional apply, docs/phased.md): use {}",
+                                names(&BUILT_POLICIES)
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(ConfigError::invalid(
+                            key("policy"),
+                            format!("{text:?} is not a policy: use {}", names(&BUILT_POLICIES)),
+                        ));
+                    }
+                },
+            };
+            groups.push(Group {
+                name,
+                tables,
+                policy,
+            });
         }
         Ok(Groups(groups))
+    }
+
+    /// The policy of group `name` (the default group's is the default).
+    pub fn policy(&self, name: &str) -> Policy {
+        self.0
+            .iter()
+            .find(|g| g.name == name)
+            .map_or(Policy::default(), |g| g.policy)
     }
 
     /// Whether any group is configured.
@@ -152,8 +191,16 @@ impl Groups {
     }
 }
 
-/// `[[group]]`s as written: each one's name and table patterns.
-pub type Written = Vec<(Option<String>, Option<Vec<String>>)>;
+/// `[[group]]`s as written: each one's name, table patterns and policy.
+pub type Written = Vec<(Option<String>, Option<Vec<String>>, Option<String>)>;
+
+fn names(policies: &[Policy]) -> String {
+    policies
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 #[cfg(test)]
 mod tests {
@@ -166,6 +213,7 @@ mod tests {
                 (
                     Some((*name).to_owned()),
                     Some(tables.iter().map(|t| (*t).to_owned()).collect()),
+                    None,
                 )
             })
             .collect()
@@ -193,6 +241,15 @@ mod tests {
         assert!(groups.knows("billing") && groups.knows(DEFAULT_GROUP));
         assert!(!groups.knows("payments"));
         assert_eq!(groups.names(), ["billing", "registrations", "default"]);
+        assert_eq!(groups.policy("billing"), Policy::PrimaryWins);
+        let manual = Groups::new(vec![(
+            Some("b".into()),
+            Some(vec!["public.b".into()]),
+            Some("manual".into()),
+        )])
+        .unwrap();
+        assert_eq!(manual.policy("b"), Policy::Manual);
+        assert_eq!(manual.policy(DEFAULT_GROUP), Policy::PrimaryWins);
     }
 
     #[test]
@@ -211,7 +268,7 @@ mod tests {
     fn mistakes_name_the_key_and_the_fix() {
         let cases: &[(Written, &str, &str)] = &[
             (
-                vec![(None, Some(vec!["public.a".into()]))],
+                vec![(None, Some(vec!["public.a".into()]), None)],
                 "group[0].name",
                 "give each [[group]] a name",
             ),
@@ -231,6 +288,24 @@ mod tests {
                 "names two groups",
             ),
             (written(&[("a", &[])]), "group[0].tables", "list the tables"),
+            (
+                vec![(
+                    Some("a".into()),
+                    Some(vec!["public.a".into()]),
+                    Some("first_wins".into()),
+                )],
+                "group[0].policy",
+                "primary_wins, last_write_wins, manual",
+            ),
+            (
+                vec![(
+                    Some("a".into()),
+                    Some(vec!["public.a".into()]),
+                    Some("bidirectional".into()),
+                )],
+                "group[0].policy",
+                "not supported yet",
+            ),
             (
                 written(&[("a", &["orders"])]),
                 "group[0].tables[0]",

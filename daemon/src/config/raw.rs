@@ -238,10 +238,12 @@ pub struct RawGroup {
     pub name: Option<String>,
     /// Its tables, as `schema.table` patterns.
     pub tables: Option<Vec<String>>,
+    /// How its stray writes are settled.
+    pub policy: Option<String>,
 }
 
 /// The keys of a `[[group]]`.
-const GROUP_KEYS: &[&str] = &["name", "tables"];
+const GROUP_KEYS: &[&str] = &["name", "tables", "policy"];
 
 /// `[switch]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -352,7 +354,7 @@ fn check_group_keys(body: &serde_json::Value, origin: &str) -> Result<(), Config
                 format!("group[{i}].{field}"),
                 format!(
                     "is not a key of a group: a [[group]] has {} ({origin})",
-                    GROUP_KEYS.join(" and ")
+                    GROUP_KEYS.join(", ")
                 ),
             ));
         }
@@ -501,7 +503,12 @@ impl RawConfig {
             apply: apply_settings(self.apply)?,
             verify: verify_settings(self.verify)?,
             switch: switch_settings(self.switch)?,
-            groups: Groups::new(self.group.into_iter().map(|g| (g.name, g.tables)).collect())?,
+            groups: Groups::new(
+                self.group
+                    .into_iter()
+                    .map(|g| (g.name, g.tables, g.policy))
+                    .collect(),
+            )?,
             ddl: match self.ddl.policy.as_deref() {
                 None | Some("stop") => DdlPolicy::Stop,
                 Some("additive") => DdlPolicy::Additive,

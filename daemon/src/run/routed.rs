@@ -139,6 +139,7 @@ impl Routed {
                 };
                 out.push(PendingStray {
                     record: ConflictRecord {
+                        id: 0,
                         kind: "stray_write".into(),
                         side: self.side.name().into(),
                         group: self.groups.group_of(table).to_owned(),
@@ -155,6 +156,8 @@ impl Routed {
                     table: table.clone(),
                     rows,
                     whole,
+                    committed_us: commit.commit_time.micros(),
+                    use_side: None,
                 });
             }
         }

@@ -33,8 +33,9 @@ use crate::copy::{self, CopyOutcome};
 use crate::direction::Direction;
 use crate::live::{DaemonState, Status};
 use crate::store::{PendingStray, Store};
-use crate::switch::journal::Server;
-use crate::verify::strays::{self, Stray};
+use crate::switch::journal::{Server, SwitchState};
+use crate::verify::strays::{self, RowTime, Stray};
+use cutover_conflict::policy::{self, Decision, Incoming, Local, Policy, Side};
 
 use super::RunError;
 use super::session::stopped;
@@ -253,6 +254,7 @@ pub(super) async fn resolve(
     forward: Arc<Status>,
     reverse: Arc<Status>,
 ) -> Result<(), RunError> {
+    commit_times_tracked(&config).await?;
     let mut backoff = FIRST_BACKOFF;
     loop {
         if *shutdown.borrow() {
@@ -267,15 +269,19 @@ pub(super) async fn resolve(
             continue;
         }
         let state = store.switch_state()?;
-        // Each stray goes to the server that is not its group's primary.
-        let mut by_written: Vec<(Server, Vec<PendingStray>)> = Vec::new();
-        for stray in pending {
-            let written = state.group_primary(&stray.record.group).other();
-            match by_written.iter_mut().find(|(s, _)| *s == written) {
-                Some((_, list)) => list.push(stray),
-                None => by_written.push((written, vec![stray])),
+        let by_written = match decide(&config, &store, &forward, &state, pending).await {
+            Ok(by_written) => by_written,
+            Err(err) if err.is_transient() => {
+                tracing::warn!(error = %err, retry_in = ?backoff, "deciding stray writes failed; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stopped(&mut shutdown) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
             }
-        }
+            Err(err) => return Err(err),
+        };
         for (written, batch) in by_written {
             let (side_config, holder) = match written {
                 Server::Target => (config.clone(), &forward),
@@ -299,6 +305,188 @@ pub(super) async fn resolve(
             }
         }
     }
+}
+
+/// With a `last_write_wins` group, both servers must track commit times.
+async fn commit_times_tracked(config: &Config) -> Result<(), RunError> {
+    let groups: Vec<&str> = config
+        .groups
+        .iter()
+        .filter(|g| g.policy.needs_commit_times())
+        .map(|g| g.name.as_str())
+        .collect();
+    if groups.is_empty() {
+        return Ok(());
+    }
+    for (name, conninfo) in [
+        ("source", &config.source.conninfo),
+        ("target", &config.target.conninfo),
+    ] {
+        let client = cutover_replication::client::connect(conninfo)
+            .await
+            .map_err(|e| strays_error(format!("connecting to the {name}: {e}"), true))?;
+        let on: String = client
+            .query_one("SELECT current_setting('track_commit_timestamp')", &[])
+            .await
+            .map_err(|e| {
+                strays_error(
+                    format!(
+                        "reading track_commit_timestamp on the {name}: {}",
+                        cutover_replication::client::describe(&e)
+                    ),
+                    true,
+                )
+            })?
+            .get(0);
+        if on != "on" {
+            return Err(strays_error(
+                format!(
+                    "group {} settles stray writes by last_write_wins, which compares commit times: the {name} does not keep them (track_commit_timestamp is {on}): ALTER SYSTEM SET track_commit_timestamp = on; and restart the {name}",
+                    groups.join(", ")
+                ),
+                false,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The server named `name` in a record.
+fn server_named(name: &str) -> Server {
+    if name == Server::Target.name() {
+        Server::Target
+    } else {
+        Server::Source
+    }
+}
+
+fn side_of(server: Server) -> Side {
+    match server {
+        Server::Source => Side::Source,
+        Server::Target => Side::Target,
+    }
+}
+
+/// Decides each of `pending` by its group's policy (or an operator's
+/// choice): `manual` ones are parked; the others are returned by the
+/// server their losing row is on, which the winning row is written over.
+async fn decide(
+    config: &Config,
+    store: &Store,
+    forward: &Status,
+    state: &SwitchState,
+    pending: Vec<PendingStray>,
+) -> Result<Vec<(Server, Vec<PendingStray>)>, RunError> {
+    let mut by_written: Vec<(Server, Vec<PendingStray>)> = Vec::new();
+    let mut push = |written: Server, stray: PendingStray| match by_written
+        .iter_mut()
+        .find(|(s, _)| *s == written)
+    {
+        Some((_, list)) => list.push(stray),
+        None => by_written.push((written, vec![stray])),
+    };
+    let mut by_time: Vec<PendingStray> = Vec::new();
+    for stray in pending {
+        let side = server_named(&stray.record.side);
+        let primary = state.group_primary(&stray.record.group);
+        let schema_change = stray.rows.is_empty() && !stray.whole;
+        let winner = match (&stray.use_side, config.groups.policy(&stray.record.group)) {
+            // Reported: no row is written.
+            _ if schema_change => primary,
+            (Some(chosen), _) => server_named(chosen),
+            (None, Policy::Manual) => {
+                park(store, forward, &stray).await?;
+                continue;
+            }
+            // Its group moved to where it was made since.
+            (None, _) if side == primary => side,
+            (None, Policy::LastWriteWins) => {
+                by_time.push(stray);
+                continue;
+            }
+            (None, _) => primary,
+        };
+        push(winner.other(), stray);
+    }
+    // last_write_wins: each stray write against the row its group's
+    // primary holds under the same key.
+    for primary in [Server::Source, Server::Target] {
+        let (mine, rest): (Vec<PendingStray>, Vec<PendingStray>) = by_time
+            .into_iter()
+            .partition(|s| state.group_primary(&s.record.group) == primary);
+        by_time = rest;
+        if mine.is_empty() {
+            continue;
+        }
+        let reads_primary = match primary {
+            Server::Source => config.clone(),
+            Server::Target => config.for_direction(Direction::Reverse),
+        };
+        let rows: Vec<Stray> = mine
+            .iter()
+            .map(|s| Stray {
+                table: s.table.clone(),
+                fields: s.rows.first().cloned().unwrap_or_default(),
+            })
+            .collect();
+        let times = strays::commit_times(&reads_primary, &rows)
+            .await
+            .map_err(|e| {
+                let transient = e.is_transient();
+                strays_error(
+                    format!("reading commit times on the {}: {e}", primary.name()),
+                    transient,
+                )
+            })?;
+        for (stray, time) in mine.into_iter().zip(times) {
+            let side = server_named(&stray.record.side);
+            let local = match time {
+                RowTime::At(at) => Local::Written(Some(at)),
+                RowTime::Unknown => Local::Written(None),
+                // The primary has no row: a new row made on the other
+                // server wins; an update or a delete of a row the primary
+                // deleted (when, no server says) does not.
+                RowTime::Absent if stray.record.op == "insert" => Local::Clear,
+                RowTime::Absent => Local::Written(None),
+            };
+            let incoming = Incoming {
+                from: side_of(side),
+                committed_at: stray.committed_us,
+            };
+            let verdict = policy::decide(Policy::LastWriteWins, side_of(primary), incoming, local);
+            let winner = if verdict.decision == Decision::Apply {
+                side
+            } else {
+                primary
+            };
+            push(winner.other(), stray);
+        }
+    }
+    Ok(by_written)
+}
+
+/// Sets a stray write of a `manual` group aside for an operator.
+async fn park(store: &Store, forward: &Status, stray: &PendingStray) -> Result<(), RunError> {
+    let mut record = stray.record.clone();
+    record.resolution = "parked".into();
+    tracing::warn!(
+        id = record.id,
+        table = %record.table,
+        op = %record.op,
+        key = %record.key,
+        side = %record.side,
+        "stray write parked (group {} is manual): both rows are left as they are until `RESOLVE {} USE SOURCE | TARGET` in the console, or `cutover conflicts resolve {} --use source|target`",
+        record.group,
+        record.id,
+        record.id
+    );
+    store.park_stray(stray, &record).await?;
+    forward
+        .metrics
+        .conflicts
+        .with_label_values(&[record.table.as_str(), "parked"])
+        .inc();
+    Ok(())
 }
 
 /// How many pending stray writes one round resolves.
@@ -365,6 +553,9 @@ async fn settle(
         } else {
             match (was_written, stray.record.side == written.name()) {
                 (false, _) => "equal",
+                // An operator's choice.
+                (true, _) if stray.use_side.as_deref() == Some("source") => "chose_source",
+                (true, _) if stray.use_side.is_some() => "chose_target",
                 (true, true) => "written_back",
                 (true, false) => "carried_over",
             }
@@ -387,6 +578,7 @@ async fn settle(
                 "written_back" => "the primary's rows are written back over it",
                 "carried_over" => "its group's primary is now where it was made: its row is carried to the other server",
                 "reported" => "a schema change cutover cannot write back: look at it, and bring the table back to the primary's",
+                "chose_source" | "chose_target" => "the operator's choice is written over the other server",
                 _ => "the row was equal on both servers again",
             }
         );

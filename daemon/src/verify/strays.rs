@@ -123,6 +123,65 @@ pub async fn write_back(
     Ok(done)
 }
 
+/// When the row under a stray write's key was last committed on the
+/// server a config reads (its source).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowTime {
+    /// No row under that key there.
+    Absent,
+    /// Committed then, microseconds since 2000-01-01.
+    At(i64),
+    /// A row whose commit time the server does not know (older than its
+    /// commit timestamps, or a table without a key).
+    Unknown,
+}
+
+/// For each of `strays`, in order, when the row under its key was last
+/// committed on the server `config` reads (`track_commit_timestamp` must
+/// be on there).
+pub async fn commit_times(config: &Config, strays: &[Stray]) -> Result<Vec<RowTime>, VerifyError> {
+    let plans = plans(config, None).await?;
+    let source = super::connect(config, "source").await?;
+    let mut times = vec![RowTime::Unknown; strays.len()];
+    for plan in &plans {
+        if plan.layout().is_keyless() {
+            continue;
+        }
+        let mine: Vec<(usize, Row)> = strays
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.table == plan.table().name)
+            .filter_map(|(i, s)| row_of(plan, s).map(|row| (i, row)))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let rows: Vec<&Row> = mine.iter().map(|(_, row)| row).collect();
+        let found = source
+            .query(&plan.commit_times_sql(&rows), &[])
+            .await
+            .map_err(|e| VerifyError::Query {
+                role: "source",
+                what: format!("reading when rows of {} were committed", plan.table().name),
+                detail: cutover_replication::client::describe(&e),
+            })?;
+        let keys = plan.layout().key.len();
+        for (i, row) in &mine {
+            let key: Vec<Option<String>> = (0..keys).map(|k| row.value(k)).collect();
+            let hit = found
+                .iter()
+                .find(|r| (0..keys).all(|k| r.get::<_, Option<String>>(k) == key[k]));
+            times[*i] = match hit {
+                None => RowTime::Absent,
+                Some(r) => r
+                    .get::<_, Option<i64>>(keys)
+                    .map_or(RowTime::Unknown, RowTime::At),
+            };
+        }
+    }
+    Ok(times)
+}
+
 /// Releases the watcher's hold of the applier when dropped.
 struct Release<'a>(&'a Status);
 

@@ -312,6 +312,40 @@ impl Plan {
         self.copy_where(from, &format!(" WHERE {filter}"))
     }
 
+    /// A query of the source's rows under the keys of `rows` (a keyed
+    /// table): each one's key fields as text, then when the row was last
+    /// committed, in microseconds since 2000-01-01 (`NULL` when the server
+    /// does not know).
+    pub(super) fn commit_times_sql(&self, rows: &[&Row]) -> String {
+        let literal =
+            |value: Option<String>| value.map_or_else(|| "NULL".to_owned(), |v| quote_literal(&v));
+        let key: Vec<String> = self.layout.names[..self.layout.key.len()]
+            .iter()
+            .map(|n| format!("r.{}", quote_ident(n)))
+            .collect();
+        let tuples: Vec<String> = rows
+            .iter()
+            .map(|row| {
+                let values: Vec<String> = self
+                    .source_key_types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| format!("{}::{t}", literal(row.value(i))))
+                    .collect();
+                format!("ROW({})", values.join(", "))
+            })
+            .collect();
+        let texts: Vec<String> = key.iter().map(|k| format!("{k}::text")).collect();
+        format!(
+            "SELECT {}, (extract(epoch FROM pg_xact_commit_timestamp(r.xmin)) * 1000000)::bigint - 946684800000000 \
+               FROM {} AS r WHERE ROW({}) IN ({})",
+            texts.join(", "),
+            self.source_rows,
+            key.join(", "),
+            tuples.join(", ")
+        )
+    }
+
     /// The key of a row read by [`Plan::copy_sql`], as text.
     fn key_of(&self, row: &Row) -> Vec<String> {
         (0..self.layout.key.len())
