@@ -661,3 +661,140 @@ async fn last_write_wins_without_commit_timestamps_is_refused_with_the_fix() {
     );
     drop(pair);
 }
+
+/// How long the two-way traffic of the no-loops test runs:
+/// `CUTOVER_SOAK_SECONDS` (hours, for a soak run), 6 seconds by default.
+fn soak() -> Duration {
+    Duration::from_secs(
+        std::env::var("CUTOVER_SOAK_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(6),
+    )
+}
+
+/// Writes on the server `client` is connected to until `stop`: each
+/// transaction `statement(n)`, and every 25th also `stray(n)` when given;
+/// returns how many committed.
+fn traffic(
+    client: tokio_postgres::Client,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    statement: fn(u64) -> String,
+    stray: Option<fn(u64) -> String>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            client.batch_execute(&statement(n)).await.unwrap();
+            if let Some(stray) = stray.filter(|_| n % 25 == 0) {
+                client.batch_execute(&stray(n)).await.unwrap();
+            }
+        }
+        n
+    })
+}
+
+/// The money group's application on the target: a ledger row and a
+/// balance moved.
+fn money_load(n: u64) -> String {
+    format!(
+        "BEGIN; INSERT INTO ledger (n) VALUES ({n}); UPDATE accounts SET balance = balance + 1 WHERE id = {}; COMMIT;",
+        1 + n % 50
+    )
+}
+
+/// A stray write on the target to the default group's table.
+fn codes_stray(n: u64) -> String {
+    format!(
+        "UPDATE codes SET label = 'stray{n}' WHERE code = 'c{}'",
+        1 + n % 10
+    )
+}
+
+#[tokio::test]
+async fn both_directions_at_once_never_loop_nor_lose_nor_double() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config) = seeded(dir.path(), "").await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    watching(&daemon).await;
+    let switched = cutover(&config, &["switch", "--group", "money", "--verify"]).await;
+    assert_eq!(
+        switched.code,
+        0,
+        "{}\n{}",
+        switched.all_output(),
+        daemon.log()
+    );
+    watching(&daemon).await;
+
+    // Both directions apply at once: the money group's writes on the
+    // target, the default group's on the source, strays among them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_target = traffic(
+        pair.target.client("app").await,
+        std::sync::Arc::clone(&stop),
+        money_load,
+        Some(codes_stray),
+    );
+    let on_source = traffic(
+        pair.source.client("app").await,
+        std::sync::Arc::clone(&stop),
+        codes_load,
+        None,
+    );
+    tokio::time::sleep(soak()).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let money = on_target.await.unwrap();
+    let codes = on_source.await.unwrap();
+    assert!(
+        money > 50 && codes > 50,
+        "too little traffic: {money} and {codes}"
+    );
+    pair.wait_equal(&["accounts", "codes", "ledger"], WAIT)
+        .await;
+
+    // Every ledger row once on each side.
+    for server in [&pair.source, &pair.target] {
+        let ns = ledger_ns(&server.client("app").await).await;
+        assert_eq!(ns.len() as u64, money, "rows lost or doubled");
+        assert_eq!(ns, (1..=money as i64).collect::<Vec<_>>());
+    }
+    // Quiet now: a change going round between the two streams would
+    // keep writing WAL on both servers.
+    let wal = |cluster: &'static str| {
+        let pair = &pair;
+        async move {
+            let server = if cluster == "source" {
+                &pair.source
+            } else {
+                &pair.target
+            };
+            let text = one(
+                &server.client("app").await,
+                "SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint::text",
+            )
+            .await;
+            text.parse::<i64>().unwrap()
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = (wal("source").await, wal("target").await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = (wal("source").await, wal("target").await);
+    assert!(
+        after.0 - before.0 < 2048 && after.1 - before.1 < 2048,
+        "WAL still grows with no application writing: {before:?} then {after:?}\n{}",
+        daemon.log()
+    );
+    let status = cutover(&config, &["conflicts"]).await.stdout;
+    // Only the strays made on the target: none of cutover's own writes
+    // on the source came back as one.
+    assert!(
+        !status.contains("pending") && status.contains("public.codes"),
+        "{status}"
+    );
+    assert!(!status.contains(" source public."), "{status}");
+    assert!(daemon.running(), "{}", daemon.log());
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
