@@ -367,6 +367,23 @@ async fn a_group_moves_and_comes_back_while_the_other_group_streams() {
         })
         .await;
     }
+    // A verify compares the groups whose primary is the source, and says
+    // which it left out.
+    let verified = cutover(&config, &["verify"]).await;
+    let out = verified.all_output();
+    assert!(
+        out.contains("not compared: group money (moved to the target"),
+        "{out}"
+    );
+    let refused = cutover(&config, &["verify", "--group", "money"]).await;
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused
+            .all_output()
+            .contains("group money's primary is the target"),
+        "{}",
+        refused.all_output()
+    );
     // A whole rollback is refused while a group is moved.
     let whole = cutover(&config, &["rollback"]).await;
     assert_ne!(whole.code, 0);

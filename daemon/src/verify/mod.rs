@@ -189,6 +189,36 @@ enum CatchUp {
     Daemon(Client),
 }
 
+/// The stray writes and conflicts recorded, for the report: from the
+/// store, or through the running daemon's console.
+async fn conflicts(catch_up: &CatchUp) -> Result<report::Conflicts, VerifyError> {
+    let mut found = report::Conflicts::default();
+    match catch_up {
+        CatchUp::Own(store) => {
+            for c in store.conflicts()? {
+                found.add(c.id, &c.side, &c.table, &c.op, &c.key, &c.resolution);
+            }
+        }
+        CatchUp::Daemon(console) => {
+            let rows = crate::status::rows(console, "SHOW CONFLICTS")
+                .await
+                .map_err(VerifyError::Daemon)?;
+            for row in &rows {
+                let text = |name| crate::status::text(row, name).unwrap_or_default();
+                found.add(
+                    text("id").parse().unwrap_or(0),
+                    &text("side"),
+                    &text("table"),
+                    &text("op"),
+                    &text("key"),
+                    &text("resolution"),
+                );
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// The tables in scope, planned for reading on both sides.
 async fn plans(config: &Config, group: Option<&str>) -> Result<Vec<table::Plan>, VerifyError> {
     let source = connect(config, "source").await?;
@@ -467,6 +497,12 @@ async fn compare(
         repaired_at,
     );
     report.group = group.map(str::to_owned);
+    if group.is_none() {
+        report.groups_not_compared = moved.to_vec();
+    }
+    if !config.groups.is_empty() {
+        report.conflicts = Some(conflicts(&catch_up).await?);
+    }
     // What this verify found replaces what the daemon's background
     // verifier last recorded (after a repair: nothing left to show).
     if let CatchUp::Own(store) = &catch_up {

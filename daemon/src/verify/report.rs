@@ -191,6 +191,33 @@ pub struct Report {
     pub referential_integrity: Vec<ForeignKeyCheck>,
     /// Target rows whose foreign key refers to no row.
     pub orphaned_rows: i64,
+    /// Groups not compared: `switch --group` moved them to the target.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups_not_compared: Vec<String>,
+    /// The stray writes and conflicts recorded so far (with `[[group]]`s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<Conflicts>,
+}
+
+/// What the report keeps of the stray writes and conflicts recorded.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Conflicts {
+    /// How many, by resolution (`written_back`, `parked`, ...).
+    pub by_resolution: std::collections::BTreeMap<String, u64>,
+    /// The ones an operator still has to settle (`parked`) or that are
+    /// not settled yet (`pending`): `#id side table op key`.
+    pub unsettled: Vec<String>,
+}
+
+impl Conflicts {
+    /// Adds one record.
+    pub fn add(&mut self, id: u64, side: &str, table: &str, op: &str, key: &str, resolution: &str) {
+        *self.by_resolution.entry(resolution.to_owned()).or_default() += 1;
+        if resolution == "parked" || resolution == "pending" {
+            self.unsettled
+                .push(format!("#{id} {side} {table} {op} {key}: {resolution}"));
+        }
+    }
 }
 
 impl Report {
@@ -236,6 +263,8 @@ impl Report {
             tables,
             referential_integrity,
             orphaned_rows,
+            groups_not_compared: Vec::new(),
+            conflicts: None,
         }
     }
 
@@ -327,6 +356,32 @@ impl Report {
                 key.orphans,
                 key.samples.join(", ")
             );
+        }
+        if !self.groups_not_compared.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nnot compared: group {} (moved to the target by `switch --group`)",
+                self.groups_not_compared.join(", ")
+            );
+        }
+        if let Some(conflicts) = &self.conflicts {
+            let counts: Vec<String> = conflicts
+                .by_resolution
+                .iter()
+                .map(|(resolution, n)| format!("{n} {}", resolution.replace('_', " ")))
+                .collect();
+            let _ = writeln!(
+                out,
+                "\nstray writes and conflicts recorded: {}",
+                if counts.is_empty() {
+                    "none".to_owned()
+                } else {
+                    counts.join(", ")
+                }
+            );
+            for line in &conflicts.unsettled {
+                let _ = writeln!(out, "  {line}");
+            }
         }
         let _ = match self.status {
             Verdict::Validated => writeln!(
