@@ -623,12 +623,17 @@ impl Store {
         for stray in strays {
             let mut stray = stray.clone();
             if stray.record.id == 0 {
-                stray.record.id = self.db.generate_id().map_err(|e| self.io(e))? + 1;
+                stray.record.id = self.new_id()?;
             }
             self.put(&stray.key(), &stray)?;
             self.put_conflict(&stray.record)?;
         }
         self.flush().await
+    }
+
+    /// A new record number.
+    pub fn new_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id().map_err(|e| self.io(e))? + 1)
     }
 
     /// A stray write of a `manual` group set aside for an operator: its

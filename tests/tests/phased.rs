@@ -815,3 +815,118 @@ async fn both_directions_at_once_never_loop_nor_lose_nor_double() {
     assert!(daemon.running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
+
+#[tokio::test]
+async fn a_bidirectional_group_takes_writes_on_both_servers_and_the_later_write_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ClusterOptions::default().setting("track_commit_timestamp", "on");
+    let pair = Pair::start(options).await;
+    pair.both(SCHEMA).await;
+    pair.on_source(
+        "INSERT INTO accounts SELECT g, 'owner' || g, 100 FROM generate_series(1, 50) g;
+         INSERT INTO codes SELECT 'c' || g, 'label' || g FROM generate_series(1, 50) g;",
+    )
+    .await;
+    let config = pair.config(
+        dir.path(),
+        "allow_no_password = true\n[[group]]\nname = \"codes\"\ntables = [\"public.codes\"]\npolicy = \"bidirectional\"\n",
+    );
+    let mut daemon = Daemon::start_streaming(&config).await;
+    watching(&daemon).await;
+    let (source, target) = (
+        pair.source.client("app").await,
+        pair.target.client("app").await,
+    );
+    // Each server's writes reach the other; none is stray.
+    source
+        .batch_execute("UPDATE codes SET label = 'from the source' WHERE code = 'c1'")
+        .await
+        .unwrap();
+    target
+        .batch_execute("UPDATE codes SET label = 'from the target' WHERE code = 'c2'; INSERT INTO codes VALUES ('t1', 'new on the target')")
+        .await
+        .unwrap();
+    pair.wait_equal(&["codes"], WAIT).await;
+    assert_eq!(
+        one(&source, "SELECT label FROM codes WHERE code = 't1'").await,
+        "new on the target"
+    );
+    // Writes to the same keys on both servers that cross in the streams:
+    // made while the daemon is stopped, so that each stream meets the
+    // other server's write when it delivers.
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    target
+        .batch_execute("UPDATE codes SET label = 'target first' WHERE code = 'c5'")
+        .await
+        .unwrap();
+    source
+        .batch_execute("UPDATE codes SET label = 'source later' WHERE code = 'c5'; UPDATE codes SET label = 'source first' WHERE code = 'c6'")
+        .await
+        .unwrap();
+    target
+        .batch_execute("UPDATE codes SET label = 'target later' WHERE code = 'c6'; DELETE FROM codes WHERE code = 'c7'")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start_streaming(&config).await;
+    watching(&daemon).await;
+    // And writes from both sides at once for a while.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    fn either(n: u64) -> String {
+        format!(
+            "UPDATE codes SET label = 'burst{n}' WHERE code = 'c{}'",
+            10 + n % 5
+        )
+    }
+    let a = traffic(
+        pair.source.client("app").await,
+        std::sync::Arc::clone(&stop),
+        either,
+        None,
+    );
+    let b = traffic(
+        pair.target.client("app").await,
+        std::sync::Arc::clone(&stop),
+        either,
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    a.await.unwrap();
+    b.await.unwrap();
+    pair.wait_equal(&["codes", "accounts"], WAIT).await;
+    for client in [&source, &target] {
+        assert_eq!(
+            one(client, "SELECT label FROM codes WHERE code = 'c5'").await,
+            "source later"
+        );
+        assert_eq!(
+            one(client, "SELECT label FROM codes WHERE code = 'c6'").await,
+            "target later"
+        );
+        assert_eq!(
+            one(client, "SELECT count(*)::text FROM codes WHERE code = 'c7'").await,
+            "0"
+        );
+    }
+    let listed = cutover(&config, &["conflicts"]).await.stdout;
+    assert!(
+        listed.contains("public.codes update (code=c5)") && listed.contains("kept source"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("public.codes update (code=c6)") && listed.contains("kept target"),
+        "{listed}"
+    );
+    assert!(!listed.contains("stray"), "{listed}");
+    // Nothing to move for a group both servers write.
+    let refused = cutover(&config, &["switch", "--group", "codes"]).await;
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused
+            .all_output()
+            .contains("group codes is bidirectional"),
+        "{}",
+        refused.all_output()
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}

@@ -24,8 +24,8 @@ pub struct Group {
     pub policy: Policy,
 }
 
-/// The policies a group may name today.
-const BUILT_POLICIES: [Policy; 3] = [Policy::PrimaryWins, Policy::LastWriteWins, Policy::Manual];
+/// The policies a group may name.
+const BUILT_POLICIES: [Policy; 4] = Policy::ALL;
 
 /// The configured groups, in the order written.
 #[derive(Clone, Debug, Default)]
@@ -99,16 +99,7 @@ impl Groups {
             let policy = match policy.as_deref() {
                 None => Policy::default(),
                 Some(text) => match Policy::parse(text) {
-                    Some(policy) if BUILT_POLICIES.contains(&policy) => policy,
-                    Some(policy) => {
-                        return Err(ConfigError::invalid(
-                            key("policy"),
-                            format!(
-                                "{policy} is not supported yet (both sides taking the group's writes needs the conditional apply, docs/phased.md): use {}",
-                                names(&BUILT_POLICIES)
-                            ),
-                        ));
-                    }
+                    Some(policy) => policy,
                     None => {
                         return Err(ConfigError::invalid(
                             key("policy"),
@@ -124,6 +115,11 @@ impl Groups {
             });
         }
         Ok(Groups(groups))
+    }
+
+    /// Whether some group's policy is `bidirectional`.
+    pub fn any_bidirectional(&self) -> bool {
+        self.0.iter().any(|g| g.policy == Policy::Bidirectional)
     }
 
     /// The policy of group `name` (the default group's is the default).

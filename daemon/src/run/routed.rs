@@ -14,13 +14,15 @@
 
 use std::path::Path;
 
+use cutover_conflict::policy::Policy;
 use cutover_replication::Lsn;
 use cutover_replication::catalog::TableName;
 use cutover_replication::change::{
     Change, ChangeKind, Commit, Datum, Relation, SourceTransaction, Tuple,
 };
 use cutover_replication::sink::Sink;
-use cutover_replication::sink::postgres::{PostgresSink, Route};
+use cutover_replication::sink::postgres::{Guard, PostgresSink, Route};
+use prometheus::IntCounterVec;
 
 use crate::config::Groups;
 use crate::direction::Direction;
@@ -43,8 +45,47 @@ pub(super) fn route(groups: &Groups, state: &SwitchState, read: Server) -> Route
     let groups = groups.clone();
     let state = state.clone();
     Route(std::sync::Arc::new(move |table: &TableName, lsn: Lsn| {
-        state.group_primary_at(groups.group_of(table), read, lsn) == read
+        let group = groups.group_of(table);
+        // Both servers take a bidirectional group's writes: both streams
+        // apply them.
+        groups.policy(group) == Policy::Bidirectional
+            || state.group_primary_at(group, read, lsn) == read
     }))
+}
+
+/// The guard of the bidirectional groups' tables, for the stream that
+/// `direction` is: cutover's own rows, and those the copy wrote before
+/// `copied_at` (microseconds since 2000-01-01), never block a change;
+/// at equal commit times the source's row wins.
+fn guard(
+    groups: &Groups,
+    migration: &str,
+    configured: &str,
+    direction: Direction,
+    copied_at: i64,
+) -> Guard {
+    let tables = groups.clone();
+    let mut own_origins = Vec::new();
+    for name in [migration, configured] {
+        for origin in [
+            Direction::Forward.origin(name),
+            Direction::Reverse.origin(name),
+            Direction::repair_origin(name),
+            Direction::repair_origin(&Direction::Reverse.slot(name)),
+        ] {
+            if !own_origins.contains(&origin) {
+                own_origins.push(origin);
+            }
+        }
+    }
+    Guard {
+        tables: std::sync::Arc::new(move |table: &TableName| {
+            tables.policy(tables.group_of(table)) == Policy::Bidirectional
+        }),
+        own_origins,
+        incoming_wins_ties: direction == Direction::Forward,
+        clear_until: copied_at,
+    }
 }
 
 /// The sink of a stream when groups are configured.
@@ -54,24 +95,98 @@ pub(super) struct Routed {
     groups: Groups,
     /// The server this stream reads: where its stray writes were made.
     side: Server,
+    conflicts: IntCounterVec,
+}
+
+/// What [`Routed::new`] needs beside the sink.
+pub(super) struct Routing<'a> {
+    pub(super) store: Store,
+    pub(super) groups: Groups,
+    pub(super) state: &'a SwitchState,
+    pub(super) direction: Direction,
+    /// The migration's name and the configured slot's, which cutover's
+    /// origins carry.
+    pub(super) migration: &'a str,
+    pub(super) configured: &'a str,
+    /// `cutover_conflicts_total`.
+    pub(super) conflicts: IntCounterVec,
 }
 
 impl Routed {
-    pub(super) fn new(
-        mut inner: PostgresSink,
-        store: Store,
-        groups: Groups,
-        state: &SwitchState,
-        direction: Direction,
-    ) -> Routed {
-        let side = read_by(direction);
-        inner.set_route(route(&groups, state, side));
-        Routed {
-            inner,
-            store,
-            groups,
-            side,
+    pub(super) fn new(mut inner: PostgresSink, routing: Routing<'_>) -> Result<Routed, RunError> {
+        let side = read_by(routing.direction);
+        inner.set_route(route(&routing.groups, routing.state, side));
+        if routing.groups.any_bidirectional() {
+            // When the copy finished, in PostgreSQL's microseconds.
+            let copied_at = routing
+                .store
+                .copy_run()?
+                .and_then(|run| run.finished_at)
+                .map_or(i64::MAX, |secs| {
+                    (secs as i64 - 946_684_800).saturating_mul(1_000_000)
+                });
+            inner.set_guard(guard(
+                &routing.groups,
+                routing.migration,
+                routing.configured,
+                routing.direction,
+                copied_at,
+            ));
         }
+        Ok(Routed {
+            inner,
+            store: routing.store,
+            groups: routing.groups,
+            side,
+            conflicts: routing.conflicts,
+        })
+    }
+
+    /// Records the changes the guard left out: conflicts the row on the
+    /// server written won, as the later write.
+    async fn record_kept(&mut self) -> Result<(), RunError> {
+        let kept = self.inner.take_kept();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let written = self.side.other();
+        let resolution = format!("kept_{}", written.name());
+        for k in kept {
+            let record = ConflictRecord {
+                id: self.store.new_id()?,
+                kind: "conflict".into(),
+                side: self.side.name().into(),
+                group: self.groups.group_of(&k.table).to_owned(),
+                table: k.table.to_string(),
+                op: k.op.into(),
+                key: k.key,
+                lsn: k.commit_lsn,
+                ordinal: k.ordinal,
+                committed_at: crate::console::timestamp(
+                    u64::try_from(k.incoming_us / 1_000_000 + 946_684_800).unwrap_or(0),
+                ),
+                resolution: resolution.clone(),
+                resolved_at: None,
+                at: now_secs(),
+            };
+            tracing::warn!(
+                table = %record.table,
+                op = %record.op,
+                key = %record.key,
+                at = %record.lsn,
+                "a conflict on a bidirectional group: the {}'s row is later than this change from the {} ({} us after it), and is kept; it travels to the {} in its own stream",
+                written.name(),
+                self.side.name(),
+                k.local_us - k.incoming_us,
+                self.side.name()
+            );
+            self.store.put_conflict(&record)?;
+            self.conflicts
+                .with_label_values(&[record.table.as_str(), &resolution])
+                .inc();
+        }
+        self.store.flush().await?;
+        Ok(())
     }
 
     /// Adds the stray writes among `changes` (of the transaction `commit`).
@@ -238,7 +353,9 @@ impl Sink for Routed {
         // Recorded before the changes around them commit: the position
         // acknowledged never passes a stray write not recorded.
         self.record(strays).await?;
-        Ok(self.inner.apply(transactions).await?)
+        let applied = self.inner.apply(transactions).await;
+        self.record_kept().await?;
+        Ok(applied?)
     }
 
     async fn apply_spilled(
@@ -262,7 +379,9 @@ impl Sink for Routed {
                 self.record(strays).await?;
             }
         }
-        Ok(self.inner.apply_spilled(path, commit, batch_rows).await?)
+        let applied = self.inner.apply_spilled(path, commit, batch_rows).await;
+        self.record_kept().await?;
+        Ok(applied?)
     }
 
     fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {

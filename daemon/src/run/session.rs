@@ -18,7 +18,7 @@ use super::RunError;
 use super::applier::apply_work;
 use super::queue::{Queue, Work};
 use super::reader::read_stream;
-use super::routed::Routed;
+use super::routed::{Routed, Routing};
 
 /// One session: connect both sides, stream and apply until a failure, the
 /// shutdown, or (with `until`) the target holds exactly what the source
@@ -112,13 +112,19 @@ pub(super) async fn stream_once(
         .await
     } else {
         // Each table goes by its group's primary (`switch --group`).
+        let state = store.switch_state()?;
         let routed = Routed::new(
             applier,
-            store.clone(),
-            config.groups.clone(),
-            &store.switch_state()?,
-            direction,
-        );
+            Routing {
+                store: store.clone(),
+                groups: config.groups.clone(),
+                state: &state,
+                direction,
+                migration: &outcome.migration,
+                configured,
+                conflicts: status.metrics.conflicts.clone(),
+            },
+        )?;
         apply_work(
             routed,
             work_rx,

@@ -156,10 +156,10 @@ fn watching(
     status: &Arc<Status>,
 ) -> Option<tokio::task::JoinHandle<Result<(), RunError>>> {
     (!config.groups.is_empty() && status.direction() == Direction::Forward).then(|| {
-        let reverse = Arc::new(Status::new(
-            &Direction::Reverse.slot(&config.slot),
-            Direction::Reverse,
-        ));
+        let mut reverse = Status::new(&Direction::Reverse.slot(&config.slot), Direction::Reverse);
+        // Its conflicts are counted in the daemon's exported family.
+        reverse.metrics.conflicts = status.metrics.conflicts.clone();
+        let reverse = Arc::new(reverse);
         let (config, store, shutdown, forward) = (
             config.clone(),
             store.clone(),

@@ -473,6 +473,13 @@ fn check_group(
             "there is no group {group:?}: the groups are {}",
             config.groups.names().join(", ")
         ))),
+        Some(group)
+            if config.groups.policy(group) == cutover_conflict::policy::Policy::Bidirectional =>
+        {
+            Err(SwitchError::Refused(format!(
+                "group {group} is bidirectional: both servers take its writes already, there is nothing to move; point its application where it should write"
+            )))
+        }
         Some(_) if state.primary != Server::Source => Err(SwitchError::Refused(
             "the whole migration was switched to the target: groups move while the source is the migration's primary; `cutover rollback` first".into(),
         )),

@@ -16,6 +16,7 @@
 //!   prepared statements;
 //! - [`keys`]: the check of `DEFERRABLE` keys after a batch;
 //! - [`ddl`]: the source's DDL and partition truncates;
+//! - [`guard`]: tables both servers write, applied only when later;
 //! - [`durability`]: when an applied position is durable;
 //! - [`error`]: why applying stopped.
 //!
@@ -76,6 +77,7 @@ mod coalesce;
 mod ddl;
 mod durability;
 mod error;
+mod guard;
 mod keys;
 mod one;
 mod pipeline;
@@ -85,6 +87,7 @@ mod transaction;
 
 pub use error::ApplyError;
 use error::session_error;
+pub use guard::{Guard, GuardedFn, Kept};
 use target::TargetTable;
 
 /// Applies source transactions on one target connection.
@@ -111,6 +114,13 @@ pub struct PostgresSink {
     ddl: crate::ddl::DdlPolicy,
     /// Which tables this sink applies, per commit position (`None`: all).
     route: Option<Route>,
+    /// The tables both servers write ([`guard`]).
+    guard: Option<guard::Guard>,
+    /// Changes the guard left out, for the caller.
+    kept: Vec<guard::Kept>,
+    /// The commit time of each transaction of the batch being applied
+    /// (microseconds since 2000-01-01), for the guard.
+    commit_times: HashMap<Lsn, i64>,
 }
 
 /// Whether a change to a table, committed at a position of the server
@@ -190,6 +200,9 @@ impl PostgresSink {
             begin_pending: false,
             ddl: crate::ddl::DdlPolicy::default(),
             route: None,
+            guard: None,
+            kept: Vec::new(),
+            commit_times: HashMap::new(),
         };
         applier.settled().await
     }

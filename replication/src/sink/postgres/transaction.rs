@@ -26,6 +26,12 @@ impl PostgresSink {
             return Ok(self.progress);
         };
         let (end_lsn, commit_time) = (last.end_lsn, last.commit_time);
+        if self.guard.is_some() {
+            self.commit_times = pending
+                .iter()
+                .map(|t| (t.commit_lsn, t.commit_time.micros()))
+                .collect();
+        }
         let changes: Vec<(&Change, Lsn)> = pending
             .iter()
             .flat_map(|t| t.changes.iter().map(move |c| (c, t.commit_lsn)))
@@ -90,23 +96,46 @@ impl PostgresSink {
         // without barriers (truncates, keyless tables) or partial rows
         // costs one round trip.
         self.begin_pending = true;
+        let all = wanted.clone();
+        let (wanted, mut kept) = match self.guarded(wanted).await {
+            Ok(guarded) => guarded,
+            Err(err) => {
+                let _ = self.rollback().await;
+                return Err(err);
+            }
+        };
         match self.apply_fast(&wanted, Some((end_lsn, commit_time))).await {
-            Ok(true) => return Ok(()),
+            Ok(true) => {
+                self.kept.append(&mut kept);
+                return Ok(());
+            }
             Ok(false) => {}
             // Committed, then the WAL positions could not be read: never
             // replay what is committed.
-            Err(err) if self.progress >= end_lsn => return Err(err),
+            Err(err) if self.progress >= end_lsn => {
+                self.kept.append(&mut kept);
+                return Err(err);
+            }
             Err(fast) => {
                 tracing::debug!(error = %fast, "set-based apply failed; replaying change by change");
                 self.rollback().await?;
                 self.begin().await?;
-                if let Err(err) = self.apply_slow(&wanted).await {
+                // The rows are locked and read again in this transaction.
+                let replayed = async {
+                    let (wanted, again) = self.guarded(all).await?;
+                    kept = again;
+                    self.apply_slow(&wanted).await
+                }
+                .await;
+                if let Err(err) = replayed {
                     let _ = self.rollback().await;
                     return Err(err);
                 }
             }
         }
-        self.commit(end_lsn, commit_time).await
+        self.commit(end_lsn, commit_time).await?;
+        self.kept.append(&mut kept);
+        Ok(())
     }
 
     /// Applies a streamed transaction from its spill file, in one target
@@ -144,6 +173,11 @@ impl PostgresSink {
             transient: false,
         };
         self.begin().await?;
+        if self.guard.is_some() {
+            self.commit_times =
+                std::collections::HashMap::from([(commit.commit_lsn, commit.commit_time.micros())]);
+        }
+        let mut kept = Vec::new();
         // Tables with DEFERRABLE keys that the transaction wrote: checked
         // whole at its end (keys may stand duplicated until then).
         let mut touched: Vec<KeyCheck<'static>> = Vec::new();
@@ -159,6 +193,8 @@ impl PostgresSink {
                     .map(|c| (c, commit.commit_lsn))
                     .filter(|(c, lsn)| self.wanted(c, *lsn))
                     .collect();
+                let (wanted, mut lost) = self.guarded(wanted).await?;
+                kept.append(&mut lost);
                 self.apply_fast(&wanted, None).await?;
                 for check in self.key_checks(&wanted).await? {
                     if !touched
@@ -175,6 +211,7 @@ impl PostgresSink {
             tracing::debug!(error = %fast, "set-based apply of a streamed transaction failed; replaying change by change");
             self.rollback().await?;
             self.begin().await?;
+            kept.clear();
             let slow: Result<(), ApplyError> = async {
                 let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
                 loop {
@@ -182,10 +219,15 @@ impl PostgresSink {
                     if changes.is_empty() {
                         return self.check_keys(&touched).await;
                     }
-                    for change in &changes {
-                        if self.wanted(change, commit.commit_lsn) {
-                            self.apply_one(change, commit.commit_lsn).await?;
-                        }
+                    let wanted: Vec<(&Change, Lsn)> = changes
+                        .iter()
+                        .map(|c| (c, commit.commit_lsn))
+                        .filter(|(c, lsn)| self.wanted(c, *lsn))
+                        .collect();
+                    let (wanted, mut lost) = self.guarded(wanted).await?;
+                    kept.append(&mut lost);
+                    for (change, lsn) in wanted {
+                        self.apply_one(change, lsn).await?;
                     }
                     let applied: Vec<(&Change, Lsn)> =
                         changes.iter().map(|c| (c, commit.commit_lsn)).collect();
@@ -205,7 +247,9 @@ impl PostgresSink {
                 return Err(err);
             }
         }
-        self.commit(commit.end_lsn, commit.commit_time).await
+        self.commit(commit.end_lsn, commit.commit_time).await?;
+        self.kept.append(&mut kept);
+        Ok(())
     }
 
     pub(super) fn origin_skipped(&self, change: &Change) -> bool {
