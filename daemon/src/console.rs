@@ -43,7 +43,7 @@ const SCRAM_ITERATIONS: usize = 4096;
 const DEFAULT_HISTORY: usize = 100;
 
 /// Every command, for the help text of an unknown one.
-pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW CONFLICTS, SHOW SWITCH, SWITCH [GROUP name] [DRY RUN | VERIFY], ROLLBACK [GROUP name] [DRY RUN], ACCEPT, RESOLVE <id> USE SOURCE | TARGET, PAUSE, RESUME, HOLD [AT 'lsn'], SHOW HOLD, RELEASE [FORCE]";
+pub const COMMANDS: &str = "SHOW STATUS, SHOW TABLES, SHOW LAG, SHOW HISTORY [n | ALL], SHOW DIVERGENCE, SHOW CONFLICTS, SHOW SWITCH, SWITCH [GROUP name] [DRY RUN | VERIFY], ROLLBACK [GROUP name] [DRY RUN], ACCEPT, RESOLVE <id> USE SOURCE | TARGET, PAUSE, RESUME, HOLD [REVERSE] [AT 'lsn'], SHOW HOLD [REVERSE], RELEASE [REVERSE] [FORCE]";
 
 /// A parsed console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,11 +54,13 @@ enum Command {
     History(Option<usize>),
     Pause,
     Resume,
-    /// A verify's hold: `HOLD`, or `HOLD AT 'lsn'` (see `crate::hold`).
-    Hold(Option<Lsn>),
+    /// A verify's hold: `HOLD`, or `HOLD AT 'lsn'` (see `crate::hold`);
+    /// with `REVERSE`, of the stream that applies the target's changes to
+    /// the source beside the forward one (`[[group]]`s).
+    Hold(Option<Lsn>, bool),
     /// `RELEASE` (this connection's hold), `RELEASE FORCE` (anyone's).
-    Release(bool),
-    ShowHold,
+    Release(bool, bool),
+    ShowHold(bool),
     Divergence,
     Conflicts,
     Switch,
@@ -88,7 +90,8 @@ fn parse(text: &str) -> Result<Command, String> {
                 "SHOW HISTORY takes a positive number of samples or ALL, not {n:?}"
             )),
         },
-        ["SHOW", "HOLD"] => Ok(Command::ShowHold),
+        ["SHOW", "HOLD"] => Ok(Command::ShowHold(false)),
+        ["SHOW", "HOLD", "REVERSE"] => Ok(Command::ShowHold(true)),
         ["SHOW", "DIVERGENCE"] => Ok(Command::Divergence),
         ["SHOW", "CONFLICTS"] => Ok(Command::Conflicts),
         ["SHOW", "SWITCH"] => Ok(Command::Switch),
@@ -147,14 +150,24 @@ fn parse(text: &str) -> Result<Command, String> {
             }
             Ok(Command::Move(kind, options))
         }
-        ["HOLD"] => Ok(Command::Hold(None)),
+        ["HOLD"] => Ok(Command::Hold(None, false)),
+        ["HOLD", "REVERSE"] => Ok(Command::Hold(None, true)),
+        ["HOLD", "REVERSE", "AT", lsn] => lsn
+            .trim_matches('\'')
+            .parse::<Lsn>()
+            .map(|lsn| Command::Hold(Some(lsn), true))
+            .map_err(|_| {
+                format!("HOLD REVERSE AT takes a WAL position like '0/16B3748', not {lsn}")
+            }),
         ["HOLD", "AT", lsn] => lsn
             .trim_matches('\'')
             .parse::<Lsn>()
-            .map(|lsn| Command::Hold(Some(lsn)))
+            .map(|lsn| Command::Hold(Some(lsn), false))
             .map_err(|_| format!("HOLD AT takes a WAL position like '0/16B3748', not {lsn}")),
-        ["RELEASE"] => Ok(Command::Release(false)),
-        ["RELEASE", "FORCE"] => Ok(Command::Release(true)),
+        ["RELEASE"] => Ok(Command::Release(false, false)),
+        ["RELEASE", "FORCE"] => Ok(Command::Release(true, false)),
+        ["RELEASE", "REVERSE"] => Ok(Command::Release(false, true)),
+        ["RELEASE", "REVERSE", "FORCE"] => Ok(Command::Release(true, true)),
         ["PAUSE"] => Ok(Command::Pause),
         ["RESUME"] => Ok(Command::Resume),
         _ => Err(format!(
@@ -212,6 +225,11 @@ where
                     // A verify's hold never outlives its connection.
                     if queries.status.hold.release(Some(&peer.to_string())) {
                         tracing::info!(%peer, "the console connection holding the applier ended: released");
+                    }
+                    if let Some(beside) = queries.status.beside()
+                        && beside.hold.release(Some(&peer.to_string()))
+                    {
+                        tracing::info!(%peer, "the console connection holding the reverse stream's applier ended: released");
                     }
                 });
             }
@@ -424,8 +442,9 @@ impl Queries {
                 tracing::info!(%peer, changed, "console: RESUME");
                 Ok(Response::Execution(Tag::new("RESUME")))
             }
-            Command::Hold(position) => {
-                let state = self.status.state();
+            Command::Hold(position, reverse) => {
+                let held = self.held(reverse)?;
+                let state = held.state();
                 if state != DaemonState::Streaming {
                     return Err(format!(
                         "the daemon is {}: a verify holds a streaming daemon only{}",
@@ -437,17 +456,17 @@ impl Queries {
                         }
                     ));
                 }
-                tracing::info!(%peer, ?position, "console: HOLD (a verify takes the target's position)");
+                tracing::info!(%peer, ?position, reverse, "console: HOLD (a verify takes the position of the server written)");
                 match position {
-                    None => self.status.hold.arm(peer),
-                    Some(lsn) => self.status.hold.hold_at(peer, lsn),
+                    None => held.hold.arm(peer),
+                    Some(lsn) => held.hold.hold_at(peer, lsn),
                 }
                 .map_err(|e| e.to_string())?;
                 Ok(Response::Execution(Tag::new("HOLD")))
             }
-            Command::Release(force) => {
-                tracing::info!(%peer, force, "console: RELEASE");
-                self.status
+            Command::Release(force, reverse) => {
+                tracing::info!(%peer, force, reverse, "console: RELEASE");
+                self.held(reverse)?
                     .hold
                     .release(if force { None } else { Some(peer) });
                 Ok(Response::Execution(Tag::new("RELEASE")))
@@ -533,8 +552,9 @@ impl Queries {
                 }
                 Ok(table.response())
             }
-            Command::ShowHold => {
-                let hold = self.status.hold.current();
+            Command::ShowHold(reverse) => {
+                let held = self.held(reverse)?;
+                let hold = held.hold.current();
                 let mut table = Table::new(&[
                     ("hold", Type::TEXT),
                     ("position", Type::PG_LSN),
@@ -543,11 +563,22 @@ impl Queries {
                 table.push(vec![
                     Cell::Text(Some(hold.name().to_owned())),
                     Cell::Text(hold.limit().map(|l| l.to_string())),
-                    Cell::Text(self.status.hold.reached().map(|l| l.to_string())),
+                    Cell::Text(held.hold.reached().map(|l| l.to_string())),
                 ]);
                 Ok(table.response())
             }
         }
+    }
+
+    /// The stream a hold command is for: the daemon's, or with `REVERSE`
+    /// the one beside it.
+    fn held(&self, reverse: bool) -> Result<Arc<Status>, String> {
+        if !reverse {
+            return Ok(Arc::clone(&self.status));
+        }
+        self.status.beside().ok_or_else(|| {
+            "no reverse stream runs beside the daemon's: it runs with [[group]]s, once the copy is done".to_owned()
+        })
     }
 
     fn show_status(&self) -> Response {

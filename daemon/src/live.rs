@@ -3,7 +3,7 @@
 //! the pause switch of the applier.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use cutover_replication::Lsn;
@@ -257,6 +257,9 @@ pub struct Status {
     /// Switches and rollbacks asked through the console, for the run loop
     /// ([`crate::switch::desk`]).
     pub desk: crate::switch::desk::Desk,
+    /// The stream beside this one (the reverse stream, with `[[group]]`s),
+    /// for the console's `HOLD REVERSE`.
+    beside: Mutex<Option<Arc<Status>>>,
 }
 
 impl Status {
@@ -282,9 +285,26 @@ impl Status {
             stream: Mutex::new((slot.to_owned(), direction)),
             started_at: now_secs(),
             desk: crate::switch::desk::Desk::default(),
+            beside: Mutex::new(None),
         };
         status.set_state(DaemonState::Starting);
         status
+    }
+
+    /// The stream beside this one, while it runs.
+    pub fn beside(&self) -> Option<Arc<Status>> {
+        self.beside
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets (or clears) the stream beside this one.
+    pub fn set_beside(&self, beside: Option<Arc<Status>>) {
+        *self
+            .beside
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = beside;
     }
 
     /// The direction this daemon streams.

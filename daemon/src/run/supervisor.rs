@@ -160,6 +160,7 @@ fn watching(
         // Its conflicts are counted in the daemon's exported family.
         reverse.metrics.conflicts = status.metrics.conflicts.clone();
         let reverse = Arc::new(reverse);
+        status.set_beside(Some(Arc::clone(&reverse)));
         let (config, store, shutdown, forward) = (
             config.clone(),
             store.clone(),

@@ -66,7 +66,12 @@ pub(super) async fn connect(config: &Config) -> Result<(Client, Vec<String>), Ve
 
 /// Sends `command` and waits until the daemon's applier stopped under it;
 /// returns where.
-async fn hold(client: &Client, command: &str, wait: Duration) -> Result<Lsn, VerifyError> {
+async fn hold(
+    client: &Client,
+    command: &str,
+    wait: Duration,
+    reverse: bool,
+) -> Result<Lsn, VerifyError> {
     client
         .simple_query(command)
         .await
@@ -74,7 +79,12 @@ async fn hold(client: &Client, command: &str, wait: Duration) -> Result<Lsn, Ver
     let deadline = tokio::time::Instant::now() + wait;
     let mut said = tokio::time::Instant::now();
     loop {
-        let hold = rows(client, "SHOW HOLD").await.map_err(console_error)?;
+        let show = if reverse {
+            "SHOW HOLD REVERSE"
+        } else {
+            "SHOW HOLD"
+        };
+        let hold = rows(client, show).await.map_err(console_error)?;
         let row = hold.first();
         if row.and_then(|r| text(r, "hold")).as_deref() == Some("off") {
             return Err(console_error(
@@ -104,12 +114,17 @@ async fn hold(client: &Client, command: &str, wait: Duration) -> Result<Lsn, Ver
     }
 }
 
-/// `HOLD`: the daemon applies nothing new. Waits while another verify
-/// (the background verifier) holds it.
-pub(super) async fn arm(client: &Client) -> Result<Lsn, VerifyError> {
+/// ` REVERSE` for the reverse stream's commands.
+fn of(reverse: bool) -> &'static str {
+    if reverse { " REVERSE" } else { "" }
+}
+
+/// `HOLD`: the daemon applies nothing new (with `reverse`, its reverse
+/// stream). Waits while another verify (the background verifier) holds it.
+pub(super) async fn arm(client: &Client, reverse: bool) -> Result<Lsn, VerifyError> {
     let deadline = tokio::time::Instant::now() + ARM_WAIT;
     loop {
-        match hold(client, "HOLD", ARM_WAIT).await {
+        match hold(client, &format!("HOLD{}", of(reverse)), ARM_WAIT, reverse).await {
             Err(VerifyError::Daemon(message))
                 if message.contains("another verify holds")
                     && tokio::time::Instant::now() < deadline =>
@@ -123,24 +138,32 @@ pub(super) async fn arm(client: &Client) -> Result<Lsn, VerifyError> {
 
 /// `HOLD AT 'at'`: the daemon applies what commits before `at`, then
 /// nothing.
-pub(super) async fn hold_at(client: &Client, at: Lsn) -> Result<Lsn, VerifyError> {
-    hold(client, &format!("HOLD AT '{at}'"), CATCH_UP_WAIT).await
+pub(super) async fn hold_at(client: &Client, at: Lsn, reverse: bool) -> Result<Lsn, VerifyError> {
+    hold(
+        client,
+        &format!("HOLD{} AT '{at}'", of(reverse)),
+        CATCH_UP_WAIT,
+        reverse,
+    )
+    .await
 }
 
 /// `RELEASE`: the daemon goes on.
-pub(super) async fn release(client: &Client) -> Result<(), VerifyError> {
+pub(super) async fn release(client: &Client, reverse: bool) -> Result<(), VerifyError> {
+    let command = format!("RELEASE{}", of(reverse));
     client
-        .simple_query("RELEASE")
+        .simple_query(&command)
         .await
         .map(|_| ())
-        .map_err(|e| console_error(format!("RELEASE: {}", describe(&e))))
+        .map_err(|e| console_error(format!("{command}: {}", describe(&e))))
 }
 
 /// Who holds the daemon's applier, and how: a verify through the daemon's
 /// console, or the background verifier inside the daemon.
 pub(super) enum Holder<'a> {
-    /// `cutover verify` beside a running daemon.
-    Console(&'a Client),
+    /// `cutover verify` beside a running daemon (with `true`: its reverse
+    /// stream).
+    Console(&'a Client, bool),
     /// The background verifier ([`super::continuous`]).
     InProcess {
         /// The daemon's live state, which holds the hold.
@@ -155,7 +178,7 @@ impl Holder<'_> {
     /// Waits while another holder has it.
     pub(super) async fn arm(&self) -> Result<Lsn, VerifyError> {
         match self {
-            Holder::Console(client) => arm(client).await,
+            Holder::Console(client, reverse) => arm(client, *reverse).await,
             Holder::InProcess { status, owner } => {
                 while status.hold.arm(owner).is_err() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -169,7 +192,7 @@ impl Holder<'_> {
     /// where it stopped.
     pub(super) async fn hold_at(&self, at: Lsn) -> Result<Lsn, VerifyError> {
         match self {
-            Holder::Console(client) => hold_at(client, at).await,
+            Holder::Console(client, reverse) => hold_at(client, at, *reverse).await,
             Holder::InProcess { status, owner } => {
                 status
                     .hold
@@ -183,7 +206,7 @@ impl Holder<'_> {
     /// The applier goes on.
     pub(super) async fn release(&self) -> Result<(), VerifyError> {
         match self {
-            Holder::Console(client) => release(client).await,
+            Holder::Console(client, reverse) => release(client, *reverse).await,
             Holder::InProcess { status, owner } => {
                 status.hold.release(Some(owner));
                 Ok(())

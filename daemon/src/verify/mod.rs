@@ -83,11 +83,6 @@ pub enum VerifyError {
         "the target is the primary since the switch: verify compares the target to the source as the source was, which the reverse stream now follows; `cutover rollback` makes the source primary again"
     )]
     Switched,
-    /// The group asked for was moved to the target.
-    #[error(
-        "group {0}'s primary is the target (`cutover switch --group {0}`): verify compares the target to the source, from the source's side, and compares only groups whose primary is the source; compare {0} after `cutover rollback --group {0}`, or watch cutover_group_divergent_rows of the others"
-    )]
-    MovedGroup(String),
     /// `--group` names no group.
     #[error("there is no group {name:?}: the groups are {known}")]
     UnknownGroup {
@@ -377,19 +372,28 @@ pub async fn run_with_store(
 }
 
 async fn compare(
-    config: &Config,
+    migration: &Config,
     catch_up: CatchUp,
     repair: bool,
     group: Option<&str>,
     moved: &[String],
 ) -> Result<Report, VerifyError> {
-    if let Some(group) = group.filter(|g| moved.iter().any(|m| m == g)) {
-        return Err(VerifyError::MovedGroup(group.to_owned()));
-    }
+    // A group moved to the target is compared from its primary: the
+    // target read as the source, the source as the target, the reverse
+    // stream held or caught up, the source repaired.
+    let reverse = group.is_some_and(|g| moved.iter().any(|m| m == g));
+    let swapped;
+    let config = if reverse {
+        swapped = migration.for_direction(Direction::Reverse);
+        &swapped
+    } else {
+        migration
+    };
     let mut plans = plans(config, group).await?;
-    // A moved group's rows are the target's: a verify compares the
-    // target to the source, and would repair the primary's rows.
-    if !moved.is_empty() {
+    // A moved group's rows are the target's: a verify of every table
+    // compares the target to the source, and would repair the primary's
+    // rows.
+    if !moved.is_empty() && group.is_none() {
         plans.retain(|p| {
             let of = config.groups.group_of(&p.table().name);
             !moved.iter().any(|m| m == of)
@@ -401,7 +405,7 @@ async fn compare(
     // A running daemon applies nothing new from here: all it applied
     // committed before the position about to be taken.
     if let CatchUp::Daemon(console) = &catch_up {
-        let parked = daemon::arm(console).await?;
+        let parked = daemon::arm(console, reverse).await?;
         tracing::info!(applied = %parked, "the daemon holds while the compared position is taken");
     }
 
@@ -415,12 +419,18 @@ async fn compare(
 
     // 2. The target at exactly that position.
     match &catch_up {
+        CatchUp::Own(store) if reverse => {
+            let status = Arc::new(Status::new(&config.slot, Direction::Reverse));
+            let plan =
+                run::stream_plan(migration, store, Direction::Reverse, &status.metrics).await?;
+            run::drain(config, store, &status, &plan, at).await?;
+        }
         CatchUp::Own(store) => {
             let status = Arc::new(Status::new(&config.slot, Direction::Forward));
             run::catch_up(config, store, &status, at).await?;
         }
         CatchUp::Daemon(console) => {
-            let reached = daemon::hold_at(console, at).await?;
+            let reached = daemon::hold_at(console, at, reverse).await?;
             tracing::info!(%reached, "the daemon holds at the compared position");
         }
     }
@@ -429,7 +439,7 @@ async fn compare(
     let targets = target_readers(config, workers).await?;
     // The target readers hold the snapshot: the daemon may go on.
     if let CatchUp::Daemon(console) = &catch_up {
-        daemon::release(console).await?;
+        daemon::release(console, reverse).await?;
     }
 
     // 4. Foreign keys on the target, then every table, `workers` at a
@@ -460,6 +470,12 @@ async fn compare(
         .collect();
     if repair {
         match &catch_up {
+            CatchUp::Own(_) if reverse => {
+                // In the reverse stream's origin, which it drained to `at`.
+                let origin = Direction::Reverse.origin(&migration.slot);
+                repaired = repair::repair(config, &origin, HashMap::new(), at, &work).await?;
+                repaired_at = Some(at);
+            }
             CatchUp::Own(store) => {
                 let copied_at = store
                     .table_copies()?
@@ -472,7 +488,8 @@ async fn compare(
             }
             CatchUp::Daemon(_) if work.is_empty() => repaired_at = Some(at),
             CatchUp::Daemon(console) => {
-                let done = beside::repair(config, &daemon::Holder::Console(console), &work).await?;
+                let holder = daemon::Holder::Console(console, reverse);
+                let done = beside::repair(config, &holder, &work).await?;
                 repaired = done.rows;
                 repaired_at = Some(done.at);
             }
@@ -497,6 +514,9 @@ async fn compare(
         repaired_at,
     );
     report.group = group.map(str::to_owned);
+    if reverse {
+        report.compared_from = Some("target");
+    }
     if group.is_none() {
         report.groups_not_compared = moved.to_vec();
     }

@@ -191,6 +191,11 @@ pub struct Report {
     pub referential_integrity: Vec<ForeignKeyCheck>,
     /// Target rows whose foreign key refers to no row.
     pub orphaned_rows: i64,
+    /// `target` when the group compared was moved to the target: the
+    /// target was read as the primary, and every `source` figure, the
+    /// position included, is the target's (and `target` the source's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compared_from: Option<&'static str>,
     /// Groups not compared: `switch --group` moved them to the target.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub groups_not_compared: Vec<String>,
@@ -263,6 +268,7 @@ impl Report {
             tables,
             referential_integrity,
             orphaned_rows,
+            compared_from: None,
             groups_not_compared: Vec::new(),
             conflicts: None,
         }
@@ -271,9 +277,14 @@ impl Report {
     /// The report for a person.
     pub fn to_human(&self) -> String {
         let mut out = String::new();
+        // A moved group is compared from the target, its primary.
+        let (primary, other) = match self.compared_from {
+            Some("target") => ("target", "source"),
+            _ => ("source", "target"),
+        };
         let _ = writeln!(
             out,
-            "verified {} tables{} as of source LSN {} ({} rows on the source, {} on the target)",
+            "verified {} tables{} as of {primary} LSN {} ({} rows on the {primary}, {} on the {other}){}",
             self.tables_verified,
             self.group
                 .as_deref()
@@ -281,7 +292,12 @@ impl Report {
                 .unwrap_or_default(),
             self.lsn,
             self.total_source_rows,
-            self.total_target_rows
+            self.total_target_rows,
+            if primary == "target" {
+                ": the group's primary is the target, compared against the source (below, \"source\" is the target)"
+            } else {
+                ""
+            }
         );
         let width = self
             .tables
@@ -386,7 +402,7 @@ impl Report {
         let _ = match self.status {
             Verdict::Validated => writeln!(
                 out,
-                "\nVALIDATED: the target holds exactly what the source held at {}",
+                "\nVALIDATED: the {other} holds exactly what the {primary} held at {}",
                 self.lsn
             ),
             Verdict::Failed => writeln!(
