@@ -24,9 +24,6 @@ pub struct Group {
     pub policy: Policy,
 }
 
-/// The policies a group may name.
-const BUILT_POLICIES: [Policy; 4] = Policy::ALL;
-
 /// The configured groups, in the order written.
 #[derive(Clone, Debug, Default)]
 pub struct Groups(Vec<Group>);
@@ -103,7 +100,7 @@ impl Groups {
                     None => {
                         return Err(ConfigError::invalid(
                             key("policy"),
-                            format!("{text:?} is not a policy: use {}", names(&BUILT_POLICIES)),
+                            format!("{text:?} is not a policy: use {}", names(&Policy::ALL)),
                         ));
                     }
                 },
@@ -291,16 +288,7 @@ mod tests {
                     Some("first_wins".into()),
                 )],
                 "group[0].policy",
-                "primary_wins, last_write_wins, manual",
-            ),
-            (
-                vec![(
-                    Some("a".into()),
-                    Some(vec!["public.a".into()]),
-                    Some("bidirectional".into()),
-                )],
-                "group[0].policy",
-                "not supported yet",
+                "primary_wins, last_write_wins, bidirectional, manual",
             ),
             (
                 written(&[("a", &["orders"])]),

@@ -159,6 +159,7 @@ fn watching(
         let mut reverse = Status::new(&Direction::Reverse.slot(&config.slot), Direction::Reverse);
         // Its conflicts are counted in the daemon's exported family.
         reverse.metrics.conflicts = status.metrics.conflicts.clone();
+        reverse.metrics.verify_repaired_rows = status.metrics.verify_repaired_rows.clone();
         let reverse = Arc::new(reverse);
         status.set_beside(Some(Arc::clone(&reverse)));
         let (config, store, shutdown, forward) = (

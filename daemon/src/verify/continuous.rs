@@ -114,22 +114,51 @@ async fn pass(
         if *shutdown.borrow() {
             return Ok(false);
         }
-        // A moved group's primary is the target: not compared (nor
-        // repaired) from the source's side.
+        // A moved group's primary is the target: compared from there,
+        // below.
         if moved.contains(&config.groups.group_of(&plan.table().name)) {
             continue;
         }
-        let name = plan.table().name.to_string();
         let divergence = compare(config, status, &plan, config.verify.repair, OWNER).await?;
-        if divergence.divergent_rows > 0 {
-            tracing::warn!(table = %name, rows = divergence.divergent_rows, at = ?divergence.compared_at, "the background verifier found rows that differ");
+        found(config, store, status, &plan, divergence)?;
+    }
+    // The moved groups, with the target read as the source and the
+    // reverse stream (which writes the source) held.
+    let reverse = config.for_direction(crate::direction::Direction::Reverse);
+    for group in moved {
+        let Some(beside) = status.beside() else {
+            break;
+        };
+        if beside.state() != DaemonState::Streaming {
+            continue;
         }
-        status.metrics.verify_rows.inc_by(divergence.rows_checked);
-        store.put_divergence(&name, &divergence)?;
-        status.set_divergence(&name, divergence);
-        group_divergence(config, store, status)?;
+        for plan in plans(&reverse, Some(group)).await? {
+            if *shutdown.borrow() {
+                return Ok(false);
+            }
+            let divergence = compare(&reverse, &beside, &plan, config.verify.repair, OWNER).await?;
+            found(config, store, status, &plan, divergence)?;
+        }
     }
     Ok(true)
+}
+
+/// Records what a pass over one table found.
+fn found(
+    config: &Config,
+    store: &Store,
+    status: &Status,
+    plan: &Plan,
+    divergence: Divergence,
+) -> Result<(), VerifyError> {
+    let name = plan.table().name.to_string();
+    if divergence.divergent_rows > 0 {
+        tracing::warn!(table = %name, rows = divergence.divergent_rows, at = ?divergence.compared_at, "the background verifier found rows that differ");
+    }
+    status.metrics.verify_rows.inc_by(divergence.rows_checked);
+    store.put_divergence(&name, &divergence)?;
+    status.set_divergence(&name, divergence);
+    group_divergence(config, store, status)
 }
 
 /// Sets `cutover_group_divergent_rows` of every group from what the
