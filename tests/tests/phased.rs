@@ -420,6 +420,12 @@ async fn a_group_moves_and_comes_back_while_the_other_group_streams() {
         .unwrap()
         .get(0);
     assert_eq!(stray_owner, "owner7", "the source's stray write stayed");
+    // The group is back: a whole switch moves every table, the money
+    // group's writes on the target included.
+    let whole = cutover(&config, &["switch", "--verify"]).await;
+    assert_eq!(whole.code, 0, "{}\n{}", whole.all_output(), daemon.log());
+    pair.target.execute("app", &ledger(1_000_000)).await;
+    pair.wait_equal(&["ledger"], WAIT).await;
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
     let status = cutover(&config, &["status"]).await;
     let out = status.all_output();
@@ -650,6 +656,33 @@ async fn each_policy_settles_writes_to_the_same_keys_from_both_sides() {
         .next()
         .unwrap()
         .to_owned();
+    // The group does not move while a stray write of it waits.
+    let refused = cutover(&config, &["switch", "--group", "money"]).await;
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused
+            .all_output()
+            .contains("group money has 1 stray writes not settled"),
+        "{}",
+        refused.all_output()
+    );
+    // The verify report keeps it, and finds the row differing (once the
+    // daemon streams again after the refused move).
+    let verified =
+        cutover_tests::wait_for("a verify beside the streaming daemon", WAIT, || async {
+            let verified = cutover(&config, &["verify"]).await;
+            (!verified.all_output().contains("the daemon is copying")).then_some(verified)
+        })
+        .await;
+    let out = verified.all_output();
+    assert_eq!(verified.code, 1, "{out}");
+    assert!(
+        out.contains("stray writes and conflicts recorded:")
+            && out.contains(&format!(
+                "#{id} target public.accounts update (id=5): parked"
+            )),
+        "{out}"
+    );
     let wrong = cutover(
         &config,
         &["conflicts", "resolve", "999999", "--use", "target"],
@@ -694,7 +727,7 @@ async fn last_write_wins_without_commit_timestamps_is_refused_with_the_fix() {
     let out = checked.all_output();
     assert_ne!(checked.code, 0, "{out}");
     assert!(
-        out.contains("group money settles stray writes by last_write_wins")
+        out.contains("group money compares commit times (policy last_write_wins or bidirectional)")
             && out.contains("ALTER SYSTEM SET track_commit_timestamp = on"),
         "{out}"
     );
@@ -887,6 +920,15 @@ async fn a_bidirectional_group_takes_writes_on_both_servers_and_the_later_write_
         .unwrap();
     target
         .batch_execute("UPDATE codes SET label = 'target later' WHERE code = 'c6'; DELETE FROM codes WHERE code = 'c7'")
+        .await
+        .unwrap();
+    // A delete wins over a concurrent update, whichever came first.
+    source
+        .batch_execute("DELETE FROM codes WHERE code = 'c8'; UPDATE codes SET label = 'source before the delete' WHERE code = 'c9'")
+        .await
+        .unwrap();
+    target
+        .batch_execute("UPDATE codes SET label = 'target after the delete' WHERE code = 'c8'; DELETE FROM codes WHERE code = 'c9'")
         .await
         .unwrap();
     let mut daemon = Daemon::start_streaming(&config).await;

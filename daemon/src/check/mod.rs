@@ -404,7 +404,7 @@ fn commit_time_checks(
         server,
         subject: Some("track_commit_timestamp".into()),
         problem: format!(
-            "group {} settles stray writes by last_write_wins, which compares commit times, and the {server} does not keep them",
+            "group {} compares commit times (policy last_write_wins or bidirectional), and the {server} does not keep them",
             groups.join(", ")
         ),
         fix: Some(format!(

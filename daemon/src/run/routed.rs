@@ -122,8 +122,10 @@ impl Routed {
                 .store
                 .copy_run()?
                 .and_then(|run| run.finished_at)
+                // Whole seconds, rounded up: the copy's last commits are
+                // within the second it finished in.
                 .map_or(i64::MAX, |secs| {
-                    (secs as i64 - 946_684_800).saturating_mul(1_000_000)
+                    (secs as i64 + 1 - 946_684_800).saturating_mul(1_000_000)
                 });
             inner.set_guard(guard(
                 &routing.groups,
@@ -169,17 +171,28 @@ impl Routed {
                 resolved_at: None,
                 at: now_secs(),
             };
-            tracing::warn!(
-                table = %record.table,
-                op = %record.op,
-                key = %record.key,
-                at = %record.lsn,
-                "a conflict on a bidirectional group: the {}'s row is later than this change from the {} ({} us after it), and is kept; it travels to the {} in its own stream",
-                written.name(),
-                self.side.name(),
-                k.local_us - k.incoming_us,
-                self.side.name()
-            );
+            match k.local_us {
+                Some(local_us) => tracing::warn!(
+                    table = %record.table,
+                    op = %record.op,
+                    key = %record.key,
+                    at = %record.lsn,
+                    "a conflict on a bidirectional group: the {}'s row is later than this change from the {} ({} us after it), and is kept; it travels to the {} in its own stream",
+                    written.name(),
+                    self.side.name(),
+                    local_us - k.incoming_us,
+                    self.side.name()
+                ),
+                None => tracing::warn!(
+                    table = %record.table,
+                    op = %record.op,
+                    key = %record.key,
+                    at = %record.lsn,
+                    "a conflict on a bidirectional group: the {} deleted the row this change from the {} updates; the delete wins on both servers",
+                    written.name(),
+                    self.side.name()
+                ),
+            }
             self.store.put_conflict(&record)?;
             self.conflicts
                 .with_label_values(&[record.table.as_str(), &resolution])
@@ -354,8 +367,10 @@ impl Sink for Routed {
         // acknowledged never passes a stray write not recorded.
         self.record(strays).await?;
         let applied = self.inner.apply(transactions).await;
-        self.record_kept().await?;
-        Ok(applied?)
+        let recorded = self.record_kept().await;
+        let applied = applied?;
+        recorded?;
+        Ok(applied)
     }
 
     async fn apply_spilled(
@@ -380,8 +395,9 @@ impl Sink for Routed {
             }
         }
         let applied = self.inner.apply_spilled(path, commit, batch_rows).await;
-        self.record_kept().await?;
-        Ok(applied?)
+        let recorded = self.record_kept().await;
+        applied?;
+        recorded
     }
 
     fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {

@@ -169,6 +169,8 @@ fn watching(
             Arc::clone(status),
         );
         tokio::spawn(async move {
+            // `HOLD REVERSE` finds no stream once this one ends.
+            let _cleared = ClearBeside(Arc::clone(&forward));
             // The reverse stream and the resolver: the first to fail
             // stops both.
             tokio::try_join!(
@@ -179,11 +181,20 @@ fn watching(
                     Arc::clone(&forward),
                     Arc::clone(&reverse),
                 ),
-                super::watch::resolve(config, store, shutdown, forward, reverse),
+                super::watch::resolve(config, store, shutdown, Arc::clone(&forward), reverse),
             )
             .map(|_| ())
         })
     })
+}
+
+/// Forgets the stream beside `0` when dropped (ended or aborted).
+struct ClearBeside(Arc<Status>);
+
+impl Drop for ClearBeside {
+    fn drop(&mut self) {
+        self.0.set_beside(None);
+    }
 }
 
 /// Runs the stream until it ends; a watcher that fails stops it with its

@@ -291,9 +291,47 @@ pub(super) async fn resolve(
             if !wait_streaming(holder, &mut shutdown).await {
                 return Ok(());
             }
-            match settle(&side_config, &store, holder, &forward, written, batch).await {
+            let settled = match settle(
+                &side_config,
+                &store,
+                holder,
+                &forward,
+                written,
+                batch.clone(),
+            )
+            .await
+            {
+                // One that cannot be settled (its table dropped, say) must
+                // not hold up the others nor stop the daemon: found one at
+                // a time, recorded as failed and parked for an operator.
+                Err(err) if !err.is_transient() => {
+                    let mut outcome = Ok(());
+                    for stray in batch {
+                        match settle(
+                            &side_config,
+                            &store,
+                            holder,
+                            &forward,
+                            written,
+                            vec![stray.clone()],
+                        )
+                        .await
+                        {
+                            Ok(()) => {}
+                            Err(err) if err.is_transient() => {
+                                outcome = Err(err);
+                                break;
+                            }
+                            Err(err) => fail(&store, &forward, &stray, &err).await?,
+                        }
+                    }
+                    outcome
+                }
+                other => other,
+            };
+            match settled {
                 Ok(()) => backoff = FIRST_BACKOFF,
-                Err(err) if err.is_transient() => {
+                Err(err) => {
                     tracing::warn!(error = %err, retry_in = ?backoff, "resolving stray writes failed; trying again");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -301,7 +339,6 @@ pub(super) async fn resolve(
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                Err(err) => return Err(err),
             }
         }
     }
@@ -341,7 +378,7 @@ async fn commit_times_tracked(config: &Config) -> Result<(), RunError> {
         if on != "on" {
             return Err(strays_error(
                 format!(
-                    "group {} settles stray writes by last_write_wins, which compares commit times: the {name} does not keep them (track_commit_timestamp is {on}): ALTER SYSTEM SET track_commit_timestamp = on; and restart the {name}",
+                    "group {} compares commit times (policy last_write_wins or bidirectional): the {name} does not keep them (track_commit_timestamp is {on}): ALTER SYSTEM SET track_commit_timestamp = on; and restart the {name}",
                     groups.join(", ")
                 ),
                 false,
@@ -463,6 +500,36 @@ async fn decide(
         }
     }
     Ok(by_written)
+}
+
+/// Records a stray write that could not be settled, and parks it: an
+/// operator's `RESOLVE` tries again with the side chosen.
+async fn fail(
+    store: &Store,
+    forward: &Status,
+    stray: &PendingStray,
+    err: &RunError,
+) -> Result<(), RunError> {
+    let mut record = stray.record.clone();
+    record.resolution = "failed".into();
+    tracing::error!(
+        id = record.id,
+        table = %record.table,
+        op = %record.op,
+        key = %record.key,
+        side = %record.side,
+        error = %err,
+        "a stray write could not be settled: it is parked; fix what the error says, then `cutover conflicts resolve {} --use source|target` (or RESOLVE {} USE SOURCE | TARGET)",
+        record.id,
+        record.id
+    );
+    store.park_stray(stray, &record).await?;
+    forward
+        .metrics
+        .conflicts
+        .with_label_values(&[record.table.as_str(), "failed"])
+        .inc();
+    Ok(())
 }
 
 /// Sets a stray write of a `manual` group aside for an operator.

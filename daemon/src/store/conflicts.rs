@@ -41,15 +41,21 @@ pub struct ConflictRecord {
     /// The row's key (`(id=1)`), the whole row for a table without a
     /// key, or the table for a truncate.
     pub key: String,
-    /// The end of the change's transaction in its server's WAL.
+    /// The change's transaction in its server's WAL: its end for a stray
+    /// write, its commit for a conflict of a bidirectional group.
     pub lsn: Lsn,
     /// Its position in that transaction.
     pub ordinal: u64,
     /// When it committed, RFC 3339 UTC.
     pub committed_at: String,
     /// `pending` (seen, not resolved yet), `written_back` (the primary's
-    /// rows written over the other side's), `equal` (the row was equal
-    /// on both sides when read again), `reported` (a schema change, which
+    /// rows written over the other side's), `carried_over` (the stray
+    /// write's row written over the other server's), `equal` (the row
+    /// was equal on both sides when read again), `parked` (`manual`),
+    /// `chose_source` / `chose_target` (an operator's choice), `failed`
+    /// (it could not be settled: parked, with the reason in the log),
+    /// `kept_source` / `kept_target` (a bidirectional group's conflict:
+    /// that server's later row kept), `reported` (a schema change, which
     /// cannot be written back).
     pub resolution: String,
     /// Where the primary's row was read, on the primary's WAL.
@@ -94,28 +100,38 @@ impl PendingStray {
     }
 }
 
+/// Where a record is kept: a truncate of several tables is one change,
+/// the table tells its records apart.
+fn conflict_key(record: &ConflictRecord) -> String {
+    format!(
+        "{PREFIX_CONFLICT}{:016x}/{:08x}/{}/{}",
+        record.lsn.as_u64(),
+        record.ordinal,
+        record.side,
+        record.table
+    )
+}
+
 impl Store {
     /// Records a stray write or a conflict (again: the same change keeps
     /// its one record).
     pub fn put_conflict(&self, record: &ConflictRecord) -> Result<(), StoreError> {
-        // A truncate of several tables is one change: the table tells
-        // its records apart.
-        self.put(
-            &format!(
-                "{PREFIX_CONFLICT}{:016x}/{:08x}/{}/{}",
-                record.lsn.as_u64(),
-                record.ordinal,
-                record.side,
-                record.table
-            ),
-            record,
-        )
+        self.put(&conflict_key(record), record)
     }
 
     /// Records stray writes a stream saw, to be resolved (each shown as
     /// `pending` meanwhile), durably: the stream acknowledges them after.
     pub async fn put_pending_strays(&self, strays: &[PendingStray]) -> Result<(), StoreError> {
         for stray in strays {
+            // Seen again (the stream delivered it again after a failure):
+            // its record stands, settled or not.
+            if self
+                .db
+                .contains_key(conflict_key(&stray.record))
+                .map_err(|e| self.io(e))?
+            {
+                continue;
+            }
             let mut stray = stray.clone();
             if stray.record.id == 0 {
                 stray.record.id = self.new_id()?;

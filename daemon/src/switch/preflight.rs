@@ -142,6 +142,54 @@ impl Ctx<'_> {
         ))
     }
 
+    /// A group moves with none of its stray writes unsettled: the new
+    /// primary's stream is read up to now first, so that every stray
+    /// write made there while it was not the group's primary is
+    /// recorded; one still to settle would be settled against the new
+    /// primary's rows after the move.
+    async fn settled(&self, group: &str) -> Result<(), SwitchError> {
+        let text: String = self
+            .new
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(query(self.new_name(), "reading the WAL position"))?
+            .get(0);
+        let now = text.parse().map_err(|_| SwitchError::Query {
+            server: self.new_name(),
+            what: "reading the WAL position".into(),
+            detail: format!("unreadable position {text}"),
+        })?;
+        let status = std::sync::Arc::new(crate::live::Status::new(
+            &self.new_config.slot,
+            self.new_direction,
+        ));
+        let plan =
+            crate::run::stream_plan(self.config, self.store, self.new_direction, &status.metrics)
+                .await?;
+        crate::run::drain(&self.new_config, self.store, &status, &plan, now).await?;
+        let unsettled: Vec<String> = self
+            .store
+            .conflicts()?
+            .into_iter()
+            .filter(|c| c.group == group)
+            .filter(|c| matches!(c.resolution.as_str(), "pending" | "parked" | "failed"))
+            .map(|c| {
+                format!(
+                    "#{} {} {} {} ({})",
+                    c.id, c.side, c.table, c.key, c.resolution
+                )
+            })
+            .collect();
+        if unsettled.is_empty() {
+            return Ok(());
+        }
+        Err(SwitchError::Refused(format!(
+            "group {group} has {} stray writes not settled, which its move would settle against the new primary's rows: {}; let `cutover run` settle the pending ones (parked or failed ones need `cutover conflicts resolve ID --use source|target`), then move the group again",
+            unsettled.len(),
+            unsettled.join(", ")
+        )))
+    }
+
     /// The last verify's verdict, or a new one with `--verify`.
     async fn last_verify(&self, options: &Options) -> Result<String, String> {
         if options.verify {
@@ -224,6 +272,9 @@ impl Ctx<'_> {
     /// Step 1: the checks, then the last catch-up, within
     /// `switch.max_lag_seconds`.
     pub(super) async fn preflight(&mut self, options: &Options) -> Result<String, SwitchError> {
+        if let Some(group) = self.group.clone() {
+            self.settled(&group).await?;
+        }
         let checks = self.checks(options).await?;
         let now = self.old_position().await?;
         let started = std::time::Instant::now();

@@ -386,6 +386,9 @@ impl<'a> Ctx<'a> {
             detail.push_str("; unfence_command ran");
         }
         state.primary = self.kind.to();
+        // Every table moves: no group keeps a primary of its own (a group
+        // moved there and back would otherwise still route by its moves).
+        state.groups.clear();
         Ok(detail)
     }
 
@@ -405,10 +408,20 @@ impl<'a> Ctx<'a> {
             ));
         };
         // Recorded before anything opens: a change the application makes
-        // on the new primary from now on is after it.
-        let opened_at = slot::current_wal_lsn(&self.new)
+        // on the new primary from now on is after it (the insert
+        // position: a commit made with synchronous_commit off may not be
+        // written yet, and it is before this).
+        let text: String = self
+            .new
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
             .await
-            .map_err(query(self.new_name(), "reading the WAL position"))?;
+            .map_err(query(self.new_name(), "reading the WAL position"))?
+            .get(0);
+        let opened_at: Lsn = text.parse().map_err(|_| SwitchError::Query {
+            server: self.new_name(),
+            what: "reading the WAL position".into(),
+            detail: format!("unreadable position {text}"),
+        })?;
         let (source_from, target_from) = match self.kind.to() {
             Server::Target => (fenced_at, opened_at),
             Server::Source => (opened_at, fenced_at),

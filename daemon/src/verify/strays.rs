@@ -165,18 +165,20 @@ pub async fn commit_times(config: &Config, strays: &[Stray]) -> Result<Vec<RowTi
                 what: format!("reading when rows of {} were committed", plan.table().name),
                 detail: cutover_replication::client::describe(&e),
             })?;
-        let keys = plan.layout().key.len();
-        for (i, row) in &mine {
-            let key: Vec<Option<String>> = (0..keys).map(|k| row.value(k)).collect();
-            let hit = found
-                .iter()
-                .find(|r| (0..keys).all(|k| r.get::<_, Option<String>>(k) == key[k]));
-            times[*i] = match hit {
-                None => RowTime::Absent,
-                Some(r) => r
-                    .get::<_, Option<i64>>(keys)
-                    .map_or(RowTime::Unknown, RowTime::At),
-            };
+        let unreadable = |e: tokio_postgres::Error| VerifyError::Query {
+            role: "source",
+            what: format!("reading when rows of {} were committed", plan.table().name),
+            detail: cutover_replication::client::describe(&e),
+        };
+        for (i, _) in &mine {
+            times[*i] = RowTime::Absent;
+        }
+        for r in &found {
+            let ord: i64 = r.try_get(0).map_err(unreadable)?;
+            let at: Option<i64> = r.try_get(1).map_err(unreadable)?;
+            if let Some((i, _)) = usize::try_from(ord - 1).ok().and_then(|o| mine.get(o)) {
+                times[*i] = at.map_or(RowTime::Unknown, RowTime::At);
+            }
         }
     }
     Ok(times)

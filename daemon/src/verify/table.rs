@@ -313,36 +313,38 @@ impl Plan {
     }
 
     /// A query of the source's rows under the keys of `rows` (a keyed
-    /// table): each one's key fields as text, then when the row was last
-    /// committed, in microseconds since 2000-01-01 (`NULL` when the server
-    /// does not know).
+    /// table): each found row's position in `rows` (from 1), then when it
+    /// was last committed, in microseconds since 2000-01-01 (`NULL` when
+    /// the server does not know). Rows are matched by the key's own type
+    /// (its text may differ: `char(n)`, `citext`).
     pub(super) fn commit_times_sql(&self, rows: &[&Row]) -> String {
         let literal =
             |value: Option<String>| value.map_or_else(|| "NULL".to_owned(), |v| quote_literal(&v));
-        let key: Vec<String> = self.layout.names[..self.layout.key.len()]
+        let names: Vec<String> = self.layout.names[..self.layout.key.len()]
             .iter()
-            .map(|n| format!("r.{}", quote_ident(n)))
+            .map(|n| quote_ident(n))
             .collect();
-        let tuples: Vec<String> = rows
+        let values: Vec<String> = rows
             .iter()
-            .map(|row| {
-                let values: Vec<String> = self
+            .enumerate()
+            .map(|(ord, row)| {
+                let key: Vec<String> = self
                     .source_key_types
                     .iter()
                     .enumerate()
                     .map(|(i, t)| format!("{}::{t}", literal(row.value(i))))
                     .collect();
-                format!("ROW({})", values.join(", "))
+                format!("({}, {})", ord + 1, key.join(", "))
             })
             .collect();
-        let texts: Vec<String> = key.iter().map(|k| format!("{k}::text")).collect();
+        let joins: Vec<String> = names.iter().map(|n| format!("r.{n} = u.{n}")).collect();
         format!(
-            "SELECT {}, (extract(epoch FROM pg_xact_commit_timestamp(r.xmin)) * 1000000)::bigint - 946684800000000 \
-               FROM {} AS r WHERE ROW({}) IN ({})",
-            texts.join(", "),
+            "SELECT u.ord::int8, (extract(epoch FROM pg_xact_commit_timestamp(r.xmin)) * 1000000)::bigint - 946684800000000 \
+               FROM (VALUES {}) AS u(ord, {}) JOIN {} AS r ON {}",
+            values.join(", "),
+            names.join(", "),
             self.source_rows,
-            key.join(", "),
-            tuples.join(", ")
+            joins.join(" AND ")
         )
     }
 

@@ -10,11 +10,15 @@
 //! origins), a row older than the guard's `clear_until` (the initial
 //! copy's, written without an origin), or no row at all: the change is
 //! applied. A row an application wrote here: the later commit wins, and
-//! at the same time the server the guard favours. A change that loses is
+//! at the same time the server the guard favours. A delete wins over a
+//! concurrent write on both servers: a delete is always applied, and an
+//! update that finds no row here (deleted here) is not. A change that loses is
 //! left out of the batch and reported ([`Kept`]): the row here is the
 //! later one, and its own stream carries it to the other server, where it
 //! wins in turn. The lock keeps an application from writing the rows
-//! between the check and the write.
+//! between the check and the write; a row an application inserts under a
+//! new key in that moment is not locked (there was no row to lock), the
+//! one race left.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +26,7 @@ use std::sync::Arc;
 use super::PostgresSink;
 use super::error::{ApplyError, session_error};
 use super::one::{datum_text, show_key};
-use super::statements::unnest_select;
+use super::statements::{cast, unnest_select};
 use super::target::key_spec;
 use crate::catalog::TableName;
 use crate::change::{Change, ChangeKind, Relation, Tuple};
@@ -75,8 +79,9 @@ pub struct Kept {
     pub ordinal: u64,
     /// When the change committed, microseconds since 2000-01-01.
     pub incoming_us: i64,
-    /// When the row kept here committed.
-    pub local_us: i64,
+    /// When the row kept here committed; `None`: the row is deleted here
+    /// (a delete wins over a concurrent write).
+    pub local_us: Option<i64>,
 }
 
 /// Who last wrote a row: when (microseconds since 2000-01-01, `None`
@@ -149,8 +154,9 @@ impl PostgresSink {
             return Ok((wanted, Vec::new()));
         }
         self.begun().await?;
-        // Per table, the rows here under the keys: when, and by whom.
-        let mut local: HashMap<(TableName, Vec<Option<String>>), LastWriter> = HashMap::new();
+        // Per guarded change (by its index in `probes`), who last wrote
+        // its row here; absent: no row.
+        let mut local: HashMap<usize, LastWriter> = HashMap::new();
         let mut tables: Vec<&Arc<Relation>> = Vec::new();
         for p in probes.iter().flatten() {
             if !tables.iter().any(|t| t.name == p.relation.name) {
@@ -159,78 +165,121 @@ impl PostgresSink {
         }
         for relation in tables {
             let target = self.target_table(relation).await?;
-            let mine: Vec<&Probe> = probes
+            let mine: Vec<(usize, &Probe)> = probes
                 .iter()
-                .flatten()
-                .filter(|p| p.relation.name == relation.name)
+                .enumerate()
+                .filter_map(|(i, p)| p.as_ref().map(|p| (i, p)))
+                .filter(|(_, p)| p.relation.name == relation.name)
                 .collect();
             let names: Vec<&str> = mine[0]
+                .1
                 .key
                 .iter()
                 .map(|i| relation.columns[*i].name.as_str())
                 .collect();
             let columns: Vec<Vec<Option<String>>> = (0..names.len())
-                .map(|k| mine.iter().map(|p| p.values[k].clone()).collect())
+                .map(|k| mine.iter().map(|(_, p)| p.values[k].clone()).collect())
+                .collect();
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+                .iter()
+                .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
                 .collect();
             let keys: Vec<String> = names
                 .iter()
                 .map(|n| format!("t.{}", quote_ident(n)))
                 .collect();
-            let texts: Vec<String> = keys.iter().map(|k| format!("{k}::text")).collect();
-            let sql = format!(
-                "SELECT {}, (extract(epoch FROM c.timestamp) * 1000000)::bigint - 946684800000000, o.roname::text \
-                   FROM {} AS t \
-                   LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) AS c ON true \
-                   LEFT JOIN pg_replication_origin AS o ON o.roident = c.roident \
-                  WHERE ROW({}) IN ({}) FOR UPDATE OF t",
-                texts.join(", "),
-                target.only(&relation.name),
-                keys.join(", "),
-                unnest_select(&names, &target, 1)
-            );
-            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+            let failed = |what: &str| {
+                session_error(format!(
+                    "{what} of {} both servers write (track_commit_timestamp must be on)",
+                    relation.name
+                ))
+            };
+            // First the lock, then the read in a statement of its own: a
+            // row changed between a statement's snapshot and its lock is
+            // locked in its new version, but what the same statement
+            // computed from the old one stays.
+            self.client
+                .execute(
+                    &format!(
+                        "SELECT 1 FROM {} AS t WHERE ROW({}) IN ({}) FOR UPDATE OF t",
+                        target.only(&relation.name),
+                        keys.join(", "),
+                        unnest_select(&names, &target, 1)
+                    ),
+                    &params,
+                )
+                .await
+                .map_err(failed("locking the rows"))?;
+            // Matched by the key's own type (text would differ for
+            // char(n), citext...), each row by its probe's position.
+            let typed: Vec<String> = names
                 .iter()
-                .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+                .map(|n| format!("u.{0}::{1} AS {0}", quote_ident(n), cast(&target, n)))
                 .collect();
+            let unnest: Vec<String> = (1..=names.len()).map(|i| format!("${i}::text[]")).collect();
+            let joins: Vec<String> = names
+                .iter()
+                .map(|n| format!("t.{0} = u.{0}", quote_ident(n)))
+                .collect();
+            let sql = format!(
+                "SELECT u.ord, (extract(epoch FROM c.timestamp) * 1000000)::bigint - 946684800000000, o.roname::text \
+                   FROM (SELECT {}, u.ord FROM unnest({}) WITH ORDINALITY AS u({}, ord)) AS u \
+                   JOIN {} AS t ON {} \
+                   LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) AS c ON true \
+                   LEFT JOIN pg_replication_origin AS o ON o.roident = c.roident",
+                typed.join(", "),
+                unnest.join(", "),
+                crate::sql::idents(&names),
+                target.only(&relation.name),
+                joins.join(" AND ")
+            );
             let rows = self
                 .client
                 .query(&sql, &params)
                 .await
-                .map_err(session_error(format!(
-                    "locking the rows of {} both servers write (track_commit_timestamp must be on)",
-                    relation.name
-                )))?;
+                .map_err(failed("reading who last wrote the rows"))?;
             for row in rows {
-                let key: Vec<Option<String>> = (0..names.len()).map(|k| row.get(k)).collect();
-                local.insert(
-                    (relation.name.clone(), key),
-                    (row.get(names.len()), row.get(names.len() + 1)),
-                );
+                let read = |row: &tokio_postgres::Row| -> Result<(i64, LastWriter), tokio_postgres::Error> {
+                    Ok((row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?)))
+                };
+                let (ord, writer) =
+                    read(&row).map_err(failed("reading who last wrote the rows"))?;
+                if let Some((i, _)) = usize::try_from(ord - 1).ok().and_then(|o| mine.get(o)) {
+                    local.insert(*i, writer);
+                }
             }
         }
         let mut apply = Vec::with_capacity(wanted.len());
         let mut kept = Vec::new();
-        for ((change, commit_lsn), probe) in wanted.into_iter().zip(probes) {
+        for (i, ((change, commit_lsn), probe)) in wanted.into_iter().zip(probes).enumerate() {
             let Some(p) = probe else {
                 apply.push((change, commit_lsn));
                 continue;
             };
             let incoming_us = self.commit_times.get(&commit_lsn).copied();
-            let found = local.get(&(p.relation.name.clone(), p.values.clone()));
-            let loses = match (found, incoming_us) {
-                (Some((Some(local_us), origin)), Some(incoming_us))
+            let is_delete = matches!(change.kind, ChangeKind::Delete { .. });
+            let is_update = matches!(change.kind, ChangeKind::Update { .. });
+            let loses = match local.get(&i) {
+                // A delete wins over a concurrent write, on both servers:
+                // the only rule both can follow without knowing when a
+                // row was deleted.
+                _ if is_delete => None,
+                // No row here for an update: a delete here won.
+                None if is_update => Some((incoming_us.unwrap_or(0), None)),
+                None => None,
+                Some((Some(local_us), origin))
                     if origin
                         .as_ref()
                         .is_none_or(|o| !guard.own_origins.contains(o))
                         && *local_us > guard.clear_until =>
                 {
-                    match incoming_us.cmp(local_us) {
-                        std::cmp::Ordering::Greater => None,
-                        std::cmp::Ordering::Equal if guard.incoming_wins_ties => None,
-                        _ => Some((incoming_us, *local_us)),
+                    match incoming_us.map(|at| at.cmp(local_us)) {
+                        Some(std::cmp::Ordering::Greater) | None => None,
+                        Some(std::cmp::Ordering::Equal) if guard.incoming_wins_ties => None,
+                        Some(_) => Some((incoming_us.unwrap_or(0), Some(*local_us))),
                     }
                 }
-                _ => None,
+                Some(_) => None,
             };
             match loses {
                 None => apply.push((change, commit_lsn)),
