@@ -21,7 +21,7 @@ use cutover_replication::change::{
     Change, ChangeKind, Commit, Datum, Relation, SourceTransaction, Tuple,
 };
 use cutover_replication::sink::Sink;
-use cutover_replication::sink::postgres::{Guard, PostgresSink, Route};
+use cutover_replication::sink::postgres::{Guard, Kept, PostgresSink, Route};
 use prometheus::IntCounterVec;
 
 use crate::config::Groups;
@@ -54,19 +54,20 @@ pub(super) fn route(groups: &Groups, state: &SwitchState, read: Server) -> Route
 }
 
 /// The guard of the bidirectional groups' tables, for the stream that
-/// `direction` is: cutover's own rows, and those the copy wrote before
-/// `copied_at` (microseconds since 2000-01-01), never block a change;
-/// at equal commit times the source's row wins.
+/// reads `side` in `direction`: cutover's own rows, and those the copy
+/// wrote before `copied_at` (microseconds since 2000-01-01), never block a
+/// change; at equal commit times the source's row wins. What it leaves
+/// out is recorded in `store` before the batch commits.
 fn guard(
+    store: &Store,
     groups: &Groups,
-    migration: &str,
-    configured: &str,
+    names: [&str; 2],
     direction: Direction,
     copied_at: i64,
 ) -> Guard {
     let tables = groups.clone();
     let mut own_origins = Vec::new();
-    for name in [migration, configured] {
+    for name in names {
         for origin in [
             Direction::Forward.origin(name),
             Direction::Reverse.origin(name),
@@ -78,6 +79,8 @@ fn guard(
             }
         }
     }
+    let (store, groups) = (store.clone(), groups.clone());
+    let side = read_by(direction);
     Guard {
         tables: std::sync::Arc::new(move |table: &TableName| {
             tables.policy(tables.group_of(table)) == Policy::Bidirectional
@@ -85,6 +88,35 @@ fn guard(
         own_origins,
         incoming_wins_ties: direction == Direction::Forward,
         clear_until: copied_at,
+        record: std::sync::Arc::new(move |kept: &[Kept]| {
+            for k in kept {
+                store
+                    .put_conflict_now(&kept_record(&groups, side, k))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// The record of a change the guard left out, read from `side`.
+fn kept_record(groups: &Groups, side: Server, k: &Kept) -> ConflictRecord {
+    ConflictRecord {
+        id: 0,
+        kind: "conflict".into(),
+        side: side.name().into(),
+        group: groups.group_of(&k.table).to_owned(),
+        table: k.table.to_string(),
+        op: k.op.into(),
+        key: k.key.clone(),
+        lsn: k.commit_lsn,
+        ordinal: k.ordinal,
+        committed_at: crate::console::timestamp(
+            u64::try_from(k.incoming_us / 1_000_000 + 946_684_800).unwrap_or(0),
+        ),
+        resolution: format!("kept_{}", side.other().name()),
+        resolved_at: None,
+        at: now_secs(),
     }
 }
 
@@ -128,9 +160,9 @@ impl Routed {
                     (secs as i64 + 1 - 946_684_800).saturating_mul(1_000_000)
                 });
             inner.set_guard(guard(
+                &routing.store,
                 &routing.groups,
-                routing.migration,
-                routing.configured,
+                [routing.migration, routing.configured],
                 routing.direction,
                 copied_at,
             ));
@@ -144,33 +176,13 @@ impl Routed {
         })
     }
 
-    /// Records the changes the guard left out: conflicts the row on the
-    /// server written won, as the later write.
-    async fn record_kept(&mut self) -> Result<(), RunError> {
-        let kept = self.inner.take_kept();
-        if kept.is_empty() {
-            return Ok(());
-        }
+    /// Logs and counts the changes the guard left out (recorded in the
+    /// store before their batch committed): conflicts the row on the
+    /// server written won, as the later write, or its delete.
+    fn record_kept(&mut self) {
         let written = self.side.other();
-        let resolution = format!("kept_{}", written.name());
-        for k in kept {
-            let record = ConflictRecord {
-                id: self.store.new_id()?,
-                kind: "conflict".into(),
-                side: self.side.name().into(),
-                group: self.groups.group_of(&k.table).to_owned(),
-                table: k.table.to_string(),
-                op: k.op.into(),
-                key: k.key,
-                lsn: k.commit_lsn,
-                ordinal: k.ordinal,
-                committed_at: crate::console::timestamp(
-                    u64::try_from(k.incoming_us / 1_000_000 + 946_684_800).unwrap_or(0),
-                ),
-                resolution: resolution.clone(),
-                resolved_at: None,
-                at: now_secs(),
-            };
+        for k in self.inner.take_kept() {
+            let record = kept_record(&self.groups, self.side, &k);
             match k.local_us {
                 Some(local_us) => tracing::warn!(
                     table = %record.table,
@@ -193,13 +205,10 @@ impl Routed {
                     self.side.name()
                 ),
             }
-            self.store.put_conflict(&record)?;
             self.conflicts
-                .with_label_values(&[record.table.as_str(), &resolution])
+                .with_label_values(&[record.table.as_str(), &record.resolution])
                 .inc();
         }
-        self.store.flush().await?;
-        Ok(())
     }
 
     /// Adds the stray writes among `changes` (of the transaction `commit`).
@@ -367,10 +376,8 @@ impl Sink for Routed {
         // acknowledged never passes a stray write not recorded.
         self.record(strays).await?;
         let applied = self.inner.apply(transactions).await;
-        let recorded = self.record_kept().await;
-        let applied = applied?;
-        recorded?;
-        Ok(applied)
+        self.record_kept();
+        Ok(applied?)
     }
 
     async fn apply_spilled(
@@ -395,9 +402,8 @@ impl Sink for Routed {
             }
         }
         let applied = self.inner.apply_spilled(path, commit, batch_rows).await;
-        let recorded = self.record_kept().await;
-        applied?;
-        recorded
+        self.record_kept();
+        Ok(applied?)
     }
 
     fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {

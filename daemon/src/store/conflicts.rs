@@ -142,6 +142,23 @@ impl Store {
         self.flush().await
     }
 
+    /// Records a conflict now, durably, unless the same change has its
+    /// record already: for the apply, which records before it commits
+    /// (a blocking flush, on a path only conflicts take).
+    pub fn put_conflict_now(&self, record: &ConflictRecord) -> Result<(), StoreError> {
+        if self
+            .db
+            .contains_key(conflict_key(record))
+            .map_err(|e| self.io(e))?
+        {
+            return Ok(());
+        }
+        let mut record = record.clone();
+        record.id = self.new_id()?;
+        self.put_conflict(&record)?;
+        self.db.flush().map(|_| ()).map_err(|e| self.io(e))
+    }
+
     /// A new record number.
     pub fn new_id(&self) -> Result<u64, StoreError> {
         Ok(self.db.generate_id().map_err(|e| self.io(e))? + 1)

@@ -36,6 +36,11 @@ use crate::sql::quote_ident;
 /// Which tables are guarded.
 pub type GuardedFn = dyn Fn(&TableName) -> bool + Send + Sync;
 
+/// Records the changes a batch leaves out, durably, before the batch
+/// commits (a record made after could be lost with a crash in between,
+/// while the stream would never deliver the changes again).
+pub type RecordFn = dyn Fn(&[Kept]) -> Result<(), String> + Send + Sync;
+
 /// How the sink guards the tables both servers write.
 #[derive(Clone)]
 pub struct Guard {
@@ -51,6 +56,8 @@ pub struct Guard {
     /// 2000-01-01) count as cutover's: the initial copy wrote them without
     /// an origin.
     pub clear_until: i64,
+    /// Where the changes left out are recorded before the batch commits.
+    pub record: Arc<RecordFn>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -251,6 +258,7 @@ impl PostgresSink {
         }
         let mut apply = Vec::with_capacity(wanted.len());
         let mut kept = Vec::new();
+        let record = Arc::clone(&guard.record);
         for (i, ((change, commit_lsn), probe)) in wanted.into_iter().zip(probes).enumerate() {
             let Some(p) = probe else {
                 apply.push((change, commit_lsn));
@@ -296,6 +304,13 @@ impl PostgresSink {
                     });
                 }
             }
+        }
+        if !kept.is_empty() {
+            record(&kept).map_err(|detail| ApplyError::Session {
+                what: "recording the conflicts of tables both servers write".into(),
+                detail,
+                transient: false,
+            })?;
         }
         Ok((apply, kept))
     }

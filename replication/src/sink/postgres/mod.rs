@@ -87,7 +87,7 @@ mod transaction;
 
 pub use error::ApplyError;
 use error::session_error;
-pub use guard::{Guard, GuardedFn, Kept};
+pub use guard::{Guard, GuardedFn, Kept, RecordFn};
 use target::TargetTable;
 
 /// Applies source transactions on one target connection.
