@@ -630,16 +630,8 @@ async fn conflicts_command(
                         out.push_str("no stray write or conflict recorded\n");
                     }
                     for s in strays {
-                        out.push_str(&format!(
-                            "#{} {} {} {} {} at {}: {}\n",
-                            s.id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
-                            s.side,
-                            s.table,
-                            s.op,
-                            s.key,
-                            s.committed_at.as_deref().unwrap_or("-"),
-                            s.resolution.replace('_', " ")
-                        ));
+                        out.push_str(&s.line());
+                        out.push('\n');
                     }
                     out
                 },

@@ -152,6 +152,23 @@ pub struct SummaryStray {
     pub resolution: String,
 }
 
+impl SummaryStray {
+    /// One line for a person: `#12 target public.codes update (code=c6)
+    /// at ...: carried over`.
+    pub fn line(&self) -> String {
+        format!(
+            "#{} {} {} {} {} at {}: {}",
+            self.id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
+            self.side,
+            self.table,
+            self.op,
+            self.key,
+            self.committed_at.as_deref().unwrap_or("-"),
+            self.resolution.replace('_', " ")
+        )
+    }
+}
+
 /// What the background verifier found of one `[[group]]`'s tables.
 #[derive(Debug, Serialize)]
 pub struct SummaryGroupDivergence {
@@ -881,17 +898,7 @@ impl Summary {
             const SHOWN: usize = 10;
             let skip = self.stray_writes.len().saturating_sub(SHOWN);
             for s in self.stray_writes.iter().skip(skip) {
-                let _ = writeln!(
-                    out,
-                    "  #{} {} {} {} {} at {}: {}",
-                    s.id.map_or_else(|| "-".to_owned(), |id| id.to_string()),
-                    s.side,
-                    s.table,
-                    s.op,
-                    s.key,
-                    s.committed_at.as_deref().unwrap_or("-"),
-                    s.resolution.replace('_', " ")
-                );
+                let _ = writeln!(out, "  {}", s.line());
             }
         }
         if let Some(switch) = &self.switch {

@@ -187,6 +187,11 @@ pub struct CopyRun {
     pub started_at: u64,
     /// Seconds since the Unix epoch.
     pub finished_at: Option<u64>,
+    /// The target's clock when the copy finished, in microseconds since
+    /// 2000-01-01 (as PostgreSQL counts commit times): every row the copy
+    /// wrote committed before it.
+    #[serde(default)]
+    pub target_finished_us: Option<i64>,
 }
 
 /// A table's copy state.
@@ -681,6 +686,7 @@ mod tests {
                     finished: true,
                     started_at: 1,
                     finished_at: Some(2),
+                    target_finished_us: None,
                 })
                 .unwrap();
             store.flush().await.unwrap();

@@ -254,23 +254,7 @@ async fn end_writers(client: &Client, tables: &[TableName]) -> Result<Vec<String
 /// (whatever the scope was when it went up); returns how many.
 pub async fn remove(client: &Client) -> Result<usize, FenceError> {
     let fenced = fenced_tables(client).await?;
-    if fenced.is_empty() {
-        return Ok(0);
-    }
-    let mut script = format!("BEGIN; SET LOCAL lock_timeout = {};", quote_literal("5s"));
-    for table in &fenced {
-        script.push_str(&format!(
-            "\nDROP TRIGGER IF EXISTS {} ON {};",
-            quote_ident(TRIGGER),
-            table.quoted()
-        ));
-    }
-    script.push_str("\nCOMMIT;");
-    if let Err(err) = client.batch_execute(&script).await {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(error("taking the fence's triggers down")(err));
-    }
-    Ok(fenced.len())
+    drop_triggers(client, &fenced).await
 }
 
 /// Takes the fence down from `tables` (and their partitions) only, on the
@@ -282,11 +266,16 @@ pub async fn remove_tables(client: &Client, tables: &[TableName]) -> Result<usiz
         .into_iter()
         .filter(|t| members.contains(t))
         .collect();
+    drop_triggers(client, &fenced).await
+}
+
+/// Drops the fence trigger of each of `fenced`, in one transaction.
+async fn drop_triggers(client: &Client, fenced: &[TableName]) -> Result<usize, FenceError> {
     if fenced.is_empty() {
         return Ok(0);
     }
     let mut script = format!("BEGIN; SET LOCAL lock_timeout = {};", quote_literal("5s"));
-    for table in &fenced {
+    for table in fenced {
         script.push_str(&format!(
             "\nDROP TRIGGER IF EXISTS {} ON {};",
             quote_ident(TRIGGER),

@@ -551,9 +551,8 @@ async fn record(config: &Path, table: &str, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-#[tokio::test]
-async fn each_policy_settles_writes_to_the_same_keys_from_both_sides() {
-    let dir = tempfile::tempdir().unwrap();
+/// [`seeded`] on servers that keep commit times, with `groups`.
+async fn timestamped(dir: &Path, groups: &str) -> (Pair, std::path::PathBuf) {
     let options = ClusterOptions::default().setting("track_commit_timestamp", "on");
     let pair = Pair::start(options).await;
     pair.both(SCHEMA).await;
@@ -562,7 +561,14 @@ async fn each_policy_settles_writes_to_the_same_keys_from_both_sides() {
          INSERT INTO codes SELECT 'c' || g, 'label' || g FROM generate_series(1, 50) g;",
     )
     .await;
-    let config = pair.config(dir.path(), POLICIES);
+    let config = pair.config(dir, groups);
+    (pair, config)
+}
+
+#[tokio::test]
+async fn each_policy_settles_writes_to_the_same_keys_from_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config) = timestamped(dir.path(), POLICIES).await;
     let checked = cutover(&config, &["check"]).await;
     assert!(
         !checked.all_output().contains("track_commit_timestamp"),
@@ -874,18 +880,11 @@ async fn both_directions_at_once_never_loop_nor_lose_nor_double() {
 #[tokio::test]
 async fn a_bidirectional_group_takes_writes_on_both_servers_and_the_later_write_wins() {
     let dir = tempfile::tempdir().unwrap();
-    let options = ClusterOptions::default().setting("track_commit_timestamp", "on");
-    let pair = Pair::start(options).await;
-    pair.both(SCHEMA).await;
-    pair.on_source(
-        "INSERT INTO accounts SELECT g, 'owner' || g, 100 FROM generate_series(1, 50) g;
-         INSERT INTO codes SELECT 'c' || g, 'label' || g FROM generate_series(1, 50) g;",
-    )
-    .await;
-    let config = pair.config(
+    let (pair, config) = timestamped(
         dir.path(),
         "allow_no_password = true\n[[group]]\nname = \"codes\"\ntables = [\"public.codes\"]\npolicy = \"bidirectional\"\n",
-    );
+    )
+    .await;
     let mut daemon = Daemon::start_streaming(&config).await;
     watching(&daemon).await;
     let (source, target) = (

@@ -389,12 +389,7 @@ fn commit_time_checks(
     config: &Config,
     server: &'static str,
 ) {
-    let groups: Vec<&str> = config
-        .groups
-        .iter()
-        .filter(|g| g.policy.needs_commit_times())
-        .map(|g| g.name.as_str())
-        .collect();
+    let groups = config.groups.comparing_commit_times();
     if groups.is_empty() || facts.commit_times {
         return;
     }

@@ -114,6 +114,16 @@ impl Groups {
         Ok(Groups(groups))
     }
 
+    /// The groups whose policy compares commit times (`last_write_wins`,
+    /// `bidirectional`), which both servers must keep.
+    pub fn comparing_commit_times(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|g| g.policy.needs_commit_times())
+            .map(|g| g.name.as_str())
+            .collect()
+    }
+
     /// Whether some group's policy is `bidirectional`.
     pub fn any_bidirectional(&self) -> bool {
         self.0.iter().any(|g| g.policy == Policy::Bidirectional)

@@ -258,6 +258,7 @@ pub async fn run(
                 finished: false,
                 started_at: now_secs(),
                 finished_at: None,
+                target_finished_us: None,
             };
             store.put_copy_run(&record)?;
             store.flush().await?;
@@ -346,6 +347,17 @@ pub async fn run(
     let mut finished = run.clone();
     finished.finished = true;
     finished.finished_at = Some(now_secs());
+    // In the target's own clock, which its commit times are read in
+    // (a bidirectional group's guard counts the copy's rows as cutover's).
+    finished.target_finished_us = target
+        .query_one(
+            "SELECT ((extract(epoch FROM clock_timestamp()) - 946684800) * 1000000)::bigint",
+            &[],
+        )
+        .await
+        .map_err(query("target", "reading its clock"))?
+        .try_get(0)
+        .map_err(query("target", "reading its clock"))?;
     store.put_copy_run(&finished)?;
     store.flush().await?;
     let mut result = outcome(store, &finished)?;

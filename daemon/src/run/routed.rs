@@ -120,7 +120,7 @@ fn kept_record(groups: &Groups, side: Server, k: &Kept) -> ConflictRecord {
     }
 }
 
-/// The sink of a stream when groups are configured.
+/// The sink of every stream: with groups configured, it routes.
 pub(super) struct Routed {
     inner: PostgresSink,
     store: Store,
@@ -128,6 +128,8 @@ pub(super) struct Routed {
     /// The server this stream reads: where its stray writes were made.
     side: Server,
     conflicts: IntCounterVec,
+    /// Groups are configured: changes are routed, and strays recorded.
+    routes: bool,
 }
 
 /// What [`Routed::new`] needs beside the sink.
@@ -147,18 +149,22 @@ pub(super) struct Routing<'a> {
 impl Routed {
     pub(super) fn new(mut inner: PostgresSink, routing: Routing<'_>) -> Result<Routed, RunError> {
         let side = read_by(routing.direction);
-        inner.set_route(route(&routing.groups, routing.state, side));
+        // No group: every change is applied, none is stray.
+        let routes = !routing.groups.is_empty();
+        if routes {
+            inner.set_route(route(&routing.groups, routing.state, side));
+        }
         if routing.groups.any_bidirectional() {
             // When the copy finished, in PostgreSQL's microseconds.
-            let copied_at = routing
-                .store
-                .copy_run()?
-                .and_then(|run| run.finished_at)
-                // Whole seconds, rounded up: the copy's last commits are
-                // within the second it finished in.
-                .map_or(i64::MAX, |secs| {
-                    (secs as i64 + 1 - 946_684_800).saturating_mul(1_000_000)
-                });
+            let copied_at = routing.store.copy_run()?.map_or(i64::MAX, |run| {
+                match (run.target_finished_us, run.finished_at) {
+                    (Some(us), _) => us,
+                    // An earlier version's record: whole seconds, rounded
+                    // up (the copy's last commits are within that second).
+                    (None, Some(secs)) => (secs as i64 + 1 - 946_684_800).saturating_mul(1_000_000),
+                    (None, None) => i64::MAX,
+                }
+            });
             inner.set_guard(guard(
                 &routing.store,
                 &routing.groups,
@@ -173,6 +179,7 @@ impl Routed {
             groups: routing.groups,
             side,
             conflicts: routing.conflicts,
+            routes,
         })
     }
 
@@ -361,6 +368,9 @@ impl Sink for Routed {
     type Error = RunError;
 
     async fn apply(&mut self, transactions: &[SourceTransaction]) -> Result<Lsn, RunError> {
+        if !self.routes {
+            return Ok(self.inner.apply(transactions).await?);
+        }
         let applied = self.inner.applied();
         let mut strays = Vec::new();
         for txn in transactions.iter().filter(|t| t.end_lsn > applied) {
@@ -386,7 +396,7 @@ impl Sink for Routed {
         commit: &Commit,
         batch_rows: usize,
     ) -> Result<(), RunError> {
-        if commit.end_lsn > self.inner.applied() {
+        if self.routes && commit.end_lsn > self.inner.applied() {
             let spill = |e: cutover_replication::spill::SpillError| {
                 RunError::Spill(format!("reading a large transaction from disk: {e}"))
             };

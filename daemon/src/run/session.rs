@@ -99,43 +99,31 @@ pub(super) async fn stream_once(
         shutdown.clone(),
         until,
     ));
-    let applied = if config.groups.is_empty() {
-        apply_work(
-            applier,
-            work_rx,
-            durable_tx,
-            settings,
-            shutdown,
-            Arc::clone(status),
-            until,
-        )
-        .await
-    } else {
-        // Each table goes by its group's primary (`switch --group`).
-        let state = store.switch_state()?;
-        let routed = Routed::new(
-            applier,
-            Routing {
-                store: store.clone(),
-                groups: config.groups.clone(),
-                state: &state,
-                direction,
-                migration: &outcome.migration,
-                configured,
-                conflicts: status.metrics.conflicts.clone(),
-            },
-        )?;
-        apply_work(
-            routed,
-            work_rx,
-            durable_tx,
-            settings,
-            shutdown,
-            Arc::clone(status),
-            until,
-        )
-        .await
-    };
+    // With groups, each table goes by its group's primary (`switch
+    // --group`); without, the routing sink passes everything through.
+    let state = store.switch_state()?;
+    let routed = Routed::new(
+        applier,
+        Routing {
+            store: store.clone(),
+            groups: config.groups.clone(),
+            state: &state,
+            direction,
+            migration: &outcome.migration,
+            configured,
+            conflicts: status.metrics.conflicts.clone(),
+        },
+    )?;
+    let applied = apply_work(
+        routed,
+        work_rx,
+        durable_tx,
+        settings,
+        shutdown,
+        Arc::clone(status),
+        until,
+    )
+    .await;
     match applied {
         Ok(()) => reader
             .await

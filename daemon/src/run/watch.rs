@@ -322,7 +322,7 @@ pub(super) async fn resolve(
                                 outcome = Err(err);
                                 break;
                             }
-                            Err(err) => fail(&store, &forward, &stray, &err).await?,
+                            Err(err) => set_aside(&store, &forward, &stray, Some(&err)).await?,
                         }
                     }
                     outcome
@@ -346,12 +346,7 @@ pub(super) async fn resolve(
 
 /// With a `last_write_wins` group, both servers must track commit times.
 async fn commit_times_tracked(config: &Config) -> Result<(), RunError> {
-    let groups: Vec<&str> = config
-        .groups
-        .iter()
-        .filter(|g| g.policy.needs_commit_times())
-        .map(|g| g.name.as_str())
-        .collect();
+    let groups = config.groups.comparing_commit_times();
     if groups.is_empty() {
         return Ok(());
     }
@@ -432,7 +427,7 @@ async fn decide(
             _ if schema_change => primary,
             (Some(chosen), _) => server_named(chosen),
             (None, Policy::Manual) => {
-                park(store, forward, &stray).await?;
+                set_aside(store, forward, &stray, None).await?;
                 continue;
             }
             // Its group moved to where it was made since.
@@ -502,56 +497,46 @@ async fn decide(
     Ok(by_written)
 }
 
-/// Records a stray write that could not be settled, and parks it: an
-/// operator's `RESOLVE` tries again with the side chosen.
-async fn fail(
+/// Sets a stray write aside for an operator, recorded as `parked` (a
+/// `manual` group's) or `failed` (with `err`: it could not be settled);
+/// an operator's `RESOLVE` settles it with the side chosen.
+async fn set_aside(
     store: &Store,
     forward: &Status,
     stray: &PendingStray,
-    err: &RunError,
+    err: Option<&RunError>,
 ) -> Result<(), RunError> {
     let mut record = stray.record.clone();
-    record.resolution = "failed".into();
-    tracing::error!(
-        id = record.id,
-        table = %record.table,
-        op = %record.op,
-        key = %record.key,
-        side = %record.side,
-        error = %err,
-        "a stray write could not be settled: it is parked; fix what the error says, then `cutover conflicts resolve {} --use source|target` (or RESOLVE {} USE SOURCE | TARGET)",
-        record.id,
+    record.resolution = if err.is_some() { "failed" } else { "parked" }.into();
+    let resolve = format!(
+        "`cutover conflicts resolve {0} --use source|target` (or RESOLVE {0} USE SOURCE | TARGET in the console)",
         record.id
     );
+    match err {
+        Some(err) => tracing::error!(
+            id = record.id,
+            table = %record.table,
+            op = %record.op,
+            key = %record.key,
+            side = %record.side,
+            error = %err,
+            "a stray write could not be settled: it is parked; fix what the error says, then {resolve}"
+        ),
+        None => tracing::warn!(
+            id = record.id,
+            table = %record.table,
+            op = %record.op,
+            key = %record.key,
+            side = %record.side,
+            "stray write parked (group {} is manual): both rows are left as they are until {resolve}",
+            record.group
+        ),
+    }
     store.park_stray(stray, &record).await?;
     forward
         .metrics
         .conflicts
-        .with_label_values(&[record.table.as_str(), "failed"])
-        .inc();
-    Ok(())
-}
-
-/// Sets a stray write of a `manual` group aside for an operator.
-async fn park(store: &Store, forward: &Status, stray: &PendingStray) -> Result<(), RunError> {
-    let mut record = stray.record.clone();
-    record.resolution = "parked".into();
-    tracing::warn!(
-        id = record.id,
-        table = %record.table,
-        op = %record.op,
-        key = %record.key,
-        side = %record.side,
-        "stray write parked (group {} is manual): both rows are left as they are until `RESOLVE {} USE SOURCE | TARGET` in the console, or `cutover conflicts resolve {} --use source|target`",
-        record.group,
-        record.id,
-        record.id
-    );
-    store.park_stray(stray, &record).await?;
-    forward
-        .metrics
-        .conflicts
-        .with_label_values(&[record.table.as_str(), "parked"])
+        .with_label_values(&[record.table.as_str(), record.resolution.as_str()])
         .inc();
     Ok(())
 }

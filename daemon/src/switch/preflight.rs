@@ -148,17 +148,7 @@ impl Ctx<'_> {
     /// recorded; one still to settle would be settled against the new
     /// primary's rows after the move.
     async fn settled(&self, group: &str) -> Result<(), SwitchError> {
-        let text: String = self
-            .new
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .map_err(query(self.new_name(), "reading the WAL position"))?
-            .get(0);
-        let now = text.parse().map_err(|_| SwitchError::Query {
-            server: self.new_name(),
-            what: "reading the WAL position".into(),
-            detail: format!("unreadable position {text}"),
-        })?;
+        let now = super::steps::insert_position(&self.new, self.new_name()).await?;
         let status = std::sync::Arc::new(crate::live::Status::new(
             &self.new_config.slot,
             self.new_direction,

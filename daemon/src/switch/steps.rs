@@ -150,19 +150,7 @@ impl<'a> Ctx<'a> {
 
     /// The old primary's WAL insert position.
     pub(super) async fn old_position(&self) -> Result<Lsn, SwitchError> {
-        let text: String = self
-            .old
-            // The insert position: a commit made with synchronous_commit
-            // off may not be written yet, and it is before this.
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .map_err(query(self.old_name(), "reading the WAL position"))?
-            .get(0);
-        text.parse().map_err(|_| SwitchError::Query {
-            server: self.old_name(),
-            what: "reading the WAL position".into(),
-            detail: format!("unreadable position {text}"),
-        })
+        insert_position(&self.old, self.old_name()).await
     }
 
     /// Runs one step; returns what it did.
@@ -373,18 +361,13 @@ impl<'a> Ctx<'a> {
             return self.open_group(group, state, journal).await;
         }
         let removed = fence::remove(&self.new).await?;
-        let mut detail = format!("the {} takes writes", self.new_name());
-        if removed > 0 {
-            detail.push_str(&format!(" ({removed} fence triggers taken down there)"));
-        }
-        if let Some(command) = &self.config.switch.repoint_command {
-            hooks::run("repoint_command", command, &self.facts("open", journal)).await?;
-            detail.push_str("; repoint_command ran");
-        }
-        if let Some(command) = &self.config.switch.unfence_command {
-            hooks::run("unfence_command", command, &self.facts("open", journal)).await?;
-            detail.push_str("; unfence_command ran");
-        }
+        let detail = self
+            .opened(
+                format!("the {} takes writes", self.new_name()),
+                removed,
+                journal,
+            )
+            .await?;
         state.primary = self.kind.to();
         // Every table moves: no group keeps a primary of its own (a group
         // moved there and back would otherwise still route by its moves).
@@ -411,17 +394,7 @@ impl<'a> Ctx<'a> {
         // on the new primary from now on is after it (the insert
         // position: a commit made with synchronous_commit off may not be
         // written yet, and it is before this).
-        let text: String = self
-            .new
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .map_err(query(self.new_name(), "reading the WAL position"))?
-            .get(0);
-        let opened_at: Lsn = text.parse().map_err(|_| SwitchError::Query {
-            server: self.new_name(),
-            what: "reading the WAL position".into(),
-            detail: format!("unreadable position {text}"),
-        })?;
+        let opened_at = insert_position(&self.new, self.new_name()).await?;
         let (source_from, target_from) = match self.kind.to() {
             Server::Target => (fenced_at, opened_at),
             Server::Source => (opened_at, fenced_at),
@@ -445,10 +418,21 @@ impl<'a> Ctx<'a> {
                 detail,
             })?;
         let removed = fence::remove_tables(&self.new, &tables).await?;
-        let mut detail = format!(
+        let detail = format!(
             "the {} takes group {group}'s writes (from {source_from} on the source, {target_from} on the target)",
             self.new_name()
         );
+        self.opened(detail, removed, journal).await
+    }
+
+    /// The open's end: what it took down, then the operator's commands
+    /// that point the application at the new primary.
+    async fn opened(
+        &self,
+        mut detail: String,
+        removed: usize,
+        journal: &Journal,
+    ) -> Result<String, SwitchError> {
         if removed > 0 {
             detail.push_str(&format!(" ({removed} fence triggers taken down there)"));
         }
@@ -704,4 +688,25 @@ async fn group_tables(
         .map(|t| t.name)
         .filter(|t| group.is_none_or(|g| config.groups.group_of(t) == g))
         .collect())
+}
+
+/// The WAL insert position of the server `client` is connected to: a
+/// commit made with `synchronous_commit` off may not be written yet, and
+/// it is before this.
+pub(super) async fn insert_position(
+    client: &Client,
+    server: &'static str,
+) -> Result<Lsn, SwitchError> {
+    let row = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(query(server, "reading the WAL position"))?;
+    let text: String = row
+        .try_get(0)
+        .map_err(query(server, "reading the WAL position"))?;
+    text.parse().map_err(|_| SwitchError::Query {
+        server,
+        what: "reading the WAL position".into(),
+        detail: format!("unreadable position {text}"),
+    })
 }

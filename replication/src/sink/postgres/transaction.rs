@@ -188,11 +188,7 @@ impl PostgresSink {
                 if changes.is_empty() {
                     return self.check_keys(&touched).await;
                 }
-                let wanted: Vec<(&Change, Lsn)> = changes
-                    .iter()
-                    .map(|c| (c, commit.commit_lsn))
-                    .filter(|(c, lsn)| self.wanted(c, *lsn))
-                    .collect();
+                let wanted = self.wanted_of(&changes, commit.commit_lsn);
                 let (wanted, mut lost) = self.guarded(wanted).await?;
                 kept.append(&mut lost);
                 self.apply_fast(&wanted, None).await?;
@@ -219,11 +215,7 @@ impl PostgresSink {
                     if changes.is_empty() {
                         return self.check_keys(&touched).await;
                     }
-                    let wanted: Vec<(&Change, Lsn)> = changes
-                        .iter()
-                        .map(|c| (c, commit.commit_lsn))
-                        .filter(|(c, lsn)| self.wanted(c, *lsn))
-                        .collect();
+                    let wanted = self.wanted_of(&changes, commit.commit_lsn);
                     let (wanted, mut lost) = self.guarded(wanted).await?;
                     kept.append(&mut lost);
                     for (change, lsn) in wanted {
@@ -250,6 +242,16 @@ impl PostgresSink {
         self.commit(commit.end_lsn, commit.commit_time).await?;
         self.kept.append(&mut kept);
         Ok(())
+    }
+
+    /// The changes of one transaction (committed at `commit_lsn`) this
+    /// sink applies.
+    fn wanted_of<'a>(&self, changes: &'a [Change], commit_lsn: Lsn) -> Vec<(&'a Change, Lsn)> {
+        changes
+            .iter()
+            .map(|c| (c, commit_lsn))
+            .filter(|(c, lsn)| self.wanted(c, *lsn))
+            .collect()
     }
 
     pub(super) fn origin_skipped(&self, change: &Change) -> bool {
