@@ -161,10 +161,18 @@ CREATE TABLE bench_wal_warmup AS
     SELECT repeat('w', 1000) AS filler FROM generate_series(1, 750000);
 DROP TABLE bench_wal_warmup;";
 
-/// Fills `bench_stream` on the source with the first `rows` beneficiaries:
-/// the rows the backlog updates and deletes.
+/// Fills `bench_stream` on the source with `rows` rows (ids `1..=rows`),
+/// the beneficiaries' over again when there are fewer of them: the rows
+/// the backlog updates and deletes.
 pub fn stream_seed(rows: i64) -> String {
-    format!("INSERT INTO bench_stream SELECT * FROM beneficiaries WHERE id <= {rows}")
+    format!(
+        "INSERT INTO bench_stream
+         SELECT g, b.beneficiary_name, b.registration_date, b.location_code, b.programme_id,
+                b.created_at, b.updated_at
+           FROM generate_series(1, {rows}) g
+           JOIN beneficiaries b
+             ON b.id = 1 + (g - 1) % (SELECT count(*) FROM beneficiaries)"
+    )
 }
 
 /// The backlog generator on the source: `changes` single-row changes of

@@ -71,11 +71,36 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    if let Err(problem) = args.check() {
+        eprintln!("error: {problem}");
+        std::process::exit(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("start the async runtime");
     runtime.block_on(run(args));
+}
+
+impl Args {
+    /// Refuses what no scenario can run with, naming the argument.
+    fn check(&self) -> Result<(), String> {
+        let at_least = |name: &str, value: i64, least: i64| {
+            if value < least {
+                Err(format!("--{name} {value}: it must be at least {least}"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least("rows", self.rows, 100)?;
+        at_least("rounds", self.rounds as i64, 1)?;
+        at_least("workers", self.workers as i64, 1)?;
+        at_least("changes", self.changes, 3)?;
+        at_least("rate", i64::from(self.rate), 1)?;
+        at_least("lag-seconds", i64::from(self.lag_seconds), 1)?;
+        at_least("pairs", self.pairs as i64, 1)?;
+        at_least("bulk-mb", self.bulk_mb, 1)
+    }
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
