@@ -3,7 +3,8 @@
 //! A direction (forward: source to target; reverse: the same with the two
 //! servers swapped) reads one slot and hands whole committed transactions,
 //! in commit order, to its sinks. [`postgres`] writes them to a PostgreSQL
-//! server; a Kafka sink will sit beside it behind the same trait. The
+//! server; a Kafka sink will sit beside it behind the same trait, writing
+//! [`envelope`]'s messages. The
 //! reader acknowledges the slot only up to the position that every sink of
 //! the direction reports durable.
 
@@ -13,6 +14,7 @@ use std::path::Path;
 use crate::change::{Change, Commit, SourceTransaction};
 use crate::lsn::Lsn;
 
+pub mod envelope;
 pub mod postgres;
 
 /// The delivery contract between a direction's reader and a sink.
