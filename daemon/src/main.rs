@@ -207,6 +207,11 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // The state directory holds row data (spilled transactions, refused
+    // changes, verify samples): everything cutover creates is its user's
+    // only. The operator's commands get the umask cutover was started with.
+    let started_with = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    switch::hooks::set_umask(started_with.bits());
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Check { .. }

@@ -296,6 +296,38 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// Makes `dir` (the state directory) readable by its owner only, when it
+/// is cutover's user's; refuses one that others may write to (they could
+/// change what cutover trusts) or that another user owns.
+pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let refuse = |reason: String| StoreError::Open {
+        dir: dir.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| refuse(e.to_string()))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "others may write to it (mode {mode:03o}), and it holds what cutover trusts: chmod 700 {}",
+            dir.display()
+        )));
+    }
+    if meta.uid() != nix::unistd::getuid().as_raw() {
+        return Err(refuse(format!(
+            "it belongs to user id {}, not to the user running cutover ({}): chown it, or set state.dir",
+            meta.uid(),
+            nix::unistd::getuid()
+        )));
+    }
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| refuse(format!("making it readable by its owner only: {e}")))?;
+        tracing::warn!(dir = %dir.display(), was = format!("{mode:03o}"), "the state directory holds row data: it is readable by its owner only now (700)");
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating) the store in `dir`; refuses a store in use, of
     /// another format, or damaged.
@@ -306,6 +338,7 @@ impl Store {
                 "{e} (create it, writable by the user running cutover, or set state.dir)"
             ),
         })?;
+        private_dir(dir)?;
         let db = sled::Config::new()
             .path(dir.join("db"))
             .open()

@@ -771,3 +771,60 @@ async fn with_groups_the_target_must_stream_from_the_start() {
         "{problem}"
     );
 }
+
+#[tokio::test]
+async fn the_state_directory_is_its_owners_only_and_one_others_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let setup = Setup::new();
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE t (id int PRIMARY KEY, v text);")
+        .await;
+    pair.on_source("INSERT INTO t VALUES (1, 'row data');")
+        .await;
+    let config = setup.pair_config(&pair);
+    let state = setup.dir.path().join("state");
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+
+    // Made by cutover: the directory and what it writes there are its
+    // user's only.
+    let copied = run_cutover(&["--config", &config, "copy"], &[]);
+    assert_eq!(copied.code, 0, "{}", copied.all_output());
+    assert_eq!(mode(&state), 0o700);
+    let conf = state.join("db").join("conf");
+    assert!(conf.exists(), "sled's files are in {}", state.display());
+    assert_eq!(mode(&conf), 0o600, "{}", conf.display());
+
+    // Others may write to it: check blocks, and a command that opens it
+    // refuses with the fix.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let checked = setup.check(&config, &["--format", "json"], &[]);
+    assert_eq!(checked.code, 1, "{}", checked.all_output());
+    let report = json(&checked);
+    let found = finding(&report, "state_dir_open_to_others", "state.dir").expect("the finding");
+    assert!(
+        found["fix"].as_str().unwrap().contains("chmod 700"),
+        "{found}"
+    );
+    let refused = run_cutover(&["--config", &config, "copy"], &[]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("others may write to it (mode 777)")
+            && refused.stderr.contains("chmod 700"),
+        "{}",
+        refused.all_output()
+    );
+
+    // Readable by others (an earlier version made it so): said by check,
+    // made the owner's only when opened.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let checked = setup.check(&config, &["--format", "json"], &[]);
+    assert!(
+        finding(&json(&checked), "state_dir_readable_by_others", "state.dir").is_some(),
+        "{}",
+        checked.all_output()
+    );
+    let again = run_cutover(&["--config", &config, "status"], &[]);
+    assert_eq!(again.code, 0, "{}", again.all_output());
+    assert_eq!(mode(&state), 0o700);
+}

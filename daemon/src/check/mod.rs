@@ -189,6 +189,45 @@ fn local_checks(report: &mut Report, config: &Config) {
             )),
         }),
     }
+    if let Ok(meta) = std::fs::metadata(dir) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mode = meta.permissions().mode() & 0o777;
+        let mine = meta.uid() == nix::unistd::getuid().as_raw();
+        let found = if mode & 0o022 != 0 || !mine {
+            Some((
+                Severity::Blocking,
+                "state_dir_open_to_others",
+                format!(
+                    "{} (mode {mode:03o}, owner uid {}) can be written by others, or is not cutover's user's: it holds row data and what cutover trusts, and cutover run refuses it",
+                    dir.display(),
+                    meta.uid()
+                ),
+                format!("chown <cutover's user> {0}; chmod 700 {0}", dir.display()),
+            ))
+        } else if mode & 0o077 != 0 {
+            Some((
+                Severity::Info,
+                "state_dir_readable_by_others",
+                format!(
+                    "{} (mode {mode:03o}) can be read by others: it holds row data (spilled transactions, refused changes, verify samples); cutover run makes it 700",
+                    dir.display()
+                ),
+                format!("chmod 700 {}", dir.display()),
+            ))
+        } else {
+            None
+        };
+        if let Some((severity, code, problem, fix)) = found {
+            report.add(Finding {
+                severity,
+                code,
+                server: "local",
+                subject: Some("state.dir".into()),
+                problem,
+                fix: Some(fix),
+            });
+        }
+    }
     for (key, addr) in [
         ("http.listen", config.http_listen),
         ("console.listen", config.console_listen),

@@ -30,6 +30,15 @@ pub struct Facts<'a> {
     pub fence_lsn: Option<String>,
 }
 
+/// The umask cutover was started with, which the operator's commands run
+/// under (cutover's own is 077).
+static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Records the umask cutover was started with.
+pub fn set_umask(mask: u32) {
+    let _ = UMASK.set(mask);
+}
+
 /// Runs `command` (from config key `key`) under `sh -c` with the facts.
 pub async fn run(
     key: &'static str,
@@ -58,7 +67,11 @@ pub async fn run(
     env.extend(server("NEW_PRIMARY", facts.new_primary, facts.kind.to()));
     env.extend(server("OLD_PRIMARY", facts.old_primary, facts.kind.from()));
     let mut child = tokio::process::Command::new("sh");
-    child.arg("-c").arg(command).envs(env).kill_on_drop(true);
+    let script = match UMASK.get() {
+        Some(mask) => format!("umask {mask:03o}\n{command}"),
+        None => command.to_owned(),
+    };
+    child.arg("-c").arg(script).envs(env).kill_on_drop(true);
     let output = tokio::time::timeout(HOOK_TIMEOUT, child.output())
         .await
         .map_err(|_| SwitchError::Hook {

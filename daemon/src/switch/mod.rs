@@ -51,7 +51,7 @@ use crate::store::{Store, StoreError, now_millis};
 
 pub mod desk;
 pub mod finish;
-mod hooks;
+pub mod hooks;
 pub mod journal;
 mod preflight;
 mod steps;
