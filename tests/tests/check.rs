@@ -794,6 +794,14 @@ async fn the_state_directory_is_its_owners_only_and_one_others_may_write_is_refu
     let conf = state.join("db").join("conf");
     assert!(conf.exists(), "sled's files are in {}", state.display());
     assert_eq!(mode(&conf), 0o600, "{}", conf.display());
+    // A second load finds it done, and says so.
+    let twice = run_cutover(&["--config", &config, "copy"], &[]);
+    assert_eq!(twice.code, 0, "{}", twice.all_output());
+    assert!(
+        twice.stderr.contains("the copy is already done"),
+        "{}",
+        twice.all_output()
+    );
 
     // Others may write to it: check blocks, and a command that opens it
     // refuses with the fix.

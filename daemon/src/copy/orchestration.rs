@@ -164,6 +164,11 @@ pub async fn run(
         }
         tracing::info!(slot = %existing.slot, "the copy is already done");
         let mut done = outcome(store, existing)?;
+        // A load with nothing to stream: none of the streaming's objects
+        // are there to read or install.
+        if mode == CopyMode::Standalone {
+            return Ok(done);
+        }
         done.publications = publications(&source, config).await?;
         install_partition_triggers(&source, config).await?;
         install_ddl_capture(&source, config).await?;
