@@ -551,6 +551,20 @@ async fn record(config: &Path, table: &str, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The daemon, streaming both ways, and a client of each server.
+async fn streaming(
+    pair: &Pair,
+    config: &Path,
+) -> (Daemon, tokio_postgres::Client, tokio_postgres::Client) {
+    let daemon = Daemon::start_streaming(config).await;
+    watching(&daemon).await;
+    (
+        daemon,
+        pair.source.client("app").await,
+        pair.target.client("app").await,
+    )
+}
+
 /// [`seeded`] on servers that keep commit times, with `groups`.
 async fn timestamped(dir: &Path, groups: &str) -> (Pair, std::path::PathBuf) {
     let options = ClusterOptions::default().setting("track_commit_timestamp", "on");
@@ -575,12 +589,7 @@ async fn each_policy_settles_writes_to_the_same_keys_from_both_sides() {
         "{}",
         checked.all_output()
     );
-    let mut daemon = Daemon::start_streaming(&config).await;
-    watching(&daemon).await;
-    let (source, target) = (
-        pair.source.client("app").await,
-        pair.target.client("app").await,
-    );
+    let (mut daemon, source, target) = streaming(&pair, &config).await;
 
     // last_write_wins: the source writes c6 and it reaches the target;
     // then an application writes c6 on the target, later: the target's
@@ -885,12 +894,7 @@ async fn a_bidirectional_group_takes_writes_on_both_servers_and_the_later_write_
         "allow_no_password = true\n[[group]]\nname = \"codes\"\ntables = [\"public.codes\"]\npolicy = \"bidirectional\"\n",
     )
     .await;
-    let mut daemon = Daemon::start_streaming(&config).await;
-    watching(&daemon).await;
-    let (source, target) = (
-        pair.source.client("app").await,
-        pair.target.client("app").await,
-    );
+    let (mut daemon, source, target) = streaming(&pair, &config).await;
     // Each server's writes reach the other; none is stray.
     source
         .batch_execute("UPDATE codes SET label = 'from the source' WHERE code = 'c1'")

@@ -197,47 +197,42 @@ impl Summary {
                 "write-unavailability window: {window:.3} s (fence to new primary open)\n"
             ));
         }
-        if !self.dry_run
-            && let Some(group) = &self.group
-        {
-            out.push_str(&format!(
-                "primary of group {group}: {}\n",
-                self.primary.name()
-            ));
-            if self.outcome == Outcome::Done {
-                let who = if self.by_daemon {
-                    "the daemon streams"
-                } else {
-                    "start `cutover run` again: it streams"
-                };
-                out.push_str(&format!(
-                    "{who} both directions; group {group}'s changes flow from the {} to the {}, the other groups' as before; `cutover {} --group {group}` moves them back\n",
-                    self.primary.name(),
-                    self.primary.other().name(),
-                    match self.kind {
-                        Kind::Switch => "rollback",
-                        Kind::Rollback => "switch",
+        if !self.dry_run {
+            let who = if self.by_daemon {
+                "the daemon streams"
+            } else {
+                "start `cutover run` again: it streams"
+            };
+            let back = match self.kind {
+                Kind::Switch => "rollback",
+                Kind::Rollback => "switch",
+            };
+            let done = self.outcome == Outcome::Done;
+            match &self.group {
+                Some(group) => {
+                    out.push_str(&format!(
+                        "primary of group {group}: {}\n",
+                        self.primary.name()
+                    ));
+                    if done {
+                        out.push_str(&format!(
+                            "{who} both directions; group {group}'s changes flow from the {} to the {}, the other groups' as before; `cutover {back} --group {group}` moves them back\n",
+                            self.primary.name(),
+                            self.primary.other().name(),
+                        ));
                     }
-                ));
-            }
-        } else if !self.dry_run {
-            out.push_str(&format!("primary: {}\n", self.primary.name()));
-            if self.outcome == Outcome::Done {
-                let who = if self.by_daemon {
-                    "the daemon streams"
-                } else {
-                    "start `cutover run` again: it streams"
-                };
-                out.push_str(&format!(
-                    "{who} {} ({} to {}), so that `cutover {}` loses nothing\n",
-                    self.primary.streams(),
-                    self.primary.name(),
-                    self.primary.other().name(),
-                    match self.kind {
-                        Kind::Switch => "rollback",
-                        Kind::Rollback => "switch",
+                }
+                None => {
+                    out.push_str(&format!("primary: {}\n", self.primary.name()));
+                    if done {
+                        out.push_str(&format!(
+                            "{who} {} ({} to {}), so that `cutover {back}` loses nothing\n",
+                            self.primary.streams(),
+                            self.primary.name(),
+                            self.primary.other().name(),
+                        ));
                     }
-                ));
+                }
             }
         }
         out
