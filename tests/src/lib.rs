@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;
+pub mod groups;
 pub mod http;
 pub mod proxy;
 pub mod writer;
