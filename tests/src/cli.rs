@@ -51,6 +51,29 @@ impl Outcome {
     }
 }
 
+/// Runs `cutover --config config args` on a blocking thread, so that the
+/// test's application tasks go on writing meanwhile, with
+/// `CUTOVER_FAILPOINT` set to `failpoint` when given.
+pub async fn cutover_beside(
+    config: &std::path::Path,
+    args: &[&str],
+    failpoint: Option<&str>,
+) -> Outcome {
+    let mut all = vec!["--config".to_owned(), config.to_str().unwrap().to_owned()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let failpoint = failpoint.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = failpoint
+            .as_deref()
+            .map(|f| vec![("CUTOVER_FAILPOINT", f)])
+            .unwrap_or_default();
+        run_cutover(&all, &env)
+    })
+    .await
+    .expect("the cutover command's thread")
+}
+
 /// Runs `cutover` with `args` and extra environment variables. Variables
 /// of the test process starting with `CUTOVER__` are removed so a
 /// developer's shell cannot change a test's outcome.

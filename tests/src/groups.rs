@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::{ClusterOptions, Daemon, Outcome, Pair, run_cutover};
+use crate::{ClusterOptions, Daemon, Outcome, Pair};
 
 /// How long a group test waits for what it expects.
 pub const WAIT: Duration = Duration::from_secs(120);
@@ -39,19 +39,7 @@ pub async fn cutover(config: &Path, args: &[&str]) -> Outcome {
 
 /// [`cutover`] with `CUTOVER_FAILPOINT` set to `failpoint`.
 pub async fn cutover_with(config: &Path, args: &[&str], failpoint: Option<&str>) -> Outcome {
-    let mut all = vec!["--config".to_owned(), config.to_str().unwrap().to_owned()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    let failpoint = failpoint.map(str::to_owned);
-    tokio::task::spawn_blocking(move || {
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let env: Vec<(&str, &str)> = failpoint
-            .as_deref()
-            .map(|f| vec![("CUTOVER_FAILPOINT", f)])
-            .unwrap_or_default();
-        run_cutover(&all, &env)
-    })
-    .await
-    .unwrap()
+    crate::cli::cutover_beside(config, args, failpoint).await
 }
 
 /// Updates of the default group's table on the source, all along.

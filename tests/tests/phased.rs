@@ -439,6 +439,20 @@ async fn a_group_switch_killed_mid_way_resumes_and_moves_only_its_group() {
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
 
+/// Moves the money group to the target through the running daemon, and
+/// waits until both directions stream again.
+async fn move_money(daemon: &Daemon, config: &std::path::Path) {
+    let switched = cutover(config, &["switch", "--group", "money", "--verify"]).await;
+    assert_eq!(
+        switched.code,
+        0,
+        "{}\n{}",
+        switched.all_output(),
+        daemon.log()
+    );
+    watching(daemon).await;
+}
+
 /// How long the two-way traffic of the no-loops test runs:
 /// `CUTOVER_SOAK_SECONDS` (hours, for a soak run), 6 seconds by default.
 fn soak() -> Duration {
@@ -473,15 +487,7 @@ async fn both_directions_at_once_never_loop_nor_lose_nor_double() {
     let (pair, config) = seeded(dir.path(), "").await;
     let mut daemon = Daemon::start_streaming(&config).await;
     watching(&daemon).await;
-    let switched = cutover(&config, &["switch", "--group", "money", "--verify"]).await;
-    assert_eq!(
-        switched.code,
-        0,
-        "{}\n{}",
-        switched.all_output(),
-        daemon.log()
-    );
-    watching(&daemon).await;
+    move_money(&daemon, &config).await;
 
     // Both directions apply at once: the money group's writes on the
     // target, the default group's on the source, strays among them.
@@ -565,15 +571,7 @@ async fn the_background_verifier_compares_a_moved_group_from_the_target_and_repa
     let mut daemon = Daemon::start_streaming(&config).await;
     let http = listen_addr(&dir.path().join("state")).await;
     watching(&daemon).await;
-    let switched = cutover(&config, &["switch", "--group", "money", "--verify"]).await;
-    assert_eq!(
-        switched.code,
-        0,
-        "{}\n{}",
-        switched.all_output(),
-        daemon.log()
-    );
-    watching(&daemon).await;
+    move_money(&daemon, &config).await;
     // A row of the moved group changed on the source behind every
     // stream's back (under the reverse repair origin, which the forward
     // stream skips: it stands for what no stream shows). One statement at

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cutover_tests::app::Record;
-use cutover_tests::{App, ClusterOptions, Daemon, Outcome, Pair, run_cutover};
+use cutover_tests::{App, ClusterOptions, Daemon, Outcome, Pair};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -36,18 +36,7 @@ async fn cutover(config: &Path, args: &[&str]) -> Outcome {
 
 /// [`cutover`] with `CUTOVER_FAILPOINT` set to `failpoint`.
 async fn cutover_with(config: &Path, args: &[&str], failpoint: Option<String>) -> Outcome {
-    let mut all = vec!["--config".to_owned(), config.to_str().unwrap().to_owned()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let env: Vec<(&str, &str)> = failpoint
-            .as_deref()
-            .map(|f| vec![("CUTOVER_FAILPOINT", f)])
-            .unwrap_or_default();
-        run_cutover(&all, &env)
-    })
-    .await
-    .unwrap()
+    cutover_tests::cli::cutover_beside(config, args, failpoint.as_deref()).await
 }
 
 /// The pair, the schema, rows on the source, a config whose

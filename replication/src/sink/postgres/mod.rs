@@ -244,7 +244,16 @@ impl PostgresSink {
         let tables: Vec<&TableName> = match &change.kind {
             ChangeKind::Insert { relation, .. }
             | ChangeKind::Update { relation, .. }
-            | ChangeKind::Delete { relation, .. } => vec![&relation.name],
+            | ChangeKind::Delete { relation, .. } => {
+                // The common case, on the hot path: no allocation for a
+                // change that is applied.
+                let table = &relation.name;
+                return if seamed(table) && !(route.0)(table, commit_lsn) {
+                    vec![table]
+                } else {
+                    Vec::new()
+                };
+            }
             ChangeKind::Truncate { relations, .. } => relations.iter().map(|r| &r.name).collect(),
             ChangeKind::TruncatePartition(truncate) => vec![&truncate.root],
             ChangeKind::Ddl(ddl) if ddl.in_scope => vec![&ddl.table],
