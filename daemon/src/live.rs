@@ -68,6 +68,9 @@ pub enum ErrorKind {
     SourceTransient,
     /// The target connection failed (transient).
     TargetTransient,
+    /// The Kafka feed failed (transient: a broker down, a transaction
+    /// aborted).
+    KafkaTransient,
     /// A definite failure: the daemon stopped.
     Definite,
 }
@@ -78,6 +81,7 @@ impl ErrorKind {
         match self {
             ErrorKind::SourceTransient => "source_transient",
             ErrorKind::TargetTransient => "target_transient",
+            ErrorKind::KafkaTransient => "kafka_transient",
             ErrorKind::Definite => "definite",
         }
     }
@@ -158,6 +162,9 @@ pub struct StatusView {
     pub divergence: BTreeMap<String, Divergence>,
     /// The last error.
     pub last_error: Option<LastError>,
+    /// The last source position the Kafka feed committed (`[kafka]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_committed_lsn: Option<String>,
     /// When the daemon started (unix seconds).
     pub started_at: u64,
     /// Process id.
@@ -224,6 +231,8 @@ struct Inner {
     unstreamed: BTreeMap<String, i64>,
     divergence: BTreeMap<String, Divergence>,
     switch: crate::switch::journal::SwitchState,
+    /// The Kafka feed's last committed position, with `[kafka]`.
+    kafka: Option<Lsn>,
 }
 
 /// What the background verifier found of one table in its last pass.
@@ -278,6 +287,7 @@ impl Status {
                 unstreamed: BTreeMap::new(),
                 divergence: BTreeMap::new(),
                 switch: crate::switch::journal::SwitchState::default(),
+                kafka: None,
             }),
             metrics: Metrics::new(),
             pause: watch::channel(false).0,
@@ -493,6 +503,16 @@ impl Status {
             .unwrap_or(0.0)
     }
 
+    /// The Kafka feed committed everything up to `end`.
+    pub fn kafka_committed(&self, end: Lsn) {
+        self.lock().kafka = Some(end);
+    }
+
+    /// The Kafka feed's last committed position, with `[kafka]`.
+    pub fn kafka_position(&self) -> Option<Lsn> {
+        self.lock().kafka
+    }
+
     /// Stores a lag sample and exports it.
     pub fn set_lag(&self, lag: Lag) {
         self.metrics
@@ -565,6 +585,7 @@ impl Status {
             unstreamed_rows: inner.unstreamed.clone(),
             divergence: inner.divergence.clone(),
             last_error: inner.last_error.clone(),
+            kafka_committed_lsn: inner.kafka.map(|l| l.to_string()),
             started_at: self.started_at,
             pid: std::process::id(),
         }

@@ -56,6 +56,19 @@ pub const PRIMARY: &str = "cutover_primary";
 /// The last switch's or rollback's write-unavailability window.
 pub const SWITCH_WINDOW: &str = "cutover_switch_window_seconds";
 
+/// Messages the Kafka feed committed, by topic.
+pub const KAFKA_MESSAGES: &str = "cutover_kafka_messages_total";
+/// Bytes (keys and values) of the messages the Kafka feed committed, by
+/// topic.
+pub const KAFKA_BYTES: &str = "cutover_kafka_bytes_total";
+/// Kafka transactions the feed committed, by direction.
+pub const KAFKA_TRANSACTIONS: &str = "cutover_kafka_transactions_total";
+/// How long the feed's Kafka transactions took to commit.
+pub const KAFKA_COMMIT_SECONDS: &str = "cutover_kafka_commit_seconds";
+/// The source's WAL position minus the feed's last committed position,
+/// by direction.
+pub const KAFKA_LAG_BYTES: &str = "cutover_kafka_lag_bytes";
+
 /// Label: `forward` or `reverse`.
 pub const LABEL_DIRECTION: &str = "direction";
 /// Label: `schema.table`.
@@ -121,6 +134,16 @@ pub struct Metrics {
     pub primary: IntGaugeVec,
     /// [`SWITCH_WINDOW`] (0 before the first switch).
     pub switch_window: prometheus::Gauge,
+    /// [`KAFKA_MESSAGES`].
+    pub kafka_messages: IntCounterVec,
+    /// [`KAFKA_BYTES`].
+    pub kafka_bytes: IntCounterVec,
+    /// [`KAFKA_TRANSACTIONS`].
+    pub kafka_transactions: IntCounterVec,
+    /// [`KAFKA_COMMIT_SECONDS`].
+    pub kafka_commit_seconds: prometheus::Histogram,
+    /// [`KAFKA_LAG_BYTES`].
+    pub kafka_lag_bytes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -247,6 +270,37 @@ impl Metrics {
                     "The last switch's or rollback's write-unavailability window: fence to new primary open",
                 )
                 .expect("valid metric"),
+            ),
+            kafka_messages: counter(
+                KAFKA_MESSAGES,
+                "Messages the Kafka feed committed",
+                &["topic"],
+            ),
+            kafka_bytes: counter(
+                KAFKA_BYTES,
+                "Bytes (keys and values) of the messages the Kafka feed committed",
+                &["topic"],
+            ),
+            kafka_transactions: counter(
+                KAFKA_TRANSACTIONS,
+                "Kafka transactions the feed committed",
+                &[LABEL_DIRECTION],
+            ),
+            kafka_commit_seconds: reg(
+                &registry,
+                prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        KAFKA_COMMIT_SECONDS,
+                        "How long the feed's Kafka transactions took to commit",
+                    )
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                )
+                .expect("valid metric"),
+            ),
+            kafka_lag_bytes: int_gauge(
+                KAFKA_LAG_BYTES,
+                "Source WAL position minus the Kafka feed's last committed position",
+                &[LABEL_DIRECTION],
             ),
             registry,
         }

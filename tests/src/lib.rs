@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod groups;
 pub mod http;
+pub mod kafka;
 pub mod proxy;
 pub mod writer;
 

@@ -26,6 +26,7 @@ use cutover_replication::ddl::DdlPolicy;
 use cutover_replication::secret::Secret;
 
 mod groups;
+mod kafka;
 mod raw;
 
 pub use groups::{Groups, TwoGroups};
@@ -239,6 +240,8 @@ pub struct Config {
     pub switch: SwitchSettings,
     /// `[[group]]`: the tables in scope by functional area.
     pub groups: Groups,
+    /// `[kafka]`: the change feed, when configured.
+    pub kafka: Option<cutover_replication::sink::kafka::KafkaSettings>,
 }
 
 impl Config {

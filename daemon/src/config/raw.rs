@@ -86,6 +86,7 @@ pub(super) const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "retention_days",
         ],
     ),
+    ("kafka", super::kafka::KEYS),
 ];
 
 /// Keys that hold lists; in the environment they are comma-separated.
@@ -228,6 +229,8 @@ pub struct RawConfig {
     /// `[[group]]`.
     #[serde(default)]
     pub group: Vec<RawGroup>,
+    /// `[kafka]`: absent, no feed.
+    pub kafka: Option<super::kafka::RawKafka>,
 }
 
 /// One `[[group]]` as written.
@@ -509,6 +512,7 @@ impl RawConfig {
                     .map(|g| (g.name, g.tables, g.policy))
                     .collect(),
             )?,
+            kafka: self.kafka.map(super::kafka::settings).transpose()?,
             ddl: match self.ddl.policy.as_deref() {
                 None | Some("stop") => DdlPolicy::Stop,
                 Some("additive") => DdlPolicy::Additive,
@@ -702,7 +706,9 @@ pub(super) fn server(role: &'static str, raw: RawServer) -> Result<Server, Confi
             ));
         }
         (Some(password), None) => conninfo.set_password(password),
-        (None, Some(path)) => conninfo.set_password(read_password_file(role, &path)?),
+        (None, Some(path)) => {
+            conninfo.set_password(read_password_file(&format!("{role}.password_file"), &path)?)
+        }
         (None, None) => {}
     }
     conninfo.default_application_name(APPLICATION_NAME);
@@ -721,7 +727,7 @@ pub(super) fn console_auth(
             ));
         }
         (Some(password), None) => Some(password),
-        (None, Some(path)) => Some(read_password_file("console", &path)?),
+        (None, Some(path)) => Some(read_password_file("console.password_file", &path)?),
         (None, None) => None,
     };
     match (password, raw.allow_no_password.unwrap_or(false)) {
@@ -737,8 +743,8 @@ pub(super) fn console_auth(
     }
 }
 
-pub(super) fn read_password_file(role: &str, path: &Path) -> Result<Secret, ConfigError> {
-    let key = format!("{role}.password_file");
+pub(super) fn read_password_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let key = key.to_owned();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::invalid(
             key.clone(),

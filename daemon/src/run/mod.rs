@@ -60,6 +60,9 @@ pub enum RunError {
     /// Applying failed.
     #[error("{0}")]
     Apply(Box<ApplyError>),
+    /// The Kafka feed failed.
+    #[error(transparent)]
+    Kafka(#[from] cutover_replication::sink::kafka::FeedError),
     /// A streamed transaction could not be written to disk.
     #[error("{0}")]
     Spill(String),
@@ -95,6 +98,7 @@ impl RunError {
             RunError::Source { err } => err.is_transient(),
             RunError::Strays { transient, .. } => *transient,
             RunError::Apply(err) => err.is_transient(),
+            RunError::Kafka(err) => err.is_transient(),
         }
     }
 }

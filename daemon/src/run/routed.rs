@@ -21,7 +21,8 @@ use cutover_replication::change::{
     Change, ChangeKind, Commit, Datum, Relation, SourceTransaction, Tuple,
 };
 use cutover_replication::sink::Sink;
-use cutover_replication::sink::postgres::{Guard, Kept, PostgresSink, Route};
+use cutover_replication::sink::kafka::KafkaSink;
+use cutover_replication::sink::postgres::{Filter, Guard, Kept, PostgresSink, Route};
 use prometheus::IntCounterVec;
 
 use crate::config::Groups;
@@ -120,9 +121,12 @@ fn kept_record(groups: &Groups, side: Server, k: &Kept) -> ConflictRecord {
     }
 }
 
-/// The sink of every stream: with groups configured, it routes.
+/// The sink of every stream: with groups configured, it routes; with
+/// `[kafka]`, the same changes go to the feed beside the PostgreSQL
+/// sink, and the stream acknowledges only what both hold durably.
 pub(super) struct Routed {
     inner: PostgresSink,
+    feed: Option<KafkaSink>,
     store: Store,
     groups: Groups,
     /// The server this stream reads: where its stray writes were made.
@@ -175,12 +179,42 @@ impl Routed {
         }
         Ok(Routed {
             inner,
+            feed: None,
             store: routing.store,
             groups: routing.groups,
             side,
             conflicts: routing.conflicts,
             routes,
         })
+    }
+
+    /// Which changes the stream writes, routing included: what the feed
+    /// publishes too.
+    pub(super) fn filter(&self) -> &Filter {
+        self.inner.filter()
+    }
+
+    /// Publishes the stream's changes to `feed` as well.
+    pub(super) fn set_feed(&mut self, feed: KafkaSink) {
+        self.feed = Some(feed);
+    }
+
+    /// Writes `transactions` to the PostgreSQL sink and the feed at once.
+    async fn apply_both(&mut self, transactions: &[SourceTransaction]) -> Result<Lsn, RunError> {
+        let (applied, fed) = match &mut self.feed {
+            Some(feed) => {
+                let (applied, fed) =
+                    tokio::join!(self.inner.apply(transactions), feed.apply(transactions));
+                (applied, Some(fed))
+            }
+            None => (self.inner.apply(transactions).await, None),
+        };
+        self.record_kept();
+        applied?;
+        if let Some(fed) = fed {
+            fed?;
+        }
+        Ok(self.applied())
     }
 
     /// Logs and counts the changes the guard left out (recorded in the
@@ -369,7 +403,7 @@ impl Sink for Routed {
 
     async fn apply(&mut self, transactions: &[SourceTransaction]) -> Result<Lsn, RunError> {
         if !self.routes {
-            return Ok(self.inner.apply(transactions).await?);
+            return self.apply_both(transactions).await;
         }
         let applied = self.inner.applied();
         let mut strays = Vec::new();
@@ -385,9 +419,7 @@ impl Sink for Routed {
         // Recorded before the changes around them commit: the position
         // acknowledged never passes a stray write not recorded.
         self.record(strays).await?;
-        let applied = self.inner.apply(transactions).await;
-        self.record_kept();
-        Ok(applied?)
+        self.apply_both(transactions).await
     }
 
     async fn apply_spilled(
@@ -413,7 +445,11 @@ impl Sink for Routed {
         }
         let applied = self.inner.apply_spilled(path, commit, batch_rows).await;
         self.record_kept();
-        Ok(applied?)
+        applied?;
+        if let Some(feed) = &mut self.feed {
+            feed.apply_spilled(path, commit, batch_rows).await?;
+        }
+        Ok(())
     }
 
     fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {
@@ -421,22 +457,38 @@ impl Sink for Routed {
     }
 
     fn applied(&self) -> Lsn {
-        self.inner.applied()
+        let applied = self.inner.applied();
+        self.feed
+            .as_ref()
+            .map_or(applied, |f| applied.min(f.applied()))
     }
 
     fn durable(&self) -> Lsn {
-        self.inner.durable()
+        let durable = self.inner.durable();
+        self.feed
+            .as_ref()
+            .map_or(durable, |f| durable.min(f.durable()))
     }
 
     fn flush_pending(&self) -> bool {
-        self.inner.flush_pending()
+        self.inner.flush_pending() || self.feed.as_ref().is_some_and(Sink::flush_pending)
     }
 
     async fn refresh_durable(&mut self) -> Result<Lsn, RunError> {
-        Ok(self.inner.refresh_durable().await?)
+        if self.inner.flush_pending() {
+            self.inner.refresh_durable().await?;
+        }
+        if let Some(feed) = &mut self.feed {
+            feed.refresh_durable().await?;
+        }
+        Ok(self.durable())
     }
 
     async fn wait_durable(&mut self) -> Result<Lsn, RunError> {
-        Ok(self.inner.wait_durable().await?)
+        self.inner.wait_durable().await?;
+        if let Some(feed) = &mut self.feed {
+            feed.wait_durable().await?;
+        }
+        Ok(self.durable())
     }
 }

@@ -51,6 +51,13 @@ pub(super) async fn sample_lag(config: Config, store: Store, status: Arc<Status>
                     (None, confirmed) => confirmed,
                 };
                 lag.bytes = applied.map(|applied| current.bytes_since(applied));
+                if let Some(fed) = status.kafka_position() {
+                    status
+                        .metrics
+                        .kafka_lag_bytes
+                        .with_label_values(&[status.direction().as_str()])
+                        .set(i64::try_from(current.bytes_since(fed)).unwrap_or(i64::MAX));
+                }
             }
             if let Some(state) = state {
                 lag.slot_retained_bytes = state.retained_bytes.map(|b| b.max(0) as u64);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use cutover_replication::Lsn;
 use cutover_replication::session::{PgOutputOptions, Session};
 use cutover_replication::sink::Sink;
+use cutover_replication::sink::kafka::{Committed, FeedId, KafkaSettings, KafkaSink};
 use cutover_replication::sink::postgres::PostgresSink;
 use tokio::sync::{Semaphore, mpsc, watch};
 
@@ -18,7 +19,7 @@ use super::RunError;
 use super::applier::apply_work;
 use super::queue::{Queue, Work};
 use super::reader::read_stream;
-use super::routed::{Routed, Routing};
+use super::routed::{Routed, Routing, read_by};
 
 /// One session: connect both sides, stream and apply until a failure, the
 /// shutdown, or (with `until`) the target holds exactly what the source
@@ -59,7 +60,25 @@ pub(super) async fn stream_once(
     )
     .await?;
     applier.set_ddl_policy(config.ddl);
-    let start = applier.applied().max(outcome.start);
+    // With groups, each table goes by its group's primary (`switch
+    // --group`); without, the routing sink passes everything through.
+    let state = store.switch_state()?;
+    let mut routed = Routed::new(
+        applier,
+        Routing {
+            store: store.clone(),
+            groups: config.groups.clone(),
+            state: &state,
+            direction,
+            migration: &outcome.migration,
+            configured,
+            conflicts: status.metrics.conflicts.clone(),
+        },
+    )?;
+    if let Some(settings) = &config.kafka {
+        routed.set_feed(feed(settings, config, outcome, &routed, status).await?);
+    }
+    let start = routed.applied().max(outcome.start);
     let session = Session::connect(&config.source.conninfo).await?;
     let publications = if outcome.publications.is_empty() {
         vec![config.publication.clone()]
@@ -99,21 +118,6 @@ pub(super) async fn stream_once(
         shutdown.clone(),
         until,
     ));
-    // With groups, each table goes by its group's primary (`switch
-    // --group`); without, the routing sink passes everything through.
-    let state = store.switch_state()?;
-    let routed = Routed::new(
-        applier,
-        Routing {
-            store: store.clone(),
-            groups: config.groups.clone(),
-            state: &state,
-            direction,
-            migration: &outcome.migration,
-            configured,
-            conflicts: status.metrics.conflicts.clone(),
-        },
-    )?;
     let applied = apply_work(
         routed,
         work_rx,
@@ -133,6 +137,64 @@ pub(super) async fn stream_once(
             Err(err)
         }
     }
+}
+
+/// The stream's Kafka feed: the changes `routed` writes, published from
+/// the feed's last committed position (or the stream's first).
+async fn feed(
+    settings: &KafkaSettings,
+    config: &Config,
+    outcome: &CopyOutcome,
+    routed: &Routed,
+    status: &Arc<Status>,
+) -> Result<KafkaSink, RunError> {
+    let direction = status.direction();
+    let id = FeedId {
+        migration: outcome.migration.clone(),
+        direction: direction.as_str(),
+        server: read_by(direction).name(),
+        database: config
+            .source
+            .conninfo
+            .dbname()
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let mut feed =
+        KafkaSink::connect(settings.clone(), id, routed.filter().clone(), outcome.start).await?;
+    status.kafka_committed(feed.committed());
+    // Both series exist from the feed's start (the lag is sampled next).
+    status
+        .metrics
+        .kafka_lag_bytes
+        .with_label_values(&[direction.as_str()]);
+    status
+        .metrics
+        .kafka_transactions
+        .with_label_values(&[direction.as_str()]);
+    let status = Arc::clone(status);
+    feed.on_commit(Arc::new(move |committed: &Committed| {
+        let metrics = &status.metrics;
+        for (topic, (messages, bytes)) in &committed.topics {
+            metrics
+                .kafka_messages
+                .with_label_values(&[topic])
+                .inc_by(*messages);
+            metrics
+                .kafka_bytes
+                .with_label_values(&[topic])
+                .inc_by(*bytes);
+        }
+        metrics
+            .kafka_transactions
+            .with_label_values(&[status.direction().as_str()])
+            .inc();
+        metrics
+            .kafka_commit_seconds
+            .observe(committed.commit_seconds);
+        status.kafka_committed(committed.end);
+    }));
+    Ok(feed)
 }
 
 /// Resolves once shutdown is requested (never holds the watch lock).

@@ -160,6 +160,12 @@ fn watching(
         // Its conflicts are counted in the daemon's exported family.
         reverse.metrics.conflicts = status.metrics.conflicts.clone();
         reverse.metrics.verify_repaired_rows = status.metrics.verify_repaired_rows.clone();
+        // So is its Kafka feed's.
+        reverse.metrics.kafka_messages = status.metrics.kafka_messages.clone();
+        reverse.metrics.kafka_bytes = status.metrics.kafka_bytes.clone();
+        reverse.metrics.kafka_transactions = status.metrics.kafka_transactions.clone();
+        reverse.metrics.kafka_commit_seconds = status.metrics.kafka_commit_seconds.clone();
+        reverse.metrics.kafka_lag_bytes = status.metrics.kafka_lag_bytes.clone();
         let reverse = Arc::new(reverse);
         status.set_beside(Some(Arc::clone(&reverse)));
         let (config, store, shutdown, forward) = (
@@ -258,6 +264,7 @@ pub(super) async fn stream_with_retries(
                 }
                 let kind = match err {
                     RunError::Apply(_) => ErrorKind::TargetTransient,
+                    RunError::Kafka(_) => ErrorKind::KafkaTransient,
                     _ => ErrorKind::SourceTransient,
                 };
                 status.error(kind, &err.to_string());

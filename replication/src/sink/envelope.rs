@@ -59,6 +59,9 @@ pub struct Message {
     pub key: Option<String>,
     /// Its value, JSON.
     pub value: String,
+    /// It concerns every key (a truncate): it goes to every partition,
+    /// so that each partition's readers see it in order with their keys.
+    pub every_partition: bool,
 }
 
 /// The messages of `change` (none for a schema change outside the
@@ -93,6 +96,7 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
                 topic: topic(relation),
                 key: key(relation, key_of).map(|k| k.to_string()),
                 value: value.to_string(),
+                every_partition: false,
             }
         };
     match &change.kind {
@@ -143,6 +147,7 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
                     "ts_ms": ts_ms,
                 })
                 .to_string(),
+                every_partition: true,
             })
             .collect(),
         ChangeKind::TruncatePartition(truncate) => vec![Message {
@@ -160,6 +165,7 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
                 },
             })
             .to_string(),
+            every_partition: true,
         }],
         ChangeKind::Ddl(ddl) if ddl.in_scope => vec![Message {
             topic: SCHEMA_CHANGES.to_owned(),
@@ -171,6 +177,7 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
                 "ts_ms": ts_ms,
             })
             .to_string(),
+            every_partition: false,
         }],
         ChangeKind::Ddl(_) => Vec::new(),
     }

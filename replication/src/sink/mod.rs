@@ -15,6 +15,8 @@ use crate::change::{Change, Commit, SourceTransaction};
 use crate::lsn::Lsn;
 
 pub mod envelope;
+pub mod filter;
+pub mod kafka;
 pub mod postgres;
 
 /// The delivery contract between a direction's reader and a sink.

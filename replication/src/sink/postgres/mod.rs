@@ -67,10 +67,11 @@ use std::sync::Arc;
 use tokio_postgres::{Client, Statement};
 
 use crate::catalog::TableName;
-use crate::change::{Change, ChangeKind, Commit, SourceTransaction};
+use crate::change::{Change, Commit, SourceTransaction};
 use crate::conninfo::ConnInfo;
 use crate::lsn::Lsn;
 use crate::sink::Sink;
+pub use crate::sink::filter::{Filter, Route, RouteFn};
 
 mod batch;
 mod coalesce;
@@ -98,8 +99,8 @@ pub struct PostgresSink {
     progress: Lsn,
     tables: HashMap<TableName, Arc<TargetTable>>,
     statements: HashMap<String, Statement>,
-    copied_at: HashMap<TableName, Lsn>,
-    skip_origins: Vec<String>,
+    /// Which changes are applied (origins, seams, route).
+    filter: Filter,
     /// Committed batches whose commit record may not be flushed yet: the
     /// target's WAL position after the commit, and the source position.
     unflushed: VecDeque<(Lsn, Lsn)>,
@@ -112,8 +113,6 @@ pub struct PostgresSink {
     begin_pending: bool,
     /// What to do with DDL on the source.
     ddl: crate::ddl::DdlPolicy,
-    /// Which tables this sink applies, per commit position (`None`: all).
-    route: Option<Route>,
     /// The tables both servers write ([`guard`]).
     guard: Option<guard::Guard>,
     /// Changes the guard left out, for the caller.
@@ -121,20 +120,6 @@ pub struct PostgresSink {
     /// The commit time of each transaction of the batch being applied
     /// (microseconds since 2000-01-01), for the guard.
     commit_times: HashMap<Lsn, i64>,
-}
-
-/// Whether a change to a table, committed at a position of the server
-/// read, is applied: its primary at that position is the server read.
-#[derive(Clone)]
-pub struct Route(pub Arc<RouteFn>);
-
-/// The function a [`Route`] calls.
-pub type RouteFn = dyn Fn(&TableName, Lsn) -> bool + Send + Sync;
-
-impl std::fmt::Debug for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Route")
-    }
 }
 
 impl PostgresSink {
@@ -190,8 +175,7 @@ impl PostgresSink {
             progress,
             tables: HashMap::new(),
             statements: HashMap::new(),
-            copied_at,
-            skip_origins,
+            filter: Filter::new(copied_at, skip_origins),
             // The progress just read may be an asynchronous commit of an
             // earlier run, not flushed yet: durable only once it is.
             unflushed: VecDeque::from([(Lsn::from_u64(u64::MAX), progress)]),
@@ -199,7 +183,6 @@ impl PostgresSink {
             durable: Lsn::default(),
             begin_pending: false,
             ddl: crate::ddl::DdlPolicy::default(),
-            route: None,
             guard: None,
             kept: Vec::new(),
             commit_times: HashMap::new(),
@@ -215,17 +198,19 @@ impl PostgresSink {
     /// Applies only the changes `route` takes; the others are left to the
     /// caller ([`PostgresSink::routed_away`]).
     pub fn set_route(&mut self, route: Route) {
-        self.route = Some(route);
+        self.filter.set_route(route);
+    }
+
+    /// Which changes this sink applies: what a sink beside it (the Kafka
+    /// feed) writes too.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
     }
 
     /// Whether a change to `table` committed at `commit_lsn` is applied by
     /// the table's seam (`copied_at`) and the route.
     pub(super) fn takes(&self, table: &TableName, commit_lsn: Lsn) -> bool {
-        self.copied_at.get(table).is_none_or(|at| commit_lsn >= *at)
-            && self
-                .route
-                .as_ref()
-                .is_none_or(|route| (route.0)(table, commit_lsn))
+        self.filter.takes(table, commit_lsn)
     }
 
     /// The tables of `change` that the route alone keeps from being
@@ -233,36 +218,7 @@ impl PostgresSink {
     /// origins) to a table whose primary is the other server. Empty when
     /// the change is applied, or skipped for another reason.
     pub fn routed_away<'c>(&self, change: &'c Change, commit_lsn: Lsn) -> Vec<&'c TableName> {
-        let Some(route) = &self.route else {
-            return Vec::new();
-        };
-        if self.origin_skipped(change) {
-            return Vec::new();
-        }
-        let seamed =
-            |table: &TableName| self.copied_at.get(table).is_none_or(|at| commit_lsn >= *at);
-        let tables: Vec<&TableName> = match &change.kind {
-            ChangeKind::Insert { relation, .. }
-            | ChangeKind::Update { relation, .. }
-            | ChangeKind::Delete { relation, .. } => {
-                // The common case, on the hot path: no allocation for a
-                // change that is applied.
-                let table = &relation.name;
-                return if seamed(table) && !(route.0)(table, commit_lsn) {
-                    vec![table]
-                } else {
-                    Vec::new()
-                };
-            }
-            ChangeKind::Truncate { relations, .. } => relations.iter().map(|r| &r.name).collect(),
-            ChangeKind::TruncatePartition(truncate) => vec![&truncate.root],
-            ChangeKind::Ddl(ddl) if ddl.in_scope => vec![&ddl.table],
-            ChangeKind::Ddl(_) => Vec::new(),
-        };
-        tables
-            .into_iter()
-            .filter(|t| seamed(t) && !(route.0)(t, commit_lsn))
-            .collect()
+        self.filter.routed_away(change, commit_lsn)
     }
 
     /// The replication origin tagging applied transactions.

@@ -7,7 +7,7 @@ use tokio_postgres::Statement;
 use super::PostgresSink;
 use super::error::{ApplyError, session_error};
 use super::keys::KeyCheck;
-use crate::change::{Change, ChangeKind, PgTimestamp, SourceTransaction};
+use crate::change::{Change, PgTimestamp, SourceTransaction};
 use crate::lsn::Lsn;
 
 impl PostgresSink {
@@ -254,35 +254,8 @@ impl PostgresSink {
             .collect()
     }
 
-    pub(super) fn origin_skipped(&self, change: &Change) -> bool {
-        change
-            .origin
-            .as_ref()
-            .is_some_and(|origin| self.skip_origins.iter().any(|o| o.as_str() == &**origin))
-    }
-
     pub(super) fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {
-        if self.origin_skipped(change) {
-            return false;
-        }
-        let first = match &change.kind {
-            ChangeKind::Insert { relation, .. }
-            | ChangeKind::Update { relation, .. }
-            | ChangeKind::Delete { relation, .. } => &relation.name,
-            // A truncate is applied when any of its tables wants it; the
-            // tables copied later are empty on the source at their snapshot
-            // only if the truncate came before, so honour it per table.
-            ChangeKind::Truncate { relations, .. } => {
-                return relations.iter().any(|r| self.takes(&r.name, commit_lsn));
-            }
-            ChangeKind::TruncatePartition(truncate) => &truncate.root,
-            // DDL on a table out of scope is not ours; on a table copied
-            // after it, it is in the copy.
-            ChangeKind::Ddl(ddl) => {
-                return ddl.in_scope && self.takes(&ddl.table, commit_lsn);
-            }
-        };
-        self.takes(first, commit_lsn)
+        self.filter.wanted(change, commit_lsn)
     }
 
     pub(super) async fn begin(&mut self) -> Result<(), ApplyError> {

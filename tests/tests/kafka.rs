@@ -1,0 +1,335 @@
+//! The Kafka feed against librdkafka's mock cluster (in the test's
+//! process; no broker is installable here): every change reaches Kafka
+//! once, in key order, as a `read_committed` consumer reads it, across a
+//! SIGKILL of the daemon, brokers going down, a produce refused and a
+//! switch and a rollback; a definite failure stops the daemon with the fix.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use cutover_tests::kafka::{Event, Kafka, by_key};
+use cutover_tests::{ClusterOptions, Daemon, Pair, Writer, wait_for};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+const SCHEMA: &str = "
+CREATE TABLE accounts (id int PRIMARY KEY, n int NOT NULL);
+CREATE TABLE audit (v bigint);";
+
+const KEYS: u64 = 20;
+
+/// One application transaction: a key's counter goes up by one, and a row
+/// is appended to a table without a key.
+fn write(i: u64) -> String {
+    format!(
+        "BEGIN; UPDATE accounts SET n = n + 1 WHERE id = {}; INSERT INTO audit VALUES ({i}); COMMIT;",
+        i % KEYS + 1
+    )
+}
+
+/// The pair with the schema and the keys seeded (copied, not fed), and a
+/// config feeding `kafka` under the prefix `shop`.
+async fn setup(dir: &Path, kafka: &Kafka) -> (Pair, std::path::PathBuf) {
+    kafka.topics("shop", &["accounts", "audit"]);
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both(SCHEMA).await;
+    pair.on_source(&format!(
+        "INSERT INTO accounts SELECT g, 0 FROM generate_series(1, {KEYS}) g;"
+    ))
+    .await;
+    let config = pair.config(
+        dir,
+        &format!("allow_no_password = true\n{}", kafka.config("shop")),
+    );
+    (pair, config)
+}
+
+/// Each key's counter on `cluster`.
+async fn counters(cluster: &cutover_tests::Cluster) -> BTreeMap<String, i64> {
+    cluster
+        .client("app")
+        .await
+        .query("SELECT id, n FROM accounts ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                serde_json::json!({"id": r.get::<_, i32>(0)}).to_string(),
+                i64::from(r.get::<_, i32>(1)),
+            )
+        })
+        .collect()
+}
+
+/// The counters of each key's `u` events, in the order a consumer reads
+/// them.
+fn fed_counters(events: &[Event]) -> BTreeMap<String, Vec<i64>> {
+    by_key(events, "shop.public.accounts")
+        .into_iter()
+        .map(|(key, values)| {
+            let ns = values
+                .iter()
+                .map(|v| {
+                    assert_eq!(v["op"], "u", "{v}");
+                    v["after"]["n"].as_i64().unwrap()
+                })
+                .collect();
+            (key, ns)
+        })
+        .collect()
+}
+
+/// Waits until Kafka holds every change the source's counters say there
+/// were, then checks that each key's changes came once each, in order.
+async fn feed_holds(kafka: &Kafka, expected: &BTreeMap<String, i64>) -> Vec<Event> {
+    let events = wait_for("Kafka to hold every change", WAIT, || async {
+        let events = kafka.read("shop");
+        let fed = fed_counters(&events);
+        let complete = expected
+            .iter()
+            .all(|(key, n)| fed.get(key).map_or(0, Vec::len) as i64 >= *n);
+        complete.then_some(events)
+    })
+    .await;
+    let fed = fed_counters(&events);
+    for (key, n) in expected {
+        let got = fed.get(key).cloned().unwrap_or_default();
+        // Once each, in order: the k-th change set the counter to k.
+        if let Some(at) =
+            (0..got.len().max(*n as usize)).find(|&i| got.get(i) != Some(&(i as i64 + 1)))
+        {
+            panic!(
+                "key {key}: {} changes fed for {n} made; the change at {at} is {:?} (around it: {:?})",
+                got.len(),
+                got.get(at),
+                &got[at.saturating_sub(3)..(at + 3).min(got.len())]
+            );
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn every_change_reaches_kafka_once_in_key_order_across_a_kill_and_broker_faults() {
+    let kafka = Kafka::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config) = setup(dir.path(), &kafka).await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let writer = Writer::start(&pair, 0, write).await;
+    writer.advance(150, WAIT).await;
+
+    // A crash: whatever Kafka transaction was open is aborted when the
+    // next session takes the feed's transactional id.
+    daemon.kill();
+    writer.advance(100, WAIT).await;
+    daemon.restart();
+    writer.advance(100, WAIT).await;
+
+    // Produce requests refused for a while, then a commit sent to a
+    // broker that is not the coordinator: librdkafka's retries, under
+    // the idempotent producer, add nothing twice.
+    kafka.cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 3],
+    );
+    writer.advance(100, WAIT).await;
+    kafka.cluster.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 2],
+    );
+    writer.advance(100, WAIT).await;
+    // Every broker down for a while, then back.
+    for broker in 1..=3 {
+        kafka.cluster.broker_down(broker).unwrap();
+    }
+    writer.advance(50, WAIT).await;
+    for broker in 1..=3 {
+        kafka.cluster.broker_up(broker).unwrap();
+    }
+    writer.advance(100, WAIT).await;
+    let written = writer.stop().await;
+    pair.on_source("TRUNCATE audit;").await;
+    pair.wait_equal(&["accounts", "audit"], WAIT).await;
+    assert!(daemon.running(), "the daemon stopped:\n{}", daemon.log());
+
+    let expected = counters(&pair.source).await;
+    assert_eq!(expected.values().sum::<i64>() as u64, written);
+    let events = feed_holds(&kafka, &expected).await;
+    let log = daemon.log();
+    assert!(log.contains("Kafka"), "{log}");
+
+    // The table without a key: partition 0, every row once, in commit
+    // order; its truncate reaches every partition.
+    let audit: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.topic == "shop.public.audit")
+        .collect();
+    let rows: Vec<i64> = audit
+        .iter()
+        .filter(|e| e.value["op"] == "c")
+        .map(|e| {
+            assert_eq!(e.partition, 0, "{:?}", e.value);
+            e.value["after"]["v"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(rows, (1..=written as i64).collect::<Vec<_>>());
+    let mut truncated: Vec<i32> = audit
+        .iter()
+        .filter(|e| e.value["op"] == "t")
+        .map(|e| e.partition)
+        .collect();
+    truncated.sort_unstable();
+    assert_eq!(truncated, vec![0, 1, 2], "a truncate on each partition");
+
+    // The envelope says where each change came from.
+    let one = events
+        .iter()
+        .find(|e| e.topic == "shop.public.accounts")
+        .unwrap();
+    assert_eq!(one.value["source"]["name"], "source", "{}", one.value);
+    assert_eq!(one.value["source"]["direction"], "forward");
+    assert_eq!(one.value["source"]["db"], "app");
+    assert_eq!(one.value["after"]["id"], one.key["id"]);
+    // Without REPLICA IDENTITY FULL an update carries no old row.
+    assert_eq!(one.value["before"], Value::Null);
+    // The progress records are the feed's own.
+    assert!(
+        kafka
+            .read("shop.cutover")
+            .iter()
+            .any(|e| e.topic == "shop.cutover.progress"),
+        "the progress topic"
+    );
+
+    // The metrics say what was produced.
+    let addr = cutover_tests::http::listen_addr(&dir.path().join("state")).await;
+    let (_, metrics) = cutover_tests::http::get(&addr, "/metrics");
+    let messages = cutover_tests::http::metric(
+        &metrics,
+        "cutover_kafka_messages_total{topic=\"shop.public.accounts\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(messages >= 1.0, "{metrics}");
+    assert!(
+        metrics.contains("cutover_kafka_commit_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cutover_kafka_lag_bytes"), "{metrics}");
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
+
+#[tokio::test]
+async fn a_broker_that_refuses_the_feed_stops_the_daemon_with_the_fix() {
+    let kafka = Kafka::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (_pair, config) = setup(dir.path(), &kafka).await;
+    // Every InitProducerId refused: the principal may not use the
+    // transactional id.
+    kafka.cluster.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TRANSACTIONAL_ID_AUTHORIZATION_FAILED; 20],
+    );
+    let mut daemon = Daemon::start(&config, &["run"]);
+    let code = daemon.wait(WAIT);
+    let log = daemon.log();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("WRITE and DESCRIBE on the transactional ids"),
+        "{log}"
+    );
+}
+
+/// The value of `event`'s `source.direction`.
+fn direction(event: &Event) -> &str {
+    event.value["source"]["direction"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn the_feed_goes_on_across_a_switch_and_a_rollback_without_a_gap_or_a_duplicate() {
+    let kafka = Kafka::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config) = setup(dir.path(), &kafka).await;
+    let bump = |round: u64| {
+        (1..=KEYS)
+            .map(|k| format!("UPDATE accounts SET n = n + 1 WHERE id = {k};"))
+            .collect::<Vec<_>>()
+            .join(" ")
+            + &format!(" INSERT INTO audit VALUES ({round});")
+    };
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.on_source(&bump(1)).await;
+    pair.on_source(&bump(2)).await;
+    pair.wait_equal(&["accounts"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+
+    let switched = cutover_tests::cli::cutover_beside(&config, &["switch", "--verify"], None).await;
+    assert_eq!(switched.code, 0, "{}", switched.all_output());
+    // The application now writes on the target; the reverse stream feeds.
+    let mut daemon = Daemon::start_streaming(&config).await;
+    for round in 3..=5 {
+        pair.target.execute("app", &bump(round)).await;
+    }
+    wait_for("the source to hold the target's writes", WAIT, || async {
+        let source = counters(&pair.source).await;
+        (source.values().all(|n| *n == 5)).then_some(())
+    })
+    .await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+
+    let rolled = cutover_tests::cli::cutover_beside(&config, &["rollback"], None).await;
+    assert_eq!(rolled.code, 0, "{}", rolled.all_output());
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.on_source(&bump(6)).await;
+    pair.wait_equal(&["accounts"], WAIT).await;
+    let expected = counters(&pair.source).await;
+    assert!(expected.values().all(|n| *n == 6), "{expected:?}");
+    let events = feed_holds(&kafka, &expected).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+
+    // Each key: two changes from the source, three from the target, one
+    // from the source again, each marked with where it came from.
+    let accounts = by_key(&events, "shop.public.accounts");
+    for (key, values) in &accounts {
+        let from: Vec<(&str, &str)> = values
+            .iter()
+            .map(|v| {
+                (
+                    v["source"]["direction"].as_str().unwrap_or(""),
+                    v["source"]["name"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            from,
+            [
+                ("forward", "source"),
+                ("forward", "source"),
+                ("reverse", "target"),
+                ("reverse", "target"),
+                ("reverse", "target"),
+                ("forward", "source"),
+            ],
+            "key {key}"
+        );
+    }
+    let audit: Vec<(i64, &str)> = events
+        .iter()
+        .filter(|e| e.topic == "shop.public.audit" && e.value["op"] == "c")
+        .map(|e| (e.value["after"]["v"].as_i64().unwrap(), direction(e)))
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            (1, "forward"),
+            (2, "forward"),
+            (3, "reverse"),
+            (4, "reverse"),
+            (5, "reverse"),
+            (6, "forward")
+        ]
+    );
+}
