@@ -47,6 +47,7 @@ fn every_benchmark_scenario_runs_on_a_tiny_dataset() {
         "lag",
         "memory",
         "switch",
+        "kafka",
         "verify, equal",
         "verify, 0.1% changed",
     ] {

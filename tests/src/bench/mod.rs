@@ -8,6 +8,7 @@
 
 pub mod context;
 pub mod dataset;
+pub mod kafka;
 pub mod report;
 pub mod scenarios;
 pub mod switch;

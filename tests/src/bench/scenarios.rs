@@ -213,7 +213,7 @@ async fn copy_native(b: &Bench) -> (Option<f64>, String, Option<f64>) {
 
 /// Runs a peer's command to its end: the wall clock around it, in seconds.
 /// A failed run stops the benchmark with the command's stderr.
-fn run_timed(command: &mut Command, what: &str) -> f64 {
+pub(super) fn run_timed(command: &mut Command, what: &str) -> f64 {
     let started = Instant::now();
     let out = command
         .output()
@@ -288,7 +288,7 @@ fn copy_pgcopydb(b: &Bench) -> (Option<f64>, String, Option<f64>) {
 
 /// Empties the stream tables on both sides and seeds `seeded` rows on the
 /// source, before any slot exists.
-async fn reset_stream(b: &Bench, seeded: i64) {
+pub(super) async fn reset_stream(b: &Bench, seeded: i64) {
     b.on_target("TRUNCATE bench_stream, bench_marker").await;
     b.on_source(&format!(
         "TRUNCATE bench_stream, bench_marker; {}",
@@ -299,7 +299,7 @@ async fn reset_stream(b: &Bench, seeded: i64) {
 }
 
 /// The backlog and then the marker, on the source.
-async fn write_backlog(b: &Bench, changes: i64, per_txn: i64, seeded: i64) -> f64 {
+pub(super) async fn write_backlog(b: &Bench, changes: i64, per_txn: i64, seeded: i64) -> f64 {
     let source = b.src().await;
     source
         .batch_execute("SET synchronous_commit = off")
@@ -463,7 +463,7 @@ async fn decode_ceiling(
 }
 
 /// The target's replication origin progress (0 before any).
-async fn origin_progress(b: &Bench, origin: &str) -> u64 {
+pub(super) async fn origin_progress(b: &Bench, origin: &str) -> u64 {
     let text: Option<String> = b
         .tgt()
         .await
@@ -479,7 +479,7 @@ async fn origin_progress(b: &Bench, origin: &str) -> u64 {
 
 /// Waits for the marker: (seconds since `started`, seconds from the first
 /// transaction applied after `before` to the marker).
-async fn catch_up(b: &Bench, origin: &str, before: u64, started: Instant) -> (f64, f64) {
+pub(super) async fn catch_up(b: &Bench, origin: &str, before: u64, started: Instant) -> (f64, f64) {
     let target = b.tgt().await;
     let mut first: Option<Instant> = None;
     loop {

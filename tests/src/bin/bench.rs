@@ -25,6 +25,7 @@ enum Scenario {
     Memory,
     Verify,
     Switch,
+    Kafka,
 }
 
 #[derive(Debug, Parser)]
@@ -208,6 +209,9 @@ async fn run(args: Args) {
         }
         if wants(Scenario::Verify) {
             cutover_tests::bench::verify::verify(&bench, &mut report, round).await;
+        }
+        if wants(Scenario::Kafka) {
+            cutover_tests::bench::kafka::kafka(&bench, &mut report, args.changes, round).await;
         }
         if wants(Scenario::Switch) {
             cutover_tests::bench::switch::switch(&bench, &mut report, args.pairs, args.rate, round)

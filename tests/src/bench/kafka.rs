@@ -1,0 +1,156 @@
+//! `kafka`: the feed's rate into librdkafka's mock cluster (in the bench's
+//! process) while cutover catches up on the apply-100 backlog, beside the
+//! rate at which the source decodes the same backlog for `cutover tail`
+//! writing it to /dev/null: the ceiling of any client of one slot.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::mocking::MockCluster;
+
+use super::context::{Bench, PATIENCE, PeakRss, parse_lsn};
+use super::dataset::STREAM_TABLES;
+use super::report::{Better, Report};
+use super::scenarios::{catch_up, origin_progress, reset_stream, run_timed, write_backlog};
+use crate::cli::cutover_bin;
+
+/// Transactions of the backlog: apply-100's.
+const PER_TXN: i64 = 100;
+
+/// `kafka`: one round.
+pub async fn kafka(b: &Bench, report: &mut Report, changes: i64, round: usize) {
+    let scenario = "kafka";
+    let seeded = changes.max(1000);
+    println!("{scenario} round {round}: {changes} changes in transactions of {PER_TXN}");
+
+    // The ceiling: `cutover tail` on a slot holding the backlog.
+    reset_stream(b, seeded).await;
+    let tables = STREAM_TABLES.join(", ");
+    b.on_source(&format!(
+        "DROP PUBLICATION IF EXISTS bench_tail; CREATE PUBLICATION bench_tail FOR TABLE {tables}"
+    ))
+    .await;
+    b.on_source("SELECT pg_create_logical_replication_slot('bench_tail', 'pgoutput')")
+        .await;
+    write_backlog(b, changes, PER_TXN, seeded).await;
+    let config = b.cutover_config("kafka-tail", "bench_tail", STREAM_TABLES);
+    let seconds = run_timed(
+        Command::new(cutover_bin())
+            .args(["--config"])
+            .arg(&config)
+            .args([
+                "tail",
+                "--slot",
+                "bench_tail",
+                "--publication",
+                "bench_tail",
+            ])
+            .args(["--limit", &changes.to_string()])
+            .stdout(Stdio::null()),
+        "cutover tail",
+    );
+    b.on_source("SELECT pg_drop_replication_slot('bench_tail'); DROP PUBLICATION bench_tail")
+        .await;
+    report.record(
+        scenario,
+        "decode only",
+        "throughput",
+        changes as f64 / seconds,
+        "changes/s",
+        Better::Higher,
+        true,
+        "cutover tail to /dev/null: the source's decoding with a client that publishes nothing",
+    );
+
+    // cutover feeding the mock cluster beside the target.
+    let cluster = MockCluster::new(1).expect("librdkafka's mock cluster");
+    cluster
+        .create_topic("bench.cutover.progress", 1, 1)
+        .unwrap();
+    for table in STREAM_TABLES {
+        cluster
+            .create_topic(&format!("bench.public.{table}"), 3, 1)
+            .unwrap();
+    }
+    reset_stream(b, seeded).await;
+    let config = b.cutover_config("kafka-cutover", "bench_kafka", STREAM_TABLES);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{text}[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"bench\"\n",
+            cluster.bootstrap_servers()
+        ),
+    )
+    .unwrap();
+    let state = config.parent().unwrap().join("state");
+    let mut daemon = b.start_cutover(&config).await;
+    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    let written = write_backlog(b, changes, PER_TXN, seeded).await;
+    println!("  backlog written in {written:.1} s");
+    let before = origin_progress(b, "cutover_bench_kafka").await;
+    let cpu_before = b.cpu_now();
+    let started = Instant::now();
+    daemon.restart();
+    let rss = PeakRss::watch(daemon.pid().expect("running"));
+    // The target has the backlog; then Kafka, up to the same position.
+    let (total, applying) = catch_up(b, "cutover_bench_kafka", before, started).await;
+    // The first batch: both sinks start on it together.
+    let first = started + Duration::from_secs_f64(total - applying);
+    let end = origin_progress(b, "cutover_bench_kafka").await;
+    let addr = crate::http::listen_addr(&state).await;
+    let done = loop {
+        let (_, body) = crate::http::get(&addr, "/health");
+        let committed = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|h| h["kafka_committed_lsn"].as_str().map(parse_lsn))
+            .unwrap_or(0);
+        if committed >= end {
+            break Instant::now();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the feed never caught up:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let rss = rss.finish();
+    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    let cpu = b.cpu_now().since(&cpu_before);
+    b.drop_cutover("bench_kafka").await;
+    println!("  cutover: {}", cpu.describe());
+    let feeding = done.duration_since(first).as_secs_f64().max(0.001);
+    let verified = b.equal("bench_stream").await;
+    report.record(
+        scenario,
+        "cutover",
+        "throughput",
+        changes as f64 / feeding,
+        "changes/s",
+        Better::Higher,
+        verified,
+        "into Kafka (the mock cluster), beside the target: from the first batch applied to the last Kafka commit",
+    );
+    report.record(
+        scenario,
+        "cutover",
+        "catch-up",
+        done.duration_since(started).as_secs_f64(),
+        "s",
+        Better::Lower,
+        verified,
+        "from start to Kafka holding the backlog, connection and startup included",
+    );
+    report.record_cpu(scenario, "cutover", &cpu, verified, "catch-up, ");
+    report.record(
+        "memory",
+        "cutover",
+        "peak RSS kafka",
+        rss,
+        "MB",
+        Better::Lower,
+        verified,
+        "",
+    );
+}
