@@ -333,3 +333,115 @@ async fn the_feed_goes_on_across_a_switch_and_a_rollback_without_a_gap_or_a_dupl
         ]
     );
 }
+
+#[tokio::test]
+async fn the_copy_s_rows_come_first_as_r_events_when_the_snapshot_is_asked_for() {
+    let kafka = Kafka::start(1);
+    kafka.topics("shop", &["accounts", "audit", "regions"]);
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::start(ClusterOptions::default()).await;
+    let partitioned = "
+        CREATE TABLE regions (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+        CREATE TABLE regions_eu PARTITION OF regions FOR VALUES IN ('eu');
+        CREATE TABLE regions_us PARTITION OF regions FOR VALUES IN ('us');";
+    pair.both(&format!("{SCHEMA}{partitioned}")).await;
+    pair.on_source(&format!(
+        "INSERT INTO accounts SELECT g, 0 FROM generate_series(1, {KEYS}) g;
+         INSERT INTO audit SELECT -g FROM generate_series(1, 5) g;
+         INSERT INTO regions VALUES (1, 'eu'), (2, 'us'), (3, 'eu');"
+    ))
+    .await;
+    let config = pair.config(
+        dir.path(),
+        &format!(
+            "allow_no_password = true\n{}snapshot = true\n",
+            kafka.config("shop")
+        ),
+    );
+    let mut daemon = Daemon::start_streaming(&config).await;
+    for i in 1..=3 {
+        pair.on_source(&write(i)).await;
+    }
+    pair.wait_equal(&["accounts", "audit"], WAIT).await;
+    let events = wait_for("the snapshot and the changes in Kafka", WAIT, || async {
+        let events = kafka.read("shop");
+        let changes = events.iter().filter(|e| e.value["op"] == "u").count();
+        (changes == 3).then_some(events)
+    })
+    .await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+
+    // Every key: its copied row first (op r, n 0), then its changes.
+    let accounts = by_key(&events, "shop.public.accounts");
+    assert_eq!(accounts.len(), KEYS as usize);
+    for (key, values) in &accounts {
+        assert_eq!(values[0]["op"], "r", "key {key}: {}", values[0]);
+        assert_eq!(values[0]["after"]["n"], 0);
+        assert_eq!(values[0]["source"]["snapshot"], true);
+        let reads = values.iter().filter(|v| v["op"] == "r").count();
+        assert_eq!(reads, 1, "key {key}: one row from the copy");
+        for (i, v) in values.iter().skip(1).enumerate() {
+            assert_eq!(v["op"], "u", "key {key}");
+            assert_eq!(v["after"]["n"], i as i64 + 1, "key {key}");
+        }
+    }
+    // The table without a key: its copied rows, then the new ones.
+    let audit: Vec<(String, i64)> = events
+        .iter()
+        .filter(|e| e.topic == "shop.public.audit")
+        .map(|e| {
+            (
+                e.value["op"].as_str().unwrap().to_owned(),
+                e.value["after"]["v"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let copied: Vec<i64> = audit
+        .iter()
+        .filter(|(op, _)| op == "r")
+        .map(|(_, v)| *v)
+        .collect();
+    let mut sorted = copied.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [-5, -4, -3, -2, -1]);
+    assert_eq!(
+        audit.iter().skip(5).map(|(_, v)| *v).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "{audit:?}"
+    );
+    // A partitioned table's rows come under its root's name.
+    let regions = by_key(&events, "shop.public.regions");
+    assert_eq!(regions.len(), 3, "{regions:?}");
+    assert!(regions.values().all(|v| v.len() == 1 && v[0]["op"] == "r"));
+
+    // A snapshot asked for once the feed carries changes without one is
+    // refused with the fix.
+    let late = Kafka::start(1);
+    late.topics("late", &["accounts", "audit", "regions"]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("shop", "late")
+            .replace(&kafka.bootstrap(), &late.bootstrap())
+            .replace("snapshot = true\n", ""),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.on_source(&write(4)).await;
+    wait_for("the change in the new feed", WAIT, || async {
+        (!late.read("late").iter().all(|e| e.value["op"] != "u")).then_some(())
+    })
+    .await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}snapshot = true\n")).unwrap();
+    let mut daemon = Daemon::start(&config, &["run"]);
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    assert!(
+        daemon
+            .log()
+            .contains("a snapshot now would come after them"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -147,12 +147,6 @@ pub(super) fn settings(raw: RawKafka) -> Result<KafkaSettings, ConfigError> {
             ));
         }
     }
-    if raw.snapshot == Some(true) {
-        return Err(ConfigError::invalid(
-            "kafka.snapshot",
-            "publishing the initial copy's rows is not built yet: the feed carries every change from the copy's snapshot on; remove the key",
-        ));
-    }
     let partitions = raw.partitions.unwrap_or(DEFAULT_PARTITIONS);
     if !(1..=10_000).contains(&partitions) {
         return Err(ConfigError::invalid(
@@ -205,6 +199,7 @@ pub(super) fn settings(raw: RawKafka) -> Result<KafkaSettings, ConfigError> {
         properties,
         sasl_password,
         ssl_key_password: raw.ssl_key_password,
+        snapshot: raw.snapshot.unwrap_or(false),
     })
 }
 

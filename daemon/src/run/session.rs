@@ -6,12 +6,13 @@ use std::sync::Arc;
 use cutover_replication::Lsn;
 use cutover_replication::session::{PgOutputOptions, Session};
 use cutover_replication::sink::Sink;
-use cutover_replication::sink::kafka::{Committed, FeedId, KafkaSettings, KafkaSink};
+use cutover_replication::sink::kafka::{Committed, FeedError, FeedId, KafkaSettings, KafkaSink};
 use cutover_replication::sink::postgres::PostgresSink;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::config::Config;
 use crate::copy::CopyOutcome;
+use crate::direction::Direction;
 use crate::live::{DaemonState, Status};
 use crate::store::Store;
 
@@ -76,7 +77,11 @@ pub(super) async fn stream_once(
         },
     )?;
     if let Some(settings) = &config.kafka {
-        routed.set_feed(feed(settings, config, outcome, &routed, status).await?);
+        let mut feed = feed(settings, config, outcome, &routed, status).await?;
+        if settings.snapshot && direction == Direction::Forward && feed.snapshot_pending() {
+            snapshot(&mut feed, config, outcome, routed.applied()).await?;
+        }
+        routed.set_feed(feed);
     }
     let start = routed.applied().max(outcome.start);
     let session = Session::connect(&config.source.conninfo).await?;
@@ -195,6 +200,55 @@ async fn feed(
         status.kafka_committed(committed.end);
     }));
     Ok(feed)
+}
+
+/// Publishes the copy's rows to the feed (`[kafka] snapshot`), read from
+/// the target before the stream applies anything there.
+async fn snapshot(
+    feed: &mut KafkaSink,
+    config: &Config,
+    outcome: &CopyOutcome,
+    applied: Lsn,
+) -> Result<(), RunError> {
+    let refuse = |detail: &str, fix: &'static str| {
+        RunError::Kafka(FeedError {
+            what: "publishing the snapshot".into(),
+            detail: detail.into(),
+            fix: Some(fix),
+            transient: false,
+        })
+    };
+    if feed.fed_without_snapshot() {
+        return Err(refuse(
+            "the feed already carries changes, published without a snapshot",
+            "a snapshot now would come after them: remove kafka.snapshot, or publish a new feed under another kafka.topic_prefix",
+        ));
+    }
+    if applied > outcome.start {
+        return Err(refuse(
+            &format!(
+                "the target has applied changes up to {applied} since the copy, so it no longer holds the copy's rows"
+            ),
+            "kafka.snapshot must be set before the first `cutover run`: remove it (the feed starts with the changes), or start the migration over",
+        ));
+    }
+    let target = cutover_replication::client::connect(&config.target.conninfo)
+        .await
+        .map_err(|e| RunError::Apply(Box::new(e.into())))?;
+    target
+        .batch_execute(&cutover_replication::client::text_value_settings())
+        .await
+        .map_err(|e| {
+            refuse(
+                &cutover_replication::client::describe(&e),
+                "check the target",
+            )
+        })?;
+    let tables: Vec<_> = outcome.copied_at.keys().cloned().collect();
+    tracing::info!(tables = tables.len(), "publishing the copy's rows to Kafka");
+    feed.publish_snapshot(&target, &tables, outcome.start)
+        .await?;
+    Ok(())
 }
 
 /// Resolves once shutdown is requested (never holds the watch lock).

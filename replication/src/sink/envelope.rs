@@ -253,11 +253,35 @@ fn value(type_oid: u32, datum: &Datum) -> Value {
     }
 }
 
+/// How far the feed published the initial copy's rows (`[kafka]
+/// snapshot`), as its progress records carry it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotMark {
+    /// Published up to `table` (in name order), whose blocks before
+    /// `block` are published.
+    At {
+        /// `schema.table`.
+        table: String,
+        /// The first block not published.
+        block: u64,
+    },
+    /// Every row published.
+    Done,
+}
+
 /// The position a batch of messages covers, for the feed's progress
-/// record: the end of its last transaction.
-pub fn progress(direction: &str, end_lsn: Lsn) -> String {
-    json!({ "direction": direction, "end_lsn": end_lsn.as_u64(), "end_lsn_text": end_lsn.to_string() })
-        .to_string()
+/// record: the end of its last transaction, and how far the snapshot is
+/// published when the feed publishes one.
+pub fn progress(direction: &str, end_lsn: Lsn, snapshot: Option<&SnapshotMark>) -> String {
+    let mut record = json!({ "direction": direction, "end_lsn": end_lsn.as_u64(), "end_lsn_text": end_lsn.to_string() });
+    match snapshot {
+        None => {}
+        Some(SnapshotMark::Done) => record["snapshot"] = json!("done"),
+        Some(SnapshotMark::At { table, block }) => {
+            record["snapshot"] = json!({ "table": table, "block": block });
+        }
+    }
+    record.to_string()
 }
 
 #[cfg(test)]
@@ -477,7 +501,7 @@ mod tests {
         );
         assert!(super::messages(&ddl(false), &ORIGIN, 5, false).is_empty());
         assert_eq!(
-            progress("reverse", Lsn::from_u64(16)),
+            progress("reverse", Lsn::from_u64(16), None),
             r#"{"direction":"reverse","end_lsn":16,"end_lsn_text":"0/10"}"#
         );
     }

@@ -2,10 +2,14 @@
 //! ([`super::envelope`]), exactly once, with librdkafka's transactional
 //! producer (docs/kafka.md).
 //!
-//! - **One Kafka transaction per batch.** A batch's messages and one
-//!   progress record (the end of its last source transaction) are
-//!   produced in one transaction on `<topic_prefix>.cutover.progress`. A
-//!   consumer reading `read_committed` sees a batch whole or not at all.
+//! - **Whole source transactions per Kafka transaction.** The batches the
+//!   stream hands over go into the open Kafka transaction, which is
+//!   committed every 100 ms (or 16 MB), at the end of a spilled
+//!   transaction and whenever the stream needs its position durable,
+//!   with one progress record (the end of its last source transaction) on
+//!   `<topic_prefix>.cutover.progress`. A consumer reading
+//!   `read_committed` sees a source transaction whole or not at all, and
+//!   the apply never waits on a Kafka commit per batch.
 //! - **Resume from Kafka's word.** On connect the producer takes the
 //!   feed's transactional id (`cutover.<slot>.<direction>`), which fences
 //!   an earlier session and aborts what it left open; then the last
@@ -42,11 +46,12 @@ use crate::change::{Change, Commit, PgTimestamp, SourceTransaction};
 use crate::lsn::Lsn;
 use crate::secret::Secret;
 use crate::sink::Sink;
-use crate::sink::envelope::{self, Message, Origin};
+use crate::sink::envelope::{self, Message, Origin, SnapshotMark};
 use crate::sink::filter::Filter;
 
 mod error;
 mod progress;
+mod snapshot;
 
 pub use error::FeedError;
 
@@ -60,6 +65,23 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// With nothing to publish, the position is committed this often at most
 /// (the slot's acknowledgement follows it).
 const IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// An open Kafka transaction is committed once this old...
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+
+/// ...or once it holds this many bytes of values.
+const COMMIT_BYTES: usize = 16 << 20;
+
+/// The Kafka transaction open: what it holds so far.
+#[derive(Debug)]
+struct Open {
+    /// Per topic: messages and bytes.
+    topics: HashMap<String, (u64, u64)>,
+    /// When it was begun.
+    since: Instant,
+    /// Bytes of values produced into it.
+    bytes: usize,
+}
 
 /// `[kafka]`: where and how the feed publishes.
 #[derive(Clone, Debug)]
@@ -79,6 +101,8 @@ pub struct KafkaSettings {
     pub sasl_password: Option<Secret>,
     /// `ssl.key.password`, kept out of logs.
     pub ssl_key_password: Option<Secret>,
+    /// Publish the initial copy's rows (`r` events) before the changes.
+    pub snapshot: bool,
 }
 
 impl KafkaSettings {
@@ -211,6 +235,13 @@ pub struct KafkaSink {
     /// record carries `<session>-<n>` in its `cutover.txn` header.
     session: String,
     txn: u64,
+    /// How far the snapshot is published (carried by every progress
+    /// record once the feed publishes one).
+    snapshot: Option<SnapshotMark>,
+    /// The feed had a committed progress record when it connected.
+    resumed: bool,
+    /// The Kafka transaction open, if one is.
+    open: Option<Open>,
 }
 
 /// The header naming a record's Kafka transaction. A `read_committed`
@@ -283,6 +314,9 @@ impl KafkaSink {
             on_commit: None,
             session: session_name(),
             txn: 0,
+            snapshot: None,
+            resumed: false,
+            open: None,
         };
         sink.ensure_topic(&sink.progress_topic.clone(), 1).await?;
         blocking("taking the feed's transactional id", move || {
@@ -304,11 +338,13 @@ impl KafkaSink {
             progress::last_committed(&base, &topic, &key, high, CALL_TIMEOUT)
         })
         .await?;
-        if let Some(last) = last {
-            sink.applied = last.max(floor);
+        if let Some(last) = &last {
+            sink.applied = last.end.max(floor);
             sink.durable = sink.applied;
+            sink.snapshot = last.snapshot.clone();
+            sink.resumed = true;
         }
-        tracing::info!(feed = %sink.progress_key, committed = ?last, start = %sink.applied, "Kafka feed ready");
+        tracing::info!(feed = %sink.progress_key, committed = ?last.map(|l| l.end), start = %sink.applied, "Kafka feed ready");
         Ok(sink)
     }
 
@@ -483,38 +519,82 @@ impl KafkaSink {
         }
     }
 
-    /// Begins a Kafka transaction.
-    fn begin(&mut self) -> Result<(), FeedError> {
-        self.txn += 1;
-        self.producer
-            .begin_transaction()
-            .map_err(|e| error::classify("beginning a Kafka transaction", &e))
+    /// Opens a Kafka transaction unless one is open.
+    fn open(&mut self) -> Result<(), FeedError> {
+        if self.open.is_none() {
+            self.txn += 1;
+            self.producer
+                .begin_transaction()
+                .map_err(|e| error::classify("beginning a Kafka transaction", &e))?;
+            self.open = Some(Open {
+                topics: HashMap::new(),
+                since: Instant::now(),
+                bytes: 0,
+            });
+        }
+        Ok(())
     }
 
-    /// Ends the open Kafka transaction with the progress record of `end`
-    /// and commits it.
-    async fn commit(
-        &mut self,
-        end: Lsn,
-        topics: HashMap<String, (u64, u64)>,
-    ) -> Result<(), FeedError> {
-        let record = envelope::progress(self.feed.direction, end);
+    /// Produces `messages` into the open Kafka transaction (opened if
+    /// none is); aborts it on a failure.
+    async fn add(&mut self, messages: &[Message]) -> Result<(), FeedError> {
+        self.open()?;
+        let mut tally = self
+            .open
+            .as_mut()
+            .map(|o| std::mem::take(&mut o.topics))
+            .unwrap_or_default();
+        let produced = self.produce(messages, &mut tally).await;
+        if let Some(open) = self.open.as_mut() {
+            open.topics = tally;
+            open.bytes += messages.iter().map(|m| m.value.len()).sum::<usize>();
+        }
+        match produced {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.abort(e).await),
+        }
+    }
+
+    /// Whether the position reached is due to be committed: the open
+    /// transaction is old or large enough, or, with nothing published
+    /// since the last commit, the position has waited long enough.
+    fn due(&self) -> bool {
+        match &self.open {
+            Some(open) => open.since.elapsed() >= COMMIT_EVERY || open.bytes >= COMMIT_BYTES,
+            None => {
+                self.applied > self.durable && self.last_commit.elapsed() >= IDLE_PROGRESS_EVERY
+            }
+        }
+    }
+
+    /// Ends the open Kafka transaction (opened if none is) with the
+    /// progress record of the position reached, and commits it; aborts it
+    /// on a failure.
+    async fn commit(&mut self) -> Result<(), FeedError> {
+        self.open()?;
+        let end = self.applied;
+        let record = envelope::progress(self.feed.direction, end, self.snapshot.as_ref());
         let (topic, key) = (self.progress_topic.clone(), self.progress_key.clone());
-        self.send(&topic, Some(&key), &record, Some(0)).await?;
+        if let Err(e) = self.send(&topic, Some(&key), &record, Some(0)).await {
+            return Err(self.abort(e).await);
+        }
         let started = Instant::now();
         let producer = Arc::clone(&self.producer);
-        blocking("committing a Kafka transaction", move || {
+        let committed = blocking("committing a Kafka transaction", move || {
             producer
                 .commit_transaction(CALL_TIMEOUT)
                 .map_err(|e| error::classify("committing a Kafka transaction", &e))
         })
-        .await?;
-        self.applied = self.applied.max(end);
+        .await;
+        if let Err(e) = committed {
+            return Err(self.abort(e).await);
+        }
+        let open = self.open.take();
         self.durable = end;
         self.last_commit = Instant::now();
         if let Some(on_commit) = &self.on_commit {
             on_commit(&Committed {
-                topics,
+                topics: open.map(|o| o.topics).unwrap_or_default(),
                 commit_seconds: started.elapsed().as_secs_f64(),
                 end,
             });
@@ -524,7 +604,8 @@ impl KafkaSink {
 
     /// Aborts the open Kafka transaction after `err`, and returns `err`:
     /// the session starts again from the last committed progress.
-    async fn abort(&self, err: FeedError) -> FeedError {
+    async fn abort(&mut self, err: FeedError) -> FeedError {
+        self.open = None;
         let producer = Arc::clone(&self.producer);
         let aborted = blocking("aborting a Kafka transaction", move || {
             producer
@@ -540,27 +621,11 @@ impl KafkaSink {
         err
     }
 
-    /// Publishes `messages`, up to `end`, in one Kafka transaction.
+    /// Publishes `messages`, up to `end`, and commits at once.
     async fn publish(&mut self, messages: &[Message], end: Lsn) -> Result<(), FeedError> {
-        self.begin()?;
-        let mut topics = HashMap::new();
-        let done = match self.produce(messages, &mut topics).await {
-            Ok(()) => self.commit(end, topics).await,
-            Err(e) => Err(e),
-        };
-        match done {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.abort(e).await),
-        }
-    }
-
-    /// Commits the position reached with nothing to publish.
-    async fn commit_position(&mut self) -> Result<Lsn, FeedError> {
-        if self.applied > self.durable {
-            let end = self.applied;
-            self.publish(&[], end).await?;
-        }
-        Ok(self.durable)
+        self.add(messages).await?;
+        self.applied = self.applied.max(end);
+        self.commit().await
     }
 
     /// The position of the last committed Kafka transaction.
@@ -600,16 +665,17 @@ impl Sink for KafkaSink {
         let Some(end) = end else {
             return Ok(self.applied);
         };
-        if messages.is_empty() {
-            // Nothing to publish (changes cutover skips): the position is
-            // committed later, not a Kafka transaction per batch.
-            self.applied = end;
-            if self.last_commit.elapsed() >= IDLE_PROGRESS_EVERY {
-                self.commit_position().await?;
-            }
-            return Ok(self.applied);
+        // Whole source transactions go into the open Kafka transaction,
+        // committed when due: the apply does not wait on Kafka's commit
+        // per batch. With nothing to publish (changes cutover skips) only
+        // the position moves.
+        if !messages.is_empty() {
+            self.add(&messages).await?;
         }
-        self.publish(&messages, end).await?;
+        self.applied = end;
+        if self.due() {
+            self.commit().await?;
+        }
         Ok(self.applied)
     }
 
@@ -626,34 +692,28 @@ impl Sink for KafkaSink {
             FeedError::transient("reading a large transaction from disk", e.to_string())
         };
         let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
-        // One Kafka transaction, whatever the size: its messages become
-        // visible whole.
-        self.begin()?;
-        let mut topics = HashMap::new();
-        let produced = async {
-            loop {
-                let changes = reader.next_batch(batch_rows).map_err(spill)?;
-                if changes.is_empty() {
-                    break;
-                }
-                let mut messages = Vec::new();
-                self.messages_of(
-                    &changes,
-                    commit.xid,
-                    commit.commit_lsn,
-                    commit.commit_time,
-                    &mut messages,
-                );
-                self.produce(&messages, &mut topics).await?;
+        // In the open Kafka transaction, whatever the size: its messages
+        // become visible whole; committed at its end.
+        loop {
+            let changes = match reader.next_batch(batch_rows) {
+                Ok(changes) => changes,
+                Err(e) => return Err(self.abort(spill(e)).await),
+            };
+            if changes.is_empty() {
+                break;
             }
-            self.commit(commit.end_lsn, std::mem::take(&mut topics))
-                .await
+            let mut messages = Vec::new();
+            self.messages_of(
+                &changes,
+                commit.xid,
+                commit.commit_lsn,
+                commit.commit_time,
+                &mut messages,
+            );
+            self.add(&messages).await?;
         }
-        .await;
-        match produced {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.abort(e).await),
-        }
+        self.applied = commit.end_lsn;
+        self.commit().await
     }
 
     fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {
@@ -673,13 +733,16 @@ impl Sink for KafkaSink {
     }
 
     async fn refresh_durable(&mut self) -> Result<Lsn, FeedError> {
-        if self.last_commit.elapsed() >= IDLE_PROGRESS_EVERY {
-            self.commit_position().await?;
+        if self.due() {
+            self.commit().await?;
         }
         Ok(self.durable)
     }
 
     async fn wait_durable(&mut self) -> Result<Lsn, FeedError> {
-        self.commit_position().await
+        if self.applied > self.durable || self.open.is_some() {
+            self.commit().await?;
+        }
+        Ok(self.durable)
     }
 }

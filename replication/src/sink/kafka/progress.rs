@@ -12,6 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::lsn::Lsn;
+use crate::sink::envelope::SnapshotMark;
 
 use super::error::{FeedError, classify};
 
@@ -29,7 +30,7 @@ pub(super) fn last_committed(
     key: &str,
     high: i64,
     wait: Duration,
-) -> Result<Option<Lsn>, FeedError> {
+) -> Result<Option<Progress>, FeedError> {
     let what = format!("reading the feed's progress from {topic}");
     let consumer: BaseConsumer = base
         .clone()
@@ -96,7 +97,7 @@ fn scan(
     key: &str,
     start: i64,
     deadline: Instant,
-) -> Result<Option<Lsn>, Scan> {
+) -> Result<Option<Progress>, Scan> {
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, 0, Offset::Offset(start))
@@ -125,10 +126,29 @@ fn scan(
     }
 }
 
-/// The position a progress record holds.
-fn parse(payload: &[u8]) -> Option<Lsn> {
+/// What a progress record holds: a position, and how far the snapshot is
+/// published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Progress {
+    /// The end of the last source transaction published.
+    pub(super) end: Lsn,
+    /// The snapshot's mark, when the feed publishes one.
+    pub(super) snapshot: Option<SnapshotMark>,
+}
+
+/// The progress a record holds.
+fn parse(payload: &[u8]) -> Option<Progress> {
     let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    value.get("end_lsn")?.as_u64().map(Lsn::from_u64)
+    let end = value.get("end_lsn")?.as_u64().map(Lsn::from_u64)?;
+    let snapshot = match value.get("snapshot") {
+        None => None,
+        Some(mark) if mark == "done" => Some(SnapshotMark::Done),
+        Some(mark) => Some(SnapshotMark::At {
+            table: mark.get("table")?.as_str()?.to_owned(),
+            block: mark.get("block")?.as_u64()?,
+        }),
+    };
+    Some(Progress { end, snapshot })
 }
 
 #[cfg(test)]
@@ -137,8 +157,31 @@ mod tests {
 
     #[test]
     fn a_progress_record_reads_back_and_anything_else_does_not() {
-        let record = crate::sink::envelope::progress("forward", Lsn::from_u64(0x1_0000_0010));
-        assert_eq!(parse(record.as_bytes()), Some(Lsn::from_u64(0x1_0000_0010)));
+        let at = Lsn::from_u64(0x1_0000_0010);
+        let record = crate::sink::envelope::progress("forward", at, None);
+        assert_eq!(
+            parse(record.as_bytes()),
+            Some(Progress {
+                end: at,
+                snapshot: None
+            })
+        );
+        for mark in [
+            SnapshotMark::Done,
+            SnapshotMark::At {
+                table: "public.accounts".into(),
+                block: 1024,
+            },
+        ] {
+            let record = crate::sink::envelope::progress("forward", at, Some(&mark));
+            assert_eq!(
+                parse(record.as_bytes()),
+                Some(Progress {
+                    end: at,
+                    snapshot: Some(mark)
+                })
+            );
+        }
         assert_eq!(parse(b"{\"end_lsn\":\"x\"}"), None);
         assert_eq!(parse(b"not json"), None);
     }
