@@ -598,6 +598,7 @@ impl Queries {
             ("started_at", Type::TIMESTAMPTZ),
             ("pid", Type::INT4),
             ("moved_groups", Type::TEXT),
+            ("kafka_committed_lsn", Type::PG_LSN),
         ]);
         let row = vec![
             Cell::Text(Some(view.state.name().to_owned())),
@@ -614,6 +615,7 @@ impl Queries {
             Cell::Text(Some(timestamp(view.started_at))),
             Cell::Int4(i32::try_from(view.pid).ok()),
             Cell::Text(Some(view.moved_groups.join(","))),
+            Cell::Text(view.kafka_committed_lsn),
         ];
         table.push(row);
         table.response()

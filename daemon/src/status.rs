@@ -64,6 +64,10 @@ pub struct Summary {
     pub slot: Option<String>,
     /// The last source commit applied on the target.
     pub applied_lsn: Option<String>,
+    /// The last source position the Kafka feed committed (`[kafka]`, a
+    /// running daemon).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_committed_lsn: Option<String>,
     /// Source transactions applied since the daemon started.
     pub transactions_applied: Option<i64>,
     /// Lag figures.
@@ -421,6 +425,7 @@ async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, St
             .collect(),
         slot: text(status, "slot"),
         applied_lsn: text(status, "applied_lsn"),
+        kafka_committed_lsn: text(status, "kafka_committed_lsn"),
         transactions_applied: int(status, "transactions_applied"),
         lag: SummaryLag {
             bytes: int(lag, "lag_bytes"),
@@ -581,6 +586,7 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
             .as_ref()
             .and_then(|r| r.applied_lsn)
             .map(|l| l.to_string()),
+        kafka_committed_lsn: None,
         transactions_applied: None,
         lag: SummaryLag {
             bytes: sample
@@ -731,6 +737,9 @@ impl Summary {
             "  applied up to {}",
             self.applied_lsn.as_deref().unwrap_or("nothing yet")
         );
+        if let Some(fed) = &self.kafka_committed_lsn {
+            let _ = writeln!(out, "  Kafka holds   up to {fed}");
+        }
         let lag = match (&self.lag.seconds, &self.lag.bytes) {
             (None, None) => "not measured yet".to_owned(),
             (seconds, bytes) => {

@@ -219,6 +219,14 @@ async fn every_change_reaches_kafka_once_in_key_order_across_a_kill_and_broker_f
         "{metrics}"
     );
     assert!(metrics.contains("cutover_kafka_lag_bytes"), "{metrics}");
+    // `status` says how far Kafka holds the stream.
+    let status = cutover_tests::cli::cutover_beside(&config, &["status"], None).await;
+    assert_eq!(status.code, 0, "{}", status.all_output());
+    assert!(
+        status.stdout.contains("Kafka holds   up to"),
+        "{}",
+        status.stdout
+    );
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
 
