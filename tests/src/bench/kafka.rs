@@ -62,6 +62,30 @@ pub async fn kafka(b: &Bench, report: &mut Report, changes: i64, round: usize) {
         "cutover tail to /dev/null: the source's decoding with a client that publishes nothing",
     );
 
+    // cutover on the same backlog without the feed: what the target's
+    // apply alone allows, the bound of the feed beside it.
+    reset_stream(b, seeded).await;
+    let config = b.cutover_config("kafka-target-only", "bench_kafka", STREAM_TABLES);
+    let mut daemon = b.start_cutover(&config).await;
+    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    write_backlog(b, changes, PER_TXN, seeded).await;
+    let before = origin_progress(b, "cutover_bench_kafka").await;
+    let started = Instant::now();
+    daemon.restart();
+    let (_, applying) = catch_up(b, "cutover_bench_kafka", before, started).await;
+    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    b.drop_cutover("bench_kafka").await;
+    report.record(
+        scenario,
+        "cutover, no feed",
+        "throughput",
+        changes as f64 / applying,
+        "changes/s",
+        Better::Higher,
+        b.equal("bench_stream").await,
+        "the same backlog applied to the target alone",
+    );
+
     // cutover feeding the mock cluster beside the target.
     let cluster = MockCluster::new(1).expect("librdkafka's mock cluster");
     cluster

@@ -581,6 +581,14 @@ impl KafkaSink {
         let started = Instant::now();
         let producer = Arc::clone(&self.producer);
         let committed = blocking("committing a Kafka transaction", move || {
+            // rdkafka's flush before the commit polls in steps of 100 ms
+            // whatever arrives: wait for the deliveries here (the
+            // producer's own thread serves them), so that its flush finds
+            // nothing left and the commit costs one round trip.
+            let deadline = Instant::now() + CALL_TIMEOUT;
+            while producer.in_flight_count() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(200));
+            }
             producer
                 .commit_transaction(CALL_TIMEOUT)
                 .map_err(|e| error::classify("committing a Kafka transaction", &e))
@@ -590,6 +598,14 @@ impl KafkaSink {
             return Err(self.abort(e).await);
         }
         let open = self.open.take();
+        tracing::debug!(
+            feed = %self.progress_key,
+            txn = self.txn,
+            %end,
+            ms = started.elapsed().as_millis() as u64,
+            messages = open.as_ref().map_or(0, |o| o.topics.values().map(|(n, _)| n).sum::<u64>()),
+            "Kafka transaction committed"
+        );
         self.durable = end;
         self.last_commit = Instant::now();
         if let Some(on_commit) = &self.on_commit {
