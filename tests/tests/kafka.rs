@@ -230,11 +230,67 @@ async fn every_change_reaches_kafka_once_in_key_order_across_a_kill_and_broker_f
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
 
+/// The finding `code` of `cutover check --format json` with `config`.
+fn check_finding(config: &Path, code: &str) -> (i32, Value) {
+    let outcome = cutover_tests::run_cutover(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "check",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    let report: Value = serde_json::from_str(&outcome.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", outcome.all_output()));
+    let found = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["code"] == code)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {code} finding: {report:#}"));
+    (outcome.code, found)
+}
+
 #[tokio::test]
 async fn a_broker_that_refuses_the_feed_stops_the_daemon_with_the_fix() {
     let kafka = Kafka::start(1);
     let dir = tempfile::tempdir().unwrap();
     let (_pair, config) = setup(dir.path(), &kafka).await;
+    // `check` asks the brokers first.
+    let (_, reachable) = check_finding(&config, "kafka_reachable");
+    assert_eq!(reachable["severity"], "info", "{reachable}");
+    assert!(
+        reachable["problem"]
+            .as_str()
+            .unwrap()
+            .contains("1 broker(s) answer"),
+        "{reachable}"
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    let nowhere = dir.path().join("nowhere.toml");
+    // A port nothing listens on.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(
+        &nowhere,
+        text.replace(&kafka.bootstrap(), &free.to_string()),
+    )
+    .unwrap();
+    let (code, unreachable) = check_finding(&nowhere, "kafka_unreachable");
+    assert_eq!(code, 1, "{unreachable}");
+    assert_eq!(unreachable["severity"], "blocking", "{unreachable}");
+    assert!(
+        unreachable["fix"]
+            .as_str()
+            .unwrap()
+            .contains("kafka.brokers"),
+        "{unreachable}"
+    );
     // Every InitProducerId refused: the principal may not use the
     // transactional id.
     kafka.cluster.request_errors(

@@ -6,6 +6,7 @@
 //! stands in the way.
 
 mod groups;
+mod kafka;
 pub mod report;
 mod tables;
 
@@ -159,6 +160,7 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
         }
     }
     local_checks(&mut report, config);
+    kafka::kafka_checks(&mut report, config).await;
     report.finish();
     report
 }

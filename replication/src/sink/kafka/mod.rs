@@ -762,3 +762,40 @@ impl Sink for KafkaSink {
         Ok(self.durable)
     }
 }
+
+/// What `cutover check` learns of the cluster without producing anything.
+#[derive(Debug)]
+pub struct Probe {
+    /// Brokers in the cluster's metadata.
+    pub brokers: usize,
+    /// The feed's topics that exist (`<prefix>.` topics).
+    pub topics: Vec<String>,
+}
+
+/// Asks the cluster for its metadata with the feed's settings (servers,
+/// TLS, SASL): whether it answers, and which of the feed's topics exist.
+/// Takes no transactional id: a running feed is not fenced.
+pub async fn probe(settings: &KafkaSettings) -> Result<Probe, FeedError> {
+    let what = format!("asking the brokers {} for their metadata", settings.brokers);
+    let consumer: BaseConsumer<FeedContext> = settings
+        .client_config()
+        .set("allow.auto.create.topics", "false")
+        .create_with_context(FeedContext)
+        .map_err(|e| error::classify(&what, &e))?;
+    let prefix = settings.topic("");
+    blocking(&what.clone(), move || {
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| error::classify(&what, &e))?;
+        Ok(Probe {
+            brokers: metadata.brokers().len(),
+            topics: metadata
+                .topics()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .filter(|t| t.starts_with(&prefix))
+                .collect(),
+        })
+    })
+    .await
+}
