@@ -219,6 +219,7 @@ async fn every_change_reaches_kafka_once_in_key_order_across_a_kill_and_broker_f
         "{metrics}"
     );
     assert!(metrics.contains("cutover_kafka_lag_bytes"), "{metrics}");
+    cutover_tests::http::promtool_check(&metrics);
     // `status` says how far Kafka holds the stream.
     let status = cutover_tests::cli::cutover_beside(&config, &["status"], None).await;
     assert_eq!(status.code, 0, "{}", status.all_output());

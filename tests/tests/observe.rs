@@ -1,38 +1,12 @@
 //! What an operator watches: `/metrics`, `/health`, `/ready` and the lag
 //! history, while `cutover run` streams.
 
-use std::io::Write;
 use std::time::Duration;
 
 use cutover_tests::http::{get, metric};
 use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// `promtool check metrics` accepts the exposition (format and naming
-/// lint); `make test` installs promtool (Debian package `prometheus`).
-fn promtool_check(body: &str) {
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool (make test installs it: apt-get install prometheus)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{body}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[tokio::test]
 async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
@@ -119,7 +93,7 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
             >= 1.0
     );
     assert!(body.contains("# TYPE cutover_lag_seconds gauge"), "{body}");
-    promtool_check(&body);
+    cutover_tests::http::promtool_check(&body);
 
     let (code, health) = get(&addr, "/health");
     assert_eq!(code, 200, "{health}");
@@ -191,7 +165,7 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
         metric(&metrics, "cutover_errors_total{kind=\"source_transient\"}").unwrap_or(0.0) >= 1.0,
         "{metrics}"
     );
-    promtool_check(&metrics);
+    cutover_tests::http::promtool_check(&metrics);
 
     // No secret in anything the daemon exposed or logged.
     for text in [&metrics, &get(&addr, "/health").1, &daemon.log()] {
