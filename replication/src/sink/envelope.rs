@@ -23,7 +23,7 @@
 //! names the partition and the rows it held. A schema change goes to the
 //! feed's `cutover.schema_changes` topic.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::change::{Change, ChangeKind, Datum, Relation, Tuple};
 use crate::lsn::Lsn;
@@ -83,45 +83,47 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
             "direction": origin.direction,
         })
     };
-    let row_message =
-        |relation: &Relation, op: &str, before: Value, after: Value, key_of: &Tuple| {
-            let value = json!({
-                "before": before,
-                "after": after,
-                "source": source(&relation.name.schema, &relation.name.name),
-                "op": op,
-                "ts_ms": ts_ms,
-            });
-            Message {
-                topic: topic(relation),
-                key: key(relation, key_of).map(|k| k.to_string()),
-                value: value.to_string(),
-                every_partition: false,
-            }
-        };
+    let row_message = |relation: &Relation,
+                       op: &str,
+                       before: Option<&Tuple>,
+                       after: Option<&Tuple>,
+                       key_of: &Tuple| {
+        // Written directly, in the columns' order: a row change is the
+        // feed's hot path, and a tree of `Value`s per message cost more
+        // than the rest of the feed.
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"{\"before\":");
+        write_row(&mut out, relation, before);
+        out.extend_from_slice(b",\"after\":");
+        write_row(&mut out, relation, after);
+        out.extend_from_slice(b",\"source\":");
+        write_source(&mut out, change, origin, snapshot, &relation.name);
+        out.extend_from_slice(b",\"op\":");
+        write_str(&mut out, op);
+        out.extend_from_slice(b",\"ts_ms\":");
+        out.extend_from_slice(ts_ms.to_string().as_bytes());
+        out.push(b'}');
+        Message {
+            topic: topic(relation),
+            key: key_text(relation, key_of),
+            value: text_of(out),
+            every_partition: false,
+        }
+    };
     match &change.kind {
         ChangeKind::Insert { relation, new } => {
             let op = if snapshot { "r" } else { "c" };
-            vec![row_message(
-                relation,
-                op,
-                Value::Null,
-                row(relation, new),
-                new,
-            )]
+            vec![row_message(relation, op, None, Some(new), new)]
         }
         ChangeKind::Update { relation, old, new } => {
-            let before = old
-                .as_ref()
-                .map_or(Value::Null, |old| row(relation, old.tuple()));
             // A moved key: the message goes under the old key, as the row
             // it changes was found by it.
             let key_of = old.as_ref().map_or(new, |old| old.tuple());
             vec![row_message(
                 relation,
                 "u",
-                before,
-                row(relation, new),
+                old.as_ref().map(|old| old.tuple()),
+                Some(new),
                 key_of,
             )]
         }
@@ -129,8 +131,8 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
             vec![row_message(
                 relation,
                 "d",
-                row(relation, old.tuple()),
-                Value::Null,
+                Some(old.tuple()),
+                None,
                 old.tuple(),
             )]
         }
@@ -187,29 +189,119 @@ fn topic(relation: &Relation) -> String {
     format!("{}.{}", relation.name.schema, relation.name.name)
 }
 
-/// The row's key columns, or `None` for a table without a key.
-fn key(relation: &Relation, tuple: &Tuple) -> Option<Value> {
-    let mut key = Map::new();
-    for (column, datum) in relation.columns.iter().zip(&tuple.0) {
-        if column.key {
-            key.insert(column.name.clone(), value(column.type_oid, datum));
-        }
-    }
-    // REPLICA IDENTITY FULL flags every column: that is no key.
-    let keyed = !key.is_empty() && relation.replica_identity != 'f';
-    keyed.then_some(Value::Object(key))
+/// `text` (valid JSON, so UTF-8) as a `String`.
+fn text_of(out: Vec<u8>) -> String {
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-/// The row as a JSON object, by column name.
-fn row(relation: &Relation, tuple: &Tuple) -> Value {
-    Value::Object(
-        relation
-            .columns
-            .iter()
-            .zip(&tuple.0)
-            .map(|(column, datum)| (column.name.clone(), value(column.type_oid, datum)))
-            .collect(),
-    )
+/// `s` as a JSON string.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The row as a JSON object by column name, or `null`.
+fn write_row(out: &mut Vec<u8>, relation: &Relation, tuple: Option<&Tuple>) {
+    let Some(tuple) = tuple else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    out.push(b'{');
+    for (i, (column, datum)) in relation.columns.iter().zip(&tuple.0).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, &column.name);
+        out.push(b':');
+        write_value(out, column.type_oid, datum);
+    }
+    out.push(b'}');
+}
+
+/// The row's key columns as a JSON object, or `None` for a table without
+/// a key.
+fn key_text(relation: &Relation, tuple: &Tuple) -> Option<String> {
+    // REPLICA IDENTITY FULL flags every column: that is no key.
+    if relation.replica_identity == 'f' || !relation.columns.iter().any(|c| c.key) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(32);
+    out.push(b'{');
+    let keyed = relation.columns.iter().zip(&tuple.0).filter(|(c, _)| c.key);
+    for (i, (column, datum)) in keyed.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(&mut out, &column.name);
+        out.push(b':');
+        write_value(&mut out, column.type_oid, datum);
+    }
+    out.push(b'}');
+    Some(text_of(out))
+}
+
+/// The envelope's `source` of `change` to `table`.
+fn write_source(
+    out: &mut Vec<u8>,
+    change: &Change,
+    origin: &Origin<'_>,
+    snapshot: bool,
+    table: &crate::catalog::TableName,
+) {
+    out.extend_from_slice(b"{\"connector\":\"cutover\",\"name\":");
+    write_str(out, origin.server);
+    out.extend_from_slice(b",\"db\":");
+    write_str(out, origin.database);
+    out.extend_from_slice(b",\"schema\":");
+    write_str(out, &table.schema);
+    out.extend_from_slice(b",\"table\":");
+    write_str(out, &table.name);
+    out.extend_from_slice(b",\"lsn\":");
+    out.extend_from_slice(change.lsn.as_u64().to_string().as_bytes());
+    out.extend_from_slice(b",\"lsn_text\":");
+    write_str(out, &change.lsn.to_string());
+    out.extend_from_slice(b",\"txId\":");
+    out.extend_from_slice(origin.xid.to_string().as_bytes());
+    out.extend_from_slice(b",\"ts_ms\":");
+    out.extend_from_slice(origin.commit_ms.to_string().as_bytes());
+    out.extend_from_slice(if snapshot {
+        b",\"snapshot\":true,\"direction\":"
+    } else {
+        b",\"snapshot\":false,\"direction\":"
+    });
+    write_str(out, origin.direction);
+    out.push(b'}');
+}
+
+/// One value of type `type_oid`, written as [`value`] gives it.
+fn write_value(out: &mut Vec<u8>, type_oid: u32, datum: &Datum) {
+    match datum {
+        Datum::Null => out.extend_from_slice(b"null"),
+        Datum::Text(bytes) => {
+            let text = String::from_utf8_lossy(bytes);
+            match type_oid {
+                BOOL if *text == *"t" => out.extend_from_slice(b"true"),
+                BOOL if *text == *"f" => out.extend_from_slice(b"false"),
+                INT2 | INT4 | INT8 | OID
+                    if !text.starts_with('+') && text.parse::<i64>().is_ok() =>
+                {
+                    // The server's own digits: an integer's text is JSON.
+                    out.extend_from_slice(text.as_bytes());
+                }
+                FLOAT4 | FLOAT8 => match text.parse::<f64>() {
+                    Ok(f) if f.is_finite() => {
+                        let _ = serde_json::to_writer(&mut *out, &f);
+                    }
+                    _ => write_str(out, &text),
+                },
+                _ => write_str(out, &text),
+            }
+        }
+        // The rare forms go through the `Value` path.
+        other => {
+            let _ = serde_json::to_writer(&mut *out, &value(type_oid, other));
+        }
+    }
 }
 
 /// Built-in type OIDs written as JSON numbers or booleans.
@@ -459,6 +551,43 @@ mod tests {
         assert_eq!(value["op"], "d");
         assert_eq!(value["after"], Value::Null);
         assert_eq!(value["before"]["rate"], "-Infinity");
+    }
+
+    #[test]
+    fn names_and_values_are_escaped_and_columns_keep_the_table_s_order() {
+        let mut relation = (*relation('d')).clone();
+        relation.columns[1].name = "own\"er\n".into();
+        let new = text(&[
+            Some("7"),
+            Some("a \"quoted\"\\ line\nand\u{1}"),
+            Some("1.10"),
+            Some("x"),
+            Some("1e+20"),
+            Some("é"),
+        ]);
+        let kind = ChangeKind::Insert {
+            relation: Arc::new(relation),
+            new,
+        };
+        let message = &messages(&change(kind), &ORIGIN, 5, false)[0];
+        let (_, value) = parsed(message);
+        let after = &value["after"];
+        assert_eq!(after["own\"er\n"], "a \"quoted\"\\ line\nand\u{1}");
+        assert_eq!(after["active"], "x", "not a boolean's text: a string");
+        assert_eq!(after["rate"], 1e20);
+        assert_eq!(after["notes"], "é");
+        let order: Vec<usize> = [
+            "\"id\"",
+            "\"own",
+            "\"balance\"",
+            "\"active\"",
+            "\"rate\"",
+            "\"notes\"",
+        ]
+        .iter()
+        .map(|name| message.value.find(name).unwrap())
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{}", message.value);
     }
 
     #[test]

@@ -235,6 +235,8 @@ pub struct KafkaSink {
     /// record carries `<session>-<n>` in its `cutover.txn` header.
     session: String,
     txn: u64,
+    /// `<session>-<txn>`, the `cutover.txn` header of the open transaction.
+    txn_id: String,
     /// How far the snapshot is published (carried by every progress
     /// record once the feed publishes one).
     snapshot: Option<SnapshotMark>,
@@ -314,6 +316,7 @@ impl KafkaSink {
             on_commit: None,
             session: session_name(),
             txn: 0,
+            txn_id: String::new(),
             snapshot: None,
             resumed: false,
             open: None,
@@ -465,23 +468,48 @@ impl KafkaSink {
         messages: &[Message],
         tally: &mut HashMap<String, (u64, u64)>,
     ) -> Result<(), FeedError> {
+        // Consecutive messages mostly share a topic: its full name and
+        // partitions are looked up once per run of them.
+        let mut current: Option<(&str, String, i32)> = None;
         for message in messages {
-            let topic = self.settings.topic(&message.topic);
-            let partitions = self.ensure_topic(&topic, self.settings.partitions).await?;
+            let (topic, partitions) = match &current {
+                Some((short, full, partitions)) if *short == message.topic => {
+                    (full.clone(), *partitions)
+                }
+                _ => {
+                    let full = self.settings.topic(&message.topic);
+                    let partitions = self.ensure_topic(&full, self.settings.partitions).await?;
+                    current = Some((&message.topic, full.clone(), partitions));
+                    (full, partitions)
+                }
+            };
             // A keyless table's rows share partition 0, in order; a
             // truncate (no key) goes to every partition.
-            let targets: Vec<Option<i32>> = match (&message.key, message.every_partition) {
-                (_, true) => (0..partitions).map(Some).collect(),
-                (Some(_), false) => vec![None],
-                (None, false) => vec![Some(0)],
-            };
-            for partition in targets {
-                self.send(&topic, message.key.as_deref(), &message.value, partition)
-                    .await?;
+            match (&message.key, message.every_partition) {
+                (_, true) => {
+                    for partition in 0..partitions {
+                        self.send(
+                            &topic,
+                            message.key.as_deref(),
+                            &message.value,
+                            Some(partition),
+                        )
+                        .await?;
+                    }
+                }
+                (Some(key), false) => self.send(&topic, Some(key), &message.value, None).await?,
+                (None, false) => self.send(&topic, None, &message.value, Some(0)).await?,
             }
-            let entry = tally.entry(topic).or_default();
-            entry.0 += 1;
-            entry.1 += (message.key.as_ref().map_or(0, String::len) + message.value.len()) as u64;
+            let bytes = (message.key.as_ref().map_or(0, String::len) + message.value.len()) as u64;
+            match tally.get_mut(&topic) {
+                Some(entry) => {
+                    entry.0 += 1;
+                    entry.1 += bytes;
+                }
+                None => {
+                    tally.insert(topic, (1, bytes));
+                }
+            }
         }
         Ok(())
     }
@@ -494,11 +522,10 @@ impl KafkaSink {
         value: &str,
         partition: Option<i32>,
     ) -> Result<(), FeedError> {
-        let txn = format!("{}-{}", self.session, self.txn);
         loop {
             let headers = OwnedHeaders::new().insert(Header {
                 key: TXN_HEADER,
-                value: Some(txn.as_str()),
+                value: Some(self.txn_id.as_str()),
             });
             let mut record = BaseRecord::<str, str>::to(topic)
                 .payload(value)
@@ -523,6 +550,7 @@ impl KafkaSink {
     fn open(&mut self) -> Result<(), FeedError> {
         if self.open.is_none() {
             self.txn += 1;
+            self.txn_id = format!("{}-{}", self.session, self.txn);
             self.producer
                 .begin_transaction()
                 .map_err(|e| error::classify("beginning a Kafka transaction", &e))?;
