@@ -259,7 +259,7 @@ fn check_finding(config: &Path, code: &str) -> (i32, Value) {
 async fn a_broker_that_refuses_the_feed_stops_the_daemon_with_the_fix() {
     let kafka = Kafka::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let (_pair, config) = setup(dir.path(), &kafka).await;
+    let (pair, config) = setup(dir.path(), &kafka).await;
     // `check` asks the brokers first.
     let (_, reachable) = check_finding(&config, "kafka_reachable");
     assert_eq!(reachable["severity"], "info", "{reachable}");
@@ -304,6 +304,26 @@ async fn a_broker_that_refuses_the_feed_stops_the_daemon_with_the_fix() {
     assert_eq!(code, Some(1), "{log}");
     assert!(
         log.contains("WRITE and DESCRIBE on the transactional ids"),
+        "{log}"
+    );
+
+    // A produce refused for the topic's ACL: librdkafka's next call says
+    // only that the transaction failed; the delivery's own error names
+    // the fix, and the daemon stops on it instead of retrying forever.
+    kafka
+        .cluster
+        .clear_request_errors(RDKafkaApiKey::InitProducerId);
+    let mut daemon = Daemon::start_streaming(&config).await;
+    kafka.cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50],
+    );
+    pair.on_source(&write(1)).await;
+    let code = daemon.wait(WAIT);
+    let log = daemon.log_of_this_start();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("WRITE and DESCRIBE on the feed's topics"),
         "{log}"
     );
 }
@@ -506,6 +526,89 @@ async fn the_copy_s_rows_come_first_as_r_events_when_the_snapshot_is_asked_for()
         daemon
             .log()
             .contains("a snapshot now would come after them"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[tokio::test]
+async fn a_snapshot_stopped_in_the_middle_goes_on_where_it_stopped_and_a_late_one_is_refused() {
+    let kafka = Kafka::start(1);
+    for prefix in ["snap", "later"] {
+        kafka.topic(&format!("{prefix}.cutover.progress"), 1);
+        kafka.topic(&format!("{prefix}.public.wide"), 3);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE wide (id int PRIMARY KEY, pad text NOT NULL);")
+        .await;
+    // About 600 heap blocks: three of the snapshot's ranges.
+    const ROWS: i64 = 20_000;
+    pair.on_source(&format!(
+        "INSERT INTO wide SELECT g, repeat('x', 200) FROM generate_series(1, {ROWS}) g;"
+    ))
+    .await;
+    let config = pair.config(
+        dir.path(),
+        &format!(
+            "allow_no_password = true\n{}snapshot = true\n",
+            kafka.config("snap")
+        ),
+    );
+    // Killed once the snapshot's first range is in Kafka.
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &["run"],
+        &[("CUTOVER_FAILPOINT", "kafka:snapshot:range")],
+    );
+    assert_ne!(daemon.wait(WAIT), Some(0), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("failpoint kafka:snapshot:range"),
+        "{}",
+        daemon.log()
+    );
+    let before = kafka
+        .read("snap")
+        .iter()
+        .filter(|e| e.value["op"] == "r")
+        .count() as i64;
+    assert!(
+        before > 0 && before < ROWS,
+        "{before} rows published before the kill"
+    );
+
+    // Started again, it publishes the rest, each row once.
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let ids = wait_for("every row of the snapshot in Kafka", WAIT, || async {
+        let ids: Vec<i64> = kafka
+            .read("snap")
+            .iter()
+            .filter(|e| e.topic == "snap.public.wide" && e.value["op"] == "r")
+            .map(|e| e.value["after"]["id"].as_i64().unwrap())
+            .collect();
+        (ids.len() as i64 >= ROWS).then_some(ids)
+    })
+    .await;
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "a row published twice");
+    assert_eq!(sorted, (1..=ROWS).collect::<Vec<_>>());
+
+    // Once the target has applied changes, a feed asked for a snapshot
+    // (here a new one, under another prefix) is refused with the fix.
+    pair.on_source("UPDATE wide SET pad = 'y' WHERE id = 1;")
+        .await;
+    pair.wait_equal(&["wide"], WAIT).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"snap\"", "\"later\"")).unwrap();
+    let mut daemon = Daemon::start(&config, &["run"]);
+    assert_eq!(daemon.wait(WAIT), Some(1), "{}", daemon.log());
+    assert!(
+        daemon
+            .log_of_this_start()
+            .contains("kafka.snapshot must be set before the first"),
         "{}",
         daemon.log()
     );

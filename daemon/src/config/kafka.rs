@@ -7,7 +7,8 @@
 //! format = "debezium"
 //! partitions = 6                   # of the topics cutover creates
 //! replication_factor = 3
-//! sasl_password_file = "/run/secrets/kafka"
+//! sasl_password_file = "/run/secrets/kafka"    # or sasl_password
+//! # ssl_key_password, sasl_oauthbearer_client_secret: the other secrets
 //! [kafka.properties]               # librdkafka's, passed through
 //! "security.protocol" = "SASL_SSL"
 //! "sasl.mechanism" = "SCRAM-SHA-512"
@@ -35,6 +36,7 @@ pub(super) const KEYS: &[&str] = &[
     "sasl_password",
     "sasl_password_file",
     "ssl_key_password",
+    "sasl_oauthbearer_client_secret",
     "properties",
 ];
 
@@ -60,6 +62,8 @@ pub struct RawKafka {
     pub sasl_password_file: Option<PathBuf>,
     /// `ssl.key.password`.
     pub ssl_key_password: Option<Secret>,
+    /// `sasl.oauthbearer.client.secret` (OAUTHBEARER with OIDC).
+    pub sasl_oauthbearer_client_secret: Option<Secret>,
     /// librdkafka properties, passed through.
     pub properties: Option<BTreeMap<String, toml_value::Value>>,
 }
@@ -186,7 +190,7 @@ pub(super) fn settings(raw: RawKafka) -> Result<KafkaSettings, ConfigError> {
         if key.contains("password") || key.contains("secret") || key == "ssl.key.pem" {
             return Err(ConfigError::invalid(
                 path,
-                "would put a secret where logs and `status` may show it: use kafka.sasl_password (or sasl_password_file) or kafka.ssl_key_password",
+                "would put a secret where logs and `status` may show it: use kafka.sasl_password (or sasl_password_file), kafka.ssl_key_password or kafka.sasl_oauthbearer_client_secret",
             ));
         }
         properties.push((key, value.text()));
@@ -199,6 +203,7 @@ pub(super) fn settings(raw: RawKafka) -> Result<KafkaSettings, ConfigError> {
         properties,
         sasl_password,
         ssl_key_password: raw.ssl_key_password,
+        oauthbearer_client_secret: raw.sasl_oauthbearer_client_secret,
         snapshot: raw.snapshot.unwrap_or(false),
     })
 }

@@ -190,7 +190,16 @@ where
     // Everything applied is flushed before the last acknowledgement;
     // dropping the sender tells the reader the last durable position.
     tracing::debug!(applied = %applier.applied(), "applier stopping: waiting for the target to flush");
-    let last = match tokio::time::timeout(SHUTDOWN_FLUSH_WAIT, applier.wait_durable()).await {
+    // A drain (a switch's, a verify's catch-up) ends only once what it
+    // applied is durable in every sink: a Kafka feed's last changes are not
+    // visible before they are committed, and the next direction's must
+    // come after them.
+    let waited = if until_stop.is_some() {
+        Ok(applier.wait_durable().await)
+    } else {
+        tokio::time::timeout(SHUTDOWN_FLUSH_WAIT, applier.wait_durable()).await
+    };
+    let last = match waited {
         Ok(result) => result?,
         Err(_) => {
             // Acknowledging less than was applied is always safe: the

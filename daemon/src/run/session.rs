@@ -246,7 +246,12 @@ async fn snapshot(
         })?;
     let tables: Vec<_> = outcome.copied_at.keys().cloned().collect();
     tracing::info!(tables = tables.len(), "publishing the copy's rows to Kafka");
-    feed.publish_snapshot(&target, &tables, outcome.start)
+    // The tables are described as the source's catalog says, as the
+    // stream describes them.
+    let source = cutover_replication::client::connect(&config.source.conninfo)
+        .await
+        .map_err(|e| RunError::Source { err: e.into() })?;
+    feed.publish_snapshot(&source, &target, &tables, outcome.start)
         .await?;
     Ok(())
 }

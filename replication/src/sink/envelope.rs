@@ -352,9 +352,10 @@ pub enum SnapshotMark {
     /// Published up to `table` (in name order), whose blocks before
     /// `block` are published.
     At {
-        /// `schema.table`.
-        table: String,
-        /// The first block not published.
+        /// The table (a partition of a partitioned one) being read, in
+        /// name order.
+        table: crate::catalog::TableName,
+        /// Its first block not published.
         block: u64,
     },
     /// Every row published.
@@ -370,7 +371,8 @@ pub fn progress(direction: &str, end_lsn: Lsn, snapshot: Option<&SnapshotMark>) 
         None => {}
         Some(SnapshotMark::Done) => record["snapshot"] = json!("done"),
         Some(SnapshotMark::At { table, block }) => {
-            record["snapshot"] = json!({ "table": table, "block": block });
+            record["snapshot"] =
+                json!({ "schema": table.schema, "table": table.name, "block": block });
         }
     }
     record.to_string()

@@ -109,8 +109,11 @@ pub(super) fn fix_of(code: RDKafkaErrorCode) -> Option<&'static str> {
         C::InvalidConfig | C::PolicyViolation | C::InvalidArgument => {
             "the brokers refused a setting: check [kafka] and [kafka.properties]"
         }
-        C::UnknownTopicOrPartition | C::UnknownTopic => {
-            "the topic does not exist and could not be made: create it, or let cutover's principal create topics"
+        C::InvalidTransactionTimeout => {
+            "the brokers refuse the producer's transaction.timeout.ms (cutover asks for 900000, 15 minutes): set a lower one in [kafka.properties], at most the brokers' transaction.max.timeout.ms"
+        }
+        C::SSL => {
+            "the TLS handshake with the brokers failed: check kafka.properties' ssl.ca.location and the brokers' certificates"
         }
         C::UnsupportedVersion => {
             "the brokers are too old for transactions: the feed needs Kafka 2.5 or later"

@@ -42,7 +42,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use crate::change::{Change, Commit, PgTimestamp, SourceTransaction};
+use crate::change::{Change, ChangeKind, Commit, PgTimestamp, SourceTransaction};
 use crate::lsn::Lsn;
 use crate::secret::Secret;
 use crate::sink::Sink;
@@ -65,6 +65,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// With nothing to publish, the position is committed this often at most
 /// (the slot's acknowledgement follows it).
 const IDLE_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// The producer's setting that bounds a Kafka transaction's life.
+const TRANSACTION_TIMEOUT: &str = "transaction.timeout.ms";
+
+/// What cutover asks for unless `[kafka.properties]` says otherwise.
+const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 900_000;
 
 /// An open Kafka transaction is committed once this old...
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
@@ -101,6 +107,8 @@ pub struct KafkaSettings {
     pub sasl_password: Option<Secret>,
     /// `ssl.key.password`, kept out of logs.
     pub ssl_key_password: Option<Secret>,
+    /// `sasl.oauthbearer.client.secret`, kept out of logs.
+    pub oauthbearer_client_secret: Option<Secret>,
     /// Publish the initial copy's rows (`r` events) before the changes.
     pub snapshot: bool,
 }
@@ -125,6 +133,9 @@ impl KafkaSettings {
         }
         if let Some(password) = &self.ssl_key_password {
             config.set("ssl.key.password", password.expose());
+        }
+        if let Some(secret) = &self.oauthbearer_client_secret {
+            config.set("sasl.oauthbearer.client.secret", secret.expose());
         }
         config.set_log_level(RDKafkaLogLevel::Warning);
         config
@@ -177,9 +188,42 @@ pub struct Committed {
 pub type CommittedFn = dyn Fn(&Committed) + Send + Sync;
 
 /// The client context: librdkafka's logs and errors go to the daemon's
-/// log.
-#[derive(Clone, Debug)]
-struct FeedContext;
+/// log, and the first error an operator must fix that librdkafka reports
+/// on its own (a delivery refused, credentials refused while connecting)
+/// is kept: the call that fails next says only that it timed out, or that
+/// the transaction is in an error state.
+#[derive(Debug, Default)]
+struct FeedContext {
+    definite: std::sync::Mutex<Option<(RDKafkaErrorCode, String)>>,
+}
+
+impl FeedContext {
+    /// Keeps `error` when it is one an operator must fix.
+    fn note(&self, error: &KafkaError) {
+        if let Some(code) = error.rdkafka_error_code()
+            && error::fix_of(code).is_some()
+            && let Ok(mut kept) = self.definite.lock()
+            && kept.is_none()
+        {
+            *kept = Some((code, error.to_string()));
+        }
+    }
+
+    /// `err`, made definite with its fix when librdkafka reported an error
+    /// an operator must fix.
+    fn sharpen(&self, err: FeedError) -> FeedError {
+        if !err.transient {
+            return err;
+        }
+        let kept = self.definite.lock().ok().and_then(|k| k.clone());
+        match kept.and_then(|(code, detail)| error::fix_of(code).map(|fix| (detail, fix))) {
+            Some((detail, fix)) => {
+                FeedError::definite(err.what, format!("{detail} ({})", err.detail), fix)
+            }
+            None => err,
+        }
+    }
+}
 
 impl ClientContext for FeedContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -197,6 +241,7 @@ impl ClientContext for FeedContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.note(&error);
         tracing::warn!(%error, "Kafka: {reason}");
     }
 }
@@ -206,9 +251,14 @@ impl ConsumerContext for FeedContext {}
 impl ProducerContext for FeedContext {
     type DeliveryOpaque = ();
 
-    // A message that fails makes its transaction's commit fail: nothing
-    // to do per message.
-    fn delivery(&self, _: &DeliveryResult<'_>, _: ()) {}
+    // A message that fails makes its transaction's commit fail; its own
+    // error is kept when it names what to fix (a topic's ACL, a message
+    // too large).
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, _)) = result {
+            self.note(error);
+        }
+    }
 }
 
 /// One stream's Kafka feed.
@@ -244,6 +294,8 @@ pub struct KafkaSink {
     resumed: bool,
     /// The Kafka transaction open, if one is.
     open: Option<Open>,
+    /// `transaction.timeout.ms`: the brokers abort a transaction older.
+    transaction_timeout: Duration,
 }
 
 /// The header naming a record's Kafka transaction. A `read_committed`
@@ -284,12 +336,34 @@ impl KafkaSink {
     ) -> Result<KafkaSink, FeedError> {
         let base = settings.client_config();
         let key = feed.key();
-        let producer: ThreadedProducer<FeedContext> = base
-            .clone()
+        let mut producer_config = base.clone();
+        if !settings
+            .properties
+            .iter()
+            .any(|(k, _)| k == TRANSACTION_TIMEOUT)
+        {
+            // librdkafka's default, 60 s, bounds how long one source
+            // transaction may take to publish: the brokers abort a longer
+            // one. 15 minutes is the brokers' default ceiling.
+            producer_config.set(
+                TRANSACTION_TIMEOUT,
+                DEFAULT_TRANSACTION_TIMEOUT_MS.to_string(),
+            );
+        }
+        let transaction_timeout = settings
+            .properties
+            .iter()
+            .find(|(k, _)| k == TRANSACTION_TIMEOUT)
+            .and_then(|(_, v)| v.parse().ok())
+            .map_or(
+                Duration::from_millis(DEFAULT_TRANSACTION_TIMEOUT_MS),
+                Duration::from_millis,
+            );
+        let producer: ThreadedProducer<FeedContext> = producer_config
             .set("transactional.id", format!("cutover.{key}"))
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .create_with_context(FeedContext)
+            .create_with_context(FeedContext::default())
             .map_err(|e| error::classify("configuring the producer", &e))?;
         let producer = Arc::new(producer);
         let admin: AdminClient<DefaultClientContext> = base
@@ -298,7 +372,7 @@ impl KafkaSink {
         let meta: BaseConsumer<FeedContext> = base
             .clone()
             .set("allow.auto.create.topics", "false")
-            .create_with_context(FeedContext)
+            .create_with_context(FeedContext::default())
             .map_err(|e| error::classify("configuring the metadata client", &e))?;
         let mut sink = KafkaSink {
             producer: Arc::clone(&producer),
@@ -320,25 +394,20 @@ impl KafkaSink {
             snapshot: None,
             resumed: false,
             open: None,
+            transaction_timeout,
         };
         sink.ensure_topic(&sink.progress_topic.clone(), 1).await?;
+        let context = Arc::clone(producer.context());
         blocking("taking the feed's transactional id", move || {
             producer
                 .init_transactions(CALL_TIMEOUT)
                 .map_err(|e| error::classify("taking the feed's transactional id", &e))
         })
-        .await?;
-        let (producer, topic, key) = (
-            Arc::clone(&sink.producer),
-            sink.progress_topic.clone(),
-            sink.progress_key.clone(),
-        );
+        .await
+        .map_err(|e| context.sharpen(e))?;
+        let (topic, key) = (sink.progress_topic.clone(), sink.progress_key.clone());
         let last = blocking("reading the feed's progress", move || {
-            let (_, high) = producer
-                .client()
-                .fetch_watermarks(&topic, 0, CALL_TIMEOUT)
-                .map_err(|e| error::classify(format!("reading the end of {topic}"), &e))?;
-            progress::last_committed(&base, &topic, &key, high, CALL_TIMEOUT)
+            progress::last_committed(&base, &topic, &key, CALL_TIMEOUT)
         })
         .await?;
         if let Some(last) = &last {
@@ -456,8 +525,35 @@ impl KafkaSink {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         for change in changes {
-            if self.filter.wanted(change, commit_lsn) {
-                out.extend(envelope::messages(change, &origin, now_ms, false));
+            if !self.filter.wanted(change, commit_lsn) {
+                continue;
+            }
+            match &change.kind {
+                // A truncate is published for the tables the target
+                // truncates: those the filter takes.
+                ChangeKind::Truncate {
+                    relations,
+                    cascade,
+                    restart_identity,
+                } if relations
+                    .iter()
+                    .any(|r| !self.filter.takes(&r.name, commit_lsn)) =>
+                {
+                    let taken = Change {
+                        kind: ChangeKind::Truncate {
+                            relations: relations
+                                .iter()
+                                .filter(|r| self.filter.takes(&r.name, commit_lsn))
+                                .cloned()
+                                .collect(),
+                            cascade: *cascade,
+                            restart_identity: *restart_identity,
+                        },
+                        ..change.clone()
+                    };
+                    out.extend(envelope::messages(&taken, &origin, now_ms, false));
+                }
+                _ => out.extend(envelope::messages(change, &origin, now_ms, false)),
             }
         }
     }
@@ -649,6 +745,7 @@ impl KafkaSink {
     /// Aborts the open Kafka transaction after `err`, and returns `err`:
     /// the session starts again from the last committed progress.
     async fn abort(&mut self, err: FeedError) -> FeedError {
+        let err = self.producer.context().sharpen(err);
         self.open = None;
         let producer = Arc::clone(&self.producer);
         let aborted = blocking("aborting a Kafka transaction", move || {
@@ -675,6 +772,39 @@ impl KafkaSink {
     /// The position of the last committed Kafka transaction.
     pub fn committed(&self) -> Lsn {
         self.durable
+    }
+
+    /// The body of a spilled transaction, read back in pieces, into the
+    /// open Kafka transaction, committed at its end.
+    async fn publish_spilled(
+        &mut self,
+        reader: &mut crate::spill::SpillReader,
+        commit: &Commit,
+        batch_rows: usize,
+    ) -> Result<(), FeedError> {
+        let spill = |e: crate::spill::SpillError| {
+            FeedError::transient("reading a large transaction from disk", e.to_string())
+        };
+        loop {
+            let changes = match reader.next_batch(batch_rows) {
+                Ok(changes) => changes,
+                Err(e) => return Err(self.abort(spill(e)).await),
+            };
+            if changes.is_empty() {
+                break;
+            }
+            let mut messages = Vec::new();
+            self.messages_of(
+                &changes,
+                commit.xid,
+                commit.commit_lsn,
+                commit.commit_time,
+                &mut messages,
+            );
+            self.add(&messages).await?;
+        }
+        self.applied = commit.end_lsn;
+        self.commit().await
     }
 }
 
@@ -736,28 +866,24 @@ impl Sink for KafkaSink {
             FeedError::transient("reading a large transaction from disk", e.to_string())
         };
         let mut reader = crate::spill::SpillReader::open(path).map_err(spill)?;
-        // In the open Kafka transaction, whatever the size: its messages
-        // become visible whole; committed at its end.
-        loop {
-            let changes = match reader.next_batch(batch_rows) {
-                Ok(changes) => changes,
-                Err(e) => return Err(self.abort(spill(e)).await),
-            };
-            if changes.is_empty() {
-                break;
-            }
-            let mut messages = Vec::new();
-            self.messages_of(
-                &changes,
-                commit.xid,
-                commit.commit_lsn,
-                commit.commit_time,
-                &mut messages,
-            );
-            self.add(&messages).await?;
+        let started = Instant::now();
+        match self.publish_spilled(&mut reader, commit, batch_rows).await {
+            // The brokers abort a transaction older than its timeout; the
+            // same transaction would fail again the same way.
+            Err(e) if started.elapsed() >= self.transaction_timeout => Err(FeedError::definite(
+                format!(
+                    "publishing source transaction {} (committed at {}), spilled to disk for its size",
+                    commit.xid, commit.commit_lsn
+                ),
+                format!(
+                    "it took {:.0} s, longer than transaction.timeout.ms ({} s), and the brokers aborted it: {e}",
+                    started.elapsed().as_secs_f64(),
+                    self.transaction_timeout.as_secs()
+                ),
+                "raise transaction.timeout.ms in [kafka.properties] and the brokers' transaction.max.timeout.ms above the time this transaction takes: one source transaction is one Kafka transaction",
+            )),
+            other => other,
         }
-        self.applied = commit.end_lsn;
-        self.commit().await
     }
 
     fn wanted(&self, change: &Change, commit_lsn: Lsn) -> bool {
@@ -808,7 +934,7 @@ pub async fn probe(settings: &KafkaSettings) -> Result<Probe, FeedError> {
     let consumer: BaseConsumer<FeedContext> = settings
         .client_config()
         .set("allow.auto.create.topics", "false")
-        .create_with_context(FeedContext)
+        .create_with_context(FeedContext::default())
         .map_err(|e| error::classify(&what, &e))?;
     let prefix = settings.topic("");
     blocking(&what.clone(), move || {

@@ -18,20 +18,30 @@ use super::error::{FeedError, classify};
 
 /// The last committed progress of the feed `key` on `topic`, read with a
 /// `read_committed` consumer once no transaction begun before the call is
-/// still open (it could hold the feed's last record). Blocking.
+/// still open (another feed's, sharing the partition, could hide the
+/// feed's last record behind it). Blocking.
 ///
-/// `high` is the partition's end as a producer sees it (uncommitted
-/// records included). The feed's own producer has finished its
-/// transactions before this is called (`init_transactions`), so every
-/// record of the feed is below it.
+/// The feed's own producer has finished its transactions before this is
+/// called (`init_transactions`), so every record of the feed is below the
+/// partition's end as it is now, uncommitted records included.
 pub(super) fn last_committed(
     base: &ClientConfig,
     topic: &str,
     key: &str,
-    high: i64,
     wait: Duration,
 ) -> Result<Option<Progress>, FeedError> {
     let what = format!("reading the feed's progress from {topic}");
+    // librdkafka asks for offsets with the client's isolation level, and
+    // its default is read_committed: the end, uncommitted records
+    // included, needs a read_uncommitted client.
+    let end: BaseConsumer = base
+        .clone()
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .map_err(|e| classify(&what, &e))?;
+    let (_, high) = end
+        .fetch_watermarks(topic, 0, wait)
+        .map_err(|e| classify(&what, &e))?;
     let consumer: BaseConsumer = base
         .clone()
         .set("isolation.level", "read_committed")
@@ -144,7 +154,10 @@ fn parse(payload: &[u8]) -> Option<Progress> {
         None => None,
         Some(mark) if mark == "done" => Some(SnapshotMark::Done),
         Some(mark) => Some(SnapshotMark::At {
-            table: mark.get("table")?.as_str()?.to_owned(),
+            table: crate::catalog::TableName::new(
+                mark.get("schema")?.as_str()?,
+                mark.get("table")?.as_str()?,
+            ),
             block: mark.get("block")?.as_u64()?,
         }),
     };
@@ -169,7 +182,7 @@ mod tests {
         for mark in [
             SnapshotMark::Done,
             SnapshotMark::At {
-                table: "public.accounts".into(),
+                table: crate::catalog::TableName::new("public", "accounts.eu"),
                 block: 1024,
             },
         ] {

@@ -5,15 +5,21 @@
 //! table exactly as the source held it at the table's snapshot, and the
 //! stream's changes follow from there. Read in the text forms pgoutput
 //! uses (the apply session's settings), so a row published from the
-//! snapshot and a change streamed later look alike.
+//! snapshot and a change streamed later look alike. Each table is
+//! described from the source's catalog, as the stream describes it: its
+//! columns in the source's order, and the key of its replica identity, so
+//! that a row's `r` event lands under the same key, in the same partition,
+//! as its later changes.
 //!
-//! Each table (a partitioned one whole, under its root's name, as the
-//! stream names it) is read in ranges of heap blocks (a TID range scan),
-//! each range one Kafka transaction whose progress record says where the
-//! next range starts: a feed stopped in the middle goes on from there, and
-//! no row is published twice. The target is not written meanwhile, so its
-//! rows do not move between blocks.
+//! A table is published under its (source) root's name, and read on the
+//! target table by table: each of the target's partitions of it (the
+//! target may be partitioned otherwise, or not at all) in ranges of heap
+//! blocks (TID range scans). Each range is one Kafka transaction whose
+//! progress record says where the next starts, so a feed stopped in the
+//! middle goes on from there and no row is published twice. The target is
+//! not written meanwhile, so its rows do not move between blocks.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -27,8 +33,9 @@ use crate::sql::quote_ident;
 
 use super::{FeedError, KafkaSink};
 
-/// Heap blocks per Kafka transaction: 8 MB of a table's heap at most.
-const BLOCKS: u64 = 1024;
+/// Heap blocks per Kafka transaction: 2 MB of a table's heap (its TOASTed
+/// values besides).
+const BLOCKS: u64 = 256;
 
 impl KafkaSink {
     /// Whether the snapshot is still to publish (or to finish).
@@ -42,34 +49,49 @@ impl KafkaSink {
         self.resumed && self.snapshot.is_none()
     }
 
-    /// Publishes the rows of `tables` as `target` holds them, as of `at`
-    /// (the stream's first position), from where an earlier session
-    /// stopped.
+    /// Publishes the rows of `tables` (source names, as the copy recorded
+    /// them) as `target` holds them, described from `source`'s catalog,
+    /// as of `at` (the stream's first position), from where an earlier
+    /// session stopped.
     pub async fn publish_snapshot(
         &mut self,
+        source: &Client,
         target: &Client,
         tables: &[TableName],
         at: Lsn,
     ) -> Result<(), FeedError> {
-        // A partition's rows stream under its root's name.
-        let mut tables = roots(target, tables).await?;
-        tables.sort();
-        tables.dedup();
-        let (resume_table, resume_block) = match &self.snapshot {
+        let resume = match &self.snapshot {
             Some(SnapshotMark::Done) => return Ok(()),
-            Some(SnapshotMark::At { table, block }) => (Some(table.clone()), *block),
-            None => (None, 0),
+            Some(SnapshotMark::At { table, block }) => Some((table.clone(), *block)),
+            None => None,
         };
+        // Every table the target reads for a published root, in name
+        // order: the order a stopped feed resumes in.
+        let mut parts: Vec<(TableName, TableName)> = Vec::new();
+        for root in roots(source, tables).await? {
+            for part in leaves(target, &root).await? {
+                parts.push((part, root.clone()));
+            }
+        }
+        parts.sort();
+        parts.dedup();
+        let mut relations: HashMap<TableName, Arc<Relation>> = HashMap::new();
         let mut rows = 0_u64;
-        for table in tables {
-            let name = table.to_string();
-            let first = match &resume_table {
-                Some(resume) if name < *resume => continue,
-                Some(resume) if name == *resume => resume_block,
+        for (part, root) in parts {
+            let first = match &resume {
+                Some((table, _)) if part < *table => continue,
+                Some((table, block)) if part == *table => *block,
                 _ => 0,
             };
-            let relation = Arc::new(describe(target, &table).await?);
-            let blocks = blocks_of(target, &table).await?;
+            let relation = match relations.get(&root) {
+                Some(relation) => Arc::clone(relation),
+                None => {
+                    let relation = Arc::new(describe(source, &root).await?);
+                    relations.insert(root.clone(), Arc::clone(&relation));
+                    relation
+                }
+            };
+            let blocks = blocks_of(target, &part).await?;
             let columns: Vec<String> = relation
                 .columns
                 .iter()
@@ -81,12 +103,12 @@ impl KafkaSink {
                 let sql = format!(
                     "SELECT {} FROM {} WHERE ctid >= '({block},0)'::tid AND ctid < '({end},0)'::tid",
                     columns.join(", "),
-                    table.quoted()
+                    part.quoted()
                 );
                 let read = target
                     .simple_query(&sql)
                     .await
-                    .map_err(|e| read_error(&table, &e))?;
+                    .map_err(|e| read_error(&part, &e))?;
                 let mut messages = Vec::new();
                 let origin = Origin {
                     server: self.feed.server,
@@ -124,18 +146,29 @@ impl KafkaSink {
                     messages.extend(envelope::messages(&change, &origin, origin.commit_ms, true));
                 }
                 self.snapshot = Some(SnapshotMark::At {
-                    table: name.clone(),
+                    table: part.clone(),
                     block: end,
                 });
                 self.publish(&messages, at).await?;
+                failpoint("kafka:snapshot:range");
                 block = end;
             }
-            tracing::info!(table = %name, "snapshot published to Kafka");
+            tracing::info!(table = %root, part = %part, "snapshot published to Kafka");
         }
         self.snapshot = Some(SnapshotMark::Done);
         self.publish(&[], at).await?;
         tracing::info!(rows, "the snapshot is in Kafka");
         Ok(())
+    }
+}
+
+/// Dies here when `CUTOVER_FAILPOINT` names this place (after a range of
+/// the snapshot is committed), so that a test stops the feed in the
+/// middle of its snapshot. Off unless set.
+fn failpoint(here: &str) {
+    if std::env::var("CUTOVER_FAILPOINT").is_ok_and(|wanted| wanted == here) {
+        eprintln!("failpoint {here}: aborting");
+        std::process::abort();
     }
 }
 
@@ -147,22 +180,25 @@ fn now_ms() -> i64 {
 
 fn read_error(table: &TableName, err: &tokio_postgres::Error) -> FeedError {
     FeedError::transient(
-        format!("reading {table} on the target for the snapshot"),
+        format!("reading {table} for the snapshot"),
         crate::client::describe(err),
     )
 }
 
-/// The table's columns as the stream describes them: those pgoutput
-/// sends (not dropped, not generated), the primary key's flagged.
-async fn describe(target: &Client, table: &TableName) -> Result<Relation, FeedError> {
-    let rows = target
+/// The table's columns as the stream describes them, from the source's
+/// catalog: those pgoutput sends (not dropped, not generated), in order,
+/// those of its replica identity's key flagged.
+async fn describe(source: &Client, table: &TableName) -> Result<Relation, FeedError> {
+    let rows = source
         .query(
             "SELECT a.attname::text, a.atttypid::int8, a.atttypmod,
-                    coalesce(a.attnum = ANY(i.indkey::int2[]), false),
+                    coalesce(a.attnum = ANY(i.indkey::int2[]), c.relreplident = 'f'),
                     c.relreplident::text, c.oid::int8
                FROM pg_attribute a
                JOIN pg_class c ON c.oid = a.attrelid
-               LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+               LEFT JOIN pg_index i ON i.indrelid = c.oid
+                    AND ((c.relreplident = 'd' AND i.indisprimary)
+                      OR (c.relreplident = 'i' AND i.indisreplident))
               WHERE a.attrelid = $1::text::regclass AND a.attnum > 0
                 AND NOT a.attisdropped AND a.attgenerated = ''
               ORDER BY a.attnum",
@@ -189,15 +225,11 @@ async fn describe(target: &Client, table: &TableName) -> Result<Relation, FeedEr
     })
 }
 
-/// Heap blocks of the table, or of its largest partition.
+/// Heap blocks of `table`.
 async fn blocks_of(target: &Client, table: &TableName) -> Result<u64, FeedError> {
     let row = target
         .query_one(
-            // pg_partition_tree lists nothing for a table that is not
-            // partitioned.
-            "SELECT (coalesce((SELECT max(pg_relation_size(relid))
-                                 FROM pg_partition_tree($1::text::regclass) WHERE isleaf),
-                              pg_relation_size($1::text::regclass))
+            "SELECT (pg_relation_size($1::text::regclass)
                      / current_setting('block_size')::int8)::int8",
             &[&table.quoted()],
         )
@@ -206,11 +238,12 @@ async fn blocks_of(target: &Client, table: &TableName) -> Result<u64, FeedError>
     Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
 }
 
-/// Each table's partition root (itself when not a partition).
-async fn roots(target: &Client, tables: &[TableName]) -> Result<Vec<TableName>, FeedError> {
+/// Each table's partition root on the source (itself when not a
+/// partition): the name its rows stream under.
+async fn roots(source: &Client, tables: &[TableName]) -> Result<Vec<TableName>, FeedError> {
     let mut roots = Vec::with_capacity(tables.len());
     for table in tables {
-        let row = target
+        let row = source
             .query_one(
                 "SELECT n.nspname::text, c.relname::text
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -224,5 +257,32 @@ async fn roots(target: &Client, tables: &[TableName]) -> Result<Vec<TableName>, 
             row.get::<_, String>(1),
         ));
     }
+    roots.sort();
+    roots.dedup();
     Ok(roots)
+}
+
+/// The tables of `root` on the target that hold rows: its leaf
+/// partitions, or itself when it is not partitioned there.
+async fn leaves(target: &Client, root: &TableName) -> Result<Vec<TableName>, FeedError> {
+    let rows = target
+        .query(
+            // pg_partition_tree lists nothing for a table that is not
+            // partitioned.
+            "SELECT n.nspname::text, c.relname::text
+               FROM pg_partition_tree($1::text::regclass) t
+               JOIN pg_class c ON c.oid = t.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE t.isleaf",
+            &[&root.quoted()],
+        )
+        .await
+        .map_err(|e| read_error(root, &e))?;
+    if rows.is_empty() {
+        return Ok(vec![root.clone()]);
+    }
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
