@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make test` needs and a fresh Debian machine lacks:
-# PostgreSQL server binaries (initdb, pg_ctl, postgres) and the
-# toolchain's clippy and rustfmt. As root it installs them with apt-get;
+# PostgreSQL server binaries (initdb, pg_ctl, postgres), what librdkafka's
+# build needs (make, pkg-config, libssl-dev) and the toolchain's clippy and
+# rustfmt. As root it installs them with apt-get;
 # otherwise it says exactly what to install.
 set -euo pipefail
 
@@ -60,6 +61,27 @@ if (( ${#need[@]} > 0 )); then
         fi
     else
         echo "install-deps: missing ${need[*]}: sudo apt-get install ${need[*]}" >&2
+        exit 1
+    fi
+fi
+
+# The Kafka feed's librdkafka is built from source by the rdkafka crate,
+# with OpenSSL for TLS and SASL: it needs make, pkg-config and OpenSSL's
+# headers.
+build_need=()
+command -v make >/dev/null 2>&1 || build_need+=(make)
+command -v pkg-config >/dev/null 2>&1 || build_need+=(pkg-config)
+{ command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; } || build_need+=(libssl-dev)
+if (( ${#build_need[@]} > 0 )); then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "install-deps: installing ${build_need[*]} (librdkafka's build)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq --no-install-recommends "${build_need[@]}" >/dev/null 2>&1 || {
+            apt-get update -qq
+            apt-get install -y -qq --no-install-recommends "${build_need[@]}" >/dev/null
+        }
+    else
+        echo "install-deps: missing ${build_need[*]} (to build librdkafka): sudo apt-get install ${build_need[*]}" >&2
         exit 1
     fi
 fi
