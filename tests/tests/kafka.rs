@@ -613,3 +613,79 @@ async fn a_snapshot_stopped_in_the_middle_goes_on_where_it_stopped_and_a_late_on
         daemon.log()
     );
 }
+
+#[tokio::test]
+async fn a_group_moved_and_moved_back_keeps_each_key_s_changes_once_and_in_order() {
+    use cutover_tests::groups;
+    let kafka = Kafka::start(1);
+    kafka.topic("shop.cutover.progress", 1);
+    for table in ["accounts", "ledger", "codes"] {
+        kafka.topic(&format!("shop.public.{table}"), 3);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, config) = groups::seeded(dir.path(), &kafka.config("shop")).await;
+    let (mut daemon, source, target) = groups::streaming(&pair, &config).await;
+    // Balances move on the source, the money group's primary; the default
+    // group's codes too.
+    for n in 0..100 {
+        source.batch_execute(&groups::load(n)).await.unwrap();
+        source.batch_execute(&groups::codes_load(n)).await.unwrap();
+    }
+    // The money group moves to the target; its writes go there, the
+    // default group's stay on the source.
+    let moved = groups::cutover(&config, &["switch", "--group", "money", "--verify"]).await;
+    assert_eq!(moved.code, 0, "{}\n{}", moved.all_output(), daemon.log());
+    groups::watching(&daemon).await;
+    for n in 100..200 {
+        target.batch_execute(&groups::load(n)).await.unwrap();
+        source.batch_execute(&groups::codes_load(n)).await.unwrap();
+    }
+    // And back.
+    let back = groups::cutover(&config, &["rollback", "--group", "money"]).await;
+    assert_eq!(back.code, 0, "{}\n{}", back.all_output(), daemon.log());
+    groups::watching(&daemon).await;
+    for n in 200..300 {
+        source.batch_execute(&groups::load(n)).await.unwrap();
+    }
+    pair.wait_equal(&["accounts", "codes"], WAIT).await;
+
+    // Each account moved 6 times: twice from each phase, in order, each
+    // once, marked with the server it was made on.
+    let events = wait_for("every balance change in Kafka", WAIT, || async {
+        let events = kafka.read("shop");
+        let updates = by_key(&events, "shop.public.accounts")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>();
+        (updates >= 300).then_some(events)
+    })
+    .await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+    let accounts = by_key(&events, "shop.public.accounts");
+    assert_eq!(accounts.len(), 50);
+    for (key, values) in &accounts {
+        let seen: Vec<(i64, &str)> = values
+            .iter()
+            .map(|v| {
+                (
+                    v["after"]["balance"].as_i64().unwrap(),
+                    v["source"]["name"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        let want: Vec<(i64, &str)> = (101..=106)
+            .zip(["source", "source", "target", "target", "source", "source"])
+            .collect();
+        assert_eq!(seen, want, "key {key}");
+    }
+    // The default group's changes all come from the source.
+    let codes = by_key(&events, "shop.public.codes");
+    assert!(
+        codes
+            .values()
+            .flatten()
+            .all(|v| v["source"]["name"] == "source" && v["source"]["direction"] == "forward"),
+        "{codes:?}"
+    );
+    assert_eq!(codes.values().map(Vec::len).sum::<usize>(), 200);
+}
