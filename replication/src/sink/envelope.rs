@@ -153,7 +153,7 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
             })
             .collect(),
         ChangeKind::TruncatePartition(truncate) => vec![Message {
-            topic: format!("{}.{}", truncate.root.schema, truncate.root.name),
+            topic: table_topic(&truncate.root),
             key: None,
             value: json!({
                 "before": null,
@@ -186,7 +186,25 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
 }
 
 fn topic(relation: &Relation) -> String {
-    format!("{}.{}", relation.name.schema, relation.name.name)
+    table_topic(&relation.name)
+}
+
+/// A table's topic, after the feed's prefix: `<schema>.<table>`, each
+/// character Kafka does not allow in a topic's name (it takes letters,
+/// digits, `.`, `_` and `-`) made `_`, as Debezium does.
+pub fn table_topic(table: &crate::catalog::TableName) -> String {
+    let clean = |name: &str| -> String {
+        name.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    format!("{}.{}", clean(&table.schema), clean(&table.name))
 }
 
 /// `text` (valid JSON, so UTF-8) as a `String`.
@@ -590,6 +608,14 @@ mod tests {
         .map(|name| message.value.find(name).unwrap())
         .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{}", message.value);
+    }
+
+    #[test]
+    fn a_table_whose_name_kafka_refuses_gets_a_topic_with_underscores() {
+        let odd = crate::catalog::TableName::new("Sales EU", "orders/2024 é");
+        assert_eq!(table_topic(&odd), "Sales_EU.orders_2024__");
+        let plain = crate::catalog::TableName::new("public", "line_items-v2");
+        assert_eq!(table_topic(&plain), "public.line_items-v2");
     }
 
     #[test]

@@ -115,6 +115,9 @@ pub(super) fn fix_of(code: RDKafkaErrorCode) -> Option<&'static str> {
         C::SSL => {
             "the TLS handshake with the brokers failed: check kafka.properties' ssl.ca.location and the brokers' certificates"
         }
+        C::InvalidTopic => {
+            "Kafka refuses the topic's name: it is longer than 249 characters with kafka.topic_prefix; shorten the prefix"
+        }
         C::UnsupportedVersion => {
             "the brokers are too old for transactions: the feed needs Kafka 2.5 or later"
         }
