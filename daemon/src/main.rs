@@ -231,6 +231,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // A Kafka feed alone (no [target]) runs, checks, tails and reports;
+    // what needs a target server says so before anything starts.
+    let needs_target = matches!(
+        cli.command,
+        Command::Copy
+            | Command::Conflicts { .. }
+            | Command::Verify { .. }
+            | Command::Switch { .. }
+            | Command::Rollback { .. }
+            | Command::Accept { .. }
+            | Command::Cleanup { .. }
+    );
+    if needs_target && let Err(err) = config.target() {
+        eprintln!("error: {err}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
         .enable_all()

@@ -689,3 +689,63 @@ async fn a_group_moved_and_moved_back_keeps_each_key_s_changes_once_and_in_order
     );
     assert_eq!(codes.values().map(Vec::len).sum::<usize>(), 200);
 }
+
+#[tokio::test]
+async fn a_feed_without_a_target_publishes_every_change_once_across_a_kill() {
+    let kafka = Kafka::start(1);
+    kafka.topics("shop", &["accounts", "audit"]);
+    let dir = tempfile::tempdir().unwrap();
+    let source = cutover_tests::Cluster::start();
+    source.create_database("app").await;
+    source.execute("app", SCHEMA).await;
+    source
+        .execute(
+            "app",
+            &format!("INSERT INTO accounts SELECT g, 0 FROM generate_series(1, {KEYS}) g;"),
+        )
+        .await;
+    // [kafka] and no [target]: the feed alone.
+    let config = cutover_tests::write_config(
+        dir.path(),
+        &format!(
+            "[source]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[console]\nlisten = \"127.0.0.1:0\"\nallow_no_password = true\n{}",
+            source.url("app", "postgres", None),
+            dir.path().join("state").display(),
+            kafka.config("shop")
+        ),
+    );
+    let (_, alone) = check_finding(&config, "feed_alone");
+    assert_eq!(alone["severity"], "info", "{alone}");
+    // What needs a target says so, and changes nothing.
+    let refused =
+        cutover_tests::run_cutover(&["--config", config.to_str().unwrap(), "verify"], &[]);
+    assert_eq!(refused.code, 2, "{}", refused.all_output());
+    assert!(refused.stderr.contains("no [target]"), "{}", refused.stderr);
+
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let client = source.client("app").await;
+    for i in 1..=200 {
+        client.batch_execute(&write(i)).await.unwrap();
+        if i == 100 {
+            daemon.kill();
+            daemon.restart();
+        }
+    }
+    let expected = counters(&source).await;
+    let events = feed_holds(&kafka, &expected).await;
+    let rows: Vec<i64> = events
+        .iter()
+        .filter(|e| e.topic == "shop.public.audit")
+        .map(|e| e.value["after"]["v"].as_i64().unwrap())
+        .collect();
+    assert_eq!(rows, (1..=200).collect::<Vec<_>>());
+    assert!(daemon.running(), "{}", daemon.log());
+    let status = cutover_tests::cli::cutover_beside(&config, &["status"], None).await;
+    assert_eq!(status.code, 0, "{}", status.all_output());
+    assert!(
+        status.stdout.contains("Kafka holds   up to"),
+        "{}",
+        status.stdout
+    );
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}

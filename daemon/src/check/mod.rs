@@ -31,11 +31,33 @@ pub struct CheckOptions {
 pub async fn run(config: &Config, options: CheckOptions) -> Report {
     let mut report = Report::default();
     report.source.endpoint = config.source.conninfo.endpoint();
-    report.target.endpoint = config.target.conninfo.endpoint();
+    if let Some(target) = &config.target {
+        report.target.endpoint = target.conninfo.endpoint();
+    }
 
-    let (source, target) = tokio::join!(connect(&config.source), connect(&config.target));
+    // A Kafka feed alone has no target: the source's probes, the local
+    // ones and the brokers'.
+    let (source, target) = tokio::join!(connect(&config.source), async {
+        match &config.target {
+            Some(target) => Some(connect(target).await),
+            None => None,
+        }
+    });
     let source = record_connection(&mut report, &config.source, source);
-    let target = record_connection(&mut report, &config.target, target);
+    let target = match (&config.target, target) {
+        (Some(server), Some(result)) => record_connection(&mut report, server, result),
+        _ => {
+            report.add(Finding {
+                severity: Severity::Info,
+                code: "feed_alone",
+                server: "local",
+                subject: Some("target".into()),
+                problem: "no [target]: the [kafka] feed runs alone (no copy; the feed starts with the changes from the slot's creation)".into(),
+                fix: None,
+            });
+            None
+        }
+    };
 
     let mut source_facts = None;
     if let Some(client) = &source {
@@ -50,8 +72,8 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
         }
     }
     let mut target_facts = None;
-    if let Some(client) = &target {
-        match probe_server(client, &config.target).await {
+    if let (Some(client), Some(server)) = (&target, &config.target) {
+        match probe_server(client, server).await {
             Ok(facts) => {
                 target_checks(&mut report, &facts, config);
                 commit_time_checks(&mut report, &facts, config, "target");

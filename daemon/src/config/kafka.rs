@@ -252,6 +252,46 @@ mod tests {
         assert!(!format!("{settings:?}").contains("s3cret"));
     }
 
+    /// `section` in a config with a source and no target.
+    fn alone(section: &str) -> Result<super::super::Config, ConfigError> {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            f.path(),
+            format!("[source]\nurl = \"host=a user=u dbname=app\"\n{section}"),
+        )
+        .unwrap();
+        load_from(Some(f.path()), &[])?.validate()
+    }
+
+    #[test]
+    fn a_feed_without_a_target_runs_alone_and_refuses_what_needs_one() {
+        let config = alone("[kafka]\nbrokers = \"k:9092\"\n").unwrap();
+        assert!(config.target.is_none());
+        assert!(config.target().is_err());
+        // Without [kafka], a target is required as ever.
+        let missing = alone("").unwrap_err().to_string();
+        assert!(missing.contains("target.url"), "{missing}");
+        for (section, key) in [
+            (
+                "[[group]]\nname = \"g\"\ntables = [\"public.*\"]\n",
+                "group",
+            ),
+            ("[verify]\ncontinuous = true\n", "verify.continuous"),
+            ("snapshot = true\n", "kafka.snapshot"),
+        ] {
+            let text = if key == "kafka.snapshot" {
+                format!("[kafka]\nbrokers = \"k:9092\"\n{section}")
+            } else {
+                format!("{section}[kafka]\nbrokers = \"k:9092\"\n")
+            };
+            let refused = alone(&text).unwrap_err().to_string();
+            assert!(
+                refused.contains(key) && refused.contains("no [target]"),
+                "{refused}"
+            );
+        }
+    }
+
     #[test]
     fn what_cutover_sets_and_secrets_in_properties_are_refused_with_the_key_to_use() {
         let refused = |section: &str| kafka(section).unwrap_err().to_string();

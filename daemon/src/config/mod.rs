@@ -204,8 +204,9 @@ pub struct Server {
 pub struct Config {
     /// The server migrated from.
     pub source: Server,
-    /// The server migrated to.
-    pub target: Server,
+    /// The server migrated to; `None` for a Kafka feed alone (`[kafka]`
+    /// and no `[target]`).
+    pub target: Option<Server>,
     /// The sled store's directory.
     pub state_dir: PathBuf,
     /// Replication slot name.
@@ -244,14 +245,29 @@ pub struct Config {
     pub kafka: Option<cutover_replication::sink::kafka::KafkaSettings>,
 }
 
+/// A command that needs the target, run with a config that has none (a
+/// Kafka feed alone).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the config has no [target]: it runs a Kafka feed alone, and this needs a target server; add [target] url = \"postgres://user@host:5432/dbname\""
+)]
+pub struct NoTarget;
+
 impl Config {
+    /// The target, for what needs one.
+    pub fn target(&self) -> Result<&Server, NoTarget> {
+        self.target.as_ref().ok_or(NoTarget)
+    }
+
     /// The config `direction` streams with: for the reverse direction the
     /// servers swapped (the target is read, the source written), and the
     /// reverse direction's slot and publication (on the target).
     pub fn for_direction(&self, direction: crate::direction::Direction) -> Config {
         let mut config = self.clone();
-        if direction == crate::direction::Direction::Reverse {
-            std::mem::swap(&mut config.source, &mut config.target);
+        if direction == crate::direction::Direction::Reverse
+            && let Some(target) = config.target.take()
+        {
+            config.target = Some(std::mem::replace(&mut config.source, target));
         }
         config.slot = direction.slot(&self.slot);
         config.publication = direction.publication(&self.publication);

@@ -391,8 +391,19 @@ impl RawConfig {
     /// Checks every value; the first problem found is returned.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let source = server("source", self.source)?;
-        let target = server("target", self.target)?;
-        if source.conninfo.endpoint() == target.conninfo.endpoint() {
+        // With a Kafka feed and no [target], the feed runs alone.
+        let feed_alone = self.kafka.is_some()
+            && self.target.url.is_none()
+            && self.target.password.is_none()
+            && self.target.password_file.is_none();
+        let target = if feed_alone {
+            None
+        } else {
+            Some(server("target", self.target)?)
+        };
+        if let Some(target) = &target
+            && source.conninfo.endpoint() == target.conninfo.endpoint()
+        {
             return Err(ConfigError::invalid(
                 "target.url",
                 format!(
@@ -472,7 +483,7 @@ impl RawConfig {
             self.console.listen.clone(),
             DEFAULT_CONSOLE_LISTEN,
         )?;
-        Ok(Config {
+        let config = Config {
             source,
             target,
             state_dir,
@@ -525,8 +536,42 @@ impl RawConfig {
                     ));
                 }
             },
-        })
+        };
+        if config.target.is_none() {
+            feed_alone_refusals(&config)?;
+        }
+        Ok(config)
     }
+}
+
+/// What a Kafka feed without a target cannot do, refused by key.
+fn feed_alone_refusals(config: &Config) -> Result<(), ConfigError> {
+    let alone = "the config has a [kafka] feed and no [target], so the feed runs alone";
+    if !config.groups.is_empty() {
+        return Err(ConfigError::invalid(
+            "group",
+            format!(
+                "{alone}, and table groups move tables between two servers: add [target], or remove the [[group]]s"
+            ),
+        ));
+    }
+    if config.verify.continuous {
+        return Err(ConfigError::invalid(
+            "verify.continuous",
+            format!(
+                "{alone}, and the background verifier compares a target: add [target], or set verify.continuous = false"
+            ),
+        ));
+    }
+    if config.kafka.as_ref().is_some_and(|k| k.snapshot) {
+        return Err(ConfigError::invalid(
+            "kafka.snapshot",
+            format!(
+                "{alone}; publishing the initial rows is built for a feed beside a target (they are read from the target after the copy): remove kafka.snapshot (the feed starts with the changes from the slot's creation), or add [target]"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn apply_settings(raw: RawApply) -> Result<ApplySettings, ConfigError> {

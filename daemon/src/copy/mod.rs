@@ -46,6 +46,7 @@ use cutover_replication::{Lsn, slot};
 
 use crate::store::{StoreError, TableCopy};
 
+mod feed;
 mod orchestration;
 mod rebuild;
 mod report;
@@ -70,6 +71,9 @@ pub enum CopyMode {
 /// Why the copy stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
+    /// The config has no target (a Kafka feed alone).
+    #[error(transparent)]
+    NoTarget(#[from] crate::config::NoTarget),
     /// A connection could not be opened.
     #[error("{role}: {source}")]
     Connect {

@@ -133,13 +133,16 @@ pub async fn run(
     mode: CopyMode,
     metrics: &Metrics,
 ) -> Result<CopyOutcome, CopyError> {
+    if config.target.is_none() {
+        return super::feed::prepare(config, store).await;
+    }
     let source = client::connect(&config.source.conninfo)
         .await
         .map_err(|source| CopyError::Connect {
             role: "source",
             source,
         })?;
-    let target = client::connect(&config.target.conninfo)
+    let target = client::connect(&config.target()?.conninfo)
         .await
         .map_err(|source| CopyError::Connect {
             role: "target",
@@ -312,7 +315,7 @@ pub async fn run(
             .await
             .map_err(query("source", "importing the snapshot"))?;
         sources.push(s);
-        let t = client::connect(&config.target.conninfo)
+        let t = client::connect(&config.target()?.conninfo)
             .await
             .map_err(|source| CopyError::Connect {
                 role: "target",

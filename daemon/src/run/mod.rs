@@ -48,6 +48,9 @@ pub use supervisor::{catch_up, drain, run, stream_plan};
 /// Why `run` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The config has no target (a Kafka feed alone).
+    #[error(transparent)]
+    NoTarget(#[from] crate::config::NoTarget),
     /// The copy failed.
     #[error(transparent)]
     Copy(#[from] CopyError),
@@ -94,7 +97,8 @@ impl RunError {
             | RunError::Spill(_)
             | RunError::Message(_)
             | RunError::Store(_)
-            | RunError::NoStream(_) => false,
+            | RunError::NoStream(_)
+            | RunError::NoTarget(_) => false,
             RunError::Source { err } => err.is_transient(),
             RunError::Strays { transient, .. } => *transient,
             RunError::Apply(err) => err.is_transient(),

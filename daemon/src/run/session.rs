@@ -6,6 +6,7 @@ use std::sync::Arc;
 use cutover_replication::Lsn;
 use cutover_replication::session::{PgOutputOptions, Session};
 use cutover_replication::sink::Sink;
+use cutover_replication::sink::filter::Filter;
 use cutover_replication::sink::kafka::{Committed, FeedError, FeedId, KafkaSettings, KafkaSink};
 use cutover_replication::sink::postgres::PostgresSink;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -53,8 +54,16 @@ pub(super) async fn stream_once(
             skipped.push(origin);
         }
     }
+    let Some(target) = &config.target else {
+        // A Kafka feed alone: the stream's changes go to Kafka only.
+        let settings = config.kafka.as_ref().ok_or(crate::config::NoTarget)?;
+        let filter = Filter::new(outcome.copied_at.clone(), skipped);
+        let feed = feed(settings, config, outcome, filter, status).await?;
+        let start = feed.applied().max(outcome.start);
+        return run_session(feed, start, config, store, outcome, shutdown, status, until).await;
+    };
     let mut applier = PostgresSink::connect(
-        &config.target.conninfo,
+        &target.conninfo,
         &origin,
         outcome.copied_at.clone(),
         skipped,
@@ -77,13 +86,36 @@ pub(super) async fn stream_once(
         },
     )?;
     if let Some(settings) = &config.kafka {
-        let mut feed = feed(settings, config, outcome, &routed, status).await?;
+        let mut feed = feed(settings, config, outcome, routed.filter().clone(), status).await?;
         if settings.snapshot && direction == Direction::Forward && feed.snapshot_pending() {
             snapshot(&mut feed, config, outcome, routed.applied()).await?;
         }
         routed.set_feed(feed);
     }
     let start = routed.applied().max(outcome.start);
+    run_session(
+        routed, start, config, store, outcome, shutdown, status, until,
+    )
+    .await
+}
+
+/// Streams the slot from `start` into `sink` until a failure, the
+/// shutdown, or (with `until`) that position.
+#[allow(clippy::too_many_arguments)]
+async fn run_session<S: Sink>(
+    sink: S,
+    start: Lsn,
+    config: &Config,
+    store: &Store,
+    outcome: &CopyOutcome,
+    shutdown: watch::Receiver<bool>,
+    status: &Arc<Status>,
+    until: Option<Lsn>,
+) -> Result<(), RunError>
+where
+    RunError: From<S::Error>,
+{
+    let origin = status.direction().origin(&outcome.migration);
     let session = Session::connect(&config.source.conninfo).await?;
     let publications = if outcome.publications.is_empty() {
         vec![config.publication.clone()]
@@ -124,7 +156,7 @@ pub(super) async fn stream_once(
         until,
     ));
     let applied = apply_work(
-        routed,
+        sink,
         work_rx,
         durable_tx,
         settings,
@@ -144,13 +176,14 @@ pub(super) async fn stream_once(
     }
 }
 
-/// The stream's Kafka feed: the changes `routed` writes, published from
-/// the feed's last committed position (or the stream's first).
+/// The stream's Kafka feed: the changes `filter` takes (those the target
+/// is given, beside a target), published from the feed's last committed
+/// position (or the stream's first).
 async fn feed(
     settings: &KafkaSettings,
     config: &Config,
     outcome: &CopyOutcome,
-    routed: &Routed,
+    filter: Filter,
     status: &Arc<Status>,
 ) -> Result<KafkaSink, RunError> {
     let direction = status.direction();
@@ -165,8 +198,7 @@ async fn feed(
             .unwrap_or_default()
             .to_owned(),
     };
-    let mut feed =
-        KafkaSink::connect(settings.clone(), id, routed.filter().clone(), outcome.start).await?;
+    let mut feed = KafkaSink::connect(settings.clone(), id, filter, outcome.start).await?;
     status.kafka_committed(feed.committed());
     // Both series exist from the feed's start (the lag is sampled next).
     status
@@ -232,7 +264,7 @@ async fn snapshot(
             "kafka.snapshot must be set before the first `cutover run`: remove it (the feed starts with the changes), or start the migration over",
         ));
     }
-    let target = cutover_replication::client::connect(&config.target.conninfo)
+    let target = cutover_replication::client::connect(&config.target()?.conninfo)
         .await
         .map_err(|e| RunError::Apply(Box::new(e.into())))?;
     target

@@ -352,7 +352,7 @@ async fn commit_times_tracked(config: &Config) -> Result<(), RunError> {
     }
     for (name, conninfo) in [
         ("source", &config.source.conninfo),
-        ("target", &config.target.conninfo),
+        ("target", &config.target()?.conninfo),
     ] {
         let client = cutover_replication::client::connect(conninfo)
             .await

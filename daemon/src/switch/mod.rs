@@ -61,6 +61,9 @@ use journal::{Journal, Kind, Outcome, Server, Step, SwitchState};
 /// Why a switch or rollback stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
+    /// The config has no target (a Kafka feed alone).
+    #[error(transparent)]
+    NoTarget(#[from] crate::config::NoTarget),
     /// The state store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -263,7 +266,7 @@ fn failpoint(kind: Kind, step: Step, done: bool) {
 pub(crate) async fn connect(config: &Config, server: Server) -> Result<Client, SwitchError> {
     let conninfo = match server {
         Server::Source => &config.source.conninfo,
-        Server::Target => &config.target.conninfo,
+        Server::Target => &config.target()?.conninfo,
     };
     let client = client::connect(conninfo)
         .await

@@ -69,14 +69,14 @@ impl<'a> Ctx<'a> {
         self.kind.to().name()
     }
 
-    fn facts(&self, step: &'static str, journal: &Journal) -> Facts<'_> {
-        Facts {
+    fn facts(&self, step: &'static str, journal: &Journal) -> Result<Facts<'_>, SwitchError> {
+        Ok(Facts {
             kind: self.kind,
             step,
-            new_primary: &self.old_config.target.conninfo,
+            new_primary: &self.old_config.target()?.conninfo,
             old_primary: &self.old_config.source.conninfo,
             fence_lsn: journal.fence_lsn.map(|l| l.to_string()),
-        }
+        })
     }
 
     /// The tables in scope on the old primary (of the group moved).
@@ -294,7 +294,7 @@ impl<'a> Ctx<'a> {
             ));
         }
         if let Some(command) = &self.config.switch.fence_command {
-            hooks::run("fence_command", command, &self.facts("fence", journal)).await?;
+            hooks::run("fence_command", command, &self.facts("fence", journal)?).await?;
             detail.push_str("; fence_command ran");
         }
         Ok(detail)
@@ -437,11 +437,11 @@ impl<'a> Ctx<'a> {
             detail.push_str(&format!(" ({removed} fence triggers taken down there)"));
         }
         if let Some(command) = &self.config.switch.repoint_command {
-            hooks::run("repoint_command", command, &self.facts("open", journal)).await?;
+            hooks::run("repoint_command", command, &self.facts("open", journal)?).await?;
             detail.push_str("; repoint_command ran");
         }
         if let Some(command) = &self.config.switch.unfence_command {
-            hooks::run("unfence_command", command, &self.facts("open", journal)).await?;
+            hooks::run("unfence_command", command, &self.facts("open", journal)?).await?;
             detail.push_str("; unfence_command ran");
         }
         Ok(detail)
@@ -641,7 +641,7 @@ pub(super) async fn undo(
             let facts = Facts {
                 kind,
                 step: "undo",
-                new_primary: &old_config.target.conninfo,
+                new_primary: &old_config.target()?.conninfo,
                 old_primary: &old_config.source.conninfo,
                 fence_lsn: journal.fence_lsn.map(|l| l.to_string()),
             };

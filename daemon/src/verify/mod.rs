@@ -67,6 +67,9 @@ pub const REPORT_FILE: &str = "validation_report.json";
 /// is in the [`Report`].
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    /// The config has no target (a Kafka feed alone).
+    #[error(transparent)]
+    NoTarget(#[from] crate::config::NoTarget),
     /// The state store could not be opened.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -163,7 +166,7 @@ async fn connect(config: &Config, role: &'static str) -> Result<Client, VerifyEr
     let server = if role == "source" {
         &config.source
     } else {
-        &config.target
+        config.target()?
     };
     let client = client::connect(&server.conninfo)
         .await

@@ -165,7 +165,7 @@ pub(super) async fn repair(
         return Ok(written);
     }
     let mut sink = PostgresSink::connect(
-        &config.target.conninfo,
+        &config.target()?.conninfo,
         origin,
         copied_at,
         Direction::Forward.skipped_origins(&config.slot),

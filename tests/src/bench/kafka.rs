@@ -177,4 +177,136 @@ pub async fn kafka(b: &Bench, report: &mut Report, changes: i64, round: usize) {
         verified,
         "",
     );
+
+    // The feed alone: no [target].
+    reset_stream(b, seeded).await;
+    let config = b.cutover_config("kafka-alone", "bench_kafka", STREAM_TABLES);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without_target: String = {
+        let mut out = String::new();
+        let mut skip = false;
+        for line in text.lines() {
+            if line.starts_with('[') {
+                skip = line == "[target]";
+            }
+            if !skip {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "{without_target}[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"alone\"\n",
+            cluster.bootstrap_servers()
+        ),
+    )
+    .unwrap();
+    cluster
+        .create_topic("alone.cutover.progress", 1, 1)
+        .unwrap();
+    for table in STREAM_TABLES {
+        cluster
+            .create_topic(&format!("alone.public.{table}"), 3, 1)
+            .unwrap();
+    }
+    let state = config.parent().unwrap().join("state");
+    let mut daemon = b.start_cutover(&config).await;
+    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    write_backlog(b, changes, PER_TXN, seeded).await;
+    let cpu_before = b.cpu_now();
+    let started = Instant::now();
+    daemon.restart();
+    let rss = PeakRss::watch(daemon.pid().expect("running"));
+    let addr = crate::http::listen_addr(&state).await;
+    let mut before = None;
+    let mut first = None;
+    let done = loop {
+        let (_, body) = crate::http::get(&addr, "/health");
+        if let Some(committed) = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|h| h["kafka_committed_lsn"].as_str().map(parse_lsn))
+        {
+            match before {
+                None => before = Some(committed),
+                Some(b) if first.is_none() && committed > b => first = Some(Instant::now()),
+                _ => {}
+            }
+        }
+        if marker_in_kafka(&cluster.bootstrap_servers(), "alone.public.bench_marker") {
+            break Instant::now();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the feed never caught up:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let rss = rss.finish();
+    assert_eq!(daemon.terminate(PATIENCE), Some(0), "{}", daemon.log());
+    let cpu = b.cpu_now().since(&cpu_before);
+    b.drop_cutover("bench_kafka").await;
+    println!("  cutover, feed alone: {}", cpu.describe());
+    let feeding = done
+        .duration_since(first.unwrap_or(started))
+        .as_secs_f64()
+        .max(0.001);
+    report.record(
+        scenario,
+        "cutover, feed alone",
+        "throughput",
+        changes as f64 / feeding,
+        "changes/s",
+        Better::Higher,
+        true,
+        "into Kafka with no target: from the first Kafka commit to the marker row in Kafka",
+    );
+    report.record_cpu(scenario, "cutover, feed alone", &cpu, true, "catch-up, ");
+    report.record(
+        "memory",
+        "cutover",
+        "peak RSS kafka alone",
+        rss,
+        "MB",
+        Better::Lower,
+        true,
+        "",
+    );
+}
+
+/// Whether the marker row is in `topic`, read `read_committed` from the
+/// beginning.
+fn marker_in_kafka(bootstrap: &str, topic: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    let Ok(consumer) = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create::<BaseConsumer>()
+    else {
+        return false;
+    };
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..3 {
+        let _ = assignment.add_partition_offset(topic, partition, Offset::Beginning);
+    }
+    if consumer.assign(&assignment).is_err() {
+        return false;
+    }
+    // Every partition at its end without a record: not yet.
+    let mut ended = 0;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline && ended < 3 {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(_)) => return true,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => ended += 1,
+            _ => {}
+        }
+    }
+    false
 }
