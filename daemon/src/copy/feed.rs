@@ -9,9 +9,9 @@ use cutover_replication::session::{Session, SnapshotAction};
 use cutover_replication::slot;
 
 use crate::config::Config;
-use crate::store::{CopyRun, Store, now_secs};
+use crate::store::{Store, now_secs};
 
-use super::orchestration::{outcome, query, tables_in_scope};
+use super::orchestration::{new_slot, outcome, query, tables_in_scope};
 use super::source::{
     ensure_publications, install_ddl_capture, install_partition_triggers, publications,
 };
@@ -44,35 +44,16 @@ pub(super) async fn prepare(config: &Config, store: &Store) -> Result<CopyOutcom
             let mut session = Session::connect(&config.source.conninfo)
                 .await
                 .map_err(|err| CopyError::Replication { err })?;
-            if let Some(state) = slot::slot_state(&source, &config.slot)
-                .await
-                .map_err(query("source", "reading the slot"))?
-            {
-                // Recorded and never finished: an interrupted start.
-                match &recorded {
-                    Some(r) if r.slot == config.slot && !state.active => session
-                        .drop_slot(&config.slot, false)
-                        .await
-                        .map_err(|err| CopyError::Replication { err })?,
-                    _ => return Err(CopyError::ForeignSlot(config.slot.clone())),
-                }
-            }
-            let mut record = CopyRun {
-                slot: config.slot.clone(),
-                standalone: false,
-                consistent_point: None,
-                finished: false,
-                started_at: now_secs(),
-                finished_at: None,
-                target_finished_us: None,
-            };
-            store.put_copy_run(&record)?;
-            store.flush().await?;
-            let created = session
-                .create_slot(&config.slot, false, SnapshotAction::Nothing)
-                .await
-                .map_err(|err| CopyError::Replication { err })?;
-            record.consistent_point = Some(created.consistent_point);
+            let (mut record, created) = new_slot(
+                &source,
+                &mut session,
+                store,
+                recorded.as_ref(),
+                &config.slot,
+                false,
+                SnapshotAction::Nothing,
+            )
+            .await?;
             record.finished = true;
             record.finished_at = Some(now_secs());
             store.put_copy_run(&record)?;

@@ -242,39 +242,16 @@ pub async fn run(
             } else {
                 config.slot.clone()
             };
-            if !standalone
-                && let Some(state) = slot::slot_state(&source, &slot_name)
-                    .await
-                    .map_err(query("source", "reading the slot"))?
-            {
-                // A slot recorded but without its consistent point: an
-                // interrupted start before anything was copied; start over.
-                match &run {
-                    Some(r) if r.slot == slot_name && !state.active => {
-                        session
-                            .drop_slot(&slot_name, false)
-                            .await
-                            .map_err(|err| CopyError::Replication { err })?;
-                    }
-                    _ => return Err(CopyError::ForeignSlot(slot_name)),
-                }
-            }
-            let mut record = CopyRun {
-                slot: slot_name.clone(),
+            let (record, created) = new_slot(
+                &source,
+                &mut session,
+                store,
+                run.as_ref(),
+                &slot_name,
                 standalone,
-                consistent_point: None,
-                finished: false,
-                started_at: now_secs(),
-                finished_at: None,
-                target_finished_us: None,
-            };
-            store.put_copy_run(&record)?;
-            store.flush().await?;
-            let created = session
-                .create_slot(&slot_name, standalone, SnapshotAction::Export)
-                .await
-                .map_err(|err| CopyError::Replication { err })?;
-            record.consistent_point = Some(created.consistent_point);
+                SnapshotAction::Export,
+            )
+            .await?;
             store.put_copy_run(&record)?;
             for plan in &plans {
                 store.put_table_copy(&TableCopy::pending(
@@ -484,6 +461,55 @@ pub(super) async fn keep_unreferenced(
         }
         again = moved.iter().map(TableName::quoted).collect();
     }
+}
+
+/// Makes the slot `slot_name` (a persistent one dropped first when `run`
+/// recorded it and an interrupted start left it unused; another's
+/// refused), recording the run as begun before it exists and with its
+/// consistent point after.
+pub(super) async fn new_slot(
+    source: &Client,
+    session: &mut Session,
+    store: &Store,
+    run: Option<&CopyRun>,
+    slot_name: &str,
+    standalone: bool,
+    action: SnapshotAction,
+) -> Result<(CopyRun, cutover_replication::session::CreatedSlot), CopyError> {
+    if !standalone
+        && let Some(state) = slot::slot_state(source, slot_name)
+            .await
+            .map_err(query("source", "reading the slot"))?
+    {
+        // A slot recorded but without its consistent point: an
+        // interrupted start before anything was copied; start over.
+        match run {
+            Some(r) if r.slot == slot_name && !state.active => {
+                session
+                    .drop_slot(slot_name, false)
+                    .await
+                    .map_err(|err| CopyError::Replication { err })?;
+            }
+            _ => return Err(CopyError::ForeignSlot(slot_name.to_owned())),
+        }
+    }
+    let mut record = CopyRun {
+        slot: slot_name.to_owned(),
+        standalone,
+        consistent_point: None,
+        finished: false,
+        started_at: now_secs(),
+        finished_at: None,
+        target_finished_us: None,
+    };
+    store.put_copy_run(&record)?;
+    store.flush().await?;
+    let created = session
+        .create_slot(slot_name, standalone, action)
+        .await
+        .map_err(|err| CopyError::Replication { err })?;
+    record.consistent_point = Some(created.consistent_point);
+    Ok((record, created))
 }
 
 pub(super) fn outcome(store: &Store, run: &CopyRun) -> Result<CopyOutcome, CopyError> {
