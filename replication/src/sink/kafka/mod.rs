@@ -4,8 +4,9 @@
 //!
 //! - **Whole source transactions per Kafka transaction.** The batches the
 //!   stream hands over go into the open Kafka transaction, which is
-//!   committed every 100 ms (or 16 MB), at the end of a spilled
-//!   transaction and whenever the stream needs its position durable,
+//!   committed every 100 ms under load (or 16 MB), at once when the
+//!   stream goes idle, at the end of a spilled transaction and whenever
+//!   the stream needs its position durable,
 //!   with one progress record (the end of its last source transaction) on
 //!   `<topic_prefix>.cutover.progress`. A consumer reading
 //!   `read_committed` sees a source transaction whole or not at all, and
@@ -72,7 +73,9 @@ const TRANSACTION_TIMEOUT: &str = "transaction.timeout.ms";
 /// What cutover asks for unless `[kafka.properties]` says otherwise.
 const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 900_000;
 
-/// An open Kafka transaction is committed once this old...
+/// Under load, an open Kafka transaction is committed once this old (when
+/// the stream goes idle, at once). 250 ms measured no faster than 100
+/// (docs/benchmarks.md)...
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
 /// ...or once it holds this many bytes of values.
@@ -903,7 +906,9 @@ impl Sink for KafkaSink {
     }
 
     async fn refresh_durable(&mut self) -> Result<Lsn, FeedError> {
-        if self.due() {
+        // Asked when the stream has nothing waiting: what the open
+        // transaction holds is committed now, not when it is due.
+        if self.open.is_some() || self.due() {
             self.commit().await?;
         }
         Ok(self.durable)
