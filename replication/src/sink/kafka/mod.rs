@@ -569,19 +569,15 @@ impl KafkaSink {
     ) -> Result<(), FeedError> {
         // Consecutive messages mostly share a topic: its full name and
         // partitions are looked up once per run of them.
-        let mut current: Option<(&str, String, i32)> = None;
+        let mut current: Option<&str> = None;
+        let mut topic = String::new();
+        let mut partitions = 0;
         for message in messages {
-            let (topic, partitions) = match &current {
-                Some((short, full, partitions)) if *short == message.topic => {
-                    (full.clone(), *partitions)
-                }
-                _ => {
-                    let full = self.settings.topic(&message.topic);
-                    let partitions = self.ensure_topic(&full, self.settings.partitions).await?;
-                    current = Some((&message.topic, full.clone(), partitions));
-                    (full, partitions)
-                }
-            };
+            if current != Some(message.topic.as_str()) {
+                topic = self.settings.topic(&message.topic);
+                partitions = self.ensure_topic(&topic, self.settings.partitions).await?;
+                current = Some(&message.topic);
+            }
             // A keyless table's rows share partition 0, in order; a
             // truncate (no key) goes to every partition.
             match (&message.key, message.every_partition) {
@@ -600,13 +596,13 @@ impl KafkaSink {
                 (None, false) => self.send(&topic, None, &message.value, Some(0)).await?,
             }
             let bytes = (message.key.as_ref().map_or(0, String::len) + message.value.len()) as u64;
-            match tally.get_mut(&topic) {
+            match tally.get_mut(topic.as_str()) {
                 Some(entry) => {
                     entry.0 += 1;
                     entry.1 += bytes;
                 }
                 None => {
-                    tally.insert(topic, (1, bytes));
+                    tally.insert(topic.clone(), (1, bytes));
                 }
             }
         }
