@@ -312,3 +312,108 @@ async fn parked(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use cutover_replication::change::{Change, Commit, PgTimestamp};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::direction::Direction;
+
+    /// A sink whose writes become durable only when waited on, and slowly
+    /// (a Kafka commit retried for longer than the shutdown's wait).
+    struct SlowlyDurable {
+        applied: Lsn,
+        durable: Lsn,
+    }
+
+    impl Sink for SlowlyDurable {
+        type Error = RunError;
+
+        async fn apply(&mut self, transactions: &[SourceTransaction]) -> Result<Lsn, RunError> {
+            if let Some(last) = transactions.last() {
+                self.applied = last.end_lsn;
+            }
+            Ok(self.applied)
+        }
+
+        async fn apply_spilled(&mut self, _: &Path, _: &Commit, _: usize) -> Result<(), RunError> {
+            Ok(())
+        }
+
+        fn wanted(&self, _: &Change, _: Lsn) -> bool {
+            true
+        }
+
+        fn applied(&self) -> Lsn {
+            self.applied
+        }
+
+        fn durable(&self) -> Lsn {
+            self.durable
+        }
+
+        fn flush_pending(&self) -> bool {
+            false
+        }
+
+        async fn refresh_durable(&mut self) -> Result<Lsn, RunError> {
+            Ok(self.durable)
+        }
+
+        async fn wait_durable(&mut self) -> Result<Lsn, RunError> {
+            tokio::time::sleep(SHUTDOWN_FLUSH_WAIT * 3).await;
+            self.durable = self.applied;
+            Ok(self.durable)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_only_once_what_it_applied_is_durable() {
+        let settings = ApplySettings {
+            batch_rows: 1000,
+            batch_bytes: 1 << 20,
+            batch_wait: Duration::ZERO,
+            queue_transactions: 10,
+            queue_bytes: 1 << 20,
+            spill_bytes: 1 << 20,
+        };
+        let (work_tx, work_rx) = mpsc::channel(10);
+        let budget = Arc::new(Semaphore::new(1 << 20));
+        let txn = SourceTransaction {
+            xid: 1,
+            commit_lsn: Lsn::from_u64(90),
+            end_lsn: Lsn::from_u64(100),
+            commit_time: PgTimestamp::from_micros(0),
+            changes: Vec::new(),
+        };
+        let permit = Arc::clone(&budget).acquire_many_owned(1).await.unwrap();
+        work_tx.send(Work::Memory(txn, permit)).await.unwrap();
+        let until = Lsn::from_u64(200);
+        work_tx.send(Work::Reached(until)).await.unwrap();
+        let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+        let (_stop, shutdown) = watch::channel(false);
+        let status = Arc::new(Status::new("cutover", Direction::Forward));
+        let sink = SlowlyDurable {
+            applied: Lsn::ZERO,
+            durable: Lsn::ZERO,
+        };
+        apply_work(
+            sink,
+            work_rx,
+            durable_tx,
+            settings,
+            shutdown,
+            status,
+            Some(until),
+        )
+        .await
+        .unwrap();
+        // A drain (a switch's) reports what it applied durable, however
+        // long that takes: the next direction's changes must come after.
+        assert_eq!(*durable_rx.borrow(), Lsn::from_u64(100));
+    }
+}
