@@ -221,14 +221,19 @@ async fn every_change_reaches_kafka_once_in_key_order_across_a_kill_and_broker_f
     assert!(metrics.contains("cutover_kafka_lag_bytes"), "{metrics}");
     cutover_tests::http::promtool_check(&metrics);
     // `status` says how far Kafka holds the stream.
-    let status = cutover_tests::cli::cutover_beside(&config, &["status"], None).await;
+    status_says_kafka_holds(&config).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
+
+/// `cutover status` says how far Kafka holds the stream.
+async fn status_says_kafka_holds(config: &Path) {
+    let status = cutover_tests::cli::cutover_beside(config, &["status"], None).await;
     assert_eq!(status.code, 0, "{}", status.all_output());
     assert!(
         status.stdout.contains("Kafka holds   up to"),
         "{}",
         status.stdout
     );
-    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
 
 /// The finding `code` of `cutover check --format json` with `config`.
@@ -740,12 +745,6 @@ async fn a_feed_without_a_target_publishes_every_change_once_across_a_kill() {
         .collect();
     assert_eq!(rows, (1..=200).collect::<Vec<_>>());
     assert!(daemon.running(), "{}", daemon.log());
-    let status = cutover_tests::cli::cutover_beside(&config, &["status"], None).await;
-    assert_eq!(status.code, 0, "{}", status.all_output());
-    assert!(
-        status.stdout.contains("Kafka holds   up to"),
-        "{}",
-        status.stdout
-    );
+    status_says_kafka_holds(&config).await;
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }

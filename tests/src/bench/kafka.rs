@@ -11,7 +11,9 @@ use rdkafka::mocking::MockCluster;
 use super::context::{Bench, PATIENCE, PeakRss, parse_lsn};
 use super::dataset::STREAM_TABLES;
 use super::report::{Better, Report};
-use super::scenarios::{catch_up, origin_progress, reset_stream, run_timed, write_backlog};
+use super::scenarios::{
+    backlog_on_own_slot, catch_up, origin_progress, reset_stream, run_timed, write_backlog,
+};
 use crate::cli::cutover_bin;
 
 /// Transactions of the backlog: apply-100's.
@@ -24,15 +26,7 @@ pub async fn kafka(b: &Bench, report: &mut Report, changes: i64, round: usize) {
     println!("{scenario} round {round}: {changes} changes in transactions of {PER_TXN}");
 
     // The ceiling: `cutover tail` on a slot holding the backlog.
-    reset_stream(b, seeded).await;
-    let tables = STREAM_TABLES.join(", ");
-    b.on_source(&format!(
-        "DROP PUBLICATION IF EXISTS bench_tail; CREATE PUBLICATION bench_tail FOR TABLE {tables}"
-    ))
-    .await;
-    b.on_source("SELECT pg_create_logical_replication_slot('bench_tail', 'pgoutput')")
-        .await;
-    write_backlog(b, changes, PER_TXN, seeded).await;
+    backlog_on_own_slot(b, "bench_tail", changes, PER_TXN).await;
     let config = b.cutover_config("kafka-tail", "bench_tail", STREAM_TABLES);
     let seconds = run_timed(
         Command::new(cutover_bin())

@@ -418,16 +418,7 @@ async fn decode_ceiling(
     changes: i64,
     per_txn: i64,
 ) {
-    let seeded = changes.max(1000);
-    reset_stream(b, seeded).await;
-    let tables = STREAM_TABLES.join(", ");
-    b.on_source(&format!(
-        "DROP PUBLICATION IF EXISTS bench_decode; CREATE PUBLICATION bench_decode FOR TABLE {tables}"
-    ))
-    .await;
-    b.on_source("SELECT pg_create_logical_replication_slot('bench_decode', 'pgoutput')")
-        .await;
-    write_backlog(b, changes, per_txn, seeded).await;
+    backlog_on_own_slot(b, "bench_decode", changes, per_txn).await;
     let end: String = b
         .src()
         .await
@@ -460,6 +451,24 @@ async fn decode_ceiling(
         true,
         "pg_recvlogical to /dev/null: the source's decoding with a client that applies nothing",
     );
+}
+
+/// The stream tables emptied and seeded, a publication and a slot
+/// `name` of their own, then the backlog: what a client decoding the
+/// backlog alone reads.
+pub(super) async fn backlog_on_own_slot(b: &Bench, name: &str, changes: i64, per_txn: i64) {
+    let seeded = changes.max(1000);
+    reset_stream(b, seeded).await;
+    let tables = STREAM_TABLES.join(", ");
+    b.on_source(&format!(
+        "DROP PUBLICATION IF EXISTS {name}; CREATE PUBLICATION {name} FOR TABLE {tables}"
+    ))
+    .await;
+    b.on_source(&format!(
+        "SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')"
+    ))
+    .await;
+    write_backlog(b, changes, per_txn, seeded).await;
 }
 
 /// The target's replication origin progress (0 before any).
