@@ -490,7 +490,10 @@ async fn run_daemon(
                         let _ = run_stop_tx.send(true);
                     }
                 }
-                _ = stop_rx.changed() => {
+                // Once the signal's task has said stop, it is gone: its
+                // sender dropped, `changed` fails at once, and matching
+                // that too would spin this loop through the shutdown.
+                Ok(()) = stop_rx.changed() => {
                     let _ = run_stop_tx.send(*stop_rx.borrow());
                 }
             }

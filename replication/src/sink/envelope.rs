@@ -23,8 +23,13 @@
 //! names the partition and the rows it held. A schema change goes to the
 //! feed's `cutover.schema_changes` topic.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
 use serde_json::{Value, json};
 
+use crate::catalog::TableName;
 use crate::change::{Change, ChangeKind, Datum, Relation, Tuple};
 use crate::lsn::Lsn;
 
@@ -34,14 +39,10 @@ pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
 /// The topic of schema changes, after the feed's prefix.
 pub const SCHEMA_CHANGES: &str = "cutover.schema_changes";
 
-/// Where a change came from, for `source`.
+/// Where a transaction's changes came from, for `source`: what differs
+/// between transactions (the server and database are the [`Encoder`]'s).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Origin<'a> {
-    /// The server's name in the feed (`source` or `target`, or what the
-    /// operator calls it).
-    pub server: &'a str,
-    /// Its database.
-    pub database: &'a str,
     /// `forward` or `reverse`.
     pub direction: &'a str,
     /// The transaction.
@@ -50,31 +51,168 @@ pub struct Origin<'a> {
     pub commit_ms: i64,
 }
 
-/// One message.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Message {
-    /// Its topic, after the feed's prefix: `<schema>.<table>`.
-    pub topic: String,
+/// Messages encoded into one buffer, produced from it in order: a batch
+/// of changes costs a few growing buffers, not three allocations a
+/// message.
+#[derive(Debug, Default)]
+pub struct Batch {
+    buf: Vec<u8>,
+    items: Vec<Item>,
+}
+
+/// One message of a [`Batch`]: where its key and value are in the buffer.
+#[derive(Debug)]
+struct Item {
+    topic: Arc<str>,
+    key: Option<(usize, usize)>,
+    value: (usize, usize),
+    every_partition: bool,
+}
+
+/// One message, borrowed from its [`Batch`].
+#[derive(Clone, Copy, Debug)]
+pub struct Record<'a> {
+    /// Its topic's full name, after the feed's prefix. Messages of one
+    /// table share the same `Arc`.
+    pub topic: &'a Arc<str>,
     /// Its key, JSON (`None`: no key).
-    pub key: Option<String>,
+    pub key: Option<&'a [u8]>,
     /// Its value, JSON.
-    pub value: String,
+    pub value: &'a [u8],
     /// It concerns every key (a truncate): it goes to every partition,
     /// so that each partition's readers see it in order with their keys.
     pub every_partition: bool,
 }
 
-/// The messages of `change` (none for a schema change outside the
-/// migration's scope). `ts_ms`: when cutover produced them; `snapshot`:
-/// the change is a row of the initial copy (`op` `r`).
-pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool) -> Vec<Message> {
-    let source = |schema: &str, table: &str| {
+impl Batch {
+    /// Empties the batch, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.items.clear();
+    }
+
+    /// Whether it holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// How many messages it holds.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The bytes of its keys and values.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Its messages, in order.
+    pub fn records(&self) -> impl Iterator<Item = Record<'_>> {
+        self.items.iter().map(|item| Record {
+            topic: &item.topic,
+            key: item.key.map(|(from, to)| &self.buf[from..to]),
+            value: &self.buf[item.value.0..item.value.1],
+            every_partition: item.every_partition,
+        })
+    }
+
+    /// Appends a message whose value is `value` as JSON.
+    fn push_json(&mut self, topic: Arc<str>, key: Option<&Value>, value: &Value, every: bool) {
+        let key = key.map(|key| {
+            let from = self.buf.len();
+            // Writing to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut self.buf, key);
+            (from, self.buf.len())
+        });
+        let from = self.buf.len();
+        let _ = serde_json::to_writer(&mut self.buf, value);
+        self.items.push(Item {
+            topic,
+            key,
+            value: (from, self.buf.len()),
+            every_partition: every,
+        });
+    }
+}
+
+/// What every message of one table shares, made once per Relation
+/// message the stream brings for it.
+#[derive(Debug)]
+struct Shape {
+    /// The relation it was made of: a new Relation message (a column
+    /// added, renamed) is a new `Arc`, and makes a new shape.
+    relation: Arc<Relation>,
+    /// The topic's full name.
+    topic: Arc<str>,
+    /// `"<column>":` for each column, escaped.
+    names: Vec<Box<[u8]>>,
+    /// `{"connector":…,"name":…,"db":…,"schema":…,"table":…,"lsn":`
+    source: Box<[u8]>,
+    /// Whether its rows have a key (REPLICA IDENTITY FULL flags every
+    /// column: that is no key).
+    keyed: bool,
+}
+
+/// Turns changes into Debezium's envelope for one feed: its topics'
+/// prefix, and the server and database its `source` names. What each
+/// table's messages share (topic, escaped column names, the start of
+/// `source`) is made once, not per message: a row change is the feed's
+/// hot path.
+#[derive(Debug)]
+pub struct Encoder {
+    prefix: String,
+    server: String,
+    database: String,
+    shapes: HashMap<u32, Shape>,
+}
+
+impl Encoder {
+    /// An encoder for topics `<prefix>.<schema>.<table>` (no prefix when
+    /// `prefix` is empty) of `server`'s `database`.
+    pub fn new(prefix: &str, server: &str, database: &str) -> Self {
+        Encoder {
+            prefix: prefix.to_owned(),
+            server: server.to_owned(),
+            database: database.to_owned(),
+            shapes: HashMap::new(),
+        }
+    }
+
+    /// The full name of `topic` (after the prefix).
+    fn topic(&self, topic: &str) -> String {
+        prefixed(&self.prefix, topic)
+    }
+
+    /// The shape of `relation`'s messages, made if the relation is new.
+    fn shape(&mut self, relation: &Arc<Relation>) -> &Shape {
+        let made = |relation| make_shape(&self.prefix, &self.server, &self.database, relation);
+        match self.shapes.entry(relation.oid) {
+            Entry::Occupied(entry) if Arc::ptr_eq(&entry.get().relation, relation) => {
+                entry.into_mut()
+            }
+            Entry::Occupied(mut entry) => {
+                entry.insert(made(relation));
+                entry.into_mut()
+            }
+            Entry::Vacant(entry) => entry.insert(made(relation)),
+        }
+    }
+
+    /// The envelope's `source` of a change to `table`, for the rare
+    /// messages (truncates, schema changes) built as JSON values.
+    fn source(
+        &self,
+        change: &Change,
+        origin: &Origin<'_>,
+        table: &TableName,
+        snapshot: bool,
+    ) -> Value {
         json!({
             "connector": "cutover",
-            "name": origin.server,
-            "db": origin.database,
-            "schema": schema,
-            "table": table,
+            "name": self.server,
+            "db": self.database,
+            "schema": table.schema,
+            "table": table.name,
             "lsn": change.lsn.as_u64(),
             "lsn_text": change.lsn.to_string(),
             "txId": origin.xid,
@@ -82,117 +220,226 @@ pub fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool
             "snapshot": snapshot,
             "direction": origin.direction,
         })
-    };
-    let row_message = |relation: &Relation,
-                       op: &str,
-                       before: Option<&Tuple>,
-                       after: Option<&Tuple>,
-                       key_of: &Tuple| {
-        // Written directly, in the columns' order: a row change is the
-        // feed's hot path, and a tree of `Value`s per message cost more
-        // than the rest of the feed.
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"{\"before\":");
-        write_row(&mut out, relation, before);
-        out.extend_from_slice(b",\"after\":");
-        write_row(&mut out, relation, after);
-        out.extend_from_slice(b",\"source\":");
-        write_source(&mut out, change, origin, snapshot, &relation.name);
-        out.extend_from_slice(b",\"op\":");
-        write_str(&mut out, op);
-        out.extend_from_slice(b",\"ts_ms\":");
-        out.extend_from_slice(ts_ms.to_string().as_bytes());
-        out.push(b'}');
-        Message {
-            topic: topic(relation),
-            key: key_text(relation, key_of),
-            value: text_of(out),
-            every_partition: false,
-        }
-    };
-    match &change.kind {
-        ChangeKind::Insert { relation, new } => {
-            let op = if snapshot { "r" } else { "c" };
-            vec![row_message(relation, op, None, Some(new), new)]
-        }
-        ChangeKind::Update { relation, old, new } => {
-            // A moved key: the message goes under the old key, as the row
-            // it changes was found by it.
-            let key_of = old.as_ref().map_or(new, |old| old.tuple());
-            vec![row_message(
-                relation,
-                "u",
-                old.as_ref().map(|old| old.tuple()),
-                Some(new),
-                key_of,
-            )]
-        }
-        ChangeKind::Delete { relation, old } => {
-            vec![row_message(
-                relation,
-                "d",
-                Some(old.tuple()),
-                None,
-                old.tuple(),
-            )]
-        }
-        ChangeKind::Truncate { relations, .. } => relations
-            .iter()
-            .map(|relation| Message {
-                topic: topic(relation),
-                key: None,
-                value: json!({
+    }
+
+    /// Appends the messages of `change` to `out` (none for a schema change
+    /// outside the migration's scope). `ts_ms`: when cutover produced
+    /// them; `snapshot`: the change is a row of the initial copy (`op`
+    /// `r`).
+    pub fn encode(
+        &mut self,
+        change: &Change,
+        origin: &Origin<'_>,
+        ts_ms: i64,
+        snapshot: bool,
+        out: &mut Batch,
+    ) {
+        match &change.kind {
+            ChangeKind::Insert { relation, new } => {
+                let op = if snapshot { "r" } else { "c" };
+                self.row(
+                    change,
+                    origin,
+                    ts_ms,
+                    snapshot,
+                    relation,
+                    op,
+                    None,
+                    Some(new),
+                    new,
+                    out,
+                );
+            }
+            ChangeKind::Update { relation, old, new } => {
+                // A moved key: the message goes under the old key, as the
+                // row it changes was found by it.
+                let key_of = old.as_ref().map_or(new, |old| old.tuple());
+                let before = old.as_ref().map(|old| old.tuple());
+                self.row(
+                    change,
+                    origin,
+                    ts_ms,
+                    snapshot,
+                    relation,
+                    "u",
+                    before,
+                    Some(new),
+                    key_of,
+                    out,
+                );
+            }
+            ChangeKind::Delete { relation, old } => {
+                let old = old.tuple();
+                self.row(
+                    change,
+                    origin,
+                    ts_ms,
+                    snapshot,
+                    relation,
+                    "d",
+                    Some(old),
+                    None,
+                    old,
+                    out,
+                );
+            }
+            ChangeKind::Truncate { relations, .. } => {
+                for relation in relations {
+                    let topic = Arc::clone(&self.shape(relation).topic);
+                    let value = json!({
+                        "before": null,
+                        "after": null,
+                        "source": self.source(change, origin, &relation.name, snapshot),
+                        "op": "t",
+                        "ts_ms": ts_ms,
+                    });
+                    out.push_json(topic, None, &value, true);
+                }
+            }
+            ChangeKind::TruncatePartition(truncate) => {
+                let value = json!({
                     "before": null,
                     "after": null,
-                    "source": source(&relation.name.schema, &relation.name.name),
+                    "source": self.source(change, origin, &truncate.root, snapshot),
                     "op": "t",
                     "ts_ms": ts_ms,
-                })
-                .to_string(),
-                every_partition: true,
-            })
-            .collect(),
-        ChangeKind::TruncatePartition(truncate) => vec![Message {
-            topic: table_topic(&truncate.root),
-            key: None,
-            value: json!({
-                "before": null,
-                "after": null,
-                "source": source(&truncate.root.schema, &truncate.root.name),
-                "op": "t",
-                "ts_ms": ts_ms,
-                "partition": {
-                    "name": truncate.partition.to_string(),
-                    "rows": truncate.constraint,
-                },
-            })
-            .to_string(),
-            every_partition: true,
-        }],
-        ChangeKind::Ddl(ddl) if ddl.in_scope => vec![Message {
-            topic: SCHEMA_CHANGES.to_owned(),
-            key: Some(json!({ "table": ddl.table.to_string() }).to_string()),
-            value: json!({
-                "source": source(&ddl.table.schema, &ddl.table.name),
-                "ddl": ddl.statement,
-                "tag": ddl.tag,
-                "ts_ms": ts_ms,
-            })
-            .to_string(),
+                    "partition": {
+                        "name": truncate.partition.to_string(),
+                        "rows": truncate.constraint,
+                    },
+                });
+                let topic = self.topic(&table_topic(&truncate.root));
+                out.push_json(topic.into(), None, &value, true);
+            }
+            ChangeKind::Ddl(ddl) if ddl.in_scope => {
+                let value = json!({
+                    "source": self.source(change, origin, &ddl.table, snapshot),
+                    "ddl": ddl.statement,
+                    "tag": ddl.tag,
+                    "ts_ms": ts_ms,
+                });
+                let key = json!({ "table": ddl.table.to_string() });
+                let topic = self.topic(SCHEMA_CHANGES);
+                out.push_json(topic.into(), Some(&key), &value, false);
+            }
+            ChangeKind::Ddl(_) => {}
+        }
+    }
+
+    /// One row change's message, written directly in the columns' order:
+    /// a tree of `Value`s per message cost more than the rest of the feed.
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &mut self,
+        change: &Change,
+        origin: &Origin<'_>,
+        ts_ms: i64,
+        snapshot: bool,
+        relation: &Arc<Relation>,
+        op: &str,
+        before: Option<&Tuple>,
+        after: Option<&Tuple>,
+        key_of: &Tuple,
+        out: &mut Batch,
+    ) {
+        let shape = self.shape(relation);
+        let buf = &mut out.buf;
+        let key = shape.keyed.then(|| {
+            let from = buf.len();
+            buf.push(b'{');
+            let keyed = relation.columns.iter().zip(&shape.names).zip(&key_of.0);
+            let mut first = true;
+            for ((column, name), datum) in keyed.filter(|((c, _), _)| c.key) {
+                if !first {
+                    buf.push(b',');
+                }
+                first = false;
+                buf.extend_from_slice(name);
+                write_value(buf, column.type_oid, datum);
+            }
+            buf.push(b'}');
+            (from, buf.len())
+        });
+        let from = buf.len();
+        buf.extend_from_slice(b"{\"before\":");
+        write_row(buf, shape, before);
+        buf.extend_from_slice(b",\"after\":");
+        write_row(buf, shape, after);
+        buf.extend_from_slice(b",\"source\":");
+        buf.extend_from_slice(&shape.source);
+        let mut numbers = itoa::Buffer::new();
+        buf.extend_from_slice(numbers.format(change.lsn.as_u64()).as_bytes());
+        buf.extend_from_slice(b",\"lsn_text\":\"");
+        write_lsn(buf, change.lsn);
+        buf.extend_from_slice(b"\",\"txId\":");
+        buf.extend_from_slice(numbers.format(origin.xid).as_bytes());
+        buf.extend_from_slice(b",\"ts_ms\":");
+        buf.extend_from_slice(numbers.format(origin.commit_ms).as_bytes());
+        buf.extend_from_slice(if snapshot {
+            b",\"snapshot\":true,\"direction\":"
+        } else {
+            b",\"snapshot\":false,\"direction\":"
+        });
+        write_str(buf, origin.direction);
+        buf.extend_from_slice(b"},\"op\":\"");
+        buf.extend_from_slice(op.as_bytes());
+        buf.extend_from_slice(b"\",\"ts_ms\":");
+        buf.extend_from_slice(numbers.format(ts_ms).as_bytes());
+        buf.push(b'}');
+        out.items.push(Item {
+            topic: Arc::clone(&shape.topic),
+            key,
+            value: (from, out.buf.len()),
             every_partition: false,
-        }],
-        ChangeKind::Ddl(_) => Vec::new(),
+        });
     }
 }
 
-fn topic(relation: &Relation) -> String {
-    table_topic(&relation.name)
+/// The full name of `topic` under `prefix` (none when it is empty).
+pub fn prefixed(prefix: &str, topic: &str) -> String {
+    if prefix.is_empty() {
+        topic.to_owned()
+    } else {
+        format!("{prefix}.{topic}")
+    }
+}
+
+/// The shape of `relation`'s messages in a feed of `server`'s `database`
+/// under `prefix`.
+fn make_shape(prefix: &str, server: &str, database: &str, relation: &Arc<Relation>) -> Shape {
+    let names = relation
+        .columns
+        .iter()
+        .map(|column| {
+            let mut name = Vec::with_capacity(column.name.len() + 3);
+            write_str(&mut name, &column.name);
+            name.push(b':');
+            name.into_boxed_slice()
+        })
+        .collect();
+    let mut source = Vec::with_capacity(128);
+    source.extend_from_slice(b"{\"connector\":\"cutover\",\"name\":");
+    write_str(&mut source, server);
+    source.extend_from_slice(b",\"db\":");
+    write_str(&mut source, database);
+    source.extend_from_slice(b",\"schema\":");
+    write_str(&mut source, &relation.name.schema);
+    source.extend_from_slice(b",\"table\":");
+    write_str(&mut source, &relation.name.name);
+    source.extend_from_slice(b",\"lsn\":");
+    Shape {
+        relation: Arc::clone(relation),
+        topic: prefixed(prefix, &table_topic(&relation.name)).into(),
+        names,
+        source: source.into_boxed_slice(),
+        keyed: relation.replica_identity != 'f' && relation.columns.iter().any(|c| c.key),
+    }
 }
 
 /// A table's topic, after the feed's prefix: `<schema>.<table>`, each
 /// character Kafka does not allow in a topic's name (it takes letters,
 /// digits, `.`, `_` and `-`) made `_`, as Debezium does.
-pub fn table_topic(table: &crate::catalog::TableName) -> String {
+pub fn table_topic(table: &TableName) -> String {
     let clean = |name: &str| -> String {
         name.chars()
             .map(|c| {
@@ -207,88 +454,68 @@ pub fn table_topic(table: &crate::catalog::TableName) -> String {
     format!("{}.{}", clean(&table.schema), clean(&table.name))
 }
 
-/// `text` (valid JSON, so UTF-8) as a `String`.
-fn text_of(out: Vec<u8>) -> String {
-    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
 /// `s` as a JSON string.
 fn write_str(out: &mut Vec<u8>, s: &str) {
-    // Writing to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    // Most names and values need no escaping: they are copied as they
+    // are. serde_json escapes exactly these bytes, and the rest.
+    // No early exit: the compiler checks many bytes at a time.
+    let escaped = s.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !escaped {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// `lsn`'s text, `X/Y` in upper-case hex, as PostgreSQL writes it (and
+/// `Lsn`'s `Display`), without the formatting machinery.
+fn write_lsn(out: &mut Vec<u8>, lsn: Lsn) {
+    fn hex(out: &mut Vec<u8>, n: u32) {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        let digits = (32 - n.leading_zeros()).div_ceil(4).max(1);
+        for i in (0..digits).rev() {
+            out.push(DIGITS[(n >> (i * 4)) as usize & 0xF]);
+        }
+    }
+    let n = lsn.as_u64();
+    hex(out, (n >> 32) as u32);
+    out.push(b'/');
+    hex(out, n as u32);
 }
 
 /// The row as a JSON object by column name, or `null`.
-fn write_row(out: &mut Vec<u8>, relation: &Relation, tuple: Option<&Tuple>) {
+fn write_row(out: &mut Vec<u8>, shape: &Shape, tuple: Option<&Tuple>) {
     let Some(tuple) = tuple else {
         out.extend_from_slice(b"null");
         return;
     };
     out.push(b'{');
-    for (i, (column, datum)) in relation.columns.iter().zip(&tuple.0).enumerate() {
+    let columns = shape.relation.columns.iter().zip(&shape.names);
+    for (i, ((column, name), datum)) in columns.zip(&tuple.0).enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_str(out, &column.name);
-        out.push(b':');
+        out.extend_from_slice(name);
         write_value(out, column.type_oid, datum);
     }
     out.push(b'}');
 }
 
-/// The row's key columns as a JSON object, or `None` for a table without
-/// a key.
-fn key_text(relation: &Relation, tuple: &Tuple) -> Option<String> {
-    // REPLICA IDENTITY FULL flags every column: that is no key.
-    if relation.replica_identity == 'f' || !relation.columns.iter().any(|c| c.key) {
-        return None;
+/// Whether `text` is a JSON integer as it is: an optional minus, then
+/// digits without a leading zero.
+fn json_integer(text: &[u8]) -> bool {
+    let digits = text.strip_prefix(b"-").unwrap_or(text);
+    match digits {
+        [] => false,
+        [b'0', _, ..] => false,
+        _ => digits.iter().all(u8::is_ascii_digit),
     }
-    let mut out = Vec::with_capacity(32);
-    out.push(b'{');
-    let keyed = relation.columns.iter().zip(&tuple.0).filter(|(c, _)| c.key);
-    for (i, (column, datum)) in keyed.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(&mut out, &column.name);
-        out.push(b':');
-        write_value(&mut out, column.type_oid, datum);
-    }
-    out.push(b'}');
-    Some(text_of(out))
-}
-
-/// The envelope's `source` of `change` to `table`.
-fn write_source(
-    out: &mut Vec<u8>,
-    change: &Change,
-    origin: &Origin<'_>,
-    snapshot: bool,
-    table: &crate::catalog::TableName,
-) {
-    out.extend_from_slice(b"{\"connector\":\"cutover\",\"name\":");
-    write_str(out, origin.server);
-    out.extend_from_slice(b",\"db\":");
-    write_str(out, origin.database);
-    out.extend_from_slice(b",\"schema\":");
-    write_str(out, &table.schema);
-    out.extend_from_slice(b",\"table\":");
-    write_str(out, &table.name);
-    out.extend_from_slice(b",\"lsn\":");
-    out.extend_from_slice(change.lsn.as_u64().to_string().as_bytes());
-    out.extend_from_slice(b",\"lsn_text\":");
-    write_str(out, &change.lsn.to_string());
-    out.extend_from_slice(b",\"txId\":");
-    out.extend_from_slice(origin.xid.to_string().as_bytes());
-    out.extend_from_slice(b",\"ts_ms\":");
-    out.extend_from_slice(origin.commit_ms.to_string().as_bytes());
-    out.extend_from_slice(if snapshot {
-        b",\"snapshot\":true,\"direction\":"
-    } else {
-        b",\"snapshot\":false,\"direction\":"
-    });
-    write_str(out, origin.direction);
-    out.push(b'}');
 }
 
 /// One value of type `type_oid`, written as [`value`] gives it.
@@ -296,16 +523,20 @@ fn write_value(out: &mut Vec<u8>, type_oid: u32, datum: &Datum) {
     match datum {
         Datum::Null => out.extend_from_slice(b"null"),
         Datum::Text(bytes) => {
-            let text = String::from_utf8_lossy(bytes);
             match type_oid {
-                BOOL if *text == *"t" => out.extend_from_slice(b"true"),
-                BOOL if *text == *"f" => out.extend_from_slice(b"false"),
-                INT2 | INT4 | INT8 | OID
-                    if !text.starts_with('+') && text.parse::<i64>().is_ok() =>
-                {
-                    // The server's own digits: an integer's text is JSON.
-                    out.extend_from_slice(text.as_bytes());
+                BOOL if **bytes == *b"t" => return out.extend_from_slice(b"true"),
+                BOOL if **bytes == *b"f" => return out.extend_from_slice(b"false"),
+                // The server's own digits: an integer's text is JSON.
+                INT2 | INT4 | INT8 | OID if json_integer(bytes) => {
+                    return out.extend_from_slice(bytes);
                 }
+                _ => {}
+            }
+            let text = match std::str::from_utf8(bytes) {
+                Ok(text) => std::borrow::Cow::Borrowed(text),
+                Err(_) => String::from_utf8_lossy(bytes),
+            };
+            match type_oid {
                 FLOAT4 | FLOAT8 => match text.parse::<f64>() {
                     Ok(f) if f.is_finite() => {
                         let _ = serde_json::to_writer(&mut *out, &f);
@@ -454,12 +685,36 @@ mod tests {
     }
 
     const ORIGIN: Origin<'static> = Origin {
-        server: "source",
-        database: "app",
         direction: "forward",
         xid: 7,
         commit_ms: 1_700_000_000_123,
     };
+
+    /// One message, owned, as the tests look at it.
+    struct Message {
+        topic: String,
+        key: Option<String>,
+        value: String,
+    }
+
+    fn owned(batch: &Batch) -> Vec<Message> {
+        let text = |bytes: &[u8]| String::from_utf8(bytes.to_vec()).unwrap();
+        batch
+            .records()
+            .map(|record| Message {
+                topic: record.topic.to_string(),
+                key: record.key.map(text),
+                value: text(record.value),
+            })
+            .collect()
+    }
+
+    /// The messages of `change` alone, with no topic prefix.
+    fn messages(change: &Change, origin: &Origin<'_>, ts_ms: i64, snapshot: bool) -> Vec<Message> {
+        let mut batch = Batch::default();
+        Encoder::new("", "source", "app").encode(change, origin, ts_ms, snapshot, &mut batch);
+        owned(&batch)
+    }
 
     fn parsed(message: &Message) -> (Option<Value>, Value) {
         (
@@ -611,6 +866,75 @@ mod tests {
     }
 
     #[test]
+    fn a_new_relation_message_for_a_table_changes_its_messages_and_the_prefix_names_topics() {
+        let mut encoder = Encoder::new("feed", "source", "app");
+        let mut batch = Batch::default();
+        let insert = |relation: &Arc<Relation>, id: &str| {
+            change(ChangeKind::Insert {
+                relation: Arc::clone(relation),
+                new: text(&[Some(id), Some("ann"), None, None, None, None]),
+            })
+        };
+        let before = relation('d');
+        encoder.encode(&insert(&before, "1"), &ORIGIN, 5, false, &mut batch);
+        // The same table (same OID) after `ALTER TABLE ... RENAME COLUMN`
+        // and a change of identity: a new Relation message.
+        let mut renamed = (*before).clone();
+        renamed.columns[1].name = "holder".into();
+        renamed.replica_identity = 'f';
+        let renamed = Arc::new(renamed);
+        encoder.encode(&insert(&renamed, "2"), &ORIGIN, 5, false, &mut batch);
+        encoder.encode(&insert(&before, "-3"), &ORIGIN, 5, false, &mut batch);
+        let messages = owned(&batch);
+        assert_eq!(batch.len(), 3);
+        assert!(messages.iter().all(|m| m.topic == "feed.public.accounts"));
+        let (key, value) = parsed(&messages[0]);
+        assert_eq!(
+            (key, &value["after"]["owner"]),
+            (Some(json!({"id": 1})), &json!("ann"))
+        );
+        let (key, value) = parsed(&messages[1]);
+        assert_eq!((key, &value["after"]["holder"]), (None, &json!("ann")));
+        assert!(value["after"].get("owner").is_none());
+        let (key, _) = parsed(&messages[2]);
+        assert_eq!(key, Some(json!({"id": -3})));
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.value.len() + m.key.as_ref().map_or(0, String::len))
+            .sum();
+        assert_eq!(batch.bytes(), bytes);
+    }
+
+    #[test]
+    fn an_lsn_is_written_as_postgresql_writes_it() {
+        for n in [0, 0x10, 0x1_0000_0010, 0xFFFF_FFFF_FFFF_FFFF, 0xA_0BC0_0000] {
+            let mut out = Vec::new();
+            write_lsn(&mut out, Lsn::from_u64(n));
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                Lsn::from_u64(n).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_integer_s_own_json_form_is_written_as_a_number() {
+        for (text, number) in [
+            ("0", true),
+            ("-0", true),
+            ("12", true),
+            ("-9223372036854775808", true),
+            ("007", false),
+            ("+1", false),
+            ("", false),
+            ("-", false),
+            ("1e3", false),
+        ] {
+            assert_eq!(json_integer(text.as_bytes()), number, "{text:?}");
+        }
+    }
+
+    #[test]
     fn a_table_whose_name_kafka_refuses_gets_a_topic_with_underscores() {
         let odd = crate::catalog::TableName::new("Sales EU", "orders/2024 é");
         assert_eq!(table_topic(&odd), "Sales_EU.orders_2024__");
@@ -649,14 +973,14 @@ mod tests {
                 dropped_column: None,
             })))
         };
-        let schema = super::messages(&ddl(true), &ORIGIN, 5, false);
+        let schema = self::messages(&ddl(true), &ORIGIN, 5, false);
         assert_eq!(schema.len(), 1);
         assert_eq!(schema[0].topic, SCHEMA_CHANGES);
         assert_eq!(
             parsed(&schema[0]).1["ddl"],
             "ALTER TABLE accounts ADD COLUMN x int"
         );
-        assert!(super::messages(&ddl(false), &ORIGIN, 5, false).is_empty());
+        assert!(self::messages(&ddl(false), &ORIGIN, 5, false).is_empty());
         assert_eq!(
             progress("reverse", Lsn::from_u64(16), None),
             r#"{"direction":"reverse","end_lsn":16,"end_lsn_text":"0/10"}"#

@@ -47,7 +47,7 @@ use crate::change::{Change, ChangeKind, Commit, PgTimestamp, SourceTransaction};
 use crate::lsn::Lsn;
 use crate::secret::Secret;
 use crate::sink::Sink;
-use crate::sink::envelope::{self, Message, Origin, SnapshotMark};
+use crate::sink::envelope::{self, Batch, Encoder, Origin, SnapshotMark};
 use crate::sink::filter::Filter;
 
 mod error;
@@ -146,11 +146,7 @@ impl KafkaSettings {
 
     /// The full name of `topic` (after the prefix).
     pub fn topic(&self, topic: &str) -> String {
-        if self.topic_prefix.is_empty() {
-            topic.to_owned()
-        } else {
-            format!("{}.{topic}", self.topic_prefix)
-        }
+        envelope::prefixed(&self.topic_prefix, topic)
     }
 }
 
@@ -273,6 +269,10 @@ pub struct KafkaSink {
     settings: KafkaSettings,
     feed: FeedId,
     filter: Filter,
+    /// Changes into messages, and the batch they are encoded into (kept
+    /// between batches for its buffers).
+    encoder: Encoder,
+    batch: Batch,
     progress_topic: String,
     progress_key: String,
     /// The end of the last source transaction published (or passed over,
@@ -382,6 +382,8 @@ impl KafkaSink {
             admin,
             meta: Arc::new(meta),
             progress_topic: settings.topic(PROGRESS_TOPIC),
+            encoder: Encoder::new(&settings.topic_prefix, feed.server, &feed.database),
+            batch: Batch::default(),
             settings,
             progress_key: key,
             feed,
@@ -506,20 +508,18 @@ impl KafkaSink {
         }
     }
 
-    /// The messages of `changes` (of the transaction `commit`) that the
+    /// The messages of `changes` (of the transaction `xid`) that the
     /// filter takes, added to `out`.
     fn messages_of<'a>(
-        &self,
+        &mut self,
         changes: impl IntoIterator<Item = &'a Change>,
         xid: u32,
         commit_lsn: Lsn,
         commit_time: PgTimestamp,
-        out: &mut Vec<Message>,
+        out: &mut Batch,
     ) {
         let commit_ms = commit_time.micros().div_euclid(1000) + PG_EPOCH_MS;
         let origin = Origin {
-            server: self.feed.server,
-            database: &self.feed.database,
             direction: self.feed.direction,
             xid,
             commit_ms,
@@ -554,57 +554,53 @@ impl KafkaSink {
                         },
                         ..change.clone()
                     };
-                    out.extend(envelope::messages(&taken, &origin, now_ms, false));
+                    self.encoder.encode(&taken, &origin, now_ms, false, out);
                 }
-                _ => out.extend(envelope::messages(change, &origin, now_ms, false)),
+                _ => self.encoder.encode(change, &origin, now_ms, false, out),
             }
         }
     }
 
-    /// Produces `messages` into the open Kafka transaction.
+    /// Produces `batch` into the open Kafka transaction.
     async fn produce(
         &mut self,
-        messages: &[Message],
+        batch: &Batch,
         tally: &mut HashMap<String, (u64, u64)>,
     ) -> Result<(), FeedError> {
-        // Consecutive messages mostly share a topic: its full name and
-        // partitions are looked up once per run of them.
-        let mut current: Option<&str> = None;
-        let mut topic = String::new();
+        // Consecutive messages mostly share a topic: its partitions are
+        // looked up, and its messages counted, once per run of them.
+        let mut current: Option<&Arc<str>> = None;
         let mut partitions = 0;
-        for message in messages {
-            if current != Some(message.topic.as_str()) {
-                topic = self.settings.topic(&message.topic);
-                partitions = self.ensure_topic(&topic, self.settings.partitions).await?;
-                current = Some(&message.topic);
+        let mut run = (0, 0);
+        for record in batch.records() {
+            if current.is_none_or(|topic| !Arc::ptr_eq(topic, record.topic)) {
+                if let Some(topic) = current {
+                    count(tally, topic, run);
+                }
+                partitions = self
+                    .ensure_topic(record.topic, self.settings.partitions)
+                    .await?;
+                current = Some(record.topic);
+                run = (0, 0);
             }
+            let topic = &**record.topic;
             // A keyless table's rows share partition 0, in order; a
             // truncate (no key) goes to every partition.
-            match (&message.key, message.every_partition) {
+            match (record.key, record.every_partition) {
                 (_, true) => {
                     for partition in 0..partitions {
-                        self.send(
-                            &topic,
-                            message.key.as_deref(),
-                            &message.value,
-                            Some(partition),
-                        )
-                        .await?;
+                        self.send(topic, record.key, record.value, Some(partition))
+                            .await?;
                     }
                 }
-                (Some(key), false) => self.send(&topic, Some(key), &message.value, None).await?,
-                (None, false) => self.send(&topic, None, &message.value, Some(0)).await?,
+                (Some(key), false) => self.send(topic, Some(key), record.value, None).await?,
+                (None, false) => self.send(topic, None, record.value, Some(0)).await?,
             }
-            let bytes = (message.key.as_ref().map_or(0, String::len) + message.value.len()) as u64;
-            match tally.get_mut(topic.as_str()) {
-                Some(entry) => {
-                    entry.0 += 1;
-                    entry.1 += bytes;
-                }
-                None => {
-                    tally.insert(topic.clone(), (1, bytes));
-                }
-            }
+            run.0 += 1;
+            run.1 += (record.key.map_or(0, <[u8]>::len) + record.value.len()) as u64;
+        }
+        if let Some(topic) = current {
+            count(tally, topic, run);
         }
         Ok(())
     }
@@ -613,8 +609,8 @@ impl KafkaSink {
     async fn send(
         &self,
         topic: &str,
-        key: Option<&str>,
-        value: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
         partition: Option<i32>,
     ) -> Result<(), FeedError> {
         loop {
@@ -622,7 +618,7 @@ impl KafkaSink {
                 key: TXN_HEADER,
                 value: Some(self.txn_id.as_str()),
             });
-            let mut record = BaseRecord::<str, str>::to(topic)
+            let mut record = BaseRecord::<[u8], [u8]>::to(topic)
                 .payload(value)
                 .headers(headers);
             if let Some(key) = key {
@@ -658,19 +654,19 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// Produces `messages` into the open Kafka transaction (opened if
-    /// none is); aborts it on a failure.
-    async fn add(&mut self, messages: &[Message]) -> Result<(), FeedError> {
+    /// Produces `batch` into the open Kafka transaction (opened if none
+    /// is); aborts it on a failure.
+    async fn add(&mut self, batch: &Batch) -> Result<(), FeedError> {
         self.open()?;
         let mut tally = self
             .open
             .as_mut()
             .map(|o| std::mem::take(&mut o.topics))
             .unwrap_or_default();
-        let produced = self.produce(messages, &mut tally).await;
+        let produced = self.produce(batch, &mut tally).await;
         if let Some(open) = self.open.as_mut() {
             open.topics = tally;
-            open.bytes += messages.iter().map(|m| m.value.len()).sum::<usize>();
+            open.bytes += batch.bytes();
         }
         match produced {
             Ok(()) => Ok(()),
@@ -698,7 +694,10 @@ impl KafkaSink {
         let end = self.applied;
         let record = envelope::progress(self.feed.direction, end, self.snapshot.as_ref());
         let (topic, key) = (self.progress_topic.clone(), self.progress_key.clone());
-        if let Err(e) = self.send(&topic, Some(&key), &record, Some(0)).await {
+        if let Err(e) = self
+            .send(&topic, Some(key.as_bytes()), record.as_bytes(), Some(0))
+            .await
+        {
             return Err(self.abort(e).await);
         }
         let started = Instant::now();
@@ -761,9 +760,11 @@ impl KafkaSink {
         err
     }
 
-    /// Publishes `messages`, up to `end`, and commits at once.
-    async fn publish(&mut self, messages: &[Message], end: Lsn) -> Result<(), FeedError> {
-        self.add(messages).await?;
+    /// Publishes `batch`, up to `end`, and commits at once.
+    async fn publish(&mut self, batch: &Batch, end: Lsn) -> Result<(), FeedError> {
+        if !batch.is_empty() {
+            self.add(batch).await?;
+        }
         self.applied = self.applied.max(end);
         self.commit().await
     }
@@ -792,18 +793,34 @@ impl KafkaSink {
             if changes.is_empty() {
                 break;
             }
-            let mut messages = Vec::new();
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.clear();
             self.messages_of(
                 &changes,
                 commit.xid,
                 commit.commit_lsn,
                 commit.commit_time,
-                &mut messages,
+                &mut batch,
             );
-            self.add(&messages).await?;
+            let added = self.add(&batch).await;
+            self.batch = batch;
+            added?;
         }
         self.applied = commit.end_lsn;
         self.commit().await
+    }
+}
+
+/// Adds a run of messages to one topic to the tally.
+fn count(tally: &mut HashMap<String, (u64, u64)>, topic: &str, (messages, bytes): (u64, u64)) {
+    match tally.get_mut(topic) {
+        Some(entry) => {
+            entry.0 += messages;
+            entry.1 += bytes;
+        }
+        None => {
+            tally.insert(topic.to_owned(), (messages, bytes));
+        }
     }
 }
 
@@ -823,28 +840,35 @@ impl Sink for KafkaSink {
     type Error = FeedError;
 
     async fn apply(&mut self, transactions: &[SourceTransaction]) -> Result<Lsn, FeedError> {
-        let mut messages = Vec::new();
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
         let mut end = None;
-        for txn in transactions.iter().filter(|t| t.end_lsn > self.applied) {
+        let applied = self.applied;
+        for txn in transactions.iter().filter(|t| t.end_lsn > applied) {
             self.messages_of(
                 &txn.changes,
                 txn.xid,
                 txn.commit_lsn,
                 txn.commit_time,
-                &mut messages,
+                &mut batch,
             );
             end = Some(txn.end_lsn);
         }
         let Some(end) = end else {
+            self.batch = batch;
             return Ok(self.applied);
         };
         // Whole source transactions go into the open Kafka transaction,
         // committed when due: the apply does not wait on Kafka's commit
         // per batch. With nothing to publish (changes cutover skips) only
         // the position moves.
-        if !messages.is_empty() {
-            self.add(&messages).await?;
-        }
+        let added = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.add(&batch).await
+        };
+        self.batch = batch;
+        added?;
         self.applied = end;
         if self.due() {
             self.commit().await?;

@@ -28,7 +28,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::catalog::TableName;
 use crate::change::{Change, ChangeKind, Datum, Relation, RelationColumn, Tuple};
 use crate::lsn::Lsn;
-use crate::sink::envelope::{self, Origin, SnapshotMark};
+use crate::sink::envelope::{Batch, Origin, SnapshotMark};
 use crate::sql::quote_ident;
 
 use super::{FeedError, KafkaSink};
@@ -109,10 +109,8 @@ impl KafkaSink {
                     .simple_query(&sql)
                     .await
                     .map_err(|e| read_error(&part, &e))?;
-                let mut messages = Vec::new();
+                let mut batch = Batch::default();
                 let origin = Origin {
-                    server: self.feed.server,
-                    database: &self.feed.database,
                     direction: self.feed.direction,
                     xid: 0,
                     commit_ms: now_ms(),
@@ -143,20 +141,21 @@ impl KafkaSink {
                         },
                     };
                     rows += 1;
-                    messages.extend(envelope::messages(&change, &origin, origin.commit_ms, true));
+                    self.encoder
+                        .encode(&change, &origin, origin.commit_ms, true, &mut batch);
                 }
                 self.snapshot = Some(SnapshotMark::At {
                     table: part.clone(),
                     block: end,
                 });
-                self.publish(&messages, at).await?;
+                self.publish(&batch, at).await?;
                 failpoint("kafka:snapshot:range");
                 block = end;
             }
             tracing::info!(table = %root, part = %part, "snapshot published to Kafka");
         }
         self.snapshot = Some(SnapshotMark::Done);
-        self.publish(&[], at).await?;
+        self.publish(&Batch::default(), at).await?;
         tracing::info!(rows, "the snapshot is in Kafka");
         Ok(())
     }
