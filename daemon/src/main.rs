@@ -438,6 +438,44 @@ fn main() -> ExitCode {
     })
 }
 
+/// Waits for `run` to end, passing the daemon's stop on to it, and
+/// stopping it for a switch asked through the console: its result, and the
+/// request that stopped it, if one did.
+async fn until_ended<R>(
+    run: impl std::future::Future<Output = R>,
+    requests: &mut Option<tokio::sync::mpsc::UnboundedReceiver<switch::desk::Request>>,
+    stop_rx: &mut tokio::sync::watch::Receiver<bool>,
+    run_stop_tx: &tokio::sync::watch::Sender<bool>,
+) -> (R, Option<switch::desk::Request>) {
+    tokio::pin!(run);
+    let mut asked = None;
+    loop {
+        tokio::select! {
+            result = &mut run => return (result, asked),
+            request = async {
+                match requests.as_mut() {
+                    Some(inbox) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            }, if asked.is_none() => match request {
+                Some(request) => {
+                    tracing::info!(kind = request.kind.name(), "stopping the stream for a {} asked through the console", request.kind.name());
+                    asked = Some(request);
+                    let _ = run_stop_tx.send(true);
+                }
+                // The console's desk is gone: nothing more to wait for.
+                None => *requests = None,
+            },
+            // Once the signal's task has said stop, it is gone: its sender
+            // dropped, `changed` fails at once, and matching that too would
+            // spin this loop through the shutdown.
+            Ok(()) = stop_rx.changed() => {
+                let _ = run_stop_tx.send(*stop_rx.borrow());
+            }
+        }
+    }
+}
+
 /// The daemon's loop: streams away from the primary until SIGTERM; a
 /// switch or rollback asked through the console stops the stream, runs
 /// with the store this process holds, and the loop streams again in the
@@ -473,31 +511,7 @@ async fn run_daemon(
                 ))
             });
         let run = run::run(config, store, run_stop_rx, std::sync::Arc::clone(&status));
-        tokio::pin!(run);
-        let mut asked = None;
-        let result = loop {
-            tokio::select! {
-                result = &mut run => break result,
-                request = async {
-                    match requests.as_mut() {
-                        Some(inbox) => inbox.recv().await,
-                        None => std::future::pending().await,
-                    }
-                }, if asked.is_none() => {
-                    if let Some(request) = request {
-                        tracing::info!(kind = request.kind.name(), "stopping the stream for a {} asked through the console", request.kind.name());
-                        asked = Some(request);
-                        let _ = run_stop_tx.send(true);
-                    }
-                }
-                // Once the signal's task has said stop, it is gone: its
-                // sender dropped, `changed` fails at once, and matching
-                // that too would spin this loop through the shutdown.
-                Ok(()) = stop_rx.changed() => {
-                    let _ = run_stop_tx.send(*stop_rx.borrow());
-                }
-            }
-        };
+        let (result, asked) = until_ended(run, &mut requests, &mut stop_rx, &run_stop_tx).await;
         if let Some(verifier) = verifier {
             verifier.abort();
         }
@@ -765,4 +779,37 @@ fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) -> 
         LogFormat::Json => builder.json().try_init(),
     }
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::future::Future;
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    /// The daemon told to stop waits for its stream to end without
+    /// spinning: the signal's task is gone once it has said stop.
+    #[tokio::test]
+    async fn a_stopping_daemon_waits_for_its_stream_without_spinning() {
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let (run_stop_tx, run_stop_rx) = watch::channel(false);
+        stop_tx.send(true).unwrap();
+        drop(stop_tx);
+        let polls = Cell::new(0);
+        let mut finishing = Box::pin(tokio::time::sleep(Duration::from_millis(100)));
+        let run = std::future::poll_fn(|cx| {
+            polls.set(polls.get() + 1);
+            finishing.as_mut().poll(cx)
+        });
+        let ((), asked) = super::until_ended(run, &mut None, &mut stop_rx, &run_stop_tx).await;
+        assert!(asked.is_none());
+        assert!(*run_stop_rx.borrow(), "the stop reached the stream");
+        assert!(
+            polls.get() < 10,
+            "the stream was polled {} times in 100 ms",
+            polls.get()
+        );
+    }
 }
