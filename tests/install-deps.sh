@@ -39,7 +39,8 @@ MSG
 fi
 
 # Client tools the tests drive as an operator would: psql against the admin
-# console, promtool to check the /metrics exposition format.
+# console, promtool to check the /metrics exposition format and the alert
+# rules, Chromium to load the status page.
 need=()
 psql_found() {
     command -v psql >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/psql' >/dev/null ||
@@ -47,9 +48,12 @@ psql_found() {
 }
 psql_found || need+=(postgresql-client)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# The status page's test loads it in headless Chromium.
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 ||
+    [[ -n "${CUTOVER_CHROMIUM:-}" ]] || need+=(chromium)
 if (( ${#need[@]} > 0 )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        echo "install-deps: installing ${need[*]} (psql, promtool)"
+        echo "install-deps: installing ${need[*]} (psql, promtool, chromium)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 || {
             apt-get update -qq

@@ -1,4 +1,5 @@
-//! `/metrics`, `/health` and `/ready` on `[http] listen`.
+//! The status page (`/`), `/metrics`, `/health` and `/ready` on `[http]
+//! listen`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::live::{DaemonState, Status};
+use crate::store::Store;
 
 #[derive(Clone)]
 struct App {
     status: Arc<Status>,
+    store: Store,
     max_lag: Duration,
     max_divergent_ratio: f64,
 }
@@ -22,19 +25,59 @@ struct App {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     status: Arc<Status>,
+    store: Store,
     max_lag: Duration,
     max_divergent_ratio: f64,
 ) -> std::io::Result<()> {
     let app = Router::new()
+        .route("/", get(page))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(App {
             status,
+            store,
             max_lag,
             max_divergent_ratio,
         });
     axum::serve(listener, app).await
+}
+
+/// The status page ([`crate::page`]). What the store cannot give (it is
+/// being written) is left off the page rather than failing it.
+async fn page(State(app): State<App>) -> Response {
+    let view = app.status.view();
+    let history = app
+        .store
+        .lag_history(view.direction, crate::page::CHART_SAMPLES)
+        .unwrap_or_default();
+    let copies = app.store.table_copies().unwrap_or_default();
+    let conflicts = app.store.conflicts().unwrap_or_default();
+    let newest: Vec<_> = conflicts
+        .iter()
+        .rev()
+        .take(crate::page::CONFLICTS_LISTED)
+        .cloned()
+        .collect();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let html = crate::page::render(&crate::page::Page {
+        view: &view,
+        history: &history,
+        copies: &copies,
+        conflicts: (conflicts.len(), &newest),
+        max_lag: app.max_lag,
+        now_ms,
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
 }
 
 async fn metrics(State(app): State<App>) -> Response {

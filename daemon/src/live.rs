@@ -557,6 +557,11 @@ impl Status {
         if let Some(window) = state.windows_ms.last() {
             self.metrics.switch_window.set(*window as f64 / 1000.0);
         }
+        let under_way = state
+            .journal
+            .as_ref()
+            .is_some_and(|journal| journal.outcome == crate::switch::journal::Outcome::InProgress);
+        self.metrics.switch_in_progress.set(i64::from(under_way));
         self.lock().switch = state;
     }
 

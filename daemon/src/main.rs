@@ -14,6 +14,7 @@ mod hold;
 mod http;
 mod live;
 mod metrics;
+mod page;
 mod progress;
 mod run;
 mod serve;
@@ -525,6 +526,9 @@ async fn run_daemon(
             )));
             return Err(err);
         }
+        // Under way from here (`cutover_switch_in_progress`): the state
+        // read back below says how it ended.
+        status.metrics.switch_in_progress.set(1);
         let done = switch::run_with_store(config, store, request.kind, request.options).await;
         if let Ok(state) = store.switch_state() {
             let direction = state.direction();

@@ -55,6 +55,9 @@ pub const VERIFY_LAST_PASS: &str = "cutover_verify_last_pass_timestamp_seconds";
 pub const PRIMARY: &str = "cutover_primary";
 /// The last switch's or rollback's write-unavailability window.
 pub const SWITCH_WINDOW: &str = "cutover_switch_window_seconds";
+/// 1 while this daemon runs a switch or rollback (asked through the
+/// console), from its drain to its end.
+pub const SWITCH_IN_PROGRESS: &str = "cutover_switch_in_progress";
 
 /// Messages the Kafka feed committed, by topic.
 pub const KAFKA_MESSAGES: &str = "cutover_kafka_messages_total";
@@ -134,6 +137,8 @@ pub struct Metrics {
     pub primary: IntGaugeVec,
     /// [`SWITCH_WINDOW`] (0 before the first switch).
     pub switch_window: prometheus::Gauge,
+    /// [`SWITCH_IN_PROGRESS`].
+    pub switch_in_progress: prometheus::IntGauge,
     /// [`KAFKA_MESSAGES`].
     pub kafka_messages: IntCounterVec,
     /// [`KAFKA_BYTES`].
@@ -144,13 +149,24 @@ pub struct Metrics {
     pub kafka_commit_seconds: prometheus::Histogram,
     /// [`KAFKA_LAG_BYTES`].
     pub kafka_lag_bytes: IntGaugeVec,
+    /// Every family's name, for the dashboard's and the alerts' test.
+    #[cfg(test)]
+    families: Vec<String>,
 }
 
 impl Metrics {
     /// Registers every family in a fresh registry.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+        let names = std::cell::RefCell::new(Vec::new());
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            names: &std::cell::RefCell<Vec<String>>,
+            c: T,
+        ) -> T {
+            names
+                .borrow_mut()
+                .extend(c.desc().iter().map(|d| d.fq_name.clone()));
             r.register(Box::new(c.clone()))
                 .expect("metric names are unique constants");
             c
@@ -158,12 +174,14 @@ impl Metrics {
         let int_gauge = |name: &str, help: &str, labels: &[&str]| {
             reg(
                 &registry,
+                &names,
                 IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
         let counter = |name: &str, help: &str, labels: &[&str]| {
             reg(
                 &registry,
+                &names,
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
@@ -175,6 +193,7 @@ impl Metrics {
             ),
             lag_seconds: reg(
                 &registry,
+                &names,
                 prometheus::GaugeVec::new(
                     Opts::new(
                         LAG_SECONDS,
@@ -239,11 +258,13 @@ impl Metrics {
             ),
             verify_rows: reg(
                 &registry,
+                &names,
                 prometheus::IntCounter::new(VERIFY_ROWS, "Source rows the background verifier compared")
                     .expect("valid metric"),
             ),
             verify_last_pass: reg(
                 &registry,
+                &names,
                 prometheus::Gauge::new(
                     VERIFY_LAST_PASS,
                     "Unix time the background verifier last finished a pass over every table (0: none yet)",
@@ -252,6 +273,7 @@ impl Metrics {
             ),
             verify_repaired_rows: reg(
                 &registry,
+                &names,
                 prometheus::IntCounter::new(
                     VERIFY_REPAIRED_ROWS,
                     "Target rows the background verifier made equal to the source (verify.repair)",
@@ -265,9 +287,19 @@ impl Metrics {
             ),
             switch_window: reg(
                 &registry,
+                &names,
                 prometheus::Gauge::new(
                     SWITCH_WINDOW,
                     "The last switch's or rollback's write-unavailability window: fence to new primary open",
+                )
+                .expect("valid metric"),
+            ),
+            switch_in_progress: reg(
+                &registry,
+                &names,
+                prometheus::IntGauge::new(
+                    SWITCH_IN_PROGRESS,
+                    "1 while this daemon runs a switch or rollback, from its drain to its end",
                 )
                 .expect("valid metric"),
             ),
@@ -288,6 +320,7 @@ impl Metrics {
             ),
             kafka_commit_seconds: reg(
                 &registry,
+                &names,
                 prometheus::Histogram::with_opts(
                     prometheus::HistogramOpts::new(
                         KAFKA_COMMIT_SECONDS,
@@ -303,7 +336,16 @@ impl Metrics {
                 &[LABEL_DIRECTION],
             ),
             registry,
+            #[cfg(test)]
+            families: names.into_inner(),
         }
+    }
+
+    /// The name of every family registered, whether it has samples yet or
+    /// not (`/metrics` shows a family once it has one).
+    #[cfg(test)]
+    pub fn families(&self) -> &[String] {
+        &self.families
     }
 
     /// The text exposition format.
@@ -318,5 +360,80 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Metrics {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `cutover_…` names in `text`, a histogram's series
+    /// (`_bucket`, `_sum`, `_count`) under its family's name.
+    fn names_in(text: &str, families: &[String]) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("cutover_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|base| families.iter().any(|f| f == base))
+                })
+                .map_or(name.clone(), str::to_owned);
+            found.push(family);
+        }
+        found
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alerts_query_only_families_the_daemon_exports() {
+        let metrics = Metrics::new();
+        let families = metrics.families();
+        assert!(families.iter().any(|f| f == SWITCH_IN_PROGRESS));
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let dashboard = std::fs::read_to_string(deploy.join("grafana/cutover-dashboard.json"))
+            .expect("the Grafana dashboard");
+        let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("valid JSON");
+        let mut queried = Vec::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("a PromQL expression");
+                let names = names_in(expr, families);
+                assert!(
+                    !names.is_empty(),
+                    "{}: {expr} queries no cutover metric",
+                    panel["title"]
+                );
+                queried.extend(names);
+            }
+        }
+        let alerts = std::fs::read_to_string(deploy.join("prometheus/cutover-alerts.yml"))
+            .expect("the alert rules");
+        queried.extend(names_in(&alerts, families));
+        for name in &queried {
+            assert!(
+                families.contains(name),
+                "{name} is queried but the daemon exports no such family"
+            );
+        }
+        // What the dashboard is for: lag, throughput, divergence,
+        // conflicts and the switch window.
+        for wanted in [
+            LAG_SECONDS,
+            APPLIED_CHANGES,
+            DIVERGENT_ROWS,
+            CONFLICTS,
+            SWITCH_WINDOW,
+        ] {
+            assert!(
+                queried.iter().any(|q| q == wanted),
+                "the dashboard lacks {wanted}"
+            );
+        }
     }
 }

@@ -30,15 +30,17 @@ pub async fn start(
     let http = bind("http.listen", config.http_listen).await?;
     let http_addr = http.local_addr().unwrap_or(config.http_listen);
     let status_http = Arc::clone(status);
+    let store_http = store.clone();
     let max_lag = config.max_lag;
     let max_divergent_ratio = config.verify.max_divergent_ratio;
     tokio::spawn(async move {
-        if let Err(err) = crate::http::serve(http, status_http, max_lag, max_divergent_ratio).await
+        if let Err(err) =
+            crate::http::serve(http, status_http, store_http, max_lag, max_divergent_ratio).await
         {
             tracing::error!(error = %err, "the HTTP server stopped");
         }
     });
-    tracing::info!(addr = %http_addr, "http listening (/metrics, /health, /ready)");
+    tracing::info!(addr = %http_addr, "http listening (the status page at /, /metrics, /health, /ready)");
     let mut record = serde_json::json!({
         "http": http_addr.to_string(),
         "pid": std::process::id(),
