@@ -51,6 +51,8 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 # The status page's test loads it in headless Chromium.
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 ||
     [[ -n "${CUTOVER_CHROMIUM:-}" ]] || need+=(chromium)
+# systemd-analyze verifies deploy/cutover.service.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if (( ${#need[@]} > 0 )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "install-deps: installing ${need[*]} (psql, promtool, chromium)"
