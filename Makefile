@@ -1,4 +1,8 @@
 # The commands a newcomer types:
+#   make demo    install what is missing, build, and walk the whole journey
+#                (check, run, verify, switch, rollback, accept, cleanup) on
+#                two throwaway local clusters under an application's writes;
+#                make demo DEMO_ARGS="--keep" leaves them up to look at
 #   make test    install what is missing, run every test against real
 #                PostgreSQL clusters, then clippy and rustfmt checks
 #   make bench   cutover against native logical replication, pg_dump and
@@ -6,7 +10,7 @@
 #                make bench SCENARIO=copy ROWS=100000 for one, smaller
 CARGO ?= cargo
 
-.PHONY: test deps build unit-and-integration lint bench
+.PHONY: test deps build unit-and-integration lint bench demo
 
 test: deps build unit-and-integration lint
 
@@ -29,6 +33,12 @@ unit-and-integration:
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) fmt --all --check
+
+DEMO_ARGS ?=
+
+demo: deps
+	$(CARGO) build --release -p cutover --bin cutover
+	target/release/cutover demo $(DEMO_ARGS)
 
 SCENARIO ?= all
 ROWS ?= 1000000

@@ -9,6 +9,7 @@ mod config;
 mod console;
 mod copy;
 mod coverage;
+mod demo;
 mod direction;
 mod hold;
 mod http;
@@ -67,6 +68,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole journey on two throwaway local clusters, with live output:
+    /// check, run, status, verify, switch, rollback, verify, accept,
+    /// cleanup, under an application's writes (`make demo`). Takes no
+    /// config.
+    Demo(demo::DemoOptions),
     /// Preflight both servers before anything changes; exit 1 if anything blocks.
     Check {
         /// Output format.
@@ -225,6 +231,9 @@ fn main() -> ExitCode {
         eprintln!("error: --log-level: {message}");
         return ExitCode::from(EXIT_USAGE);
     }
+    if let Command::Demo(options) = &cli.command {
+        return demo::main(options);
+    }
     let config = match config::load(cli.config.as_deref()).and_then(config::RawConfig::validate) {
         Ok(config) => config,
         Err(err) => {
@@ -261,6 +270,8 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
+            // Handled before the config is read.
+            Command::Demo(_) => ExitCode::SUCCESS,
             Command::Check { format, count } => {
                 let report = check::run(
                     &config,
