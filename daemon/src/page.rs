@@ -391,7 +391,7 @@ fn switch(html: &mut String, view: &StatusView) {
     }
     html.push_str("<ol class=\"journal\">\n");
     for line in &switch.journal {
-        let _ = writeln!(html, "<li>{}</li>", esc(line));
+        let _ = writeln!(html, "<li>{}</li>", esc(line.trim()));
     }
     html.push_str("</ol></section>\n");
 }

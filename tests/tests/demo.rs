@@ -114,6 +114,18 @@ fn with_keep_the_servers_and_the_daemon_stay_up_and_it_says_how_to_stop_them() {
     let (code, body) = get(&addr, "/");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("streaming"), "{body}");
+    // The last move, the rollback, with its window and its journal.
+    for shown in [
+        "<h2>rollback #2",
+        "id=\"window\"",
+        "<li>fence ",
+        "<li>open ",
+    ] {
+        assert!(
+            body.contains(shown),
+            "the status page lacks {shown:?}:\n{body}"
+        );
+    }
     assert_eq!(processes_in(&dir).len(), 1, "the daemon runs");
     let ports = ports(&out.stdout);
     assert_eq!(ports.len(), 2, "{said}");
