@@ -34,6 +34,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/live", get(live))
         .with_state(App {
             status,
             store,
@@ -47,18 +48,22 @@ pub async fn serve(
 /// being written) is left off the page rather than failing it.
 async fn page(State(app): State<App>) -> Response {
     let view = app.status.view();
-    let history = app
-        .store
-        .lag_history(view.direction, crate::page::CHART_SAMPLES)
-        .unwrap_or_default();
-    let copies = app.store.table_copies().unwrap_or_default();
-    let conflicts = app.store.conflicts().unwrap_or_default();
-    let newest: Vec<_> = conflicts
-        .iter()
-        .rev()
-        .take(crate::page::CONFLICTS_LISTED)
-        .cloned()
-        .collect();
+    let store = app.store.clone();
+    let direction = view.direction;
+    // The store's reads are disk reads: off the runtime's thread.
+    let (history, copies, (conflicts, newest)) = tokio::task::spawn_blocking(move || {
+        (
+            store
+                .lag_history(direction, crate::page::CHART_SAMPLES)
+                .unwrap_or_default(),
+            store.table_copies().unwrap_or_default(),
+            store
+                .newest_conflicts(crate::page::CONFLICTS_LISTED)
+                .unwrap_or_default(),
+        )
+    })
+    .await
+    .unwrap_or_default();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -66,7 +71,7 @@ async fn page(State(app): State<App>) -> Response {
         view: &view,
         history: &history,
         copies: &copies,
-        conflicts: (conflicts.len(), &newest),
+        conflicts: (conflicts, &newest),
         max_lag: app.max_lag,
         now_ms,
     });
@@ -155,6 +160,13 @@ async fn health(State(app): State<App>) -> Response {
 
 /// 200 once the copy is done and changes stream (paused counts: the
 /// daemon is up and holds its position).
+/// 200 while the daemon runs: for an orchestrator's liveness check, which
+/// must not restart a daemon that is copying, paused, or lagging (`/health`
+/// fails then, and `/ready` while copying).
+async fn live() -> Response {
+    (StatusCode::OK, "alive\n").into_response()
+}
+
 async fn ready(State(app): State<App>) -> Response {
     match app.status.state() {
         DaemonState::Streaming | DaemonState::Paused => (StatusCode::OK, "ready\n").into_response(),

@@ -541,10 +541,14 @@ async fn run_daemon(
         // read back below says how it ended.
         status.metrics.switch_in_progress.set(1);
         let done = switch::run_with_store(config, store, request.kind, request.options).await;
-        if let Ok(state) = store.switch_state() {
-            let direction = state.direction();
-            status.set_stream(&direction.slot(&config.slot), direction);
-            status.set_switch(state);
+        match store.switch_state() {
+            Ok(state) => {
+                let direction = state.direction();
+                status.set_stream(&direction.slot(&config.slot), direction);
+                status.set_switch(state);
+            }
+            // How it ended is unknown here; the next start settles it.
+            Err(_) => status.metrics.switch_in_progress.set(0),
         }
         let _ = request.reply.send(
             done.map(|summary| switch::Summary {

@@ -8,10 +8,10 @@ use cutover_tests::http::get;
 /// The demo's directory, from its first line.
 fn demo_dir(stdout: &str) -> std::path::PathBuf {
     let first = stdout.lines().next().unwrap_or_default();
-    let at = first
-        .find("/tmp/cutover-demo-")
-        .expect("the demo's directory");
-    std::path::PathBuf::from(first[at..].trim())
+    // "... clusters in <dir>": the last word.
+    let dir = first.rsplit(' ').next().unwrap_or_default();
+    assert!(dir.contains("/cutover-demo-"), "{first}");
+    std::path::PathBuf::from(dir)
 }
 
 /// The servers' ports, from the demo's second and third lines.
@@ -40,7 +40,7 @@ fn listening(port: u16) -> bool {
 /// Processes whose command line names `dir`.
 fn processes_in(dir: &std::path::Path) -> Vec<String> {
     let out = std::process::Command::new("pgrep")
-        .args(["-af", &dir.display().to_string()])
+        .args(["-af", &format!("{}/", dir.display())])
         .output()
         .expect("pgrep");
     String::from_utf8_lossy(&out.stdout)

@@ -120,7 +120,8 @@ fn the_dockerfile_copies_what_exists_and_runs_as_a_user_with_a_health_check() {
         .iter()
         .find(|s| s.starts_with("HEALTHCHECK "))
         .expect("a HEALTHCHECK");
-    assert!(health.contains("/health"), "{health}");
+    // Alive, not healthy: /health fails during a copy.
+    assert!(health.contains("/live"), "{health}");
     assert!(
         steps
             .iter()
@@ -226,6 +227,8 @@ async fn cutover_check_takes_the_kubernetes_config_and_every_environment_key_dep
     for wanted in [
         "containerPort: 9187",
         "path: /ready",
+        "path: /live",
+        "publishNotReadyAddresses: true",
         "path: /metrics",
         "replicas: 1",
     ] {

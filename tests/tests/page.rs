@@ -99,6 +99,7 @@ async fn the_status_page_shows_a_streaming_migration_in_a_browser() {
     })
     .await;
 
+    assert_eq!(get(&addr, "/live"), (200, "alive\n".to_owned()));
     let url = format!("http://{addr}/");
     let profile = dir.path().join("chromium");
     let dom = browse(&profile, &url, &["--dump-dom"]);

@@ -134,11 +134,13 @@ impl Server {
         text.push_str(&settings);
         std::fs::write(&conf, text)
             .map_err(|e| DemoError::Setup(format!("writing {}: {e}", conf.display())))?;
+        // Stopped when dropped even if the start fails or times out: pg_ctl
+        // detaches the server, which may be up all the same.
+        server.running = true;
         server.run(
             "pg_ctl",
             &["-D", "data", "-l", "server.log", "-w", "-t", "60", "start"],
         )?;
-        server.running = true;
         Ok(server)
     }
 

@@ -236,6 +236,28 @@ impl Store {
             .collect()
     }
 
+    /// How many conflicts are recorded, and the newest `limit` of them,
+    /// newest first: what the status page shows, without decoding them
+    /// all.
+    pub fn newest_conflicts(
+        &self,
+        limit: usize,
+    ) -> Result<(usize, Vec<ConflictRecord>), StoreError> {
+        let count = self.db.scan_prefix(PREFIX_CONFLICT).keys().count();
+        let newest = self
+            .db
+            .scan_prefix(PREFIX_CONFLICT)
+            .values()
+            .rev()
+            .take(limit)
+            .map(|value| {
+                let value = value.map_err(|e| self.io(e))?;
+                self.decode(PREFIX_CONFLICT, &value)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((count, newest))
+    }
+
     /// The position the stray-write watcher of an earlier version handled
     /// everything up to (the reverse stream starts after it).
     pub fn stray_position(&self) -> Result<Option<Lsn>, StoreError> {
