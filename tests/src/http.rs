@@ -72,3 +72,31 @@ pub fn promtool_check(body: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A password the trust-authenticated test servers ignore, given to a
+/// daemon so that a test can check it shows nowhere.
+pub const SECRET: &str = "sup3r-s3cret-pw";
+
+/// Starts `cutover run` on `config` (whose state is in `dir/state`),
+/// sampling lag every second, with [`SECRET`] as both servers' password;
+/// returns it and its HTTP address once it streams.
+pub async fn streaming_daemon(
+    config: &std::path::Path,
+    dir: &std::path::Path,
+) -> (crate::Daemon, String) {
+    let daemon = crate::Daemon::start_with_env(
+        config,
+        &["run"],
+        &[
+            ("CUTOVER__STATE__LAG_SAMPLE_SECONDS", "1"),
+            ("CUTOVER__SOURCE__PASSWORD", SECRET),
+            ("CUTOVER__TARGET__PASSWORD", SECRET),
+        ],
+    );
+    let addr = listen_addr(&dir.join("state")).await;
+    crate::wait_for("the daemon to stream", Duration::from_secs(120), || async {
+        (get(&addr, "/ready").0 == 200).then_some(())
+    })
+    .await;
+    (daemon, addr)
+}

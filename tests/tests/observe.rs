@@ -23,22 +23,9 @@ async fn metrics_health_and_lag_describe_a_streaming_daemon_without_secrets() {
     let config = pair.config(dir.path(), "");
     // A password the trust-authenticated servers ignore; it must show up
     // nowhere.
-    let secret = "sup3r-s3cret-pw";
-    let mut daemon = Daemon::start_with_env(
-        &config,
-        &["run"],
-        &[
-            ("CUTOVER__STATE__LAG_SAMPLE_SECONDS", "1"),
-            ("CUTOVER__SOURCE__PASSWORD", secret),
-            ("CUTOVER__TARGET__PASSWORD", secret),
-        ],
-    );
+    let secret = cutover_tests::http::SECRET;
+    let (mut daemon, addr) = cutover_tests::http::streaming_daemon(&config, dir.path()).await;
     let state = dir.path().join("state");
-    let addr = cutover_tests::http::listen_addr(&state).await;
-    wait_for("the daemon to stream", WAIT, || async {
-        (get(&addr, "/ready").0 == 200).then_some(())
-    })
-    .await;
     pair.source
         .execute(
             "app",

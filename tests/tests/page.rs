@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cutover_tests::http::get;
-use cutover_tests::{ClusterOptions, Daemon, Pair, wait_for};
+use cutover_tests::{ClusterOptions, Pair, wait_for};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -68,21 +68,8 @@ async fn the_status_page_shows_a_streaming_migration_in_a_browser() {
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(dir.path(), "");
-    let secret = "sup3r-s3cret-pw";
-    let mut daemon = Daemon::start_with_env(
-        &config,
-        &["run"],
-        &[
-            ("CUTOVER__STATE__LAG_SAMPLE_SECONDS", "1"),
-            ("CUTOVER__SOURCE__PASSWORD", secret),
-            ("CUTOVER__TARGET__PASSWORD", secret),
-        ],
-    );
-    let addr = cutover_tests::http::listen_addr(&dir.path().join("state")).await;
-    wait_for("the daemon to stream", WAIT, || async {
-        (get(&addr, "/ready").0 == 200).then_some(())
-    })
-    .await;
+    let secret = cutover_tests::http::SECRET;
+    let (mut daemon, addr) = cutover_tests::http::streaming_daemon(&config, dir.path()).await;
     pair.source
         .execute(
             "app",

@@ -135,6 +135,17 @@ impl Batch {
     }
 }
 
+/// A row change's parts, as its message carries them.
+#[derive(Clone, Copy, Debug)]
+struct Row<'a> {
+    /// `c`, `u`, `d` or `r`.
+    op: &'a str,
+    before: Option<&'a Tuple>,
+    after: Option<&'a Tuple>,
+    /// The row whose key columns make the message's key.
+    key_of: &'a Tuple,
+}
+
 /// What every message of one table shares, made once per Relation
 /// message the stream brings for it.
 #[derive(Debug)]
@@ -234,55 +245,46 @@ impl Encoder {
         snapshot: bool,
         out: &mut Batch,
     ) {
-        match &change.kind {
+        // A row change: its relation, op, images and the row whose key
+        // is the message's.
+        let (relation, op, before, after, key_of) = match &change.kind {
             ChangeKind::Insert { relation, new } => {
                 let op = if snapshot { "r" } else { "c" };
-                self.row(
-                    change,
-                    origin,
-                    ts_ms,
-                    snapshot,
-                    relation,
-                    op,
-                    None,
-                    Some(new),
-                    new,
-                    out,
-                );
+                (relation, op, None, Some(new), new)
             }
-            ChangeKind::Update { relation, old, new } => {
-                // A moved key: the message goes under the old key, as the
-                // row it changes was found by it.
-                let key_of = old.as_ref().map_or(new, |old| old.tuple());
-                let before = old.as_ref().map(|old| old.tuple());
-                self.row(
-                    change,
-                    origin,
-                    ts_ms,
-                    snapshot,
-                    relation,
-                    "u",
-                    before,
-                    Some(new),
-                    key_of,
-                    out,
-                );
-            }
+            // A moved key: the message goes under the old key, as the row
+            // it changes was found by it.
+            ChangeKind::Update { relation, old, new } => (
+                relation,
+                "u",
+                old.as_ref().map(|old| old.tuple()),
+                Some(new),
+                old.as_ref().map_or(new, |old| old.tuple()),
+            ),
             ChangeKind::Delete { relation, old } => {
-                let old = old.tuple();
-                self.row(
-                    change,
-                    origin,
-                    ts_ms,
-                    snapshot,
-                    relation,
-                    "d",
-                    Some(old),
-                    None,
-                    old,
-                    out,
-                );
+                (relation, "d", Some(old.tuple()), None, old.tuple())
             }
+            _ => return self.rare(change, origin, ts_ms, snapshot, out),
+        };
+        let row = Row {
+            op,
+            before,
+            after,
+            key_of,
+        };
+        self.row(change, origin, ts_ms, snapshot, relation, &row, out);
+    }
+
+    /// The messages of a truncate or a schema change, built as JSON values.
+    fn rare(
+        &mut self,
+        change: &Change,
+        origin: &Origin<'_>,
+        ts_ms: i64,
+        snapshot: bool,
+        out: &mut Batch,
+    ) {
+        match &change.kind {
             ChangeKind::Truncate { relations, .. } => {
                 for relation in relations {
                     let topic = Arc::clone(&self.shape(relation).topic);
@@ -322,7 +324,10 @@ impl Encoder {
                 let topic = self.topic(SCHEMA_CHANGES);
                 out.push_json(topic.into(), Some(&key), &value, false);
             }
-            ChangeKind::Ddl(_) => {}
+            ChangeKind::Ddl(_)
+            | ChangeKind::Insert { .. }
+            | ChangeKind::Update { .. }
+            | ChangeKind::Delete { .. } => {}
         }
     }
 
@@ -336,12 +341,15 @@ impl Encoder {
         ts_ms: i64,
         snapshot: bool,
         relation: &Arc<Relation>,
-        op: &str,
-        before: Option<&Tuple>,
-        after: Option<&Tuple>,
-        key_of: &Tuple,
+        row: &Row<'_>,
         out: &mut Batch,
     ) {
+        let Row {
+            op,
+            before,
+            after,
+            key_of,
+        } = *row;
         let shape = self.shape(relation);
         let buf = &mut out.buf;
         let key = shape.keyed.then(|| {
