@@ -71,6 +71,31 @@ if (( ${#need[@]} > 0 )); then
     fi
 fi
 
+# A German locale, for the test that runs the servers with lc_messages in
+# another language (tests/tests/language.rs); PostgreSQL's translations
+# come with its server package.
+if ! locale -a 2>/dev/null | grep -qiE '^de_DE\.utf-?8$'; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        echo "install-deps: generating the de_DE.UTF-8 locale"
+        export DEBIAN_FRONTEND=noninteractive
+        command -v locale-gen >/dev/null 2>&1 || {
+            apt-get install -y -qq --no-install-recommends locales >/dev/null 2>&1 || {
+                apt-get update -qq
+                apt-get install -y -qq --no-install-recommends locales >/dev/null
+            }
+        }
+        if grep -qE '^# *de_DE\.UTF-8 UTF-8' /etc/locale.gen; then
+            sed -i 's/^# *de_DE\.UTF-8 UTF-8/de_DE.UTF-8 UTF-8/' /etc/locale.gen
+        elif ! grep -qE '^de_DE\.UTF-8 UTF-8' /etc/locale.gen; then
+            echo 'de_DE.UTF-8 UTF-8' >> /etc/locale.gen
+        fi
+        locale-gen >/dev/null
+    else
+        echo "install-deps: the de_DE.UTF-8 locale is missing: sudo locale-gen de_DE.UTF-8" >&2
+        exit 1
+    fi
+fi
+
 # The Kafka feed's librdkafka is built from source by the rdkafka crate,
 # with OpenSSL for TLS and SASL: it needs make, pkg-config and OpenSSL's
 # headers.

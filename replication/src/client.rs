@@ -21,12 +21,11 @@ pub enum ConnectFailure {
     Unavailable,
     /// The password was wrong or missing. Definite.
     Authentication,
-    /// pg_hba.conf has no line for this client. Definite.
+    /// pg_hba.conf has no line for this client, the role does not exist,
+    /// or it lacks a privilege. Definite.
     NotAllowed,
     /// The database does not exist. Definite.
     NoDatabase,
-    /// The role does not exist. Definite.
-    NoRole,
     /// TLS could not be set up or the certificate was refused. Definite.
     Tls,
     /// Anything else the server said. Definite.
@@ -128,7 +127,7 @@ pub fn classify(info: &ConnInfo, err: &tokio_postgres::Error) -> ConnectError {
     let user = info.user().unwrap_or("(none)");
     let db = info.dbname().unwrap_or("(none)");
     let (failure, hint) = if let Some(db_err) = err.as_db_error() {
-        failure_for_sqlstate(db_err.code().code(), db_err.message(), user, db)
+        failure_for_sqlstate(db_err.code().code(), user, db)
     } else if let Some(io_err) = find_io_error(err) {
         let hint = match io_err.kind() {
             io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => {
@@ -169,26 +168,23 @@ pub fn classify(info: &ConnInfo, err: &tokio_postgres::Error) -> ConnectError {
 }
 
 /// What a server error during connection setup means, and what to do.
-pub fn failure_for_sqlstate(
-    code: &str,
-    message: &str,
-    user: &str,
-    db: &str,
-) -> (ConnectFailure, String) {
+pub fn failure_for_sqlstate(code: &str, user: &str, db: &str) -> (ConnectFailure, String) {
     match code {
         // invalid_password
         "28P01" => (
             ConnectFailure::Authentication,
-            format!("check the password of role {user:?}: in the url, the password key, or password_file"),
+            format!(
+                "check the password of role {user:?}: in the url, the password key, or password_file"
+            ),
         ),
-        // invalid_authorization_specification
-        "28000" if message.contains("does not exist") => (
-            ConnectFailure::NoRole,
-            format!("create the role on the server (CREATE ROLE \"{user}\" LOGIN ...) or fix user in the url"),
-        ),
+        // invalid_authorization_specification: no pg_hba.conf line for
+        // this client, or no such role. The server says which in its own
+        // language (the detail); the code does not tell them apart.
         "28000" => (
             ConnectFailure::NotAllowed,
-            "allow this client in the server's pg_hba.conf (for replication connections too), then SELECT pg_reload_conf()".to_owned(),
+            format!(
+                "the server refused role {user:?} here: allow this client and database in its pg_hba.conf, then SELECT pg_reload_conf(); or create the role (CREATE ROLE \"{user}\" LOGIN ...) or fix user in the url"
+            ),
         ),
         // invalid_catalog_name
         "3D000" => (

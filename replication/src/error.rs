@@ -27,6 +27,23 @@ pub struct ServerError {
     pub detail: Option<String>,
     /// The server's hint, if any.
     pub hint: Option<String>,
+    /// What the error means, where cutover found out from the command it
+    /// answered and the server's catalog: never from the message's text,
+    /// which is in the server's `lc_messages` language.
+    pub cause: Option<Cause>,
+}
+
+/// What a server error means, found from its context (see
+/// [`ServerError::cause`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// START_REPLICATION named a slot the server does not have.
+    SlotMissing,
+    /// START_REPLICATION named a slot the server invalidated
+    /// (`wal_status = 'lost'`: `max_slot_wal_keep_size` exceeded).
+    SlotLost,
+    /// The stream named a publication the server does not have.
+    PublicationMissing,
 }
 
 impl std::fmt::Display for ServerError {
@@ -144,12 +161,12 @@ impl ReplicationError {
             ReplicationError::Timeout { .. } => "timeout",
             ReplicationError::Protocol { .. } => "protocol",
             ReplicationError::Decode { .. } => "decode",
-            ReplicationError::Server { error, .. } => match error.code.as_str() {
-                "42704" if error.message.contains("publication") => "publication_missing",
-                "42704" => "slot_missing",
-                "55000" if is_invalidated(error) => "slot_invalidated",
-                "42501" => "permission_denied",
-                code if TRANSIENT_SQLSTATES.contains(&code) => "server_unavailable",
+            ReplicationError::Server { error, .. } => match (error.cause, error.code.as_str()) {
+                (Some(Cause::SlotMissing), _) => "slot_missing",
+                (Some(Cause::SlotLost), _) => "slot_invalidated",
+                (Some(Cause::PublicationMissing), _) => "publication_missing",
+                (None, "42501") => "permission_denied",
+                (None, code) if TRANSIENT_SQLSTATES.contains(&code) => "server_unavailable",
                 _ => "server",
             },
         }
@@ -194,20 +211,11 @@ impl ReplicationError {
     }
 }
 
-fn is_invalidated(error: &ServerError) -> bool {
-    let text = format!(
-        "{} {}",
-        error.message,
-        error.detail.as_deref().unwrap_or("")
-    );
-    text.contains("invalidated") || text.contains("can no longer get changes")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn server(code: &str, message: &str) -> ReplicationError {
+    fn server(code: &str, message: &str, cause: Option<Cause>) -> ReplicationError {
         ReplicationError::Server {
             endpoint: "h:5432/db".into(),
             error: Box::new(ServerError {
@@ -216,30 +224,37 @@ mod tests {
                 message: message.into(),
                 detail: None,
                 hint: None,
+                cause,
             }),
         }
     }
 
     #[test]
-    fn server_errors_are_classified_by_sqlstate() {
-        let shutdown = server(
-            "57P01",
-            "terminating connection due to administrator command",
-        );
+    fn server_errors_are_classified_by_sqlstate_and_context_never_by_text() {
+        let shutdown = server("57P01", "Verbindung wird abgebrochen", None);
         assert!(shutdown.is_transient());
-        let missing = server("42704", "replication slot \"x\" does not exist");
+        assert_eq!(shutdown.kind(), "server_unavailable");
+        // The same message, its meaning from where it was answered.
+        let text = "Replikations-Slot »x« existiert nicht";
+        let missing = server("42704", text, Some(Cause::SlotMissing));
         assert!(!missing.is_transient());
         assert_eq!(missing.kind(), "slot_missing");
         assert!(missing.hint().unwrap().contains("fresh copy"));
-        let publication = server("42704", "publication \"p\" does not exist");
+        let publication = server("42704", text, Some(Cause::PublicationMissing));
         assert_eq!(publication.kind(), "publication_missing");
-        let invalid = server(
-            "55000",
-            "can no longer get changes from replication slot \"x\"",
-        );
+        // English words in a message with no context found decide nothing.
+        let unknown = server("42704", "publication \"p\" does not exist", None);
+        assert_eq!(unknown.kind(), "server");
+        let invalid = server("55000", "kann nicht mehr lesen", Some(Cause::SlotLost));
         assert_eq!(invalid.kind(), "slot_invalidated");
         assert!(!invalid.is_transient());
-        let denied = server("42501", "permission denied to start WAL sender");
+        let other = server(
+            "55000",
+            "can no longer get changes from replication slot",
+            None,
+        );
+        assert_eq!(other.kind(), "server");
+        let denied = server("42501", "keine Berechtigung", None);
         assert_eq!(denied.kind(), "permission_denied");
         assert!(!denied.is_transient());
         assert!(denied.to_string().contains("SQLSTATE 42501"), "{denied}");

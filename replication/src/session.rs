@@ -30,7 +30,7 @@ use crate::client::{ConnectError, ConnectFailure, failure_for_sqlstate};
 use crate::conninfo::{self, ConnInfo, Host, SslMode};
 use crate::error::{ReplicationError, ServerError};
 use crate::lsn::Lsn;
-use crate::sql::{command_literal, quote_ident};
+use crate::sql::{command_literal, quote_ident, quote_literal};
 use crate::tls;
 
 /// How long to wait for a connection when the string sets no
@@ -682,12 +682,15 @@ impl Session {
                 Backend::CopyBothResponse => break,
                 Backend::Message(Message::NoticeResponse(_)) => {}
                 Backend::Message(Message::ErrorResponse(body)) => {
-                    let err = self.server_error(&body);
+                    let mut err = self.server_error(&body);
                     // Drain up to ReadyForQuery so the session stays usable.
                     while !matches!(
                         self.read_backend().await?,
                         Backend::Message(Message::ReadyForQuery(_))
                     ) {}
+                    if let ReplicationError::Server { error, .. } = &mut err {
+                        error.cause = self.slot_cause(slot, &error.code).await;
+                    }
                     return Err(err);
                 }
                 Backend::Message(other) => {
@@ -699,6 +702,29 @@ impl Session {
             }
         }
         Ok(crate::stream::ReplicationStream::new(self, start, timeout))
+    }
+
+    /// What START_REPLICATION's error `code` means for `slot`, asked of
+    /// the server's catalog rather than read from its message (which is in
+    /// the server's language): the slot is gone (42704), or invalidated
+    /// (55000 with `wal_status = 'lost'`).
+    async fn slot_cause(&mut self, slot: &str, code: &str) -> Option<crate::error::Cause> {
+        use crate::error::Cause;
+        if !matches!(code, "42704" | "55000") {
+            return None;
+        }
+        let sql = format!(
+            "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            quote_literal(slot)
+        );
+        let found = self.simple_query(&sql).await.ok()?;
+        match (code, found.rows.first()) {
+            ("42704", None) => Some(Cause::SlotMissing),
+            ("55000", Some(row)) if row.first().and_then(|v| v.as_deref()) == Some("lost") => {
+                Some(Cause::SlotLost)
+            }
+            _ => None,
+        }
     }
 
     /// Parses one message from the buffer, if a whole one is there.
@@ -808,7 +834,6 @@ impl Session {
         let error = parse_error(body);
         let (failure, hint) = failure_for_sqlstate(
             &error.code,
-            &error.message,
             info.user().unwrap_or_default(),
             info.dbname().unwrap_or_default(),
         );
@@ -919,6 +944,7 @@ fn parse_error(body: &ErrorResponseBody) -> ServerError {
         message: String::new(),
         detail: None,
         hint: None,
+        cause: None,
     };
     let mut fields = body.fields();
     while let Ok(Some(field)) = fields.next() {

@@ -226,7 +226,15 @@ impl ReplicationStream {
                         return Ok(None);
                     }
                     Backend::Message(Message::ErrorResponse(body)) => {
-                        return Err(self.session.server_error(&body));
+                        let mut err = self.session.server_error(&body);
+                        // While streaming, the only objects pgoutput looks
+                        // up by name are the publications.
+                        if let ReplicationError::Server { error, .. } = &mut err
+                            && error.code == "42704"
+                        {
+                            error.cause = Some(crate::error::Cause::PublicationMissing);
+                        }
+                        return Err(err);
                     }
                     Backend::Message(Message::NoticeResponse(_) | Message::ParameterStatus(_)) => {
                         continue;
@@ -321,7 +329,15 @@ impl ReplicationStream {
                 match backend {
                     Backend::Message(Message::ReadyForQuery(_)) => return Ok(()),
                     Backend::Message(Message::ErrorResponse(body)) => {
-                        return Err(self.session.server_error(&body));
+                        let mut err = self.session.server_error(&body);
+                        // While streaming, the only objects pgoutput looks
+                        // up by name are the publications.
+                        if let ReplicationError::Server { error, .. } = &mut err
+                            && error.code == "42704"
+                        {
+                            error.cause = Some(crate::error::Cause::PublicationMissing);
+                        }
+                        return Err(err);
                     }
                     // Remaining CopyData, the server's CopyDone, CommandComplete.
                     _ => continue,

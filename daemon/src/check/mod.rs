@@ -59,6 +59,29 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
         }
     };
 
+    // The stream's own connection (`replication=database`): it needs the
+    // REPLICATION attribute and a free WAL sender, and a pooler in front
+    // of the server (PgBouncer) takes SQL but not the replication
+    // protocol.
+    if source.is_some() {
+        replication_connection(
+            &mut report,
+            &config.source,
+            Severity::Blocking,
+            "the stream",
+        )
+        .await;
+    }
+    if let (Some(_), Some(server)) = (&target, &config.target) {
+        replication_connection(
+            &mut report,
+            server,
+            Severity::Warning,
+            "the reverse stream after the switch (the way back)",
+        )
+        .await;
+    }
+
     let mut source_facts = None;
     if let Some(client) = &source {
         match probe_server(client, &config.source).await {
@@ -305,6 +328,48 @@ fn record_connection(
             None
         }
     }
+}
+
+/// Opens a replication connection (`replication=database`) to `server`,
+/// as `for_what` will; a finding of `severity` when it cannot.
+async fn replication_connection(
+    report: &mut Report,
+    server: &Server,
+    severity: Severity,
+    for_what: &str,
+) {
+    let Err(err) = cutover_replication::session::Session::connect(&server.conninfo).await else {
+        return;
+    };
+    let no_sender = matches!(
+        &err,
+        cutover_replication::error::ReplicationError::Connect(connect)
+            if connect.failure == cutover_replication::client::ConnectFailure::Unavailable
+    );
+    let fix = if no_sender {
+        // too_many_connections: for a replication connection, the WAL
+        // senders are what is full.
+        "no WAL sender is free: raise max_wal_senders (a restart), or end the replication connections it has (pg_stat_replication)".to_owned()
+    } else {
+        err.hint().unwrap_or_else(|| {
+            "point the url at the server itself, not at a connection pooler (the replication protocol does not pass through PgBouncer), and give the role REPLICATION".to_owned()
+        })
+    };
+    report.add(Finding {
+        severity,
+        code: "replication_connect",
+        server: server.role,
+        subject: Some(format!("{}.url", server.role)),
+        problem: format!(
+            "a database connection works, but {for_what} cannot open a replication connection: {}",
+            match &err {
+                cutover_replication::error::ReplicationError::Connect(connect) =>
+                    format!("cannot connect to {}: {}", connect.endpoint, connect.detail),
+                other => other.to_string(),
+            }
+        ),
+        fix: Some(fix),
+    });
 }
 
 fn probe_failed(report: &mut Report, server: &'static str, err: &tokio_postgres::Error) {
