@@ -10,9 +10,9 @@
 #                make bench SCENARIO=copy ROWS=100000 for one, smaller
 CARGO ?= cargo
 
-.PHONY: test deps build unit-and-integration lint bench demo
+.PHONY: test deps build unit-and-integration lint bench demo fuzz
 
-test: deps build unit-and-integration lint
+test: deps build unit-and-integration lint fuzz
 
 # PostgreSQL server binaries (and the toolchain's clippy/rustfmt) on a
 # fresh machine; explains what to install when it cannot do it itself.
@@ -33,6 +33,28 @@ unit-and-integration:
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) fmt --all --check
+
+# The parsers that read bytes from outside, under libFuzzer (fuzz/): each
+# target for FUZZ_SECONDS on the committed corpus, whose new finds go to a
+# scratch directory. No sanitizer, so that the stable toolchain builds it;
+# -rss_limit_mb catches an allocation a length field asked for, -timeout a
+# hang. A crash fails the run and leaves its input in fuzz/artifacts/.
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS = stream pgoutput conninfo
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && $(CARGO) fuzz build --sanitizer none
+	@for target in $(FUZZ_TARGETS); do \
+		scratch=$$(mktemp -d); \
+		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		(cd fuzz && $(CARGO) fuzz run --sanitizer none $$target $$scratch corpus/$$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=512 -timeout=10 -max_len=65536 \
+			-print_final_stats=1) > $$scratch.log 2>&1; status=$$?; \
+		grep -E '^(stat::number_of_executed_units|Done )' $$scratch.log; \
+		if [ $$status -ne 0 ]; then tail -60 $$scratch.log; rm -rf $$scratch $$scratch.log; exit 1; fi; \
+		rm -rf $$scratch $$scratch.log; \
+	done
 
 DEMO_ARGS ?=
 

@@ -729,27 +729,7 @@ impl Session {
 
     /// Parses one message from the buffer, if a whole one is there.
     pub(crate) fn try_parse(&mut self) -> Result<Option<Backend>, ReplicationError> {
-        if self.read_buf.len() >= 5 && self.read_buf[0] == COPY_BOTH_RESPONSE_TAG {
-            let len = u32::from_be_bytes([
-                self.read_buf[1],
-                self.read_buf[2],
-                self.read_buf[3],
-                self.read_buf[4],
-            ]) as usize;
-            if len < 4 {
-                return Err(self.protocol("CopyBothResponse with an invalid length"));
-            }
-            if self.read_buf.len() < len + 1 {
-                return Ok(None);
-            }
-            self.read_buf.advance(len + 1);
-            return Ok(Some(Backend::CopyBothResponse));
-        }
-        match Message::parse(&mut self.read_buf) {
-            Ok(Some(message)) => Ok(Some(Backend::Message(message))),
-            Ok(None) => Ok(None),
-            Err(e) => Err(self.protocol(&format!("unparsable message: {e}"))),
-        }
+        split_backend(&mut self.read_buf).map_err(|problem| self.protocol(&problem))
     }
 
     /// Reads more bytes from the socket into the buffer. Cancel-safe:
@@ -934,6 +914,28 @@ fn tls_server_end_point(der: &[u8]) -> Option<Vec<u8>> {
         "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Some(sha2::Sha384::digest(der).to_vec()),
         "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Some(sha2::Sha512::digest(der).to_vec()),
         _ => None,
+    }
+}
+
+/// Takes one whole backend message off the front of `buf`, if one is
+/// there; what cannot be a message is a protocol error. postgres-protocol
+/// parses every message but CopyBothResponse, which it does not know.
+pub(crate) fn split_backend(buf: &mut BytesMut) -> Result<Option<Backend>, String> {
+    if buf.len() >= 5 && buf[0] == COPY_BOTH_RESPONSE_TAG {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if len < 4 {
+            return Err("CopyBothResponse with an invalid length".into());
+        }
+        if buf.len() < len + 1 {
+            return Ok(None);
+        }
+        buf.advance(len + 1);
+        return Ok(Some(Backend::CopyBothResponse));
+    }
+    match Message::parse(buf) {
+        Ok(Some(message)) => Ok(Some(Backend::Message(message))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("unparsable message: {e}")),
     }
 }
 

@@ -362,41 +362,8 @@ impl ReplicationStream {
         ))
     }
 
-    fn parse_copy_data(&self, mut data: Bytes) -> Result<StreamMessage, ReplicationError> {
-        let tag = if data.is_empty() { 0 } else { data.get_u8() };
-        match tag {
-            b'w' if data.len() >= 24 => {
-                let wal_start = Lsn::from_u64(data.get_u64());
-                let wal_end = Lsn::from_u64(data.get_u64());
-                let server_time = PgTimestamp::from_micros(data.get_i64());
-                // The message gets its own allocation: a slice of the read
-                // buffer would keep the whole buffer (64 KiB or more) alive
-                // for as long as any value decoded from it waits in the
-                // queue, so every read would need fresh memory, and fresh
-                // pages are costly to fault in. Copied, the read buffer is
-                // reused in place and the queue holds only what it counts.
-                Ok(StreamMessage::XLogData {
-                    wal_start,
-                    wal_end,
-                    server_time,
-                    data: Bytes::copy_from_slice(&data),
-                })
-            }
-            b'k' if data.len() >= 17 => {
-                let wal_end = Lsn::from_u64(data.get_u64());
-                let server_time = PgTimestamp::from_micros(data.get_i64());
-                let reply_requested = data.get_u8() == 1;
-                Ok(StreamMessage::Keepalive {
-                    wal_end,
-                    server_time,
-                    reply_requested,
-                })
-            }
-            other => Err(self.session.protocol(&format!(
-                "malformed CopyData in the replication stream (tag 0x{other:02x}, {} bytes)",
-                data.len()
-            ))),
-        }
+    fn parse_copy_data(&self, data: Bytes) -> Result<StreamMessage, ReplicationError> {
+        parse_copy_data(data).map_err(|problem| self.session.protocol(&problem))
     }
 
     /// Queues a standby status update with the current positions.
@@ -501,6 +468,72 @@ mod tests {
             );
             assert!(f.flush() <= f.write());
             previous = f;
+        }
+    }
+}
+
+/// One CopyData body of the stream: XLogData (`w`) or a primary
+/// keepalive (`k`).
+fn parse_copy_data(mut data: Bytes) -> Result<StreamMessage, String> {
+    let tag = if data.is_empty() { 0 } else { data.get_u8() };
+    match tag {
+        b'w' if data.len() >= 24 => {
+            let wal_start = Lsn::from_u64(data.get_u64());
+            let wal_end = Lsn::from_u64(data.get_u64());
+            let server_time = PgTimestamp::from_micros(data.get_i64());
+            // The message gets its own allocation: a slice of the read
+            // buffer would keep the whole buffer (64 KiB or more) alive
+            // for as long as any value decoded from it waits in the
+            // queue, so every read would need fresh memory, and fresh
+            // pages are costly to fault in. Copied, the read buffer is
+            // reused in place and the queue holds only what it counts.
+            Ok(StreamMessage::XLogData {
+                wal_start,
+                wal_end,
+                server_time,
+                data: Bytes::copy_from_slice(&data),
+            })
+        }
+        b'k' if data.len() >= 17 => {
+            let wal_end = Lsn::from_u64(data.get_u64());
+            let server_time = PgTimestamp::from_micros(data.get_i64());
+            let reply_requested = data.get_u8() == 1;
+            Ok(StreamMessage::Keepalive {
+                wal_end,
+                server_time,
+                reply_requested,
+            })
+        }
+        other => Err(format!(
+            "malformed CopyData in the replication stream (tag 0x{other:02x}, {} bytes)",
+            data.len()
+        )),
+    }
+}
+
+/// Runs `bytes`, as a server would send them after START_REPLICATION,
+/// through the whole read path: framing into backend messages, CopyData
+/// into XLogData and keepalives, and XLogData through the pgoutput decoder.
+/// For the fuzzer (`fuzz/`): whatever the bytes, this returns, without a
+/// panic, a hang, or an allocation a length field asked for and the bytes
+/// do not hold.
+#[doc(hidden)]
+pub fn read_path(bytes: &[u8]) {
+    use crate::session::split_backend;
+
+    let mut buf = BytesMut::from(bytes);
+    let mut decoder = crate::pgoutput::Decoder::new();
+    while let Ok(Some(backend)) = split_backend(&mut buf) {
+        let Backend::Message(Message::CopyData(body)) = backend else {
+            continue;
+        };
+        if let Ok(StreamMessage::XLogData {
+            wal_start, data, ..
+        }) = parse_copy_data(body.into_bytes())
+            && decoder.decode(wal_start, data).is_err()
+        {
+            // The daemon stops on a decode error; so does this.
+            return;
         }
     }
 }
