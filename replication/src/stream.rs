@@ -433,45 +433,6 @@ fn message_name(message: &Message) -> &'static str {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn feedback_never_moves_backward() {
-        let mut f = Feedback::starting_at(Lsn::from_u64(100));
-        f.flushed(Lsn::from_u64(50));
-        assert_eq!(f.flush(), Lsn::from_u64(100));
-        f.received(Lsn::from_u64(300));
-        f.flushed(Lsn::from_u64(200));
-        f.received(Lsn::from_u64(150));
-        assert_eq!(
-            (f.write(), f.flush(), f.apply()),
-            (Lsn::from_u64(300), Lsn::from_u64(200), Lsn::from_u64(200))
-        );
-        // A flush beyond what was received pulls the write position along.
-        f.flushed(Lsn::from_u64(400));
-        assert_eq!(f.write(), Lsn::from_u64(400));
-        // Any sequence of calls keeps all three monotonic.
-        let mut previous = f;
-        for i in 0..1000u64 {
-            let v = Lsn::from_u64((i * 7919) % 1000);
-            if i % 2 == 0 {
-                f.received(v)
-            } else {
-                f.flushed(v)
-            }
-            assert!(
-                f.write() >= previous.write()
-                    && f.flush() >= previous.flush()
-                    && f.apply() >= previous.apply()
-            );
-            assert!(f.flush() <= f.write());
-            previous = f;
-        }
-    }
-}
-
 /// One CopyData body of the stream: XLogData (`w`) or a primary
 /// keepalive (`k`).
 fn parse_copy_data(mut data: Bytes) -> Result<StreamMessage, String> {
@@ -534,6 +495,45 @@ pub fn read_path(bytes: &[u8]) {
         {
             // The daemon stops on a decode error; so does this.
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feedback_never_moves_backward() {
+        let mut f = Feedback::starting_at(Lsn::from_u64(100));
+        f.flushed(Lsn::from_u64(50));
+        assert_eq!(f.flush(), Lsn::from_u64(100));
+        f.received(Lsn::from_u64(300));
+        f.flushed(Lsn::from_u64(200));
+        f.received(Lsn::from_u64(150));
+        assert_eq!(
+            (f.write(), f.flush(), f.apply()),
+            (Lsn::from_u64(300), Lsn::from_u64(200), Lsn::from_u64(200))
+        );
+        // A flush beyond what was received pulls the write position along.
+        f.flushed(Lsn::from_u64(400));
+        assert_eq!(f.write(), Lsn::from_u64(400));
+        // Any sequence of calls keeps all three monotonic.
+        let mut previous = f;
+        for i in 0..1000u64 {
+            let v = Lsn::from_u64((i * 7919) % 1000);
+            if i % 2 == 0 {
+                f.received(v)
+            } else {
+                f.flushed(v)
+            }
+            assert!(
+                f.write() >= previous.write()
+                    && f.flush() >= previous.flush()
+                    && f.apply() >= previous.apply()
+            );
+            assert!(f.flush() <= f.write());
+            previous = f;
         }
     }
 }
