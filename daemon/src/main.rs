@@ -84,7 +84,13 @@ enum Command {
     },
     /// The daemon: copy the snapshot if not done, then stream changes to the
     /// target until stopped (SIGTERM or SIGINT finish the batch in flight).
-    Run,
+    Run {
+        /// The source lost the slot (invalidated by max_slot_wal_keep_size,
+        /// or dropped): make it again, bring the target to its snapshot by
+        /// comparing and repairing (no new copy), then stream.
+        #[arg(long)]
+        resync: bool,
+    },
     /// Copy the snapshot of the tables in scope to the target, and only that
     /// (`cutover run` copies and then streams).
     Copy,
@@ -290,7 +296,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
             }
-            Command::Run => {
+            Command::Run { resync } => {
                 let store = match store::Store::open(&config.state_dir) {
                     Ok(store) => store,
                     Err(err) => {
@@ -308,6 +314,15 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_FAILURE);
                     }
                 };
+                if resync {
+                    match verify::resync::resync(&config, &store).await {
+                        Ok(done) => print!("{done}"),
+                        Err(err) => {
+                            eprintln!("error: {err}");
+                            return ExitCode::from(EXIT_FAILURE);
+                        }
+                    }
+                }
                 let status = std::sync::Arc::new(live::Status::new(&direction.slot(&config.slot), direction));
                 match store.switch_state() {
                     Ok(state) => status.set_switch(state),

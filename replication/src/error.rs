@@ -185,13 +185,13 @@ impl ReplicationError {
             ),
             ReplicationError::Server { error, .. } => match self.kind() {
                 "slot_missing" => Some(
-                    "the replication slot is gone (dropped by someone, or never created): the changes since it was dropped are lost to it; start the migration again from a fresh copy".into(),
+                    "the replication slot is gone (dropped by someone, or never created): the changes since are lost to it; `cutover run --resync` makes it again and repairs the target by comparing it with the source (no new copy)".into(),
                 ),
                 "publication_missing" => Some(
                     "the publication was dropped or renamed: recreate it (cutover run creates it) for the tables in scope".into(),
                 ),
                 "slot_invalidated" => Some(
-                    "the slot was invalidated because it retained more WAL than max_slot_wal_keep_size: its changes are lost; drop the slot and start again from a fresh copy, and raise max_slot_wal_keep_size".into(),
+                    "the slot was invalidated because it retained more WAL than max_slot_wal_keep_size: its changes are lost; `cutover run --resync` makes it again and repairs the target by comparing it with the source (no new copy); raise max_slot_wal_keep_size".into(),
                 ),
                 "permission_denied" => Some(
                     "grant the role REPLICATION (ALTER ROLE ... REPLICATION) and read access to the tables in scope".into(),
@@ -239,7 +239,7 @@ mod tests {
         let missing = server("42704", text, Some(Cause::SlotMissing));
         assert!(!missing.is_transient());
         assert_eq!(missing.kind(), "slot_missing");
-        assert!(missing.hint().unwrap().contains("fresh copy"));
+        assert!(missing.hint().unwrap().contains("--resync"));
         let publication = server("42704", text, Some(Cause::PublicationMissing));
         assert_eq!(publication.kind(), "publication_missing");
         // English words in a message with no context found decide nothing.

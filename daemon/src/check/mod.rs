@@ -792,8 +792,10 @@ async fn slot_and_publication(
             (
                 Severity::Blocking,
                 "slot_invalidated",
-                "the slot was invalidated (its WAL was removed): changes since it fell behind are gone; the copy must start over".into(),
-                Some(drop_fix),
+                "the slot was invalidated (its WAL was removed): changes since it fell behind are gone to it".into(),
+                Some(format!(
+                    "after the copy: `cutover run --resync` makes it again and repairs the target by comparing it with the source, without a new copy; before one: {drop_fix}"
+                )),
             )
         } else if active {
             (

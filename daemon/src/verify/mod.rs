@@ -55,6 +55,7 @@ mod integrity;
 mod progress;
 mod repair;
 mod report;
+pub mod resync;
 pub mod strays;
 mod table;
 
@@ -76,6 +77,9 @@ pub enum VerifyError {
     /// The running daemon could not be held at the compared position.
     #[error("the running daemon: {0}")]
     Daemon(String),
+    /// `cutover run --resync` cannot start, or cannot make its slot.
+    #[error("--resync: {0}")]
+    Resync(String),
     /// The snapshot copy has not finished.
     #[error(
         "the snapshot copy has not finished (state.dir {0}): run `cutover run` until it streams, then verify"

@@ -1,0 +1,139 @@
+//! A slot the source invalidated while the daemon was down: `run` stops
+//! with the reason and the way out, `status` says it too, and
+//! `cutover run --resync` makes the slot again and brings the target back
+//! to equal by comparing and repairing, without copying again.
+
+use std::time::Duration;
+
+use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+#[tokio::test]
+async fn a_lost_slot_is_said_and_resync_repairs_the_target_without_a_new_copy() {
+    let pair =
+        Pair::start(ClusterOptions::default().setting("max_slot_wal_keep_size", "1MB")).await;
+    pair.both(
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance int NOT NULL, note text);
+         CREATE TABLE events (id bigint PRIMARY KEY, what text NOT NULL);
+         CREATE TABLE filler (v text);",
+    )
+    .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO accounts SELECT g, g * 10, 'seed' FROM generate_series(1, 500) g;
+             INSERT INTO events SELECT g, 'seed ' || g FROM generate_series(1, 300) g;",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.source
+        .execute("app", "UPDATE accounts SET balance = 0 WHERE id <= 5")
+        .await;
+    pair.finish(&mut daemon, &["accounts", "events"], WAIT)
+        .await;
+    // The target was copied once; it keeps a row the copy wrote, to show
+    // that resync does not copy again.
+    pair.target
+        .execute(
+            "app",
+            "CREATE TABLE marker AS SELECT ctid::text AS at FROM accounts WHERE id = 400",
+        )
+        .await;
+
+    // While the daemon is down: changes of every kind, then the slot lost.
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO accounts SELECT g, g, 'new' FROM generate_series(501, 540) g;
+             UPDATE accounts SET balance = balance + 1, note = 'changed' WHERE id BETWEEN 100 AND 120;
+             DELETE FROM accounts WHERE id BETWEEN 200 AND 209;
+             DELETE FROM events WHERE id > 290;
+             INSERT INTO events VALUES (1000, 'while down');",
+        )
+        .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        pair.source
+            .execute(
+                "app",
+                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000);
+                 TRUNCATE filler; SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await;
+        let status: Option<String> = pair
+            .source
+            .query_value(
+                "app",
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'cutover'",
+            )
+            .await;
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot not lost: {status:?}"
+        );
+    }
+
+    // `run` stops, saying what happened and what to run.
+    let config_text = config.to_str().unwrap();
+    let stopped = run_cutover(&["--config", config_text, "run"], &[]);
+    assert_eq!(stopped.code, 1, "{}", stopped.all_output());
+    assert!(
+        stopped.stderr.contains("invalidated") && stopped.stderr.contains("cutover run --resync"),
+        "{}",
+        stopped.stderr
+    );
+    let status = run_cutover(&["--config", config_text, "status"], &[]);
+    assert!(
+        status.stdout.contains("cutover run --resync"),
+        "status says what to run:\n{}",
+        status.all_output()
+    );
+
+    // --resync: compared and repaired, then streaming from the new slot.
+    let mut daemon = Daemon::start(&config, &["run", "--resync"]);
+    cutover_tests::wait_for("the resync and the stream", WAIT, || async {
+        let log = daemon.log_of_this_start();
+        assert!(!log.contains("error:"), "the resync failed:\n{log}");
+        log.contains("to=\"streaming\"").then_some(())
+    })
+    .await;
+    let log = daemon.log_of_this_start();
+    assert!(log.contains("resync: slot cutover made again at"), "{log}");
+    // 40 inserted, 21 changed, 10 deleted in accounts; 10 deleted and 1
+    // inserted in events.
+    assert!(log.contains("public.accounts: 71 rows"), "{log}");
+    assert!(log.contains("public.events: 11 rows"), "{log}");
+    pair.wait_equal(&["accounts", "events"], WAIT).await;
+    // Not copied again: the row the copy wrote is where it was.
+    let kept: bool = pair
+        .target
+        .query_value(
+            "app",
+            "SELECT (SELECT at FROM marker) = (SELECT ctid::text FROM accounts WHERE id = 400)",
+        )
+        .await;
+    assert!(kept, "accounts was rewritten");
+    // And the stream goes on from the new slot.
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO events VALUES (2000, 'after'); DELETE FROM accounts WHERE id = 1;",
+        )
+        .await;
+    pair.finish(&mut daemon, &["accounts", "events"], WAIT)
+        .await;
+    // A second resync has nothing to do: the slot is fine.
+    let again = run_cutover(&["--config", config_text, "run", "--resync"], &[]);
+    assert_eq!(again.code, 1, "{}", again.all_output());
+    assert!(
+        again.stderr.contains("nothing to resync"),
+        "{}",
+        again.stderr
+    );
+}
