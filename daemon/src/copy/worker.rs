@@ -159,10 +159,15 @@ pub(super) fn chunk_error(table: &TableName, index: usize, err: &ChunkError) -> 
         ChunkError::Source { source, .. } => ("source", source),
         ChunkError::Target { source, .. } => ("target", source),
     };
+    let hint = source
+        .code()
+        .and_then(|code| cutover_replication::sink::postgres::resource_hint(code.code()))
+        .map(|hint| format!("; {hint}"))
+        .unwrap_or_default();
     CopyError::Chunk {
         table: table.clone(),
         index,
-        detail: format!("{side}: {}", describe(source)),
+        detail: format!("{side}: {}{hint}", describe(source)),
     }
 }
 

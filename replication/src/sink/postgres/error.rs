@@ -12,7 +12,8 @@ pub enum ApplyError {
     Connect(#[from] ConnectError),
     /// The target refused a change.
     #[error(
-        "target refused {op} on {table} key {key} at source LSN {lsn}: {detail} (SQLSTATE {sqlstate})"
+        "target refused {op} on {table} key {key} at source LSN {lsn}: {detail} (SQLSTATE {sqlstate}){}",
+        resource_hint(sqlstate).map(|h| format!("; {h}")).unwrap_or_default()
     )]
     Refused {
         /// insert, update, delete, truncate.
@@ -128,6 +129,26 @@ impl ApplyError {
             ApplyError::Schema(_) => "target_schema",
             ApplyError::Session { .. } => "target_session",
         }
+    }
+}
+
+/// What to do when the target runs out of a resource (SQLSTATE class 53):
+/// found by the code, never by the server's message.
+pub fn resource_hint(sqlstate: &str) -> Option<&'static str> {
+    match sqlstate {
+        // disk_full
+        "53100" => Some(
+            "the target's disk is full: free space there (or move the table to a tablespace with room), then start cutover again: it resumes after the last transaction the target committed, and nothing is lost",
+        ),
+        // out_of_memory
+        "53200" => Some(
+            "the target ran out of memory: lower apply.batch_rows or give the server more, then start cutover again; nothing is lost",
+        ),
+        // too_many_connections, configuration_limit_exceeded
+        "53300" | "53400" => Some(
+            "the target hit a configured limit (connections, locks): raise it or lower copy.workers, then start cutover again; nothing is lost",
+        ),
+        _ => None,
     }
 }
 

@@ -86,8 +86,8 @@ mod statements;
 mod target;
 mod transaction;
 
-pub use error::ApplyError;
 use error::session_error;
+pub use error::{ApplyError, resource_hint};
 pub use guard::{Guard, GuardedFn, Kept, RecordFn};
 use target::TargetTable;
 
