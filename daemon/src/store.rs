@@ -357,7 +357,7 @@ impl Store {
                 } else {
                     StoreError::Open {
                         dir: dir.to_owned(),
-                        reason: text,
+                        reason: sled_reason(&e),
                     }
                 }
             })?;
@@ -677,8 +677,18 @@ impl Store {
     fn io(&self, e: sled::Error) -> StoreError {
         StoreError::Io {
             dir: self.dir.clone(),
-            reason: e.to_string(),
+            reason: sled_reason(&e),
         }
+    }
+}
+
+/// sled's error, and what to do when the disk is full.
+fn sled_reason(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => format!(
+            "{e}: the disk of the state directory is full; free space there, then start cutover again (what the store holds is kept)"
+        ),
+        _ => e.to_string(),
     }
 }
 

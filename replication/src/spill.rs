@@ -44,6 +44,19 @@ fn spill_err(path: &Path, reason: impl ToString) -> SpillError {
     }
 }
 
+/// An I/O failure on `path`; a full disk says what to do about it.
+fn io_err(path: &Path, e: std::io::Error) -> SpillError {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        return spill_err(
+            path,
+            format!(
+                "{e}: the disk of the state directory is full; free space there (or raise apply.spill_mb to keep larger transactions in memory), then start cutover again: the transaction is streamed again from the slot, nothing is lost"
+            ),
+        );
+    }
+    spill_err(path, e)
+}
+
 /// The file of one streamed transaction, being written.
 #[derive(Debug)]
 pub struct SpillWriter {
@@ -61,14 +74,14 @@ pub struct SpillWriter {
 impl SpillWriter {
     /// Creates (or empties) the file for transaction `xid` under `dir`.
     pub fn create(dir: &Path, xid: u32) -> Result<SpillWriter, SpillError> {
-        std::fs::create_dir_all(dir).map_err(|e| spill_err(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let path = dir.join(format!("{xid}.spill"));
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .open(&path)
-            .map_err(|e| spill_err(&path, e))?;
+            .map_err(|e| io_err(&path, e))?;
         Ok(SpillWriter {
             path,
             out: BufWriter::with_capacity(256 * 1024, file),
@@ -139,11 +152,11 @@ impl SpillWriter {
         let Some(&at) = self.subxact_start.get(&subxid) else {
             return Ok(());
         };
-        self.out.flush().map_err(|e| spill_err(&self.path, e))?;
+        self.out.flush().map_err(|e| io_err(&self.path, e))?;
         let file = self.out.get_mut();
-        file.set_len(at).map_err(|e| spill_err(&self.path, e))?;
+        file.set_len(at).map_err(|e| io_err(&self.path, e))?;
         file.seek(SeekFrom::Start(at))
-            .map_err(|e| spill_err(&self.path, e))?;
+            .map_err(|e| io_err(&self.path, e))?;
         self.offset = at;
         self.subxact_start.retain(|_, start| *start < at);
         self.relations.retain(|_, (def_at, _)| *def_at < at);
@@ -154,11 +167,11 @@ impl SpillWriter {
 
     /// Flushes and closes the file for reading.
     pub fn finish(mut self) -> Result<PathBuf, SpillError> {
-        self.out.flush().map_err(|e| spill_err(&self.path, e))?;
+        self.out.flush().map_err(|e| io_err(&self.path, e))?;
         self.out
             .get_ref()
             .sync_data()
-            .map_err(|e| spill_err(&self.path, e))?;
+            .map_err(|e| io_err(&self.path, e))?;
         Ok(self.path)
     }
 
@@ -172,17 +185,17 @@ impl SpillWriter {
         bytes.push(b'\n');
         self.out
             .write_all(&bytes)
-            .map_err(|e| spill_err(&self.path, e))?;
+            .map_err(|e| io_err(&self.path, e))?;
         self.offset += bytes.len() as u64;
         Ok(())
     }
 }
 
 fn count_changes(path: &Path) -> Result<u64, SpillError> {
-    let file = File::open(path).map_err(|e| spill_err(path, e))?;
+    let file = File::open(path).map_err(|e| io_err(path, e))?;
     let mut count = 0;
     for line in BufReader::new(file).lines() {
-        let line = line.map_err(|e| spill_err(path, e))?;
+        let line = line.map_err(|e| io_err(path, e))?;
         if line.starts_with("{\"change\"") {
             count += 1;
         }
@@ -201,7 +214,7 @@ pub struct SpillReader {
 impl SpillReader {
     /// Opens a finished file.
     pub fn open(path: &Path) -> Result<SpillReader, SpillError> {
-        let file = File::open(path).map_err(|e| spill_err(path, e))?;
+        let file = File::open(path).map_err(|e| io_err(path, e))?;
         Ok(SpillReader {
             path: path.to_owned(),
             lines: BufReader::with_capacity(256 * 1024, file).lines(),
@@ -214,7 +227,7 @@ impl SpillReader {
         let mut batch = Vec::new();
         while batch.len() < max {
             let Some(line) = self.lines.next() else { break };
-            let line = line.map_err(|e| spill_err(&self.path, e))?;
+            let line = line.map_err(|e| io_err(&self.path, e))?;
             let value: Json = serde_json::from_str(&line).map_err(|e| spill_err(&self.path, e))?;
             if let Some(id) = value.get("relation").and_then(Json::as_u64) {
                 let relation = relation_from_json(&value["def"])

@@ -185,3 +185,61 @@ async fn a_full_target_disk_stops_the_copy_and_the_apply_clearly_and_both_resume
     let mut daemon = Daemon::start_streaming(&config).await;
     pair.finish(&mut daemon, &["items"], WAIT).await;
 }
+
+#[tokio::test]
+async fn a_full_state_directory_stops_a_large_transaction_clearly_and_the_store_survives() {
+    let disk = SmallDisk::mount("32M");
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE items (id int PRIMARY KEY, payload text NOT NULL);")
+        .await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, 'seed' FROM generate_series(1, 1000) g",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = disk.mount.join("state");
+    let config = cutover_tests::write_config(
+        dir.path(),
+        &format!(
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\nlag_sample_seconds = 1\n[apply]\nspill_mb = 1\n[http]\nlisten = \"127.0.0.1:0\"\n[console]\nlisten = \"127.0.0.1:0\"\n",
+            pair.source.url("app", "postgres", None),
+            pair.target.url("app", "postgres", None),
+            state.display()
+        ),
+    );
+    let mut daemon = Daemon::start_streaming(&config).await;
+    // The disk of the state directory fills up while the daemon streams;
+    // then a transaction too large to keep in memory comes.
+    let filler = disk.fill(0);
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, repeat(md5(g::text), 8) FROM generate_series(1001, 21000) g",
+        )
+        .await;
+    let log = stopped_with(&mut daemon, "a spill on a full disk");
+    assert!(
+        log.contains("the disk of the state directory is full") && log.contains("nothing is lost"),
+        "{log}"
+    );
+    // The store cannot even be opened while the disk is full: said so.
+    let status = run_cutover(&["--config", config.to_str().unwrap(), "status"], &[]);
+    assert_eq!(status.code, 1, "{}", status.all_output());
+    assert!(
+        status
+            .stderr
+            .contains("the disk of the state directory is full"),
+        "{}",
+        status.stderr
+    );
+
+    // Space back: the store is intact, and the transaction comes again
+    // from the slot.
+    std::fs::remove_file(filler).unwrap();
+    status_reads(&config);
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["items"], WAIT).await;
+    status_reads(&config);
+}
