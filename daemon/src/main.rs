@@ -314,6 +314,12 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_FAILURE);
                     }
                 };
+                if !resync && store.resync_pending().unwrap_or(false) {
+                    eprintln!(
+                        "error: a `cutover run --resync` began and did not finish: the target may lack changes the new slot will never bring; run `cutover run --resync` again"
+                    );
+                    return ExitCode::from(EXIT_FAILURE);
+                }
                 if resync {
                     match verify::resync::resync(&config, &store).await {
                         Ok(done) => print!("{done}"),

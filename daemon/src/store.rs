@@ -36,6 +36,8 @@ const FORMAT_VERSION_1: &[u8] = b"1";
 
 const KEY_FORMAT: &str = "format_version";
 const KEY_COPY_RUN: &str = "copy/run";
+/// A `cutover run --resync` begun and not finished.
+const KEY_RESYNC: &str = "copy/resync";
 const PREFIX_COPY_TABLE: &str = "copy/table/";
 const PID_FILE: &str = "cutover.pid";
 /// Written beside the database when the store is created: a store whose
@@ -457,6 +459,29 @@ impl Store {
     /// Records the copy run.
     pub fn put_copy_run(&self, run: &CopyRun) -> Result<(), StoreError> {
         self.put(KEY_COPY_RUN, run)
+    }
+
+    /// Whether a `cutover run --resync` began and did not finish: the
+    /// target may lack changes the new slot will never bring.
+    pub fn resync_pending(&self) -> Result<bool, StoreError> {
+        Ok(self.get::<bool>(KEY_RESYNC)?.unwrap_or(false))
+    }
+
+    /// Marks a resync begun (`true`) or ended with the copy run's new
+    /// start (`false`, with `run` written in the same batch).
+    pub fn put_resync(&self, pending: bool, run: Option<&CopyRun>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            KEY_RESYNC,
+            serde_json::to_vec(&pending).expect("a bool serializes"),
+        );
+        if let Some(run) = run {
+            batch.insert(
+                KEY_COPY_RUN,
+                serde_json::to_vec(run).expect("state records serialize to JSON"),
+            );
+        }
+        self.db.apply_batch(batch).map_err(|e| self.io(e))
     }
 
     /// One table's copy record.

@@ -717,7 +717,12 @@ impl Session {
             "SELECT wal_status FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
             quote_literal(slot)
         );
-        let found = self.simple_query(&sql).await.ok()?;
+        // A moment at most: the error itself is what matters.
+        let found =
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.simple_query(&sql))
+                .await
+                .ok()?
+                .ok()?;
         match (code, found.rows.first()) {
             ("42704", None) => Some(Cause::SlotMissing),
             ("55000", Some(row)) if row.first().and_then(|v| v.as_deref()) == Some("lost") => {

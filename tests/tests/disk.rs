@@ -203,7 +203,7 @@ async fn a_full_state_directory_stops_a_large_transaction_clearly_and_the_store_
     let config = cutover_tests::write_config(
         dir.path(),
         &format!(
-            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\nlag_sample_seconds = 1\n[apply]\nspill_mb = 1\n[http]\nlisten = \"127.0.0.1:0\"\n[console]\nlisten = \"127.0.0.1:0\"\n",
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\nlag_sample_seconds = 3600\n[apply]\nspill_mb = 1\n[http]\nlisten = \"127.0.0.1:0\"\n[console]\nlisten = \"127.0.0.1:0\"\n",
             pair.source.url("app", "postgres", None),
             pair.target.url("app", "postgres", None),
             state.display()

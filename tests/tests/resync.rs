@@ -95,6 +95,26 @@ async fn a_lost_slot_is_said_and_resync_repairs_the_target_without_a_new_copy() 
         status.all_output()
     );
 
+    // A resync that stops after making the slot again and before the
+    // repair: a plain `run` refuses, the next --resync does it all.
+    let interrupted = run_cutover(
+        &["--config", config_text, "run", "--resync"],
+        &[("CUTOVER_FAILPOINT", "resync:repair")],
+    );
+    assert_ne!(interrupted.code, 0, "{}", interrupted.all_output());
+    assert!(
+        interrupted.stderr.contains("failpoint resync:repair"),
+        "{}",
+        interrupted.stderr
+    );
+    let refused = run_cutover(&["--config", config_text, "run"], &[]);
+    assert_eq!(refused.code, 1, "{}", refused.all_output());
+    assert!(
+        refused.stderr.contains("began and did not finish"),
+        "{}",
+        refused.stderr
+    );
+
     // --resync: compared and repaired, then streaming from the new slot.
     let mut daemon = Daemon::start(&config, &["run", "--resync"]);
     cutover_tests::wait_for("the resync and the stream", WAIT, || async {

@@ -159,8 +159,10 @@ pub(super) fn chunk_error(table: &TableName, index: usize, err: &ChunkError) -> 
         ChunkError::Source { source, .. } => ("source", source),
         ChunkError::Target { source, .. } => ("target", source),
     };
-    let hint = source
-        .code()
+    // Only the target's resources are the migration's to free.
+    let hint = matches!(err, ChunkError::Target { .. })
+        .then(|| source.code())
+        .flatten()
         .and_then(|code| cutover_replication::sink::postgres::resource_hint(code.code()))
         .map(|hint| format!("; {hint}"))
         .unwrap_or_default();

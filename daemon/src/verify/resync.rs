@@ -14,6 +14,11 @@
 //!    holds exactly what the source held at `L`.
 //! 4. The copy's record starts at `L`; `cutover run` streams from there.
 //!
+//! From the slot's drop to the repair's commit, the store marks the resync
+//! pending: a plain `run` refuses (it would stream onto a target that lacks
+//! the lost changes), and `--resync` starts again, dropping the slot it
+//! made if need be.
+//!
 //! It costs a read of both sides, where a new copy would write everything:
 //! on a large database with a few hours of changes lost, the difference is
 //! hours.
@@ -73,31 +78,50 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
             "--resync repairs a migration whose copy finished; there is none in this state directory: `cutover run` copies",
         ));
     };
-    let state = store.switch_state()?;
-    if state.primary != crate::switch::journal::Server::Source || state.journal.is_some() {
+    config.target()?;
+    if config.kafka.is_some() {
         return Err(refused(
-            "--resync remakes the forward stream of a migration not yet switched; after a switch or rollback the slots are the switch's",
+            "--resync repairs the target only: the Kafka feed would keep a gap where the slot's changes were lost. Publish a new snapshot into new topics (a new topic_prefix, [kafka] snapshot = true) after a fresh copy instead",
         ));
     }
+    let state = store.switch_state()?;
+    if state.primary != crate::switch::journal::Server::Source
+        || state.journal.is_some()
+        || !state.moved_groups().is_empty()
+    {
+        return Err(refused(
+            "--resync remakes the forward stream of a migration not yet switched; after a switch, a rollback or a group moved (`switch --group`), the slots are the switch's and some rows the target's",
+        ));
+    }
+    let pending = store.resync_pending()?;
     let slot_name = run.slot.clone();
     let source = connect(config, "source").await?;
     if let Some(found) = slot::slot_state(&source, &slot_name)
         .await
         .map_err(query("source", "reading the slot"))?
     {
-        if !found.is_invalidated() {
-            return Err(refused(format!(
-                "the slot {slot_name} is there and usable (wal_status {}): there is nothing to resync; `cutover run` streams from it",
-                found.wal_status.as_deref().unwrap_or("unknown")
-            )));
-        }
         if found.active {
             return Err(refused(format!(
                 "the slot {slot_name} is in use by process {}: stop whatever streams from it",
                 found.active_pid.unwrap_or_default()
             )));
         }
+        // A resync that did not finish made a slot nothing consumed: it is
+        // made again with a new snapshot.
+        if !found.is_invalidated() && !pending {
+            return Err(refused(format!(
+                "the slot {slot_name} is there and usable (wal_status {}): there is nothing to resync; `cutover run` streams from it",
+                found.wal_status.as_deref().unwrap_or("unknown")
+            )));
+        }
     }
+    // What is compared, before anything changes.
+    let plans = plans(config, None).await?;
+    let workers = config.verify.workers.min(plans.len()).max(1);
+    // From here until the repair commits, a plain `run` refuses: it would
+    // stream onto a target that lacks the lost changes.
+    store.put_resync(true, None)?;
+    store.flush().await?;
 
     // 1. The slot, made again, and its snapshot in every source reader.
     let making = |e: cutover_replication::error::ReplicationError| {
@@ -112,10 +136,8 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         .is_some()
     {
         session.drop_slot(&slot_name, false).await.map_err(making)?;
-        tracing::info!(slot = %slot_name, "the invalidated slot dropped");
+        tracing::info!(slot = %slot_name, "the slot dropped, to be made again");
     }
-    let plans = plans(config, None).await?;
-    let workers = config.verify.workers.min(plans.len()).max(1);
     let created = session
         .create_slot(&slot_name, false, SnapshotAction::Export)
         .await
@@ -131,12 +153,6 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         sources.push(client);
     }
     drop(session);
-    // From here the slot holds WAL from `L`: the stream starts there, even
-    // if the comparison below is interrupted (the next resync finds the
-    // slot usable, and a verify --repair finishes the job).
-    run.consistent_point = Some(at);
-    store.put_copy_run(&run)?;
-    store.flush().await?;
     tracing::info!(slot = %slot_name, %at, tables = plans.len(), "slot made again; comparing both sides as of its snapshot");
 
     // 2. Both sides compared.
@@ -150,12 +166,22 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         .map(|(plan, _, fixes)| (plan, fixes.clone()))
         .filter(|(_, fixes)| !fixes.is_empty())
         .collect();
+    // A test stops here: the slot made again, the target not repaired.
+    if std::env::var("CUTOVER_FAILPOINT").is_ok_and(|wanted| wanted == "resync:repair") {
+        eprintln!("failpoint resync:repair: aborting");
+        std::process::abort();
+    }
     let origin = Direction::Forward.origin(&slot_name);
     let repaired = if work.is_empty() {
         HashMap::new()
     } else {
         repair::repair(config, &origin, HashMap::new(), at, &work).await?
     };
+
+    // 4. The stream starts at `L`, and the resync is over.
+    run.consistent_point = Some(at);
+    store.put_resync(false, Some(&run))?;
+    store.flush().await?;
     let mut repaired: Vec<(String, usize)> = repaired
         .into_iter()
         .map(|(table, rows)| (table, rows.len()))
