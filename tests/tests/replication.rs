@@ -715,7 +715,7 @@ async fn missing_slot_publication_and_privilege_are_definite_errors() {
         ("slot_missing", Some("42704"), false),
         "{err}"
     );
-    assert!(err.hint().unwrap().contains("fresh copy"));
+    assert!(err.hint().unwrap().contains("cutover run --resync"));
 
     let mut session = Session::connect(&info).await.unwrap();
     let created = session
