@@ -248,6 +248,42 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("SQL failed on port {}: {e:?}\n{sql}", self.port));
     }
 
+    /// Writes and recycles WAL in `dbname` until the server invalidates
+    /// `slot`: start the cluster with a small `max_slot_wal_keep_size`. The
+    /// WAL comes from a table of its own, in a schema no migration takes.
+    pub async fn lose_slot(&self, dbname: &str, slot: &str) {
+        self.execute(
+            dbname,
+            "CREATE SCHEMA IF NOT EXISTS cutover_test;
+             CREATE TABLE IF NOT EXISTS cutover_test.wal_filler (v text);",
+        )
+        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            self.execute(
+                dbname,
+                "INSERT INTO cutover_test.wal_filler SELECT repeat('x', 1000) FROM generate_series(1, 3000);
+                 TRUNCATE cutover_test.wal_filler; SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await;
+            let status: Option<String> = self
+                .query_value(
+                    dbname,
+                    &format!(
+                        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                    ),
+                )
+                .await;
+            if status.as_deref() == Some("lost") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slot {slot} was not invalidated: {status:?}"
+            );
+        }
+    }
+
     /// Runs a query returning one value of the first row's first column.
     pub async fn query_value<T>(&self, dbname: &str, sql: &str) -> T
     where

@@ -267,18 +267,28 @@ async fn source_position(
         .create_slot(&slot, true, SnapshotAction::Export)
         .await?;
     let at = created.consistent_point;
-    let snapshot_name = created.snapshot.unwrap_or_default();
-    let mut sources = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let client = connect(config, "source").await?;
-        snapshot::open_snapshot(&client, &snapshot_name)
-            .await
-            .map_err(query("source", "importing the verify's snapshot"))?;
-        sources.push(client);
-    }
+    let sources = snapshot_readers(config, workers, &created.snapshot.unwrap_or_default()).await?;
     // Every source reader holds the snapshot: the temporary slot may go.
     drop(session);
     Ok((at, sources))
+}
+
+/// `workers` source readers in the exported snapshot `name` (valid while
+/// the session that made it stays open).
+async fn snapshot_readers(
+    config: &Config,
+    workers: usize,
+    name: &str,
+) -> Result<Vec<Client>, VerifyError> {
+    let mut sources = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let client = connect(config, "source").await?;
+        snapshot::open_snapshot(&client, name)
+            .await
+            .map_err(query("source", "importing the slot's snapshot"))?;
+        sources.push(client);
+    }
+    Ok(sources)
 }
 
 /// How long a daemon stays held while the verify's slot is created. The

@@ -28,9 +28,12 @@ use std::sync::Arc;
 
 use cutover_replication::Lsn;
 use cutover_replication::session::{Session, SnapshotAction};
-use cutover_replication::{slot, snapshot};
+use cutover_replication::slot;
 
-use super::{VerifyError, compare_all, connect, plans, progress, query, repair, target_readers};
+use super::{
+    VerifyError, compare_all, connect, plans, progress, query, repair, snapshot_readers,
+    target_readers,
+};
 use crate::config::Config;
 use crate::direction::Direction;
 use crate::store::Store;
@@ -143,15 +146,7 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         .await
         .map_err(making)?;
     let at = created.consistent_point;
-    let snapshot_name = created.snapshot.unwrap_or_default();
-    let mut sources = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let client = connect(config, "source").await?;
-        snapshot::open_snapshot(&client, &snapshot_name)
-            .await
-            .map_err(query("source", "importing the slot's snapshot"))?;
-        sources.push(client);
-    }
+    let sources = snapshot_readers(config, workers, &created.snapshot.unwrap_or_default()).await?;
     drop(session);
     tracing::info!(slot = %slot_name, %at, tables = plans.len(), "slot made again; comparing both sides as of its snapshot");
 
