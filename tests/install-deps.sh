@@ -6,6 +6,15 @@
 # otherwise it says exactly what to install.
 set -euo pipefail
 
+# apt-get install, with the package lists fetched first if they are stale.
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 || {
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    }
+}
+
 have_server_binaries() {
     if [[ -n "${CUTOVER_PG_BINDIR:-}" && -x "${CUTOVER_PG_BINDIR}/initdb" ]]; then
         return 0
@@ -56,11 +65,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if (( ${#need[@]} > 0 )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "install-deps: installing ${need[*]} (psql, promtool, chromium)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 || {
-            apt-get update -qq
-            apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-        }
+        apt_install "${need[@]}"
         # The prometheus package may start a server of its own: not ours.
         if command -v systemctl >/dev/null 2>&1; then
             systemctl disable --now prometheus >/dev/null 2>&1 || true
@@ -77,13 +82,7 @@ fi
 if ! locale -a 2>/dev/null | grep -qiE '^de_DE\.utf-?8$'; then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "install-deps: generating the de_DE.UTF-8 locale"
-        export DEBIAN_FRONTEND=noninteractive
-        command -v locale-gen >/dev/null 2>&1 || {
-            apt-get install -y -qq --no-install-recommends locales >/dev/null 2>&1 || {
-                apt-get update -qq
-                apt-get install -y -qq --no-install-recommends locales >/dev/null
-            }
-        }
+        command -v locale-gen >/dev/null 2>&1 || apt_install locales
         if grep -qE '^# *de_DE\.UTF-8 UTF-8' /etc/locale.gen; then
             sed -i 's/^# *de_DE\.UTF-8 UTF-8/de_DE.UTF-8 UTF-8/' /etc/locale.gen
         elif ! grep -qE '^de_DE\.UTF-8 UTF-8' /etc/locale.gen; then
@@ -106,11 +105,7 @@ command -v pkg-config >/dev/null 2>&1 || build_need+=(pkg-config)
 if (( ${#build_need[@]} > 0 )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
         echo "install-deps: installing ${build_need[*]} (librdkafka's build)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -qq --no-install-recommends "${build_need[@]}" >/dev/null 2>&1 || {
-            apt-get update -qq
-            apt-get install -y -qq --no-install-recommends "${build_need[@]}" >/dev/null
-        }
+        apt_install "${build_need[@]}"
     else
         echo "install-deps: missing ${build_need[*]} (to build librdkafka): sudo apt-get install ${build_need[*]}" >&2
         exit 1

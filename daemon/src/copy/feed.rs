@@ -4,13 +4,13 @@
 //! it. Recorded as a finished copy of no table, so that a restart streams
 //! on from the slot.
 
-use cutover_replication::client;
 use cutover_replication::session::{Session, SnapshotAction};
 use cutover_replication::slot;
 
 use crate::config::Config;
 use crate::store::{Store, now_secs};
 
+use super::orchestration::connect;
 use super::orchestration::{new_slot, outcome, query, tables_in_scope};
 use super::source::{
     ensure_publications, install_ddl_capture, install_partition_triggers, publications,
@@ -20,12 +20,7 @@ use super::{CopyError, CopyOutcome};
 /// Makes the slot and the publications of a feed alone (or finds them
 /// made) and returns where its stream starts.
 pub(super) async fn prepare(config: &Config, store: &Store) -> Result<CopyOutcome, CopyError> {
-    let source = client::connect(&config.source.conninfo)
-        .await
-        .map_err(|source| CopyError::Connect {
-            role: "source",
-            source,
-        })?;
+    let source = connect(&config.source.conninfo, "source").await?;
     let tables = tables_in_scope(&source, config).await?;
     let run = store.copy_run()?;
     let done = match run {

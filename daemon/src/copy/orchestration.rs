@@ -136,18 +136,8 @@ pub async fn run(
     if config.target.is_none() {
         return super::feed::prepare(config, store).await;
     }
-    let source = client::connect(&config.source.conninfo)
-        .await
-        .map_err(|source| CopyError::Connect {
-            role: "source",
-            source,
-        })?;
-    let target = client::connect(&config.target()?.conninfo)
-        .await
-        .map_err(|source| CopyError::Connect {
-            role: "target",
-            source,
-        })?;
+    let source = connect(&config.source.conninfo, "source").await?;
+    let target = connect(&config.target()?.conninfo, "target").await?;
     let tables = tables_in_scope(&source, config).await?;
     let targets: HashMap<TableName, Table> = catalog::tables(&target)
         .await
@@ -276,12 +266,7 @@ pub async fn run(
     let mut sources = Vec::with_capacity(worker_count);
     let mut sinks = Vec::with_capacity(worker_count);
     for _ in 0..worker_count {
-        let s = client::connect(&config.source.conninfo)
-            .await
-            .map_err(|source| CopyError::Connect {
-                role: "source",
-                source,
-            })?;
+        let s = connect(&config.source.conninfo, "source").await?;
         s.batch_execute(&client::text_value_settings())
             .await
             .map_err(query(
@@ -292,12 +277,7 @@ pub async fn run(
             .await
             .map_err(query("source", "importing the snapshot"))?;
         sources.push(s);
-        let t = client::connect(&config.target()?.conninfo)
-            .await
-            .map_err(|source| CopyError::Connect {
-                role: "target",
-                source,
-            })?;
+        let t = connect(&config.target()?.conninfo, "target").await?;
         t.batch_execute(&format!(
             "SET session_replication_role = replica; {}",
             client::text_value_settings()
@@ -461,6 +441,16 @@ pub(super) async fn keep_unreferenced(
         }
         again = moved.iter().map(TableName::quoted).collect();
     }
+}
+
+/// A connection to the server `role` names, its failure a copy error.
+pub(super) async fn connect(
+    conninfo: &cutover_replication::conninfo::ConnInfo,
+    role: &'static str,
+) -> Result<Client, CopyError> {
+    client::connect(conninfo)
+        .await
+        .map_err(|source| CopyError::Connect { role, source })
 }
 
 /// Makes the slot `slot_name` (a persistent one dropped first when `run`
