@@ -62,9 +62,11 @@ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>
     [[ -n "${CUTOVER_CHROMIUM:-}" ]] || need+=(chromium)
 # systemd-analyze verifies deploy/cutover.service.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# openssl makes the certificates of the console's TLS test.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if (( ${#need[@]} > 0 )); then
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        echo "install-deps: installing ${need[*]} (psql, promtool, chromium)"
+        echo "install-deps: installing ${need[*]} (the tools the tests drive)"
         apt_install "${need[@]}"
         # The prometheus package may start a server of its own: not ours.
         if command -v systemctl >/dev/null 2>&1; then

@@ -645,7 +645,7 @@ async fn ask_daemon(
     let Some(addr) = status::console_address(&config.state_dir) else {
         return Err("the daemon's console address is not recorded".into());
     };
-    let client = status::connect_console(addr, &config.console_auth, "cutover switch")
+    let client = status::connect_console(addr, config, "cutover switch")
         .await
         .map_err(|e| format!("a daemon runs; its console at {addr} did not answer: {e}"))?;
     let mut command = kind.name().to_uppercase();
@@ -744,13 +744,9 @@ async fn conflicts_command(
                     };
                     let command = format!("RESOLVE {id} USE {}", side.to_uppercase());
                     let answer = async {
-                        let client = status::connect_console(
-                            addr,
-                            &config.console_auth,
-                            "cutover conflicts",
-                        )
-                        .await
-                        .map_err(|e| format!("its console at {addr} did not answer: {e}"))?;
+                        let client = status::connect_console(addr, config, "cutover conflicts")
+                            .await
+                            .map_err(|e| format!("its console at {addr} did not answer: {e}"))?;
                         status::rows(&client, &command).await
                     }
                     .await;

@@ -92,6 +92,8 @@ pub const LABEL_WAL_STATUS: &str = "wal_status";
 /// `max_wal_size` or about to lose WAL; `lost` means it was invalidated.
 pub const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
 
+/// Console logins refused for a wrong password.
+pub const CONSOLE_FAILED_LOGINS: &str = "cutover_console_failed_logins_total";
 /// The registered families.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -139,6 +141,8 @@ pub struct Metrics {
     pub switch_window: prometheus::Gauge,
     /// [`SWITCH_IN_PROGRESS`].
     pub switch_in_progress: prometheus::IntGauge,
+    /// [`CONSOLE_FAILED_LOGINS`].
+    pub console_failed_logins: prometheus::IntCounter,
     /// [`KAFKA_MESSAGES`].
     pub kafka_messages: IntCounterVec,
     /// [`KAFKA_BYTES`].
@@ -300,6 +304,15 @@ impl Metrics {
                 prometheus::IntGauge::new(
                     SWITCH_IN_PROGRESS,
                     "1 while this daemon runs a switch or rollback, from its drain to its end",
+                )
+                .expect("valid metric"),
+            ),
+            console_failed_logins: reg(
+                &registry,
+                &names,
+                prometheus::IntCounter::new(
+                    CONSOLE_FAILED_LOGINS,
+                    "Console logins refused for a wrong password",
                 )
                 .expect("valid metric"),
             ),

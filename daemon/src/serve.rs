@@ -58,11 +58,19 @@ pub async fn start(
                 Arc::clone(status),
                 store.clone(),
                 auth.clone(),
+                config
+                    .console_tls
+                    .as_ref()
+                    .map(|tls| Arc::clone(&tls.identity.config)),
             ));
+            let over = match &config.console_tls {
+                Some(tls) => format!("TLS only, certificate {}", tls.cert.display()),
+                None => "no TLS".to_owned(),
+            };
             if open {
-                tracing::warn!(addr = %console_addr, "admin console listening WITHOUT a password (console.allow_no_password = true)");
+                tracing::warn!(addr = %console_addr, %over, "admin console listening WITHOUT a password (console.allow_no_password = true)");
             } else {
-                tracing::info!(addr = %console_addr, "admin console listening (psql, SCRAM password)");
+                tracing::info!(addr = %console_addr, %over, "admin console listening (psql, SCRAM password)");
             }
             record["console"] = serde_json::Value::String(console_addr.to_string());
         }

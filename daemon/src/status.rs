@@ -313,7 +313,7 @@ pub async fn run(config: &Config) -> Result<Summary, StatusError> {
     let listen = listening(dir);
     let mut console_failure = None;
     if let Some(addr) = listen.as_ref().and_then(|l| l.console) {
-        match ask_console(addr, &config.console_auth).await {
+        match ask_console(addr, config).await {
             Ok(mut summary) => {
                 summary.add_group_divergence(&config.groups);
                 return Ok(summary);
@@ -353,10 +353,12 @@ pub async fn run(config: &Config) -> Result<Summary, StatusError> {
     }
 }
 
-/// A connection to the running daemon's admin console at `addr`.
+/// A connection to the running daemon's admin console at `addr`, with the
+/// config's password, over TLS when the config gives the console a
+/// certificate (that certificate, and only it, is trusted).
 pub(crate) async fn connect_console(
     addr: SocketAddr,
-    auth: &ConsoleAuth,
+    config: &Config,
     application_name: &str,
 ) -> Result<tokio_postgres::Client, String> {
     let host = if addr.ip().is_unspecified() {
@@ -371,17 +373,22 @@ pub(crate) async fn connect_console(
         .dbname("cutover")
         .application_name(application_name)
         .connect_timeout(CONSOLE_TIMEOUT);
-    if let ConsoleAuth::Password(password) = auth {
+    if let ConsoleAuth::Password(password) = &config.console_auth {
         pg.password(password.expose());
     }
-    let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
+    let tls = match &config.console_tls {
+        None => None,
+        Some(tls) => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Some(
+                cutover_replication::tls::pinned_client_config(tls.identity.certificate.clone())
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+    };
+    cutover_replication::client::connect_with(&pg, tls)
         .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+        .map_err(|e| cutover_replication::client::describe(&e))
 }
 
 /// The address of the running daemon's console, from `listen.json`.
@@ -389,9 +396,9 @@ pub(crate) fn console_address(dir: &Path) -> Option<SocketAddr> {
     listening(dir).and_then(|l| l.console)
 }
 
-async fn ask_console(addr: SocketAddr, auth: &ConsoleAuth) -> Result<Summary, String> {
+async fn ask_console(addr: SocketAddr, config: &Config) -> Result<Summary, String> {
     let work = async {
-        let client = connect_console(addr, auth, "cutover status").await?;
+        let client = connect_console(addr, config, "cutover status").await?;
         let status = rows(&client, "SHOW STATUS").await?;
         let lag = rows(&client, "SHOW LAG").await?;
         let tables = rows(&client, "SHOW TABLES").await?;

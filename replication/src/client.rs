@@ -4,6 +4,7 @@
 
 use std::error::Error as _;
 use std::io;
+use std::sync::Arc;
 
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -95,30 +96,42 @@ pub fn text_value_settings() -> String {
 /// Opens a regular connection; the connection task runs until the client
 /// is dropped.
 pub async fn connect(info: &ConnInfo) -> Result<Client, ConnectError> {
-    let config = info.to_pg_config();
     let tls = tls::client_config(info).map_err(|e| ConnectError::from((info, e)))?;
-    let result = match tls {
+    connect_with(&info.to_pg_config(), tls)
+        .await
+        .map_err(|err| classify(info, &err))
+}
+
+/// Opens a connection from a tokio-postgres configuration, encrypted with
+/// `tls` when given; the connection task runs until the client is dropped.
+pub async fn connect_with(
+    config: &tokio_postgres::Config,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Client, tokio_postgres::Error> {
+    fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection closed with an error");
+            }
+        });
+    }
+    match tls {
         None => config.connect(NoTls).await.map(|(client, conn)| {
-            tokio::spawn(async move {
-                if let Err(err) = conn.await {
-                    tracing::debug!(error = %err, "connection closed with an error");
-                }
-            });
+            drive(conn);
             client
         }),
         Some(tls) => config
             .connect(MakeRustlsConnect::new((*tls).clone()))
             .await
             .map(|(client, conn)| {
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(error = %err, "connection closed with an error");
-                    }
-                });
+                drive(conn);
                 client
             }),
-    };
-    result.map_err(|err| classify(info, &err))
+    }
 }
 
 /// Turns a tokio-postgres connection error into a [`ConnectError`].

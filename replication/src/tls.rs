@@ -11,16 +11,17 @@
 //! Root certificates come from `sslrootcert` (a PEM file, or `system` for
 //! the operating system's store) or, as in libpq, `~/.postgresql/root.crt`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 
 use crate::conninfo::{ConnInfo, SslMode};
@@ -45,6 +46,14 @@ pub enum TlsError {
     NoRootCert {
         /// The SSL mode asking for verification.
         mode: &'static str,
+    },
+    /// A server's certificate or key file could not be used.
+    #[error("cannot use {path}: {reason}")]
+    ServerFile {
+        /// The file that was read.
+        path: String,
+        /// What went wrong.
+        reason: String,
     },
     /// rustls refused the configuration.
     #[error("TLS setup failed: {0}")]
@@ -79,6 +88,7 @@ pub fn client_config(info: &ConnInfo) -> Result<Option<Arc<ClientConfig>>, TlsEr
         }
         (_, None) => Arc::new(EncryptOnly {
             algorithms: provider.signature_verification_algorithms,
+            pinned: None,
         }),
     };
     let config = ClientConfig::builder_with_provider(provider)
@@ -87,6 +97,66 @@ pub fn client_config(info: &ConnInfo) -> Result<Option<Arc<ClientConfig>>, TlsEr
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     Ok(Some(Arc::new(config)))
+}
+
+/// A TLS server (the admin console): its rustls configuration, and the
+/// certificate it presents, for clients that pin it.
+#[derive(Debug, Clone)]
+pub struct ServerIdentity {
+    /// For the acceptor.
+    pub config: Arc<ServerConfig>,
+    /// The certificate presented (the first of the chain).
+    pub certificate: CertificateDer<'static>,
+}
+
+/// Loads a server's certificate chain and private key (PEM files) and
+/// checks that they belong together.
+pub fn server_identity(cert: &Path, key: &Path) -> Result<ServerIdentity, TlsError> {
+    let unreadable = |path: &Path, reason: String| TlsError::ServerFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|iter| iter.collect::<Result<_, _>>())
+        .map_err(|e| unreadable(cert, e.to_string()))?;
+    let Some(certificate) = chain.first().cloned() else {
+        return Err(unreadable(cert, "no certificate in the file".into()));
+    };
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| unreadable(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| {
+            unreadable(
+                key,
+                format!("{e} (the key must be the private key of the certificate's first entry)"),
+            )
+        })?;
+    Ok(ServerIdentity {
+        config: Arc::new(config),
+        certificate,
+    })
+}
+
+/// A client configuration that trusts exactly `certificate`, whatever
+/// name it carries.
+pub fn pinned_client_config(
+    certificate: CertificateDer<'static>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(EncryptOnly {
+        algorithms: provider.signature_verification_algorithms,
+        pinned: Some(certificate),
+    });
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth(),
+    ))
 }
 
 /// The name to verify the certificate against and to send as SNI.
@@ -199,21 +269,32 @@ impl ServerCertVerifier for ChainOnly {
 /// `prefer`/`require` without root certificates: encrypted, not
 /// authenticated, exactly as libpq behaves. The handshake signatures are
 /// still checked so the session key belongs to the certificate presented.
+///
+/// With `pinned`, the certificate presented must be that one: cutover's
+/// own commands reaching the daemon's console trust exactly the
+/// certificate the config gives it (often self-signed, which the web PKI
+/// checks refuse as an end entity).
 #[derive(Debug)]
 struct EncryptOnly {
     algorithms: WebPkiSupportedAlgorithms,
+    pinned: Option<CertificateDer<'static>>,
 }
 
 impl ServerCertVerifier for EncryptOnly {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.pinned {
+            Some(pinned) if pinned.as_ref() != end_entity.as_ref() => Err(
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure),
+            ),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(

@@ -27,13 +27,24 @@ async fn console_addr(state: &Path) -> String {
 
 /// `psql -c command` against the console: (success, stdout, stderr).
 fn psql(addr: &str, password: Option<&str>, command: &str) -> (bool, String, String) {
+    psql_with(addr, password, command, &[])
+}
+
+/// [`psql`] with more libpq variables (`PGSSLMODE`...).
+fn psql_with(
+    addr: &str,
+    password: Option<&str>,
+    command: &str,
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let (host, port) = addr.rsplit_once(':').expect("host:port");
     let mut cmd = Command::new(bindir().join("psql"));
     cmd.args([
         "-X", "-h", host, "-p", port, "-U", "ops", "-d", "cutover", "-c", command,
     ])
     .env_remove("PGPASSWORD")
-    .env("PGCONNECT_TIMEOUT", "10");
+    .env("PGCONNECT_TIMEOUT", "10")
+    .envs(env.iter().copied());
     match password {
         Some(p) => cmd.env("PGPASSWORD", p),
         None => cmd.arg("-w"),
@@ -47,6 +58,15 @@ fn psql(addr: &str, password: Option<&str>, command: &str) -> (bool, String, Str
 }
 
 async fn console(addr: &str, password: &str) -> tokio_postgres::Client {
+    try_console(addr, password)
+        .await
+        .expect("connect to the console with the password")
+}
+
+async fn try_console(
+    addr: &str,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (host, port) = addr.rsplit_once(':').expect("host:port");
     let (client, connection) = tokio_postgres::Config::new()
         .host(host)
@@ -55,10 +75,22 @@ async fn console(addr: &str, password: &str) -> tokio_postgres::Client {
         .dbname("cutover")
         .password(password)
         .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect to the console with the password");
+        .await?;
     tokio::spawn(connection);
-    client
+    Ok(client)
+}
+
+/// The SQLSTATE and message a console login was refused with.
+async fn refusal(addr: &str, password: &str) -> (String, String) {
+    match try_console(addr, password).await {
+        Ok(_) => panic!("the console let {password:?} in"),
+        Err(err) => {
+            let db = err
+                .as_db_error()
+                .unwrap_or_else(|| panic!("not a server error: {err:?}"));
+            (db.code().code().to_owned(), db.message().to_owned())
+        }
+    }
 }
 
 /// The first row of `command`, as (column, value) pairs.
@@ -372,5 +404,221 @@ async fn without_a_password_the_console_is_off_unless_explicitly_opened_on_loopb
         "{}",
         daemon.log()
     );
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
+
+#[tokio::test]
+async fn password_guesses_are_refused_for_longer_each_time_per_address() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE items (id int PRIMARY KEY, v text);")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), "");
+    let mut daemon = Daemon::start_with_env(
+        &config,
+        &["run"],
+        &[("CUTOVER__CONSOLE__PASSWORD", PASSWORD)],
+    );
+    let state = dir.path().join("state");
+    let addr = console_addr(&state).await;
+    let http = std::fs::read_to_string(state.join("listen.json")).unwrap();
+    let http: serde_json::Value = serde_json::from_str(&http).unwrap();
+    let http = http["http"].as_str().unwrap().to_owned();
+    drop(console(&addr, PASSWORD).await);
+
+    // Three typos are free; the fourth wrong password refuses the address
+    // for 1 s, the right password included.
+    for attempt in 1..=4 {
+        let (code, message) = refusal(&addr, &format!("guess-{attempt}")).await;
+        assert_eq!(code, "28P01", "attempt {attempt}: {message}");
+    }
+    let (code, message) = refusal(&addr, PASSWORD).await;
+    assert_eq!(code, "28000", "{message}");
+    assert!(
+        message.contains("too many failed password attempts from 127.0.0.1")
+            && message.contains("1 s more"),
+        "{message}"
+    );
+    let (_, body) = get(&http, "/metrics");
+    assert_eq!(
+        metric(&body, "cutover_console_failed_logins_total"),
+        Some(4.0),
+        "{body}"
+    );
+
+    // After the refusal the right password logs in, and the count starts
+    // again: the next wrong one is not refused for longer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    drop(console(&addr, PASSWORD).await);
+    let (code, _) = refusal(&addr, "guess-5").await;
+    assert_eq!(code, "28P01");
+    drop(console(&addr, PASSWORD).await);
+
+    // Guesses keep doubling the refusal: 1 s, 2 s.
+    for attempt in 1..=4 {
+        refusal(&addr, &format!("again-{attempt}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (code, _) = refusal(&addr, "again-5").await;
+    assert_eq!(code, "28P01");
+    let (code, message) = refusal(&addr, PASSWORD).await;
+    assert_eq!(code, "28000", "{message}");
+    assert!(message.contains("2 s more"), "{message}");
+
+    let log = daemon.log();
+    assert!(log.contains("console: a wrong password"), "{log}");
+    assert!(!log.contains(PASSWORD) && !log.contains("guess-"), "{log}");
+    assert_eq!(daemon.terminate(WAIT), Some(0));
+}
+
+/// A self-signed certificate and its key, as PEM files in `dir`.
+fn certificate(dir: &Path, name: &str) -> (String, String) {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=cutover-console"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl (tests/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn with_a_certificate_the_console_serves_tls_only_and_cutover_status_uses_it() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.both("CREATE TABLE items (id int PRIMARY KEY, v text);")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path(), "console");
+    let (other_cert, other_key) = certificate(dir.path(), "other");
+    let config = pair.config(dir.path(), "");
+    let check = |env: &[(&str, &str)]| {
+        let mut all = vec![("CUTOVER__CONSOLE__PASSWORD", PASSWORD)];
+        all.extend_from_slice(env);
+        run_cutover(&["--config", config.to_str().unwrap(), "check"], &all)
+    };
+
+    // Bad settings stop the start, naming the key to fix.
+    let out = check(&[("CUTOVER__CONSOLE__TLS_CERT", &cert)]);
+    assert_eq!(out.code, 2, "{}", out.all_output());
+    assert!(out.stderr.contains("console.tls_key"), "{}", out.stderr);
+    let out = check(&[
+        ("CUTOVER__CONSOLE__TLS_CERT", &cert),
+        ("CUTOVER__CONSOLE__TLS_KEY", &other_key),
+    ]);
+    assert_eq!(out.code, 2, "{}", out.all_output());
+    assert!(
+        out.stderr.contains("console.tls_key") && out.stderr.contains("private key"),
+        "{}",
+        out.stderr
+    );
+    let missing = dir.path().join("missing.crt");
+    let out = check(&[
+        ("CUTOVER__CONSOLE__TLS_CERT", missing.to_str().unwrap()),
+        ("CUTOVER__CONSOLE__TLS_KEY", &key),
+    ]);
+    assert_eq!(out.code, 2, "{}", out.all_output());
+    assert!(out.stderr.contains("console.tls_cert"), "{}", out.stderr);
+    // Beyond loopback without TLS, check warns.
+    let out = check(&[("CUTOVER__CONSOLE__LISTEN", "0.0.0.0:0")]);
+    assert!(
+        out.all_output()
+            .contains("listens on 0.0.0.0:0 without TLS"),
+        "{}",
+        out.all_output()
+    );
+    let out = check(&[
+        ("CUTOVER__CONSOLE__LISTEN", "0.0.0.0:0"),
+        ("CUTOVER__CONSOLE__TLS_CERT", &cert),
+        ("CUTOVER__CONSOLE__TLS_KEY", &key),
+    ]);
+    assert!(
+        !out.all_output()
+            .contains("listens on 0.0.0.0:0 without TLS"),
+        "{}",
+        out.all_output()
+    );
+
+    let env = [
+        ("CUTOVER__CONSOLE__PASSWORD", PASSWORD),
+        ("CUTOVER__CONSOLE__TLS_CERT", cert.as_str()),
+        ("CUTOVER__CONSOLE__TLS_KEY", key.as_str()),
+    ];
+    let mut daemon = Daemon::start_with_env(&config, &["run"], &env);
+    let state = dir.path().join("state");
+    let addr = console_addr(&state).await;
+
+    // Plain text is refused, with the way to connect.
+    let (ok, _, err) = psql_with(
+        &addr,
+        Some(PASSWORD),
+        "SHOW STATUS",
+        &[("PGSSLMODE", "disable")],
+    );
+    assert!(!ok, "a plain connection was served");
+    assert!(
+        err.contains("TLS only") && err.contains("sslmode=require"),
+        "{err}"
+    );
+    // Encrypted, and verified against the certificate as its own root.
+    for env in [
+        vec![("PGSSLMODE", "require")],
+        vec![("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", cert.as_str())],
+    ] {
+        let (ok, out, err) = wait_for("psql over TLS", WAIT, || async {
+            let (ok, out, err) = psql_with(&addr, Some(PASSWORD), "SHOW STATUS", &env);
+            (ok || !err.contains("starting")).then_some((ok, out, err))
+        })
+        .await;
+        assert!(ok, "{env:?}: {err}");
+        assert!(out.contains("state"), "{out}");
+    }
+    // Another certificate is not the console's.
+    let (ok, _, err) = psql_with(
+        &addr,
+        Some(PASSWORD),
+        "SHOW STATUS",
+        &[("PGSSLMODE", "verify-ca"), ("PGSSLROOTCERT", &other_cert)],
+    );
+    assert!(!ok, "verified against the wrong root");
+    assert!(err.contains("certificate"), "{err}");
+
+    // cutover's own commands reach it over TLS, trusting that certificate.
+    wait_for("cutover status to say streaming", WAIT, || async {
+        let status = run_cutover(&["--config", config.to_str().unwrap(), "status"], &env);
+        assert_eq!(status.code, 0, "{}", status.all_output());
+        status.stdout.contains("streaming").then_some(())
+    })
+    .await;
+    // ... and no other certificate.
+    let status = run_cutover(
+        &["--config", config.to_str().unwrap(), "status"],
+        &[
+            ("CUTOVER__CONSOLE__PASSWORD", PASSWORD),
+            ("CUTOVER__CONSOLE__TLS_CERT", other_cert.as_str()),
+            ("CUTOVER__CONSOLE__TLS_KEY", other_key.as_str()),
+        ],
+    );
+    assert!(
+        status.all_output().contains("certificate"),
+        "{}",
+        status.all_output()
+    );
+    assert!(daemon.log().contains("TLS only"), "{}", daemon.log());
     assert_eq!(daemon.terminate(WAIT), Some(0));
 }

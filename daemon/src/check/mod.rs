@@ -16,7 +16,7 @@ use cutover_replication::ddl::DdlPolicy;
 use cutover_replication::{slot, sql};
 use tokio_postgres::Client;
 
-use crate::config::{Config, Server};
+use crate::config::{Config, ConsoleAuth, Server};
 pub use report::{Finding, Report, Severity};
 use report::{ServerReport, Usage};
 
@@ -274,6 +274,25 @@ fn local_checks(report: &mut Report, config: &Config) {
                 fix: Some(fix),
             });
         }
+    }
+    if !matches!(config.console_auth, ConsoleAuth::Disabled)
+        && config.console_tls.is_none()
+        && !config.console_listen.ip().is_loopback()
+    {
+        report.add(Finding {
+            severity: Severity::Warning,
+            code: "console_without_tls",
+            server: "local",
+            subject: Some("console.listen".into()),
+            problem: format!(
+                "the admin console listens on {} without TLS: the password exchange (SCRAM) does not reveal the password, but every command and answer crosses the network in clear text",
+                config.console_listen
+            ),
+            fix: Some(
+                "set console.tls_cert and console.tls_key (PEM files), or listen on a loopback address and reach it through SSH"
+                    .into(),
+            ),
+        });
     }
     for (key, addr) in [
         ("http.listen", config.http_listen),

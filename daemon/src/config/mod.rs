@@ -189,6 +189,15 @@ pub enum ConsoleAuth {
     Disabled,
 }
 
+/// The console's TLS (`console.tls_cert`, `console.tls_key`).
+#[derive(Clone, Debug)]
+pub struct ConsoleTls {
+    /// The certificate file, for messages.
+    pub cert: PathBuf,
+    /// The loaded certificate and key.
+    pub identity: cutover_replication::tls::ServerIdentity,
+}
+
 /// A server to connect to, checked.
 #[derive(Clone, Debug)]
 pub struct Server {
@@ -229,6 +238,8 @@ pub struct Config {
     pub console_listen: SocketAddr,
     /// How the console authenticates.
     pub console_auth: ConsoleAuth,
+    /// The console's TLS; when set, plain connections are refused.
+    pub console_tls: Option<ConsoleTls>,
     /// The snapshot copy.
     pub copy: CopySettings,
     /// The streaming apply.

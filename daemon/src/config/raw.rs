@@ -12,7 +12,7 @@ use cutover_replication::secret::Secret;
 use serde::Deserialize;
 
 use super::{
-    APPLICATION_NAME, ApplySettings, Config, ConfigError, ConsoleAuth, CopySettings,
+    APPLICATION_NAME, ApplySettings, Config, ConfigError, ConsoleAuth, ConsoleTls, CopySettings,
     DEFAULT_BATCH_MB, DEFAULT_BATCH_MS, DEFAULT_BATCH_ROWS, DEFAULT_CHUNK_MB,
     DEFAULT_CONSOLE_LISTEN, DEFAULT_CONTINUOUS_RATE, DEFAULT_COPY_WORKERS, DEFAULT_HTTP_LISTEN,
     DEFAULT_KEYLESS, DEFAULT_LAG_SAMPLE_SECONDS, DEFAULT_MAX_DIVERGENT_RATIO,
@@ -38,7 +38,14 @@ pub(super) const KNOWN_KEYS: &[(&str, &[&str])] = &[
     ("http", &["listen", "max_lag_seconds"]),
     (
         "console",
-        &["listen", "password", "password_file", "allow_no_password"],
+        &[
+            "listen",
+            "password",
+            "password_file",
+            "allow_no_password",
+            "tls_cert",
+            "tls_key",
+        ],
     ),
     (
         "copy",
@@ -187,6 +194,10 @@ pub struct RawConsole {
     pub password_file: Option<PathBuf>,
     /// Allow a console without a password on a loopback address.
     pub allow_no_password: Option<bool>,
+    /// PEM certificate chain: the console serves TLS (and only TLS).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The configuration as merged from file and environment, not yet checked.
@@ -389,7 +400,7 @@ pub(super) fn unknown_key(key: &str, origin: String) -> ConfigError {
 
 impl RawConfig {
     /// Checks every value; the first problem found is returned.
-    pub fn validate(self) -> Result<Config, ConfigError> {
+    pub fn validate(mut self) -> Result<Config, ConfigError> {
         let source = server("source", self.source)?;
         // With a Kafka feed and no [target], the feed runs alone.
         let feed_alone = self.kafka.is_some()
@@ -511,6 +522,7 @@ impl RawConfig {
                     n => n,
                 },
             )),
+            console_tls: console_tls(&mut self.console)?,
             console_auth: console_auth(&console_listen, self.console)?,
             console_listen,
             copy: copy_settings(self.copy)?,
@@ -785,6 +797,36 @@ pub(super) fn console_auth(
             ),
         )),
         (None, false) => Ok(ConsoleAuth::Disabled),
+    }
+}
+
+/// `console.tls_cert` and `console.tls_key`: both or neither, loaded and
+/// checked now so that a bad file stops the start, not the first login.
+fn console_tls(raw: &mut RawConsole) -> Result<Option<ConsoleTls>, ConfigError> {
+    match (raw.tls_cert.take(), raw.tls_key.take()) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::invalid(
+            "console.tls_key",
+            "console.tls_cert is set without its key: set console.tls_key to the certificate's private key (PEM)",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "console.tls_cert",
+            "console.tls_key is set without a certificate: set console.tls_cert to the certificate chain (PEM)",
+        )),
+        (Some(cert), Some(key)) => {
+            let identity = cutover_replication::tls::server_identity(&cert, &key).map_err(|e| {
+                let which = match &e {
+                    cutover_replication::tls::TlsError::ServerFile { path, .. }
+                        if Path::new(path) == cert.as_path() =>
+                    {
+                        "console.tls_cert"
+                    }
+                    _ => "console.tls_key",
+                };
+                ConfigError::invalid(which, e.to_string())
+            })?;
+            Ok(Some(ConsoleTls { cert, identity }))
+        }
     }
 }
 

@@ -94,7 +94,7 @@ async fn record_by_daemon(config: &Config) -> Result<(), SwitchError> {
             config.state_dir.join(ACCEPTANCE_FILE).display()
         )));
     };
-    let client = crate::status::connect_console(addr, &config.console_auth, "cutover accept")
+    let client = crate::status::connect_console(addr, config, "cutover accept")
         .await
         .map_err(|e| SwitchError::Refused(format!("the daemon's console at {addr}: {e}")))?;
     crate::status::rows(&client, "ACCEPT")

@@ -33,7 +33,7 @@ pub(super) async fn connect(config: &Config) -> Result<(Client, Vec<String>), Ve
             config.state_dir.display()
         )));
     };
-    let client = connect_console(addr, &config.console_auth, "cutover verify")
+    let client = connect_console(addr, config, "cutover verify")
         .await
         .map_err(|e| console_error(format!("its console at {addr} did not answer: {e}")))?;
     let status = rows(&client, "SHOW STATUS").await.map_err(console_error)?;

@@ -33,6 +33,8 @@ use pgwire::messages::data::DataRow;
 use tokio::net::TcpListener;
 
 use crate::config::ConsoleAuth;
+
+mod guard;
 use crate::live::{DaemonState, Status};
 use crate::store::{Store, TableCopyState};
 
@@ -186,9 +188,20 @@ fn commands(query: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Serves the console until the process ends.
-pub async fn serve(listener: TcpListener, status: Arc<Status>, store: Store, auth: ConsoleAuth) {
+/// Serves the console until the process ends; with `tls`, over TLS only.
+pub async fn serve(
+    listener: TcpListener,
+    status: Arc<Status>,
+    store: Store,
+    auth: ConsoleAuth,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let guard = Arc::new(guard::Guard::new(
+        tls.is_some(),
+        status.metrics.console_failed_logins.clone(),
+    ));
     let queries = Arc::new(Queries { status, store });
+    let acceptor = tls.map(pgwire::tokio::TlsAcceptor::from);
     match auth {
         ConsoleAuth::Password(password) => {
             let source = Arc::new(ConsolePassword(password));
@@ -197,18 +210,39 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>, store: Store, aut
                 scram.set_iterations(SCRAM_ITERATIONS);
                 SASLAuthStartupHandler::new(Arc::new(parameters())).with_scram(scram)
             };
-            accept(listener, Handlers { queries, startup }).await;
+            accept(
+                listener,
+                acceptor,
+                Handlers {
+                    queries,
+                    startup,
+                    guard,
+                },
+            )
+            .await;
         }
         ConsoleAuth::Open => {
             let startup = || OpenStartup;
-            accept(listener, Handlers { queries, startup }).await;
+            accept(
+                listener,
+                acceptor,
+                Handlers {
+                    queries,
+                    startup,
+                    guard,
+                },
+            )
+            .await;
         }
         ConsoleAuth::Disabled => {}
     }
 }
 
-async fn accept<S, F>(listener: TcpListener, handlers: Handlers<F>)
-where
+async fn accept<S, F>(
+    listener: TcpListener,
+    acceptor: Option<pgwire::tokio::TlsAcceptor>,
+    handlers: Handlers<F>,
+) where
     S: StartupHandler + 'static,
     F: Fn() -> S + Send + Sync + 'static,
 {
@@ -217,9 +251,12 @@ where
         match listener.accept().await {
             Ok((socket, peer)) => {
                 let handlers = Arc::clone(&handlers);
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let queries = Arc::clone(&handlers.queries);
-                    if let Err(err) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                    if let Err(err) =
+                        pgwire::tokio::process_socket(socket, acceptor, handlers).await
+                    {
                         tracing::debug!(%peer, error = %err, "console connection ended");
                     }
                     // A verify's hold never outlives its connection.
@@ -250,10 +287,12 @@ fn parameters() -> DefaultServerParameterProvider {
 }
 
 /// The handlers of one console: the queries, and a fresh login handler per
-/// connection (the SCRAM exchange keeps per-connection state).
+/// connection (the SCRAM exchange keeps per-connection state) behind the
+/// guard they share.
 struct Handlers<F> {
     queries: Arc<Queries>,
     startup: F,
+    guard: Arc<guard::Guard>,
 }
 
 impl<S, F> PgWireServerHandlers for Handlers<F>
@@ -266,7 +305,10 @@ where
     }
 
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        Arc::new((self.startup)())
+        Arc::new(guard::Guarded {
+            inner: (self.startup)(),
+            guard: Arc::clone(&self.guard),
+        })
     }
 }
 
