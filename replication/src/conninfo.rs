@@ -144,6 +144,63 @@ pub struct ConnInfo {
     application_name: Option<String>,
     connect_timeout: Option<Duration>,
     options: Option<String>,
+    tcp: TcpSettings,
+}
+
+/// How TCP notices a peer that vanished without closing the connection
+/// (a network cut, a host that lost power): libpq's `keepalives`,
+/// `keepalives_idle`, `keepalives_interval`, `keepalives_count` and
+/// `tcp_user_timeout`, with cutover's defaults where they are not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSettings {
+    /// Keepalive probes: after `idle` of silence, every `interval`,
+    /// `count` unanswered ones close the connection. `None`:
+    /// `keepalives=0`.
+    pub keepalive: Option<Keepalive>,
+    /// Data unacknowledged this long closes the connection; `None`
+    /// (`tcp_user_timeout=0`): the system's default, which can be 15
+    /// minutes and more.
+    pub user_timeout: Option<Duration>,
+}
+
+/// TCP keepalive probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    /// Between probes.
+    pub interval: Duration,
+    /// Unanswered probes that close the connection.
+    pub count: u32,
+}
+
+impl Default for TcpSettings {
+    fn default() -> TcpSettings {
+        TcpSettings {
+            keepalive: Some(Keepalive {
+                idle: TCP_KEEPALIVE_IDLE,
+                interval: TCP_KEEPALIVE_INTERVAL,
+                count: TCP_KEEPALIVE_RETRIES,
+            }),
+            user_timeout: Some(TCP_USER_TIMEOUT),
+        }
+    }
+}
+
+impl TcpSettings {
+    /// Sets them on a connected socket.
+    pub fn apply(&self, socket: socket2::SockRef<'_>) -> std::io::Result<()> {
+        match self.keepalive {
+            Some(k) => socket.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(k.idle)
+                    .with_interval(k.interval)
+                    .with_retries(k.count),
+            )?,
+            None => socket.set_keepalive(false)?,
+        }
+        socket.set_tcp_user_timeout(self.user_timeout)
+    }
 }
 
 impl ConnInfo {
@@ -182,7 +239,9 @@ impl ConnInfo {
             application_name: None,
             connect_timeout: None,
             options: None,
+            tcp: TcpSettings::default(),
         };
+        let mut keepalives = true;
         for (key, value) in pairs {
             match key.as_str() {
                 "host" | "hostaddr" => {
@@ -241,16 +300,39 @@ impl ConnInfo {
                         (seconds > 0).then(|| Duration::from_secs(seconds.max(2)));
                 }
                 "options" => info.options = non_empty(value),
-                // Accepted for compatibility; cutover sets its own keepalives
-                // (TCP_KEEPALIVE_*) and session handling, these do not
-                // change its behaviour.
-                "keepalives"
-                | "keepalives_idle"
-                | "keepalives_interval"
-                | "keepalives_count"
-                | "target_session_attrs"
-                | "gssencmode"
-                | "client_encoding" => {}
+                "keepalives" => {
+                    keepalives = match value.as_str() {
+                        "1" => true,
+                        "0" => false,
+                        _ => {
+                            return Err(ConnInfoError::new(format!(
+                                "invalid keepalives {value:?}: 1 (the default) or 0"
+                            )));
+                        }
+                    }
+                }
+                "keepalives_idle" | "keepalives_interval" | "keepalives_count" => {
+                    let n = positive(&key, &value)?;
+                    // `keepalives=0` is applied after the loop: set here.
+                    if let Some(k) = info.tcp.keepalive.as_mut() {
+                        match key.as_str() {
+                            "keepalives_idle" => k.idle = Duration::from_secs(u64::from(n)),
+                            "keepalives_interval" => k.interval = Duration::from_secs(u64::from(n)),
+                            _ => k.count = n,
+                        }
+                    }
+                }
+                "tcp_user_timeout" => {
+                    let ms: u64 = value.parse().map_err(|_| {
+                        ConnInfoError::new(format!(
+                            "invalid tcp_user_timeout {value:?}: expected milliseconds (0: the system's default)"
+                        ))
+                    })?;
+                    info.tcp.user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+                }
+                // Accepted for compatibility; they do not change what
+                // cutover does.
+                "target_session_attrs" | "gssencmode" | "client_encoding" => {}
                 "replication" => {
                     return Err(ConnInfoError::new(
                         "remove the replication parameter: cutover opens replication connections itself where it needs them",
@@ -263,10 +345,13 @@ impl ConnInfo {
                 }
                 other => {
                     return Err(ConnInfoError::new(format!(
-                        "unknown connection parameter {other:?}: known ones are host, port, dbname, user, password, sslmode, sslrootcert, channel_binding, application_name, connect_timeout, options"
+                        "unknown connection parameter {other:?}: known ones are host, port, dbname, user, password, sslmode, sslrootcert, channel_binding, application_name, connect_timeout, options, keepalives, keepalives_idle, keepalives_interval, keepalives_count, tcp_user_timeout"
                     )));
                 }
             }
+        }
+        if !keepalives {
+            info.tcp.keepalive = None;
         }
         info.port = port.unwrap_or(DEFAULT_PORT);
         info.host = match host {
@@ -326,6 +411,11 @@ impl ConnInfo {
         self.channel_binding
     }
 
+    /// How TCP notices a vanished peer.
+    pub fn tcp(&self) -> TcpSettings {
+        self.tcp
+    }
+
     /// The connect timeout, if any.
     pub fn connect_timeout(&self) -> Option<Duration> {
         self.connect_timeout
@@ -381,12 +471,17 @@ impl ConnInfo {
         if let Some(timeout) = self.connect_timeout {
             config.connect_timeout(timeout);
         }
-        config
-            .keepalives(true)
-            .keepalives_idle(TCP_KEEPALIVE_IDLE)
-            .keepalives_interval(TCP_KEEPALIVE_INTERVAL)
-            .keepalives_retries(TCP_KEEPALIVE_RETRIES)
-            .tcp_user_timeout(TCP_USER_TIMEOUT);
+        match self.tcp.keepalive {
+            Some(k) => config
+                .keepalives(true)
+                .keepalives_idle(k.idle)
+                .keepalives_interval(k.interval)
+                .keepalives_retries(k.count),
+            None => config.keepalives(false),
+        };
+        if let Some(timeout) = self.tcp.user_timeout {
+            config.tcp_user_timeout(timeout);
+        }
         if let Some(options) = &self.options {
             config.options(options);
         }
@@ -593,7 +688,26 @@ const KNOWN_KEYS: &[&str] = &[
     "fallback_application_name",
     "connect_timeout",
     "options",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
 ];
+
+/// A whole number of at least 1 for `key`.
+fn positive(key: &str, value: &str) -> Result<u32, ConnInfoError> {
+    value.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ConnInfoError::new(format!(
+            "invalid {key} {value:?}: expected a whole number of 1 or more{}",
+            if key == "keepalives_count" {
+                ""
+            } else {
+                " (seconds)"
+            }
+        ))
+    })
+}
 
 /// `key=value key2='quoted value' key3=with\ escape`.
 fn parse_key_values(text: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
@@ -754,5 +868,57 @@ mod tests {
         let again = ConnInfo::parse(&info.to_string().replace(" password=****", "")).unwrap();
         assert_eq!(again.host(), info.host());
         assert_eq!(again.dbname(), info.dbname());
+    }
+
+    #[test]
+    fn keepalives_and_user_timeout_follow_libpq() {
+        let defaults = ConnInfo::parse("postgres://h/db").unwrap().tcp();
+        assert_eq!(defaults, TcpSettings::default());
+        assert_eq!(defaults.user_timeout, Some(TCP_USER_TIMEOUT));
+
+        let info = ConnInfo::parse(
+            "postgres://h/db?keepalives_idle=2&keepalives_interval=1&keepalives_count=3&tcp_user_timeout=4500",
+        )
+        .unwrap();
+        assert_eq!(
+            info.tcp(),
+            TcpSettings {
+                keepalive: Some(Keepalive {
+                    idle: Duration::from_secs(2),
+                    interval: Duration::from_secs(1),
+                    count: 3
+                }),
+                user_timeout: Some(Duration::from_millis(4500)),
+            }
+        );
+        let config = info.to_pg_config();
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(2));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(4500))
+        );
+
+        let off =
+            ConnInfo::parse("host=h keepalives=0 keepalives_idle=5 tcp_user_timeout=0").unwrap();
+        assert_eq!(off.tcp().keepalive, None);
+        assert_eq!(off.tcp().user_timeout, None);
+        assert!(!off.to_pg_config().get_keepalives());
+
+        for bad in [
+            "host=h keepalives=yes",
+            "host=h keepalives_idle=0",
+            "host=h keepalives_count=-1",
+            "host=h tcp_user_timeout=5s",
+        ] {
+            let err = ConnInfo::parse(bad).unwrap_err().to_string();
+            let key = bad
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .split('=')
+                .next()
+                .unwrap();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 }

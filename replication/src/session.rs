@@ -242,18 +242,11 @@ impl Session {
                     .await
                     .map_err(unreachable)?;
                 tcp.set_nodelay(true).map_err(unreachable)?;
-                // A silent peer is found by TCP (see conninfo's constants):
-                // a replication stream can otherwise wait forever on a
-                // connection that a network cut left open.
-                let sock = socket2::SockRef::from(&tcp);
-                sock.set_tcp_keepalive(
-                    &socket2::TcpKeepalive::new()
-                        .with_time(crate::conninfo::TCP_KEEPALIVE_IDLE)
-                        .with_interval(crate::conninfo::TCP_KEEPALIVE_INTERVAL)
-                        .with_retries(crate::conninfo::TCP_KEEPALIVE_RETRIES),
-                )
-                .map_err(unreachable)?;
-                sock.set_tcp_user_timeout(Some(crate::conninfo::TCP_USER_TIMEOUT))
+                // A silent peer is found by TCP (see conninfo's
+                // TcpSettings): a replication stream can otherwise wait
+                // forever on a connection that a network cut left open.
+                info.tcp()
+                    .apply(socket2::SockRef::from(&tcp))
                     .map_err(unreachable)?;
                 negotiate_tls(info, host, tcp).await?
             }

@@ -45,6 +45,10 @@ pub struct ClusterOptions {
     pub tls: bool,
     /// Override `wal_level` (default `logical`).
     pub wal_level: Option<String>,
+    /// Run the server in this network namespace (its `nsenter --net=`
+    /// path), listening on this address as well as on the namespace's
+    /// loopback; TCP connections from anywhere are let in by `host_auth`.
+    pub netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 impl ClusterOptions {
@@ -76,6 +80,12 @@ impl ClusterOptions {
         self.wal_level = Some(level.to_owned());
         self
     }
+
+    /// Runs the server behind `netns` ([`crate::netns`]).
+    pub fn in_netns(mut self, netns: &crate::netns::Netns) -> ClusterOptions {
+        self.netns = Some((netns.path(), netns.addr));
+        self
+    }
 }
 
 /// A running (or stopped) throwaway cluster.
@@ -86,6 +96,7 @@ pub struct Cluster {
     bindir: PathBuf,
     run_as: Option<(nix::unistd::Uid, nix::unistd::Gid)>,
     running: bool,
+    netns: Option<(String, std::net::Ipv4Addr)>,
 }
 
 impl Cluster {
@@ -112,6 +123,7 @@ impl Cluster {
             bindir,
             run_as,
             running: false,
+            netns: options.netns.clone(),
         };
         cluster.initdb(&options);
         cluster.start_on_a_free_port();
@@ -175,14 +187,24 @@ impl Cluster {
             bindir: self.bindir.clone(),
             run_as: self.run_as,
             running: false,
+            netns: self.netns.clone(),
         };
         clone.start_on_a_free_port();
         clone
     }
 
-    /// The TCP port on 127.0.0.1.
+    /// The TCP port on [`Cluster::host`].
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The address cutover reaches the server at over TCP: 127.0.0.1, or
+    /// its namespace's address.
+    pub fn host(&self) -> String {
+        match &self.netns {
+            Some((_, addr)) => addr.to_string(),
+            None => "127.0.0.1".to_owned(),
+        }
     }
 
     /// The directory holding the unix socket.
@@ -198,7 +220,8 @@ impl Cluster {
     /// `key=value` connection string over TCP as `user`.
     pub fn conninfo(&self, dbname: &str, user: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} dbname={dbname} user={user} sslmode=disable",
+            "host={} port={} dbname={dbname} user={user} sslmode=disable",
+            self.host(),
             self.port
         )
     }
@@ -210,7 +233,8 @@ impl Cluster {
             None => user.to_owned(),
         };
         format!(
-            "postgres://{auth}@127.0.0.1:{}/{dbname}?sslmode=disable",
+            "postgres://{auth}@{}:{}/{dbname}?sslmode=disable",
+            self.host(),
             self.port
         )
     }
@@ -350,14 +374,31 @@ impl Cluster {
     }
 
     fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(self.bindir.join(program));
+        let mut cmd = match &self.netns {
+            // nsenter enters the namespace as root, then becomes the
+            // server's user: the server inherits both.
+            Some((path, _)) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={path}"));
+                if let Some((uid, gid)) = self.run_as {
+                    cmd.arg(format!("--setuid={uid}"))
+                        .arg(format!("--setgid={gid}"));
+                }
+                cmd.arg("--").arg(self.bindir.join(program));
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(self.bindir.join(program));
+                if let Some((uid, gid)) = self.run_as {
+                    cmd.uid(uid.as_raw()).gid(gid.as_raw());
+                }
+                cmd
+            }
+        };
         cmd.current_dir(self.dir.path());
         cmd.env_remove("PGDATA")
             .env_remove("PGPORT")
             .env_remove("PGHOST");
-        if let Some((uid, gid)) = self.run_as {
-            cmd.uid(uid.as_raw()).gid(gid.as_raw());
-        }
         cmd
     }
 
@@ -386,7 +427,24 @@ impl Cluster {
         );
         let mut conf = String::new();
         let _ = writeln!(conf, "\n# cutover test harness");
-        let _ = writeln!(conf, "listen_addresses = '127.0.0.1'");
+        match &options.netns {
+            Some((_, addr)) => {
+                let _ = writeln!(conf, "listen_addresses = '127.0.0.1, {addr}'");
+                let method = options.host_auth.as_deref().unwrap_or("trust");
+                let hba = data.join("pg_hba.conf");
+                let existing = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+                std::fs::write(
+                    &hba,
+                    format!(
+                        "{existing}\nhost all all 0.0.0.0/0 {method}\nhost replication all 0.0.0.0/0 {method}\n"
+                    ),
+                )
+                .expect("write pg_hba.conf");
+            }
+            None => {
+                let _ = writeln!(conf, "listen_addresses = '127.0.0.1'");
+            }
+        }
         let _ = writeln!(
             conf,
             "unix_socket_directories = '{}'",

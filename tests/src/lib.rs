@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod groups;
 pub mod http;
 pub mod kafka;
+pub mod netns;
 pub mod proxy;
 pub mod writer;
 
@@ -36,9 +37,17 @@ pub struct Pair {
 impl Pair {
     /// Starts both clusters with the same options.
     pub async fn start(options: ClusterOptions) -> Pair {
-        let source_options = options.clone();
+        Pair::start_each(options.clone(), options).await
+    }
+
+    /// Starts the source with `source_options` and the target with
+    /// `target_options`.
+    pub async fn start_each(
+        source_options: ClusterOptions,
+        target_options: ClusterOptions,
+    ) -> Pair {
         let source = std::thread::spawn(move || Cluster::start_with(source_options));
-        let target = Cluster::start_with(options);
+        let target = Cluster::start_with(target_options);
         let source = source
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));

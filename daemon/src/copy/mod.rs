@@ -98,6 +98,9 @@ pub enum CopyError {
         what: String,
         /// The server's error.
         detail: String,
+        /// The connection was lost (or the server is restarting): trying
+        /// again may succeed.
+        transient: bool,
     },
     /// A chunk failed.
     #[error("copying {table} (chunk {index}): {detail}")]
@@ -108,6 +111,9 @@ pub enum CopyError {
         index: usize,
         /// The error.
         detail: String,
+        /// The connection was lost (or the server is restarting): trying
+        /// again may succeed.
+        transient: bool,
     },
     /// The state store failed.
     #[error(transparent)]
@@ -163,6 +169,21 @@ pub enum CopyError {
     /// No table is in scope.
     #[error("source: no table is in scope (replication.tables = {0:?}); run cutover check")]
     NoTables(Vec<String>),
+}
+
+impl CopyError {
+    /// Whether the copy may succeed when started again after a wait: a
+    /// server that did not answer, a connection lost to the network or
+    /// to a restart. Never a refusal (a full disk, a constraint) or a
+    /// state to fix.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CopyError::Connect { source, .. } => source.failure.is_transient(),
+            CopyError::Replication { err } => err.is_transient(),
+            CopyError::Query { transient, .. } | CopyError::Chunk { transient, .. } => *transient,
+            _ => false,
+        }
+    }
 }
 
 /// What the copy leaves for the stream.

@@ -30,6 +30,7 @@ pub(super) fn query(
         role,
         what,
         detail: describe(&err),
+        transient: cutover_replication::sink::postgres::is_transient_error(&err),
     }
 }
 

@@ -120,7 +120,9 @@ pub(super) async fn run_inner(
     // rule (finished tables kept, the others copied again).
     let mut stop = shutdown.clone();
     let mut attempts = 0;
+    let mut backoff = FIRST_BACKOFF;
     let outcome = loop {
+        let started = tokio::time::Instant::now();
         let copied = tokio::select! {
             outcome = copy::run(config, store, CopyMode::BeforeStreaming, &status.metrics) => outcome,
             () = stopped(&mut stop) => {
@@ -133,6 +135,31 @@ pub(super) async fn run_inner(
             Err(CopyError::Rewritten(tables)) if attempts < COPY_ATTEMPTS => {
                 attempts += 1;
                 tracing::warn!(%tables, attempt = attempts, "a table was truncated or rewritten just after the copy's snapshot: copying it again from a new snapshot");
+            }
+            // A connection lost to the network or a restart: the same
+            // resume rule, after a wait, for as long as it takes.
+            Err(err) if err.is_transient() => {
+                if started.elapsed() > MAX_BACKOFF {
+                    backoff = FIRST_BACKOFF;
+                }
+                let kind = match &err {
+                    CopyError::Query { role: "target", .. }
+                    | CopyError::Connect { role: "target", .. } => ErrorKind::TargetTransient,
+                    CopyError::Chunk { detail, .. } if detail.starts_with("target") => {
+                        ErrorKind::TargetTransient
+                    }
+                    _ => ErrorKind::SourceTransient,
+                };
+                status.error(kind, &err.to_string());
+                tracing::warn!(error = %err, retry_in = ?backoff, "the copy lost a connection: it starts again after the wait, keeping the tables already copied");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stopped(&mut stop) => {
+                        tracing::info!("shutdown during the copy: it resumes on the next start");
+                        return Ok(());
+                    }
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             other => break other?,
         }

@@ -184,12 +184,7 @@ async fn prepare(reverse: &Config, store: &Store) -> Result<(String, Lsn, Vec<St
     // A server that does not answer may answer later; anything else it
     // says is for the operator to fix.
     let failed = |e: copy::CopyError| {
-        let transient = matches!(
-            e,
-            copy::CopyError::Connect { .. }
-                | copy::CopyError::Query { .. }
-                | copy::CopyError::Replication { .. }
-        );
+        let transient = e.is_transient();
         strays_error(
             format!("preparing the target's slot and publications: {e}"),
             transient,

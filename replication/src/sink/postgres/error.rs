@@ -161,14 +161,22 @@ pub(super) fn is_transient_sqlstate(code: &str) -> bool {
         || code == "55006"
 }
 
+/// Whether a statement's failure may pass by reconnecting and trying
+/// again: the connection was lost (closed, reset, timed out by TCP), or
+/// the server answered with a connection, shutdown or serialization
+/// SQLSTATE. A full disk or any other refusal is not.
+pub fn is_transient_error(err: &tokio_postgres::Error) -> bool {
+    err.is_closed()
+        || err.as_db_error().is_none()
+        || err.code().is_some_and(|c| is_transient_sqlstate(c.code()))
+}
+
 pub(super) fn session_error(
     what: impl Into<String>,
 ) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
     let what = what.into();
     move |err| {
-        let transient = err.is_closed()
-            || err.as_db_error().is_none()
-            || err.code().is_some_and(|c| is_transient_sqlstate(c.code()));
+        let transient = is_transient_error(&err);
         ApplyError::Session {
             what,
             detail: describe(&err),

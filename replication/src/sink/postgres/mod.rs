@@ -87,7 +87,7 @@ mod target;
 mod transaction;
 
 use error::session_error;
-pub use error::{ApplyError, resource_hint};
+pub use error::{ApplyError, is_transient_error, resource_hint};
 pub use guard::{Guard, GuardedFn, Kept, RecordFn};
 use target::TargetTable;
 
