@@ -194,3 +194,71 @@ async fn a_one_way_cut_during_the_copy_is_noticed_and_the_copy_resumes() {
     assert!(daemon.running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
+
+#[tokio::test]
+async fn a_black_hole_during_a_switch_undoes_it_within_its_bound_and_the_next_one_succeeds() {
+    let test = "network::switch";
+    let Some((pair, _source_ns, target_ns)) = servers_behind_namespaces(test).await else {
+        return;
+    };
+    pair.both(SCHEMA).await;
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items SELECT g, 'seed', 0 FROM generate_series(1, 1000) g",
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &pair);
+    // The fence command takes the target's link down, once: the switch
+    // has fenced the source and must now drain to an unreachable target.
+    let armed = dir.path().join("armed");
+    std::fs::write(&armed, "").unwrap();
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap()
+            + &format!(
+                "[switch]\nmax_lag_seconds = 3\nfence_command = \"if [ -e {0} ]; then rm {0}; ip -n {1} link set eth0 down; fi\"\n",
+                armed.display(),
+                target_ns.name()
+            ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["items"], WAIT).await;
+
+    let started = Instant::now();
+    let failed = cutover_tests::cli::cutover_beside(&config, &["switch", "--verify"], None).await;
+    let took = started.elapsed();
+    let out = failed.all_output();
+    eprintln!("the switch into a black hole ended after {took:.1?}:\n{out}");
+    assert_eq!(failed.code, 1, "{out}");
+    assert!(
+        out.contains("the target did not take what was committed before the fence within 6 s"),
+        "{out}"
+    );
+    assert!(!armed.exists(), "the fence command did not run:\n{out}");
+    // Undone: the source takes writes again; nothing is lost.
+    pair.source
+        .execute(
+            "app",
+            "INSERT INTO items VALUES (5000, 'after the undo', 0)",
+        )
+        .await;
+    let status = cutover_tests::run_cutover(&["--config", config.to_str().unwrap(), "status"], &[]);
+    assert!(
+        status.stdout.contains("switch 1 undone"),
+        "{}",
+        status.all_output()
+    );
+    target_ns.heal();
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.finish(&mut daemon, &["items"], WAIT).await;
+    let switched = cutover_tests::cli::cutover_beside(&config, &["switch", "--verify"], None).await;
+    assert_eq!(switched.code, 0, "{}", switched.all_output());
+    assert!(
+        switched.all_output().contains("primary: target"),
+        "{}",
+        switched.all_output()
+    );
+}

@@ -184,6 +184,15 @@ impl CopyError {
             _ => false,
         }
     }
+
+    /// Whether the target failed (rather than the source).
+    pub fn on_target(&self) -> bool {
+        match self {
+            CopyError::Connect { role, .. } | CopyError::Query { role, .. } => *role == "target",
+            CopyError::Chunk { detail, .. } => detail.starts_with("target"),
+            _ => false,
+        }
+    }
 }
 
 /// What the copy leaves for the stream.

@@ -91,10 +91,10 @@ pub enum RunError {
 }
 
 impl RunError {
-    fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
-            RunError::Copy(_)
-            | RunError::Spill(_)
+            RunError::Copy(err) => err.is_transient(),
+            RunError::Spill(_)
             | RunError::Message(_)
             | RunError::Store(_)
             | RunError::NoStream(_)

@@ -142,13 +142,10 @@ pub(super) async fn run_inner(
                 if started.elapsed() > MAX_BACKOFF {
                     backoff = FIRST_BACKOFF;
                 }
-                let kind = match &err {
-                    CopyError::Query { role: "target", .. }
-                    | CopyError::Connect { role: "target", .. } => ErrorKind::TargetTransient,
-                    CopyError::Chunk { detail, .. } if detail.starts_with("target") => {
-                        ErrorKind::TargetTransient
-                    }
-                    _ => ErrorKind::SourceTransient,
+                let kind = if err.on_target() {
+                    ErrorKind::TargetTransient
+                } else {
+                    ErrorKind::SourceTransient
                 };
                 status.error(kind, &err.to_string());
                 tracing::warn!(error = %err, retry_in = ?backoff, "the copy lost a connection: it starts again after the wait, keeping the tables already copied");
@@ -289,8 +286,9 @@ pub(super) async fn stream_with_retries(
                 if started.elapsed() > MAX_BACKOFF {
                     backoff = FIRST_BACKOFF;
                 }
-                let kind = match err {
+                let kind = match &err {
                     RunError::Apply(_) => ErrorKind::TargetTransient,
+                    RunError::Copy(copy) if copy.on_target() => ErrorKind::TargetTransient,
                     RunError::Kafka(_) => ErrorKind::KafkaTransient,
                     _ => ErrorKind::SourceTransient,
                 };

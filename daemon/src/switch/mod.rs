@@ -124,6 +124,19 @@ pub enum SwitchError {
         "the target is more than switch.max_lag_seconds ({0} s) behind: nothing was fenced; let `cutover run` catch up (see `cutover status`), stop it, and switch again"
     )]
     TooFarBehind(u64),
+    /// The drain did not finish in twice `switch.max_lag_seconds`.
+    #[error(
+        "the {new} did not take what was committed before the fence within {seconds} s (twice switch.max_lag_seconds){}: fix what stops the stream (`cutover status` shows it) and switch again",
+        last_error.as_ref().map(|e| format!("; the stream's last error: {e}")).unwrap_or_default()
+    )]
+    DrainStuck {
+        /// The new primary's role name.
+        new: &'static str,
+        /// The bound.
+        seconds: u64,
+        /// Why the stream did not get there, if it said.
+        last_error: Option<String>,
+    },
     /// Refused, with the reason and the fix.
     #[error("{0}")]
     Refused(String),

@@ -140,12 +140,40 @@ impl<'a> Ctx<'a> {
     }
 
     /// The old direction streamed up to `until` on the old primary.
+    ///
+    /// Bounded: the last catch-up left less than `switch.max_lag_seconds`
+    /// to apply, so a drain that takes twice that is stuck (the new
+    /// primary unreachable, its apply refused and retried) and fails the
+    /// step; the switch is undone and the old primary takes writes again,
+    /// instead of neither taking any for as long as the fault lasts.
     pub(super) async fn drain(&self, until: Lsn) -> Result<(), SwitchError> {
         let status = Arc::new(Status::new(&self.old_config.slot, self.old_direction));
-        let plan =
-            run::stream_plan(self.config, self.store, self.old_direction, &status.metrics).await?;
-        run::drain(&self.old_config, self.store, &status, &plan, until).await?;
-        Ok(())
+        let limit = self.config.switch.max_lag * 2;
+        let drain = async {
+            // Planning reads the new primary too: retried like the stream.
+            let plan = loop {
+                match run::stream_plan(self.config, self.store, self.old_direction, &status.metrics)
+                    .await
+                {
+                    Ok(plan) => break plan,
+                    Err(err) if err.is_transient() => {
+                        tracing::warn!(error = %err, "the drain cannot start yet; trying again in 1 s");
+                        status.error(crate::live::ErrorKind::TargetTransient, &err.to_string());
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    Err(err) => return Err(err),
+                }
+            };
+            run::drain(&self.old_config, self.store, &status, &plan, until).await
+        };
+        match tokio::time::timeout(limit, drain).await {
+            Ok(drained) => Ok(drained?),
+            Err(_) => Err(SwitchError::DrainStuck {
+                new: self.new_name(),
+                seconds: limit.as_secs(),
+                last_error: status.view().last_error.map(|e| e.message),
+            }),
+        }
     }
 
     /// The old primary's WAL insert position.
