@@ -242,6 +242,8 @@ impl ConnInfo {
             tcp: TcpSettings::default(),
         };
         let mut keepalives = true;
+        let mut keepalives_given = false;
+        let mut user_timeout_given = false;
         for (key, value) in pairs {
             match key.as_str() {
                 "host" | "hostaddr" => {
@@ -301,20 +303,19 @@ impl ConnInfo {
                 }
                 "options" => info.options = non_empty(value),
                 "keepalives" => {
-                    keepalives = match value.as_str() {
-                        "1" => true,
-                        "0" => false,
-                        _ => {
-                            return Err(ConnInfoError::new(format!(
-                                "invalid keepalives {value:?}: 1 (the default) or 0"
-                            )));
-                        }
-                    }
+                    // libpq: any number but 0 turns them on.
+                    keepalives = value.parse::<i64>().map(|n| n != 0).map_err(|_| {
+                        ConnInfoError::new(format!(
+                            "invalid keepalives {value:?}: 1 (the default) or 0"
+                        ))
+                    })?;
                 }
                 "keepalives_idle" | "keepalives_interval" | "keepalives_count" => {
-                    let n = positive(&key, &value)?;
-                    // `keepalives=0` is applied after the loop: set here.
-                    if let Some(k) = info.tcp.keepalive.as_mut() {
+                    let n = whole(&key, &value)?;
+                    keepalives_given = true;
+                    // `keepalives=0` is applied after the loop: set here;
+                    // 0 keeps cutover's default (libpq: the system's).
+                    if let Some(k) = info.tcp.keepalive.as_mut().filter(|_| n > 0) {
                         match key.as_str() {
                             "keepalives_idle" => k.idle = Duration::from_secs(u64::from(n)),
                             "keepalives_interval" => k.interval = Duration::from_secs(u64::from(n)),
@@ -329,6 +330,7 @@ impl ConnInfo {
                         ))
                     })?;
                     info.tcp.user_timeout = (ms > 0).then(|| Duration::from_millis(ms));
+                    user_timeout_given = true;
                 }
                 // Accepted for compatibility; they do not change what
                 // cutover does.
@@ -352,6 +354,15 @@ impl ConnInfo {
         }
         if !keepalives {
             info.tcp.keepalive = None;
+        }
+        // On Linux a user timeout also decides when unanswered probes end
+        // a connection: the probes asked for decide alone, unless a user
+        // timeout is asked for too.
+        if keepalives_given
+            && !user_timeout_given
+            && let Some(k) = info.tcp.keepalive
+        {
+            info.tcp.user_timeout = Some(k.idle + k.interval * k.count);
         }
         info.port = port.unwrap_or(DEFAULT_PORT);
         info.host = match host {
@@ -695,15 +706,15 @@ const KNOWN_KEYS: &[&str] = &[
     "tcp_user_timeout",
 ];
 
-/// A whole number of at least 1 for `key`.
-fn positive(key: &str, value: &str) -> Result<u32, ConnInfoError> {
-    value.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+/// A whole number for `key` (0: the default).
+fn whole(key: &str, value: &str) -> Result<u32, ConnInfoError> {
+    value.parse::<u32>().map_err(|_| {
         ConnInfoError::new(format!(
-            "invalid {key} {value:?}: expected a whole number of 1 or more{}",
+            "invalid {key} {value:?}: expected a whole number{}",
             if key == "keepalives_count" {
                 ""
             } else {
-                " (seconds)"
+                " of seconds"
             }
         ))
     })
@@ -904,9 +915,26 @@ mod tests {
         assert_eq!(off.tcp().user_timeout, None);
         assert!(!off.to_pg_config().get_keepalives());
 
+        // Probes asked for without a user timeout decide alone: the user
+        // timeout follows them; 0 keeps the default.
+        let probes = ConnInfo::parse(
+            "host=h keepalives=2 keepalives_idle=5 keepalives_interval=1 keepalives_count=0",
+        )
+        .unwrap()
+        .tcp();
+        assert_eq!(
+            probes.keepalive,
+            Some(Keepalive {
+                idle: Duration::from_secs(5),
+                interval: Duration::from_secs(1),
+                count: TCP_KEEPALIVE_RETRIES
+            })
+        );
+        assert_eq!(probes.user_timeout, Some(Duration::from_secs(5 + 3)));
+
         for bad in [
             "host=h keepalives=yes",
-            "host=h keepalives_idle=0",
+            "host=h keepalives_idle=soon",
             "host=h keepalives_count=-1",
             "host=h tcp_user_timeout=5s",
         ] {

@@ -20,6 +20,12 @@ use pgwire::api::{ClientInfo, PgWireConnectionState};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 
+/// Set in a connection's metadata when its login succeeded, here and
+/// nowhere else. pgwire leaves a connection readable after a FATAL login
+/// error (its state reads "ready for query"), so the query handler runs a
+/// command only for a connection that carries it.
+pub const AUTHENTICATED: &str = "cutover.authenticated";
+
 /// Failed attempts from one address that are never refused (typos).
 pub const FREE_ATTEMPTS: u32 = 3;
 /// The longest an address is refused after a failed attempt.
@@ -176,6 +182,9 @@ impl<S: StartupHandler> StartupHandler for Guarded<S> {
             Ok(()) => {
                 if matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
                     self.guard.succeeded(peer);
+                    client
+                        .metadata_mut()
+                        .insert(AUTHENTICATED.to_owned(), "1".to_owned());
                 }
                 Ok(())
             }

@@ -347,6 +347,14 @@ impl SimpleQueryHandler for Queries {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let peer = client.socket_addr();
+        if !client.metadata().contains_key(guard::AUTHENTICATED) {
+            tracing::warn!(%peer, "console: a command on a connection that did not log in: refused");
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "FATAL".to_owned(),
+                "28000".to_owned(),
+                "log in first".to_owned(),
+            ))));
+        }
         let mut responses = Vec::new();
         for text in commands(query) {
             let command = match parse(text) {

@@ -171,6 +171,21 @@ pub enum CopyError {
     NoTables(Vec<String>),
 }
 
+/// Whether a statement of the copy failed because its connection was
+/// lost (closed, reset, timed out by TCP) or its server is shutting down:
+/// the copy starts again after a wait. Not a cancel (57014: a
+/// `statement_timeout` would cancel every attempt again), not a refusal,
+/// not an error of cutover's own reading of a reply.
+pub(crate) fn lost_connection(err: &tokio_postgres::Error) -> bool {
+    if let Some(db) = err.as_db_error() {
+        let code = db.code().code();
+        return code != "57014"
+            && (code.starts_with("08") || code.starts_with("57") || code == "53300");
+    }
+    err.is_closed()
+        || std::error::Error::source(err).is_some_and(|source| source.is::<std::io::Error>())
+}
+
 impl CopyError {
     /// Whether the copy may succeed when started again after a wait: a
     /// server that did not answer, a connection lost to the network or

@@ -30,7 +30,7 @@ pub(super) fn query(
         role,
         what,
         detail: describe(&err),
-        transient: cutover_replication::sink::postgres::is_transient_error(&err),
+        transient: super::lost_connection(&err),
     }
 }
 
@@ -197,7 +197,15 @@ pub async fn run(
                 .into_iter()
                 .filter(|p| !done.contains(&p.table.name))
                 .collect();
-            let temp = format!("cutover_resnap_{}", std::process::id());
+            // A name of its own per attempt: the session of an attempt
+            // that lost its network may hold its temporary slot until the
+            // server notices.
+            static ATTEMPT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let temp = format!(
+                "cutover_resnap_{}_{}",
+                std::process::id(),
+                ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
             let created = session
                 .create_slot(&temp, true, SnapshotAction::Export)
                 .await

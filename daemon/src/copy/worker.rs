@@ -170,7 +170,7 @@ pub(super) fn chunk_error(table: &TableName, index: usize, err: &ChunkError) -> 
         table: table.clone(),
         index,
         detail: format!("{side}: {}{hint}", describe(source)),
-        transient: cutover_replication::sink::postgres::is_transient_error(source),
+        transient: super::lost_connection(source),
     }
 }
 

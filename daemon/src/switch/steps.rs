@@ -148,7 +148,7 @@ impl<'a> Ctx<'a> {
     /// instead of neither taking any for as long as the fault lasts.
     pub(super) async fn drain(&self, until: Lsn) -> Result<(), SwitchError> {
         let status = Arc::new(Status::new(&self.old_config.slot, self.old_direction));
-        let limit = self.config.switch.max_lag * 2;
+        let limit = self.config.switch.max_lag.saturating_mul(2);
         let drain = async {
             // Planning reads the new primary too: retried like the stream.
             let plan = loop {
