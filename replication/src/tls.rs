@@ -124,7 +124,7 @@ pub fn server_identity(cert: &Path, key: &Path) -> Result<ServerIdentity, TlsErr
     };
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| unreadable(key, e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, private)
@@ -134,6 +134,8 @@ pub fn server_identity(cert: &Path, key: &Path) -> Result<ServerIdentity, TlsErr
                 format!("{e} (the key must be the private key of the certificate's first entry)"),
             )
         })?;
+    // What PostgreSQL 17's clients ask for with sslnegotiation=direct.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(ServerIdentity {
         config: Arc::new(config),
         certificate,

@@ -35,6 +35,20 @@ const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Addresses tracked at most; past it the oldest are forgotten first.
 const MAX_PEERS: usize = 4096;
 
+/// The unit failures are counted by: the address, or for IPv6 its /64
+/// (one host commonly holds a whole /64 and could rotate through it).
+fn counted_as(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V4(_) => peer,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 /// How long an address is refused after its `failures`-th failed attempt
 /// in a row: nothing for the first [`FREE_ATTEMPTS`], then 1 s, doubling,
 /// up to [`MAX_REFUSAL`].
@@ -79,7 +93,7 @@ impl Guard {
     /// How much longer `peer` is refused, if it is.
     pub fn refused_for(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
         let peers = self.peers();
-        let entry = peers.get(&peer)?;
+        let entry = peers.get(&counted_as(peer))?;
         entry
             .refused_until
             .checked_duration_since(now)
@@ -90,6 +104,7 @@ impl Guard {
     /// long it is refused now.
     pub fn failed(&self, peer: IpAddr, now: Instant) -> (u32, Duration) {
         self.failed.inc();
+        let peer = counted_as(peer);
         let mut peers = self.peers();
         if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
             peers.retain(|_, f| now.saturating_duration_since(f.last) < FORGET_AFTER);
@@ -116,7 +131,7 @@ impl Guard {
 
     /// A login from `peer` succeeded: its failures are forgotten.
     pub fn succeeded(&self, peer: IpAddr) {
-        self.peers().remove(&peer);
+        self.peers().remove(&counted_as(peer));
     }
 
     /// Whether `peer` is tracked (for tests).
@@ -233,6 +248,22 @@ mod tests {
         guard.succeeded(a);
         assert_eq!(guard.refused_for(a, now), None);
         assert_eq!(guard.failed(a, now).0, 1, "a login starts the count again");
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64() {
+        let guard = guard();
+        let now = Instant::now();
+        for i in 1..=4u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i]);
+            guard.failed(ip, now);
+        }
+        let same = IpAddr::from([0x2001, 0xdb8, 0, 1, 0xffff, 0, 0, 9]);
+        let other = IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]);
+        assert!(guard.refused_for(same, now).is_some());
+        assert_eq!(guard.refused_for(other, now), None);
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(counted_as(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
     }
 
     #[test]
