@@ -40,7 +40,7 @@ lint:
 # -rss_limit_mb catches an allocation a length field asked for, -timeout a
 # hang. A crash fails the run and leaves its input in fuzz/artifacts/.
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS = stream pgoutput conninfo
+FUZZ_TARGETS = stream pgoutput conninfo console config
 
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked

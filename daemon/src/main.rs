@@ -4,26 +4,10 @@
 //! Exit codes: 0 success, 1 the operation failed (or `check` found
 //! something blocking), 2 bad usage or configuration.
 
-mod check;
-mod config;
-mod console;
-mod copy;
-mod coverage;
-mod demo;
-mod direction;
-mod hold;
-mod http;
-mod live;
-mod metrics;
-mod page;
-mod progress;
-mod run;
-mod serve;
-mod status;
-mod store;
-mod switch;
-mod tail;
-mod verify;
+use cutover::{
+    check, config, copy, demo, direction, live, metrics, run, serve, status, store, switch, tail,
+    verify,
+};
 
 use std::path::PathBuf;
 use std::process::ExitCode;

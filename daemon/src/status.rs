@@ -356,7 +356,7 @@ pub async fn run(config: &Config) -> Result<Summary, StatusError> {
 /// A connection to the running daemon's admin console at `addr`, with the
 /// config's password, over TLS when the config gives the console a
 /// certificate (that certificate, and only it, is trusted).
-pub(crate) async fn connect_console(
+pub async fn connect_console(
     addr: SocketAddr,
     config: &Config,
     application_name: &str,
@@ -392,7 +392,7 @@ pub(crate) async fn connect_console(
 }
 
 /// The address of the running daemon's console, from `listen.json`.
-pub(crate) fn console_address(dir: &Path) -> Option<SocketAddr> {
+pub fn console_address(dir: &Path) -> Option<SocketAddr> {
     listening(dir).and_then(|l| l.console)
 }
 
@@ -505,7 +505,7 @@ async fn ask_console(addr: SocketAddr, config: &Config) -> Result<Summary, Strin
     })
 }
 
-pub(crate) async fn rows(
+pub async fn rows(
     client: &tokio_postgres::Client,
     command: &str,
 ) -> Result<Vec<SimpleQueryRow>, String> {
@@ -521,7 +521,7 @@ pub(crate) async fn rows(
         .collect())
 }
 
-pub(crate) fn text(row: &SimpleQueryRow, column: &str) -> Option<String> {
+pub fn text(row: &SimpleQueryRow, column: &str) -> Option<String> {
     row.try_get(column).ok().flatten().map(str::to_owned)
 }
 

@@ -116,13 +116,28 @@ pub fn server_identity(cert: &Path, key: &Path) -> Result<ServerIdentity, TlsErr
         path: path.display().to_string(),
         reason,
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|iter| iter.collect::<Result<_, _>>())
+    // Read with a bound: a device or a huge file named by mistake fails
+    // instead of hanging the start.
+    let read = |path: &Path| -> Result<Vec<u8>, TlsError> {
+        use std::io::Read;
+        const MAX_PEM_FILE: u64 = 1024 * 1024;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes))
+            .map_err(|e| unreadable(path, e.to_string()))?;
+        if bytes.len() as u64 > MAX_PEM_FILE {
+            return Err(unreadable(path, "larger than 1 MiB: not a PEM file".into()));
+        }
+        Ok(bytes)
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<_, _>>()
         .map_err(|e| unreadable(cert, e.to_string()))?;
     let Some(certificate) = chain.first().cloned() else {
         return Err(unreadable(cert, "no certificate in the file".into()));
     };
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| unreadable(key, e.to_string()))?;
+    let private =
+        PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| unreadable(key, e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

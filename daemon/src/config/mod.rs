@@ -374,13 +374,29 @@ fn toml_error_summary(error: &str) -> String {
 
 /// [`load`] with the environment given explicitly (for tests).
 pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<RawConfig, ConfigError> {
+    let text = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                reason: format!("{e} (pass an existing file with --config, or set CUTOVER_CONFIG)"),
+            })?,
+        ),
+        None => None,
+    };
+    merge(text.as_deref().zip(file), env)
+}
+
+/// A config file's text as [`load`] reads it, without the environment.
+pub fn parse_text(text: &str) -> Result<RawConfig, ConfigError> {
+    merge(Some((text, Path::new("cutover.toml"))), &[])
+}
+
+/// The file's text (and its path, for messages) merged with the
+/// environment's keys.
+fn merge(file: Option<(&str, &Path)>, env: &[(String, String)]) -> Result<RawConfig, ConfigError> {
     let mut builder = config::Config::builder();
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            reason: format!("{e} (pass an existing file with --config, or set CUTOVER_CONFIG)"),
-        })?;
-        let file_source = config::File::from_str(&text, config::FileFormat::Toml);
+    if let Some((text, path)) = file {
+        let file_source = config::File::from_str(text, config::FileFormat::Toml);
         let file_only = config::Config::builder()
             .add_source(file_source.clone())
             .build()
@@ -416,7 +432,7 @@ pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<RawCon
         .map_err(|e| ConfigError::invalid(key.clone(), e.to_string()))?;
     }
     let merged = builder.build().map_err(|e| ConfigError::File {
-        path: file.map(Path::to_owned).unwrap_or_default(),
+        path: file.map(|(_, p)| p.to_owned()).unwrap_or_default(),
         reason: e.to_string(),
     })?;
     merged
@@ -601,5 +617,43 @@ mod tests {
         assert!(!err.contains("unterminated-secret"), "{err}");
         assert!(err.contains("line 3"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn files_named_by_mistake_fail_instead_of_hanging() {
+        // A device that never ends, as a password file and as the
+        // console's certificate and key.
+        let err = parse_text(&format!(
+            "{MINIMAL}[console]\npassword_file = \"/dev/zero\"\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("longer than 64 KiB"), "{err}");
+        let err = parse_text(&format!(
+            "{MINIMAL}[console]\ntls_cert = \"/dev/zero\"\ntls_key = \"/dev/zero\"\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("console.tls_cert") && err.contains("1 MiB"),
+            "{err}"
+        );
+        // And the first line of a small file is the password.
+        let f = file("s3cret\r\nignored\n");
+        let config = parse_text(&format!(
+            "{MINIMAL}[console]\npassword_file = \"{}\"\n",
+            f.path().display()
+        ))
+        .unwrap()
+        .validate()
+        .unwrap();
+        match config.console_auth {
+            ConsoleAuth::Password(p) => assert_eq!(p.expose(), "s3cret"),
+            other => panic!("{other:?}"),
+        }
     }
 }

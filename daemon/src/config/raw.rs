@@ -831,8 +831,9 @@ fn console_tls(raw: &mut RawConsole) -> Result<Option<ConsoleTls>, ConfigError> 
 }
 
 pub(super) fn read_password_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    use std::io::Read;
     let key = key.to_owned();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let unreadable = |e: std::io::Error| {
         ConfigError::invalid(
             key.clone(),
             format!(
@@ -840,8 +841,27 @@ pub(super) fn read_password_file(key: &str, path: &Path) -> Result<Secret, Confi
                 path.display()
             ),
         )
-    })?;
-    let first = text.lines().next().unwrap_or("");
+    };
+    // Only the first line counts: at most this much is read, so that a
+    // device or a huge file named by mistake fails instead of hanging.
+    const MAX_PASSWORD_FILE: u64 = 64 * 1024;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_PASSWORD_FILE).read_to_end(&mut bytes))
+        .map_err(unreadable)?;
+    if bytes.len() as u64 == MAX_PASSWORD_FILE && !bytes.contains(&b'\n') {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{}: its first line is longer than 64 KiB: name the file that holds the password on its first line",
+                path.display()
+            ),
+        ));
+    }
+    let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+    let first = std::str::from_utf8(line)
+        .map_err(|e| unreadable(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?
+        .trim_end_matches('\r');
     if first.is_empty() {
         return Err(ConfigError::invalid(
             key,

@@ -179,6 +179,15 @@ fn parse(text: &str) -> Result<Command, String> {
     }
 }
 
+/// Every command of a query string parsed, as the console answers it
+/// (the fuzz target's entry).
+pub(crate) fn parse_all(query: &str) -> Vec<Result<String, String>> {
+    commands(query)
+        .into_iter()
+        .map(|text| parse(text).map(|command| format!("{command:?}")))
+        .collect()
+}
+
 /// Splits a query string into its commands (empty statements dropped).
 fn commands(query: &str) -> Vec<&str> {
     query
