@@ -110,6 +110,11 @@ async fn health(State(app): State<App>) -> Response {
             view.state.name()
         ));
     }
+    if view.state == DaemonState::Failed
+        && let Some(error) = &view.last_error
+    {
+        problems.push(error.message.clone());
+    }
     if let Some(switch) = view.switch.as_ref().filter(|s| s.neither_writable) {
         problems.push(format!(
             "neither server takes writes: the {} is fenced and the {} is not open yet (step {}); run `cutover {}` to finish it",

@@ -533,6 +533,21 @@ async fn run_daemon(
             verifier.abort();
         }
         let Some(request) = asked else {
+            if let Err(err) = &result
+                && err.slot_lost()
+                && !*stop_rx.borrow()
+            {
+                // Restarting cannot help (a supervisor would start it
+                // again and again): up and failed, /health, /metrics, the
+                // console and the status page say what happened and what
+                // to run, until it is stopped.
+                tracing::error!(error = %err, "the slot is lost: this daemon stays up, failed, so that /health and `cutover status` say so; stop it and run `cutover run --resync`");
+                while !*stop_rx.borrow() {
+                    if stop_rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
             return result;
         };
         if let Err(err) = result {

@@ -1,5 +1,6 @@
-//! A slot the source invalidated while the daemon was down: `run` stops
-//! with the reason and the way out, `status` says it too, and
+//! A slot the source invalidated while the daemon was down: `run` fails
+//! with the reason and the way out and stays up so that `/health` says
+//! it, `status` says it too, and
 //! `cutover run --resync` makes the slot again and brings the target back
 //! to equal by comparing and repairing, without copying again.
 
@@ -55,14 +56,27 @@ async fn a_lost_slot_is_said_and_resync_repairs_the_target_without_a_new_copy() 
         .await;
     pair.source.lose_slot("app", "cutover").await;
 
-    // `run` stops, saying what happened and what to run.
+    // `run` fails, saying what happened and what to run, and stays up
+    // (a supervisor restarting it could not help) so that /health says
+    // it too; stopped, it exits 1.
     let config_text = config.to_str().unwrap();
-    let stopped = run_cutover(&["--config", config_text, "run"], &[]);
-    assert_eq!(stopped.code, 1, "{}", stopped.all_output());
+    let mut failed = Daemon::start(&config, &["run"]);
+    let health = cutover_tests::wait_for("/health to say the slot is lost", WAIT, || async {
+        let text = std::fs::read_to_string(dir.path().join("state/listen.json")).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let (code, body) = cutover_tests::http::get(json["http"].as_str()?, "/health");
+        body.contains("cutover run --resync")
+            .then_some((code, body))
+    })
+    .await;
+    assert_eq!(health.0, 503, "{}", health.1);
+    assert!(health.1.contains("\"state\":\"failed\""), "{}", health.1);
+    assert!(failed.running(), "{}", failed.log());
+    assert_eq!(failed.terminate(WAIT), Some(1), "{}", failed.log());
+    let log = failed.log();
     assert!(
-        stopped.stderr.contains("invalidated") && stopped.stderr.contains("cutover run --resync"),
-        "{}",
-        stopped.stderr
+        log.contains("invalidated") && log.contains("cutover run --resync"),
+        "{log}"
     );
     let status = run_cutover(&["--config", config_text, "status"], &[]);
     assert!(

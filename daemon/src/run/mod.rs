@@ -91,6 +91,18 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// Whether the source lost the slot (invalidated, or dropped): only
+    /// `cutover run --resync` goes on from here.
+    pub fn slot_lost(&self) -> bool {
+        use cutover_replication::error::Cause;
+        matches!(
+            self,
+            RunError::Source {
+                err: ReplicationError::Server { error, .. }
+            } if matches!(error.cause, Some(Cause::SlotLost | Cause::SlotMissing))
+        )
+    }
+
     pub(crate) fn is_transient(&self) -> bool {
         match self {
             RunError::Copy(err) => err.is_transient(),
