@@ -493,6 +493,41 @@ async fn until_ended<R>(
     }
 }
 
+/// After a failure that starting again cannot cure (the slot lost): up
+/// and failed until SIGTERM, so that /health, /metrics, the console and
+/// the status page say what happened and what to do, instead of a
+/// supervisor restarting the daemon into the same error again and again.
+/// A switch or rollback asked meanwhile is answered with the failure.
+async fn failed_until_stopped(
+    err: &run::RunError,
+    requests: &mut Option<tokio::sync::mpsc::UnboundedReceiver<switch::desk::Request>>,
+    stop_rx: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    tracing::error!(error = %err, "starting again cannot help: this daemon stays up, failed, so that /health and `cutover status` say what happened and what to do; stop it (SIGTERM) first");
+    while !*stop_rx.borrow() {
+        tokio::select! {
+            request = async {
+                match requests.as_mut() {
+                    Some(inbox) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match request {
+                Some(request) => {
+                    let _ = request.reply.send(Err(format!(
+                        "the daemon failed and only waits to be stopped: {err}"
+                    )));
+                }
+                None => *requests = None,
+            },
+            changed = stop_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The daemon's loop: streams away from the primary until SIGTERM; a
 /// switch or rollback asked through the console stops the stream, runs
 /// with the store this process holds, and the loop streams again in the
@@ -535,18 +570,8 @@ async fn run_daemon(
         let Some(request) = asked else {
             if let Err(err) = &result
                 && err.slot_lost()
-                && !*stop_rx.borrow()
             {
-                // Restarting cannot help (a supervisor would start it
-                // again and again): up and failed, /health, /metrics, the
-                // console and the status page say what happened and what
-                // to run, until it is stopped.
-                tracing::error!(error = %err, "the slot is lost: this daemon stays up, failed, so that /health and `cutover status` say so; stop it and run `cutover run --resync`");
-                while !*stop_rx.borrow() {
-                    if stop_rx.changed().await.is_err() {
-                        break;
-                    }
-                }
+                failed_until_stopped(err, &mut requests, &mut stop_rx).await;
             }
             return result;
         };

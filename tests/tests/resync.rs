@@ -60,7 +60,11 @@ async fn a_lost_slot_is_said_and_resync_repairs_the_target_without_a_new_copy() 
     // (a supervisor restarting it could not help) so that /health says
     // it too; stopped, it exits 1.
     let config_text = config.to_str().unwrap();
-    let mut failed = Daemon::start(&config, &["run"]);
+    let mut failed = Daemon::start_with_env(
+        &config,
+        &["run"],
+        &[("CUTOVER__CONSOLE__ALLOW_NO_PASSWORD", "true")],
+    );
     let health = cutover_tests::wait_for("/health to say the slot is lost", WAIT, || async {
         let text = std::fs::read_to_string(dir.path().join("state/listen.json")).ok()?;
         let json: serde_json::Value = serde_json::from_str(&text).ok()?;
@@ -72,6 +76,26 @@ async fn a_lost_slot_is_said_and_resync_repairs_the_target_without_a_new_copy() 
     assert_eq!(health.0, 503, "{}", health.1);
     assert!(health.1.contains("\"state\":\"failed\""), "{}", health.1);
     assert!(failed.running(), "{}", failed.log());
+    // A switch asked of it meanwhile is answered at once, not queued.
+    let asked = config.clone();
+    let switch = tokio::time::timeout(
+        WAIT,
+        tokio::task::spawn_blocking(move || {
+            run_cutover(
+                &["--config", asked.to_str().unwrap(), "switch"],
+                &[("CUTOVER__CONSOLE__ALLOW_NO_PASSWORD", "true")],
+            )
+        }),
+    )
+    .await
+    .expect("the switch was answered")
+    .unwrap();
+    assert_eq!(switch.code, 1, "{}", switch.all_output());
+    assert!(
+        switch.all_output().contains("only waits to be stopped"),
+        "{}",
+        switch.all_output()
+    );
     assert_eq!(failed.terminate(WAIT), Some(1), "{}", failed.log());
     let log = failed.log();
     assert!(

@@ -170,6 +170,9 @@ impl<S: StartupHandler> StartupHandler for Guarded<S> {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let peer = client.socket_addr().ip();
+        // The marker is the login's alone: a client may send a startup
+        // parameter of that name, which pgwire keeps in the same map.
+        client.metadata_mut().remove(AUTHENTICATED);
         if self.guard.tls_only && !client.is_secure() {
             return Err(fatal(
                 "28000",
@@ -188,7 +191,9 @@ impl<S: StartupHandler> StartupHandler for Guarded<S> {
                 ),
             ));
         }
-        match self.inner.on_startup(client, message).await {
+        let result = self.inner.on_startup(client, message).await;
+        client.metadata_mut().remove(AUTHENTICATED);
+        match result {
             Err(err @ PgWireError::InvalidPassword(_)) => {
                 let (count, refusal) = self.guard.failed(peer, Instant::now());
                 tracing::warn!(%peer, failures_in_a_row = count, refused_for_seconds = refusal.as_secs(), "console: a wrong password");

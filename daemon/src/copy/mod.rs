@@ -172,18 +172,27 @@ pub enum CopyError {
 }
 
 /// Whether a statement of the copy failed because its connection was
-/// lost (closed, reset, timed out by TCP) or its server is shutting down:
-/// the copy starts again after a wait. Not a cancel (57014: a
-/// `statement_timeout` would cancel every attempt again), not a refusal,
-/// not an error of cutover's own reading of a reply.
+/// lost (closed, reset, timed out by TCP), its server is shutting down or
+/// has no connection to spare yet: the copy starts again after a wait.
+/// Not a cancel (57014: a `statement_timeout` would cancel every attempt
+/// again), not a dropped database (57P04), not a refusal, not a reply
+/// cutover could not read.
 pub(crate) fn lost_connection(err: &tokio_postgres::Error) -> bool {
     if let Some(db) = err.as_db_error() {
         let code = db.code().code();
         return code != "57014"
+            && code != "57P04"
             && (code.starts_with("08") || code.starts_with("57") || code == "53300");
     }
     err.is_closed()
-        || std::error::Error::source(err).is_some_and(|source| source.is::<std::io::Error>())
+        || std::error::Error::source(err)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| {
+                !matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                )
+            })
 }
 
 impl CopyError {

@@ -91,16 +91,18 @@ pub enum RunError {
 }
 
 impl RunError {
-    /// Whether the source lost the slot (invalidated, or dropped): only
-    /// `cutover run --resync` goes on from here.
+    /// Whether the source lost the slot (invalidated, or dropped), while
+    /// streaming or before the copy finished: starting again cannot help,
+    /// only what the error says to run.
     pub fn slot_lost(&self) -> bool {
         use cutover_replication::error::Cause;
-        matches!(
-            self,
+        match self {
             RunError::Source {
-                err: ReplicationError::Server { error, .. }
-            } if matches!(error.cause, Some(Cause::SlotLost | Cause::SlotMissing))
-        )
+                err: ReplicationError::Server { error, .. },
+            } => matches!(error.cause, Some(Cause::SlotLost | Cause::SlotMissing)),
+            RunError::Copy(copy) => matches!(copy, crate::copy::CopyError::SlotGone(_)),
+            _ => false,
+        }
     }
 
     pub(crate) fn is_transient(&self) -> bool {
