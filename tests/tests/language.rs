@@ -186,4 +186,40 @@ async fn a_missing_and_a_lost_slot_are_told_apart_in_german() {
         "not English: {}",
         lost.stderr
     );
+
+    // A publication the stream names and the source does not have (42704
+    // while streaming, in German): told apart from a missing slot.
+    source
+        .execute(
+            "app",
+            "SELECT pg_create_logical_replication_slot('no_pub', 'pgoutput');
+             INSERT INTO items VALUES (42);",
+        )
+        .await;
+    let gone = run_cutover(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "tail",
+            "--slot",
+            "no_pub",
+            "--publication",
+            "gone",
+        ],
+        &[],
+    );
+    assert_eq!(gone.code, 1, "{}", gone.all_output());
+    assert!(
+        gone.stderr.contains("42704")
+            && gone
+                .stderr
+                .contains("the publication was dropped or renamed"),
+        "the missing publication's fix: {}",
+        gone.stderr
+    );
+    assert!(
+        !gone.stderr.contains("replication slot is gone"),
+        "{}",
+        gone.stderr
+    );
 }

@@ -900,3 +900,30 @@ async fn sessions_installing_cutovers_schema_at_once_all_succeed() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_apply_session_waits_for_an_origin_an_ending_session_still_holds() {
+    use cutover_replication::sink::postgres::PostgresSink;
+    let cluster = Cluster::start();
+    cluster.create_database("app").await;
+    // A session holds the origin, as the backend of a session that just
+    // ended does until it has exited; it lets go after a second.
+    let holder = cluster.client("app").await;
+    holder
+        .batch_execute(
+            "SELECT pg_replication_origin_create('held'); SELECT pg_replication_origin_session_setup('held');",
+        )
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        holder
+            .batch_execute("SELECT pg_replication_origin_session_reset()")
+            .await
+            .unwrap();
+    });
+    let info = ConnInfo::parse(&cluster.conninfo("app", "postgres")).unwrap();
+    let sink = PostgresSink::connect(&info, "held", Default::default(), Vec::new()).await;
+    assert!(sink.is_ok(), "{:?}", sink.err());
+    release.await.unwrap();
+}

@@ -375,15 +375,33 @@ fn toml_error_summary(error: &str) -> String {
 /// [`load`] with the environment given explicitly (for tests).
 pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<RawConfig, ConfigError> {
     let text = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-                path: path.to_owned(),
-                reason: format!("{e} (pass an existing file with --config, or set CUTOVER_CONFIG)"),
-            })?,
-        ),
+        Some(path) => Some(read_config_file(path)?),
         None => None,
     };
     merge(text.as_deref().zip(file), env)
+}
+
+/// The config file's text, read with a bound so that a device named by
+/// mistake fails instead of hanging.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    const MAX_CONFIG_FILE: u64 = 16 * 1024 * 1024;
+    let failed = |reason: String| ConfigError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_CONFIG_FILE + 1).read_to_end(&mut bytes))
+        .map_err(|e| {
+            failed(format!(
+                "{e} (pass an existing file with --config, or set CUTOVER_CONFIG)"
+            ))
+        })?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE {
+        return Err(failed("larger than 16 MiB: not a cutover config".into()));
+    }
+    String::from_utf8(bytes).map_err(|e| failed(format!("not UTF-8 text: {e}")))
 }
 
 /// A config file's text as [`load`] reads it, without the environment.
@@ -642,6 +660,10 @@ mod tests {
             err.contains("console.tls_cert") && err.contains("1 MiB"),
             "{err}"
         );
+        let err = load_from(Some(Path::new("/dev/zero")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("16 MiB"), "{err}");
         // And the first line of a small file is the password.
         let f = file("s3cret\r\nignored\n");
         let config = parse_text(&format!(

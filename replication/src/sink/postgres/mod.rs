@@ -122,6 +122,11 @@ pub struct PostgresSink {
     commit_times: HashMap<Lsn, i64>,
 }
 
+/// How long [`PostgresSink::connect`] waits for the replication origin
+/// an ended session's backend still holds, and how often it looks.
+const ORIGIN_IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const ORIGIN_IN_USE_STEP: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl PostgresSink {
     /// Connects, prepares the session, and reads the applied position from
     /// the replication origin `origin` (created when missing).
@@ -155,10 +160,31 @@ impl PostgresSink {
                     "creating replication origin {origin}"
                 )))?;
         }
-        client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await
-            .map_err(session_error(format!("using replication origin {origin}")))?;
+        // The backend of a session that just ended (a daemon stopped, a
+        // connection cut) holds the origin until it has exited: wait for
+        // it a little (55006, object in use) rather than fail a command
+        // run right after.
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match client
+                .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+                .await
+            {
+                Ok(_) => break,
+                Err(err)
+                    if err.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                        && waited < ORIGIN_IN_USE_WAIT =>
+                {
+                    tokio::time::sleep(ORIGIN_IN_USE_STEP).await;
+                    waited += ORIGIN_IN_USE_STEP;
+                }
+                Err(err) => {
+                    return Err(session_error(format!("using replication origin {origin}"))(
+                        err,
+                    ));
+                }
+            }
+        }
         let progress: Option<String> = client
             .query_one(
                 "SELECT pg_replication_origin_progress($1, true)::text",
