@@ -22,36 +22,30 @@ pub struct Netns {
     pub peer: Ipv4Addr,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+/// Runs one of iproute2's programs (`ip`, `tc`); its error names the
+/// command and what it said.
+fn iproute2(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run ip ({e}): install iproute2"))?;
+        .map_err(|e| format!("cannot run {program} ({e}): install iproute2"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{program} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
 }
 
+fn ip(args: &[&str]) -> Result<(), String> {
+    iproute2("ip", args)
+}
+
 fn tc(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run tc ({e}): install iproute2"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tc {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    iproute2("tc", args)
 }
 
 impl Netns {
