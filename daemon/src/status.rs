@@ -271,6 +271,12 @@ pub struct SummaryTable {
     pub deletes: Option<i64>,
     /// Truncates applied.
     pub truncates: Option<i64>,
+    /// The table written, when a `[[map]]` writes it to another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written_to: Option<String>,
+    /// Rows its mapping rejected, as of the copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<i64>,
 }
 
 /// A change the target refused.
@@ -459,6 +465,8 @@ async fn ask_console(addr: SocketAddr, config: &Config) -> Result<Summary, Strin
                 updates: int(row, "updates"),
                 deletes: int(row, "deletes"),
                 truncates: int(row, "truncates"),
+                written_to: text(row, "written_to"),
+                rejected: int(row, "rejected"),
             })
             .collect(),
         refused_changes: Vec::new(),
@@ -550,6 +558,8 @@ fn from_store(store: &Store, config: &Config) -> Result<Summary, StatusError> {
             updates: None,
             deletes: None,
             truncates: None,
+            written_to: t.target.as_ref().map(|t| t.to_string()),
+            rejected: t.rejected.as_ref().map(|r| r.total()),
         })
         .collect();
     let refused_changes = store
@@ -820,10 +830,14 @@ impl Summary {
                 "upd".to_owned(),
                 "del".to_owned(),
                 "trunc".to_owned(),
+                "rejected".to_owned(),
             ]];
             for t in &self.tables {
                 rows.push([
-                    t.table.clone(),
+                    match &t.written_to {
+                        Some(to) => format!("{} -> {to}", t.table),
+                        None => t.table.clone(),
+                    },
                     t.copy_state.clone(),
                     opt(t.rows_copied),
                     opt(t.source_rows),
@@ -832,9 +846,10 @@ impl Summary {
                     opt(t.updates),
                     opt(t.deletes),
                     opt(t.truncates),
+                    t.rejected.map(|r| r.to_string()).unwrap_or_default(),
                 ]);
             }
-            let mut widths = [0usize; 9];
+            let mut widths = [0usize; 10];
             for row in &rows {
                 for (w, cell) in widths.iter_mut().zip(row) {
                     *w = (*w).max(cell.chars().count());

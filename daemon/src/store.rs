@@ -263,6 +263,12 @@ pub struct TableCopy {
     /// added back (name and `pg_get_constraintdef()`).
     #[serde(default)]
     pub dropped_keys: Vec<DroppedIndex>,
+    /// The table written, when a `[[map]]` writes it to another.
+    #[serde(default)]
+    pub target: Option<TableName>,
+    /// The rows its mapping rejected, by reason, when it can reject.
+    #[serde(default)]
+    pub rejected: Option<cutover_replication::mapping::Rejected>,
 }
 
 impl TableCopy {
@@ -282,12 +288,24 @@ impl TableCopy {
             dropped_indexes: Vec::new(),
             dropped_constraints: Vec::new(),
             dropped_keys: Vec::new(),
+            target: None,
+            rejected: None,
         }
     }
 
-    /// Target minus source rows; `None` until both are counted.
+    /// Rows rejected by the table's mapping.
+    pub fn rejected_rows(&self) -> i64 {
+        self.rejected.as_ref().map_or(0, |r| r.total())
+    }
+
+    /// The rows the target should hold: the source's, less those rejected.
+    pub fn expected(&self) -> Option<i64> {
+        Some(self.source_count? - self.rejected_rows())
+    }
+
+    /// Target minus expected rows; `None` until both are counted.
     pub fn variance(&self) -> Option<i64> {
-        Some(self.target_count? - self.source_count?)
+        Some(self.target_count? - self.expected()?)
     }
 }
 

@@ -104,6 +104,15 @@ impl TablePattern {
         }
     }
 
+    /// A pattern that matches `table` alone.
+    pub fn exact(table: &TableName) -> TablePattern {
+        TablePattern {
+            text: format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name)),
+            schema: table.schema.chars().map(GlobToken::Literal).collect(),
+            name: table.name.chars().map(GlobToken::Literal).collect(),
+        }
+    }
+
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -225,6 +234,17 @@ impl Scope {
     pub fn contains(&self, table: &TableName) -> bool {
         self.include.iter().any(|p| p.matches(table))
             && !self.exclude.iter().any(|p| p.matches(table))
+    }
+
+    /// Takes `table` into scope whatever the patterns say (unless an
+    /// exclusion names it).
+    pub fn include_table(&mut self, table: &TableName) {
+        self.include.push(TablePattern::exact(table));
+    }
+
+    /// Takes `table` out of scope whatever the patterns say.
+    pub fn exclude_table(&mut self, table: &TableName) {
+        self.exclude.push(TablePattern::exact(table));
     }
 
     /// Include patterns that match none of `tables` (likely typos).

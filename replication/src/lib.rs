@@ -49,6 +49,7 @@ pub mod error;
 pub mod events;
 pub mod fence;
 pub mod lsn;
+pub mod mapping;
 pub mod partition;
 pub mod pgoutput;
 pub mod secret;

@@ -24,6 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{Client, Transaction};
 
 use crate::catalog::TableName;
+use crate::mapping::Mapping;
 use crate::sql::{quote_ident, quote_literal};
 
 /// COPY data is forwarded to the target in messages of about this size.
@@ -301,6 +302,88 @@ pub async fn copy_chunk_in(
     chunk: &Chunk,
     columns: &[String],
     format: CopyFormat,
+    on_progress: impl FnMut(u64, u64),
+) -> Result<CopyStats, ChunkError> {
+    pipe(
+        source,
+        transaction,
+        chunk,
+        &source_sql(chunk, columns, format),
+        &target_sql(chunk, columns, format),
+        format,
+        on_progress,
+    )
+    .await
+}
+
+/// Moves one chunk of a mapped table inside the caller's target
+/// transaction: its rows are loaded into a temporary table typed as the
+/// source's columns, then written through the mapping
+/// ([`Mapping::write_sql`]): passing rows upserted, rejected ones recorded.
+/// The stats count the source rows read.
+pub async fn copy_chunk_mapped_in(
+    source: &Client,
+    transaction: &Transaction<'_>,
+    chunk: &Chunk,
+    mapping: &Mapping,
+    on_progress: impl FnMut(u64, u64),
+) -> Result<CopyStats, ChunkError> {
+    let target_err = |source| ChunkError::Target {
+        table: mapping.target.clone(),
+        source,
+    };
+    let stage = format!("cutover_stage_{}", mapping.index);
+    let columns: Vec<String> = mapping
+        .source_names()
+        .iter()
+        .map(|c| (*c).to_owned())
+        .collect();
+    transaction
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS pg_temp.{}; {}",
+            quote_ident(&stage),
+            mapping.stage_sql(&stage)
+        ))
+        .await
+        .map_err(target_err)?;
+    let load = format!(
+        "COPY {} ({}) FROM STDIN",
+        quote_ident(&stage),
+        crate::sql::idents(&columns)
+    );
+    let stats = pipe(
+        source,
+        transaction,
+        chunk,
+        &source_sql(chunk, &columns, CopyFormat::Text),
+        &load,
+        CopyFormat::Text,
+        on_progress,
+    )
+    .await?;
+    transaction
+        .execute(
+            &mapping.write_sql(&format!("SELECT * FROM {}", quote_ident(&stage))),
+            &[],
+        )
+        .await
+        .map_err(target_err)?;
+    transaction
+        .batch_execute(&format!("DROP TABLE {}", quote_ident(&stage)))
+        .await
+        .map_err(target_err)?;
+    Ok(stats)
+}
+
+/// Pipes `COPY ... TO STDOUT` on the source into `COPY ... FROM STDIN`
+/// on the target.
+async fn pipe(
+    source: &Client,
+    transaction: &Transaction<'_>,
+    chunk: &Chunk,
+    source_sql: &str,
+    target_sql: &str,
+    format: CopyFormat,
     mut on_progress: impl FnMut(u64, u64),
 ) -> Result<CopyStats, ChunkError> {
     let source_err = |source| ChunkError::Source {
@@ -312,13 +395,10 @@ pub async fn copy_chunk_in(
         source,
     };
     let sink = transaction
-        .copy_in::<_, Bytes>(&target_sql(chunk, columns, format))
+        .copy_in::<_, Bytes>(target_sql)
         .await
         .map_err(target_err)?;
-    let stream = source
-        .copy_out(&source_sql(chunk, columns, format))
-        .await
-        .map_err(source_err)?;
+    let stream = source.copy_out(source_sql).await.map_err(source_err)?;
     futures_util::pin_mut!(sink);
     futures_util::pin_mut!(stream);
     let mut bytes = 0u64;

@@ -27,6 +27,7 @@ use cutover_replication::secret::Secret;
 
 mod groups;
 mod kafka;
+mod maps;
 mod raw;
 
 pub use groups::{Groups, TwoGroups};
@@ -254,6 +255,8 @@ pub struct Config {
     pub groups: Groups,
     /// `[kafka]`: the change feed, when configured.
     pub kafka: Option<cutover_replication::sink::kafka::KafkaSettings>,
+    /// `[[map]]`: tables written to a target table of another shape.
+    pub mappings: Vec<cutover_replication::mapping::MapSpec>,
 }
 
 /// A command that needs the target, run with a config that has none (a
@@ -279,6 +282,25 @@ impl Config {
             && let Some(target) = config.target.take()
         {
             config.target = Some(std::mem::replace(&mut config.source, target));
+        }
+        if direction == crate::direction::Direction::Reverse {
+            // The reverse direction reads the target: a mapped table there
+            // goes back through its inverse, or not at all (one-way).
+            for map in &self.mappings {
+                if map.inverse.is_some() {
+                    config.scope.include_table(&map.target);
+                } else {
+                    config.scope.exclude_table(&map.target);
+                }
+                if map.source != map.target {
+                    config.scope.exclude_table(&map.source);
+                }
+            }
+            config.mappings = self
+                .mappings
+                .iter()
+                .filter_map(|m| m.inverted())
+                .collect();
         }
         config.slot = direction.slot(&self.slot);
         config.publication = direction.publication(&self.publication);

@@ -242,6 +242,9 @@ pub struct RawConfig {
     pub group: Vec<RawGroup>,
     /// `[kafka]`: absent, no feed.
     pub kafka: Option<super::kafka::RawKafka>,
+    /// `[[map]]`.
+    #[serde(default)]
+    pub map: Vec<super::maps::RawMap>,
 }
 
 /// One `[[group]]` as written.
@@ -328,7 +331,11 @@ pub(super) fn check_file_keys(tree: &serde_json::Value, path: &Path) -> Result<(
     };
     for (section, body) in sections {
         if section == "group" {
-            check_group_keys(body, &origin)?;
+            check_list_keys(body, &origin, "group", GROUP_KEYS, "name and tables")?;
+            continue;
+        }
+        if section == "map" {
+            check_list_keys(body, &origin, "map", super::maps::MAP_KEYS, "source, target and columns")?;
             continue;
         }
         if !is_known(section, None) {
@@ -351,24 +358,30 @@ pub(super) fn check_file_keys(tree: &serde_json::Value, path: &Path) -> Result<(
     Ok(())
 }
 
-/// Each `[[group]]`'s keys.
-fn check_group_keys(body: &serde_json::Value, origin: &str) -> Result<(), ConfigError> {
+/// Each `[[group]]`'s or `[[map]]`'s keys.
+fn check_list_keys(
+    body: &serde_json::Value,
+    origin: &str,
+    section: &str,
+    keys: &[&str],
+    what: &str,
+) -> Result<(), ConfigError> {
     let as_array = || {
         ConfigError::invalid(
-            "group",
+            section,
             format!(
-                "must be a list of tables: write [[group]] (two brackets) above each group's name and tables ({origin})"
+                "must be a list of tables: write [[{section}]] (two brackets) above each one's {what} ({origin})"
             ),
         )
     };
-    for (i, group) in body.as_array().ok_or_else(as_array)?.iter().enumerate() {
-        let fields = group.as_object().ok_or_else(as_array)?;
-        if let Some(field) = fields.keys().find(|f| !GROUP_KEYS.contains(&f.as_str())) {
+    for (i, item) in body.as_array().ok_or_else(as_array)?.iter().enumerate() {
+        let fields = item.as_object().ok_or_else(as_array)?;
+        if let Some(field) = fields.keys().find(|f| !keys.contains(&f.as_str())) {
             return Err(ConfigError::invalid(
-                format!("group[{i}].{field}"),
+                format!("{section}[{i}].{field}"),
                 format!(
-                    "is not a key of a group: a [[group]] has {} ({origin})",
-                    GROUP_KEYS.join(", ")
+                    "is not a key of a {section}: a [[{section}]] has {} ({origin})",
+                    keys.join(", ")
                 ),
             ));
         }
@@ -536,6 +549,7 @@ impl RawConfig {
                     .collect(),
             )?,
             kafka: self.kafka.map(super::kafka::settings).transpose()?,
+            mappings: super::maps::map_specs(std::mem::take(&mut self.map))?,
             ddl: match self.ddl.policy.as_deref() {
                 None | Some("stop") => DdlPolicy::Stop,
                 Some("additive") => DdlPolicy::Additive,

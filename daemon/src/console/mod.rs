@@ -703,6 +703,8 @@ impl Queries {
             ("updates", Type::INT8),
             ("deletes", Type::INT8),
             ("truncates", Type::INT8),
+            ("written_to", Type::TEXT),
+            ("rejected", Type::INT8),
         ]);
         for name in names {
             let copy = copies.iter().find(|c| c.name.to_string() == name);
@@ -721,6 +723,8 @@ impl Queries {
                 Cell::Int(Some(saturating_i64(counts.updates))),
                 Cell::Int(Some(saturating_i64(counts.deletes))),
                 Cell::Int(Some(saturating_i64(counts.truncates))),
+                Cell::Text(copy.and_then(|c| c.target.as_ref()).map(|t| t.to_string())),
+                Cell::Int(copy.and_then(|c| c.rejected.as_ref()).map(|r| r.total())),
             ]);
         }
         Ok(table.response())

@@ -166,6 +166,9 @@ pub enum CopyError {
         "source: {0}: neither a primary key nor a replica identity identifies their rows, and replication.keyless = \"refuse\". Add a primary key, or set replication.keyless = \"append_only\" (inserts stream; updates and deletes keep working on the source and are reported, not streamed) or \"replica_identity_full\" (cutover sets REPLICA IDENTITY FULL on the source), or exclude them in replication.exclude"
     )]
     Keyless(String),
+    /// A `[[map]]` cannot work against these servers.
+    #[error("{0}")]
+    Mapping(#[from] cutover_replication::mapping::MappingError),
     /// No table is in scope.
     #[error("source: no table is in scope (replication.tables = {0:?}); run cutover check")]
     NoTables(Vec<String>),
@@ -217,6 +220,42 @@ impl CopyError {
             _ => false,
         }
     }
+}
+
+/// The config's `[[map]]`s checked against `source` (read) and `target`
+/// (written), and `cutover.rejected` made on the target when one of them
+/// can reject a row. `config` is the direction's (for the reverse: the
+/// inverses, the servers swapped).
+pub async fn mappings(
+    config: &crate::config::Config,
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+) -> Result<Vec<cutover_replication::mapping::Mapping>, CopyError> {
+    if config.mappings.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mappings = cutover_replication::mapping::resolve_all(&config.mappings, source, target)
+        .await
+        .map_err(orchestration::query("target", "checking the [[map]]s"))??;
+    for mapping in &mappings {
+        if !config.scope.contains(&mapping.source) {
+            return Err(CopyError::Mapping(
+                cutover_replication::mapping::MappingError {
+                    key: format!("map[{}].source", mapping.index),
+                    message: format!(
+                        "{} is not in scope (replication.tables and exclude): a mapping reads a table in scope",
+                        mapping.source
+                    ),
+                },
+            ));
+        }
+    }
+    if mappings.iter().any(|m| !m.rejects.is_empty()) {
+        cutover_replication::mapping::ensure_rejected(target)
+            .await
+            .map_err(orchestration::query("target", "creating cutover.rejected"))?;
+    }
+    Ok(mappings)
 }
 
 /// What the copy leaves for the stream.

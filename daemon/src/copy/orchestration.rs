@@ -9,6 +9,9 @@ use cutover_replication::client::{self, describe};
 use cutover_replication::session::{Session, SnapshotAction};
 use cutover_replication::snapshot::{self, CopyFormat};
 use cutover_replication::{Lsn, slot};
+use std::sync::Arc;
+
+use cutover_replication::mapping::Mapping;
 use tokio_postgres::Client;
 
 use crate::config::Config;
@@ -49,21 +52,45 @@ pub async fn tables_in_scope(source: &Client, config: &Config) -> Result<Vec<Tab
     Ok(tables)
 }
 
+/// Rejected keys kept as samples in the reconciliation.
+pub(crate) const SAMPLES: i64 = 5;
+
 /// One table's copy plan: columns in order and the format.
 #[derive(Debug, Clone)]
 pub(super) struct TablePlan {
     pub(super) table: Table,
     pub(super) columns: Vec<String>,
     pub(super) format: CopyFormat,
+    /// Written through this mapping (`[[map]]`) to another table.
+    pub(super) mapping: Option<Arc<Mapping>>,
+}
+
+impl TablePlan {
+    /// The table written on the target.
+    pub(super) fn target_name(&self) -> &TableName {
+        self.mapping.as_ref().map_or(&self.table.name, |m| &m.target)
+    }
 }
 
 pub(super) fn plan_tables(
     sources: &[Table],
     targets: &HashMap<TableName, Table>,
+    mappings: &[Mapping],
 ) -> Result<Vec<TablePlan>, CopyError> {
     let mut problems = Vec::new();
     let mut plans = Vec::new();
     for table in sources {
+        if let Some(mapping) = mappings.iter().find(|m| m.source == table.name) {
+            // Loaded through a temporary table typed as the source's
+            // columns: text, which any such type reads.
+            plans.push(TablePlan {
+                table: table.clone(),
+                columns: mapping.source_names().iter().map(|c| (*c).to_owned()).collect(),
+                format: CopyFormat::Text,
+                mapping: Some(Arc::new(mapping.clone())),
+            });
+            continue;
+        }
         let Some(target) = targets.get(&table.name) else {
             problems.push(format!("{} is missing", table.name));
             continue;
@@ -114,6 +141,7 @@ pub(super) fn plan_tables(
             table: table.clone(),
             columns: columns.iter().map(|c| c.name.clone()).collect(),
             format: CopyFormat::choose(&typed, &target_types, &source_types),
+            mapping: None,
         });
     }
     if problems.is_empty() {
@@ -146,8 +174,9 @@ pub async fn run(
         .into_iter()
         .map(|t| (t.name.clone(), t))
         .collect();
-    let plans = plan_tables(&tables, &targets)?;
-    let names: Vec<TableName> = plans.iter().map(|p| p.table.name.clone()).collect();
+    let mappings = super::mappings(config, &source, &target).await?;
+    let plans = plan_tables(&tables, &targets, &mappings)?;
+    let names: Vec<TableName> = plans.iter().map(|p| p.target_name().clone()).collect();
 
     let mut run = store.copy_run()?;
     if let Some(existing) = &run
@@ -218,7 +247,7 @@ pub async fn run(
             );
             let list = to_copy
                 .iter()
-                .map(|p| own_rows_on(&targets, &p.table.name))
+                .map(|p| own_rows_on(&targets, p.target_name()))
                 .collect::<Vec<_>>()
                 .join(", ");
             if !list.is_empty() {
@@ -269,6 +298,15 @@ pub async fn run(
         }
     };
     let run = run.expect("the run is recorded above");
+    // The records of rows rejected by an earlier attempt go with its rows.
+    for mapping in to_copy.iter().filter_map(|p| p.mapping.as_ref()) {
+        if let Some(sql) = mapping.forget_all_sql() {
+            target
+                .batch_execute(&sql)
+                .await
+                .map_err(query("target", format!("emptying the rejected rows of {}", mapping.source)))?;
+        }
+    }
 
     // Import the snapshot on every worker before the session does anything else.
     let worker_count = config.copy.workers.max(1);
@@ -300,6 +338,7 @@ pub async fn run(
     drop(session);
 
     let copying: Vec<TableName> = to_copy.iter().map(|p| p.table.name.clone()).collect();
+    let mapped: Vec<Arc<Mapping>> = to_copy.iter().filter_map(|p| p.mapping.clone()).collect();
     match copy_tables(
         config, store, &source, &target, to_copy, copied_at, sources, sinks, metrics,
     )
@@ -316,6 +355,17 @@ pub async fn run(
             return Err(err);
         }
         Err(err) => return Err(err),
+    }
+    // What each mapping rejected, for the reconciliation.
+    for mapping in &mapped {
+        let rejected = cutover_replication::mapping::rejected(&target, mapping, SAMPLES)
+            .await
+            .map_err(query("target", format!("reading the rows {} rejected", mapping.source)))?;
+        if let Some(mut record) = store.table_copy(&mapping.source)? {
+            record.target = Some(mapping.target.clone());
+            record.rejected = (!mapping.rejects.is_empty()).then_some(rejected);
+            store.put_table_copy(&record)?;
+        }
     }
 
     let mut finished = run.clone();
@@ -419,7 +469,7 @@ pub(super) async fn keep_unreferenced(
     let mut again: Vec<String> = plans
         .iter()
         .filter(|p| !done.contains(&p.table.name))
-        .map(|p| p.table.name.quoted())
+        .map(|p| p.target_name().quoted())
         .collect();
     loop {
         if again.is_empty() || done.is_empty() {

@@ -255,7 +255,7 @@ pub(super) async fn copy_tables(
     let mut chunks_of: Vec<Vec<Chunk>> = Vec::with_capacity(plans.len());
     let mut index_work: Vec<u64> = Vec::with_capacity(plans.len());
     for plan in &plans {
-        index_work.push(index_work_of(target, &plan.table).await?);
+        index_work.push(index_work_of(target, plan.target_name(), &plan.table).await?);
         let chunks = snapshot::plan_chunks(
             source,
             &plan.table.name,
@@ -276,7 +276,8 @@ pub(super) async fn copy_tables(
         record.source_count = None;
         record.target_count = None;
         record.format = Some(plan.format);
-        if config.copy.drop_indexes {
+        // A mapped table keeps its keys: its rows are upserted on them.
+        if config.copy.drop_indexes && plan.mapping.is_none() {
             drop_load_constraints(target, &mut record, store).await?;
         }
         store.put_table_copy(&record)?;
@@ -292,8 +293,8 @@ pub(super) async fn copy_tables(
         // Every foreign key in scope is gone now: the keys they referenced
         // may go too. A small table keeps its own: rebuilding them would
         // cost more than the load saves.
-        for (record, chunks) in records.iter_mut().zip(&chunks_of) {
-            if !small(chunks) {
+        for ((record, chunks), plan) in records.iter_mut().zip(&chunks_of).zip(&plans) {
+            if !small(chunks) && plan.mapping.is_none() {
                 drop_indexes_and_keys(target, record, store).await?;
             }
         }
@@ -549,18 +550,22 @@ pub(super) fn rebuild_steps(record: &TableCopy, plan: usize) -> Vec<Task> {
 /// `copy.drop_indexes`) built and validated after it. Rows from the
 /// source's statistics, or from its size where it has none (never
 /// analyzed).
-pub(super) async fn index_work_of(target: &Client, table: &Table) -> Result<u64, CopyError> {
+pub(super) async fn index_work_of(
+    target: &Client,
+    written: &TableName,
+    table: &Table,
+) -> Result<u64, CopyError> {
     let pieces: i64 = target
         .query_one(
             "SELECT (SELECT count(*) FROM pg_index WHERE indrelid = $1::text::regclass)
                   + (SELECT count(*) FROM pg_constraint
                       WHERE conrelid = $1::text::regclass AND contype IN ('c', 'f'))",
-            &[&table.name.quoted()],
+            &[&written.quoted()],
         )
         .await
         .map_err(query(
             "target",
-            format!("counting the indexes of {}", table.name),
+            format!("counting the indexes of {written}"),
         ))?
         .get(0);
     let rows = match table.row_estimate {

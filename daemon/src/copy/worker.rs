@@ -48,7 +48,7 @@ pub(super) async fn worker(
                 let _ = tx.send(Report::Rebuilt { plan, item });
             }
             Task::Finalize { plan, keys, vacuum } => {
-                let name = &plans[plan].table.name;
+                let name = plans[plan].target_name();
                 for key in &keys {
                     rebuild_key(&target, name, key).await?;
                 }
@@ -79,16 +79,38 @@ pub(super) async fn worker(
             Task::Chunk { plan, chunk } => {
                 let p = &plans[plan];
                 let mut streamed = 0;
-                let stats = snapshot::copy_chunk(
-                    &source,
-                    &mut target,
-                    &chunk,
-                    &p.columns,
-                    p.format,
-                    streaming(&tx, plan, &mut streamed),
-                )
-                .await
-                .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
+                let stats = match &p.mapping {
+                    Some(mapping) => {
+                        let transaction = target
+                            .transaction()
+                            .await
+                            .map_err(query("target", format!("opening a transaction for {}", mapping.target)))?;
+                        let stats = snapshot::copy_chunk_mapped_in(
+                            &source,
+                            &transaction,
+                            &chunk,
+                            mapping,
+                            streaming(&tx, plan, &mut streamed),
+                        )
+                        .await
+                        .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
+                        transaction.commit().await.map_err(query(
+                            "target",
+                            format!("committing a chunk of {}", mapping.target),
+                        ))?;
+                        stats
+                    }
+                    None => snapshot::copy_chunk(
+                        &source,
+                        &mut target,
+                        &chunk,
+                        &p.columns,
+                        p.format,
+                        streaming(&tx, plan, &mut streamed),
+                    )
+                    .await
+                    .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?,
+                };
                 unrewritten(&source, &[&p.table.name]).await?;
                 queue.loaded(plan);
                 let _ = tx.send(Report::ChunkDone {
@@ -113,15 +135,29 @@ pub(super) async fn worker(
                 for (plan, chunk) in &items {
                     let (plan, p) = (*plan, &plans[*plan]);
                     let mut streamed = 0;
-                    let stats = snapshot::copy_chunk_in(
-                        &source,
-                        &transaction,
-                        chunk,
-                        &p.columns,
-                        p.format,
-                        streaming(&tx, plan, &mut streamed),
-                    )
-                    .await
+                    let stats = match &p.mapping {
+                        Some(mapping) => {
+                            snapshot::copy_chunk_mapped_in(
+                                &source,
+                                &transaction,
+                                chunk,
+                                mapping,
+                                streaming(&tx, plan, &mut streamed),
+                            )
+                            .await
+                        }
+                        None => {
+                            snapshot::copy_chunk_in(
+                                &source,
+                                &transaction,
+                                chunk,
+                                &p.columns,
+                                p.format,
+                                streaming(&tx, plan, &mut streamed),
+                            )
+                            .await
+                        }
+                    }
                     .map_err(|err| chunk_error(&p.table.name, chunk.index, &err))?;
                     let rows = count_in_snapshot(&source, &p.table.name).await?;
                     done.push((plan, stats, rows, streamed));

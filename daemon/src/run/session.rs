@@ -70,6 +70,9 @@ pub(super) async fn stream_once(
     )
     .await?;
     applier.set_ddl_policy(config.ddl);
+    if !config.mappings.is_empty() {
+        applier.set_mappings(stream_mappings(config, target).await?);
+    }
     // With groups, each table goes by its group's primary (`switch
     // --group`); without, the routing sink passes everything through.
     let state = store.switch_state()?;
@@ -97,6 +100,21 @@ pub(super) async fn stream_once(
         routed, start, config, store, outcome, shutdown, status, until,
     )
     .await
+}
+
+/// The direction's `[[map]]`s, checked against its two servers.
+async fn stream_mappings(
+    config: &Config,
+    target: &crate::config::Server,
+) -> Result<Vec<cutover_replication::mapping::Mapping>, RunError> {
+    let connect = |conninfo, role| async move {
+        cutover_replication::client::connect(conninfo)
+            .await
+            .map_err(|source| RunError::Copy(crate::copy::CopyError::Connect { role, source }))
+    };
+    let source = connect(&config.source.conninfo, "source").await?;
+    let written = connect(&target.conninfo, "target").await?;
+    Ok(crate::copy::mappings(config, &source, &written).await?)
 }
 
 /// Streams the slot from `start` into `sink` until a failure, the

@@ -57,6 +57,10 @@ impl PostgresSink {
                 | ChangeKind::Update { relation, .. }
                 | ChangeKind::Delete { relation, .. } => relation,
             };
+            if let Some(mapping) = self.mapping_of(relation) {
+                self.coalesce_mapped(&mut pending, change, relation, &mapping)?;
+                continue;
+            }
             // A relation is one `Arc` until the source describes it again.
             let spec = match known.iter().find(|k| Arc::ptr_eq(&k.relation, relation)) {
                 Some(k) => k.key.clone(),
@@ -227,6 +231,9 @@ impl PostgresSink {
         ops: &mut Vec<TableOp<'b>>,
     ) -> Result<(), ApplyError> {
         let relation = &batch.relation;
+        if let Some(mapping) = self.mapping_of(relation) {
+            return self.mapped_ops(batch, &mapping, ops).await;
+        }
         let target = self.target_table(relation).await?;
         let key_cols: &[usize] = &batch.key;
         let mut deletes: Vec<&RowKey> = Vec::new();

@@ -88,6 +88,20 @@ pub(super) fn coalesce<'a>(
             unreachable!("truncates and DDL are barriers")
         }
     };
+    let batch = batch_for(pending, relation, key_cols);
+    if let Some(old_key) = old_key {
+        // A key change: the old key is deleted, the new one written.
+        put(batch, old_key, RowOp::Delete, change.lsn);
+    }
+    put(batch, key, op, change.lsn);
+}
+
+/// The pending batch of `relation`, made when it has none yet.
+pub(super) fn batch_for<'a, 'p>(
+    pending: &'p mut Vec<TableBatch<'a>>,
+    relation: &Arc<Relation>,
+    key_cols: &[usize],
+) -> &'p mut TableBatch<'a> {
     let index = match pending
         .iter()
         .position(|b| Arc::ptr_eq(&b.relation, relation))
@@ -103,12 +117,7 @@ pub(super) fn coalesce<'a>(
             pending.len() - 1
         }
     };
-    let batch = &mut pending[index];
-    if let Some(old_key) = old_key {
-        // A key change: the old key is deleted, the new one written.
-        put(batch, old_key, RowOp::Delete, change.lsn);
-    }
-    put(batch, key, op, change.lsn);
+    &mut pending[index]
 }
 
 pub(super) fn put<'a>(batch: &mut TableBatch<'a>, key: RowKey<'a>, op: RowOp<'a>, lsn: Lsn) {

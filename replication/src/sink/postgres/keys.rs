@@ -72,6 +72,12 @@ impl PostgresSink {
             }
             // Described again if DDL in the batch made the applier forget
             // it: a check is never skipped for want of a description.
+            if self.mapping_of(relation).is_some() {
+                // Written by the target's key through the mapping's
+                // upsert, which checks it.
+                plain.push(relation);
+                continue;
+            }
             let target = self.target_table(relation).await?;
             if target.deferrable_keys.is_empty() {
                 plain.push(relation);

@@ -80,6 +80,7 @@ mod durability;
 mod error;
 mod guard;
 mod keys;
+mod mapped;
 mod one;
 mod pipeline;
 mod statements;
@@ -120,6 +121,9 @@ pub struct PostgresSink {
     /// The commit time of each transaction of the batch being applied
     /// (microseconds since 2000-01-01), for the guard.
     commit_times: HashMap<Lsn, i64>,
+    /// Tables written through a field mapping, by the name of the table
+    /// read ([`mapped`]).
+    mappings: HashMap<TableName, Arc<crate::mapping::Mapping>>,
 }
 
 /// How long [`PostgresSink::connect`] waits for the replication origin
@@ -212,6 +216,7 @@ impl PostgresSink {
             guard: None,
             kept: Vec::new(),
             commit_times: HashMap::new(),
+            mappings: HashMap::new(),
         };
         applier.settled().await
     }
@@ -219,6 +224,15 @@ impl PostgresSink {
     /// Sets what the applier does with DDL on the source (`[ddl] policy`).
     pub fn set_ddl_policy(&mut self, policy: crate::ddl::DdlPolicy) {
         self.ddl = policy;
+    }
+
+    /// Writes the tables these mappings read through them (`[[map]]`),
+    /// and the others as they are.
+    pub fn set_mappings(&mut self, mappings: Vec<crate::mapping::Mapping>) {
+        self.mappings = mappings
+            .into_iter()
+            .map(|m| (m.source.clone(), Arc::new(m)))
+            .collect();
     }
 
     /// Applies only the changes `route` takes; the others are left to the

@@ -110,8 +110,17 @@ impl PostgresSink {
                 ..
             } => {
                 let mut names: Vec<String> = Vec::new();
+                let mut forget: Vec<String> = Vec::new();
                 for relation in relations {
                     if !self.takes(&relation.name, commit_lsn) {
+                        continue;
+                    }
+                    if let Some(mapping) = self.mapping_of(relation) {
+                        names.push(crate::catalog::own_rows(
+                            &mapping.target,
+                            mapping.target_partitioned,
+                        ));
+                        forget.extend(mapping.forget_all_sql());
                         continue;
                     }
                     let target = self.target_table(relation).await?;
@@ -138,13 +147,30 @@ impl PostgresSink {
                     .batch_execute(&sql)
                     .await
                     .map_err(refused(&relations[0], format!("({})", names.join(", "))))?;
+                for sql in forget {
+                    self.client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(refused(&relations[0], format!("({})", names.join(", "))))?;
+                }
             }
-            ChangeKind::Ddl(ddl) => self.apply_ddl(ddl, change.lsn).await?,
+            ChangeKind::Ddl(ddl) => match self.mappings.get(&ddl.table).cloned() {
+                Some(mapping) => self.mapped_ddl(ddl, &mapping, change.lsn)?,
+                None => self.apply_ddl(ddl, change.lsn).await?,
+            },
             ChangeKind::TruncatePartition(truncate) => {
                 if !self.takes(&truncate.root, commit_lsn) {
                     return Ok(());
                 }
                 self.truncate_partition(truncate, change.lsn).await?;
+            }
+            ChangeKind::Insert { relation, .. }
+            | ChangeKind::Update { relation, .. }
+            | ChangeKind::Delete { relation, .. }
+                if self.mappings.contains_key(&relation.name) =>
+            {
+                let mapping = self.mapping_of(relation).expect("checked above");
+                self.apply_one_mapped(change, relation, &mapping).await?;
             }
             ChangeKind::Insert { relation, new } => {
                 let target = self.target_table(relation).await?;

@@ -1,0 +1,278 @@
+//! Tables written through a field mapping ([`crate::mapping`]): changes
+//! coalesced per source key like any other, then written by the mapping's
+//! statements, which compute the target row, apply its filter and record
+//! its rejection in one statement per batch and table.
+//!
+//! A mapped row is always written whole: an UPDATE whose new row leaves a
+//! TOASTed value unchanged takes it from the old row when the source sends
+//! that (`REPLICA IDENTITY FULL`); when a column the mapping needs is
+//! still missing, the apply stops and says so, rather than compute a
+//! target value from part of the row.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use tokio_postgres::types::ToSql;
+
+use super::PostgresSink;
+use super::batch::TableOp;
+use super::coalesce::{RowKey, RowOp, TableBatch, batch_for, key_of, put};
+use super::error::{ApplyError, session_error};
+use super::one::show_key;
+use super::pipeline::{TextColumn, text_columns};
+use crate::change::{Change, ChangeKind, Datum, Relation, Tuple};
+use crate::lsn::Lsn;
+use crate::mapping::Mapping;
+
+/// The positions of the mapping's source key in `relation`.
+pub(super) fn mapped_key(mapping: &Mapping, relation: &Relation) -> Result<Vec<usize>, ApplyError> {
+    mapping
+        .source_key
+        .iter()
+        .map(|k| {
+            relation.columns.iter().position(|c| c.name == *k).ok_or_else(|| {
+                ApplyError::Schema(format!(
+                    "{} no longer has column {k}, the key its mapping (map[{}]) finds rows by: restore it, or change the mapping and restart",
+                    relation.name, mapping.index
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The whole new row of an insert or update, with unchanged TOAST values
+/// taken from a whole old row; an error when a value the mapping needs is
+/// still missing.
+fn whole_row<'a>(
+    mapping: &Mapping,
+    relation: &Relation,
+    new: &'a Tuple,
+    old: Option<&Tuple>,
+    lsn: Lsn,
+) -> Result<Cow<'a, [Datum]>, ApplyError> {
+    if !new.0.contains(&Datum::UnchangedToast) {
+        return Ok(Cow::Borrowed(&new.0[..]));
+    }
+    let filled: Vec<Datum> = new
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match (d, old.and_then(|o| o.0.get(i))) {
+            (Datum::UnchangedToast, Some(before)) if *before != Datum::UnchangedToast => {
+                before.clone()
+            }
+            (d, _) => d.clone(),
+        })
+        .collect();
+    let missing = mapping.missing(|name| {
+        relation
+            .columns
+            .iter()
+            .position(|c| c.name == name)
+            .is_some_and(|i| filled.get(i).is_some_and(|d| *d != Datum::UnchangedToast))
+    });
+    if !missing.is_empty() {
+        return Err(ApplyError::Schema(format!(
+            "an UPDATE of {} at {lsn} left column(s) {} unchanged (a TOASTed value the source does not send), and the mapping (map[{}]) computes the target row from them: \
+             run ALTER TABLE {} REPLICA IDENTITY FULL on the source, so that the old row carries them, then `cutover verify --repair` the table",
+            relation.name,
+            missing.join(", "),
+            mapping.index,
+            relation.name.quoted()
+        )));
+    }
+    Ok(Cow::Owned(filled))
+}
+
+impl PostgresSink {
+    /// The mapping of `relation`'s table, if it has one.
+    pub(super) fn mapping_of(&self, relation: &Relation) -> Option<Arc<Mapping>> {
+        self.mappings.get(&relation.name).cloned()
+    }
+
+    /// Merges a change to a mapped table into the pending batch.
+    pub(super) fn coalesce_mapped<'a>(
+        &self,
+        pending: &mut Vec<TableBatch<'a>>,
+        change: &'a Change,
+        relation: &Arc<Relation>,
+        mapping: &Mapping,
+    ) -> Result<(), ApplyError> {
+        let key_cols = mapped_key(mapping, relation)?;
+        let batch = batch_for(pending, relation, &key_cols);
+        match &change.kind {
+            ChangeKind::Insert { new, .. } => {
+                let row = whole_row(mapping, relation, new, None, change.lsn)?;
+                put(batch, key_of(&key_cols, new), RowOp::Upsert(row), change.lsn);
+            }
+            ChangeKind::Update { old, new, .. } => {
+                let key = key_of(&key_cols, new);
+                if let Some(old) = old {
+                    let old_key: RowKey = key_of(&key_cols, old.tuple());
+                    if old_key != key {
+                        put(batch, old_key, RowOp::Delete, change.lsn);
+                    }
+                }
+                let row = whole_row(
+                    mapping,
+                    relation,
+                    new,
+                    old.as_ref().map(|o| o.tuple()),
+                    change.lsn,
+                )?;
+                put(batch, key, RowOp::Upsert(row), change.lsn);
+            }
+            ChangeKind::Delete { old, .. } => {
+                put(batch, key_of(&key_cols, old.tuple()), RowOp::Delete, change.lsn);
+            }
+            ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) | ChangeKind::Ddl(_) => {
+                unreachable!("truncates and DDL are barriers")
+            }
+        }
+        Ok(())
+    }
+
+    /// The statements for one mapped table of a batch: its deletes by
+    /// source key, then its rows written through the mapping.
+    pub(super) async fn mapped_ops<'b>(
+        &mut self,
+        batch: &'b TableBatch<'_>,
+        mapping: &Mapping,
+        ops: &mut Vec<TableOp<'b>>,
+    ) -> Result<(), ApplyError> {
+        let relation = &batch.relation;
+        let mut deletes: Vec<&RowKey> = Vec::new();
+        let mut rows: Vec<&[Datum]> = Vec::new();
+        for entry in &batch.rows {
+            match &entry.op {
+                RowOp::Delete => deletes.push(&entry.key),
+                RowOp::Upsert(row) | RowOp::Patch(row) => rows.push(row),
+            }
+        }
+        if !deletes.is_empty() {
+            let keys: Vec<&str> = batch
+                .key
+                .iter()
+                .map(|i| relation.columns[*i].name.as_str())
+                .collect();
+            let sql = mapping.delete_sql(&mapping.typed_rows(&keys, 1));
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: (0..keys.len())
+                    .map(|j| TextColumn(deletes.iter().map(|k| k[j]).collect()))
+                    .collect(),
+                what: "deleting (mapped) from",
+                table: &relation.name,
+                expect: None,
+            });
+        }
+        if !rows.is_empty() {
+            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+            let sql = mapping.write_sql(&mapping.typed_rows(&names, 1));
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: text_columns(&rows, 0..names.len()),
+                what: "writing (mapped) rows of",
+                table: &relation.name,
+                expect: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// One change to a mapped table, on its own (the slow path): its
+    /// statements run one by one, a refusal naming the change.
+    pub(super) async fn apply_one_mapped(
+        &mut self,
+        change: &Change,
+        relation: &Arc<Relation>,
+        mapping: &Mapping,
+    ) -> Result<(), ApplyError> {
+        let mut pending = Vec::new();
+        self.coalesce_mapped(&mut pending, change, relation, mapping)?;
+        let mut ops = Vec::new();
+        for batch in &pending {
+            self.mapped_ops(batch, mapping, &mut ops).await?;
+        }
+        let key_cols = mapped_key(mapping, relation)?;
+        let spec = Some(key_cols);
+        let shown = match &change.kind {
+            ChangeKind::Insert { new, .. } | ChangeKind::Update { new, .. } => {
+                show_key(relation, &spec, new)
+            }
+            ChangeKind::Delete { old, .. } => show_key(relation, &spec, old.tuple()),
+            _ => String::new(),
+        };
+        for op in &ops {
+            let params: Vec<&(dyn ToSql + Sync)> =
+                op.params.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            self.client
+                .execute(&op.statement, &params)
+                .await
+                .map_err(|err| match err.as_db_error() {
+                    Some(db) => ApplyError::Refused {
+                        op: change.kind.op(),
+                        table: relation.name.clone(),
+                        key: shown.clone(),
+                        lsn: change.lsn,
+                        detail: format!(
+                            "{} (through the mapping to {}, map[{}])",
+                            db.message(),
+                            mapping.target,
+                            mapping.index
+                        ),
+                        sqlstate: db.code().code().to_owned(),
+                    },
+                    None => session_error(format!(
+                        "applying {} on {}",
+                        change.kind.op(),
+                        relation.name
+                    ))(err),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Follows DDL on a mapped source table: it goes on as long as every
+    /// column the mapping uses is still there (a new column is left out
+    /// by the mapping); otherwise it stops, naming the mapping.
+    pub(super) fn mapped_ddl(
+        &self,
+        ddl: &crate::ddl::DdlChange,
+        mapping: &Mapping,
+        lsn: Lsn,
+    ) -> Result<(), ApplyError> {
+        let stop = |problem: String| ApplyError::Ddl {
+            table: ddl.table.clone(),
+            lsn,
+            statement: ddl.statement.trim().to_owned(),
+            problem,
+            fix: format!(
+                "change {} and map[{}] to match, then restart",
+                mapping.target, mapping.index
+            ),
+        };
+        let Some(columns) = &ddl.columns else {
+            return Err(stop(format!(
+                "the source table is dropped; it is mapped to {}",
+                mapping.target
+            )));
+        };
+        let mut needed: Vec<&str> = mapping.uses.iter().map(|s| s.as_str()).collect();
+        needed.extend(mapping.source_key.iter().map(|s| s.as_str()));
+        let gone: Vec<&str> = needed
+            .into_iter()
+            .filter(|n| !columns.iter().any(|c| c.name == *n))
+            .collect();
+        if !gone.is_empty() {
+            return Err(stop(format!(
+                "column(s) {} that the mapping to {} uses are gone",
+                gone.join(", "),
+                mapping.target
+            )));
+        }
+        tracing::warn!(table = %ddl.table, target = %mapping.target, statement = %ddl.statement.trim(),
+            "DDL on a mapped table: the mapping still finds every column it uses; a new source column is left out unless [map.columns] names it");
+        Ok(())
+    }
+}
