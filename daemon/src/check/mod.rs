@@ -7,6 +7,7 @@
 
 mod groups;
 mod kafka;
+mod maps;
 pub mod report;
 mod tables;
 
@@ -169,9 +170,22 @@ pub async fn run(config: &Config, options: CheckOptions) -> Report {
             {
                 probe_failed(&mut report, "source", &err);
             }
+            // A mapped table is checked through its mapping, not by name.
+            let same_shape: Vec<Table> = in_scope
+                .iter()
+                .filter(|t| !config.mappings.iter().any(|m| m.source == t.name))
+                .cloned()
+                .collect();
             if let Some(target_client) = &target
                 && let Err(err) =
-                    tables::target_table_checks(&mut report, target_client, &in_scope).await
+                    tables::target_table_checks(&mut report, target_client, &same_shape).await
+            {
+                probe_failed(&mut report, "target", &err);
+            }
+            if let Some(target_client) = &target
+                && let Err(err) =
+                    maps::map_checks(&mut report, source_client, target_client, config, &in_scope)
+                        .await
             {
                 probe_failed(&mut report, "target", &err);
             }

@@ -361,6 +361,15 @@ pub async fn run(
         let rejected = cutover_replication::mapping::rejected(&target, mapping, SAMPLES)
             .await
             .map_err(query("target", format!("reading the rows {} rejected", mapping.source)))?;
+        if !mapping.rejects.is_empty() {
+            let reasons: Vec<String> = rejected
+                .by_reason
+                .iter()
+                .map(|(reason, n)| format!("{reason}: {n}"))
+                .collect();
+            tracing::info!(table = %mapping.source, target = %mapping.target, rejected = rejected.total(),
+                reasons = %reasons.join(", "), "copied through its mapping; rows rejected by reason are in cutover.rejected on the target");
+        }
         if let Some(mut record) = store.table_copy(&mapping.source)? {
             record.target = Some(mapping.target.clone());
             record.rejected = (!mapping.rejects.is_empty()).then_some(rejected);

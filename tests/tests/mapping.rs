@@ -1,0 +1,183 @@
+//! Field mappings (`[[map]]`): a table shaped like the seed's
+//! `beneficiaries` written to a differently shaped `people` table on the
+//! target (a renamed key, a code mapped through a lookup table that only
+//! the target has, a derived flag, a dropped column, rows without a name
+//! rejected and counted), through the copy, the stream, `verify`, and a
+//! switch and rollback with an inverse mapping.
+
+use std::time::Duration;
+
+use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover, wait_for};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The source's table, and a copy of the target's lookup table in a
+/// schema out of scope, from which the test computes what the target must
+/// hold without cutover's help.
+const SOURCE: &str = "
+CREATE TABLE beneficiaries (
+    id bigint PRIMARY KEY,
+    beneficiary_name text,
+    registration_date date NOT NULL,
+    location_code text NOT NULL,
+    programme_id int NOT NULL,
+    legacy_flags text
+);
+CREATE SCHEMA lookup;
+CREATE TABLE lookup.location_map (old_code text PRIMARY KEY, region text NOT NULL);
+INSERT INTO lookup.location_map VALUES ('LOC-1', 'north'), ('LOC-2', 'south'), ('LOC-3', 'east');
+INSERT INTO beneficiaries
+     SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'Beneficiary ' || g END,
+            date '2015-01-01' + (g * 37 % 3650)::int, 'LOC-' || (g % 4),
+            CASE WHEN g = 77 THEN 999 ELSE 1 + g % 5 END, 'flags ' || g
+       FROM generate_series(1, 200) g;
+";
+
+/// The target's tables: the new shape, and the lookup table.
+const TARGET: &str = "
+CREATE TABLE location_map (old_code text PRIMARY KEY, region text NOT NULL);
+INSERT INTO location_map VALUES ('LOC-1', 'north'), ('LOC-2', 'south'), ('LOC-3', 'east');
+CREATE TABLE people (
+    person_id bigint PRIMARY KEY,
+    full_name text NOT NULL,
+    region text,
+    registered date NOT NULL,
+    is_recent boolean NOT NULL,
+    programme_id int NOT NULL,
+    migrated_at timestamptz NOT NULL DEFAULT now()
+);
+";
+
+const MAP: &str = r#"
+[[map]]
+source = "public.beneficiaries"
+target = "public.people"
+where = "beneficiary_name IS NOT NULL"
+[map.columns]
+person_id = "id"
+full_name = "beneficiary_name"
+region = "(SELECT region FROM location_map WHERE old_code = location_code)"
+registered = "registration_date"
+is_recent = "registration_date >= date '2020-01-01'"
+[map.reject]
+unknown_programme = "programme_id > 900"
+"#;
+
+/// What `people` must hold, computed on the source from its own rows.
+const EXPECTED: &str = "
+SELECT id, beneficiary_name, (SELECT region FROM lookup.location_map WHERE old_code = location_code),
+       registration_date, registration_date >= date '2020-01-01', programme_id
+  FROM beneficiaries
+ WHERE beneficiary_name IS NOT NULL AND NOT programme_id > 900";
+
+const ACTUAL: &str =
+    "SELECT person_id, full_name, region, registered, is_recent, programme_id FROM people";
+
+async fn rows(cluster: &cutover_tests::Cluster, sql: &str) -> Vec<String> {
+    cluster
+        .client("app")
+        .await
+        .query(&format!("SELECT r::text FROM ({sql}) r ORDER BY 1"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn wait_mapped(pair: &Pair) {
+    let mut last = (Vec::new(), Vec::new());
+    let done = tokio::time::timeout(WAIT, async {
+        loop {
+            let expected = rows(&pair.source, EXPECTED).await;
+            let actual = rows(&pair.target, ACTUAL).await;
+            if expected == actual {
+                return;
+            }
+            last = (expected, actual);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    if done.is_err() {
+        let (expected, actual) = last;
+        let missing: Vec<&String> = expected.iter().filter(|r| !actual.contains(r)).take(5).collect();
+        let extra: Vec<&String> = actual.iter().filter(|r| !expected.contains(r)).take(5).collect();
+        panic!(
+            "people differs from the source as mapped: expected {} rows, found {}; missing {missing:?}; extra {extra:?}",
+            expected.len(),
+            actual.len()
+        );
+    }
+}
+
+async fn rejected(pair: &Pair) -> Vec<String> {
+    rows(&pair.target, "SELECT key, reason FROM cutover.rejected").await
+}
+
+#[tokio::test]
+async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_rejected_row_counted()
+{
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.on_source(SOURCE).await;
+    pair.target.execute("app", TARGET).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), &format!("[replication]\ntables = [\"public.*\"]\n{MAP}"));
+
+    let check = run_cutover(&["--config", config.to_str().unwrap(), "check"], &[]);
+    assert_eq!(check.code, 0, "{}", check.all_output());
+
+    let mut daemon = Daemon::start_streaming(&config).await;
+    wait_mapped(&pair).await;
+    // 20 rows without a name, one in an unknown programme.
+    let recorded = rejected(&pair).await;
+    assert_eq!(recorded.len(), 21, "{recorded:?}");
+    assert!(recorded.contains(&"({77},unknown_programme)".to_owned()), "{recorded:?}");
+    assert!(recorded.contains(&"({10},where)".to_owned()), "{recorded:?}");
+    let log = daemon.log_of_this_start();
+    assert!(log.contains("rejected"), "{log}");
+
+    for sql in [
+        // A new row, a new rejected row.
+        "INSERT INTO beneficiaries VALUES (1001, 'New', '2024-05-01', 'LOC-1', 2, 'x'),
+                                          (1002, NULL, '2024-05-01', 'LOC-2', 2, 'x')",
+        // Out of the filter: deleted on the target, recorded.
+        "UPDATE beneficiaries SET beneficiary_name = NULL WHERE id IN (1, 2)",
+        // Into the filter: inserted, the record gone.
+        "UPDATE beneficiaries SET beneficiary_name = 'Named at last' WHERE id IN (10, 20)",
+        // A code mapped anew, a column the mapping drops.
+        "UPDATE beneficiaries SET location_code = 'LOC-3', legacy_flags = 'gone' WHERE id = 3",
+        // The key the mapping renames changes, then the row goes.
+        "UPDATE beneficiaries SET id = 5000 WHERE id = 4",
+        "UPDATE beneficiaries SET id = 5001 WHERE id = 30",
+        "DELETE FROM beneficiaries WHERE id IN (5, 40, 5000)",
+        // Several changes to one key in one transaction.
+        "BEGIN; UPDATE beneficiaries SET beneficiary_name = NULL WHERE id = 6;
+                UPDATE beneficiaries SET beneficiary_name = 'Back' WHERE id = 6;
+                UPDATE beneficiaries SET programme_id = 950 WHERE id = 7; COMMIT;",
+    ] {
+        pair.on_source(sql).await;
+    }
+    wait_mapped(&pair).await;
+    let recorded = rejected(&pair).await;
+    for expected in ["({1},where)", "({2},where)", "({1002},where)", "({5001},where)", "({7},unknown_programme)"] {
+        assert!(recorded.contains(&expected.to_owned()), "{expected} not in {recorded:?}");
+    }
+    for gone in ["({10},where)", "({20},where)", "({30},where)", "({40},where)", "({6},where)"] {
+        assert!(!recorded.contains(&gone.to_owned()), "{gone} still in {recorded:?}");
+    }
+    // Every source row is on the target or recorded as rejected, once.
+    let source_rows: i64 = pair.source.query_value("app", "SELECT count(*) FROM beneficiaries").await;
+    let target_rows: i64 = pair.target.query_value("app", "SELECT count(*) FROM people").await;
+    assert_eq!(source_rows, target_rows + recorded.len() as i64);
+
+    // A TRUNCATE empties the target table and its records.
+    pair.on_source("TRUNCATE beneficiaries; INSERT INTO beneficiaries VALUES (1, NULL, '2020-01-01', 'LOC-1', 1, NULL), (2, 'Two', '2020-01-01', 'LOC-9', 1, NULL)").await;
+    wait_mapped(&pair).await;
+    wait_for("the records to follow the truncate", WAIT, || async {
+        (rejected(&pair).await == vec!["({1},where)".to_owned()]).then_some(())
+    })
+    .await;
+    assert!(daemon.running(), "{}", daemon.log());
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
