@@ -648,6 +648,92 @@ impl Mapping {
         )
     }
 
+    /// `CREATE TEMPORARY TABLE x ... AS`: the rows of `stage` (a
+    /// [`Mapping::stage_sql`] table) each with its reason, computed once.
+    pub fn reasons_table_sql(&self, stage: &str, x: &str) -> String {
+        format!(
+            "CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT s.*, {} AS {REASON} FROM {} AS s",
+            quote_ident(x),
+            self.reason(),
+            quote_ident(stage)
+        )
+    }
+
+    /// `SELECT reason, count(*)` of the rejected rows of `x` (a
+    /// [`Mapping::reasons_table_sql`] table).
+    pub fn rejected_in_sql(&self, x: &str) -> String {
+        format!(
+            "SELECT {REASON}, count(*) FROM {} WHERE {REASON} IS NOT NULL GROUP BY 1 ORDER BY 1",
+            quote_ident(x)
+        )
+    }
+
+    /// The rows of `x` whose record in `cutover.rejected` disagrees (a
+    /// rejected row not recorded, or with another reason, or a record of
+    /// a row that passes or is gone): how many.
+    pub fn records_off_sql(&self, x: &str) -> String {
+        format!(
+            "SELECT count(*) FROM (SELECT {key} AS key, {REASON} AS reason FROM {x} WHERE {REASON} IS NOT NULL) a \
+             FULL JOIN (SELECT key, reason FROM {REJECTED} WHERE map = {map}) b ON a.key = b.key \
+             WHERE a.key IS NULL OR b.key IS NULL OR a.reason IS DISTINCT FROM b.reason",
+            key = self.key_array(),
+            x = quote_ident(x),
+            map = Literal(&self.map_name()),
+        )
+    }
+
+    /// The target rows that differ from the passing rows of `x` as mapped
+    /// (every column the mapping writes, compared as text), joined on the
+    /// target's key: `kind` (`missing`, `extra`, `changed`), the key as
+    /// `(col=value, ...)`, and for `changed` the columns that differ.
+    pub fn diff_sql(&self, x: &str) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        let on: Vec<String> = self
+            .target_key
+            .iter()
+            .map(|k| format!("m.{0} = t.{0}", quote_ident(k)))
+            .collect();
+        let first = quote_ident(&self.target_key[0]);
+        let shown: Vec<String> = self
+            .target_key
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} || coalesce(coalesce(m.{q}, t.{q})::text, 'NULL')",
+                    Literal(&format!("{k}=")),
+                    q = quote_ident(k)
+                )
+            })
+            .collect();
+        let differs: Vec<String> = names
+            .iter()
+            .map(|n| {
+                format!(
+                    "CASE WHEN m.{q}::text IS DISTINCT FROM t.{q}::text THEN {} END",
+                    Literal(n),
+                    q = quote_ident(n)
+                )
+            })
+            .collect();
+        format!(
+            "SELECT CASE WHEN t.{first} IS NULL THEN 'missing' WHEN m.{first} IS NULL THEN 'extra' ELSE 'changed' END AS kind, \
+                    '(' || concat_ws(', ', {shown}) || ')' AS key, \
+                    array_remove(ARRAY[{differs}]::text[], NULL) AS columns \
+               FROM (SELECT {mapped} FROM {x} WHERE {REASON} IS NULL) AS m \
+               FULL JOIN (SELECT {cols} FROM {target}) AS t ON {on} \
+              WHERE m.{first} IS NULL OR t.{first} IS NULL OR ({m_row}) IS DISTINCT FROM ({t_row})",
+            shown = shown.join(", "),
+            differs = differs.join(", "),
+            mapped = self.mapped_select(),
+            x = quote_ident(x),
+            cols = idents(&names),
+            target = self.target_rows(),
+            on = on.join(" AND "),
+            m_row = text_row("m", &names),
+            t_row = text_row("t", &names),
+        )
+    }
+
     /// A statement the server written to must accept for the mapping to
     /// work: every expression and condition over a row of `stage` (a
     /// [`Mapping::stage_sql`] table), cast to the target's types.
@@ -669,6 +755,15 @@ impl Mapping {
             .map(|u| u.as_str())
             .collect()
     }
+}
+
+/// `ROW(alias."a"::text, ...)`.
+fn text_row(alias: &str, names: &[&str]) -> String {
+    let parts: Vec<String> = names
+        .iter()
+        .map(|n| format!("{alias}.{}::text", quote_ident(n)))
+        .collect();
+    format!("ROW({})", parts.join(", "))
 }
 
 /// Creates `cutover.rejected` on the server written to, if missing.

@@ -375,9 +375,11 @@ pub async fn copy_chunk_mapped_in(
     Ok(stats)
 }
 
-/// Pipes `COPY ... TO STDOUT` on the source into `COPY ... FROM STDIN`
-/// on the target.
-async fn pipe(
+/// Pipes `COPY ... TO STDOUT` on the source (`source_sql`) into `COPY
+/// ... FROM STDIN` on the target (`target_sql`) in `transaction`: what a
+/// chunk does, for callers that load elsewhere (a verify's temporary
+/// table). `chunk` names the tables in errors.
+pub async fn pipe(
     source: &Client,
     transaction: &Transaction<'_>,
     chunk: &Chunk,

@@ -122,7 +122,7 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
     pair.on_source(SOURCE).await;
     pair.target.execute("app", TARGET).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = pair.config(dir.path(), &format!("[replication]\ntables = [\"public.*\"]\n{MAP}"));
+    let config = pair.config(dir.path(), &format!("allow_no_password = true\n[replication]\ntables = [\"public.*\"]\n{MAP}"));
 
     let check = run_cutover(&["--config", config.to_str().unwrap(), "check"], &[]);
     assert_eq!(check.code, 0, "{}", check.all_output());
@@ -170,6 +170,64 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
     let source_rows: i64 = pair.source.query_value("app", "SELECT count(*) FROM beneficiaries").await;
     let target_rows: i64 = pair.target.query_value("app", "SELECT count(*) FROM people").await;
     assert_eq!(source_rows, target_rows + recorded.len() as i64);
+
+    // verify compares the target with the source as mapped, beside the
+    // running daemon, and reconciles every row.
+    let verify = run_cutover(&["--config", config.to_str().unwrap(), "verify"], &[]);
+    let out = verify.all_output();
+    assert_eq!(verify.code, 0, "{out}");
+    assert!(out.contains("VALIDATED"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("public.beneficiaries -> public.people"))
+        .unwrap_or_else(|| panic!("no reconciliation line: {out}"));
+    let figures: Vec<&str> = line.split_whitespace().skip(3).collect();
+    assert_eq!(
+        figures,
+        [
+            source_rows.to_string(),
+            recorded.len().to_string(),
+            target_rows.to_string(),
+            target_rows.to_string(),
+            "0".to_owned()
+        ],
+        "{out}"
+    );
+    assert!(out.contains("rejected by unknown_programme: 2"), "{out}");
+    let report = std::fs::read_to_string(dir.path().join("state/validation_report.json")).unwrap();
+    assert!(report.contains("\"written_to\": \"public.people\""), "{report}");
+
+    // A target that drifted from the mapping is caught, row by row.
+    pair.target
+        .execute(
+            "app",
+            "UPDATE people SET full_name = 'Someone else' WHERE person_id = 3;
+             DELETE FROM people WHERE person_id = 8;
+             INSERT INTO people (person_id, full_name, registered, is_recent, programme_id) VALUES (424242, 'Stray', '2020-01-01', true, 1);
+             DELETE FROM cutover.rejected WHERE key = '{1}';",
+        )
+        .await;
+    let verify = run_cutover(&["--config", config.to_str().unwrap(), "verify"], &[]);
+    let out = verify.all_output();
+    assert_eq!(verify.code, 1, "{out}");
+    for expected in [
+        "changed: (person_id=3) in full_name",
+        "missing on target: (person_id=8)",
+        "extra on target: (person_id=424242)",
+        "1 rejected rows disagree with their record",
+        "FAILED",
+    ] {
+        assert!(out.contains(expected), "{expected:?} not in {out}");
+    }
+    pair.target
+        .execute(
+            "app",
+            "DELETE FROM people WHERE person_id = 424242;
+             INSERT INTO cutover.rejected (map, key, reason) VALUES ('public.beneficiaries', '{1}', 'where');",
+        )
+        .await;
+    pair.on_source("UPDATE beneficiaries SET beneficiary_name = beneficiary_name WHERE id IN (3, 8)").await;
+    wait_mapped(&pair).await;
 
     // A TRUNCATE empties the target table and its records.
     pair.on_source("TRUNCATE beneficiaries; INSERT INTO beneficiaries VALUES (1, NULL, '2020-01-01', 'LOC-1', 1, NULL), (2, 'Two', '2020-01-01', 'LOC-9', 1, NULL)").await;

@@ -52,6 +52,7 @@ mod beside;
 pub mod continuous;
 mod daemon;
 mod integrity;
+mod mapped;
 mod progress;
 mod repair;
 mod report;
@@ -243,6 +244,10 @@ async fn plans(config: &Config, group: Option<&str>) -> Result<Vec<table::Plan>,
         .map_err(query("target", "listing tables"))?;
     let mut plans = Vec::with_capacity(tables.len());
     for table in tables {
+        // Compared through its mapping (`mapped`), not by name.
+        if mapped::is_mapped(config, &table.name) {
+            continue;
+        }
         let Some(on_target) = targets.iter().find(|t| t.name == table.name) else {
             return Err(VerifyError::MissingTable(table.name));
         };
@@ -407,6 +412,14 @@ async fn compare(
         migration
     };
     let mut plans = plans(config, group).await?;
+    let mut mapped_tables = {
+        let source = connect(config, "source").await?;
+        let tables = copy::tables_in_scope(&source, config).await?;
+        mapped::mapped_tables(config, &tables).await?
+    };
+    if let Some(group) = group {
+        mapped_tables.retain(|(m, _)| config.groups.group_of(&m.source) == group);
+    }
     // A moved group's rows are the target's: a verify of every table
     // compares the target to the source, and would repair the primary's
     // rows.
@@ -461,8 +474,25 @@ async fn compare(
 
     // 4. Foreign keys on the target, then every table, `workers` at a
     // time.
-    let names: Vec<TableName> = plans.iter().map(|p| p.table().name.clone()).collect();
+    let names: Vec<TableName> = plans
+        .iter()
+        .map(|p| p.table().name.clone())
+        .chain(mapped_tables.iter().map(|(m, _)| m.target.clone()))
+        .collect();
     let integrity = integrity::check(&targets[0], &names).await?;
+    // Mapped tables, one after the other, on the first source reader
+    // (before the others start: a reader runs one statement at a time).
+    let mut mapped_reports = Vec::with_capacity(mapped_tables.len());
+    if !mapped_tables.is_empty() {
+        let exported: String = targets[0]
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .map_err(query("target", "exporting the verify's snapshot"))?
+            .get(0);
+        for (mapping, table) in &mapped_tables {
+            mapped_reports.push(mapped::compare(config, mapping, table, &sources[0], &exported, at).await?);
+        }
+    }
     // A repair writes what this run found: it starts afresh.
     let progress = Arc::new(progress::ProgressFile::open(&config.state_dir, repair)?);
     let compared = compare_all(
@@ -520,6 +550,7 @@ async fn compare(
             }
             report
         })
+        .chain(mapped_reports)
         .collect();
     let date = crate::console::timestamp(crate::store::now_secs());
     let mut report = Report::new(

@@ -93,6 +93,31 @@ pub struct TableReport {
     /// Rows `--repair` wrote, as `inserted (id=1)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<String>,
+    /// A table written through a `[[map]]`: its reconciliation. Its
+    /// `source_rows` above are then the rows expected on the target (the
+    /// source's, less those rejected), compared as mapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<Reconciliation>,
+}
+
+/// A mapped table's reconciliation at the compared position.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reconciliation {
+    /// The table written.
+    pub written_to: String,
+    /// Rows of the source table.
+    pub source_rows: u64,
+    /// Rows the mapping rejects, by reason.
+    pub rejected: Vec<(String, i64)>,
+    /// Rows the target should hold.
+    pub expected: i64,
+    /// Rows it holds.
+    pub target_rows: i64,
+    /// `target_rows - expected`.
+    pub variance: i64,
+    /// Rejected rows whose record in `cutover.rejected` disagrees (missing,
+    /// another reason, or a record of a row that is not rejected).
+    pub records_off: u64,
 }
 
 impl TableReport {
@@ -112,6 +137,7 @@ impl TableReport {
             target_checksum: String::new(),
             samples: Vec::new(),
             repaired: Vec::new(),
+            mapped: None,
         }
     }
 
@@ -148,9 +174,12 @@ impl TableReport {
         self.missing + self.extra + self.changed
     }
 
-    /// Whether the table is the same on both sides.
+    /// Whether the table is the same on both sides (and a mapped one's
+    /// records of rejection agree).
     pub fn equal_on_both_sides(&self) -> bool {
-        self.differing() == 0 && self.missing_columns.is_empty()
+        self.differing() == 0
+            && self.missing_columns.is_empty()
+            && self.mapped.as_ref().is_none_or(|m| m.records_off == 0)
     }
 }
 
@@ -245,7 +274,11 @@ impl Report {
             Verdict::Failed
         } else if tables.iter().all(TableReport::equal_on_both_sides) {
             Verdict::Validated
-        } else if repaired_at.is_some() && tables.iter().all(|t| t.missing_columns.is_empty()) {
+        } else if repaired_at.is_some()
+            && tables
+                .iter()
+                .all(|t| t.missing_columns.is_empty() && (t.mapped.is_none() || t.equal_on_both_sides()))
+        {
             // Every row found differing was written, or (beside a daemon)
             // read again equal; a failed repair is an error, not a report.
             Verdict::Repaired
@@ -318,8 +351,46 @@ impl Report {
                 t.table, t.source_rows, t.target_rows, t.equal, t.missing, t.extra, t.changed
             );
         }
+        let mapped: Vec<&TableReport> = self.tables.iter().filter(|t| t.mapped.is_some()).collect();
+        if !mapped.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nreconciliation of mapped tables:\n{:width$}  {:>12}  {:>9}  {:>12}  {:>12}  {:>8}",
+                "table", "source rows", "rejected", "expected", "target rows", "variance"
+            );
+            for t in &mapped {
+                let Some(m) = &t.mapped else { continue };
+                let rejected: i64 = m.rejected.iter().map(|(_, n)| n).sum();
+                let _ = writeln!(
+                    out,
+                    "{:width$}  {:>12}  {:>9}  {:>12}  {:>12}  {:>8}",
+                    format!("{} -> {}", t.table, m.written_to),
+                    m.source_rows,
+                    rejected,
+                    m.expected,
+                    m.target_rows,
+                    m.variance
+                );
+                for (reason, n) in &m.rejected {
+                    let _ = writeln!(out, "  rejected by {reason}: {n}");
+                }
+                if m.records_off > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  {} rejected rows disagree with their record in cutover.rejected on the target",
+                        m.records_off
+                    );
+                }
+            }
+        }
         for t in self.tables.iter().filter(|t| !t.equal_on_both_sides()) {
             let _ = writeln!(out, "\n{}:", t.table);
+            if t.mapped.is_some() && self.repaired_at.is_some() {
+                let _ = writeln!(
+                    out,
+                    "  not repaired: a mapped table is repaired by copying it again (empty the target table and run `cutover run --resync`)"
+                );
+            }
             if !t.missing_columns.is_empty() {
                 let _ = writeln!(
                     out,
