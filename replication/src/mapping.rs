@@ -14,6 +14,10 @@
 //! temporary table, or `unnest` of a batch's `text[]` columns), so that a
 //! row's target form does not depend on the path it took.
 //!
+//! In every statement the row read is named `src`: an expression may
+//! qualify a column of it (`src.region`) where a lookup table has a column
+//! of the same name.
+//!
 //! Rejected rows are recorded in `cutover.rejected` on the server written
 //! to, in the same statement as the rows (so the record commits with
 //! them): one row per rejected source key with its reason. A row that
@@ -532,7 +536,7 @@ impl Mapping {
     /// CTE named `x` computed once.
     fn with_reasons(&self, rows: &str) -> String {
         format!(
-            "x AS MATERIALIZED (SELECT s.*, {} AS {REASON} FROM ({rows}) AS s)",
+            "x AS MATERIALIZED (SELECT src.*, {} AS {REASON} FROM ({rows}) AS src)",
             self.reason()
         )
     }
@@ -567,14 +571,14 @@ impl Mapping {
                 key = self.key_array()
             ));
             ctes.push(format!(
-                "d AS (DELETE FROM {} WHERE ({}) IN (SELECT {} FROM x WHERE {REASON} IS NOT NULL))",
+                "d AS (DELETE FROM {} WHERE ({}) IN (SELECT {} FROM x AS src WHERE {REASON} IS NOT NULL))",
                 self.target_rows(),
                 idents(&self.target_key),
                 self.key_exprs().join(", ")
             ));
         }
         format!(
-            "WITH {} INSERT INTO {} ({}){} SELECT {} FROM x WHERE {REASON} IS NULL ON CONFLICT ({}) {action}",
+            "WITH {} INSERT INTO {} ({}){} SELECT {} FROM x AS src WHERE {REASON} IS NULL ON CONFLICT ({}) {action}",
             ctes.join(", "),
             self.target.quoted(),
             idents(&names),
@@ -602,7 +606,7 @@ impl Mapping {
             )
         };
         format!(
-            "WITH s AS ({rows}){forget} DELETE FROM {} WHERE ({}) IN (SELECT {} FROM s)",
+            "WITH s AS ({rows}){forget} DELETE FROM {} WHERE ({}) IN (SELECT {} FROM s AS src)",
             self.target_rows(),
             idents(&self.target_key),
             self.key_exprs().join(", ")
@@ -637,22 +641,11 @@ impl Mapping {
         })
     }
 
-    /// The target form of the passing rows of `rows`, each column named
-    /// after its target column, ordered by the target's key: what the
-    /// target must hold, for `verify`.
-    pub fn expected_sql(&self, rows: &str, order: &str) -> String {
-        format!(
-            "WITH {} SELECT {} FROM x WHERE {REASON} IS NULL ORDER BY {order}",
-            self.with_reasons(rows),
-            self.mapped_select()
-        )
-    }
-
     /// `CREATE TEMPORARY TABLE x ... AS`: the rows of `stage` (a
     /// [`Mapping::stage_sql`] table) each with its reason, computed once.
     pub fn reasons_table_sql(&self, stage: &str, x: &str) -> String {
         format!(
-            "CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT s.*, {} AS {REASON} FROM {} AS s",
+            "CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT src.*, {} AS {REASON} FROM {} AS src",
             quote_ident(x),
             self.reason(),
             quote_ident(stage)
@@ -719,7 +712,7 @@ impl Mapping {
             "SELECT CASE WHEN t.{first} IS NULL THEN 'missing' WHEN m.{first} IS NULL THEN 'extra' ELSE 'changed' END AS kind, \
                     '(' || concat_ws(', ', {shown}) || ')' AS key, \
                     array_remove(ARRAY[{differs}]::text[], NULL) AS columns \
-               FROM (SELECT {mapped} FROM {x} WHERE {REASON} IS NULL) AS m \
+               FROM (SELECT {mapped} FROM {x} AS src WHERE {REASON} IS NULL) AS m \
                FULL JOIN (SELECT {cols} FROM {target}) AS t ON {on} \
               WHERE m.{first} IS NULL OR t.{first} IS NULL OR ({m_row}) IS DISTINCT FROM ({t_row})",
             shown = shown.join(", "),
@@ -739,7 +732,7 @@ impl Mapping {
     /// [`Mapping::stage_sql`] table), cast to the target's types.
     pub fn probe_sql(&self, stage: &str) -> String {
         format!(
-            "SELECT {}, {} FROM {} AS s",
+            "SELECT {}, {} FROM {} AS src",
             self.mapped_select(),
             self.reason(),
             quote_ident(stage)

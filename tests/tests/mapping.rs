@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cutover_tests::{ClusterOptions, Daemon, Pair, run_cutover, wait_for};
 
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(90);
 
 /// The source's table, and a copy of the target's lookup table in a
 /// schema out of scope, from which the test computes what the target must
@@ -236,6 +236,122 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
         (rejected(&pair).await == vec!["({1},where)".to_owned()]).then_some(())
     })
     .await;
+    assert!(daemon.running(), "{}", daemon.log());
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
+
+/// The inverse of [`MAP`]: `people` written back to `beneficiaries` by the
+/// reverse stream after a switch, the region mapped back to a code through
+/// the source's own copy of the lookup table.
+const INVERSE: &str = r#"
+[map.inverse]
+id = "person_id"
+beneficiary_name = "full_name"
+registration_date = "registered"
+location_code = "coalesce((SELECT min(l.old_code) FROM lookup.location_map l WHERE l.region = src.region), 'LOC-0')"
+"#;
+
+/// A second table mapped one way only.
+const ONE_WAY: &str = r#"
+[[map]]
+source = "public.notes"
+target = "public.memos"
+[map.columns]
+memo_id = "id"
+text = "body"
+"#;
+
+#[tokio::test]
+async fn a_switch_and_rollback_carry_a_mapped_table_back_through_its_inverse() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    pair.on_source(SOURCE).await;
+    pair.on_source("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'one')")
+        .await;
+    pair.target.execute("app", TARGET).await;
+    pair.target
+        .execute("app", "CREATE TABLE memos (memo_id int PRIMARY KEY, text text)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        &format!("allow_no_password = true\n[replication]\ntables = [\"public.*\"]\n{MAP}{INVERSE}{ONE_WAY}"),
+    );
+    let check = run_cutover(&["--config", config.to_str().unwrap(), "check"], &[]);
+    let out = check.all_output();
+    assert_eq!(check.code, 0, "{out}");
+    assert!(out.contains("public.notes has no inverse"), "{out}");
+
+    let mut daemon = Daemon::start_streaming(&config).await;
+    wait_mapped(&pair).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+
+    let plan = run_cutover(&["--config", config.to_str().unwrap(), "switch", "--dry-run", "--verify"], &[]);
+    let out = plan.all_output();
+    assert_eq!(plan.code, 0, "{out}");
+    assert!(out.contains("public.notes -> public.memos has no [map.inverse]"), "{out}");
+    assert!(out.contains("a rollback will not carry them"), "{out}");
+    assert!(!out.contains("public.beneficiaries -> public.people has no"), "{out}");
+
+    let switched = run_cutover(&["--config", config.to_str().unwrap(), "switch", "--verify"], &[]);
+    assert_eq!(switched.code, 0, "{}", switched.all_output());
+
+    // The application writes the new shape on the target.
+    pair.target
+        .execute(
+            "app",
+            "INSERT INTO people (person_id, full_name, region, registered, is_recent, programme_id)
+                  VALUES (5555, 'Born on the target', 'south', '2025-01-02', true, 3);
+             UPDATE people SET region = 'east', full_name = 'Renamed' WHERE person_id = 11;
+             UPDATE people SET region = NULL WHERE person_id = 13;
+             DELETE FROM people WHERE person_id = 12;
+             INSERT INTO memos VALUES (9, 'stays on the target');",
+        )
+        .await;
+    let mut daemon = Daemon::start_streaming(&config).await;
+    let back = "SELECT id, beneficiary_name, registration_date, location_code, programme_id, legacy_flags
+                  FROM beneficiaries WHERE id IN (11, 12, 13, 5555)";
+    let expected = vec![
+        "(11,Renamed,2015-01-01,LOC-3,2,\"flags 11\")".to_owned(),
+        "(13,\"Beneficiary 13\",2016-01-02,LOC-0,4,\"flags 13\")".to_owned(),
+        "(5555,\"Born on the target\",2025-01-02,LOC-2,3,)".to_owned(),
+    ];
+    let registered: Vec<String> = rows(&pair.source, "SELECT registration_date::text FROM beneficiaries WHERE id IN (11, 13)").await;
+    let expected: Vec<String> = expected
+        .into_iter()
+        .map(|r| {
+            let date = |i: usize| registered[i].trim_matches(['(', ')']).to_owned();
+            r.replace("2015-01-01", &date(0)).replace("2016-01-02", &date(1))
+        })
+        .collect();
+    let _ = tokio::time::timeout(WAIT, async {
+        while rows(&pair.source, back).await != expected {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        rows(&pair.source, back).await,
+        expected,
+        "the target's changes on the source, in its shape:\n{}",
+        daemon.log()
+    );
+    assert_eq!(
+        rows(&pair.source, "SELECT id FROM notes").await,
+        vec!["(1)".to_owned()],
+        "a one-way table is not written back"
+    );
+    assert!(daemon.running(), "{}", daemon.log());
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+
+    // And back: the source is primary again, and streams through the
+    // mapping as before.
+    let rolled = run_cutover(&["--config", config.to_str().unwrap(), "rollback"], &[]);
+    assert_eq!(rolled.code, 0, "{}", rolled.all_output());
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.on_source("UPDATE beneficiaries SET beneficiary_name = 'After the rollback' WHERE id = 14;
+                    UPDATE beneficiaries SET beneficiary_name = NULL WHERE id = 15")
+        .await;
+    wait_mapped(&pair).await;
     assert!(daemon.running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }

@@ -572,6 +572,26 @@ impl<'a> Ctx<'a> {
             None => String::new(),
         };
         let _ = state;
+        let one_way: Vec<String> = self
+            .config
+            .mappings
+            .iter()
+            .filter(|m| m.inverse.is_none())
+            .map(|m| {
+                format!(
+                    "  one-way         {} -> {} has no [map.inverse]: changes made to {} are not carried back to {}{}",
+                    m.source,
+                    m.target,
+                    m.target,
+                    m.source,
+                    if self.new_direction == Direction::Reverse {
+                        ", and a rollback will not carry them"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
         Ok(vec![
             format!(
                 "  preflight       {checks}; catch up {lag} bytes of WAL while writes go on (at most switch.max_lag_seconds = {} s)",
@@ -612,7 +632,10 @@ impl<'a> Ctx<'a> {
                 self.old_config.slot,
                 self.old_name()
             ),
-        ])
+        ]
+        .into_iter()
+        .chain(one_way)
+        .collect())
     }
 
     /// WAL the old direction's slot holds that the other side lacks.
