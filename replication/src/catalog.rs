@@ -107,7 +107,11 @@ impl TablePattern {
     /// A pattern that matches `table` alone.
     pub fn exact(table: &TableName) -> TablePattern {
         TablePattern {
-            text: format!("{}.{}", quote_ident(&table.schema), quote_ident(&table.name)),
+            text: format!(
+                "{}.{}",
+                quote_ident(&table.schema),
+                quote_ident(&table.name)
+            ),
             schema: table.schema.chars().map(GlobToken::Literal).collect(),
             name: table.name.chars().map(GlobToken::Literal).collect(),
         }

@@ -202,7 +202,8 @@ pub fn referenced(expr: &str, columns: &[String]) -> Vec<String> {
             words.push(word);
         } else if c.is_alphabetic() || c == '_' {
             let mut word = String::new();
-            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$')
+            while i < chars.len()
+                && (chars[i].is_alphanumeric() || chars[i] == '_' || chars[i] == '$')
             {
                 word.extend(chars[i].to_lowercase());
                 i += 1;
@@ -377,7 +378,11 @@ pub fn resolve(
                     if column.uses.is_empty() {
                         "no source column".to_owned()
                     } else {
-                        outside.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                        outside
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     },
                     source_key.join(", ")
                 ),
@@ -387,7 +392,10 @@ pub fn resolve(
     let mut rejects = Vec::new();
     if let Some(filter) = &spec.filter {
         if filter.trim().is_empty() {
-            return Err(problem(spec.key("where"), "is empty: give a condition or leave it out"));
+            return Err(problem(
+                spec.key("where"),
+                "is empty: give a condition or leave it out",
+            ));
         }
         rejects.push((
             WHERE_REASON.to_owned(),
@@ -409,11 +417,9 @@ pub fn resolve(
     }
     uses.sort();
     uses.dedup();
-    let overriding = columns.iter().any(|c| {
-        target
-            .column(&c.name)
-            .is_some_and(|t| t.identity_always)
-    });
+    let overriding = columns
+        .iter()
+        .any(|c| target.column(&c.name).is_some_and(|t| t.identity_always));
     Ok(Mapping {
         index: spec.index,
         source: spec.source.clone(),
@@ -441,7 +447,10 @@ impl Mapping {
 
     /// The source column names.
     pub fn source_names(&self) -> Vec<&str> {
-        self.source_columns.iter().map(|c| c.name.as_str()).collect()
+        self.source_columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect()
     }
 
     /// How `cutover.rejected` names this mapping: the source table.
@@ -559,24 +568,7 @@ impl Mapping {
             format!("DO UPDATE SET {}", updates.join(", "))
         };
         let mut ctes = vec![self.with_reasons(rows)];
-        if !self.rejects.is_empty() {
-            let map = Literal(&self.map_name()).to_string();
-            ctes.push(format!(
-                "r AS (INSERT INTO {REJECTED} (map, key, reason) SELECT {map}, {key}, {REASON} FROM x WHERE {REASON} IS NOT NULL \
-                 ON CONFLICT (map, key) DO UPDATE SET reason = EXCLUDED.reason, at = now())",
-                key = self.key_array()
-            ));
-            ctes.push(format!(
-                "a AS (DELETE FROM {REJECTED} WHERE map = {map} AND key IN (SELECT {key} FROM x WHERE {REASON} IS NULL))",
-                key = self.key_array()
-            ));
-            ctes.push(format!(
-                "d AS (DELETE FROM {} WHERE ({}) IN (SELECT {} FROM x AS src WHERE {REASON} IS NOT NULL))",
-                self.target_rows(),
-                idents(&self.target_key),
-                self.key_exprs().join(", ")
-            ));
-        }
+        ctes.extend(self.reject_ctes());
         format!(
             "WITH {} INSERT INTO {} ({}){} SELECT {} FROM x AS src WHERE {REASON} IS NULL ON CONFLICT ({}) {action}",
             ctes.join(", "),
@@ -590,6 +582,92 @@ impl Mapping {
             self.mapped_select(),
             idents(&self.target_key),
         )
+    }
+
+    /// Whether a row lacking the values of `missing` (unchanged TOAST the
+    /// source did not send) can still be written: no condition and no key
+    /// needs them, and each target column that does is a plain copy of
+    /// one of them (left as it is on the target).
+    pub fn patchable(&self, missing: &[&str]) -> bool {
+        let touches = |uses: &[String]| uses.iter().any(|u| missing.contains(&u.as_str()));
+        let names: Vec<String> = missing.iter().map(|m| (*m).to_owned()).collect();
+        self.rejects
+            .iter()
+            .all(|(_, condition)| referenced(condition, &names).is_empty())
+            && self.columns.iter().all(|c| {
+                if !touches(&c.uses) {
+                    return true;
+                }
+                !self.target_key.contains(&c.name)
+                    && c.uses.len() == 1
+                    && c.expr == quote_ident(&c.uses[0])
+            })
+    }
+
+    /// One statement for rows that lack the values of `missing` (see
+    /// [`Mapping::patchable`]): as [`Mapping::write_sql`], except that
+    /// passing rows update the target row in place, leaving the columns
+    /// fed by `missing` as they are. It returns one row per passing row
+    /// the target lacks (one rejected until now, which cannot be built
+    /// without the missing values): the caller expects none.
+    pub fn patch_sql(&self, rows: &str, missing: &[&str]) -> String {
+        let keys = idents(&self.target_key).qualified("t").to_string();
+        // The new values are computed apart (`n`), so that an expression's
+        // column names cannot meet the target table's in the UPDATE.
+        let sets: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| !self.target_key.contains(&c.name))
+            .filter(|c| !c.uses.iter().any(|u| missing.contains(&u.as_str())))
+            .map(|c| format!("{0} = n.{0}", quote_ident(&c.name)))
+            .collect();
+        let sets = if sets.is_empty() {
+            let first = quote_ident(&self.target_key[0]);
+            format!("{first} = t.{first}")
+        } else {
+            sets.join(", ")
+        };
+        let mut ctes = vec![self.with_reasons(rows)];
+        ctes.extend(self.reject_ctes());
+        ctes.push(format!(
+            "u AS (UPDATE {} AS t SET {sets} FROM (SELECT {} FROM x AS src WHERE {REASON} IS NULL) AS n \
+             WHERE ({keys}) = ({}) RETURNING {keys})",
+            self.target_rows(),
+            self.mapped_select(),
+            idents(&self.target_key).qualified("n")
+        ));
+        format!(
+            "WITH {} SELECT 1 FROM x AS src WHERE {REASON} IS NULL AND ({}) NOT IN (SELECT * FROM u)",
+            ctes.join(", "),
+            self.key_exprs().join(", ")
+        )
+    }
+
+    /// The CTEs that record rejected rows, forget the records of passing
+    /// ones and delete rejected rows from the target (none when nothing
+    /// can be rejected).
+    fn reject_ctes(&self) -> Vec<String> {
+        if self.rejects.is_empty() {
+            return Vec::new();
+        }
+        let map = Literal(&self.map_name()).to_string();
+        vec![
+            format!(
+                "r AS (INSERT INTO {REJECTED} (map, key, reason) SELECT {map}, {key}, {REASON} FROM x WHERE {REASON} IS NOT NULL \
+                 ON CONFLICT (map, key) DO UPDATE SET reason = EXCLUDED.reason, at = now())",
+                key = self.key_array()
+            ),
+            format!(
+                "a AS (DELETE FROM {REJECTED} WHERE map = {map} AND key IN (SELECT {key} FROM x WHERE {REASON} IS NULL))",
+                key = self.key_array()
+            ),
+            format!(
+                "d AS (DELETE FROM {} WHERE ({}) IN (SELECT {} FROM x AS src WHERE {REASON} IS NOT NULL))",
+                self.target_rows(),
+                idents(&self.target_key),
+                self.key_exprs().join(", ")
+            ),
+        ]
     }
 
     /// One statement that deletes the target rows of the source keys in
@@ -658,6 +736,16 @@ impl Mapping {
         format!(
             "SELECT {REASON}, count(*) FROM {} WHERE {REASON} IS NOT NULL GROUP BY 1 ORDER BY 1",
             quote_ident(x)
+        )
+    }
+
+    /// Up to `$1` rejected rows of `x`: the key as `(a, b)` and the reason.
+    pub fn rejected_samples_sql(&self, x: &str) -> String {
+        format!(
+            "SELECT '(' || array_to_string({key}, ', ', 'NULL') || ')', {REASON} FROM {x} \
+              WHERE {REASON} IS NOT NULL ORDER BY {key} LIMIT $1",
+            key = self.key_array(),
+            x = quote_ident(x),
         )
     }
 
@@ -741,7 +829,7 @@ impl Mapping {
 
     /// The columns a source row of `present` columns lacks for this
     /// mapping: those its expressions and conditions need.
-    pub fn missing<'a>(&'a self, present: impl Fn(&str) -> bool) -> Vec<&'a str> {
+    pub fn missing(&self, present: impl Fn(&str) -> bool) -> Vec<&str> {
         self.uses
             .iter()
             .filter(|u| !present(u))
@@ -1009,12 +1097,18 @@ mod tests {
 
     #[test]
     fn words_outside_literals_and_comments_name_columns() {
-        let columns: Vec<String> = ["id", "Code", "name"].iter().map(|s| s.to_string()).collect();
+        let columns: Vec<String> = ["id", "Code", "name"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(
             referenced("upper(NAME) || 'id' -- id\n", &columns),
             vec!["name".to_owned()]
         );
-        assert_eq!(referenced("\"Code\" || code", &columns), vec!["Code".to_owned()]);
+        assert_eq!(
+            referenced("\"Code\" || code", &columns),
+            vec!["Code".to_owned()]
+        );
         assert!(referenced("'it''s id'", &columns).is_empty());
     }
 
@@ -1041,11 +1135,17 @@ mod tests {
         assert_eq!(m.target_key, vec!["target_id".to_owned()]);
         assert_eq!(
             m.uses,
-            vec!["beneficiary_name".to_owned(), "id".to_owned(), "location_code".to_owned()]
+            vec![
+                "beneficiary_name".to_owned(),
+                "id".to_owned(),
+                "location_code".to_owned()
+            ]
         );
         let sql = m.write_sql("SELECT 1");
         assert!(sql.contains("NOT coalesce((beneficiary_name IS NOT NULL), false) THEN 'where'"));
-        assert!(sql.contains("ON CONFLICT (\"target_id\") DO UPDATE SET \"full_name\" = EXCLUDED.\"full_name\""));
+        assert!(sql.contains(
+            "ON CONFLICT (\"target_id\") DO UPDATE SET \"full_name\" = EXCLUDED.\"full_name\""
+        ));
         assert!(sql.contains("INSERT INTO \"cutover\".\"rejected\""));
     }
 

@@ -101,8 +101,16 @@ async fn wait_mapped(pair: &Pair) {
     .await;
     if done.is_err() {
         let (expected, actual) = last;
-        let missing: Vec<&String> = expected.iter().filter(|r| !actual.contains(r)).take(5).collect();
-        let extra: Vec<&String> = actual.iter().filter(|r| !expected.contains(r)).take(5).collect();
+        let missing: Vec<&String> = expected
+            .iter()
+            .filter(|r| !actual.contains(r))
+            .take(5)
+            .collect();
+        let extra: Vec<&String> = actual
+            .iter()
+            .filter(|r| !expected.contains(r))
+            .take(5)
+            .collect();
         panic!(
             "people differs from the source as mapped: expected {} rows, found {}; missing {missing:?}; extra {extra:?}",
             expected.len(),
@@ -122,7 +130,10 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
     pair.on_source(SOURCE).await;
     pair.target.execute("app", TARGET).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = pair.config(dir.path(), &format!("allow_no_password = true\n[replication]\ntables = [\"public.*\"]\n{MAP}"));
+    let config = pair.config(
+        dir.path(),
+        &format!("allow_no_password = true\n[replication]\ntables = [\"public.*\"]\n{MAP}"),
+    );
 
     let check = run_cutover(&["--config", config.to_str().unwrap(), "check"], &[]);
     assert_eq!(check.code, 0, "{}", check.all_output());
@@ -132,8 +143,14 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
     // 20 rows without a name, one in an unknown programme.
     let recorded = rejected(&pair).await;
     assert_eq!(recorded.len(), 21, "{recorded:?}");
-    assert!(recorded.contains(&"({77},unknown_programme)".to_owned()), "{recorded:?}");
-    assert!(recorded.contains(&"({10},where)".to_owned()), "{recorded:?}");
+    assert!(
+        recorded.contains(&"({77},unknown_programme)".to_owned()),
+        "{recorded:?}"
+    );
+    assert!(
+        recorded.contains(&"({10},where)".to_owned()),
+        "{recorded:?}"
+    );
     let log = daemon.log_of_this_start();
     assert!(log.contains("rejected"), "{log}");
 
@@ -160,15 +177,39 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
     }
     wait_mapped(&pair).await;
     let recorded = rejected(&pair).await;
-    for expected in ["({1},where)", "({2},where)", "({1002},where)", "({5001},where)", "({7},unknown_programme)"] {
-        assert!(recorded.contains(&expected.to_owned()), "{expected} not in {recorded:?}");
+    for expected in [
+        "({1},where)",
+        "({2},where)",
+        "({1002},where)",
+        "({5001},where)",
+        "({7},unknown_programme)",
+    ] {
+        assert!(
+            recorded.contains(&expected.to_owned()),
+            "{expected} not in {recorded:?}"
+        );
     }
-    for gone in ["({10},where)", "({20},where)", "({30},where)", "({40},where)", "({6},where)"] {
-        assert!(!recorded.contains(&gone.to_owned()), "{gone} still in {recorded:?}");
+    for gone in [
+        "({10},where)",
+        "({20},where)",
+        "({30},where)",
+        "({40},where)",
+        "({6},where)",
+    ] {
+        assert!(
+            !recorded.contains(&gone.to_owned()),
+            "{gone} still in {recorded:?}"
+        );
     }
     // Every source row is on the target or recorded as rejected, once.
-    let source_rows: i64 = pair.source.query_value("app", "SELECT count(*) FROM beneficiaries").await;
-    let target_rows: i64 = pair.target.query_value("app", "SELECT count(*) FROM people").await;
+    let source_rows: i64 = pair
+        .source
+        .query_value("app", "SELECT count(*) FROM beneficiaries")
+        .await;
+    let target_rows: i64 = pair
+        .target
+        .query_value("app", "SELECT count(*) FROM people")
+        .await;
     assert_eq!(source_rows, target_rows + recorded.len() as i64);
 
     // verify compares the target with the source as mapped, beside the
@@ -195,7 +236,10 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
     );
     assert!(out.contains("rejected by unknown_programme: 2"), "{out}");
     let report = std::fs::read_to_string(dir.path().join("state/validation_report.json")).unwrap();
-    assert!(report.contains("\"written_to\": \"public.people\""), "{report}");
+    assert!(
+        report.contains("\"written_to\": \"public.people\""),
+        "{report}"
+    );
 
     // A target that drifted from the mapping is caught, row by row.
     pair.target
@@ -226,7 +270,10 @@ async fn a_mapped_table_is_copied_and_streamed_through_its_mapping_with_every_re
              INSERT INTO cutover.rejected (map, key, reason) VALUES ('public.beneficiaries', '{1}', 'where');",
         )
         .await;
-    pair.on_source("UPDATE beneficiaries SET beneficiary_name = beneficiary_name WHERE id IN (3, 8)").await;
+    pair.on_source(
+        "UPDATE beneficiaries SET beneficiary_name = beneficiary_name WHERE id IN (3, 8)",
+    )
+    .await;
     wait_mapped(&pair).await;
 
     // A TRUNCATE empties the target table and its records.
@@ -265,11 +312,16 @@ text = "body"
 async fn a_switch_and_rollback_carry_a_mapped_table_back_through_its_inverse() {
     let pair = Pair::start(ClusterOptions::default()).await;
     pair.on_source(SOURCE).await;
-    pair.on_source("CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'one')")
-        .await;
+    pair.on_source(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text); INSERT INTO notes VALUES (1, 'one')",
+    )
+    .await;
     pair.target.execute("app", TARGET).await;
     pair.target
-        .execute("app", "CREATE TABLE memos (memo_id int PRIMARY KEY, text text)")
+        .execute(
+            "app",
+            "CREATE TABLE memos (memo_id int PRIMARY KEY, text text)",
+        )
         .await;
     let dir = tempfile::tempdir().unwrap();
     let config = pair.config(
@@ -285,14 +337,32 @@ async fn a_switch_and_rollback_carry_a_mapped_table_back_through_its_inverse() {
     wait_mapped(&pair).await;
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 
-    let plan = run_cutover(&["--config", config.to_str().unwrap(), "switch", "--dry-run", "--verify"], &[]);
+    let plan = run_cutover(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "switch",
+            "--dry-run",
+            "--verify",
+        ],
+        &[],
+    );
     let out = plan.all_output();
     assert_eq!(plan.code, 0, "{out}");
-    assert!(out.contains("public.notes -> public.memos has no [map.inverse]"), "{out}");
+    assert!(
+        out.contains("public.notes -> public.memos has no [map.inverse]"),
+        "{out}"
+    );
     assert!(out.contains("a rollback will not carry them"), "{out}");
-    assert!(!out.contains("public.beneficiaries -> public.people has no"), "{out}");
+    assert!(
+        !out.contains("public.beneficiaries -> public.people has no"),
+        "{out}"
+    );
 
-    let switched = run_cutover(&["--config", config.to_str().unwrap(), "switch", "--verify"], &[]);
+    let switched = run_cutover(
+        &["--config", config.to_str().unwrap(), "switch", "--verify"],
+        &[],
+    );
     assert_eq!(switched.code, 0, "{}", switched.all_output());
 
     // The application writes the new shape on the target.
@@ -308,19 +378,25 @@ async fn a_switch_and_rollback_carry_a_mapped_table_back_through_its_inverse() {
         )
         .await;
     let mut daemon = Daemon::start_streaming(&config).await;
-    let back = "SELECT id, beneficiary_name, registration_date, location_code, programme_id, legacy_flags
+    let back =
+        "SELECT id, beneficiary_name, registration_date, location_code, programme_id, legacy_flags
                   FROM beneficiaries WHERE id IN (11, 12, 13, 5555)";
     let expected = vec![
         "(11,Renamed,2015-01-01,LOC-3,2,\"flags 11\")".to_owned(),
         "(13,\"Beneficiary 13\",2016-01-02,LOC-0,4,\"flags 13\")".to_owned(),
         "(5555,\"Born on the target\",2025-01-02,LOC-2,3,)".to_owned(),
     ];
-    let registered: Vec<String> = rows(&pair.source, "SELECT registration_date::text FROM beneficiaries WHERE id IN (11, 13)").await;
+    let registered: Vec<String> = rows(
+        &pair.source,
+        "SELECT registration_date::text FROM beneficiaries WHERE id IN (11, 13)",
+    )
+    .await;
     let expected: Vec<String> = expected
         .into_iter()
         .map(|r| {
             let date = |i: usize| registered[i].trim_matches(['(', ')']).to_owned();
-            r.replace("2015-01-01", &date(0)).replace("2016-01-02", &date(1))
+            r.replace("2015-01-01", &date(0))
+                .replace("2016-01-02", &date(1))
         })
         .collect();
     let _ = tokio::time::timeout(WAIT, async {
@@ -348,10 +424,127 @@ async fn a_switch_and_rollback_carry_a_mapped_table_back_through_its_inverse() {
     let rolled = run_cutover(&["--config", config.to_str().unwrap(), "rollback"], &[]);
     assert_eq!(rolled.code, 0, "{}", rolled.all_output());
     let mut daemon = Daemon::start_streaming(&config).await;
-    pair.on_source("UPDATE beneficiaries SET beneficiary_name = 'After the rollback' WHERE id = 14;
-                    UPDATE beneficiaries SET beneficiary_name = NULL WHERE id = 15")
-        .await;
+    pair.on_source(
+        "UPDATE beneficiaries SET beneficiary_name = 'After the rollback' WHERE id = 14;
+                    UPDATE beneficiaries SET beneficiary_name = NULL WHERE id = 15",
+    )
+    .await;
     wait_mapped(&pair).await;
     assert!(daemon.running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}
+
+/// Large values (TOASTed) that an UPDATE leaves alone are not sent: a
+/// column the mapping copies as it is stays as it is on the target; one an
+/// expression needs comes from the old row under REPLICA IDENTITY FULL;
+/// without it, the stream stops and says so (and `check` warned first).
+#[tokio::test]
+async fn unchanged_large_values_are_kept_taken_from_the_old_row_or_stop_the_stream_with_the_fix() {
+    let pair = Pair::start(ClusterOptions::default()).await;
+    for table in ["docs", "docs_full", "docs_x"] {
+        pair.on_source(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, title text, body text);
+             ALTER TABLE {table} ALTER COLUMN body SET STORAGE EXTERNAL;
+             INSERT INTO {table} SELECT g, 'title ' || g, repeat(g::text, 3000) FROM generate_series(1, 5) g;"
+        ))
+        .await;
+        pair.target
+            .execute(
+                "app",
+                &format!("CREATE TABLE {table}_pages (page_id int PRIMARY KEY, title text, body text, size int)"),
+            )
+            .await;
+    }
+    pair.on_source("ALTER TABLE docs_full REPLICA IDENTITY FULL")
+        .await;
+    let map = |table: &str, size: &str| {
+        format!(
+            "[[map]]\nsource = \"public.{table}\"\ntarget = \"public.{table}_pages\"\nwhere = \"title IS NOT NULL\"\n[map.columns]\npage_id = \"id\"\ntitle = \"upper(title)\"\nbody = \"body\"\nsize = \"{size}\"\n"
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(
+        dir.path(),
+        &format!(
+            "{}{}{}",
+            map("docs", "length(title)"),
+            map("docs_full", "length(body)"),
+            map("docs_x", "length(body)")
+        ),
+    );
+    let check = run_cutover(&["--config", config.to_str().unwrap(), "check"], &[]);
+    let out = check.all_output();
+    assert_eq!(check.code, 0, "{out}");
+    assert!(
+        out.contains("the mapping of public.docs_x computes with column(s) title, body:"),
+        "{out}"
+    );
+    // A column copied as it is needs no value it was not sent; under
+    // REPLICA IDENTITY FULL the old row has them all.
+    assert!(
+        out.contains("the mapping of public.docs computes with column(s) title:"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("the mapping of public.docs_full computes"),
+        "{out}"
+    );
+    assert!(out.contains("mapped to public.docs_x_pages"), "{out}");
+    assert!(!out.contains("MISSING ON TARGET"), "{out}");
+
+    let mut daemon = Daemon::start_streaming(&config).await;
+    pair.on_source(
+        "UPDATE docs SET title = 'renamed' WHERE id = 1;
+         UPDATE docs SET title = NULL WHERE id = 2;
+         UPDATE docs_full SET title = 'renamed' WHERE id = 1;
+         UPDATE docs_full SET body = 'short' WHERE id = 2;",
+    )
+    .await;
+    let pages = "SELECT page_id, title, md5(body), size FROM ";
+    let expect = |table: &str| {
+        format!(
+            "SELECT id, upper(title), md5(body), {} FROM {table} WHERE title IS NOT NULL",
+            if table == "docs" {
+                "length(title)"
+            } else {
+                "length(body)"
+            }
+        )
+    };
+    for table in ["docs", "docs_full"] {
+        let _ = tokio::time::timeout(WAIT, async {
+            while rows(&pair.target, &format!("{pages}{table}_pages")).await
+                != rows(&pair.source, &expect(table)).await
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        assert_eq!(
+            rows(&pair.target, &format!("{pages}{table}_pages")).await,
+            rows(&pair.source, &expect(table)).await,
+            "{table}:\n{}",
+            daemon.log()
+        );
+    }
+
+    // An expression over a large value the UPDATE does not send.
+    pair.on_source("UPDATE docs_x SET title = 'renamed' WHERE id = 1")
+        .await;
+    let log = wait_for("the stream to stop on docs_x", WAIT, || async {
+        let log = daemon.log();
+        log.contains("left column(s) body unchanged").then_some(log)
+    })
+    .await;
+    assert!(
+        log.contains("ALTER TABLE \"public\".\"docs_x\" REPLICA IDENTITY FULL"),
+        "{log}"
+    );
+    assert!(log.contains("cutover run --resync"), "{log}");
+    let title: String = pair
+        .target
+        .query_value("app", "SELECT title FROM docs_x_pages WHERE page_id = 1")
+        .await;
+    assert_eq!(title, "TITLE 1", "nothing of the change was written");
+    daemon.kill();
 }

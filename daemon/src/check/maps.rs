@@ -67,6 +67,12 @@ pub(super) async fn map_checks(
         };
         refused(report, "source", &err);
     }
+    for mapping in &mappings {
+        if let Some(entry) = report.tables.iter_mut().find(|t| t.name == mapping.source) {
+            entry.on_target = true;
+            entry.written_to = Some(mapping.target.clone());
+        }
+    }
     for (spec, mapping) in config.mappings.iter().zip(&mappings) {
         let fed: Vec<String> = mapping
             .columns
@@ -113,6 +119,44 @@ pub(super) async fn map_checks(
             ),
             fix: None,
         });
+        let full = in_scope
+            .iter()
+            .find(|t| t.name == mapping.source)
+            .is_some_and(|t| {
+                t.replica_identity == cutover_replication::catalog::ReplicaIdentity::Full
+            });
+        if !full {
+            let large: Vec<String> = source
+                .query(
+                    "SELECT a.attname::text FROM pg_attribute a
+                      WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                        AND a.attlen = -1 AND a.attstorage IN ('x', 'e') AND a.attname = ANY($2::text[])
+                      ORDER BY a.attnum",
+                    &[&mapping.source.quoted(), &mapping.uses],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .filter(|c: &String| !mapping.patchable(&[c.as_str()]))
+                .collect();
+            if !large.is_empty() {
+                report.add(Finding {
+                    severity: Severity::Warning,
+                    code: "mapping_needs_whole_rows",
+                    server: "source",
+                    subject: Some(spec.key("columns")),
+                    problem: format!(
+                        "the mapping of {} computes with column(s) {}: if their values can exceed about 2 kB (TOASTed), an UPDATE that leaves such a value alone does not send it, and would stop the stream",
+                        mapping.source,
+                        large.join(", ")
+                    ),
+                    fix: Some(format!(
+                        "ALTER TABLE {} REPLICA IDENTITY FULL; on the source (the old row then carries them), or map those columns as they are",
+                        mapping.source.quoted()
+                    )),
+                });
+            }
+        }
         if spec.inverse.is_none() {
             report.add(Finding {
                 severity: Severity::Warning,

@@ -108,8 +108,12 @@ pub struct TableReport {
     pub replica_identity: ReplicaIdentity,
     /// Partitioned (published through its root).
     pub partitioned: bool,
-    /// Whether the target has a table of that name.
+    /// Whether the target has a table of that name (or the table its
+    /// mapping writes).
     pub on_target: bool,
+    /// The table a `[[map]]` writes it to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written_to: Option<TableName>,
     /// What the stream will carry of it: `full`, `inserts_only`,
     /// `snapshot_only`, or `refused` (`replication.keyless = "refuse"`).
     pub coverage: &'static str,
@@ -239,6 +243,9 @@ impl Report {
             }
             if table.coverage != "full" {
                 let _ = write!(out, "  streams: {}", table.coverage);
+            }
+            if let Some(to) = &table.written_to {
+                let _ = write!(out, "  mapped to {to}");
             }
             if let Some(target_rows) = table.target_rows {
                 let _ = write!(out, "  target {} rows", group_digits(target_rows));

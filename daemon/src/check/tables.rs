@@ -61,6 +61,7 @@ pub(super) fn scope_tables(report: &mut Report, config: &Config, all: Vec<Table>
             replica_identity: t.replica_identity.clone(),
             partitioned: t.partitioned,
             on_target: false,
+            written_to: None,
             coverage: crate::coverage::coverage(t, config.keyless).map_or("refused", |c| c.name()),
             group: None,
         })
@@ -436,7 +437,8 @@ pub(super) async fn exact_counts(
         if entry.on_target
             && let Some(target) = target
         {
-            entry.target_rows = Some(catalog::count_rows(target, &entry.name).await?);
+            let written = entry.written_to.as_ref().unwrap_or(&entry.name);
+            entry.target_rows = Some(catalog::count_rows(target, written).await?);
         }
     }
     Ok(())

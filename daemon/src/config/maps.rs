@@ -114,7 +114,7 @@ pub(super) fn map_specs(raw: Vec<RawMap>) -> Result<Vec<MapSpec>, ConfigError> {
                 ),
             ));
         }
-        for (reason, _) in &map.reject {
+        for reason in map.reject.keys() {
             if reason == cutover_replication::mapping::WHERE_REASON {
                 return Err(ConfigError::invalid(
                     key(&format!("reject.{reason}")),
@@ -141,7 +141,10 @@ mod tests {
 
     #[test]
     fn table_names_fold_unquoted_parts_and_default_to_public() {
-        assert_eq!(table_name("people"), Some(TableName::new("public", "people")));
+        assert_eq!(
+            table_name("people"),
+            Some(TableName::new("public", "people"))
+        );
         assert_eq!(
             table_name("Crm.People"),
             Some(TableName::new("crm", "people"))

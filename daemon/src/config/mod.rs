@@ -296,11 +296,7 @@ impl Config {
                     config.scope.exclude_table(&map.source);
                 }
             }
-            config.mappings = self
-                .mappings
-                .iter()
-                .filter_map(|m| m.inverted())
-                .collect();
+            config.mappings = self.mappings.iter().filter_map(|m| m.inverted()).collect();
         }
         config.slot = direction.slot(&self.slot);
         config.publication = direction.publication(&self.publication);

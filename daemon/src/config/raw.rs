@@ -335,7 +335,13 @@ pub(super) fn check_file_keys(tree: &serde_json::Value, path: &Path) -> Result<(
             continue;
         }
         if section == "map" {
-            check_list_keys(body, &origin, "map", super::maps::MAP_KEYS, "source, target and columns")?;
+            check_list_keys(
+                body,
+                &origin,
+                "map",
+                super::maps::MAP_KEYS,
+                "source, target and columns",
+            )?;
             continue;
         }
         if !is_known(section, None) {

@@ -68,7 +68,9 @@ pub(super) struct TablePlan {
 impl TablePlan {
     /// The table written on the target.
     pub(super) fn target_name(&self) -> &TableName {
-        self.mapping.as_ref().map_or(&self.table.name, |m| &m.target)
+        self.mapping
+            .as_ref()
+            .map_or(&self.table.name, |m| &m.target)
     }
 }
 
@@ -85,7 +87,11 @@ pub(super) fn plan_tables(
             // columns: text, which any such type reads.
             plans.push(TablePlan {
                 table: table.clone(),
-                columns: mapping.source_names().iter().map(|c| (*c).to_owned()).collect(),
+                columns: mapping
+                    .source_names()
+                    .iter()
+                    .map(|c| (*c).to_owned())
+                    .collect(),
                 format: CopyFormat::Text,
                 mapping: Some(Arc::new(mapping.clone())),
             });
@@ -301,10 +307,10 @@ pub async fn run(
     // The records of rows rejected by an earlier attempt go with its rows.
     for mapping in to_copy.iter().filter_map(|p| p.mapping.as_ref()) {
         if let Some(sql) = mapping.forget_all_sql() {
-            target
-                .batch_execute(&sql)
-                .await
-                .map_err(query("target", format!("emptying the rejected rows of {}", mapping.source)))?;
+            target.batch_execute(&sql).await.map_err(query(
+                "target",
+                format!("emptying the rejected rows of {}", mapping.source),
+            ))?;
         }
     }
 
@@ -360,7 +366,10 @@ pub async fn run(
     for mapping in &mapped {
         let rejected = cutover_replication::mapping::rejected(&target, mapping, SAMPLES)
             .await
-            .map_err(query("target", format!("reading the rows {} rejected", mapping.source)))?;
+            .map_err(query(
+                "target",
+                format!("reading the rows {} rejected", mapping.source),
+            ))?;
         if !mapping.rejects.is_empty() {
             let reasons: Vec<String> = rejected
                 .by_reason

@@ -81,10 +81,10 @@ pub(super) async fn worker(
                 let mut streamed = 0;
                 let stats = match &p.mapping {
                     Some(mapping) => {
-                        let transaction = target
-                            .transaction()
-                            .await
-                            .map_err(query("target", format!("opening a transaction for {}", mapping.target)))?;
+                        let transaction = target.transaction().await.map_err(query(
+                            "target",
+                            format!("opening a transaction for {}", mapping.target),
+                        ))?;
                         let stats = snapshot::copy_chunk_mapped_in(
                             &source,
                             &transaction,

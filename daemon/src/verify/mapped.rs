@@ -41,7 +41,10 @@ pub(super) async fn compare(
     target
         .batch_execute(&client::text_value_settings())
         .await
-        .map_err(query("target", "setting the session's date and number formats"))?;
+        .map_err(query(
+            "target",
+            "setting the session's date and number formats",
+        ))?;
     let name = mapping.source.to_string();
     let tx = target
         .transaction()
@@ -68,14 +71,26 @@ pub(super) async fn compare(
         idents(&columns),
         cutover_replication::catalog::own_rows(&table.name, table.partitioned)
     );
-    let load = format!("COPY {} ({}) FROM STDIN", quote_ident(STAGE), idents(&columns));
-    let moved = snapshot::pipe(source, &tx, &chunk, &read, &load, CopyFormat::Text, |_, _| {})
-        .await
-        .map_err(|e| VerifyError::Query {
-            role: "target",
-            what: format!("loading {name} as mapped"),
-            detail: e.to_string(),
-        })?;
+    let load = format!(
+        "COPY {} ({}) FROM STDIN",
+        quote_ident(STAGE),
+        idents(&columns)
+    );
+    let moved = snapshot::pipe(
+        source,
+        &tx,
+        &chunk,
+        &read,
+        &load,
+        CopyFormat::Text,
+        |_, _| {},
+    )
+    .await
+    .map_err(|e| VerifyError::Query {
+        role: "target",
+        what: format!("loading {name} as mapped"),
+        detail: e.to_string(),
+    })?;
     tx.batch_execute(&format!(
         "{}; CREATE TEMPORARY TABLE {} ON COMMIT DROP AS {}",
         mapping.reasons_table_sql(STAGE, REASONS),
@@ -83,13 +98,29 @@ pub(super) async fn compare(
         mapping.diff_sql(REASONS)
     ))
     .await
-    .map_err(query("target", &format!("comparing {name} through its mapping")))?;
+    .map_err(query(
+        "target",
+        &format!("comparing {name} through its mapping"),
+    ))?;
     let rejected: Vec<(String, i64)> = tx
         .query(&mapping.rejected_in_sql(REASONS), &[])
         .await
-        .map_err(query("target", &format!("counting the rows {name} rejects")))?
+        .map_err(query(
+            "target",
+            &format!("counting the rows {name} rejects"),
+        ))?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let rejected_samples: Vec<String> = tx
+        .query(
+            &mapping.rejected_samples_sql(REASONS),
+            &[&(config.verify.samples as i64)],
+        )
+        .await
+        .map_err(query("target", &format!("reading rows {name} rejects")))?
+        .iter()
+        .map(|r| format!("{} ({})", r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
     let records_off: i64 = if mapping.rejects.is_empty() {
         0
@@ -112,7 +143,10 @@ pub(super) async fn compare(
         .get(0);
     let kinds = tx
         .query(
-            &format!("SELECT kind, count(*) FROM {} GROUP BY 1", quote_ident(DIFF)),
+            &format!(
+                "SELECT kind, count(*) FROM {} GROUP BY 1",
+                quote_ident(DIFF)
+            ),
             &[],
         )
         .await
@@ -171,6 +205,7 @@ pub(super) async fn compare(
         written_to: mapping.target.to_string(),
         source_rows,
         rejected,
+        rejected_samples,
         expected,
         target_rows,
         variance: target_rows - expected,
@@ -202,4 +237,89 @@ pub(super) async fn mapped_tables(
 /// Whether `name` is read through a mapping.
 pub(super) fn is_mapped(config: &Config, name: &TableName) -> bool {
     config.mappings.iter().any(|m| m.source == *name)
+}
+
+/// Loads `table` again through its mapping on the target, as it is in the
+/// snapshot `source` holds (`cutover run --resync`): the target table
+/// emptied with its records of rejection, then every source row written
+/// through the mapping, in one transaction. Returns the source rows read.
+pub(super) async fn reload(
+    config: &Config,
+    mapping: &Mapping,
+    table: &Table,
+    source: &Client,
+) -> Result<u64, VerifyError> {
+    let mut target = client::connect(&config.target()?.conninfo)
+        .await
+        .map_err(|source| VerifyError::Connect {
+            role: "target",
+            source,
+        })?;
+    target
+        .batch_execute(&format!(
+            "SET session_replication_role = replica; {}",
+            client::text_value_settings()
+        ))
+        .await
+        .map_err(query("target", "preparing the reload session"))?;
+    let name = mapping.source.to_string();
+    let tx = target
+        .transaction()
+        .await
+        .map_err(query("target", "opening the reload"))?;
+    tx.batch_execute(&format!(
+        "{}; {}",
+        mapping.truncate_sql(false),
+        mapping.stage_sql(STAGE)
+    ))
+    .await
+    .map_err(query("target", &format!("emptying {}", mapping.target)))?;
+    let columns: Vec<&str> = mapping.source_names();
+    let chunk = Chunk {
+        table: mapping.target.clone(),
+        source: mapping.source.clone(),
+        first_page: 0,
+        end_page: None,
+        index: 0,
+        pages: 0,
+    };
+    let read = format!(
+        "COPY (SELECT {} FROM {}) TO STDOUT",
+        idents(&columns),
+        cutover_replication::catalog::own_rows(&table.name, table.partitioned)
+    );
+    let load = format!(
+        "COPY {} ({}) FROM STDIN",
+        quote_ident(STAGE),
+        idents(&columns)
+    );
+    let moved = snapshot::pipe(
+        source,
+        &tx,
+        &chunk,
+        &read,
+        &load,
+        CopyFormat::Text,
+        |_, _| {},
+    )
+    .await
+    .map_err(|e| VerifyError::Query {
+        role: "target",
+        what: format!("loading {name} again"),
+        detail: e.to_string(),
+    })?;
+    tx.execute(
+        &mapping.write_sql(&format!("SELECT * FROM {}", quote_ident(STAGE))),
+        &[],
+    )
+    .await
+    .map_err(query(
+        "target",
+        &format!("writing {name} through its mapping"),
+    ))?;
+    tx.commit()
+        .await
+        .map_err(query("target", &format!("committing the reload of {name}")))?;
+    tracing::info!(table = %name, target = %mapping.target, rows = moved.rows, "mapped table loaded again through its mapping");
+    Ok(moved.rows)
 }

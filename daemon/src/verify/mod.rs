@@ -490,7 +490,8 @@ async fn compare(
             .map_err(query("target", "exporting the verify's snapshot"))?
             .get(0);
         for (mapping, table) in &mapped_tables {
-            mapped_reports.push(mapped::compare(config, mapping, table, &sources[0], &exported, at).await?);
+            mapped_reports
+                .push(mapped::compare(config, mapping, table, &sources[0], &exported, at).await?);
         }
     }
     // A repair writes what this run found: it starts afresh.

@@ -109,6 +109,9 @@ pub struct Reconciliation {
     pub source_rows: u64,
     /// Rows the mapping rejects, by reason.
     pub rejected: Vec<(String, i64)>,
+    /// Up to `verify.samples` rejected keys, as `(key) (reason)`.
+    #[serde(default)]
+    pub rejected_samples: Vec<String>,
     /// Rows the target should hold.
     pub expected: i64,
     /// Rows it holds.
@@ -275,9 +278,9 @@ impl Report {
         } else if tables.iter().all(TableReport::equal_on_both_sides) {
             Verdict::Validated
         } else if repaired_at.is_some()
-            && tables
-                .iter()
-                .all(|t| t.missing_columns.is_empty() && (t.mapped.is_none() || t.equal_on_both_sides()))
+            && tables.iter().all(|t| {
+                t.missing_columns.is_empty() && (t.mapped.is_none() || t.equal_on_both_sides())
+            })
         {
             // Every row found differing was written, or (beside a daemon)
             // read again equal; a failed repair is an error, not a report.
@@ -373,6 +376,9 @@ impl Report {
                 );
                 for (reason, n) in &m.rejected {
                     let _ = writeln!(out, "  rejected by {reason}: {n}");
+                }
+                if !m.rejected_samples.is_empty() {
+                    let _ = writeln!(out, "  e.g. {}", m.rejected_samples.join(", "));
                 }
                 if m.records_off > 0 {
                     let _ = writeln!(

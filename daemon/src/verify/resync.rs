@@ -118,8 +118,13 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
             )));
         }
     }
-    // What is compared, before anything changes.
+    // What is compared, before anything changes; mapped tables are
+    // loaded again through their mapping instead.
     let plans = plans(config, None).await?;
+    let mapped = {
+        let tables = crate::copy::tables_in_scope(&source, config).await?;
+        super::mapped::mapped_tables(config, &tables).await?
+    };
     let workers = config.verify.workers.min(plans.len()).max(1);
     // From here until the repair commits, a plain `run` refuses: it would
     // stream onto a target that lacks the lost changes.
@@ -146,7 +151,17 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         .await
         .map_err(making)?;
     let at = created.consistent_point;
-    let sources = snapshot_readers(config, workers, &created.snapshot.unwrap_or_default()).await?;
+    let mut sources = snapshot_readers(
+        config,
+        workers + usize::from(!mapped.is_empty()),
+        &created.snapshot.unwrap_or_default(),
+    )
+    .await?;
+    let mapped_reader = if mapped.is_empty() {
+        None
+    } else {
+        sources.pop()
+    };
     drop(session);
     tracing::info!(slot = %slot_name, %at, tables = plans.len(), "slot made again; comparing both sides as of its snapshot");
 
@@ -161,6 +176,16 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         .map(|(plan, _, fixes)| (plan, fixes.clone()))
         .filter(|(_, fixes)| !fixes.is_empty())
         .collect();
+    let mut reloaded = Vec::new();
+    if let Some(reader) = &mapped_reader {
+        for (mapping, table) in &mapped {
+            let rows = super::mapped::reload(config, mapping, table, reader).await?;
+            reloaded.push((
+                format!("{} -> {} (loaded again)", mapping.source, mapping.target),
+                rows as usize,
+            ));
+        }
+    }
     // A test stops here: the slot made again, the target not repaired.
     if std::env::var("CUTOVER_FAILPOINT").is_ok_and(|wanted| wanted == "resync:repair") {
         eprintln!("failpoint resync:repair: aborting");
@@ -182,6 +207,7 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         .map(|(table, rows)| (table, rows.len()))
         .collect();
     repaired.sort();
+    repaired.extend(reloaded);
     Ok(Resynced {
         slot: slot_name,
         at,

@@ -58,7 +58,8 @@ impl PostgresSink {
                 | ChangeKind::Delete { relation, .. } => relation,
             };
             if let Some(mapping) = self.mapping_of(relation) {
-                self.coalesce_mapped(&mut pending, change, relation, &mapping)?;
+                self.coalesce_mapped(&mut pending, change, relation, &mapping)
+                    .map_err(ApplyError::Schema)?;
                 continue;
             }
             // A relation is one `Arc` until the source describes it again.

@@ -25,33 +25,36 @@ use crate::lsn::Lsn;
 use crate::mapping::Mapping;
 
 /// The positions of the mapping's source key in `relation`.
-pub(super) fn mapped_key(mapping: &Mapping, relation: &Relation) -> Result<Vec<usize>, ApplyError> {
+/// Errors of the pure steps here are the text of an [`ApplyError::Schema`].
+pub(super) fn mapped_key(mapping: &Mapping, relation: &Relation) -> Result<Vec<usize>, String> {
     mapping
         .source_key
         .iter()
         .map(|k| {
             relation.columns.iter().position(|c| c.name == *k).ok_or_else(|| {
-                ApplyError::Schema(format!(
+                format!(
                     "{} no longer has column {k}, the key its mapping (map[{}]) finds rows by: restore it, or change the mapping and restart",
                     relation.name, mapping.index
-                ))
+                )
             })
         })
         .collect()
 }
 
-/// The whole new row of an insert or update, with unchanged TOAST values
-/// taken from a whole old row; an error when a value the mapping needs is
-/// still missing.
-fn whole_row<'a>(
+/// What to write for the new row of an insert or update: the whole row
+/// (unchanged TOAST values taken from a whole old row when the source
+/// sent one); a patch when the values still missing only feed target
+/// columns that copy them as they are (left alone on the target); an
+/// error when the mapping needs a value the change does not carry.
+fn new_row<'a>(
     mapping: &Mapping,
     relation: &Relation,
     new: &'a Tuple,
     old: Option<&Tuple>,
     lsn: Lsn,
-) -> Result<Cow<'a, [Datum]>, ApplyError> {
+) -> Result<RowOp<'a>, String> {
     if !new.0.contains(&Datum::UnchangedToast) {
-        return Ok(Cow::Borrowed(&new.0[..]));
+        return Ok(RowOp::Upsert(Cow::Borrowed(&new.0[..])));
     }
     let filled: Vec<Datum> = new
         .0
@@ -71,17 +74,20 @@ fn whole_row<'a>(
             .position(|c| c.name == name)
             .is_some_and(|i| filled.get(i).is_some_and(|d| *d != Datum::UnchangedToast))
     });
-    if !missing.is_empty() {
-        return Err(ApplyError::Schema(format!(
-            "an UPDATE of {} at {lsn} left column(s) {} unchanged (a TOASTed value the source does not send), and the mapping (map[{}]) computes the target row from them: \
-             run ALTER TABLE {} REPLICA IDENTITY FULL on the source, so that the old row carries them, then `cutover verify --repair` the table",
-            relation.name,
-            missing.join(", "),
-            mapping.index,
-            relation.name.quoted()
-        )));
+    if missing.is_empty() {
+        return Ok(RowOp::Upsert(Cow::Owned(filled)));
     }
-    Ok(Cow::Owned(filled))
+    if mapping.patchable(&missing) {
+        return Ok(RowOp::Patch(Cow::Owned(filled)));
+    }
+    Err(format!(
+        "an UPDATE of {} at {lsn} left column(s) {} unchanged (a TOASTed value the source does not send), and the mapping (map[{}]) computes the target row from them: \
+         run ALTER TABLE {} REPLICA IDENTITY FULL on the source so that later changes carry them; to get past this one, stop the daemon, drop its replication slot on the source and run `cutover run --resync`, which loads mapped tables again",
+        relation.name,
+        missing.join(", "),
+        mapping.index,
+        relation.name.quoted()
+    ))
 }
 
 impl PostgresSink {
@@ -97,13 +103,13 @@ impl PostgresSink {
         change: &'a Change,
         relation: &Arc<Relation>,
         mapping: &Mapping,
-    ) -> Result<(), ApplyError> {
+    ) -> Result<(), String> {
         let key_cols = mapped_key(mapping, relation)?;
         let batch = batch_for(pending, relation, &key_cols);
         match &change.kind {
             ChangeKind::Insert { new, .. } => {
-                let row = whole_row(mapping, relation, new, None, change.lsn)?;
-                put(batch, key_of(&key_cols, new), RowOp::Upsert(row), change.lsn);
+                let row = new_row(mapping, relation, new, None, change.lsn)?;
+                put(batch, key_of(&key_cols, new), row, change.lsn);
             }
             ChangeKind::Update { old, new, .. } => {
                 let key = key_of(&key_cols, new);
@@ -113,17 +119,22 @@ impl PostgresSink {
                         put(batch, old_key, RowOp::Delete, change.lsn);
                     }
                 }
-                let row = whole_row(
+                let row = new_row(
                     mapping,
                     relation,
                     new,
                     old.as_ref().map(|o| o.tuple()),
                     change.lsn,
                 )?;
-                put(batch, key, RowOp::Upsert(row), change.lsn);
+                put(batch, key, row, change.lsn);
             }
             ChangeKind::Delete { old, .. } => {
-                put(batch, key_of(&key_cols, old.tuple()), RowOp::Delete, change.lsn);
+                put(
+                    batch,
+                    key_of(&key_cols, old.tuple()),
+                    RowOp::Delete,
+                    change.lsn,
+                );
             }
             ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) | ChangeKind::Ddl(_) => {
                 unreachable!("truncates and DDL are barriers")
@@ -143,10 +154,21 @@ impl PostgresSink {
         let relation = &batch.relation;
         let mut deletes: Vec<&RowKey> = Vec::new();
         let mut rows: Vec<&[Datum]> = Vec::new();
+        let mut patches: std::collections::BTreeMap<Vec<usize>, Vec<&[Datum]>> =
+            std::collections::BTreeMap::new();
         for entry in &batch.rows {
             match &entry.op {
                 RowOp::Delete => deletes.push(&entry.key),
-                RowOp::Upsert(row) | RowOp::Patch(row) => rows.push(row),
+                RowOp::Upsert(row) => rows.push(row),
+                RowOp::Patch(row) => {
+                    let missing: Vec<usize> = row
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| **d == Datum::UnchangedToast)
+                        .map(|(i, _)| i)
+                        .collect();
+                    patches.entry(missing).or_default().push(row);
+                }
             }
         }
         if !deletes.is_empty() {
@@ -177,6 +199,19 @@ impl PostgresSink {
                 expect: None,
             });
         }
+        for (missing, rows) in patches {
+            let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+            let absent: Vec<&str> = missing.iter().map(|i| names[*i]).collect();
+            let sql = mapping.patch_sql(&mapping.typed_rows(&names, 1), &absent);
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: text_columns(&rows, 0..names.len()),
+                what: "updating (mapped, a TOASTed value unchanged) rows of",
+                table: &relation.name,
+                // Passing rows the target lacks: none may be.
+                expect: Some(0),
+            });
+        }
         Ok(())
     }
 
@@ -189,12 +224,13 @@ impl PostgresSink {
         mapping: &Mapping,
     ) -> Result<(), ApplyError> {
         let mut pending = Vec::new();
-        self.coalesce_mapped(&mut pending, change, relation, mapping)?;
+        self.coalesce_mapped(&mut pending, change, relation, mapping)
+            .map_err(ApplyError::Schema)?;
         let mut ops = Vec::new();
         for batch in &pending {
             self.mapped_ops(batch, mapping, &mut ops).await?;
         }
-        let key_cols = mapped_key(mapping, relation)?;
+        let key_cols = mapped_key(mapping, relation).map_err(ApplyError::Schema)?;
         let spec = Some(key_cols);
         let shown = match &change.kind {
             ChangeKind::Insert { new, .. } | ChangeKind::Update { new, .. } => {
@@ -206,29 +242,40 @@ impl PostgresSink {
         for op in &ops {
             let params: Vec<&(dyn ToSql + Sync)> =
                 op.params.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            self.client
-                .execute(&op.statement, &params)
-                .await
-                .map_err(|err| match err.as_db_error() {
-                    Some(db) => ApplyError::Refused {
-                        op: change.kind.op(),
-                        table: relation.name.clone(),
-                        key: shown.clone(),
-                        lsn: change.lsn,
-                        detail: format!(
-                            "{} (through the mapping to {}, map[{}])",
-                            db.message(),
-                            mapping.target,
-                            mapping.index
-                        ),
-                        sqlstate: db.code().code().to_owned(),
-                    },
-                    None => session_error(format!(
-                        "applying {} on {}",
-                        change.kind.op(),
-                        relation.name
-                    ))(err),
-                })?;
+            let count =
+                self.client
+                    .execute(&op.statement, &params)
+                    .await
+                    .map_err(|err| match err.as_db_error() {
+                        Some(db) => ApplyError::Refused {
+                            op: change.kind.op(),
+                            table: relation.name.clone(),
+                            key: shown.clone(),
+                            lsn: change.lsn,
+                            detail: format!(
+                                "{} (through the mapping to {}, map[{}])",
+                                db.message(),
+                                mapping.target,
+                                mapping.index
+                            ),
+                            sqlstate: db.code().code().to_owned(),
+                        },
+                        None => session_error(format!(
+                            "applying {} on {}",
+                            change.kind.op(),
+                            relation.name
+                        ))(err),
+                    })?;
+            if op.expect.is_some_and(|e| e as u64 != count) {
+                return Err(ApplyError::Schema(format!(
+                    "an UPDATE of {} at {} {shown} makes a row pass the mapping (map[{}]) that it rejected until now, and leaves a TOASTed value unchanged, which the source does not send: the row cannot be built on the target. \
+                     Run ALTER TABLE {} REPLICA IDENTITY FULL on the source so that later changes carry such values; to get past this one, stop the daemon, drop its replication slot on the source and run `cutover run --resync`, which loads mapped tables again",
+                    relation.name,
+                    change.lsn,
+                    mapping.index,
+                    relation.name.quoted()
+                )));
+            }
         }
         Ok(())
     }
@@ -241,16 +288,18 @@ impl PostgresSink {
         ddl: &crate::ddl::DdlChange,
         mapping: &Mapping,
         lsn: Lsn,
-    ) -> Result<(), ApplyError> {
-        let stop = |problem: String| ApplyError::Ddl {
-            table: ddl.table.clone(),
-            lsn,
-            statement: ddl.statement.trim().to_owned(),
-            problem,
-            fix: format!(
-                "change {} and map[{}] to match, then restart",
-                mapping.target, mapping.index
-            ),
+    ) -> Result<(), Box<ApplyError>> {
+        let stop = |problem: String| {
+            Box::new(ApplyError::Ddl {
+                table: ddl.table.clone(),
+                lsn,
+                statement: ddl.statement.trim().to_owned(),
+                problem,
+                fix: format!(
+                    "change {} and map[{}] to match, then restart",
+                    mapping.target, mapping.index
+                ),
+            })
         };
         let Some(columns) = &ddl.columns else {
             return Err(stop(format!(

@@ -155,7 +155,7 @@ impl PostgresSink {
                 }
             }
             ChangeKind::Ddl(ddl) => match self.mappings.get(&ddl.table).cloned() {
-                Some(mapping) => self.mapped_ddl(ddl, &mapping, change.lsn)?,
+                Some(mapping) => self.mapped_ddl(ddl, &mapping, change.lsn).map_err(|e| *e)?,
                 None => self.apply_ddl(ddl, change.lsn).await?,
             },
             ChangeKind::TruncatePartition(truncate) => {
