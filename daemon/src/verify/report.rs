@@ -355,6 +355,12 @@ impl Report {
             );
         }
         let mapped: Vec<&TableReport> = self.tables.iter().filter(|t| t.mapped.is_some()).collect();
+        let width = mapped
+            .iter()
+            .filter_map(|t| Some(t.table.len() + 4 + t.mapped.as_ref()?.written_to.len()))
+            .max()
+            .unwrap_or(width)
+            .max(width);
         if !mapped.is_empty() {
             let _ = writeln!(
                 out,
@@ -394,7 +400,7 @@ impl Report {
             if t.mapped.is_some() && self.repaired_at.is_some() {
                 let _ = writeln!(
                     out,
-                    "  not repaired: a mapped table is repaired by copying it again (empty the target table and run `cutover run --resync`)"
+                    "  not repaired: a mapped table is loaded again instead (stop the daemon, drop its slot on the source and run `cutover run --resync`)"
                 );
             }
             if !t.missing_columns.is_empty() {
