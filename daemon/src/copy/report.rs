@@ -1,5 +1,5 @@
 //! The reconciliation table printed at the end of a copy: per table, the
-//! source's rows, those its mapping rejected, the rows expected on the
+//! source's rows, the rows copied, those its mapping rejected, the rows expected on the
 //! target, the rows there, and the variance; then, for mapped tables, the
 //! rejections by reason with sample keys.
 
@@ -22,9 +22,10 @@ pub fn reconciliation(tables: &[TableCopy]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<width$}  {:>12}  {:>9}  {:>12}  {:>12}  {:>8}  {:>6}  {:>12}",
+        "{:<width$}  {:>12}  {:>12}  {:>9}  {:>12}  {:>12}  {:>8}  {:>6}  {:>12}",
         "table",
         "source rows",
+        "copied",
         "rejected",
         "expected",
         "target rows",
@@ -36,8 +37,9 @@ pub fn reconciliation(tables: &[TableCopy]) -> String {
     for (name, t) in &rows {
         let _ = writeln!(
             out,
-            "{name:<width$}  {:>12}  {:>9}  {:>12}  {:>12}  {:>8}  {:>6}  {:>12}",
+            "{name:<width$}  {:>12}  {:>12}  {:>9}  {:>12}  {:>12}  {:>8}  {:>6}  {:>12}",
             show(t.source_count),
+            t.rows_copied,
             t.rejected_rows(),
             show(t.expected()),
             show(t.target_count),
