@@ -548,3 +548,60 @@ async fn unchanged_large_values_are_kept_taken_from_the_old_row_or_stop_the_stre
     assert_eq!(title, "TITLE 1", "nothing of the change was written");
     daemon.kill();
 }
+
+/// A lost slot and `run --resync`: the changes made while the daemon was
+/// down reach the mapped table, which is loaded again through its mapping
+/// (its rejected rows recorded anew), and the stream goes on from there.
+#[tokio::test]
+async fn resync_loads_a_mapped_table_again_through_its_mapping() {
+    let pair =
+        Pair::start(ClusterOptions::default().setting("max_slot_wal_keep_size", "1MB")).await;
+    pair.on_source(SOURCE).await;
+    pair.target.execute("app", TARGET).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = pair.config(dir.path(), MAP);
+    let mut daemon = Daemon::start_streaming(&config).await;
+    wait_mapped(&pair).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+
+    pair.on_source(
+        "INSERT INTO beneficiaries VALUES (900, 'While down', '2024-01-01', 'LOC-1', 1, NULL),
+                                          (901, NULL, '2024-01-01', 'LOC-1', 1, NULL);
+         UPDATE beneficiaries SET beneficiary_name = NULL WHERE id = 1;
+         UPDATE beneficiaries SET beneficiary_name = 'Named' WHERE id = 10;
+         DELETE FROM beneficiaries WHERE id IN (2, 20);",
+    )
+    .await;
+    pair.source.lose_slot("app", "cutover").await;
+
+    let mut daemon = Daemon::start(&config, &["run", "--resync"]);
+    wait_for("the resync and the stream", WAIT, || async {
+        let log = daemon.log_of_this_start();
+        assert!(!log.contains("error:"), "the resync failed:\n{log}");
+        log.contains("to=\"streaming\"").then_some(())
+    })
+    .await;
+    let log = daemon.log_of_this_start();
+    assert!(
+        log.contains("public.beneficiaries -> public.people: loaded again through its mapping (200 source rows)"),
+        "{log}"
+    );
+    wait_mapped(&pair).await;
+    let recorded = rejected(&pair).await;
+    for expected in ["({1},where)", "({901},where)", "({77},unknown_programme)"] {
+        assert!(
+            recorded.contains(&expected.to_owned()),
+            "{expected} not in {recorded:?}"
+        );
+    }
+    for gone in ["({10},where)", "({20},where)"] {
+        assert!(
+            !recorded.contains(&gone.to_owned()),
+            "{gone} still in {recorded:?}"
+        );
+    }
+    pair.on_source("UPDATE beneficiaries SET beneficiary_name = 'After' WHERE id = 30")
+        .await;
+    wait_mapped(&pair).await;
+    assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
+}

@@ -51,6 +51,9 @@ pub struct Resynced {
     pub source_rows: u64,
     /// Rows written or deleted on the target, per table.
     pub repaired: Vec<(String, usize)>,
+    /// Mapped tables loaded again through their mapping, with the source
+    /// rows read.
+    pub reloaded: Vec<(String, u64)>,
 }
 
 impl std::fmt::Display for Resynced {
@@ -63,6 +66,12 @@ impl std::fmt::Display for Resynced {
         )?;
         for (table, n) in &self.repaired {
             writeln!(f, "  {table}: {n} rows")?;
+        }
+        for (table, n) in &self.reloaded {
+            writeln!(
+                f,
+                "  {table}: loaded again through its mapping ({n} source rows)"
+            )?;
         }
         Ok(())
     }
@@ -180,10 +189,7 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
     if let Some(reader) = &mapped_reader {
         for (mapping, table) in &mapped {
             let rows = super::mapped::reload(config, mapping, table, reader).await?;
-            reloaded.push((
-                format!("{} -> {} (loaded again)", mapping.source, mapping.target),
-                rows as usize,
-            ));
+            reloaded.push((format!("{} -> {}", mapping.source, mapping.target), rows));
         }
     }
     // A test stops here: the slot made again, the target not repaired.
@@ -207,8 +213,8 @@ pub async fn resync(config: &Config, store: &Store) -> Result<Resynced, VerifyEr
         .map(|(table, rows)| (table, rows.len()))
         .collect();
     repaired.sort();
-    repaired.extend(reloaded);
     Ok(Resynced {
+        reloaded,
         slot: slot_name,
         at,
         tables: compared.len(),
