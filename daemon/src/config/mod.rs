@@ -534,6 +534,44 @@ mod tests {
     }
 
     #[test]
+    fn maps_are_read_with_their_columns_reasons_and_inverse_and_refused_where_they_cannot_work() {
+        let map = "[[map]]\nsource = \"Legacy.Beneficiaries\"\ntarget = \"people\"\nwhere = \"name IS NOT NULL\"\n\
+                   [map.columns]\nperson_id = \"id\"\n[map.reject]\nbad = \"x < 0\"\n[map.inverse]\nid = \"person_id\"\n";
+        let f = file(&format!("{MINIMAL}{map}"));
+        let config = load_from(Some(f.path()), &[]).unwrap().validate().unwrap();
+        let spec = &config.mappings[0];
+        use cutover_replication::catalog::TableName;
+        assert_eq!(spec.source, TableName::new("legacy", "beneficiaries"));
+        assert_eq!(spec.target, TableName::new("public", "people"));
+        assert_eq!(spec.filter.as_deref(), Some("name IS NOT NULL"));
+        assert_eq!(spec.columns, [("person_id".to_owned(), "id".to_owned())]);
+        assert_eq!(spec.rejects, [("bad".to_owned(), "x < 0".to_owned())]);
+        // The reverse direction reads the target table through the inverse.
+        let reverse = config.for_direction(crate::direction::Direction::Reverse);
+        assert_eq!(reverse.mappings[0].source, spec.target);
+        assert!(reverse.scope.contains(&spec.target));
+        assert!(!reverse.scope.contains(&spec.source));
+
+        let f = file(&format!(
+            "{MINIMAL}[[map]]\nsource = \"a\"\ntarget = \"b\"\nwhere_ = \"x\"\n"
+        ));
+        let err = load_from(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("map[0].where_"), "{err}");
+        let f = file(&format!(
+            "{MINIMAL}[[group]]\nname = \"g\"\ntables = [\"public.*\"]\n{map}"
+        ));
+        let err = load_from(Some(f.path()), &[])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config key map:") && err.contains("table groups"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_name_origin_and_suggest() {
         let f = file(&format!("{MINIMAL}[replication]\nslott = \"x\"\n"));
         let err = load_from(Some(f.path()), &[]).unwrap_err().to_string();

@@ -572,8 +572,35 @@ impl RawConfig {
         if config.target.is_none() {
             feed_alone_refusals(&config)?;
         }
+        mapping_refusals(&config)?;
         Ok(config)
     }
+}
+
+/// What field mappings do not combine with, refused by key.
+fn mapping_refusals(config: &Config) -> Result<(), ConfigError> {
+    if config.mappings.is_empty() {
+        return Ok(());
+    }
+    if config.target.is_none() {
+        return Err(ConfigError::invalid(
+            "map",
+            "a mapping writes a target table, and the config has no [target] (a Kafka feed alone carries the source's rows as they are): add [target], or remove the [[map]]s",
+        ));
+    }
+    if !config.groups.is_empty() {
+        return Err(ConfigError::invalid(
+            "map",
+            "field mappings and table groups do not combine yet (a group's stray writes are compared and written back by table name, which a mapped table does not share): remove the [[group]]s and switch every table at once, or remove the [[map]]s",
+        ));
+    }
+    if config.kafka.as_ref().is_some_and(|k| k.snapshot) {
+        return Err(ConfigError::invalid(
+            "kafka.snapshot",
+            "the feed's initial rows are read from the target's tables by their source names, which a mapped table does not have: remove kafka.snapshot (the feed carries the changes from the slot's creation), or remove the [[map]]s",
+        ));
+    }
+    Ok(())
 }
 
 /// What a Kafka feed without a target cannot do, refused by key.
