@@ -605,3 +605,63 @@ async fn resync_loads_a_mapped_table_again_through_its_mapping() {
     wait_mapped(&pair).await;
     assert_eq!(daemon.terminate(WAIT), Some(0), "{}", daemon.log());
 }
+
+/// A mapped row is never written changed behind the operator's back: a
+/// value too long for its target column stops the stream (a cast would
+/// cut it), and so does a key change that leaves a large value unsent
+/// (the old key's other columns are not in the WAL).
+#[tokio::test]
+async fn a_value_too_long_and_a_key_change_without_its_large_value_stop_the_stream() {
+    for case in ["too long", "key change"] {
+        let pair = Pair::start(ClusterOptions::default()).await;
+        pair.on_source(
+            "CREATE TABLE docs (id int PRIMARY KEY, code text, body text);
+             ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;
+             INSERT INTO docs SELECT g, 'c' || g, repeat(g::text, 3000) FROM generate_series(1, 5) g;",
+        )
+        .await;
+        pair.target
+            .execute(
+                "app",
+                "CREATE TABLE pages (page_id int PRIMARY KEY, code varchar(5), body text)",
+            )
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = pair.config(
+            dir.path(),
+            "[[map]]\nsource = \"docs\"\ntarget = \"pages\"\n[map.columns]\npage_id = \"id\"\n",
+        );
+        let mut daemon = Daemon::start_streaming(&config).await;
+        let (change, said) = match case {
+            "too long" => (
+                "INSERT INTO docs VALUES (6, 'much too long', 'b')",
+                "value too long for type character varying(5)",
+            ),
+            _ => (
+                "UPDATE docs SET id = 100 WHERE id = 3",
+                "changes a row's key and leaves a large",
+            ),
+        };
+        let expected = rows_of_source(&pair).await;
+        pair.on_source(change).await;
+        let log = wait_for(&format!("the stream to stop ({case})"), WAIT, || async {
+            let log = daemon.log();
+            log.contains(said).then_some(log)
+        })
+        .await;
+        assert!(log.contains("public.docs"), "{log}");
+        let rows: Vec<String> =
+            rows(&pair.target, "SELECT page_id, code, md5(body) FROM pages").await;
+        assert_eq!(rows, expected, "nothing of the change was written ({case})");
+        daemon.kill();
+    }
+}
+
+/// The source's rows 1 to 5 as the mapping writes them.
+async fn rows_of_source(pair: &Pair) -> Vec<String> {
+    rows(
+        &pair.source,
+        "SELECT id, code, md5(body) FROM docs WHERE id <= 5",
+    )
+    .await
+}

@@ -47,6 +47,20 @@ pub(super) async fn map_checks(
             });
         }
     }
+    if let Some((index, table)) = crate::config::maps::written_twice(&config.mappings, |t| {
+        in_scope.iter().any(|s| s.name == *t)
+    }) {
+        report.add(Finding {
+            severity: Severity::Blocking,
+            code: "mapping",
+            server: "source",
+            subject: Some(format!("map[{index}].target")),
+            problem: format!(
+                "{table} is also a table in scope on the source, copied under its own name: both would write it"
+            ),
+            fix: Some("take it out of scope (replication.exclude), or map to another table".into()),
+        });
+    }
     let forward = mapping::resolve_all(&config.mappings, source, target).await?;
     let mappings = match forward {
         Ok(mappings) => mappings,

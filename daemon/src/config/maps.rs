@@ -75,6 +75,23 @@ pub(super) fn table_name(text: &str) -> Option<TableName> {
     }
 }
 
+/// The first mapping whose target is also a table in scope on the source
+/// under its own name (`in_scope`), not itself mapped: two writers of one
+/// table. As `(map index, table)`.
+pub fn written_twice(
+    specs: &[MapSpec],
+    in_scope: impl Fn(&TableName) -> bool,
+) -> Option<(usize, TableName)> {
+    specs
+        .iter()
+        .find(|m| {
+            m.target != m.source
+                && in_scope(&m.target)
+                && !specs.iter().any(|other| other.source == m.target)
+        })
+        .map(|m| (m.index, m.target.clone()))
+}
+
 /// Checks the `[[map]]`s as written.
 pub(super) fn map_specs(raw: Vec<RawMap>) -> Result<Vec<MapSpec>, ConfigError> {
     let mut specs: Vec<MapSpec> = Vec::with_capacity(raw.len());
@@ -102,6 +119,17 @@ pub(super) fn map_specs(raw: Vec<RawMap>) -> Result<Vec<MapSpec>, ConfigError> {
                 format!(
                     "{source} is mapped twice (also by map[{}]): one mapping per source table",
                     earlier.index
+                ),
+            ));
+        }
+        if let Some(other) = specs.iter().find(|s| {
+            (s.target == source && s.source != source) || (s.source == target && s.target != target)
+        }) {
+            return Err(ConfigError::invalid(
+                key("source"),
+                format!(
+                    "map[{}] and map[{index}] chain or swap tables ({} -> {}, {source} -> {target}): a table is read by one mapping or written by one, not both; map each source table straight to its final target",
+                    other.index, other.source, other.target
                 ),
             ));
         }

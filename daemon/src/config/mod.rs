@@ -27,7 +27,7 @@ use cutover_replication::secret::Secret;
 
 mod groups;
 mod kafka;
-mod maps;
+pub mod maps;
 mod raw;
 
 pub use groups::{Groups, TwoGroups};

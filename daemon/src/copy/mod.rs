@@ -234,6 +234,26 @@ pub async fn mappings(
     if config.mappings.is_empty() {
         return Ok(Vec::new());
     }
+    let in_scope: Vec<cutover_replication::catalog::TableName> =
+        cutover_replication::catalog::tables(source)
+            .await
+            .map_err(orchestration::query("source", "listing tables"))?
+            .into_iter()
+            .map(|t| t.name)
+            .filter(|name| config.scope.contains(name))
+            .collect();
+    if let Some((index, table)) =
+        crate::config::maps::written_twice(&config.mappings, |t| in_scope.contains(t))
+    {
+        return Err(CopyError::Mapping(
+            cutover_replication::mapping::MappingError {
+                key: format!("map[{index}].target"),
+                message: format!(
+                    "{table} is also a table in scope on the source, copied under its own name: both would write it; take it out of scope (replication.exclude) or map to another table"
+                ),
+            },
+        ));
+    }
     let mappings = cutover_replication::mapping::resolve_all(&config.mappings, source, target)
         .await
         .map_err(orchestration::query("target", "checking the [[map]]s"))??;

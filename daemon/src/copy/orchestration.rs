@@ -506,6 +506,13 @@ pub(super) async fn keep_unreferenced(
             .map_err(query("target", "reading foreign keys"))?
             .iter()
             .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            // A mapped table is known on the target by the table it writes.
+            .map(|written| {
+                plans
+                    .iter()
+                    .find(|p| *p.target_name() == written)
+                    .map_or(written, |p| p.table.name.clone())
+            })
             .collect();
         let (moved, kept): (Vec<TableName>, Vec<TableName>) =
             done.into_iter().partition(|t| referencing.contains(t));
@@ -516,7 +523,15 @@ pub(super) async fn keep_unreferenced(
         for table in &moved {
             tracing::info!(%table, "copied again: it references a table that is copied again");
         }
-        again = moved.iter().map(TableName::quoted).collect();
+        again = moved
+            .iter()
+            .map(|t| {
+                plans
+                    .iter()
+                    .find(|p| p.table.name == *t)
+                    .map_or_else(|| t.quoted(), |p| p.target_name().quoted())
+            })
+            .collect();
     }
 }
 

@@ -21,6 +21,7 @@ use crate::config::Config;
 const STAGE: &str = "cutover_verify_stage";
 const REASONS: &str = "cutover_verify_rows";
 const DIFF: &str = "cutover_verify_diff";
+const EXPECTED: &str = "cutover_verify_expected";
 
 /// Compares `table` (mapped by `mapping`) as of `at`: `source` holds the
 /// source snapshot, `snapshot` names the target's exported snapshot.
@@ -92,10 +93,11 @@ pub(super) async fn compare(
         detail: e.to_string(),
     })?;
     tx.batch_execute(&format!(
-        "{}; CREATE TEMPORARY TABLE {} ON COMMIT DROP AS {}",
+        "{}; {}; CREATE TEMPORARY TABLE {} ON COMMIT DROP AS {}",
         mapping.reasons_table_sql(STAGE, REASONS),
+        mapping.expected_sql(REASONS, EXPECTED),
         quote_ident(DIFF),
-        mapping.diff_sql(REASONS)
+        mapping.diff_sql(EXPECTED)
     ))
     .await
     .map_err(query(

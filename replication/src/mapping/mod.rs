@@ -209,6 +209,11 @@ pub fn referenced(expr: &str, columns: &[String]) -> Vec<String> {
                 word.extend(chars[i].to_lowercase());
                 i += 1;
             }
+            // The whole row read (`to_jsonb(src)`) uses every column.
+            let qualifies = chars[i..].iter().find(|c| !c.is_whitespace()) == Some(&'.');
+            if word == "src" && !qualifies {
+                return columns.to_vec();
+            }
             words.push(word);
         } else {
             i += 1;
@@ -356,6 +361,7 @@ pub fn resolve(
             ),
         )
     })?;
+    let mut key_uses: Vec<&String> = Vec::new();
     for key in &target_key {
         let Some(column) = columns.iter().find(|c| c.name == *key) else {
             return Err(problem(
@@ -371,6 +377,7 @@ pub fn resolve(
             .iter()
             .filter(|u| !source_key.contains(u))
             .collect();
+        key_uses.extend(&column.uses);
         if column.uses.is_empty() || !outside.is_empty() {
             return Err(problem(
                 spec.key(&format!("columns.{key}")),
@@ -389,6 +396,22 @@ pub fn resolve(
                 ),
             ));
         }
+    }
+    let unused_key: Vec<&str> = source_key
+        .iter()
+        .filter(|k| !key_uses.contains(k))
+        .map(|k| k.as_str())
+        .collect();
+    if !unused_key.is_empty() {
+        return Err(problem(
+            spec.key("columns"),
+            format!(
+                "the target's key ({}) is fed without the source's key column(s) {}: two source rows could become one target row, and a delete of one would delete the other; feed the target's key from every column of the source's key ({}), one to one",
+                target_key.join(", "),
+                unused_key.join(", "),
+                source_key.join(", ")
+            ),
+        ));
     }
     let mut rejects = Vec::new();
     if let Some(filter) = &spec.filter {
@@ -580,6 +603,21 @@ mod tests {
         let err = resolve(&s, Some(&beneficiaries()), Some(&people()), &all_types).unwrap_err();
         assert_eq!(err.key, "map[0].columns.full_name");
         assert!(err.message.contains("NOT NULL"), "{err}");
+    }
+
+    #[test]
+    fn the_whole_row_uses_every_column_and_a_key_must_come_from_the_whole_source_key() {
+        let columns: Vec<String> = ["id", "name"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(referenced("to_jsonb(src) ->> 'name'", &columns), columns);
+        assert_eq!(
+            referenced("src.name || 'src'", &columns),
+            vec!["name".to_owned()]
+        );
+        let mut source = beneficiaries();
+        source.primary_key = Some(vec!["id".into(), "location_code".into()]);
+        let err = resolve(&spec(), Some(&source), Some(&people()), &all_types).unwrap_err();
+        assert_eq!(err.key, "map[0].columns");
+        assert!(err.message.contains("location_code"), "{err}");
     }
 
     #[test]

@@ -11,18 +11,16 @@ use crate::catalog::{Table, TableName};
 
 /// Creates `cutover.rejected` on the server written to, if missing.
 pub async fn ensure_rejected(client: &Client) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS cutover;
-             CREATE TABLE IF NOT EXISTS {REJECTED} (
-                 map text NOT NULL,
-                 key text[] NOT NULL,
-                 reason text NOT NULL,
-                 at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (map, key));"
-        ))
-        .await
+    client.batch_execute(REJECTED_DDL).await
 }
+
+const REJECTED_DDL: &str = "CREATE SCHEMA IF NOT EXISTS cutover;
+     CREATE TABLE IF NOT EXISTS \"cutover\".\"rejected\" (
+         map text NOT NULL,
+         key text[] NOT NULL,
+         reason text NOT NULL,
+         at timestamptz NOT NULL DEFAULT now(),
+         PRIMARY KEY (map, key));";
 
 /// Rejected rows of a mapping on the server written to: how many by
 /// reason, and up to `samples` of their keys (oldest first).
@@ -142,8 +140,10 @@ pub async fn resolve_all(
     Ok(Ok(mappings))
 }
 
-/// Has the target parse and plan every expression of `mapping` over a
-/// typed, empty row set, in a transaction rolled back.
+/// Has the target parse and plan every statement of `mapping` over a
+/// typed, empty row set (its expressions, conditions, key comparisons and
+/// the conversions to the target's column types), in a transaction rolled
+/// back: `cutover.rejected` made there for it leaves nothing behind.
 async fn probe(
     target: &Client,
     mapping: &Mapping,
@@ -152,7 +152,13 @@ async fn probe(
     target.batch_execute("BEGIN").await?;
     let result = async {
         target.batch_execute(&mapping.stage_sql(STAGE)).await?;
-        target.prepare(&mapping.probe_sql(STAGE)).await.map(|_| ())
+        if !mapping.rejects.is_empty() {
+            target.batch_execute(REJECTED_DDL).await?;
+        }
+        for sql in mapping.probe_sql(STAGE) {
+            target.prepare(&sql).await?;
+        }
+        Ok::<(), tokio_postgres::Error>(())
     }
     .await;
     target.batch_execute("ROLLBACK").await?;

@@ -4,6 +4,13 @@
 //! expressions are the operator's SQL, checked by the target first.
 
 use super::{Mapping, REASON, REJECTED, referenced};
+
+/// The CTE of the rows read, each with its reason (a name no lookup table
+/// of an operator's is expected to have).
+const ROWS: &str = "\"cutover rows\"";
+
+/// The CTE of the target rows a patch updated.
+const UPDATED: &str = "\"cutover updated\"";
 use crate::sql::{Literal, idents, quote_ident};
 
 impl Mapping {
@@ -35,13 +42,15 @@ impl Mapping {
 
     /// `SELECT u."a"::type AS "a", ... FROM unnest($first::text[], ...)
     /// AS u("a", ...)`: rows of `names` sent as `text[]` columns, typed
-    /// as the source's.
-    pub fn typed_rows(&self, names: &[&str], first: usize) -> String {
+    /// as `types` (the source's types as its stream describes them now,
+    /// so that a cast never cuts a value short).
+    pub fn typed_rows(&self, names: &[&str], types: &[&str], first: usize) -> String {
         let casts: Vec<String> = names
             .iter()
-            .map(|n| {
+            .zip(types)
+            .map(|(n, t)| {
                 let q = quote_ident(n);
-                format!("u.{q}::{} AS {q}", self.source_type(n))
+                format!("u.{q}::{t} AS {q}")
             })
             .collect();
         let params: Vec<String> = (0..names.len())
@@ -93,30 +102,35 @@ impl Mapping {
         format!("ARRAY[{}]", parts.join(", "))
     }
 
+    /// The target key's values computed from a row of the source, never
+    /// cast: compared with the target's key by PostgreSQL's operators, so
+    /// that no value is cut short to match one it is not.
     fn key_exprs(&self) -> Vec<String> {
         self.target_key
             .iter()
             .filter_map(|k| self.columns.iter().find(|c| c.name == *k))
-            .map(|c| format!("({})::{}", c.expr, c.type_name))
+            .map(|c| format!("({})", c.expr))
             .collect()
     }
 
-    /// `SELECT (expr)::type AS "column", ...`: the target form of the rows
-    /// in `x` (which holds the source columns and their reason).
+    /// `SELECT (expr) AS "column", ...`: the target form of the rows read
+    /// (`src`), converted to the target's types by the INSERT or UPDATE
+    /// that writes them (assignment casts: a value too long for its
+    /// column is refused, never cut).
     fn mapped_select(&self) -> String {
         let values: Vec<String> = self
             .columns
             .iter()
-            .map(|c| format!("({})::{} AS {}", c.expr, c.type_name, quote_ident(&c.name)))
+            .map(|c| format!("({}) AS {}", c.expr, quote_ident(&c.name)))
             .collect();
         values.join(", ")
     }
 
     /// The rows of `rows` (typed source rows), each with its reason, in a
-    /// CTE named `x` computed once.
+    /// CTE computed once ([`ROWS`]).
     fn with_reasons(&self, rows: &str) -> String {
         format!(
-            "x AS MATERIALIZED (SELECT src.*, {} AS {REASON} FROM ({rows}) AS src)",
+            "{ROWS} AS MATERIALIZED (SELECT src.*, {} AS {REASON} FROM ({rows}) AS src)",
             self.reason()
         )
     }
@@ -141,7 +155,7 @@ impl Mapping {
         let mut ctes = vec![self.with_reasons(rows)];
         ctes.extend(self.reject_ctes());
         format!(
-            "WITH {} INSERT INTO {} ({}){} SELECT {} FROM x AS src WHERE {REASON} IS NULL ON CONFLICT ({}) {action}",
+            "WITH {} INSERT INTO {} ({}){} SELECT {} FROM {ROWS} AS src WHERE {REASON} IS NULL ON CONFLICT ({}) {action}",
             ctes.join(", "),
             self.target.quoted(),
             idents(&names),
@@ -201,14 +215,17 @@ impl Mapping {
         let mut ctes = vec![self.with_reasons(rows)];
         ctes.extend(self.reject_ctes());
         ctes.push(format!(
-            "u AS (UPDATE {} AS t SET {sets} FROM (SELECT {} FROM x AS src WHERE {REASON} IS NULL) AS n \
+            "{UPDATED} AS (UPDATE {} AS t SET {sets} FROM (SELECT {} FROM {ROWS} AS src WHERE {REASON} IS NULL) AS n \
              WHERE ({keys}) = ({}) RETURNING {keys})",
             self.target_rows(),
             self.mapped_select(),
             idents(&self.target_key).qualified("n")
         ));
+        // NOT EXISTS, not NOT IN: a key computed as NULL is reported, not
+        // lost in a NULL comparison.
         format!(
-            "WITH {} SELECT 1 FROM x AS src WHERE {REASON} IS NULL AND ({}) NOT IN (SELECT * FROM u)",
+            "WITH {} SELECT 1 FROM {ROWS} AS src WHERE {REASON} IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM {UPDATED} AS t WHERE ({keys}) IS NOT DISTINCT FROM ({}))",
             ctes.join(", "),
             self.key_exprs().join(", ")
         )
@@ -224,16 +241,16 @@ impl Mapping {
         let map = Literal(&self.map_name()).to_string();
         vec![
             format!(
-                "r AS (INSERT INTO {REJECTED} (map, key, reason) SELECT {map}, {key}, {REASON} FROM x WHERE {REASON} IS NOT NULL \
+                "\"cutover recorded\" AS (INSERT INTO {REJECTED} (map, key, reason) SELECT {map}, {key}, {REASON} FROM {ROWS} WHERE {REASON} IS NOT NULL \
                  ON CONFLICT (map, key) DO UPDATE SET reason = EXCLUDED.reason, at = now())",
                 key = self.key_array()
             ),
             format!(
-                "a AS (DELETE FROM {REJECTED} WHERE map = {map} AND key IN (SELECT {key} FROM x WHERE {REASON} IS NULL))",
+                "\"cutover forgotten\" AS (DELETE FROM {REJECTED} WHERE map = {map} AND key IN (SELECT {key} FROM {ROWS} WHERE {REASON} IS NULL))",
                 key = self.key_array()
             ),
             format!(
-                "d AS (DELETE FROM {} WHERE ({}) IN (SELECT {} FROM x AS src WHERE {REASON} IS NOT NULL))",
+                "\"cutover removed\" AS (DELETE FROM {} WHERE ({}) IN (SELECT {} FROM {ROWS} AS src WHERE {REASON} IS NOT NULL))",
                 self.target_rows(),
                 idents(&self.target_key),
                 self.key_exprs().join(", ")
@@ -249,13 +266,13 @@ impl Mapping {
             String::new()
         } else {
             format!(
-                ", a AS (DELETE FROM {REJECTED} WHERE map = {} AND key IN (SELECT {} FROM s))",
+                ", \"cutover forgotten\" AS (DELETE FROM {REJECTED} WHERE map = {} AND key IN (SELECT {} FROM {ROWS}))",
                 Literal(&self.map_name()),
                 self.key_array()
             )
         };
         format!(
-            "WITH s AS ({rows}){forget} DELETE FROM {} WHERE ({}) IN (SELECT {} FROM s AS src)",
+            "WITH {ROWS} AS ({rows}){forget} DELETE FROM {} WHERE ({}) IN (SELECT {} FROM {ROWS} AS src)",
             self.target_rows(),
             idents(&self.target_key),
             self.key_exprs().join(", ")
@@ -334,11 +351,30 @@ impl Mapping {
         )
     }
 
-    /// The target rows that differ from the passing rows of `x` as mapped
-    /// (every column the mapping writes, compared as text), joined on the
-    /// target's key: `kind` (`missing`, `extra`, `changed`), the key as
-    /// `(col=value, ...)`, and for `changed` the columns that differ.
-    pub fn diff_sql(&self, x: &str) -> String {
+    /// A temporary table of the mapped columns, typed as the target's
+    /// (their type modifiers too, nothing else), and the rows the target
+    /// must hold in it: the passing rows of `x` (a
+    /// [`Mapping::reasons_table_sql`] table) written through the mapping
+    /// with the same conversions as the real writes.
+    pub fn expected_sql(&self, x: &str, expected: &str) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
+        format!(
+            "CREATE TEMPORARY TABLE {e} ON COMMIT DROP AS SELECT {cols} FROM {target} WITH NO DATA; \
+             INSERT INTO {e} ({cols}) SELECT {mapped} FROM {x} AS src WHERE {REASON} IS NULL",
+            e = quote_ident(expected),
+            target = self.target_rows(),
+            cols = idents(&names),
+            mapped = self.mapped_select(),
+            x = quote_ident(x),
+        )
+    }
+
+    /// The target rows that differ from those of `expected` (see
+    /// [`Mapping::expected_sql`]; every column the mapping writes,
+    /// compared as text), joined on the target's key: `kind` (`missing`,
+    /// `extra`, `changed`), the key as `(col=value, ...)`, and for
+    /// `changed` the columns that differ.
+    pub fn diff_sql(&self, expected: &str) -> String {
         let names: Vec<&str> = self.columns.iter().map(|c| c.name.as_str()).collect();
         let on: Vec<String> = self
             .target_key
@@ -371,13 +407,12 @@ impl Mapping {
             "SELECT CASE WHEN t.{first} IS NULL THEN 'missing' WHEN m.{first} IS NULL THEN 'extra' ELSE 'changed' END AS kind, \
                     '(' || concat_ws(', ', {shown}) || ')' AS key, \
                     array_remove(ARRAY[{differs}]::text[], NULL) AS columns \
-               FROM (SELECT {mapped} FROM {x} AS src WHERE {REASON} IS NULL) AS m \
+               FROM (SELECT {cols} FROM {expected}) AS m \
                FULL JOIN (SELECT {cols} FROM {target}) AS t ON {on} \
               WHERE m.{first} IS NULL OR t.{first} IS NULL OR ({m_row}) IS DISTINCT FROM ({t_row})",
             shown = shown.join(", "),
             differs = differs.join(", "),
-            mapped = self.mapped_select(),
-            x = quote_ident(x),
+            expected = quote_ident(expected),
             cols = idents(&names),
             target = self.target_rows(),
             on = on.join(" AND "),
@@ -386,16 +421,20 @@ impl Mapping {
         )
     }
 
-    /// A statement the server written to must accept for the mapping to
-    /// work: every expression and condition over a row of `stage` (a
-    /// [`Mapping::stage_sql`] table), cast to the target's types.
-    pub fn probe_sql(&self, stage: &str) -> String {
-        format!(
-            "SELECT {}, {} FROM {} AS src",
-            self.mapped_select(),
-            self.reason(),
-            quote_ident(stage)
-        )
+    /// The statements the server written to must accept for the mapping
+    /// to work, over rows of `stage` (a [`Mapping::stage_sql`] table):
+    /// the write, with every expression and condition converted to the
+    /// target's column types as the stream's writes do, and the delete by
+    /// key. Prepared, never run.
+    pub fn probe_sql(&self, stage: &str) -> Vec<String> {
+        let rows = format!("SELECT * FROM {}", quote_ident(stage));
+        let keys: Vec<String> = self
+            .source_key
+            .iter()
+            .map(|k| format!("{} AS {}", quote_ident(k), quote_ident(k)))
+            .collect();
+        let key_rows = format!("SELECT {} FROM {}", keys.join(", "), quote_ident(stage));
+        vec![self.write_sql(&rows), self.delete_sql(&key_rows)]
     }
 
     /// The columns a source row of `present` columns lacks for this

@@ -20,7 +20,7 @@ use super::coalesce::{RowKey, RowOp, TableBatch, batch_for, key_of, put};
 use super::error::{ApplyError, session_error};
 use super::one::show_key;
 use super::pipeline::{TextColumn, text_columns};
-use crate::change::{Change, ChangeKind, Datum, Relation, Tuple};
+use crate::change::{Change, ChangeKind, Datum, OldRow, Relation, Tuple};
 use crate::lsn::Lsn;
 use crate::mapping::Mapping;
 
@@ -50,9 +50,15 @@ fn new_row<'a>(
     mapping: &Mapping,
     relation: &Relation,
     new: &'a Tuple,
-    old: Option<&Tuple>,
+    old: Option<&OldRow>,
     lsn: Lsn,
 ) -> Result<RowOp<'a>, String> {
+    // Only a whole old row (REPLICA IDENTITY FULL) carries the other
+    // columns' values: an old key's other columns are NULL placeholders.
+    let old = match old {
+        Some(OldRow::Full(tuple)) => Some(tuple),
+        _ => None,
+    };
     if !new.0.contains(&Datum::UnchangedToast) {
         return Ok(RowOp::Upsert(Cow::Borrowed(&new.0[..])));
     }
@@ -113,19 +119,25 @@ impl PostgresSink {
             }
             ChangeKind::Update { old, new, .. } => {
                 let key = key_of(&key_cols, new);
+                let row = new_row(mapping, relation, new, old.as_ref(), change.lsn)?;
                 if let Some(old) = old {
                     let old_key: RowKey = key_of(&key_cols, old.tuple());
                     if old_key != key {
+                        if matches!(row, RowOp::Patch(_)) {
+                            // The row moves to another key: it is written
+                            // whole there, and a value it keeps is not sent.
+                            return Err(format!(
+                                "an UPDATE of {} at {} changes a row's key and leaves a large (TOASTed) value unchanged, which the source does not send: the row cannot be written under its new key through the mapping (map[{}]). \
+                                 Run ALTER TABLE {} REPLICA IDENTITY FULL on the source so that later changes carry such values; to get past this one, stop the daemon, drop its replication slot on the source and run `cutover run --resync`, which loads mapped tables again",
+                                relation.name,
+                                change.lsn,
+                                mapping.index,
+                                relation.name.quoted()
+                            ));
+                        }
                         put(batch, old_key, RowOp::Delete, change.lsn);
                     }
                 }
-                let row = new_row(
-                    mapping,
-                    relation,
-                    new,
-                    old.as_ref().map(|o| o.tuple()),
-                    change.lsn,
-                )?;
                 put(batch, key, row, change.lsn);
             }
             ChangeKind::Delete { old, .. } => {
@@ -152,6 +164,8 @@ impl PostgresSink {
         ops: &mut Vec<TableOp<'b>>,
     ) -> Result<(), ApplyError> {
         let relation = &batch.relation;
+        let types = self.source_types(relation, mapping).await?;
+        let type_of = |i: usize| types[i].as_str();
         let mut deletes: Vec<&RowKey> = Vec::new();
         let mut rows: Vec<&[Datum]> = Vec::new();
         let mut patches: std::collections::BTreeMap<Vec<usize>, Vec<&[Datum]>> =
@@ -177,7 +191,8 @@ impl PostgresSink {
                 .iter()
                 .map(|i| relation.columns[*i].name.as_str())
                 .collect();
-            let sql = mapping.delete_sql(&mapping.typed_rows(&keys, 1));
+            let key_types: Vec<&str> = batch.key.iter().map(|i| type_of(*i)).collect();
+            let sql = mapping.delete_sql(&mapping.typed_rows(&keys, &key_types, 1));
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: (0..keys.len())
@@ -190,7 +205,8 @@ impl PostgresSink {
         }
         if !rows.is_empty() {
             let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
-            let sql = mapping.write_sql(&mapping.typed_rows(&names, 1));
+            let all: Vec<&str> = (0..names.len()).map(type_of).collect();
+            let sql = mapping.write_sql(&mapping.typed_rows(&names, &all, 1));
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: text_columns(&rows, 0..names.len()),
@@ -202,7 +218,8 @@ impl PostgresSink {
         for (missing, rows) in patches {
             let names: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
             let absent: Vec<&str> = missing.iter().map(|i| names[*i]).collect();
-            let sql = mapping.patch_sql(&mapping.typed_rows(&names, 1), &absent);
+            let all: Vec<&str> = (0..names.len()).map(type_of).collect();
+            let sql = mapping.patch_sql(&mapping.typed_rows(&names, &all, 1), &absent);
             ops.push(TableOp {
                 statement: self.statement(&sql).await?,
                 params: text_columns(&rows, 0..names.len()),
@@ -213,6 +230,48 @@ impl PostgresSink {
             });
         }
         Ok(())
+    }
+
+    /// The types the columns of `relation` are read as: the source's, as
+    /// its stream describes them now (built-in types, spelled by the
+    /// target, which numbers them the same), else as `check` resolved
+    /// them. Asked once per description of the table.
+    async fn source_types(
+        &mut self,
+        relation: &Arc<Relation>,
+        mapping: &Mapping,
+    ) -> Result<Arc<Vec<String>>, ApplyError> {
+        if let Some((known, types)) = self.mapped_types.get(&relation.name)
+            && (Arc::ptr_eq(known, relation) || **known == **relation)
+        {
+            return Ok(Arc::clone(types));
+        }
+        let oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
+        let mods: Vec<i32> = relation.columns.iter().map(|c| c.type_modifier).collect();
+        let spelled: Vec<Option<String>> = self
+            .client
+            .query(
+                "SELECT CASE WHEN t.oid < 16384 THEN format_type(t.oid, t.typmod) END
+                   FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, n) ORDER BY t.n",
+                &[&oids, &mods],
+            )
+            .await
+            .map_err(session_error(format!("reading the types of {}", relation.name)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let types: Vec<String> = relation
+            .columns
+            .iter()
+            .zip(spelled)
+            .map(|(c, spelled)| spelled.unwrap_or_else(|| mapping.source_type(&c.name).to_owned()))
+            .collect();
+        let types = Arc::new(types);
+        self.mapped_types.insert(
+            relation.name.clone(),
+            (Arc::clone(relation), Arc::clone(&types)),
+        );
+        Ok(types)
     }
 
     /// One change to a mapped table, on its own (the slow path): its

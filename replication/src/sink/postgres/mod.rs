@@ -124,6 +124,9 @@ pub struct PostgresSink {
     /// Tables written through a field mapping, by the name of the table
     /// read ([`mapped`]).
     mappings: HashMap<TableName, Arc<crate::mapping::Mapping>>,
+    /// The source's column types of each mapped table, with the
+    /// description they were read for.
+    mapped_types: HashMap<TableName, (Arc<crate::change::Relation>, Arc<Vec<String>>)>,
 }
 
 /// How long [`PostgresSink::connect`] waits for the replication origin
@@ -217,6 +220,7 @@ impl PostgresSink {
             kept: Vec::new(),
             commit_times: HashMap::new(),
             mappings: HashMap::new(),
+            mapped_types: HashMap::new(),
         };
         applier.settled().await
     }

@@ -162,6 +162,14 @@ impl PostgresSink {
                 if !self.takes(&truncate.root, commit_lsn) {
                     return Ok(());
                 }
+                if let Some(mapping) = self.mappings.get(&truncate.root) {
+                    // Which target rows came from that partition is not
+                    // known on the target.
+                    return Err(ApplyError::Schema(format!(
+                        "a partition of {} was truncated at {} on the source, and the table is written through a mapping (map[{}]) to {}, which cannot tell that partition's rows apart: stop the daemon, drop its replication slot on the source and run `cutover run --resync`, which loads mapped tables again",
+                        truncate.root, change.lsn, mapping.index, mapping.target
+                    )));
+                }
                 self.truncate_partition(truncate, change.lsn).await?;
             }
             ChangeKind::Insert { relation, .. }
