@@ -12,7 +12,7 @@ use super::PostgresSink;
 use super::coalesce::{KnownTable, RowKey, RowOp, TableBatch, coalesce, key_of, key_of_row};
 use super::error::{ApplyError, missing_reply, session_error};
 use super::pipeline::{Reply, Request, TextColumn, in_order, text_columns};
-use super::statements::{delete_sql, insert_sql, move_sql, patch_sql, upsert_sql};
+use super::statements::{delete_sql, insert_sql, move_sql, patch_sql, update_sql, upsert_sql};
 use super::target::key_spec;
 use crate::catalog::TableName;
 use crate::change::{Change, ChangeKind, Datum, PgTimestamp};
@@ -237,20 +237,6 @@ impl PostgresSink {
         }
         let target = self.target_table(relation).await?;
         let key_cols: &[usize] = &batch.key;
-        let mut deletes: Vec<&RowKey> = Vec::new();
-        let mut upserts: Vec<&[Datum]> = Vec::new();
-        let mut patches: HashMap<Vec<bool>, Vec<&[Datum]>> = HashMap::new();
-        for entry in &batch.rows {
-            match &entry.op {
-                RowOp::Delete => deletes.push(&entry.key),
-                RowOp::Upsert(row) => upserts.push(row),
-                RowOp::Patch(row) => {
-                    let present: Vec<bool> =
-                        row.iter().map(|d| *d != Datum::UnchangedToast).collect();
-                    patches.entry(present).or_default().push(row);
-                }
-            }
-        }
         let keys: Vec<&str> = key_cols
             .iter()
             .map(|i| relation.columns[*i].name.as_str())
@@ -259,6 +245,26 @@ impl PostgresSink {
         // An UPDATE cannot write a GENERATED ALWAYS identity column: rows
         // are deleted by key and inserted again instead.
         let replace = target.replaces(&names, &keys);
+        let mut deletes: Vec<&RowKey> = Vec::new();
+        let mut upserts: Vec<&[Datum]> = Vec::new();
+        let mut inserts: Vec<&[Datum]> = Vec::new();
+        let mut updates: Vec<&[Datum]> = Vec::new();
+        let mut patches: HashMap<Vec<bool>, Vec<&[Datum]>> = HashMap::new();
+        for entry in &batch.rows {
+            match &entry.op {
+                RowOp::Delete => deletes.push(&entry.key),
+                RowOp::Upsert(row) => upserts.push(row),
+                // Replaced rows go through the delete and insert below.
+                RowOp::Insert(row) | RowOp::Update(row) if replace => upserts.push(row),
+                RowOp::Insert(row) => inserts.push(row),
+                RowOp::Update(row) => updates.push(row),
+                RowOp::Patch(row) => {
+                    let present: Vec<bool> =
+                        row.iter().map(|d| *d != Datum::UnchangedToast).collect();
+                    patches.entry(present).or_default().push(row);
+                }
+            }
+        }
         let replaced: Vec<RowKey> = if replace {
             upserts
                 .iter()
@@ -297,6 +303,28 @@ impl PostgresSink {
                 statement: self.statement(&sql).await?,
                 params: text_columns(&upserts, 0..names.len()),
                 what: "writing rows of",
+                table: &relation.name,
+                expect: None,
+            });
+        }
+        if !inserts.is_empty() {
+            // A key the target holds already (it diverged) fails the
+            // batch, which is then replayed change by change as upserts.
+            let sql = insert_sql(&relation.name, &names, &target);
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: text_columns(&inserts, 0..names.len()),
+                what: "inserting rows of",
+                table: &relation.name,
+                expect: None,
+            });
+        }
+        if !updates.is_empty() {
+            let sql = update_sql(&relation.name, &names, &keys, &target);
+            ops.push(TableOp {
+                statement: self.statement(&sql).await?,
+                params: text_columns(&updates, 0..names.len()),
+                what: "updating rows of",
                 table: &relation.name,
                 expect: None,
             });

@@ -16,7 +16,15 @@ use crate::lsn::Lsn;
 /// batch's changes; only a merge of two partial rows makes a new one.
 #[derive(Debug, Clone)]
 pub(super) enum RowOp<'a> {
-    /// Write the whole row (insert or replace).
+    /// Write a whole row the batch inserted first: on a consistent target
+    /// its key is free, so a plain INSERT writes it (an `ON CONFLICT`
+    /// costs an index probe and a WAL record more per row).
+    Insert(Cow<'a, [Datum]>),
+    /// Write a whole row the batch updated under its key: a plain UPDATE
+    /// (an upsert locks each row first, another WAL record), which
+    /// inserts the row if the target lacks it.
+    Update(Cow<'a, [Datum]>),
+    /// Write the whole row, whether its key exists or not.
     Upsert(Cow<'a, [Datum]>),
     /// Update only the columns sent (some were unchanged TOAST).
     Patch(Cow<'a, [Datum]>),
@@ -67,7 +75,7 @@ pub(super) fn coalesce<'a>(
     let (key, op, old_key) = match &change.kind {
         ChangeKind::Insert { new, .. } => (
             key_of(key_cols, new),
-            RowOp::Upsert(Cow::Borrowed(&new.0[..])),
+            RowOp::Insert(Cow::Borrowed(&new.0[..])),
             None,
         ),
         ChangeKind::Update { old, new, .. } => {
@@ -78,8 +86,12 @@ pub(super) fn coalesce<'a>(
                 .filter(|k| *k != key);
             let op = if new.0.contains(&Datum::UnchangedToast) {
                 RowOp::Patch(Cow::Borrowed(&new.0[..]))
-            } else {
+            } else if old_key.is_some() {
+                // Moved to a key that another row of the batch may have
+                // held until now (keys swapped).
                 RowOp::Upsert(Cow::Borrowed(&new.0[..]))
+            } else {
+                RowOp::Update(Cow::Borrowed(&new.0[..]))
             };
             (key, op, old_key)
         }
@@ -134,9 +146,19 @@ pub(super) fn put<'a>(batch: &mut TableBatch<'a>, key: RowKey<'a>, op: RowOp<'a>
     let before = std::mem::replace(&mut entry.op, RowOp::Delete);
     entry.op = match (before, op) {
         // A partial update on top of a full row in this batch: fill the
-        // unchanged columns from that row.
+        // unchanged columns from that row, which keeps its kind.
+        (RowOp::Insert(before), RowOp::Patch(after)) => RowOp::Insert(merge(&before, &after)),
+        (RowOp::Update(before), RowOp::Patch(after)) => RowOp::Update(merge(&before, &after)),
         (RowOp::Upsert(before), RowOp::Patch(after)) => RowOp::Upsert(merge(&before, &after)),
         (RowOp::Patch(before), RowOp::Patch(after)) => RowOp::Patch(merge(&before, &after)),
+        // Inserted in this batch, then updated: still a new row.
+        (RowOp::Insert(_), RowOp::Update(after)) => RowOp::Insert(after),
+        (RowOp::Update(_), RowOp::Update(after)) => RowOp::Update(after),
+        (RowOp::Upsert(_), RowOp::Update(after)) => RowOp::Upsert(after),
+        // Any other full row after an earlier operation on the key (a
+        // delete then an insert, say): the key's state before the batch
+        // is not known here.
+        (_, RowOp::Insert(after) | RowOp::Update(after)) => RowOp::Upsert(after),
         // A partial update of a row deleted earlier in the batch cannot
         // happen on a consistent source; keep the patch so the row-missing
         // check reports it.
@@ -288,6 +310,14 @@ mod tests {
                         "upsert {}",
                         d.iter().map(show).collect::<Vec<_>>().join(",")
                     ),
+                    RowOp::Insert(d) => format!(
+                        "insert {}",
+                        d.iter().map(show).collect::<Vec<_>>().join(",")
+                    ),
+                    RowOp::Update(d) => format!(
+                        "update {}",
+                        d.iter().map(show).collect::<Vec<_>>().join(",")
+                    ),
                     RowOp::Patch(d) => {
                         format!("patch {}", d.iter().map(show).collect::<Vec<_>>().join(","))
                     }
@@ -313,7 +343,21 @@ mod tests {
             update(&r, 2, None, row("1", "b", Some("x"))),
             update(&r, 3, None, row("1", "c", Some("y"))),
         ]);
-        assert_eq!(got, pairs(&[("1", "upsert 1,c,y")]));
+        assert_eq!(got, pairs(&[("1", "insert 1,c,y")]));
+        // Updated only: an update; moved to another key: an upsert there.
+        let got = coalesced(&[
+            update(&r, 1, None, row("2", "b", Some("x"))),
+            update(&r, 2, None, row("2", "c", Some("x"))),
+            update(&r, 3, Some(key("3")), row("4", "d", Some("x"))),
+        ]);
+        assert_eq!(
+            got,
+            pairs(&[
+                ("2", "update 2,c,x"),
+                ("3", "delete"),
+                ("4", "upsert 4,d,x")
+            ])
+        );
     }
 
     #[test]
@@ -336,6 +380,12 @@ mod tests {
             update(&r, 2, Some(key("1")), row("5", "a", Some("x"))),
         ]);
         assert_eq!(got, pairs(&[("1", "delete"), ("5", "upsert 5,a,x")]));
+        // A key deleted, then inserted or updated again: an upsert.
+        let got = coalesced(&[
+            delete(&r, 1, key("7")),
+            update(&r, 2, None, row("7", "b", Some("x"))),
+        ]);
+        assert_eq!(got, pairs(&[("7", "upsert 7,b,x")]));
     }
 
     #[test]
@@ -346,7 +396,7 @@ mod tests {
             insert(&r, 1, row("1", "a", Some("big"))),
             update(&r, 2, None, row("1", "b", None)),
         ]);
-        assert_eq!(got, pairs(&[("1", "upsert 1,b,big")]));
+        assert_eq!(got, pairs(&[("1", "insert 1,b,big")]));
         // Without one: a patch that leaves the column as it is on the target,
         // two patches merged.
         let got = coalesced(&[

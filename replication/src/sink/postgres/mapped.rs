@@ -99,6 +99,10 @@ fn new_row<'a>(
 impl PostgresSink {
     /// The mapping of `relation`'s table, if it has one.
     pub(super) fn mapping_of(&self, relation: &Relation) -> Option<Arc<Mapping>> {
+        // Asked for every change: no hash of the name when nothing is mapped.
+        if self.mappings.is_empty() {
+            return None;
+        }
         self.mappings.get(&relation.name).cloned()
     }
 
@@ -173,7 +177,7 @@ impl PostgresSink {
         for entry in &batch.rows {
             match &entry.op {
                 RowOp::Delete => deletes.push(&entry.key),
-                RowOp::Upsert(row) => rows.push(row),
+                RowOp::Upsert(row) | RowOp::Insert(row) | RowOp::Update(row) => rows.push(row),
                 RowOp::Patch(row) => {
                     let missing: Vec<usize> = row
                         .iter()
