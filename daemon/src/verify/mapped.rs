@@ -33,19 +33,7 @@ pub(super) async fn compare(
     snapshot_name: &str,
     at: Lsn,
 ) -> Result<TableReport, VerifyError> {
-    let mut target = client::connect(&config.target()?.conninfo)
-        .await
-        .map_err(|source| VerifyError::Connect {
-            role: "target",
-            source,
-        })?;
-    target
-        .batch_execute(&client::text_value_settings())
-        .await
-        .map_err(query(
-            "target",
-            "setting the session's date and number formats",
-        ))?;
+    let mut target = target_session(config, "").await?;
     let name = mapping.source.to_string();
     let tx = target
         .transaction()
@@ -58,40 +46,7 @@ pub(super) async fn compare(
     ))
     .await
     .map_err(query("target", "importing the verify's snapshot"))?;
-    let columns: Vec<&str> = mapping.source_names();
-    let chunk = Chunk {
-        table: mapping.target.clone(),
-        source: mapping.source.clone(),
-        first_page: 0,
-        end_page: None,
-        index: 0,
-        pages: 0,
-    };
-    let read = format!(
-        "COPY (SELECT {} FROM {}) TO STDOUT",
-        idents(&columns),
-        cutover_replication::catalog::own_rows(&table.name, table.partitioned)
-    );
-    let load = format!(
-        "COPY {} ({}) FROM STDIN",
-        quote_ident(STAGE),
-        idents(&columns)
-    );
-    let moved = snapshot::pipe(
-        source,
-        &tx,
-        &chunk,
-        &read,
-        &load,
-        CopyFormat::Text,
-        |_, _| {},
-    )
-    .await
-    .map_err(|e| VerifyError::Query {
-        role: "target",
-        what: format!("loading {name} as mapped"),
-        detail: e.to_string(),
-    })?;
+    let moved_rows = load_stage(mapping, table, source, &tx).await?;
     tx.batch_execute(&format!(
         "{}; {}; CREATE TEMPORARY TABLE {} ON COMMIT DROP AS {}",
         mapping.reasons_table_sql(STAGE, REASONS),
@@ -174,7 +129,7 @@ pub(super) async fn compare(
         .await
         .map_err(query("target", "ending the mapped comparison"))?;
 
-    let source_rows = moved.rows;
+    let source_rows = moved_rows;
     let rejected_total: i64 = rejected.iter().map(|(_, n)| n).sum();
     let expected = source_rows as i64 - rejected_total;
     let (missing, extra, changed) = (count("missing"), count("extra"), count("changed"));
@@ -251,19 +206,7 @@ pub(super) async fn reload(
     table: &Table,
     source: &Client,
 ) -> Result<u64, VerifyError> {
-    let mut target = client::connect(&config.target()?.conninfo)
-        .await
-        .map_err(|source| VerifyError::Connect {
-            role: "target",
-            source,
-        })?;
-    target
-        .batch_execute(&format!(
-            "SET session_replication_role = replica; {}",
-            client::text_value_settings()
-        ))
-        .await
-        .map_err(query("target", "preparing the reload session"))?;
+    let mut target = target_session(config, "SET session_replication_role = replica; ").await?;
     let name = mapping.source.to_string();
     let tx = target
         .transaction()
@@ -276,6 +219,47 @@ pub(super) async fn reload(
     ))
     .await
     .map_err(query("target", &format!("emptying {}", mapping.target)))?;
+    let moved_rows = load_stage(mapping, table, source, &tx).await?;
+    tx.execute(
+        &mapping.write_sql(&format!("SELECT * FROM {}", quote_ident(STAGE))),
+        &[],
+    )
+    .await
+    .map_err(query(
+        "target",
+        &format!("writing {name} through its mapping"),
+    ))?;
+    tx.commit()
+        .await
+        .map_err(query("target", &format!("committing the reload of {name}")))?;
+    tracing::info!(table = %name, target = %mapping.target, rows = moved_rows, "mapped table loaded again through its mapping");
+    Ok(moved_rows)
+}
+
+/// A target connection for a mapped table's work, with the session
+/// settings of the copy and the verify (`extra` first).
+async fn target_session(config: &Config, extra: &str) -> Result<Client, VerifyError> {
+    let target = client::connect(&config.target()?.conninfo)
+        .await
+        .map_err(|source| VerifyError::Connect {
+            role: "target",
+            source,
+        })?;
+    target
+        .batch_execute(&format!("{extra}{}", client::text_value_settings()))
+        .await
+        .map_err(query("target", "preparing the session"))?;
+    Ok(target)
+}
+
+/// Loads every row of `table` that `source` sees into [`STAGE`] (made
+/// already in `tx`), and returns how many.
+async fn load_stage(
+    mapping: &Mapping,
+    table: &Table,
+    source: &Client,
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<u64, VerifyError> {
     let columns: Vec<&str> = mapping.source_names();
     let chunk = Chunk {
         table: mapping.target.clone(),
@@ -297,7 +281,7 @@ pub(super) async fn reload(
     );
     let moved = snapshot::pipe(
         source,
-        &tx,
+        tx,
         &chunk,
         &read,
         &load,
@@ -307,21 +291,8 @@ pub(super) async fn reload(
     .await
     .map_err(|e| VerifyError::Query {
         role: "target",
-        what: format!("loading {name} again"),
+        what: format!("loading {} through its mapping", mapping.source),
         detail: e.to_string(),
     })?;
-    tx.execute(
-        &mapping.write_sql(&format!("SELECT * FROM {}", quote_ident(STAGE))),
-        &[],
-    )
-    .await
-    .map_err(query(
-        "target",
-        &format!("writing {name} through its mapping"),
-    ))?;
-    tx.commit()
-        .await
-        .map_err(query("target", &format!("committing the reload of {name}")))?;
-    tracing::info!(table = %name, target = %mapping.target, rows = moved.rows, "mapped table loaded again through its mapping");
     Ok(moved.rows)
 }

@@ -250,20 +250,7 @@ impl PostgresSink {
         {
             return Ok(Arc::clone(types));
         }
-        let oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
-        let mods: Vec<i32> = relation.columns.iter().map(|c| c.type_modifier).collect();
-        let spelled: Vec<Option<String>> = self
-            .client
-            .query(
-                "SELECT CASE WHEN t.oid < 16384 THEN format_type(t.oid, t.typmod) END
-                   FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, n) ORDER BY t.n",
-                &[&oids, &mods],
-            )
-            .await
-            .map_err(session_error(format!("reading the types of {}", relation.name)))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let spelled = self.spelled_types(relation).await?;
         let types: Vec<String> = relation
             .columns
             .iter()

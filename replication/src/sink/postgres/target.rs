@@ -214,20 +214,7 @@ impl PostgresSink {
         }
         // Built-in types have the same OIDs everywhere: the target spells
         // the source's types, and they are compared with its own.
-        let oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
-        let mods: Vec<i32> = relation.columns.iter().map(|c| c.type_modifier).collect();
-        let spelled: Vec<Option<String>> = self
-            .client
-            .query(
-                "SELECT CASE WHEN t.oid < 16384 THEN format_type(t.oid, t.typmod) END
-                   FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, n) ORDER BY t.n",
-                &[&oids, &mods],
-            )
-            .await
-            .map_err(session_error(format!("reading the types of {}", relation.name)))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let spelled = self.spelled_types(relation).await?;
         let narrower = relation
             .columns
             .iter()
@@ -255,6 +242,29 @@ impl PostgresSink {
             partitioned: row.get(0),
         })
     }
+    /// The source's type of each column of `relation` as the target spells
+    /// it (`format_type`), for built-in types, which have the same OIDs on
+    /// every server; `None` for the others.
+    pub(super) async fn spelled_types(
+        &self,
+        relation: &Relation,
+    ) -> Result<Vec<Option<String>>, ApplyError> {
+        let oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
+        let mods: Vec<i32> = relation.columns.iter().map(|c| c.type_modifier).collect();
+        Ok(self
+            .client
+            .query(
+                "SELECT CASE WHEN t.oid < 16384 THEN format_type(t.oid, t.typmod) END
+                   FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, n) ORDER BY t.n",
+                &[&oids, &mods],
+            )
+            .await
+            .map_err(session_error(format!("reading the types of {}", relation.name)))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
     /// Forgets what the applier knows of the target's tables (an operator
     /// may have changed them): they are described again on next use.
     pub(super) fn forget_descriptions(&mut self) {
