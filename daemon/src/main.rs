@@ -203,6 +203,10 @@ enum LogFormat {
     Json,
 }
 
+/// mimalloc in place of glibc's malloc: see the workspace's Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // The state directory holds row data (spilled transactions, refused
     // changes, verify samples): everything cutover creates is its user's

@@ -173,7 +173,8 @@ pub enum Event {
 /// The state that gives bytes meaning: relations, types, transactions.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    relations: HashMap<u32, Arc<Relation>>,
+    /// Looked up for every change: hashed with foldhash, not SipHash.
+    relations: HashMap<u32, Arc<Relation>, foldhash::fast::RandomState>,
     types: HashMap<u32, TypeInfo>,
     /// The open non-streamed transaction: xid, final LSN, next ordinal, origin.
     current: Option<OpenTransaction>,

@@ -730,9 +730,9 @@ impl Session {
         split_backend(&mut self.read_buf).map_err(|problem| self.protocol(&problem))
     }
 
-    /// Reads more bytes from the socket into the buffer. Cancel-safe:
-    /// bytes read are kept in the buffer.
-    pub(crate) async fn fill(&mut self) -> Result<(), ReplicationError> {
+    /// Reads more bytes from the socket into the buffer; returns how many.
+    /// Cancel-safe: bytes read are kept in the buffer.
+    pub(crate) async fn fill(&mut self) -> Result<usize, ReplicationError> {
         self.read_buf.reserve(64 * 1024);
         match self.socket.read_buf(&mut self.read_buf).await {
             Ok(0) => Err(ReplicationError::Io {
@@ -742,7 +742,7 @@ impl Session {
                     "the server closed the connection",
                 ),
             }),
-            Ok(_) => Ok(()),
+            Ok(read) => Ok(read),
             Err(e) => Err(self.io_error(e)),
         }
     }

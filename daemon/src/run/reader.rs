@@ -95,10 +95,13 @@ pub(super) async fn read_stream(
             }
             break;
         };
-        let (lsn, data) = match message {
+        let (lsn, data, sent) = match message {
             StreamMessage::XLogData {
-                wal_start, data, ..
-            } => (wal_start, data),
+                wal_start,
+                data,
+                server_time,
+                ..
+            } => (wal_start, data, server_time),
             StreamMessage::Keepalive { wal_end, .. } => {
                 // The source read past `until` with no transaction open:
                 // every one that commits before it was queued.
@@ -138,6 +141,12 @@ pub(super) async fn read_stream(
                 lsn,
                 source,
             })?;
+        // Behind: the source sends a transaction well after it committed
+        // (both times on the source's clock). The stream then reads in
+        // larger pieces; see `ReplicationStream::set_behind`.
+        if let Event::Begin { commit_time, .. } = &event {
+            stream.set_behind(sent.micros().saturating_sub(commit_time.micros()) > BEHIND_MICROS);
+        }
         if let Some(until) = until
             && beyond(&event, until)
         {
@@ -182,6 +191,11 @@ fn beyond(event: &Event, until: Lsn) -> bool {
         _ => false,
     }
 }
+
+/// How long after its commit a transaction must be sent for the stream to
+/// count as behind: a catch-up, not live changes, whose extra millisecond
+/// of gathering (see `ReplicationStream::set_behind`) is then 2% of it.
+const BEHIND_MICROS: i64 = 50_000;
 
 /// How often the durable position is acknowledged to the source.
 pub(super) const FEEDBACK_EVERY: Duration = Duration::from_millis(200);

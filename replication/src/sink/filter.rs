@@ -32,8 +32,9 @@ impl std::fmt::Debug for Route {
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     /// Per table, the commit position from which its changes are not in
-    /// its copy.
-    copied_at: HashMap<TableName, Lsn>,
+    /// its copy. Looked up for every change: hashed with foldhash (seeded
+    /// per process), not SipHash.
+    copied_at: HashMap<TableName, Lsn, foldhash::fast::RandomState>,
     /// Origins whose changes are not written.
     skip_origins: Vec<String>,
     /// Which tables are written, per commit position (`None`: all).
@@ -44,7 +45,7 @@ impl Filter {
     /// Every change but those `skip_origins` made or `copied_at` holds.
     pub fn new(copied_at: HashMap<TableName, Lsn>, skip_origins: Vec<String>) -> Filter {
         Filter {
-            copied_at,
+            copied_at: copied_at.into_iter().collect(),
             skip_origins,
             route: None,
         }
