@@ -103,6 +103,10 @@ pub(super) async fn read_stream(
                 ..
             } => (wal_start, data, server_time),
             StreamMessage::Keepalive { wal_end, .. } => {
+                // The next BEGIN says again whether the stream is behind;
+                // until then (a quiet source, a switch's drain waiting on
+                // these keepalives) every read goes at once.
+                stream.set_behind(false);
                 // The source read past `until` with no transaction open:
                 // every one that commits before it was queued.
                 if let Some(until) = until

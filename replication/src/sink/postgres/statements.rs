@@ -97,15 +97,9 @@ pub(super) fn update_sql(
         .map(|n| format!("u.{0} = s.{0}", quote_ident(n)))
         .collect();
     if sets.is_empty() {
-        // Key columns only: nothing to update, only rows to make.
-        return format!(
-            "INSERT INTO {} ({}){} SELECT s.* FROM ({}) AS s ON CONFLICT ({}) DO NOTHING",
-            table.quoted(),
-            idents(names),
-            target.overriding(names),
-            typed_rows(names, target),
-            idents(keys)
-        );
+        // Key columns only: nothing to update, only rows to make, which
+        // the upsert does (ON CONFLICT DO NOTHING).
+        return upsert_sql(table, names, keys, target);
     }
     format!(
         "WITH s AS ({rows}), \
