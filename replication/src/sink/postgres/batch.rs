@@ -15,7 +15,7 @@ use super::pipeline::{Reply, Request, TextColumn, in_order, text_columns};
 use super::statements::{delete_sql, insert_sql, move_sql, patch_sql, update_sql, upsert_sql};
 use super::target::key_spec;
 use crate::catalog::TableName;
-use crate::change::{Change, ChangeKind, Datum, PgTimestamp};
+use crate::change::{Change, ChangeKind, Datum, PgTimestamp, Relation};
 use crate::lsn::Lsn;
 
 /// One set-based statement of a batch, prepared, with its parameters.
@@ -44,7 +44,7 @@ impl PostgresSink {
     ) -> Result<bool, ApplyError> {
         let mut pending: Vec<TableBatch<'a>> = Vec::new();
         let mut known: Vec<KnownTable> = Vec::new();
-        for &(change, commit_lsn) in changes {
+        for (at, &(change, commit_lsn)) in changes.iter().enumerate() {
             let relation = match &change.kind {
                 ChangeKind::Truncate { .. }
                 | ChangeKind::TruncatePartition(_)
@@ -63,19 +63,26 @@ impl PostgresSink {
                 continue;
             }
             // A relation is one `Arc` until the source describes it again.
-            let spec = match known.iter().find(|k| Arc::ptr_eq(&k.relation, relation)) {
-                Some(k) => k.key.clone(),
+            let table = match known
+                .iter()
+                .position(|k| Arc::ptr_eq(&k.relation, relation))
+            {
+                Some(table) => &known[table],
                 None => {
                     let target = self.target_table(relation).await?;
-                    let key = key_spec(relation, &target);
+                    let rows = changes[at..]
+                        .iter()
+                        .filter(|(c, _)| relation_of(c).is_some_and(|r| Arc::ptr_eq(r, relation)))
+                        .count();
                     known.push(KnownTable {
                         relation: Arc::clone(relation),
-                        key: key.clone(),
+                        key: key_spec(relation, &target),
+                        rows,
                     });
-                    key
+                    &known[known.len() - 1]
                 }
             };
-            let Some(key) = spec else {
+            let Some(key) = &table.key else {
                 self.flush(&mut pending, None).await?;
                 self.apply_one(change, commit_lsn).await?;
                 continue;
@@ -85,7 +92,7 @@ impl PostgresSink {
                 new,
                 ..
             } = &change.kind
-                && key_of(&key, old.tuple()) != key_of(&key, new)
+                && key_of(key, old.tuple()) != key_of(key, new)
                 && new.0.contains(&Datum::UnchangedToast)
             {
                 // A key change that keeps a TOASTed value: move the row in
@@ -94,7 +101,7 @@ impl PostgresSink {
                 self.apply_one(change, commit_lsn).await?;
                 continue;
             }
-            coalesce(&mut pending, change, relation, &key);
+            coalesce(&mut pending, change, relation, key, table.rows);
         }
         // Inside a spilled transaction (no commit here) keys may stand
         // duplicated until its end: checked then, by the caller.
@@ -245,10 +252,14 @@ impl PostgresSink {
         // An UPDATE cannot write a GENERATED ALWAYS identity column: rows
         // are deleted by key and inserted again instead.
         let replace = target.replaces(&names, &keys);
-        let mut deletes: Vec<&RowKey> = Vec::new();
-        let mut upserts: Vec<&[Datum]> = Vec::new();
-        let mut inserts: Vec<&[Datum]> = Vec::new();
-        let mut updates: Vec<&[Datum]> = Vec::new();
+        // Sized at once for the most any can hold (a batch's table often
+        // has thousands of rows): growing by doubling copies again and
+        // again, and capacity never written costs no memory.
+        let most = batch.rows.len();
+        let mut deletes: Vec<&RowKey> = Vec::with_capacity(most);
+        let mut upserts: Vec<&[Datum]> = Vec::with_capacity(most);
+        let mut inserts: Vec<&[Datum]> = Vec::with_capacity(most);
+        let mut updates: Vec<&[Datum]> = Vec::with_capacity(most);
         let mut patches: HashMap<Vec<bool>, Vec<&[Datum]>> = HashMap::new();
         for entry in &batch.rows {
             match &entry.op {
@@ -353,5 +364,15 @@ impl PostgresSink {
             });
         }
         Ok(())
+    }
+}
+
+/// The relation a row change is of; `None` for truncates and DDL.
+fn relation_of(change: &Change) -> Option<&Arc<Relation>> {
+    match &change.kind {
+        ChangeKind::Insert { relation, .. }
+        | ChangeKind::Update { relation, .. }
+        | ChangeKind::Delete { relation, .. } => Some(relation),
+        ChangeKind::Truncate { .. } | ChangeKind::TruncatePartition(_) | ChangeKind::Ddl(_) => None,
     }
 }

@@ -3,9 +3,11 @@
 //! (unchanged TOAST) is merged into the full row before it. Pure: no I/O.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 
 use super::pipeline::datum_bytes;
 use super::target::KeySpec;
@@ -39,6 +41,8 @@ pub(super) struct RowEntry<'a> {
     pub(super) key: RowKey<'a>,
     pub(super) op: RowOp<'a>,
     pub(super) lsn: Lsn,
+    /// The key's hash in `TableBatch::index`.
+    hash: u64,
 }
 
 /// Coalesced changes of one table, in the order keys first appeared:
@@ -49,9 +53,15 @@ pub(super) struct TableBatch<'a> {
     pub(super) relation: Arc<Relation>,
     pub(super) key: Vec<usize>,
     pub(super) rows: Vec<RowEntry<'a>>,
-    /// Hashed with foldhash, seeded per batch: the default SipHash was about
-    /// a sixth of the daemon's samples in a catch-up (`perf`, apply-100).
-    pub(super) index: HashMap<RowKey<'a>, usize, foldhash::fast::RandomState>,
+    /// The position in `rows` of each key, found by the key's hash. A
+    /// table of positions rather than a map from keys: each key is held
+    /// once (in its entry) and hashed once, its hash kept in the entry for
+    /// when the table grows (rehashing the keys of a growing map was about
+    /// a tenth of the daemon's samples in a catch-up, `perf`, apply-100).
+    index: HashTable<usize>,
+    /// foldhash, seeded per batch: the default SipHash was about a sixth
+    /// of the daemon's samples in a catch-up (`perf`, apply-100).
+    hasher: foldhash::fast::RandomState,
 }
 
 /// A row's key values as the source sent them, borrowed from the change.
@@ -63,14 +73,19 @@ pub(super) type RowKey<'a> = Vec<Option<&'a [u8]>>;
 pub(super) struct KnownTable {
     pub(super) relation: Arc<Relation>,
     pub(super) key: KeySpec,
+    /// Its changes in the batch, from the first: what its rows come to at
+    /// most (a key change adds one), to size its batch at once.
+    pub(super) rows: usize,
 }
 
-/// Merges a change into the pending batch of its table.
+/// Merges a change into the pending batch of its table. `rows_hint`: how
+/// many rows a new batch of the table may come to.
 pub(super) fn coalesce<'a>(
     pending: &mut Vec<TableBatch<'a>>,
     change: &'a Change,
     relation: &Arc<Relation>,
     key_cols: &[usize],
+    rows_hint: usize,
 ) {
     let (key, op, old_key) = match &change.kind {
         ChangeKind::Insert { new, .. } => (
@@ -100,7 +115,7 @@ pub(super) fn coalesce<'a>(
             unreachable!("truncates and DDL are barriers")
         }
     };
-    let batch = batch_for(pending, relation, key_cols);
+    let batch = batch_for(pending, relation, key_cols, rows_hint);
     if let Some(old_key) = old_key {
         // A key change: the old key is deleted, the new one written.
         put(batch, old_key, RowOp::Delete, change.lsn);
@@ -108,11 +123,14 @@ pub(super) fn coalesce<'a>(
     put(batch, key, op, change.lsn);
 }
 
-/// The pending batch of `relation`, made when it has none yet.
+/// The pending batch of `relation`, made when it has none yet, sized for
+/// `rows_hint` rows: growing a batch of thousands of rows by doubling
+/// copies it again and again, and capacity never written costs no memory.
 pub(super) fn batch_for<'a, 'p>(
     pending: &'p mut Vec<TableBatch<'a>>,
     relation: &Arc<Relation>,
     key_cols: &[usize],
+    rows_hint: usize,
 ) -> &'p mut TableBatch<'a> {
     let index = match pending
         .iter()
@@ -123,8 +141,9 @@ pub(super) fn batch_for<'a, 'p>(
             pending.push(TableBatch {
                 relation: relation.clone(),
                 key: key_cols.to_vec(),
-                rows: Vec::new(),
-                index: HashMap::default(),
+                rows: Vec::with_capacity(rows_hint),
+                index: HashTable::with_capacity(rows_hint),
+                hasher: foldhash::fast::RandomState::default(),
             });
             pending.len() - 1
         }
@@ -133,11 +152,15 @@ pub(super) fn batch_for<'a, 'p>(
 }
 
 pub(super) fn put<'a>(batch: &mut TableBatch<'a>, key: RowKey<'a>, op: RowOp<'a>, lsn: Lsn) {
-    let at = match batch.index.entry(key) {
+    let hash = batch.hasher.hash_one(&key);
+    let rows = &batch.rows;
+    let found = batch
+        .index
+        .entry(hash, |&at| rows[at].key == key, |&at| rows[at].hash);
+    let at = match found {
         Entry::Vacant(vacant) => {
-            let key = vacant.key().clone();
-            vacant.insert(batch.rows.len());
-            batch.rows.push(RowEntry { key, op, lsn });
+            vacant.insert(rows.len());
+            batch.rows.push(RowEntry { key, op, lsn, hash });
             return;
         }
         Entry::Occupied(occupied) => *occupied.get(),
@@ -291,7 +314,7 @@ mod tests {
                 | ChangeKind::TruncatePartition(_)
                 | ChangeKind::Ddl(_) => unreachable!(),
             };
-            coalesce(&mut pending, c, relation, &[0]);
+            coalesce(&mut pending, c, relation, &[0], 0);
         }
         let show = |d: &Datum| match d {
             Datum::Text(b) => String::from_utf8_lossy(b).into_owned(),

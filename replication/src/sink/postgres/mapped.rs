@@ -115,7 +115,7 @@ impl PostgresSink {
         mapping: &Mapping,
     ) -> Result<(), String> {
         let key_cols = mapped_key(mapping, relation)?;
-        let batch = batch_for(pending, relation, &key_cols);
+        let batch = batch_for(pending, relation, &key_cols, 0);
         match &change.kind {
             ChangeKind::Insert { new, .. } => {
                 let row = new_row(mapping, relation, new, None, change.lsn)?;
