@@ -424,6 +424,17 @@ impl Bench {
                 .unwrap_or(0.0),
         }
     }
+
+    /// [`Bench::cpu_now`] with the CPU of `running`, a tool process that
+    /// has not exited (a process's time reaches its parent's reaped
+    /// children's only when it exits): for a reading taken while it runs.
+    pub fn cpu_now_with(&self, running: u32) -> CpuUse {
+        let mut cpu = self.cpu_now();
+        cpu.tool += proc_stat(&running.to_string())
+            .map(|s| s.own_ticks as f64 / TICKS_PER_SECOND)
+            .unwrap_or(0.0);
+        cpu
+    }
 }
 
 /// The fields of `/proc/<pid>/stat` the CPU meter uses.
