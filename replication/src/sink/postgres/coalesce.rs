@@ -124,8 +124,9 @@ pub(super) fn coalesce<'a>(
 }
 
 /// The pending batch of `relation`, made when it has none yet, sized for
-/// `rows_hint` rows: growing a batch of thousands of rows by doubling
-/// copies it again and again, and capacity never written costs no memory.
+/// `rows_hint` rows: grown by doubling, a batch of thousands of rows is
+/// copied again and again (the index's control bytes are written at once,
+/// one per slot; the rows' capacity only when used).
 pub(super) fn batch_for<'a, 'p>(
     pending: &'p mut Vec<TableBatch<'a>>,
     relation: &Arc<Relation>,
@@ -356,6 +357,30 @@ mod tests {
             .iter()
             .map(|(k, o)| ((*k).to_owned(), (*o).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn keys_are_found_again_after_the_index_grew() {
+        // Sized for no rows: the index grows many times under these
+        // inserts, and every key must still be found by its update.
+        let r = relation();
+        let ids: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+        let mut changes: Vec<Change> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| insert(&r, i as u64, row(id, "a", Some("x"))))
+            .collect();
+        changes.extend(
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| update(&r, 1000 + i as u64, None, row(id, "b", Some("y")))),
+        );
+        let got = coalesced(&changes);
+        let expected: Vec<(String, String)> = ids
+            .iter()
+            .map(|id| (id.clone(), format!("insert {id},b,y")))
+            .collect();
+        assert_eq!(got, expected);
     }
 
     #[test]
